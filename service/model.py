@@ -1,0 +1,199 @@
+"""The model artifact: an XGBoost booster in its native UBJSON format plus a JSON manifest, never a pickle.
+
+Layout of a bundle directory::
+
+    model.ubj       the booster (``Booster.save_model``)
+    manifest.json   version, feature names, calibration, threshold policy, reference bins, metrics,
+                    and the SHA-256 of model.ubj, verified at every load
+
+Calibration is stored as data (isotonic breakpoints or Platt coefficients) and applied with numpy, so loading
+a model never executes stored code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import xgboost as xgb
+
+MODEL_FILE = "model.ubj"
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+_EPS = 1e-6
+
+
+class ModelIntegrityError(RuntimeError):
+    """The booster file does not match the checksum in its manifest."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Maps the booster's raw probability to a calibrated one.
+
+    ``isotonic``: piecewise-linear through (``x``, ``y``) breakpoints; ``platt``: sigmoid(a·logit(p) + b);
+    ``identity``: unchanged.
+    """
+
+    method: Literal["isotonic", "platt", "identity"]
+    x: list[float] = field(default_factory=list)
+    y: list[float] = field(default_factory=list)
+    a: float = 1.0
+    b: float = 0.0
+
+    def apply(self, raw: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        p = np.asarray(raw, dtype=np.float64)
+        if self.method == "isotonic":
+            return np.clip(np.interp(p, self.x, self.y), 0.0, 1.0)
+        if self.method == "platt":
+            clipped = np.clip(p, _EPS, 1.0 - _EPS)
+            logit = np.log(clipped / (1.0 - clipped))
+            return 1.0 / (1.0 + np.exp(-(self.a * logit + self.b)))
+        return p
+
+
+@dataclass(frozen=True)
+class ReferenceBins:
+    """Bin edges and the training fraction in each bin; the PSI reference for one feature or for the score.
+
+    ``edges`` are the inner cut points (k edges → k+1 bins); a value v falls in bin ``searchsorted(edges, v,
+    side='right')``.
+    """
+
+    edges: list[float]
+    fractions: list[float]
+
+    def bin_of(self, value: float) -> int:
+        return int(np.searchsorted(np.asarray(self.edges), value, side="right"))
+
+
+@dataclass(frozen=True)
+class ThresholdPolicy:
+    """How the decision threshold was chosen, and the result."""
+
+    policy: Literal["target_precision", "cost"]
+    threshold: float
+    target_precision: float | None = None
+    cost_false_negative: float | None = None
+    cost_false_positive: float | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: str
+    feature_names: list[str]
+    calibration: Calibration
+    threshold: ThresholdPolicy
+    feature_reference: dict[str, ReferenceBins]
+    score_reference: ReferenceBins
+    metrics: dict[str, float]
+    params: dict[str, Any]
+    sha256: str
+    created_at: str
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True, default=_json_default)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        return cls(
+            version=str(data["version"]),
+            feature_names=list(data["feature_names"]),
+            calibration=Calibration(**data["calibration"]),
+            threshold=ThresholdPolicy(**data["threshold"]),
+            feature_reference={k: ReferenceBins(**v) for k, v in data["feature_reference"].items()},
+            score_reference=ReferenceBins(**data["score_reference"]),
+            metrics={k: float(v) for k, v in data["metrics"].items()},
+            params=dict(data["params"]),
+            sha256=str(data["sha256"]),
+            created_at=str(data["created_at"]),
+            format_version=int(data.get("format_version", FORMAT_VERSION)),
+            extra=dict(data.get("extra", {})),
+        )
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class ScoringModel:
+    """A loaded, verified model: raw booster probability → calibrated score → decision."""
+
+    booster: xgb.Booster
+    manifest: Manifest
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def threshold(self) -> float:
+        return self.manifest.threshold.threshold
+
+    def raw_scores(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Uncalibrated booster probabilities; ``inplace_predict`` on float32, no DMatrix per call."""
+        out = self.booster.inplace_predict(features, validate_features=False)
+        return np.asarray(out, dtype=np.float32)
+
+    def scores(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        return self.manifest.calibration.apply(self.raw_scores(features))
+
+    def predictions(self, scores: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
+        return (scores >= self.threshold).astype(np.int64)
+
+
+def save_bundle(booster: xgb.Booster, manifest_without_sha: Manifest, directory: Path) -> Manifest:
+    """Write the booster and its manifest (with the booster's SHA-256) to ``directory``; return the manifest."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model_path = directory / MODEL_FILE
+    booster.save_model(str(model_path))
+    manifest = Manifest(**{**_shallow(manifest_without_sha), "sha256": sha256_of(model_path)})
+    (directory / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
+    return manifest
+
+
+def _shallow(manifest: Manifest) -> dict[str, Any]:
+    return {name: getattr(manifest, name) for name in manifest.__dataclass_fields__}
+
+
+def read_manifest(directory: Path) -> Manifest:
+    data = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
+    if int(data.get("format_version", 0)) != FORMAT_VERSION:
+        raise ModelIntegrityError(f"unsupported bundle format {data.get('format_version')!r} in {directory}")
+    return Manifest.from_dict(data)
+
+
+def load_bundle(directory: Path, nthread: int = 1) -> ScoringModel:
+    """Load and verify a bundle; raise :class:`ModelIntegrityError` if the booster's checksum does not match."""
+    manifest = read_manifest(directory)
+    model_path = directory / MODEL_FILE
+    actual = sha256_of(model_path)
+    if actual != manifest.sha256:
+        raise ModelIntegrityError(f"{model_path}: sha256 {actual} does not match manifest {manifest.sha256}")
+    booster = xgb.Booster()
+    booster.load_model(str(model_path))
+    booster.set_param({"nthread": nthread})
+    return ScoringModel(booster=booster, manifest=manifest)
+
+
+def finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None

@@ -1,0 +1,111 @@
+"""Every path, threshold, URL and timeout of the model side, from the environment (prefix ``FW_``).
+
+Nested groups use ``__`` as the delimiter, e.g. ``FW_TRAIN__N_ESTIMATORS=400`` or
+``FW_SERVE__FEATURE_STORE_TIMEOUT_MS=3``. Nothing in the logic hard-codes these values.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class DataSettings(BaseModel):
+    """The synthetic generator's defaults and the real benchmark's location."""
+
+    n_accounts: int = Field(20_000, ge=100)
+    n_requests: int = Field(120_000, ge=1_000)
+    days: int = Field(180, ge=7)
+    fraud_rate: float = Field(0.01, gt=0.0, lt=0.5)
+    seed: int = 7
+    creditcard_package: str = "fraud_analysis"
+    creditcard_relpath: str = "datasets/raw/creditcard.csv"
+
+
+class TrainSettings(BaseModel):
+    """XGBoost hyper-parameters, split fractions and the decision-threshold policy."""
+
+    n_estimators: int = Field(300, ge=10)
+    max_depth: int = Field(6, ge=1, le=16)
+    learning_rate: float = Field(0.08, gt=0.0, le=1.0)
+    subsample: float = Field(0.9, gt=0.0, le=1.0)
+    colsample_bytree: float = Field(0.9, gt=0.0, le=1.0)
+    min_child_weight: float = Field(1.0, ge=0.0)
+    early_stopping_rounds: int = Field(40, ge=1)
+    nthread: int = Field(2, ge=1)
+    seed: int = 42
+    train_fraction: float = Field(0.70, gt=0.1, lt=0.95)
+    valid_fraction: float = Field(0.15, gt=0.01, lt=0.5)
+    imbalance_strategies: tuple[Literal["none", "scale_pos_weight", "smote"], ...] = (
+        "none",
+        "scale_pos_weight",
+        "smote",
+    )
+    smote_ratio: float = Field(0.1, gt=0.0, le=1.0)
+    calibration_methods: tuple[Literal["isotonic", "platt"], ...] = ("isotonic", "platt")
+    threshold_policy: Literal["target_precision", "cost"] = "target_precision"
+    target_precision: float = Field(0.80, gt=0.0, le=1.0)
+    cost_false_negative: float = Field(50.0, gt=0.0)
+    cost_false_positive: float = Field(5.0, gt=0.0)
+    top_k_percents: tuple[float, ...] = (0.5, 1.0, 5.0)
+    reference_bins: int = Field(10, ge=2, le=50)
+    calibration_bins: int = Field(10, ge=2, le=50)
+
+
+class ServeSettings(BaseModel):
+    """The scoring service: where its model comes from and its latency budget."""
+
+    model_dir: Path | None = None
+    model_alias: str = "champion"
+    model_name: str = "refund-fraud"
+    batch_max_size: int = Field(64, ge=1)
+    batch_max_latency_ms: int = Field(5, ge=1)
+    feature_store_timeout_ms: float = Field(5.0, gt=0.0)
+    max_batch_items: int = Field(1000, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_text_chars: int = Field(500, ge=1)
+    workers: int = Field(1, ge=1)
+
+
+class Settings(BaseSettings):
+    """The root of fraudwatch's model-side configuration."""
+
+    model_config = SettingsConfigDict(env_prefix="FW_", env_nested_delimiter="__", extra="ignore")
+
+    home: Path = Path("var")
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str = "refund-fraud"
+    registered_model_name: str = "refund-fraud"
+    log_level: str = "INFO"
+    data: DataSettings = DataSettings()
+    train: TrainSettings = TrainSettings()
+    serve: ServeSettings = ServeSettings()
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.home / "artifacts"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow tracking URI: a server when configured, else a local SQLite store under ``home``."""
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
+
+    @property
+    def mlflow_artifact_root(self) -> str:
+        return (self.home / "mlruns").resolve().as_uri()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()
