@@ -52,10 +52,14 @@ class Calibration:
         if self.method == "isotonic":
             return np.clip(np.interp(p, self.x, self.y), 0.0, 1.0)
         if self.method == "platt":
-            clipped = np.clip(p, _EPS, 1.0 - _EPS)
-            logit = np.log(clipped / (1.0 - clipped))
-            return 1.0 / (1.0 + np.exp(-(self.a * logit + self.b)))
+            return 1.0 / (1.0 + np.exp(-(self.a * logit(p) + self.b)))
         return p
+
+
+def logit(probability: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float64]:
+    """log(p / (1 - p)) with p clipped away from 0 and 1: the input of Platt scaling, at fit and at apply."""
+    clipped = np.clip(np.asarray(probability, dtype=np.float64), _EPS, 1.0 - _EPS)
+    return np.asarray(np.log(clipped / (1.0 - clipped)), dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,12 @@ class ThresholdPolicy:
     target_precision: float | None = None
     cost_false_negative: float | None = None
     cost_false_positive: float | None = None
+    #: ``target_precision`` only: False when no threshold reached the target on the data it was chosen on
+    #: (the threshold then maximises precision instead).
+    target_reached: bool | None = None
+    #: Precision and recall at ``threshold`` on the data the threshold was chosen on (the validation window).
+    validation_precision: float | None = None
+    validation_recall: float | None = None
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,17 @@ class TrainSettings(BaseModel):
     top_k_percents: tuple[float, ...] = (0.5, 1.0, 5.0)
     reference_bins: int = Field(10, ge=2, le=50)
     calibration_bins: int = Field(10, ge=2, le=50)
+    #: Calibration choice: the first ``calibration_fit_fraction`` of the (time-ordered) validation rows fit each
+    #: method, the rest choose between them; the chosen method is then refit on all validation rows.
+    calibration_fit_fraction: float = Field(0.5, gt=0.1, lt=0.9)
+    smote_k_neighbors: int = Field(5, ge=1)
+
+
+class QualitySettings(BaseModel):
+    """Floors of the pre-rollout quality gate (a candidate scored on the frozen labelled set)."""
+
+    min_pr_auc: float = Field(0.80, ge=0.0, le=1.0)
+    min_recall_at_threshold: float = Field(0.60, ge=0.0, le=1.0)
 
 
 class ServeSettings(BaseModel):
@@ -84,6 +95,7 @@ class Settings(BaseSettings):
     data: DataSettings = DataSettings()
     train: TrainSettings = TrainSettings()
     serve: ServeSettings = ServeSettings()
+    quality: QualitySettings = QualitySettings()
 
     @property
     def artifacts_dir(self) -> Path:
