@@ -37,6 +37,8 @@ import pandas as pd
 PATTERNS: Final[tuple[str, ...]] = ("legit", "serial_refunder", "bot_farm", "high_value", "new_bot_farm")
 #: Share of each built-in fraud pattern among fraud rows (before drift).
 FRAUD_MIX: Final[dict[str, float]] = {"serial_refunder": 0.40, "bot_farm": 0.35, "high_value": 0.25}
+#: Share of accounts that are serial refunders (at least two, so tiny data sets still have the pattern).
+SERIAL_ACCOUNT_SHARE: Final[float] = 0.006
 #: During drift, this share of fraud rows comes from the new farm (on top of the usual mix).
 DRIFT_FRAUD_SHARE: Final[float] = 0.45
 
@@ -139,7 +141,8 @@ def _accounts(rng: np.random.Generator, n: int) -> pd.DataFrame:
     years = np.clip(rng.lognormal(mean=np.log(2.0), sigma=0.9, size=n), 0.02, 20.0)
     prior = rng.poisson(0.35 * years)
     avg_amount = np.clip(rng.lognormal(np.log(45.0), 0.5, n), 5.0, 800.0)
-    serial = rng.random(n) < 0.006
+    serial = np.zeros(n, dtype=bool)
+    serial[rng.choice(n, size=max(2, round(SERIAL_ACCOUNT_SHARE * n)), replace=False)] = True
     prior = np.where(serial, rng.integers(8, 40, n), prior)
     activity = rng.pareto(1.5, n) + 1.0
     return pd.DataFrame(

