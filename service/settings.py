@@ -82,6 +82,20 @@ class ServeSettings(BaseModel):
     workers: int = Field(1, ge=1)
 
 
+class ProcessSettings(BaseModel):
+    """Child processes started by the CLI, the demo and the rollout helpers (e.g. ``bentoml serve``)."""
+
+    host: str = "127.0.0.1"
+    #: ``bentoml serve`` target (import path of the service class), run from the project's source root.
+    bento_target: str = "service.bento:RefundFraudService"
+    start_timeout_s: float = Field(180.0, gt=0.0)
+    stop_timeout_s: float = Field(20.0, gt=0.0)
+    poll_interval_s: float = Field(0.25, gt=0.0)
+    http_timeout_s: float = Field(10.0, gt=0.0)
+    #: Lines of a failed server's log quoted in the error.
+    log_tail_lines: int = Field(40, ge=1)
+
+
 class Settings(BaseSettings):
     """The root of fraudwatch's model-side configuration."""
 
@@ -96,6 +110,7 @@ class Settings(BaseSettings):
     train: TrainSettings = TrainSettings()
     serve: ServeSettings = ServeSettings()
     quality: QualitySettings = QualitySettings()
+    process: ProcessSettings = ProcessSettings()
 
     @property
     def artifacts_dir(self) -> Path:
@@ -104,6 +119,10 @@ class Settings(BaseSettings):
     @property
     def data_dir(self) -> Path:
         return self.home / "data"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
 
     @property
     def tracking_uri(self) -> str:
