@@ -1,0 +1,111 @@
+"""Every path, timeout, limit and port of the rollout side (router, outcomes, controller), from the environment.
+
+The prefix is ``FW_ROLLOUT_`` and nested groups use ``__``, e.g. ``FW_ROLLOUT_ROUTER__PORT=8080``,
+``FW_ROLLOUT_ROUTER__ROUTING_FILE=var/routing.json`` or ``FW_ROLLOUT_ROUTER__ADMIN_TOKEN=…``. The model side keeps
+its own ``FW_`` settings in :mod:`service.settings`; the two never share a field.
+
+Each component owns one nested group (``router`` here); new components add their own group beside it, so the file
+stays additive: adding a group or a field never changes an existing one.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Histogram buckets (seconds) for request latencies, fine-grained in the single-digit milliseconds.
+DEFAULT_LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0015,
+    0.002,
+    0.003,
+    0.004,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+
+
+class RouterSettings(BaseModel):
+    """The traffic router: where its routing table comes from, upstream budgets, shadow limits, the admin token."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    #: Local routing-table source (JSON or YAML); polled by mtime, off the request path. None → no file source.
+    routing_file: Path | None = None
+    poll_interval_s: float = Field(0.2, gt=0.0, le=5.0)
+    #: Bearer token of ``PUT/GET /admin/routing``; unset → the admin endpoint refuses every call (401).
+    admin_token: SecretStr | None = None
+    #: Alternative to ``admin_token`` for mounted secrets: the token is the file's stripped content.
+    admin_token_file: Path | None = None
+
+    predict_path: str = "/api/v1/refund-predict"
+    upstream_ready_path: str = "/readyz"
+    #: Budget of a deciding call to a candidate; past it the request falls back to stable.
+    candidate_timeout_s: float = Field(0.25, gt=0.0)
+    #: Budget of a deciding call to stable (also the fallback call); past it the client gets a 503.
+    stable_timeout_s: float = Field(0.5, gt=0.0)
+    connect_timeout_s: float = Field(0.1, gt=0.0)
+    shadow_timeout_s: float = Field(0.5, gt=0.0)
+    #: Connection pool of each upstream (one ``httpx.AsyncClient`` per upstream URL, HTTP/1.1 keep-alive).
+    max_connections: int = Field(100, ge=1)
+    max_keepalive_connections: int = Field(50, ge=0)
+    keepalive_expiry_s: float = Field(30.0, gt=0.0)
+    #: A client of an upstream that left the routing table is closed after this grace (in-flight calls finish).
+    retired_client_grace_s: float = Field(10.0, ge=0.0)
+
+    #: Shadow work waits in a bounded queue served by a bounded number of workers; overflow is dropped and counted.
+    shadow_queue_size: int = Field(512, ge=1)
+    shadow_concurrency: int = Field(4, ge=1)
+    #: Load shedding: while more deciding calls than this are in flight, new shadow work is dropped ("overload").
+    shadow_shed_inflight: int = Field(32, ge=1)
+    #: On shutdown queued shadow work may finish within this budget; what is left is dropped ("shutdown").
+    shadow_drain_timeout_s: float = Field(2.0, ge=0.0)
+    #: uvicorn's budget for in-flight requests after SIGTERM.
+    graceful_shutdown_s: float = Field(10.0, ge=0.0)
+
+    #: Readiness needs one successful answer from stable; it is probed at this interval until it answers.
+    ready_probe_interval_s: float = Field(0.25, gt=0.0)
+    max_body_bytes: int = Field(65_536, ge=1024)
+    max_correlation_id_chars: int = Field(128, ge=8)
+    #: One structured JSON log line per routing decision.
+    log_decisions: bool = True
+    latency_buckets_s: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS_S
+
+    def admin_secret(self) -> str | None:
+        """The admin bearer token (``admin_token`` first, else the content of ``admin_token_file``), or None."""
+        if self.admin_token is not None and self.admin_token.get_secret_value():
+            return self.admin_token.get_secret_value()
+        if self.admin_token_file is not None:
+            token = self.admin_token_file.read_text(encoding="utf-8").strip()
+            return token or None
+        return None
+
+
+class RolloutSettings(BaseSettings):
+    """The root of fraudwatch's rollout-side configuration (``FW_ROLLOUT_…``)."""
+
+    model_config = SettingsConfigDict(env_prefix="FW_ROLLOUT_", env_nested_delimiter="__", extra="ignore")
+
+    home: Path = Path("var")
+    log_level: str = "INFO"
+    router: RouterSettings = RouterSettings()
+
+
+@lru_cache(maxsize=1)
+def get_rollout_settings() -> RolloutSettings:
+    """The process-wide rollout settings, read once from the environment."""
+    return RolloutSettings()
