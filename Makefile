@@ -14,7 +14,7 @@ demo: bootstrap
 lint: bootstrap
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
-	$(VENV)/mypy service rollout tests benchmarks
+	$(VENV)/mypy service rollout tests benchmarks loadtests
 
 ## test: lint, then every test layer (unit, integration, quality, e2e)
 test: lint

@@ -1,0 +1,147 @@
+"""Realistic refund traffic for fraudwatch, run only through locust's CLI (never imported by the product).
+
+Users
+    ``RefundUser`` posts refund requests from the seeded synthetic stream (entity keys, retail amounts, item text,
+    the seed's request shape) to ``/api/v1/refund-predict`` and remembers each answer's correlation ID with the
+    ground truth. ``LabelUser`` posts those labels to ``/api/v1/feedback`` once their (time-compressed) label delay
+    has passed — chargebacks arrive days later in reality, seconds later here.
+
+Environment
+    FW_LOAD_SEED (7), FW_LOAD_DRIFT (0/1), FW_LOAD_ROWS (50000): the stream;
+    FW_LOAD_LABEL_SECONDS_PER_HOUR (0.02): label-delay compression (0.02 s per real hour → a week in ~3.4 s);
+    FW_LOAD_LABEL_SHARE (1.0): share of answered requests that ever get a label;
+    FW_LOAD_WAIT_MIN / FW_LOAD_WAIT_MAX (0.01 / 0.05 s): think time per refund user.
+
+Run, e.g.::
+
+    locust -f loadtests/locustfile.py --headless -u 20 -r 10 -t 60s --host http://127.0.0.1:8080
+    locust -f loadtests/locustfile.py,loadtests/shapes.py --headless --host ...   # FW_LOAD_SHAPE=steady|ramp|spike
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+from locust import HttpUser, between, constant, task
+
+from service.datasets.synthetic import SyntheticConfig, generate
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+SECONDS_PER_HOUR = _env_float("FW_LOAD_LABEL_SECONDS_PER_HOUR", 0.02)
+LABEL_SHARE = _env_float("FW_LOAD_LABEL_SHARE", 1.0)
+
+
+class _Stream:
+    """The synthetic stream as API bodies with ground truth, cycled forever, shared by all users of a process."""
+
+    def __init__(self) -> None:
+        frame = generate(
+            SyntheticConfig(
+                n_requests=int(_env_float("FW_LOAD_ROWS", 50_000)),
+                seed=int(_env_float("FW_LOAD_SEED", 7)),
+                drift=os.environ.get("FW_LOAD_DRIFT", "0") == "1",
+            )
+        )
+        self._rows: Iterator[tuple[dict[str, Any], int, float]] = itertools.cycle(
+            [(_body(row), int(row["is_fraud"]), float(row["label_delay_hours"])) for row in frame.to_dict("records")]
+        )
+        self._lock = threading.Lock()
+
+    def next(self) -> tuple[dict[str, Any], int, float]:
+        with self._lock:
+            return next(self._rows)
+
+
+def _body(row: dict[str, Any]) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "yearsActive": round(float(row["yearsActive"]), 4),
+        "amount": float(row["amount"]),
+        "ipAccounts": int(row["ipAccounts"]),
+        "accountId": row["account_id"],
+    }
+    if isinstance(row["itemDescription"], str):
+        body["itemDescription"] = row["itemDescription"]
+    return body
+
+
+class _PendingLabels:
+    """Labels waiting for their delay to pass: a heap ordered by due time."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, str, int]] = []
+        self._lock = threading.Lock()
+
+    def add(self, correlation_id: str, label: int, delay_hours: float) -> None:
+        with self._lock:
+            heapq.heappush(self._heap, (time.monotonic() + delay_hours * SECONDS_PER_HOUR, correlation_id, label))
+
+    def pop_due(self) -> tuple[str, int] | None:
+        with self._lock:
+            if self._heap and self._heap[0][0] <= time.monotonic():
+                _, correlation_id, label = heapq.heappop(self._heap)
+                return correlation_id, label
+        return None
+
+
+def _gets_label(correlation_id: str) -> bool:
+    """Deterministic sampling of which answers ever get a label (FW_LOAD_LABEL_SHARE)."""
+    return LABEL_SHARE >= 1.0 or zlib.crc32(correlation_id.encode()) % 1000 < LABEL_SHARE * 1000
+
+
+STREAM = _Stream()
+PENDING = _PendingLabels()
+
+
+class RefundUser(HttpUser):
+    """A storefront asking whether to approve a refund."""
+
+    weight = 10
+    wait_time = between(_env_float("FW_LOAD_WAIT_MIN", 0.01), _env_float("FW_LOAD_WAIT_MAX", 0.05))
+
+    @task
+    def refund(self) -> None:
+        body, label, delay = STREAM.next()
+        with self.client.post(
+            "/api/v1/refund-predict", json=body, name="refund-predict", catch_response=True
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+                return
+            correlation_id = response.json().get("correlation_id")
+            if correlation_id and _gets_label(correlation_id):
+                PENDING.add(correlation_id, label, delay)
+
+
+class LabelUser(HttpUser):
+    """The chargeback / manual-review feed: posts ground truth once it is due."""
+
+    weight = 1
+    fixed_count = 1
+    wait_time = constant(0.005)
+
+    @task
+    def feedback(self) -> None:
+        due = PENDING.pop_due()
+        if due is None:
+            time.sleep(0.05)
+            return
+        correlation_id, label = due
+        with self.client.post(
+            "/api/v1/feedback",
+            json={"correlation_id": correlation_id, "label": "fraud" if label else "legit", "source": "chargeback"},
+            name="feedback",
+            catch_response=True,
+        ) as response:
+            if response.status_code not in (200, 201):
+                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
