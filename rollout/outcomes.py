@@ -1,0 +1,677 @@
+"""The prediction log and the label join: what each model version said, and what turned out to be true.
+
+Data plane::
+
+    router ──record()──▶ PredictionLog buffer ──background flush (thread, executemany)──▶ predictions table
+    label source ──POST /api/v1/feedback──▶ OutcomeTracker ──find(correlation_id)──▶ every prediction of that id
+                                             ├──▶ labels table (first label wins; the primary key arbitrates)
+                                             └──▶ outcome metrics per (model_version, role)
+
+``record`` never blocks and never touches the database: it appends to a bounded in-memory buffer (overflow is
+dropped and counted). A background task flushes every ``flush_interval_ms`` or as soon as ``flush_max_rows`` rows
+wait, in a worker thread, in one transaction per batch. ``close`` flushes everything recorded before it.
+A prediction still in the buffer (or in the batch being written) is found by the label join.
+
+Label policy: the first label of a correlation ID stands. The same label again → 200 ``duplicate`` (counted once);
+a different label → 409. Outcome metrics are updated once per label, for every prediction of the ID (the decider
+and each shadow), with that prediction's own decision (taken at its own threshold). A shadow prediction logged
+after its label arrived gets no outcome (labels arrive days later; shadows answer within seconds).
+
+``record`` and the async methods must be called from the event loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Summary
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from rollout.drift import calibration_bin_of
+from rollout.outcome_settings import OutcomeSettings, get_outcome_settings
+from service.schema import ErrorDetail, ErrorResponse
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["decider", "shadow"]
+FEEDBACK_PATH: Final[str] = "/api/v1/feedback"
+SECONDS_PER_HOUR: Final[float] = 3600.0
+LABEL_NAMES: Final[dict[int, str]] = {1: "fraud", 0: "legit"}
+_LABEL_VALUES: Final[dict[str, int]] = {name: value for value, name in LABEL_NAMES.items()}
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    """One answer of one model version to one request."""
+
+    correlation_id: str
+    entity_key: str | None
+    ts: datetime
+    model_version: str
+    role: Role
+    score: float
+    prediction: int
+    threshold: float
+    stage: str
+
+
+# --------------------------------------------------------------------------------------------------- schema
+
+metadata = MetaData()
+
+predictions_table = Table(
+    "predictions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("correlation_id", String, nullable=False),
+    Column("entity_key", String, nullable=True),
+    Column("ts", DateTime(timezone=True), nullable=False),
+    Column("model_version", String, nullable=False),
+    Column("role", String, nullable=False),
+    Column("score", Float, nullable=False),
+    Column("prediction", SmallInteger, nullable=False),
+    Column("threshold", Float, nullable=False),
+    Column("stage", String, nullable=False),
+)
+Index("ix_predictions_correlation_id", predictions_table.c.correlation_id)
+
+labels_table = Table(
+    "labels",
+    metadata,
+    Column("correlation_id", String, primary_key=True),
+    Column("label", SmallInteger, nullable=False),
+    Column("source", String, nullable=False),
+    Column("observed_at", DateTime(timezone=True), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """Aware UTC; a naive value (SQLite returns those) is taken to be UTC already."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def create_log_engine(settings: OutcomeSettings) -> Engine:
+    """An engine for the DSN: SQLite in WAL mode with a busy timeout, or a pooled server database."""
+    url = make_url(settings.dsn)
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": settings.sqlite_busy_timeout_s})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_size=settings.pool_size, pool_pre_ping=True)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _row_of(record: PredictionRecord) -> dict[str, Any]:
+    return {
+        "correlation_id": record.correlation_id,
+        "entity_key": record.entity_key,
+        "ts": as_utc(record.ts),
+        "model_version": record.model_version,
+        "role": record.role,
+        "score": float(record.score),
+        "prediction": int(record.prediction),
+        "threshold": float(record.threshold),
+        "stage": record.stage,
+    }
+
+
+def _record_of(row: Any) -> PredictionRecord:
+    return PredictionRecord(
+        correlation_id=row.correlation_id,
+        entity_key=row.entity_key,
+        ts=as_utc(row.ts),
+        model_version=row.model_version,
+        role=row.role,
+        score=float(row.score),
+        prediction=int(row.prediction),
+        threshold=float(row.threshold),
+        stage=row.stage,
+    )
+
+
+def _identity(record: PredictionRecord) -> tuple[Any, ...]:
+    """What makes two copies of a prediction (one in memory, one read back) the same prediction."""
+    return (record.model_version, record.role, as_utc(record.ts), record.score, record.prediction, record.threshold)
+
+
+def unique_predictions(records: Iterable[PredictionRecord]) -> list[PredictionRecord]:
+    seen: set[tuple[Any, ...]] = set()
+    out: list[PredictionRecord] = []
+    for record in records:
+        key = _identity(record)
+        if key not in seen:
+            seen.add(key)
+            out.append(record)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- the log
+
+
+class _TransientWriteError(RuntimeError):
+    """The database could not be reached or was busy; the batch stays buffered and is retried."""
+
+
+class _LogMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.written = Counter(
+            "fraudwatch_prediction_log_written", "Prediction rows written to the log.", registry=registry
+        )
+        self.dropped = Counter(
+            "fraudwatch_prediction_log_dropped",
+            "Prediction rows not written: overflow (buffer full), closed (recorded after close), "
+            "rejected (the database refused the row), lost (still failing at close).",
+            ["reason"],
+            registry=registry,
+        )
+        self.write_errors = Counter(
+            "fraudwatch_prediction_log_write_errors", "Failed batch writes (retried).", registry=registry
+        )
+        self.buffered = Gauge(
+            "fraudwatch_prediction_log_buffered_rows", "Rows waiting to be written.", registry=registry
+        )
+        self.flush_seconds = Histogram(
+            "fraudwatch_prediction_log_flush_seconds", "Duration of one batch write.", registry=registry
+        )
+
+
+class PredictionLog:
+    """A batched, non-blocking writer of :class:`PredictionRecord` rows, and their lookup by correlation ID."""
+
+    def __init__(
+        self,
+        settings: OutcomeSettings | None = None,
+        *,
+        registry: CollectorRegistry | None = None,
+        engine: Engine | None = None,
+    ) -> None:
+        self._settings = settings or get_outcome_settings()
+        self._engine = engine or create_log_engine(self._settings)
+        self._metrics = _LogMetrics(registry if registry is not None else REGISTRY)
+        self._buffer: deque[PredictionRecord] = deque()
+        self._inflight: list[PredictionRecord] = []
+        self._wake = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._closed = False
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    @property
+    def settings(self) -> OutcomeSettings:
+        return self._settings
+
+    @property
+    def pending(self) -> int:
+        """Rows recorded but not yet written (buffered or being written)."""
+        return len(self._buffer) + len(self._inflight)
+
+    async def start(self) -> None:
+        """Create the tables if needed and start the background writer."""
+        await asyncio.to_thread(metadata.create_all, self._engine)
+        self._task = asyncio.create_task(self._run(), name="prediction-log-writer")
+        logger.info(
+            "prediction log started",
+            extra={"event": "prediction_log_started", "backend": self._engine.url.get_backend_name()},
+        )
+
+    def record(self, rec: PredictionRecord) -> None:
+        """Queue one prediction for writing; never blocks. Dropped (and counted) when the buffer is full."""
+        if self._closed:
+            self._metrics.dropped.labels("closed").inc()
+            return
+        if len(self._buffer) >= self._settings.buffer_max_rows:
+            self._metrics.dropped.labels("overflow").inc()
+            return
+        self._buffer.append(rec)
+        self._metrics.buffered.set(len(self._buffer))
+        if len(self._buffer) >= self._settings.flush_max_rows:
+            self._wake.set()
+
+    async def flush(self) -> None:
+        """Write everything recorded so far; raises when the database cannot be reached (rows stay buffered)."""
+        await self._drain()
+
+    async def find(self, correlation_id: str) -> list[PredictionRecord]:
+        """Every prediction of a correlation ID: written ones and those still waiting in memory.
+
+        Memory is read before the database, so a batch that moves from memory to the database in between is
+        seen at least once (copies are merged).
+        """
+        in_memory = [r for r in (*self._inflight, *self._buffer) if r.correlation_id == correlation_id]
+        stored = await asyncio.to_thread(self._select, correlation_id)
+        return unique_predictions([*stored, *in_memory])
+
+    async def close(self) -> None:
+        """Stop the writer after flushing everything recorded before the call; then release the database."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        await self._drain_until(time.monotonic() + self._settings.close_timeout_s)
+        await asyncio.to_thread(self._engine.dispose)
+        logger.info("prediction log closed", extra={"event": "prediction_log_closed"})
+
+    async def _run(self) -> None:
+        interval = self._settings.flush_interval_ms / 1000.0
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=interval)
+            self._wake.clear()
+            try:
+                await self._drain()
+            except _TransientWriteError:
+                await asyncio.sleep(self._settings.retry_backoff_ms / 1000.0)
+
+    async def _drain_until(self, deadline: float) -> None:
+        while self._buffer:
+            try:
+                await self._drain()
+            except _TransientWriteError:
+                if time.monotonic() >= deadline:
+                    lost = len(self._buffer)
+                    self._metrics.dropped.labels("lost").inc(lost)
+                    logger.error(
+                        "prediction log closed with unwritten rows",
+                        extra={"event": "prediction_log_lost", "rows": lost},
+                    )
+                    self._buffer.clear()
+                    return
+                await asyncio.sleep(self._settings.retry_backoff_ms / 1000.0)
+
+    async def _drain(self) -> None:
+        async with self._write_lock:
+            while self._buffer:
+                size = min(len(self._buffer), self._settings.flush_max_rows)
+                batch = [self._buffer.popleft() for _ in range(size)]
+                self._inflight = batch
+                try:
+                    await self._write_batch(batch)
+                finally:
+                    self._inflight = []
+                    self._metrics.buffered.set(len(self._buffer))
+
+    async def _write_batch(self, batch: list[PredictionRecord]) -> None:
+        started = time.perf_counter()
+        try:
+            rejected = await asyncio.to_thread(self._write, batch)
+        except _TransientWriteError:
+            self._buffer.extendleft(reversed(batch))
+            self._metrics.write_errors.inc()
+            raise
+        self._metrics.flush_seconds.observe(time.perf_counter() - started)
+        self._metrics.written.inc(len(batch) - rejected)
+        if rejected:
+            self._metrics.dropped.labels("rejected").inc(rejected)
+
+    def _write(self, batch: Sequence[PredictionRecord]) -> int:
+        """Insert a batch in one transaction; on a data error fall back to one row per transaction.
+        Returns how many rows the database refused."""
+        rows = [_row_of(r) for r in batch]
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(predictions_table.insert(), rows)
+            return 0
+        except (OperationalError, InterfaceError) as exc:
+            logger.warning(
+                "prediction log write failed; will retry",
+                extra={"event": "prediction_log_retry", "rows": len(rows), "error": str(exc.orig)},
+            )
+            raise _TransientWriteError(str(exc)) from exc
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise _TransientWriteError(str(exc)) from exc
+            return self._write_rows_one_by_one(rows)
+
+    def _write_rows_one_by_one(self, rows: Sequence[dict[str, Any]]) -> int:
+        rejected = 0
+        for row in rows:
+            try:
+                with self._engine.begin() as conn:
+                    conn.execute(predictions_table.insert(), row)
+            except (OperationalError, InterfaceError) as exc:
+                raise _TransientWriteError(str(exc)) from exc
+            except DBAPIError as exc:
+                rejected += 1
+                logger.error(
+                    "prediction row rejected by the database",
+                    extra={
+                        "event": "prediction_log_rejected",
+                        "correlation_id": row["correlation_id"],
+                        "error": str(exc.orig),
+                    },
+                )
+        return rejected
+
+    def _select(self, correlation_id: str) -> list[PredictionRecord]:
+        query = (
+            select(predictions_table)
+            .where(predictions_table.c.correlation_id == correlation_id)
+            .order_by(predictions_table.c.id)
+        )
+        with self._engine.connect() as conn:
+            return [_record_of(row) for row in conn.execute(query)]
+
+
+# --------------------------------------------------------------------------------------------------- feedback
+
+
+def _parse_label(value: object) -> int:
+    """``"fraud"``/``"legit"`` (any case) or ``1``/``0``; booleans and other numbers are refused."""
+    if isinstance(value, str) and value.strip().lower() in _LABEL_VALUES:
+        return _LABEL_VALUES[value.strip().lower()]
+    if isinstance(value, int) and not isinstance(value, bool) and value in LABEL_NAMES:
+        return value
+    raise ValueError('must be "fraud", "legit", 1 or 0')
+
+
+class FeedbackRequest(BaseModel):
+    """A ground-truth label for one earlier prediction (joined by ``correlation_id``).
+
+    Length limits come from :class:`OutcomeSettings`, passed as validation context ``{"settings": …}``.
+    """
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+
+    correlation_id: str = Field(..., min_length=1)
+    label: Annotated[int, BeforeValidator(_parse_label)]
+    source: str = Field(..., min_length=1)
+    #: When the truth became known (e.g. the chargeback date); default: when the label was received.
+    observed_at: AwareDatetime | None = None
+
+    @field_validator("correlation_id")
+    @classmethod
+    def _correlation_id_length(cls, value: str, info: ValidationInfo) -> str:
+        limit = _context_settings(info).max_correlation_id_chars
+        if len(value) > limit:
+            raise ValueError(f"must be at most {limit} characters")
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _source_length(cls, value: str, info: ValidationInfo) -> str:
+        limit = _context_settings(info).max_source_chars
+        if len(value) > limit:
+            raise ValueError(f"must be at most {limit} characters")
+        return value
+
+
+def _context_settings(info: ValidationInfo) -> OutcomeSettings:
+    context = info.context if isinstance(info.context, dict) else {}
+    settings = context.get("settings")
+    return settings if isinstance(settings, OutcomeSettings) else get_outcome_settings()
+
+
+FeedbackStatus = Literal["recorded", "duplicate", "conflict", "unknown"]
+
+
+@dataclass(frozen=True)
+class StoredLabel:
+    label: int
+    source: str
+    observed_at: datetime
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    status: FeedbackStatus
+    correlation_id: str
+    predictions: int
+    existing: StoredLabel | None = None
+
+
+class _OutcomeMetrics:
+    def __init__(self, registry: CollectorRegistry, settings: OutcomeSettings) -> None:
+        by_version = ["model_version", "role"]
+        self.outcomes = Counter(
+            "fraudwatch_outcome",
+            "Labelled predictions by confusion-matrix cell, at each prediction's own threshold.",
+            [*by_version, "outcome"],
+            registry=registry,
+        )
+        self.score = Histogram(
+            "fraudwatch_outcome_score",
+            "Scores of labelled predictions, split by the label (ROC-AUC from the two histograms).",
+            [*by_version, "label"],
+            buckets=settings.score_buckets,
+            registry=registry,
+        )
+        self.calibration_predicted = Summary(
+            "fraudwatch_calibration_predicted",
+            "Scores of labelled predictions per equal-width calibration bin (_sum / _count = mean score).",
+            [*by_version, "bin"],
+            registry=registry,
+        )
+        self.calibration_observed = Counter(
+            "fraudwatch_calibration_observed_fraud",
+            "Labelled predictions per calibration bin whose label is fraud (÷ _count = observed rate).",
+            [*by_version, "bin"],
+            registry=registry,
+        )
+        self.label_delay = Histogram(
+            "fraudwatch_label_delay_seconds",
+            "Time from a prediction to the observation of its label.",
+            by_version,
+            buckets=tuple(h * SECONDS_PER_HOUR for h in settings.label_delay_buckets_hours),
+            registry=registry,
+        )
+        self.feedback = Counter(
+            "fraudwatch_feedback",
+            "Feedback requests by result (recorded, duplicate, conflict, unknown, invalid).",
+            ["result"],
+            registry=registry,
+        )
+
+
+def confusion_cell(prediction: int, label: int) -> Literal["tp", "fp", "tn", "fn"]:
+    if prediction == 1:
+        return "tp" if label == 1 else "fp"
+    return "fn" if label == 1 else "tn"
+
+
+class OutcomeTracker:
+    """Joins labels to logged predictions and keeps the outcome metrics; serves ``POST /api/v1/feedback``."""
+
+    def __init__(
+        self,
+        log: PredictionLog,
+        settings: OutcomeSettings | None = None,
+        *,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self._log = log
+        self._settings = settings or log.settings
+        self._metrics = _OutcomeMetrics(registry if registry is not None else REGISTRY, self._settings)
+
+    def routes(self) -> list[Route]:
+        return [Route(FEEDBACK_PATH, self.feedback_endpoint, methods=["POST"])]
+
+    async def submit(self, feedback: FeedbackRequest, received_at: datetime | None = None) -> FeedbackResult:
+        """Store the label (first one wins) and, when it is new, update the outcome metrics of every prediction."""
+        received = as_utc(received_at or utc_now())
+        observed = as_utc(feedback.observed_at or received)
+        cid = feedback.correlation_id
+        found = await self._log.find(cid)
+        if not found:
+            return self._counted(FeedbackResult("unknown", cid, 0))
+        new = StoredLabel(label=feedback.label, source=feedback.source, observed_at=observed, received_at=received)
+        existing = await asyncio.to_thread(self._store_label, cid, new)
+        if existing is None:
+            self.observe(found, feedback.label, observed)
+            return self._counted(FeedbackResult("recorded", cid, len(found)))
+        status: FeedbackStatus = "duplicate" if existing.label == feedback.label else "conflict"
+        return self._counted(FeedbackResult(status, cid, len(found), existing))
+
+    def observe(self, found: Sequence[PredictionRecord], label: int, observed_at: datetime) -> None:
+        """Outcome metrics for a label joined to predictions."""
+        label_name = LABEL_NAMES[label]
+        for rec in found:
+            keys = (rec.model_version, rec.role)
+            self._metrics.outcomes.labels(*keys, confusion_cell(rec.prediction, label)).inc()
+            self._metrics.score.labels(*keys, label_name).observe(rec.score)
+            cal_bin = str(calibration_bin_of(rec.score, self._settings.calibration_bins))
+            self._metrics.calibration_predicted.labels(*keys, cal_bin).observe(rec.score)
+            self._metrics.calibration_observed.labels(*keys, cal_bin).inc(label)
+            delay = max(0.0, (as_utc(observed_at) - as_utc(rec.ts)).total_seconds())
+            self._metrics.label_delay.labels(*keys).observe(delay)
+
+    def _counted(self, result: FeedbackResult) -> FeedbackResult:
+        self._metrics.feedback.labels(result.status).inc()
+        return result
+
+    def _store_label(self, correlation_id: str, new: StoredLabel) -> StoredLabel | None:
+        """Insert the label unless one exists; return the existing one (None when this one was stored)."""
+        existing = self._read_label(correlation_id)
+        if existing is not None:
+            return existing
+        row = {
+            "correlation_id": correlation_id,
+            "label": new.label,
+            "source": new.source,
+            "observed_at": new.observed_at,
+            "received_at": new.received_at,
+        }
+        try:
+            with self._log.engine.begin() as conn:
+                conn.execute(labels_table.insert(), row)
+        except IntegrityError:
+            return self._read_label(correlation_id)
+        return None
+
+    def _read_label(self, correlation_id: str) -> StoredLabel | None:
+        query = select(labels_table).where(labels_table.c.correlation_id == correlation_id)
+        with self._log.engine.connect() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            return None
+        return StoredLabel(
+            label=int(row.label),
+            source=row.source,
+            observed_at=as_utc(row.observed_at),
+            received_at=as_utc(row.received_at),
+        )
+
+    async def feedback_endpoint(self, request: Request) -> Response:
+        body = await request.body()
+        if len(body) > self._settings.max_body_bytes:
+            self._metrics.feedback.labels("invalid").inc()
+            return _error(413, f"body larger than {self._settings.max_body_bytes} bytes", "body", "too large")
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            self._metrics.feedback.labels("invalid").inc()
+            return _error(400, "body is not valid JSON", "body", "expected a JSON object")
+        try:
+            feedback = FeedbackRequest.model_validate(payload, context={"settings": self._settings})
+        except ValidationError as exc:
+            self._metrics.feedback.labels("invalid").inc()
+            return _validation_error(exc)
+        result = await self.submit(feedback)
+        return _response_of(result, feedback)
+
+
+def _error(status: int, message: str, field: str, detail: str, correlation_id: str | None = None) -> JSONResponse:
+    body = ErrorResponse(
+        error=message, details=[ErrorDetail(field=field, message=detail)], correlation_id=correlation_id
+    )
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+def _validation_error(exc: ValidationError) -> JSONResponse:
+    details = [
+        ErrorDetail(field=".".join(str(part) for part in err["loc"]) or "body", message=err["msg"])
+        for err in exc.errors()
+    ]
+    names = ", ".join(d.field for d in details)
+    body = ErrorResponse(error=f"invalid feedback: {names}", details=details)
+    return JSONResponse(body.model_dump(), status_code=422)
+
+
+def _response_of(result: FeedbackResult, feedback: FeedbackRequest) -> JSONResponse:
+    cid = result.correlation_id
+    if result.status == "unknown":
+        return _error(
+            404,
+            f"unknown correlation_id {cid!r}: no prediction was logged under this ID",
+            "correlation_id",
+            "no prediction with this correlation_id",
+            cid,
+        )
+    if result.status == "conflict" and result.existing is not None:
+        first = result.existing
+        return _error(
+            409,
+            f"conflicting label for {cid!r}: already labelled {LABEL_NAMES[first.label]!r} by {first.source!r} "
+            f"at {first.received_at.isoformat()}; the first label stands",
+            "label",
+            f"conflicts with the stored label {LABEL_NAMES[first.label]!r}",
+            cid,
+        )
+    return JSONResponse(
+        {
+            "status": result.status,
+            "correlation_id": cid,
+            "label": LABEL_NAMES[feedback.label],
+            "predictions": result.predictions,
+        },
+        status_code=200,
+    )
