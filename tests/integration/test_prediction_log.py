@@ -1,0 +1,237 @@
+"""The prediction log under load on SQLite and on a real PostgreSQL server: every answered request is written,
+labels survive a restart, and the writer rides out a locked database without losing rows."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from rollout.outcome_settings import OutcomeSettings
+from rollout.outcomes import FEEDBACK_PATH, OutcomeTracker, PredictionLog, PredictionRecord
+from tests.integration.pg import PostgresServer, running_postgres
+
+pytestmark = pytest.mark.integration
+
+N_REQUESTS = 1500
+CONCURRENCY = 50
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture(params=BACKENDS)
+def dsn(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database per test: a SQLite file, or a new database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'predictions.db'}"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres")
+    name = f"fw_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(server.dsn, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield server.dsn.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def _count(dsn: str, table: str, **where: Any) -> int:
+    engine = sa.create_engine(dsn)
+    try:
+        clause = " AND ".join(f"{key} = :{key}" for key in where) or "TRUE"
+        with engine.connect() as conn:
+            return int(conn.execute(sa.text(f"SELECT count(*) FROM {table} WHERE {clause}"), where).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def _scoring_app(log: PredictionLog, tracker: OutcomeTracker) -> Starlette:
+    """A stand-in for the router's data plane: answers at once, logs the decider and a shadow off the path."""
+
+    async def predict(request: Request) -> JSONResponse:
+        body = await request.json()
+        cid = str(body["id"])
+        now = datetime.now(UTC)
+        score = (int(cid.rsplit("-", 1)[1]) % 100) / 100.0
+        for version, role, threshold in (("v1", "decider", 0.5), ("v2", "shadow", 0.6)):
+            log.record(
+                PredictionRecord(
+                    correlation_id=cid,
+                    entity_key=f"acct-{cid}",
+                    ts=now,
+                    model_version=version,
+                    role=role,  # type: ignore[arg-type]
+                    score=score,
+                    prediction=int(score >= threshold),
+                    threshold=threshold,
+                    stage="shadow",
+                )
+            )
+        return JSONResponse({"correlation_id": cid, "score": score})
+
+    return Starlette(routes=[Route("/predict", predict, methods=["POST"]), *tracker.routes()])
+
+
+async def _answer_all(client: httpx.AsyncClient, ids: list[str]) -> int:
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for cid in ids:
+        queue.put_nowait(cid)
+    answered = 0
+
+    async def worker() -> None:
+        nonlocal answered
+        while not queue.empty():
+            cid = queue.get_nowait()
+            response = await client.post("/predict", json={"id": cid})
+            assert response.status_code == 200
+            answered += 1
+
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return answered
+
+
+def test_every_answered_request_is_written_after_close(dsn: str) -> None:
+    settings = OutcomeSettings(dsn=dsn, flush_interval_ms=50, flush_max_rows=200)
+    registry = CollectorRegistry()
+    ids = [f"req-{i}" for i in range(N_REQUESTS)]
+
+    async def main() -> int:
+        log = PredictionLog(settings, registry=registry)
+        await log.start()
+        app = _scoring_app(log, OutcomeTracker(log, registry=registry))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            answered = await _answer_all(client, ids)
+        await log.close()
+        return answered
+
+    answered = asyncio.run(main())
+    assert answered == N_REQUESTS
+    assert _count(dsn, "predictions") == 2 * N_REQUESTS
+    assert _count(dsn, "predictions", role="shadow") == N_REQUESTS
+    assert registry.get_sample_value("fraudwatch_prediction_log_written_total") == 2 * N_REQUESTS
+    assert registry.get_sample_value("fraudwatch_prediction_log_buffered_rows") == 0
+    assert (registry.get_sample_value("fraudwatch_prediction_log_dropped_total", {"reason": "overflow"}) or 0) == 0
+
+
+def test_labels_join_after_a_restart_and_stay_idempotent(dsn: str) -> None:
+    settings = OutcomeSettings(dsn=dsn)
+
+    async def first_process() -> None:
+        registry = CollectorRegistry()
+        log = PredictionLog(settings, registry=registry)
+        await log.start()
+        app = _scoring_app(log, OutcomeTracker(log, registry=registry))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            await _answer_all(client, ["r-91", "r-7"])
+            labelled = await client.post(FEEDBACK_PATH, json={"correlation_id": "r-91", "label": 1, "source": "cb"})
+            assert labelled.status_code == 200
+        await log.close()
+
+    async def second_process() -> CollectorRegistry:
+        registry = CollectorRegistry()
+        log = PredictionLog(settings, registry=registry)
+        await log.start()
+        app = _scoring_app(log, OutcomeTracker(log, registry=registry))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            again = await client.post(FEEDBACK_PATH, json={"correlation_id": "r-91", "label": "fraud", "source": "x"})
+            conflict = await client.post(FEEDBACK_PATH, json={"correlation_id": "r-91", "label": 0, "source": "x"})
+            fresh = await client.post(FEEDBACK_PATH, json={"correlation_id": "r-7", "label": "fraud", "source": "x"})
+            assert (again.status_code, conflict.status_code, fresh.status_code) == (200, 409, 200)
+            assert again.json()["status"] == "duplicate"
+            assert fresh.json()["predictions"] == 2
+        await log.close()
+        return registry
+
+    asyncio.run(first_process())
+    registry = asyncio.run(second_process())
+    # r-7 scored 0.07: below both thresholds → a missed fraud (fn) for the decider and for the shadow
+    for version, role in (("v1", "decider"), ("v2", "shadow")):
+        labels = {"model_version": version, "role": role, "outcome": "fn"}
+        assert registry.get_sample_value("fraudwatch_outcome_total", labels) == 1
+        labels["outcome"] = "tp"
+        assert registry.get_sample_value("fraudwatch_outcome_total", labels) is None
+    assert _count(dsn, "labels") == 2
+
+
+def test_overflow_is_dropped_and_counted_never_blocking(dsn: str) -> None:
+    capacity = 100
+    settings = OutcomeSettings(dsn=dsn, buffer_max_rows=capacity, flush_interval_ms=60_000, flush_max_rows=10_000)
+    registry = CollectorRegistry()
+
+    async def main() -> None:
+        log = PredictionLog(settings, registry=registry)
+        await log.start()
+        for i in range(capacity + 37):
+            log.record(_record(f"o-{i}"))
+        assert log.pending == capacity
+        await log.close()
+        log.record(_record("after-close"))
+
+    asyncio.run(main())
+    assert _count(dsn, "predictions") == capacity
+    assert registry.get_sample_value("fraudwatch_prediction_log_dropped_total", {"reason": "overflow"}) == 37
+    assert registry.get_sample_value("fraudwatch_prediction_log_dropped_total", {"reason": "closed"}) == 1
+
+
+def _record(cid: str) -> PredictionRecord:
+    return PredictionRecord(cid, None, datetime.now(UTC), "v1", "decider", 0.5, 1, 0.5, "stable")
+
+
+def test_a_locked_sqlite_database_delays_writes_without_losing_rows(tmp_path: Path) -> None:
+    path = tmp_path / "locked.db"
+    settings = OutcomeSettings(
+        dsn=f"sqlite:///{path}", flush_interval_ms=20, sqlite_busy_timeout_s=0.05, retry_backoff_ms=20
+    )
+    registry = CollectorRegistry()
+
+    async def main() -> None:
+        log = PredictionLog(settings, registry=registry)
+        await log.start()
+        blocker = sqlite3.connect(path, timeout=0.05, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        for i in range(50):
+            log.record(_record(f"l-{i}"))
+        await _wait_for(lambda: (registry.get_sample_value("fraudwatch_prediction_log_write_errors_total") or 0) >= 2)
+        assert log.pending == 50
+        found = await _find_while_locked(log)
+        assert found == 1
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        await _wait_for(lambda: log.pending == 0)
+        await log.close()
+
+    asyncio.run(main())
+    assert _count(f"sqlite:///{path}", "predictions") == 50
+    assert registry.get_sample_value("fraudwatch_prediction_log_written_total") == 50
+
+
+async def _find_while_locked(log: PredictionLog) -> int:
+    """A reader is not blocked by a writer's lock in WAL mode, and the buffered rows are visible to the join."""
+    return len(await log.find("l-3"))
+
+
+async def _wait_for(condition: Any, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
