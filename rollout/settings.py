@@ -38,6 +38,27 @@ DEFAULT_LATENCY_BUCKETS_S: tuple[float, ...] = (
     1.0,
 )
 
+#: Buckets of the paired shadow score difference (candidate − stable), symmetric on [-1, 1].
+DEFAULT_SCORE_DELTA_BUCKETS: tuple[float, ...] = (
+    -1.0,
+    -0.5,
+    -0.25,
+    -0.1,
+    -0.05,
+    -0.02,
+    -0.01,
+    -0.005,
+    0.0,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+
 
 class RouterSettings(BaseModel):
     """The traffic router: where its routing table comes from, upstream budgets, shadow limits, the admin token."""
@@ -84,6 +105,7 @@ class RouterSettings(BaseModel):
     #: One structured JSON log line per routing decision.
     log_decisions: bool = True
     latency_buckets_s: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS_S
+    score_delta_buckets: tuple[float, ...] = DEFAULT_SCORE_DELTA_BUCKETS
 
     def admin_secret(self) -> str | None:
         """The admin bearer token (``admin_token`` first, else the content of ``admin_token_file``), or None."""
