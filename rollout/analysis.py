@@ -1,0 +1,495 @@
+"""Gate measurements: each gate of a stage → ``Successful | Failed | Inconclusive | Error`` with the values behind it.
+
+The four states are Argo Rollouts' analysis phases:
+
+* **Successful** — the evidence satisfies the condition (for outcome gates: at the pessimistic end of the
+  candidate's confidence interval);
+* **Failed** — the evidence violates it (for outcome gates: even at the optimistic end);
+* **Inconclusive** — no evidence yet: a query returned nothing or NaN, too few labels or requests, an interval
+  straddling the threshold, a ratio to a zero stable value. Never treated as success;
+* **Error** — the measurement itself failed (the provider raised: Prometheus unreachable, a bad query).
+
+:func:`analyse` is pure apart from the provider's ``query`` calls; tests pass a provider made of a dict. A
+:class:`GateHistory` per gate (kept by the stage machine) counts consecutive errors and how long a gate has been
+inconclusive, so the machine can tell "wait" from "abort".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from statistics import NormalDist
+from typing import Literal, Protocol
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from rollout.drift import wilson_interval
+from rollout.policy import (
+    MIN_LABELS_GATE,
+    MIN_REQUESTS_GATE,
+    Condition,
+    HanleyMcNeilEstimator,
+    MetricGate,
+    NormalEstimator,
+    OutcomeGate,
+    QualityGate,
+    RenderContext,
+    RolloutPolicy,
+    TrafficStage,
+    WilsonEstimator,
+    check_version,
+    render,
+)
+
+#: The pre-rollout stage (the model-quality regression set) followed by the traffic stages.
+AnalysisStage = Literal["quality", "shadow", "canary", "ab", "full"]
+ResultLayer = Literal["health", "input_drift", "output_drift", "outcome", "quality", "sample"]
+
+
+class GateStatus(StrEnum):
+    SUCCESSFUL = "Successful"
+    FAILED = "Failed"
+    INCONCLUSIVE = "Inconclusive"
+    ERROR = "Error"
+
+
+class GateResult(BaseModel):
+    """One gate's measurement and the numbers behind its status (None where not measured / not applicable)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    layer: ResultLayer
+    status: GateStatus
+    candidate_value: float | None = None
+    stable_value: float | None = None
+    #: The candidate's bound that was compared (outcome gates): the pessimistic end of its interval.
+    bound: float | None = None
+    interval: tuple[float, float] | None = None
+    threshold: float | None = None
+    condition: str | None = None
+    #: Labels behind the candidate's (and stable's) estimate, for outcome gates and the label minimum.
+    labels: float | None = None
+    stable_labels: float | None = None
+    #: Several named values (the quality gate's regression-set metrics).
+    values: dict[str, float] = Field(default_factory=dict)
+    message: str = ""
+
+
+class AnalysisReport(BaseModel):
+    """Every gate of one stage measured at one instant, for one (stable, candidate) pair."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    stage: AnalysisStage
+    stable: str
+    candidate: str
+    at: AwareDatetime
+    results: tuple[GateResult, ...]
+
+    def result(self, name: str) -> GateResult | None:
+        return next((r for r in self.results if r.name == name), None)
+
+    def with_status(self, status: GateStatus) -> tuple[GateResult, ...]:
+        return tuple(r for r in self.results if r.status is status)
+
+    @property
+    def all_successful(self) -> bool:
+        return bool(self.results) and all(r.status is GateStatus.SUCCESSFUL for r in self.results)
+
+
+class MetricsQuery(Protocol):
+    """The narrow view of a metrics provider analysis needs: one PromQL expression → a scalar or nothing."""
+
+    def query(self, promql: str) -> float | None: ...
+
+
+class MeasurementError(Exception):
+    """The provider failed to answer (unreachable, timeout, rejected query)."""
+
+
+# --------------------------------------------------------------------------------------------------- history
+
+
+class GateHistory(BaseModel):
+    """What the machine remembers of one gate within a stage."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    measurements: int = Field(0, ge=0)
+    consecutive_errors: int = Field(0, ge=0)
+    #: Start of the current run of non-conclusive measurements (Inconclusive, possibly interleaved with Errors).
+    inconclusive_since: AwareDatetime | None = None
+    last_status: GateStatus | None = None
+    last_at: AwareDatetime | None = None
+
+
+def advance(history: GateHistory, status: GateStatus, at: datetime) -> GateHistory:
+    """The history after one more measurement: errors count in a row; inconclusive runs remember their start.
+
+    An Error neither ends nor starts an inconclusive run (it is no evidence either way); only a conclusive result
+    (Successful or Failed) ends it.
+    """
+    errors = history.consecutive_errors + 1 if status is GateStatus.ERROR else 0
+    since = history.inconclusive_since
+    if status is GateStatus.INCONCLUSIVE and since is None:
+        since = at
+    elif status in (GateStatus.SUCCESSFUL, GateStatus.FAILED):
+        since = None
+    return GateHistory(
+        measurements=history.measurements + 1,
+        consecutive_errors=errors,
+        inconclusive_since=since,
+        last_status=status,
+        last_at=at,
+    )
+
+
+def inconclusive_for_s(history: GateHistory, now: datetime) -> float:
+    """Seconds the gate has been without a conclusion (0 when it has one)."""
+    if history.inconclusive_since is None:
+        return 0.0
+    return max(0.0, (now - history.inconclusive_since).total_seconds())
+
+
+def errors_exceeded(history: GateHistory, limit: int) -> bool:
+    """True once the gate erred more than ``limit`` times in a row."""
+    return history.consecutive_errors > limit
+
+
+def timed_out(history: GateHistory, now: datetime, timeout_s: float) -> bool:
+    return history.inconclusive_since is not None and inconclusive_for_s(history, now) > timeout_s
+
+
+# --------------------------------------------------------------------------------------------------- measuring
+
+
+def measure(provider: MetricsQuery, promql: str) -> float | None:
+    """The provider's value; None for no data / NaN / ±inf; :class:`MeasurementError` when the provider fails."""
+    try:
+        value = provider.query(promql)
+    except Exception as exc:
+        raise MeasurementError(f"{type(exc).__name__}: {exc}") from exc
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    policy: RolloutPolicy
+    stage: TrafficStage
+    provider: MetricsQuery
+    stable: str
+    candidate: str
+    stage_window_s: float
+
+    def render(self, template: str, version: str) -> str:
+        return render(
+            template,
+            RenderContext(
+                stable=self.stable,
+                candidate=self.candidate,
+                version=version,
+                window_s=self.policy.analysis.window_s,
+                stage_window_s=self.stage_window_s,
+            ),
+        )
+
+    def value(self, template: str, version: str) -> float | None:
+        return measure(self.provider, self.render(template, version))
+
+
+def analyse(
+    policy: RolloutPolicy,
+    stage: TrafficStage,
+    provider: MetricsQuery,
+    stable: str,
+    candidate: str,
+    now: datetime,
+    *,
+    stage_entered_at: datetime | None = None,
+) -> AnalysisReport:
+    """Measure every gate of ``stage`` (and the stage's request/label minimums) for the (stable, candidate) pair.
+
+    ``{{stage_window}}`` covers ``stage_entered_at`` → ``now`` (the policy's ``window_s`` when not given).
+    """
+    check_version(stable)
+    check_version(candidate)
+    window_s = (now - stage_entered_at).total_seconds() if stage_entered_at else policy.analysis.window_s
+    ctx = _Context(policy, stage, provider, stable, candidate, window_s)
+    results = [*_sample_results(ctx), *(_gate_result(ctx, gate) for gate in policy.gates_for(stage))]
+    return AnalysisReport(stage=stage, stable=stable, candidate=candidate, at=now, results=tuple(results))
+
+
+def _gate_result(ctx: _Context, gate: MetricGate | OutcomeGate) -> GateResult:
+    try:
+        if isinstance(gate, MetricGate):
+            return _metric_result(ctx, gate)
+        return _outcome_result(ctx, gate)
+    except MeasurementError as exc:
+        return GateResult(
+            name=gate.name,
+            layer=gate.layer,
+            status=GateStatus.ERROR,
+            threshold=gate.condition.threshold,
+            condition=gate.condition.text(),
+            message=str(exc),
+        )
+
+
+def required_samples(policy: RolloutPolicy, stage: TrafficStage) -> dict[str, int]:
+    """The stage's minimum pseudo-gates that apply (a minimum of 0 is no gate): name → minimum."""
+    minimums = policy.stages.of(stage)
+    wanted = {MIN_REQUESTS_GATE: minimums.min_requests, MIN_LABELS_GATE: minimums.min_labels}
+    return {name: minimum for name, minimum in wanted.items() if minimum > 0}
+
+
+def _sample_results(ctx: _Context) -> list[GateResult]:
+    templates = {MIN_REQUESTS_GATE: ctx.policy.samples.requests, MIN_LABELS_GATE: ctx.policy.samples.labels}
+    return [
+        _sample_result(ctx, name, templates[name], minimum)
+        for name, minimum in required_samples(ctx.policy, ctx.stage).items()
+    ]
+
+
+def _sample_result(ctx: _Context, name: str, template: str, minimum: int) -> GateResult:
+    base = {"name": name, "layer": "sample", "threshold": float(minimum), "condition": f"value >= {minimum}"}
+    try:
+        value = ctx.value(template, ctx.candidate)
+    except MeasurementError as exc:
+        return GateResult(**base, status=GateStatus.ERROR, message=str(exc))
+    if value is None:
+        return GateResult(**base, status=GateStatus.INCONCLUSIVE, message="no data")
+    status = GateStatus.SUCCESSFUL if value >= minimum else GateStatus.INCONCLUSIVE
+    message = "" if status is GateStatus.SUCCESSFUL else f"{value:g} of {minimum} so far"
+    labels = value if name == MIN_LABELS_GATE else None
+    return GateResult(**base, status=status, candidate_value=value, labels=labels, message=message)
+
+
+def _metric_result(ctx: _Context, gate: MetricGate) -> GateResult:
+    cond = gate.condition
+    candidate = ctx.value(gate.query, ctx.candidate)
+    stable = ctx.value(gate.query, ctx.stable) if cond.relative else None
+    base = {"name": gate.name, "layer": gate.layer, "threshold": cond.threshold, "condition": cond.text()}
+    values = {"candidate_value": candidate, "stable_value": stable}
+    lhs = lhs_value(cond, candidate, stable)
+    if isinstance(lhs, str):
+        return GateResult(**base, **values, status=GateStatus.INCONCLUSIVE, message=lhs)
+    status = GateStatus.SUCCESSFUL if cond.holds(lhs) else GateStatus.FAILED
+    return GateResult(**base, **values, status=status, message=f"{cond.text()}: lhs = {lhs:.6g}")
+
+
+def lhs_value(cond: Condition, candidate: float | None, stable: float | None) -> float | str:
+    """The condition's left-hand side for point values, or the reason it cannot be computed (a str)."""
+    if candidate is None:
+        return "no data for the candidate"
+    if not cond.relative:
+        return candidate
+    if stable is None:
+        return "no data for stable"
+    match cond.comparison:
+        case "difference":
+            return candidate - stable
+        case "abs_difference":
+            return abs(candidate - stable)
+        case _:
+            return candidate / stable if stable > 0 else "stable's value is not positive: no ratio"
+
+
+def lhs_range(cond: Condition, low: float, high: float, stable: float | None) -> tuple[float, float] | str:
+    """(min, max) of the condition's left-hand side while the candidate ranges over ``[low, high]``."""
+    if not cond.relative:
+        return (low, high)
+    if stable is None:
+        return "no data for stable"
+    match cond.comparison:
+        case "difference":
+            return (low - stable, high - stable)
+        case "abs_difference":
+            far = max(abs(low - stable), abs(high - stable))
+            near = 0.0 if low <= stable <= high else min(abs(low - stable), abs(high - stable))
+            return (near, far)
+        case _:
+            if stable <= 0:
+                return "stable's value is not positive: no ratio"
+            return (low / stable, high / stable)
+
+
+# --------------------------------------------------------------------------------------------------- outcomes
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """A point estimate with a two-sided interval."""
+
+    value: float
+    low: float
+    high: float
+
+
+def z_score(confidence: float) -> float:
+    """The two-sided normal quantile of ``confidence`` (1.96 for 0.95)."""
+    return NormalDist().inv_cdf(0.5 + confidence / 2.0)
+
+
+def hanley_mcneil_stderr(auc: float, positives: float, negatives: float) -> float | None:
+    """Hanley & McNeil (1982) standard error of a ROC-AUC; None without both classes."""
+    if positives <= 0 or negatives <= 0:
+        return None
+    q1 = auc / (2.0 - auc)
+    q2 = 2.0 * auc * auc / (1.0 + auc)
+    variance = (auc * (1.0 - auc) + (positives - 1.0) * (q1 - auc * auc) + (negatives - 1.0) * (q2 - auc * auc)) / (
+        positives * negatives
+    )
+    return math.sqrt(max(variance, 0.0))
+
+
+def _estimate(ctx: _Context, gate: OutcomeGate, version: str, confidence: float) -> Estimate | str:
+    est = gate.estimator
+    match est:
+        case WilsonEstimator():
+            return _wilson(ctx.value(est.successes, version), ctx.value(est.trials, version), confidence)
+        case HanleyMcNeilEstimator():
+            return _hanley_mcneil(
+                ctx.value(est.query, version),
+                ctx.value(est.positives, version),
+                ctx.value(est.negatives, version),
+                confidence,
+            )
+        case NormalEstimator():
+            return _normal(ctx.value(est.query, version), ctx.value(est.stderr, version), confidence)
+
+
+def _wilson(successes: float | None, trials: float | None, confidence: float) -> Estimate | str:
+    if successes is None or trials is None:
+        return "no data for successes/trials"
+    # increase() extrapolates each series separately: keep the counts consistent before the binomial maths.
+    trials = max(trials, 0.0)
+    successes = min(max(successes, 0.0), trials)
+    interval = wilson_interval(successes, trials, confidence)
+    if interval is None:
+        return "no trials"
+    return Estimate(interval.estimate, interval.lower, interval.upper)
+
+
+def _hanley_mcneil(
+    auc: float | None, positives: float | None, negatives: float | None, confidence: float
+) -> Estimate | str:
+    if auc is None or positives is None or negatives is None:
+        return "no data for the AUC or the class counts"
+    stderr = hanley_mcneil_stderr(min(max(auc, 0.0), 1.0), positives, negatives)
+    if stderr is None:
+        return "one class has no labels"
+    half = z_score(confidence) * stderr
+    return Estimate(auc, max(0.0, auc - half), min(1.0, auc + half))
+
+
+def _normal(value: float | None, stderr: float | None, confidence: float) -> Estimate | str:
+    if value is None or stderr is None:
+        return "no data for the estimate or its standard error"
+    if stderr < 0:
+        return "negative standard error"
+    half = z_score(confidence) * stderr
+    return Estimate(value, value - half, value + half)
+
+
+def _outcome_result(ctx: _Context, gate: OutcomeGate) -> GateResult:
+    cond = gate.condition
+    minimum = ctx.policy.min_labels(gate, ctx.stage)
+    base = {"name": gate.name, "layer": gate.layer, "threshold": cond.threshold, "condition": cond.text()}
+    labels = ctx.value(gate.labels_query, ctx.candidate)
+    stable_labels = ctx.value(gate.labels_query, ctx.stable) if cond.relative else None
+    counts = {"labels": labels, "stable_labels": stable_labels}
+    short = _too_few_labels(labels, stable_labels, minimum, cond.relative)
+    if short:
+        return GateResult(**base, **counts, status=GateStatus.INCONCLUSIVE, message=short)
+    confidence = ctx.policy.confidence(gate)
+    candidate = _estimate(ctx, gate, ctx.candidate, confidence)
+    stable = _estimate(ctx, gate, ctx.stable, confidence) if cond.relative else None
+    if isinstance(candidate, str) or isinstance(stable, str):
+        reason = candidate if isinstance(candidate, str) else f"stable: {stable}"
+        return GateResult(**base, **counts, status=GateStatus.INCONCLUSIVE, message=str(reason))
+    stable_point = stable.value if stable is not None else None
+    values = {
+        "candidate_value": candidate.value,
+        "stable_value": stable_point,
+        "interval": (candidate.low, candidate.high),
+        "bound": candidate.low if cond.wants_high else candidate.high,
+    }
+    status, message = judge_interval(cond, candidate.low, candidate.high, stable_point)
+    return GateResult(**base, **counts, **values, status=status, message=message)
+
+
+def _too_few_labels(labels: float | None, stable_labels: float | None, minimum: int, relative: bool) -> str:
+    if labels is None or labels < minimum:
+        return f"candidate has {labels if labels is not None else 'no'} labels, needs {minimum}"
+    if relative and (stable_labels is None or stable_labels < minimum):
+        return f"stable has {stable_labels if stable_labels is not None else 'no'} labels, needs {minimum}"
+    return ""
+
+
+def judge_interval(cond: Condition, low: float, high: float, stable: float | None) -> tuple[GateStatus, str]:
+    """Successful when the condition holds over the whole interval (its pessimistic end), Failed when it holds
+    nowhere (not even at the optimistic end), else Inconclusive."""
+    span = lhs_range(cond, low, high, stable)
+    if isinstance(span, str):
+        return GateStatus.INCONCLUSIVE, span
+    worst, best = (span[0], span[1]) if cond.wants_high else (span[1], span[0])
+    detail = f"{cond.text()}: lhs in [{span[0]:.6g}, {span[1]:.6g}]"
+    if cond.holds(worst):
+        return GateStatus.SUCCESSFUL, detail
+    if not cond.holds(best):
+        return GateStatus.FAILED, detail
+    return GateStatus.INCONCLUSIVE, f"{detail}: the interval straddles the threshold"
+
+
+# --------------------------------------------------------------------------------------------------- quality
+
+
+def analyse_quality(
+    policy: RolloutPolicy,
+    evaluate: Callable[[], Mapping[str, float]],
+    stable: str,
+    candidate: str,
+    now: datetime,
+) -> AnalysisReport:
+    """The pre-rollout report: ``evaluate()`` scores the candidate on the regression set (metric → value); each
+    quality gate compares those values with its floors and ceilings. ``evaluate`` raising → Error."""
+    check_version(stable)
+    check_version(candidate)
+    gates = policy.quality_gates()
+    try:
+        metrics: Mapping[str, float] | str = dict(evaluate())
+    except Exception as exc:
+        metrics = f"{type(exc).__name__}: {exc}"
+    results = tuple(quality_result(gate, metrics) for gate in gates)
+    return AnalysisReport(stage="quality", stable=stable, candidate=candidate, at=now, results=results)
+
+
+def quality_result(gate: QualityGate, metrics: Mapping[str, float] | str) -> GateResult:
+    """One quality gate against the regression-set metrics (or the error that prevented computing them)."""
+    if isinstance(metrics, str):
+        return GateResult(name=gate.name, layer="quality", status=GateStatus.ERROR, message=metrics)
+    missing: list[str] = []
+    failures: list[str] = []
+    bounds = [(name, floor, True) for name, floor in gate.floors.items()]
+    bounds += [(name, ceiling, False) for name, ceiling in gate.ceilings.items()]
+    for name, bound, is_floor in bounds:
+        value = metrics.get(name)
+        if value is None or not math.isfinite(value):
+            missing.append(name)
+        elif (value < bound) if is_floor else (value > bound):
+            failures.append(f"{name} {value:.4g} {'<' if is_floor else '>'} {bound:g}")
+    if failures:
+        status, message = GateStatus.FAILED, "; ".join(failures)
+    elif missing:
+        status, message = GateStatus.INCONCLUSIVE, f"missing or NaN: {', '.join(missing)}"
+    else:
+        status, message = GateStatus.SUCCESSFUL, "every floor and ceiling met"
+    wanted = {name for name, _, _ in bounds}
+    values = {k: float(v) for k, v in metrics.items() if k in wanted and math.isfinite(v)}
+    return GateResult(name=gate.name, layer="quality", status=status, values=values, message=message)
