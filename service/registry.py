@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import logging
 import math
 import os
 import shutil
@@ -36,13 +35,14 @@ from mlflow.entities import Metric, Param
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from service.logging import get_logger, log_event
 from service.model import MANIFEST_FILE, ModelIntegrityError, load_bundle, read_manifest, sha256_of
 from service.settings import Settings
 
 if TYPE_CHECKING:
     from service.train import TrainingResult
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 _T = TypeVar("_T")
 
 CHAMPION: Final[str] = "champion"
@@ -302,7 +302,7 @@ class ModelRegistry:
             self.client.set_terminated(run_id, status="FAILED")
             raise
         self.client.set_terminated(run_id, status="FINISHED")
-        logger.info("run logged", extra={"run_id": run_id, "run_name": payload.run_name, "sha256": sha256})
+        log_event(logger, "run logged", run_id=run_id, run_name=payload.run_name, sha256=sha256)
         return RunInfo(
             run_id=run_id,
             experiment_id=str(run.info.experiment_id),
@@ -335,9 +335,13 @@ class ModelRegistry:
         created = self.client.create_model_version(
             model_name, run.bundle_uri, run_id=run.run_id, tags=version_tags(run), description=description
         )
-        logger.info(
+        log_event(
+            logger,
             "version registered",
-            extra={"model": model_name, "version": created.version, "run_id": run.run_id, "sha256": run.sha256},
+            model=model_name,
+            version=created.version,
+            run_id=run.run_id,
+            sha256=run.sha256,
         )
         return self.get_version(model_name, str(created.version))
 
@@ -396,7 +400,7 @@ class ModelRegistry:
         before = self.alias_version(name, alias)
         self.client.set_registered_model_alias(name, alias, target.version)
         self._audit(name, target.version, audit_entry(action, alias, target.version, before, reason, current_user()))
-        logger.info("alias moved", extra={"model": name, "alias": alias, "version": target.version, "before": before})
+        log_event(logger, "alias moved", model=name, alias=alias, version=target.version, before=before)
         return AliasMove(alias=alias, version=target.version, before=before)
 
     def remove_alias(self, name: str, alias: str, reason: str = "", action: str = "remove") -> AliasMove:
@@ -404,7 +408,7 @@ class ModelRegistry:
         if before is not None:
             self.client.delete_registered_model_alias(name, alias)
             self._audit(name, before, audit_entry(action, alias, None, before, reason, current_user()))
-            logger.info("alias removed", extra={"model": name, "alias": alias, "before": before})
+            log_event(logger, "alias removed", model=name, alias=alias, before=before)
         return AliasMove(alias=alias, version=None, before=before)
 
     def set_challenger(self, name: str, version: str, reason: str = "") -> AliasMove:
@@ -461,7 +465,7 @@ class ModelRegistry:
             downloaded.rename(dest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        logger.info("bundle fetched", extra={"model": ref.name, "version": ref.version, "dest": str(dest)})
+        log_event(logger, "bundle fetched", model=ref.name, version=ref.version, dest=str(dest))
         return dest
 
 

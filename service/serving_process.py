@@ -1,0 +1,225 @@
+"""A real ``bentoml serve`` child process on loopback: start, wait until ready, stop — reusable by the demo, the
+CLI and the rollout's local-process backend.
+
+The server runs in its own session (process group), so a Ctrl-C in the terminal reaches only the parent, which
+then stops the whole group in order: SIGTERM, a grace period, SIGKILL. Its output goes to a log file (a pipe
+nobody reads would eventually block it); the log's tail is quoted when the server fails to start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Final, Self
+
+import httpx
+
+import service
+from service.logging import get_logger, log_event
+from service.settings import Settings
+
+logger = get_logger(__name__)
+
+#: The service reads its model directory from this variable (``ServeSettings.model_dir``).
+MODEL_DIR_ENV: Final[str] = "FW_SERVE__MODEL_DIR"
+READY_PATH: Final[str] = "/readyz"
+#: The directory holding the ``service`` package: ``bentoml serve --working-dir``.
+SOURCE_ROOT: Final[Path] = Path(service.__file__).resolve().parent.parent
+
+
+class ServerStartError(RuntimeError):
+    """The server exited or did not become ready before its deadline."""
+
+
+def free_port(host: str) -> int:
+    """A TCP port that was free on ``host`` a moment ago (bind to port 0, read it back, release it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def serve_command(target: str, host: str, port: int) -> list[str]:
+    """``bentoml serve`` through this interpreter, so the child uses the same environment."""
+    return [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        target,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--working-dir",
+        str(SOURCE_ROOT),
+    ]
+
+
+def server_env(model_dir: Path, settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The child's environment: ours, plus the model directory, a BentoML home under ``settings.home`` and no
+    usage tracking (the machine may have no internet)."""
+    env = dict(os.environ)
+    env.update(
+        {
+            MODEL_DIR_ENV: str(model_dir.resolve()),
+            "BENTOML_HOME": str((settings.home / "bentoml").resolve()),
+            "BENTOML_DO_NOT_TRACK": "True",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra or {})
+    return env
+
+
+def tail(path: Path, lines: int) -> str:
+    """The last ``lines`` lines of a text file ('' when it does not exist)."""
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class BentoServer:
+    """One ``bentoml serve`` process for one model directory.
+
+    Use as a context manager (start, wait until ready, always stop) or call :meth:`start`, :meth:`wait_ready`
+    and :meth:`stop` yourself. ``port=None`` picks a free port.
+    """
+
+    model_dir: Path
+    settings: Settings
+    port: int | None = None
+    name: str = "bento"
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _log_handle: IO[bytes] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def host(self) -> str:
+        return self.settings.process.host
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("the server has no port until it is started")
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.settings.logs_dir / f"{self.name}-{self.port}.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> None:
+        """Launch the server (returns at once; see :meth:`wait_ready`)."""
+        if self._process is not None:
+            raise RuntimeError(f"{self.name} already started (pid {self._process.pid})")
+        if self.port is None:
+            self.port = free_port(self.host)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_handle = self.log_path.open("ab")
+        command = serve_command(self.settings.process.bento_target, self.host, self.port)
+        self._process = subprocess.Popen(
+            command,
+            cwd=SOURCE_ROOT,
+            env=server_env(self.model_dir, self.settings, self.extra_env),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log_event(
+            logger, "server starting", server=self.name, pid=self._process.pid, url=self.url, log=str(self.log_path)
+        )
+
+    def wait_ready(self, deadline: float | None = None) -> float:
+        """Poll ``/readyz`` until it answers 200; return the seconds waited. ``deadline`` is a
+        ``time.monotonic()`` instant (default: now + ``process.start_timeout_s``). Raises
+        :class:`ServerStartError` if the process exits or the deadline passes."""
+        started = time.monotonic()
+        limit = deadline if deadline is not None else started + self.settings.process.start_timeout_s
+        with httpx.Client(timeout=self.settings.process.http_timeout_s) as client:
+            while True:
+                self._raise_if_exited()
+                if self._ready(client):
+                    waited = time.monotonic() - started
+                    log_event(logger, "server ready", server=self.name, url=self.url, waited_s=waited)
+                    return waited
+                if time.monotonic() >= limit:
+                    raise ServerStartError(self._failure(f"not ready after {time.monotonic() - started:.1f} s"))
+                time.sleep(self.settings.process.poll_interval_s)
+
+    def _ready(self, client: httpx.Client) -> bool:
+        try:
+            return client.get(self.url + READY_PATH).status_code == httpx.codes.OK
+        except httpx.TransportError:
+            return False
+
+    def _raise_if_exited(self) -> None:
+        if self._process is not None and self._process.poll() is not None:
+            raise ServerStartError(self._failure(f"exited with code {self._process.returncode}"))
+
+    def _failure(self, what: str) -> str:
+        log_tail = tail(self.log_path, self.settings.process.log_tail_lines)
+        return f"{self.name} at {self.url} {what}; log {self.log_path}:\n{log_tail}"
+
+    def stop(self) -> int | None:
+        """Stop the server's process group (SIGTERM, then SIGKILL after ``process.stop_timeout_s``); return its
+        exit code. Safe to call more than once."""
+        process, self._process = self._process, None
+        code: int | None = None
+        if process is not None:
+            code = _terminate_group(process, self.settings.process.stop_timeout_s)
+            log_event(logger, "server stopped", server=self.name, pid=process.pid, exit_code=code)
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+        return code
+
+    def __enter__(self) -> Self:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def _terminate_group(process: subprocess.Popen[bytes], grace_s: float) -> int:
+    """SIGTERM the child's process group (it leads its own session), wait, then SIGKILL what is left."""
+    _signal_group(process.pid, signal.SIGTERM)
+    try:
+        return process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        log_event(logger, "server ignored SIGTERM, killing", level=logging.WARNING, pid=process.pid, grace_s=grace_s)
+        _signal_group(process.pid, signal.SIGKILL)
+        return process.wait()
+    finally:
+        # Workers that outlived their arbiter would still hold the group; clear them too.
+        _signal_group(process.pid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)

@@ -1,0 +1,29 @@
+"""A minimal BentoML service for testing :mod:`service.serving_process` without a trained model.
+
+It reports the model directory it was started with, so a test can see the environment reached the child.
+"""
+
+from __future__ import annotations
+
+import os
+
+import bentoml
+
+from service.serving_process import MODEL_DIR_ENV
+
+
+@bentoml.service
+class EchoService:
+    @bentoml.api  # type: ignore[untyped-decorator]
+    def model_dir(self) -> str:
+        return os.environ.get(MODEL_DIR_ENV, "")
+
+
+@bentoml.service
+class NeverReadyService:
+    def __is_ready__(self) -> bool:
+        return False
+
+    @bentoml.api  # type: ignore[untyped-decorator]
+    def ping(self) -> str:
+        return "pong"
