@@ -80,6 +80,18 @@ class ServeSettings(BaseModel):
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_text_chars: int = Field(500, ge=1)
     workers: int = Field(1, ge=1)
+    #: Route single requests through BentoML's adaptive batcher (CorkDispatcher); measured in
+    #: benchmarks/serving_benchmark.py, where direct scoring wins on 2 cores, hence off by default.
+    adaptive_batching: bool = False
+    #: BentoML's own per-request access log (the service already logs one JSON line per decision).
+    access_log: bool = False
+    #: Call deadline-aware stores (SQLite: progress-handler deadline) inline; False isolates every lookup in
+    #: a thread pool of ``feature_store_threads`` (for stores on slow or remote disks).
+    feature_store_inline: bool = True
+    feature_store_threads: int = Field(2, ge=1)
+    #: How long the service waits at start-up for its bundle to appear (0 = it must exist) and how often it looks.
+    model_wait_timeout_s: float = Field(0.0, ge=0.0)
+    model_poll_interval_s: float = Field(0.2, gt=0.0)
 
 
 class ProcessSettings(BaseModel):
