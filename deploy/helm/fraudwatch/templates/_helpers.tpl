@@ -1,0 +1,247 @@
+{{/* ---------------------------------------------------------------------------------------------------------
+Names
+--------------------------------------------------------------------------------------------------------- */}}
+
+{{- define "fraudwatch.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The release's full name, at most 63 characters (a DNS-1123 label). */}}
+{{- define "fraudwatch.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "<fullname>-<suffix>", the suffix kept whole: the full name is cut to make room. */}}
+{{- define "fraudwatch.componentName" -}}
+{{- $suffix := .component }}
+{{- $base := include "fraudwatch.fullname" .ctx | trunc (int (sub 62 (len $suffix))) | trimSuffix "-" }}
+{{- printf "%s-%s" $base $suffix }}
+{{- end }}
+
+{{- define "fraudwatch.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "fraudwatch.rolloutName" -}}
+{{- default (include "fraudwatch.fullname" .) .Values.rollout.name }}
+{{- end }}
+
+{{- define "fraudwatch.leaseName" -}}
+{{- default (include "fraudwatch.componentName" (dict "ctx" . "component" "controller")) .Values.controller.leaderElection.leaseName }}
+{{- end }}
+
+{{- define "fraudwatch.modelServerConfigMap" -}}
+{{- include "fraudwatch.componentName" (dict "ctx" . "component" "model-server") }}
+{{- end }}
+
+{{- define "fraudwatch.predictionLogSecret" -}}
+{{- default (include "fraudwatch.componentName" (dict "ctx" . "component" "prediction-log")) .Values.predictionLog.existingSecret }}
+{{- end }}
+
+{{- define "fraudwatch.adminTokenSecret" -}}
+{{- default (include "fraudwatch.componentName" (dict "ctx" . "component" "router-admin")) .Values.router.adminToken.existingSecret }}
+{{- end }}
+
+{{- define "fraudwatch.adminTokenKey" -}}
+{{- if .Values.router.adminToken.existingSecret }}{{ .Values.router.adminToken.existingSecretKey }}{{ else }}admin-token{{ end }}
+{{- end }}
+
+{{- define "fraudwatch.predictionLogKey" -}}
+{{- if .Values.predictionLog.existingSecret }}{{ .Values.predictionLog.existingSecretKey }}{{ else }}dsn{{ end }}
+{{- end }}
+
+{{/* The service account of a component: (dict "ctx" $ "component" "router" "values" .Values.router). */}}
+{{- define "fraudwatch.serviceAccountName" -}}
+{{- if .values.serviceAccount.create }}
+{{- default (include "fraudwatch.componentName" (dict "ctx" .ctx "component" .component)) .values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------------------------------------------------
+Labels: (dict "ctx" $ "component" "router")
+--------------------------------------------------------------------------------------------------------- */}}
+
+{{- define "fraudwatch.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "fraudwatch.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+{{- with .component }}
+app.kubernetes.io/component: {{ . }}
+{{- end }}
+{{- end }}
+
+{{- define "fraudwatch.labels" -}}
+helm.sh/chart: {{ include "fraudwatch.chart" .ctx }}
+{{ include "fraudwatch.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: fraudwatch
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+{{- with .ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------------------------------------------------
+Images
+--------------------------------------------------------------------------------------------------------- */}}
+
+{{/* (dict "image" .Values.router.image "default" .Chart.AppVersion) */}}
+{{- define "fraudwatch.image" -}}
+{{- printf "%s:%s" .image.repository (default .default .image.tag | toString) }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------------------------------------------------
+Settings → environment: (dict "prefix" "FW_ROLLOUT_ROUTER__" "settings" .Values.router.settings "reserved" (list ...))
+Keys are pydantic field names (snake_case); scalars are passed as strings, lists and maps as JSON (which
+pydantic-settings parses for complex fields). A key the chart sets itself fails the render.
+--------------------------------------------------------------------------------------------------------- */}}
+{{- define "fraudwatch.settingsEnv" -}}
+{{- $prefix := .prefix }}
+{{- $reserved := .reserved | default list }}
+{{- $env := list }}
+{{- range $key, $value := .settings }}
+{{- if has $key $reserved }}
+{{- fail (printf "settings key %q is set by the chart itself (%s%s); use the dedicated value instead" $key $prefix (upper $key)) }}
+{{- end }}
+{{- if not (regexMatch "^[a-z][a-z0-9_]*$" $key) }}
+{{- fail (printf "settings key %q must be a snake_case pydantic field name" $key) }}
+{{- end }}
+{{- $text := toString $value }}
+{{- if or (kindIs "slice" $value) (kindIs "map" $value) }}{{ $text = toJson $value }}{{ end }}
+{{- $env = append $env (dict "name" (printf "%s%s" $prefix (upper $key)) "value" $text) }}
+{{- end }}
+{{- with $env }}{{ toYaml . }}{{ end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------------------------------------------------
+Security contexts and scratch volumes
+--------------------------------------------------------------------------------------------------------- */}}
+{{- define "fraudwatch.podSecurityContext" -}}
+{{- toYaml .Values.podSecurityContext }}
+{{- end }}
+
+{{- define "fraudwatch.containerSecurityContext" -}}
+{{- toYaml .Values.containerSecurityContext }}
+{{- end }}
+
+{{/* The writable emptyDirs every container gets: /tmp and the data dir (FW_HOME / FW_ROLLOUT_HOME). */}}
+{{- define "fraudwatch.scratchVolumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.scratchSizeLimit }}
+- name: data
+  emptyDir:
+    sizeLimit: {{ .Values.scratchSizeLimit }}
+{{- end }}
+
+{{- define "fraudwatch.scratchMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: data
+  mountPath: {{ include "fraudwatch.dataDir" . }}
+{{- end }}
+
+{{- define "fraudwatch.dataDir" -}}
+/var/lib/fraudwatch
+{{- end }}
+
+{{/* Prometheus scrape annotations: (dict "ctx" $ "port" 9090 "path" "/metrics") */}}
+{{- define "fraudwatch.scrapeAnnotations" -}}
+{{- if .ctx.Values.monitoring.podAnnotations -}}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .port | quote }}
+prometheus.io/path: {{ .path | quote }}
+{{- end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------------------------------------------------
+Prometheus Operator: rendered when forced on, or when unset (null) and the cluster serves monitoring.coreos.com/v1.
+--------------------------------------------------------------------------------------------------------- */}}
+{{- define "fraudwatch.prometheusOperator" -}}
+{{- $forced := .Values.monitoring.prometheusOperator }}
+{{- if kindIs "invalid" $forced }}
+{{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1" }}true{{ end }}
+{{- else if $forced }}true{{ end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------------------------------------------------
+The ModelRollout's version specs
+--------------------------------------------------------------------------------------------------------- */}}
+{{/* (dict "version" "v2" "repository" "…" "tag" "" "pullPolicy" "…" "modelUri" "" "registryAlias" "" "replicas" 2 "resources" (dict)) */}}
+{{- define "fraudwatch.versionSpec" -}}
+{{- if and .modelUri .registryAlias }}
+{{- fail (printf "model version %s: set at most one of modelUri and registryAlias" .version) }}
+{{- end -}}
+version: {{ .version | quote }}
+image: {{ printf "%s:%s" .repository (default .version .tag | toString) | quote }}
+imagePullPolicy: {{ .pullPolicy }}
+{{- with .modelUri }}
+modelUri: {{ . | quote }}
+{{- end }}
+{{- with .registryAlias }}
+registryAlias: {{ . | quote }}
+{{- end }}
+replicas: {{ .replicas }}
+{{- with .resources }}
+resources:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------------------------------------------------
+NetworkPolicy peers
+--------------------------------------------------------------------------------------------------------- */}}
+{{- define "fraudwatch.np.prometheusPeer" -}}
+- namespaceSelector:
+    {{- toYaml .Values.prometheus.namespaceSelector | nindent 4 }}
+  podSelector:
+    {{- toYaml .Values.prometheus.podSelector | nindent 4 }}
+{{- end }}
+{{- define "fraudwatch.np.dnsEgress" -}}
+- to:
+    - namespaceSelector:
+        {{- toYaml .Values.networkPolicy.dns.namespaceSelector | nindent 8 }}
+      podSelector:
+        {{- toYaml .Values.networkPolicy.dns.podSelector | nindent 8 }}
+  ports:
+    {{- range .Values.networkPolicy.dns.ports }}
+    - port: {{ . }}
+      protocol: UDP
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+{{- end }}
+{{- define "fraudwatch.np.apiServerEgress" -}}
+- to:
+    {{- range .Values.networkPolicy.apiServer.cidrs }}
+    - ipBlock:
+        cidr: {{ . }}
+    {{- end }}
+  ports:
+    {{- range .Values.networkPolicy.apiServer.ports }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+{{- end }}
+
+{{/* Labels of the model servers the controller creates (managed by the controller, not by Helm); the controller
+adds fraudwatch.io/rollout, fraudwatch.io/version and app.kubernetes.io/version (the model version). */}}
+{{- define "fraudwatch.modelServerLabels" -}}
+{{ include "fraudwatch.selectorLabels" (dict "ctx" . "component" "model-server") }}
+app.kubernetes.io/part-of: fraudwatch
+app.kubernetes.io/managed-by: fraudwatch-controller
+fraudwatch.io/model: {{ .Values.model.name | quote }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
