@@ -21,6 +21,8 @@ Series (``_total`` counters, ``_seconds`` histograms)::
     fraudwatch_shadow_agreement_total{stable, candidate, agree}
     fraudwatch_shadow_pairs_total{stable, candidate, stable_prediction, candidate_prediction}
     fraudwatch_shadow_score_delta{stable, candidate}                        histogram of candidate − stable score
+                                                                            (no _sum: observations can be negative)
+    fraudwatch_shadow_paired_score_sum_total{stable, candidate, side}       per-side score sums of the pairs
     fraudwatch_router_routing_generation, fraudwatch_router_candidate_weight (percent)
     fraudwatch_router_routing_info{stage, stable, candidate}                1 for the table in force
     fraudwatch_router_table_updates_total{source, result}   applied | unchanged | stale | invalid | missing
@@ -176,6 +178,15 @@ class RouterMetrics:
                 registry=registry,
             )
         )
+        self.shadow_score_sum = _Children(
+            Counter(
+                "fraudwatch_shadow_paired_score_sum",
+                "Sum of the scores of each side of the paired answers (the delta histogram has no _sum, as its "
+                "observations can be negative): mean delta = (candidate − stable) / pairs.",
+                ["stable", "candidate", "side"],
+                registry=registry,
+            )
+        )
         self.generation = Gauge(
             "fraudwatch_router_routing_generation", "Generation of the routing table in force.", registry=registry
         )
@@ -214,6 +225,10 @@ class RouterMetrics:
         self.shadow_agreement(stable, candidate, agree).inc()
         self.shadow_pairs(stable, candidate, str(stable_prediction), str(candidate_prediction)).inc()
         self.shadow_score_delta(stable, candidate).observe(delta)
+
+    def observe_pair_scores(self, stable: str, candidate: str, stable_score: float, candidate_score: float) -> None:
+        self.shadow_score_sum(stable, candidate, "stable").inc(stable_score)
+        self.shadow_score_sum(stable, candidate, "candidate").inc(candidate_score)
 
     def show_plan(self, plan: RoutePlan) -> None:
         table = plan.table

@@ -1,0 +1,518 @@
+"""The traffic router: the public scoring API in front of the model services of a rollout (Starlette on uvicorn).
+
+Per request: validate the body with :class:`service.schema.RefundRequest` (a 4xx naming the field, never a 5xx for
+bad input) → pick the route from the routing table (sticky on ``accountId``, else the correlation ID) → forward the
+client's bytes to the deciding model service → answer with its body plus ``stage``, ``role`` and ``routed_to``
+(headers ``X-Correlation-ID``, ``X-Model-Version``) → hand shadow calls to the :class:`~rollout.shadow.ShadowRunner`
+and the decider's prediction to the prediction log, both without waiting.
+
+Stage → decider: ``stable`` and ``shadow`` → stable (the candidate shadows in ``shadow``); ``canary`` / ``ab`` → the
+sticky split by ``candidate_weight``; ``full`` → the candidate (the previous stable shadows). A deciding candidate
+that fails or exceeds ``candidate_timeout_s`` is answered for by stable (``fraudwatch_router_fallback_total``); when
+stable fails the client gets a 503 naming the cause.
+
+Endpoints: ``POST /api/v1/refund-predict``, ``GET /livez``, ``GET /readyz`` (a table is loaded and its stable
+answered at least once), ``GET /metrics``, ``GET|PUT /admin/routing`` (bearer token), and the outcome tracker's
+``POST /api/v1/feedback``.
+
+Run: ``python -m rollout.router`` or ``fraudwatch-router`` (settings from ``FW_ROLLOUT_ROUTER__…``, the prediction
+log from ``FW_OUTCOMES__…``). SIGTERM: uvicorn stops accepting and finishes in-flight requests, then queued shadow
+work gets ``shadow_drain_timeout_s`` (the rest is dropped and counted), then the prediction log is flushed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import httpx
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from rollout.metrics import RouterMetrics
+from rollout.outcome_settings import get_outcome_settings
+from rollout.outcomes import OutcomeTracker, PredictionLog, PredictionRecord
+from rollout.routing import Arm, RoutePlan, RoutingTable, Stage, VersionEndpoint
+from rollout.settings import RolloutSettings, RouterSettings, get_rollout_settings
+from rollout.shadow import PredictionSink, ShadowJob, ShadowRunner
+from rollout.sources import FileTableSource, TableSource, TableStore
+from rollout.upstream import Answer, Caller, Failure, Upstreams
+from service.logging import CORRELATION_HEADER, configure_logging, correlation_id_from_header, get_logger, log_event
+from service.schema import ErrorDetail, ErrorResponse, RefundRequest
+
+logger = get_logger("router")
+
+ADMIN_PATH: Final[str] = "/admin/routing"
+MODEL_VERSION_HEADER: Final[str] = "X-Model-Version"
+ADMIN_SOURCE: Final[str] = "admin"
+_JSON: Final[str] = "application/json"
+_BEARER: Final[str] = "bearer"
+_CLIENT_ERROR: Final[int] = 400
+_INVALID: Final[int] = 422
+
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """The answer the client gets and who gave it."""
+
+    answer: Answer
+    endpoint: VersionEndpoint
+    arm: Arm
+    fallback_from: str | None
+
+
+def response_fields(stage: Stage, arm: Arm, fallback_from: str | None) -> bytes:
+    """The JSON members the router appends to the decider's body (leading comma, closing brace)."""
+    members = f',"stage":{json.dumps(stage)},"role":"decider","routed_to":{json.dumps(arm)}'
+    if fallback_from is not None:
+        members += f',"fallback_from":{json.dumps(fallback_from)}'
+    return (members + "}").encode("utf-8")
+
+
+def splice(body: bytes, fields: bytes) -> bytes:
+    """``body`` (a non-empty JSON object, as received) with ``fields`` appended before its closing brace."""
+    return body[:-1] + fields
+
+
+def validation_details(exc: ValidationError) -> list[ErrorDetail]:
+    return [
+        ErrorDetail(field=".".join(str(part) for part in err["loc"]) or "body", message=err["msg"])
+        for err in exc.errors()
+    ]
+
+
+def error_response(
+    status: int, message: str, correlation_id: str | None, details: Sequence[ErrorDetail] = ()
+) -> Response:
+    body = ErrorResponse(error=message, details=list(details), correlation_id=correlation_id)
+    headers = {CORRELATION_HEADER: correlation_id} if correlation_id else None
+    return Response(body.model_dump_json().encode("utf-8"), status_code=status, media_type=_JSON, headers=headers)
+
+
+def bearer_matches(authorization: str | None, secret: str | None) -> bool:
+    """Constant-time check of an ``Authorization: Bearer <token>`` header against the configured secret."""
+    if secret is None or authorization is None:
+        return False
+    scheme, _, presented = authorization.partition(" ")
+    if scheme.lower() != _BEARER:
+        return False
+    return hmac.compare_digest(presented.strip().encode("utf-8"), secret.encode("utf-8"))
+
+
+async def read_limited(request: Request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it exceeds ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class Router:
+    """The router's state and handlers; :meth:`app` wraps them in a Starlette application."""
+
+    def __init__(
+        self,
+        settings: RouterSettings,
+        *,
+        registry: CollectorRegistry | None = None,
+        prediction_log: PredictionSink | None = None,
+        extra_routes: Sequence[BaseRoute] = (),
+        sources: Sequence[TableSource] = (),
+        process_metrics: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = RouterMetrics(
+            self.registry, settings.latency_buckets_s, settings.score_delta_buckets, process_metrics=process_metrics
+        )
+        self.store = TableStore()
+        self.store.add_observer(self)
+        self.upstreams = Upstreams(settings)
+        self.caller = Caller(settings, self.upstreams, self.metrics)
+        self.prediction_log = prediction_log
+        self.shadow = ShadowRunner(settings, self.caller, self.metrics, prediction_log, lambda: self._deciding)
+        self.sources = tuple(sources)
+        self._extra_routes = tuple(extra_routes)
+        self._admin_secret = settings.admin_secret()
+        self._candidate_timeout = self.caller.timeout_for(settings.candidate_timeout_s)
+        self._stable_timeout = self.caller.timeout_for(settings.stable_timeout_s)
+        self._deciding = 0
+        self._answered_urls: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._fields: dict[tuple[Stage, Arm, str | None], bytes] = {}
+
+    # ------------------------------------------------------------------ table store observer
+
+    def table_applied(self, plan: RoutePlan, source: str) -> None:
+        table = plan.table
+        self.metrics.show_plan(plan)
+        self.metrics.table_updates(source, "applied").inc()
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing to retire yet
+            self.upstreams.keep_only(e.url for e in table.endpoints())
+        log_event(
+            logger,
+            "routing table applied",
+            event="routing_table_applied",
+            source=source,
+            generation=table.generation,
+            stage=table.stage,
+            stable=table.stable.version,
+            candidate=table.candidate.version if table.candidate else None,
+            candidate_weight=table.candidate_weight,
+            shadow=[e.version for e in table.shadow],
+        )
+
+    def table_refused(self, source: str, result: str, detail: str) -> None:
+        self.metrics.table_updates(source, result).inc()
+        log_event(
+            logger, "routing table refused", logging.WARNING, event="routing_table_refused", source=source,
+            result=result, detail=detail,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        for source in self.sources:
+            table = source.load_now()
+            if table is not None:
+                self.store.offer(table, source.name)
+        if self.prediction_log is not None:
+            await self.prediction_log.start()
+        self.shadow.start()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(s.run(self.store), name=f"source-{s.name}") for s in self.sources]
+        self._tasks.append(loop.create_task(self._probe_stable(), name="stable-probe"))
+        log_event(logger, "router started", event="router_started", sources=[s.name for s in self.sources])
+        try:
+            yield
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        queued = self.shadow.queued
+        await self.shadow.drain(self.settings.shadow_drain_timeout_s)
+        if self.prediction_log is not None:
+            await self.prediction_log.close()
+        await self.upstreams.aclose()
+        log_event(logger, "router stopped", event="router_stopped", shadow_queued_at_stop=queued)
+
+    async def _probe_stable(self) -> None:
+        """Until the current stable has answered once, ask its readiness endpoint every probe interval."""
+        timeout = self.caller.timeout_for(self.settings.stable_timeout_s)
+        while True:
+            plan = self.store.plan
+            if plan is not None and plan.table.stable.url not in self._answered_urls:
+                url = plan.table.stable.url
+                with contextlib.suppress(httpx.HTTPError):
+                    response = await self.upstreams.client(url).get(self.settings.upstream_ready_path, timeout=timeout)
+                    if response.is_success:
+                        self._answered_urls.add(url)
+            await asyncio.sleep(self.settings.ready_probe_interval_s)
+
+    @property
+    def ready(self) -> bool:
+        plan = self.store.plan
+        return plan is not None and plan.table.stable.url in self._answered_urls
+
+    # ------------------------------------------------------------------ scoring
+
+    async def predict(self, request: Request) -> Response:
+        started = time.perf_counter()
+        cid = correlation_id_from_header(request.headers.get(CORRELATION_HEADER))
+        body = await read_limited(request, self.settings.max_body_bytes)
+        if body is None:
+            return self._respond_error(413, f"body larger than {self.settings.max_body_bytes} bytes", cid, started)
+        try:
+            parsed = RefundRequest.model_validate_json(body)
+        except ValidationError as exc:
+            details = validation_details(exc)
+            message = "invalid request: " + ", ".join(d.field for d in details)
+            return self._respond_error(_INVALID, message, cid, started, details)
+        plan = self.store.plan
+        if plan is None:
+            self.metrics.unavailable("no_table").inc()
+            return self._respond_error(503, "no routing table loaded yet", cid, started)
+        entity = parsed.accountId
+        route = plan.route(entity if entity is not None else cid)
+        headers = {"content-type": _JSON, CORRELATION_HEADER: cid}
+        received_at = datetime.now(UTC)
+        self._deciding += 1
+        try:
+            decided = await self._decide(plan, route.decider, route.fallback, route.arm, body, headers)
+        finally:
+            self._deciding -= 1
+        if isinstance(decided, Failure):
+            return self._stable_failed(decided, plan, cid, started)
+        answer = decided.answer
+        content = splice(answer.body, self._response_fields(plan.stage, decided.arm, decided.fallback_from))
+        self._record(plan, decided, cid, entity, received_at)
+        for shadow in route.shadows:
+            if shadow.version != decided.endpoint.version:
+                self.shadow.submit(
+                    ShadowJob(
+                        endpoint=shadow,
+                        body=body,
+                        headers=headers,
+                        correlation_id=cid,
+                        entity_key=entity,
+                        received_at=received_at,
+                        stage=plan.stage,
+                        decider_version=decided.endpoint.version,
+                        decider=answer,
+                        table_stable_version=plan.table.stable.version,
+                        enqueued_at=time.monotonic(),
+                    )
+                )
+        elapsed = time.perf_counter() - started
+        self.metrics.observe_response(plan.stage, 200, elapsed)
+        if self.settings.log_decisions:
+            log_event(
+                logger,
+                "routed",
+                event="decision",
+                correlation_id=cid,
+                stage=plan.stage,
+                generation=plan.table.generation,
+                routed_to=decided.arm,
+                model_version=decided.endpoint.version,
+                fallback_from=decided.fallback_from,
+                score=answer.score,
+                prediction=answer.prediction,
+                latency_ms=round(elapsed * 1000.0, 3),
+            )
+        return Response(
+            content,
+            media_type=_JSON,
+            headers={CORRELATION_HEADER: cid, MODEL_VERSION_HEADER: answer.reported_version},
+        )
+
+    async def _decide(
+        self,
+        plan: RoutePlan,
+        decider: VersionEndpoint,
+        fallback: VersionEndpoint | None,
+        arm: Arm,
+        body: bytes,
+        headers: dict[str, str],
+    ) -> Decided | Failure:
+        """Ask the decider; if it is a candidate and fails, ask stable; a stable failure is returned as is."""
+        stage = plan.stage
+        if fallback is None:
+            result = await self.caller.call(
+                decider, "decider", stage, body, headers, self.settings.stable_timeout_s, self._stable_timeout
+            )
+            if isinstance(result, Answer):
+                self._answered_urls.add(decider.url)
+                return Decided(result, decider, arm, None)
+            return result
+        result = await self.caller.call(
+            decider, "decider", stage, body, headers, self.settings.candidate_timeout_s, self._candidate_timeout
+        )
+        if isinstance(result, Answer):
+            return Decided(result, decider, arm, None)
+        self.metrics.fallbacks(decider.version, result.reason).inc()
+        rescue = await self.caller.call(
+            fallback, "decider", stage, body, headers, self.settings.stable_timeout_s, self._stable_timeout
+        )
+        if isinstance(rescue, Answer):
+            self._answered_urls.add(fallback.url)
+            return Decided(rescue, fallback, "stable", decider.version)
+        return rescue
+
+    def _response_fields(self, stage: Stage, arm: Arm, fallback_from: str | None) -> bytes:
+        key = (stage, arm, fallback_from)
+        fields = self._fields.get(key)
+        if fields is None:
+            fields = response_fields(stage, arm, fallback_from)
+            self._fields[key] = fields
+        return fields
+
+    def _record(self, plan: RoutePlan, decided: Decided, cid: str, entity: str | None, received_at: datetime) -> None:
+        if self.prediction_log is None:
+            return
+        answer = decided.answer
+        self.prediction_log.record(
+            PredictionRecord(
+                correlation_id=cid,
+                entity_key=entity,
+                ts=received_at,
+                model_version=decided.endpoint.version,
+                role="decider",
+                score=answer.score,
+                prediction=answer.prediction,
+                threshold=answer.threshold,
+                stage=plan.stage,
+            )
+        )
+
+    def _stable_failed(self, failure: Failure, plan: RoutePlan, cid: str, started: float) -> Response:
+        status = failure.status
+        if failure.reason == "status_4xx" and status is not None:
+            # The model service refused the input itself: the client's error, passed through unchanged.
+            self.metrics.observe_response(plan.stage, status, time.perf_counter() - started)
+            return Response(failure.body, status_code=status, media_type=_JSON, headers={CORRELATION_HEADER: cid})
+        self.metrics.unavailable(f"stable_{failure.reason}").inc()
+        message = f"model service unavailable: stable {plan.table.stable.version} failed ({failure.reason})"
+        log_event(
+            logger, message, logging.WARNING, event="stable_failed", correlation_id=cid,
+            model_version=plan.table.stable.version, reason=failure.reason, status=status,
+        )  # fmt: skip
+        return self._respond_error(503, message, cid, started, stage=plan.stage)
+
+    def _respond_error(
+        self,
+        status: int,
+        message: str,
+        cid: str,
+        started: float,
+        details: Sequence[ErrorDetail] = (),
+        stage: str | None = None,
+    ) -> Response:
+        plan = self.store.plan
+        stage_label = stage if stage is not None else (plan.stage if plan is not None else "none")
+        self.metrics.observe_response(stage_label, status, time.perf_counter() - started)
+        return error_response(status, message, cid, details)
+
+    # ------------------------------------------------------------------ health, metrics, admin
+
+    async def livez(self, _request: Request) -> Response:
+        return JSONResponse({"status": "alive"})
+
+    async def readyz(self, _request: Request) -> Response:
+        plan = self.store.plan
+        if plan is None:
+            return JSONResponse({"status": "not ready", "reason": "no routing table loaded"}, status_code=503)
+        body: dict[str, Any] = {"generation": plan.table.generation, "stage": plan.stage}
+        if not self.ready:
+            reason = f"stable {plan.table.stable.version} has not answered yet"
+            return JSONResponse({"status": "not ready", "reason": reason, **body}, status_code=503)
+        return JSONResponse({"status": "ready", **body})
+
+    async def metrics_endpoint(self, _request: Request) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def _unauthorized(self) -> Response:
+        message = "missing or wrong bearer token" if self._admin_secret else "admin endpoint disabled: no token set"
+        response = error_response(401, message, None)
+        response.headers["WWW-Authenticate"] = 'Bearer realm="fraudwatch-router"'
+        return response
+
+    async def get_routing(self, request: Request) -> Response:
+        if not bearer_matches(request.headers.get("authorization"), self._admin_secret):
+            return self._unauthorized()
+        current = self.store.current
+        if current is None:
+            return error_response(404, "no routing table loaded", None)
+        return JSONResponse({"source": current.source, "table": current.plan.table.model_dump(mode="json")})
+
+    async def put_routing(self, request: Request) -> Response:
+        if not bearer_matches(request.headers.get("authorization"), self._admin_secret):
+            return self._unauthorized()
+        body = await read_limited(request, self.settings.max_body_bytes)
+        if body is None:
+            return error_response(413, f"body larger than {self.settings.max_body_bytes} bytes", None)
+        try:
+            table = RoutingTable.model_validate_json(body)
+        except ValidationError as exc:
+            details = validation_details(exc)
+            self.table_refused(ADMIN_SOURCE, "invalid", "; ".join(f"{d.field}: {d.message}" for d in details))
+            return error_response(_INVALID, "invalid routing table", None, details)
+        result = self.store.offer(table, ADMIN_SOURCE)
+        current = self.store.current
+        held = current.plan.table if current is not None else table
+        if result == "stale":
+            message = f"stale routing table: generation {table.generation} < current {held.generation}"
+            return error_response(409, message, None, [ErrorDetail(field="generation", message=message)])
+        return JSONResponse({"result": result, "table": held.model_dump(mode="json")})
+
+    # ------------------------------------------------------------------ application
+
+    def app(self) -> Starlette:
+        routes: list[BaseRoute] = [
+            Route(self.settings.predict_path, self.predict, methods=["POST"]),
+            Route("/livez", self.livez, methods=["GET"]),
+            Route("/readyz", self.readyz, methods=["GET"]),
+            Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+            Route(ADMIN_PATH, self.get_routing, methods=["GET"]),
+            Route(ADMIN_PATH, self.put_routing, methods=["PUT"]),
+            *self._extra_routes,
+        ]
+        app = Starlette(routes=routes, lifespan=self.lifespan)
+        app.state.router = self
+        return app
+
+
+def create_app(settings: RolloutSettings | None = None) -> Starlette:
+    """The production app: file source (when configured), prediction log and feedback routes on one registry."""
+    rollout_settings = settings or get_rollout_settings()
+    router_settings = rollout_settings.router
+    registry = CollectorRegistry()
+    log = PredictionLog(get_outcome_settings(), registry=registry)
+    tracker = OutcomeTracker(log, registry=registry)
+    sources: list[TableSource] = []
+    if router_settings.routing_file is not None:
+        sources.append(FileTableSource(router_settings.routing_file, router_settings.poll_interval_s))
+    router = Router(
+        router_settings, registry=registry, prediction_log=log, extra_routes=tracker.routes(), sources=sources
+    )
+    return router.app()
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fraudwatch-router", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", help="bind address (default: FW_ROLLOUT_ROUTER__HOST)")
+    parser.add_argument("--port", type=int, help="port (default: FW_ROLLOUT_ROUTER__PORT)")
+    parser.add_argument("--routing-file", type=Path, help="routing table file (FW_ROLLOUT_ROUTER__ROUTING_FILE)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parse_args(argv)
+    base = get_rollout_settings()
+    overrides = {
+        k: v
+        for k, v in {"host": args.host, "port": args.port, "routing_file": args.routing_file}.items()
+        if v is not None
+    }
+    settings = base.model_copy(update={"router": base.router.model_copy(update=overrides)})
+    configure_logging(settings.log_level)
+    router_settings = settings.router
+    uvicorn.run(
+        create_app(settings),
+        host=router_settings.host,
+        port=router_settings.port,
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=int(router_settings.graceful_shutdown_s),
+        lifespan="on",
+    )
+
+
+if __name__ == "__main__":
+    main()
