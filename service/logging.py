@@ -8,7 +8,7 @@ Usage::
     with correlation_scope(correlation_id_from_header(headers.get("x-correlation-id"))):
         log_event(logger, "decision", score=0.12, decision="approve")
 
-Every line carries ``ts``, ``level``, ``logger``, ``message``, the current ``correlation_id`` (from a context
+Every line carries ``ts``, ``level``, ``logger``, ``pid``, ``message``, the current ``correlation_id`` (from a context
 variable, so it follows a request through ``await`` and into ``asyncio.to_thread``) and the event's fields.
 """
 
@@ -69,6 +69,7 @@ class JsonFormatter(logging.Formatter):
             "ts": _iso_utc(record.created),
             "level": record.levelname,
             "logger": record.name,
+            "pid": record.process,
             "message": record.getMessage(),
         }
         correlation_id = CORRELATION_ID.get()

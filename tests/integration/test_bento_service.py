@@ -1,0 +1,396 @@
+"""The scoring service through HTTP: a real ``bentoml serve`` (2 workers) on 127.0.0.1 with a real bundle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.features import DEFAULT_AGGREGATES, DRIFT_FEATURES, feature_matrix
+from service.featurestore import STORE_FILE, SQLiteFeatureStore
+from service.model import MODEL_FILE, ScoringModel, load_bundle
+from service.schema import BatchResponse, ErrorResponse, RefundResponse
+from service.serving_process import BentoServer
+from tests.integration.conftest import scoring_server
+
+pytestmark = pytest.mark.integration
+
+PREDICT = "/api/v1/refund-predict"
+BATCH = "/api/v1/refund-predict-batch"
+SEED = {"yearsActive": 1.5, "amount": 45.00, "ipAccounts": 2}
+TIMEOUT_S = 30.0
+MAX_BODY = 65536  # as configured in the served_model fixture
+MAX_ITEMS = 50
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@pytest.fixture(scope="module")
+def client(served_model: BentoServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=served_model.url, timeout=TIMEOUT_S) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def model(bundle_dir: Path) -> ScoringModel:
+    return load_bundle(bundle_dir, nthread=1)
+
+
+@pytest.fixture(scope="module")
+def known_accounts(bundle_dir: Path) -> list[str]:
+    with sqlite3.connect(bundle_dir / STORE_FILE) as conn:
+        rows = conn.execute("SELECT account_id FROM entity_aggregates ORDER BY prior_refunds DESC LIMIT 3").fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def scrape(client: httpx.Client) -> Samples:
+    text = client.get("/metrics").text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    wanted = set(labels.items())
+    return sum(
+        value for (sample, sample_labels), value in samples.items() if sample == name and wanted <= sample_labels
+    )
+
+
+def expected_score(model: ScoringModel, bundle_dir: Path, row: dict[str, Any]) -> float:
+    """The in-process score of ``row``: the same store, the same feature code, the same booster."""
+    store = SQLiteFeatureStore(bundle_dir / STORE_FILE)
+    account = row.get("accountId")
+    aggregates = (store.lookup(account) if account else None) or DEFAULT_AGGREGATES
+    store.close()
+    return float(model.scores(feature_matrix([row], [aggregates]))[0])
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+def test_seed_request_answers_every_field_consistently(client: httpx.Client, model: ScoringModel) -> None:
+    response = client.post(PREDICT, json=SEED)
+    assert response.status_code == 200, response.text
+    body = RefundResponse.model_validate(response.json())
+    assert set(response.json()) == set(RefundResponse.model_fields)
+    assert body.prediction == int(body.score >= body.threshold)
+    assert body.confidence == pytest.approx(body.score if body.prediction else 1.0 - body.score)
+    assert body.decision == ("review" if body.prediction else "approve")
+    assert body.threshold == pytest.approx(model.threshold)
+    assert body.model_version == model.version
+    assert uuid.UUID(body.correlation_id).version == 4
+    assert response.headers["x-correlation-id"] == body.correlation_id
+
+
+def parity_rows(known: list[str]) -> list[dict[str, Any]]:
+    return [
+        dict(SEED),
+        {**SEED, "itemDescription": "Pad Thai with tofu"},
+        {"yearsActive": 0.02, "amount": 100.0, "ipAccounts": 40, "itemDescription": "Gift card"},
+        {"yearsActive": 6.0, "amount": 1899.99, "ipAccounts": 1, "itemDescription": "Laptop arrived damaged"},
+        {**SEED, "accountId": known[0], "itemDescription": "Weekly grocery box"},
+        {**SEED, "accountId": known[1]},
+        {**SEED, "accountId": "acct-not-in-store"},
+    ]
+
+
+def test_http_scores_equal_in_process_scores(
+    client: httpx.Client, model: ScoringModel, bundle_dir: Path, known_accounts: list[str]
+) -> None:
+    rows = parity_rows(known_accounts)
+    served = [client.post(PREDICT, json=row).json()["score"] for row in rows]
+    expected = [expected_score(model, bundle_dir, row) for row in rows]
+    assert served == expected
+    assert len(set(served)) > 3, "the rows should not all score alike"
+
+
+def test_correlation_id_is_echoed_in_body_header_and_log(client: httpx.Client, served_model: BentoServer) -> None:
+    correlation_id = f"it-{uuid.uuid4().hex[:12]}"
+    response = client.post(
+        PREDICT, json={**SEED, "accountId": "acct-log"}, headers={"X-Correlation-ID": correlation_id}
+    )
+    assert response.status_code == 200
+    assert response.json()["correlation_id"] == correlation_id
+    assert response.headers["x-correlation-id"] == correlation_id
+    line = wait_for_log_line(served_model.log_path, lambda entry: entry.get("correlation_id") == correlation_id)
+    assert line["message"] == "decision"
+    assert line["model_version"] == response.json()["model_version"]
+    assert line["score"] == response.json()["score"]
+    assert line["decision"] == response.json()["decision"]
+    assert line["account_id"] == "acct-log"
+    assert line["latency_ms"] >= 0.0
+    assert not {"amount", "yearsActive", "ipAccounts", "itemDescription"} & set(line)
+
+
+def test_unsafe_correlation_id_is_replaced(client: httpx.Client) -> None:
+    response = client.post(PREDICT, json=SEED, headers={"X-Correlation-ID": 'x" injected=1'})
+    assert response.status_code == 200
+    assert uuid.UUID(response.json()["correlation_id"]).version == 4
+
+
+def wait_for_log_line(path: Path, match: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        for raw in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if raw.startswith("{"):
+                entry = json.loads(raw)
+                if match(entry):
+                    return dict(entry)
+        time.sleep(0.1)
+    raise AssertionError(f"no matching JSON log line in {path}")
+
+
+def test_batch_endpoint_scores_like_single_requests(
+    client: httpx.Client, known_accounts: list[str], model: ScoringModel
+) -> None:
+    rows = parity_rows(known_accounts)
+    response = client.post(BATCH, json={"requests": rows}, headers={"X-Correlation-ID": "batch-cid-1"})
+    assert response.status_code == 200, response.text
+    batch = BatchResponse.model_validate(response.json())
+    assert batch.correlation_id == "batch-cid-1"
+    assert batch.model_version == model.version
+    assert [result.correlation_id for result in batch.results] == ["batch-cid-1"] * len(rows)
+    singles = [client.post(PREDICT, json=row).json()["score"] for row in rows]
+    assert [result.score for result in batch.results] == singles
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+BAD_SINGLE: list[tuple[str, bytes, int, str]] = [
+    ("missing field", json.dumps({"yearsActive": 1.5, "amount": 45.0}).encode(), 422, "ipAccounts"),
+    ("wrong type", json.dumps({**SEED, "amount": "forty-five"}).encode(), 422, "amount"),
+    ("negative amount", json.dumps({**SEED, "amount": -45.0}).encode(), 422, "amount"),
+    ("NaN", b'{"yearsActive": 1.5, "amount": NaN, "ipAccounts": 2}', 422, "amount"),
+    ("Infinity", b'{"yearsActive": Infinity, "amount": 45.0, "ipAccounts": 2}', 422, "yearsActive"),
+    ("not JSON", b"yearsActive=1.5&amount=45", 400, "body"),
+    ("JSON array", b"[1, 2, 3]", 422, "body"),
+    ("empty body", b"", 422, "yearsActive"),
+    ("huge payload", json.dumps({**SEED, "itemDescription": "x" * (MAX_BODY + 10)}).encode(), 413, "body"),
+]
+
+
+@pytest.mark.parametrize(("case", "raw", "status", "field"), BAD_SINGLE, ids=[case[0] for case in BAD_SINGLE])
+def test_bad_single_input_is_4xx_naming_the_field(
+    client: httpx.Client, case: str, raw: bytes, status: int, field: str
+) -> None:
+    response = client.post(PREDICT, content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    error = ErrorResponse.model_validate(response.json())
+    assert field in [detail.field for detail in error.details]
+    assert error.correlation_id == response.headers["x-correlation-id"]
+
+
+def test_huge_chunked_payload_without_length_is_413(client: httpx.Client) -> None:
+    chunk = b" " * 8192
+
+    def body() -> Iterator[bytes]:
+        yield b'{"yearsActive": 1.5, "amount": 45.0, "ipAccounts": 2, "pad": "'
+        for _ in range(MAX_BODY // len(chunk) + 2):
+            yield chunk
+        yield b'"}'
+
+    response = client.post(PREDICT, content=body(), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert ErrorResponse.model_validate(response.json()).error == "payload_too_large"
+
+
+BAD_BATCH: list[tuple[str, dict[str, Any], str]] = [
+    ("bad item field", {"requests": [SEED, SEED, SEED, {**SEED, "ipAccounts": 0}]}, "requests.3.ipAccounts"),
+    ("item missing field", {"requests": [SEED, {"yearsActive": 1.0, "ipAccounts": 1}]}, "requests.1.amount"),
+    ("batch too large", {"requests": [SEED] * (MAX_ITEMS + 1)}, "requests"),
+    ("empty batch", {"requests": []}, "requests"),
+    ("not wrapped", SEED, "requests"),
+]
+
+
+@pytest.mark.parametrize(("case", "payload", "field"), BAD_BATCH, ids=[case[0] for case in BAD_BATCH])
+def test_bad_batch_is_422_naming_the_field(
+    client: httpx.Client, case: str, payload: dict[str, Any], field: str
+) -> None:
+    response = client.post(BATCH, json=payload)
+    assert response.status_code == 422, response.text
+    assert field in [detail.field for detail in ErrorResponse.model_validate(response.json()).details]
+
+
+def test_wrong_content_type_is_still_parsed_as_json(client: httpx.Client) -> None:
+    response = client.post(PREDICT, content=json.dumps(SEED).encode(), headers={"content-type": "text/plain"})
+    assert response.status_code == 200, response.text
+    assert RefundResponse.model_validate(response.json()).model_version
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def test_metrics_count_every_request_across_both_workers(
+    client: httpx.Client, served_model: BentoServer, model: ScoringModel
+) -> None:
+    version = model.version
+    before = scrape(client)
+    n_single, n_batch_rows, n_invalid, n_not_json = 0, 0, 0, 0
+    pids: set[int] = set()
+    marker = uuid.uuid4().hex[:8]
+
+    def one(index: int) -> int:
+        with httpx.Client(base_url=served_model.url, timeout=TIMEOUT_S) as fresh:  # a new connection each time
+            cid = f"m-{marker}-{index}"
+            return fresh.post(PREDICT, json=SEED, headers={"X-Correlation-ID": cid}).status_code
+
+    for round_ in range(10):  # both workers take connections once requests overlap; bounded rounds
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            statuses = list(pool.map(one, range(round_ * 24, (round_ + 1) * 24)))
+        assert statuses == [200] * 24
+        n_single += 24
+        pids = decision_pids(served_model.log_path, marker, expected=n_single)
+        if len(pids) >= 2:
+            break
+    assert len(pids) == 2, f"requests reached only worker(s) {pids}"
+
+    batch = client.post(BATCH, json={"requests": [SEED] * 7})
+    assert batch.status_code == 200
+    n_batch_rows += 7
+    for payload in ({**SEED, "amount": -1}, {"yearsActive": 1}):
+        assert client.post(PREDICT, json=payload).status_code == 422
+        n_invalid += 1
+    assert client.post(PREDICT, content=b"{oops").status_code == 400
+    n_not_json += 1
+
+    after = scrape(client)
+
+    def delta(name: str, **labels: str) -> float:
+        return total(after, name, model_version=version, **labels) - total(
+            before, name, model_version=version, **labels
+        )
+
+    n_scored = n_single + n_batch_rows
+    assert delta("fraudwatch_decisions_total") == n_scored
+    assert delta("fraudwatch_score_count") == n_scored
+    for feature in (*DRIFT_FEATURES, "score"):
+        assert delta("fraudwatch_feature_bin_total", feature=feature) == n_scored, feature
+    assert delta("fraudwatch_request_duration_seconds_count", endpoint="refund_predict") == (
+        n_single + n_invalid + n_not_json
+    )
+    assert delta("fraudwatch_request_duration_seconds_count", endpoint="refund_predict_batch") == 1
+    assert delta("fraudwatch_request_errors_total", reason="validation") == n_invalid
+    assert delta("fraudwatch_request_errors_total", reason="invalid_json") == n_not_json
+    assert total(after, "fraudwatch_model_info", model_version=version) == 1.0
+    reference = [
+        total(after, "fraudwatch_reference_bin_fraction", model_version=version, feature="amount", bin=str(i))
+        for i in range(len(model.manifest.feature_reference["amount"].fractions))
+    ]
+    assert reference == pytest.approx(model.manifest.feature_reference["amount"].fractions)
+
+
+def decision_pids(log_path: Path, marker: str, expected: int) -> set[int]:
+    """Worker PIDs of the decision lines tagged with ``marker`` (waits until all ``expected`` are logged)."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        entries = [
+            json.loads(raw)
+            for raw in log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+            if raw.startswith("{") and f'"m-{marker}-' in raw
+        ]
+        decisions = [entry for entry in entries if entry["message"] == "decision"]
+        if len(decisions) >= expected or time.monotonic() > deadline:
+            return {int(entry["pid"]) for entry in decisions}
+        time.sleep(0.1)
+
+
+def test_feature_store_lookups_and_misses_are_counted(
+    client: httpx.Client, model: ScoringModel, known_accounts: list[str]
+) -> None:
+    before = scrape(client)
+    rows = [
+        {**SEED, "accountId": known_accounts[0]},
+        {**SEED, "accountId": "nobody-1"},
+        {**SEED, "accountId": "nobody-2"},
+    ]
+    assert client.post(BATCH, json={"requests": rows}).status_code == 200
+    after = scrape(client)
+    version = model.version
+
+    def delta(name: str, **labels: str) -> float:
+        return total(after, name, model_version=version, **labels) - total(
+            before, name, model_version=version, **labels
+        )
+
+    assert delta("fraudwatch_feature_store_lookups_total") == 3
+    assert delta("fraudwatch_feature_store_fallback_total", reason="miss") == 2
+    assert delta("fraudwatch_feature_store_fallback_total", reason="timeout") == 0
+
+
+def test_health_endpoints(client: httpx.Client) -> None:
+    assert client.get("/livez").status_code == 200
+    assert client.get("/readyz").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- readiness
+
+
+def poll(check: Callable[[], bool], what: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def status_of(url: str, path: str) -> int | None:
+    try:
+        return httpx.get(url + path, timeout=5.0).status_code
+    except httpx.TransportError:
+        return None
+
+
+def test_not_ready_until_the_bundle_appears_then_ready(bundle_dir: Path, tmp_path: Path) -> None:
+    """The worker is alive but not ready while its bundle is missing; it loads it once it appears."""
+    target = tmp_path / "later" / "model"
+    env = {"FW_SERVE__MODEL_WAIT_TIMEOUT_S": "300", "FW_SERVE__MODEL_POLL_INTERVAL_S": "0.1"}
+    server = scoring_server(tmp_path / "home", target, "late-model", env)
+    server.start()
+    try:
+        poll(lambda: status_of(server.url, "/livez") == 200, "the server to be alive")
+        assert status_of(server.url, "/readyz") == 503
+        early = httpx.post(server.url + PREDICT, json=SEED, timeout=TIMEOUT_S)
+        assert early.status_code == 503
+        assert ErrorResponse.model_validate(early.json()).error == "model_not_ready"
+        staging = tmp_path / "later" / "staging"
+        shutil.copytree(bundle_dir, staging)
+        staging.rename(target)  # appears atomically, as a model sync would publish it
+        poll(lambda: status_of(server.url, "/readyz") == 200, "readiness after the bundle appeared")
+        response = httpx.post(server.url + PREDICT, json=SEED, timeout=TIMEOUT_S)
+        assert response.status_code == 200
+        assert response.json()["model_version"] == load_bundle(bundle_dir).version
+    finally:
+        server.stop()
+
+
+def test_tampered_bundle_is_never_served(bundle_dir: Path, tmp_path: Path) -> None:
+    """A booster that does not match its manifest's SHA-256: the worker reports dead and serves nothing."""
+    tampered = tmp_path / "tampered"
+    shutil.copytree(bundle_dir, tampered)
+    with (tampered / MODEL_FILE).open("ab") as handle:
+        handle.write(b"\0")
+    server = scoring_server(tmp_path / "home", tampered, "tampered", {})
+    server.start()
+    try:
+        poll(lambda: status_of(server.url, "/livez") == 503, "the liveness probe to fail")
+        assert status_of(server.url, "/readyz") == 503
+        response = httpx.post(server.url + PREDICT, json=SEED, timeout=TIMEOUT_S)
+        assert response.status_code == 503
+        assert ErrorResponse.model_validate(response.json()).error == "model_unavailable"
+    finally:
+        server.stop()
