@@ -17,7 +17,7 @@ inconclusive, so the machine can tell "wait" from "abort".
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -26,12 +26,13 @@ from typing import Literal, Protocol
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from rollout.drift import wilson_interval
+from rollout.drift import parse_le, roc_auc_from_prometheus_buckets, wilson_interval
 from rollout.policy import (
     MIN_LABELS_GATE,
     MIN_REQUESTS_GATE,
     Condition,
     HanleyMcNeilEstimator,
+    HistogramAUCEstimator,
     MetricGate,
     NormalEstimator,
     OutcomeGate,
@@ -107,6 +108,12 @@ class MetricsQuery(Protocol):
     def query(self, promql: str) -> float | None: ...
 
 
+class VectorQuery(Protocol):
+    """Providers that can also return an instant vector: one ``(labels, value)`` pair per series."""
+
+    def query_vector(self, promql: str) -> Sequence[tuple[Mapping[str, str], float]]: ...
+
+
 class MeasurementError(Exception):
     """The provider failed to answer (unreachable, timeout, rejected query)."""
 
@@ -123,16 +130,17 @@ class GateHistory(BaseModel):
     consecutive_errors: int = Field(0, ge=0)
     #: Start of the current run of non-conclusive measurements (Inconclusive, possibly interleaved with Errors).
     inconclusive_since: AwareDatetime | None = None
-    last_status: GateStatus | None = None
     last_at: AwareDatetime | None = None
+    last: GateResult | None = None
 
 
-def advance(history: GateHistory, status: GateStatus, at: datetime) -> GateHistory:
+def advance(history: GateHistory, result: GateResult, at: datetime) -> GateHistory:
     """The history after one more measurement: errors count in a row; inconclusive runs remember their start.
 
     An Error neither ends nor starts an inconclusive run (it is no evidence either way); only a conclusive result
     (Successful or Failed) ends it.
     """
+    status = result.status
     errors = history.consecutive_errors + 1 if status is GateStatus.ERROR else 0
     since = history.inconclusive_since
     if status is GateStatus.INCONCLUSIVE and since is None:
@@ -143,8 +151,8 @@ def advance(history: GateHistory, status: GateStatus, at: datetime) -> GateHisto
         measurements=history.measurements + 1,
         consecutive_errors=errors,
         inconclusive_since=since,
-        last_status=status,
         last_at=at,
+        last=result,
     )
 
 
@@ -178,6 +186,21 @@ def measure(provider: MetricsQuery, promql: str) -> float | None:
     return float(value)
 
 
+def measure_buckets(provider: MetricsQuery, promql: str) -> dict[float, float] | None:
+    """A histogram read as an instant vector by ``le`` (cumulative counts); None when empty or not finite."""
+    query_vector = getattr(provider, "query_vector", None)
+    if query_vector is None:
+        raise MeasurementError(f"{type(provider).__name__} cannot query vectors (needed for {promql!r})")
+    try:
+        samples: Sequence[tuple[Mapping[str, str], float]] = query_vector(promql)
+        buckets = {parse_le(labels["le"]): float(value) for labels, value in samples}
+    except Exception as exc:
+        raise MeasurementError(f"{type(exc).__name__}: {exc}") from exc
+    if not buckets or not all(math.isfinite(v) for v in buckets.values()):
+        return None
+    return buckets
+
+
 @dataclass(frozen=True, slots=True)
 class _Context:
     policy: RolloutPolicy
@@ -201,6 +224,9 @@ class _Context:
 
     def value(self, template: str, version: str) -> float | None:
         return measure(self.provider, self.render(template, version))
+
+    def buckets(self, template: str, version: str) -> dict[float, float] | None:
+        return measure_buckets(self.provider, self.render(template, version))
 
 
 def analyse(
@@ -360,6 +386,10 @@ def _estimate(ctx: _Context, gate: OutcomeGate, version: str, confidence: float)
                 ctx.value(est.negatives, version),
                 confidence,
             )
+        case HistogramAUCEstimator():
+            return _histogram_auc(
+                ctx.buckets(est.positive_buckets, version), ctx.buckets(est.negative_buckets, version), confidence
+            )
         case NormalEstimator():
             return _normal(ctx.value(est.query, version), ctx.value(est.stderr, version), confidence)
 
@@ -386,6 +416,20 @@ def _hanley_mcneil(
         return "one class has no labels"
     half = z_score(confidence) * stderr
     return Estimate(auc, max(0.0, auc - half), min(1.0, auc + half))
+
+
+def _histogram_auc(
+    positive: dict[float, float] | None, negative: dict[float, float] | None, confidence: float
+) -> Estimate | str:
+    if positive is None or negative is None:
+        return "no data for the fraud or the legit score histogram"
+    try:
+        auc = roc_auc_from_prometheus_buckets(positive, negative)
+    except ValueError as exc:
+        return f"histograms unusable: {exc}"
+    if auc is None:
+        return "one class has no labels"
+    return _hanley_mcneil(auc, max(positive.values()), max(negative.values()), confidence)
 
 
 def _normal(value: float | None, stderr: float | None, confidence: float) -> Estimate | str:

@@ -341,6 +341,17 @@ class HanleyMcNeilEstimator(BaseModel):
     negatives: PromQLTemplate
 
 
+class HistogramAUCEstimator(BaseModel):
+    """A ROC-AUC computed from two score histograms (vector queries by ``le``: labelled fraud, labelled legit),
+    with the Hanley–McNeil standard error from their totals. Needs a provider that can query vectors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["histogram_auc"] = "histogram_auc"
+    positive_buckets: PromQLTemplate
+    negative_buckets: PromQLTemplate
+
+
 class NormalEstimator(BaseModel):
     """Any estimate with a standard-error query: estimate ± z·stderr."""
 
@@ -351,15 +362,18 @@ class NormalEstimator(BaseModel):
     stderr: PromQLTemplate
 
 
-Estimator = Annotated[WilsonEstimator | HanleyMcNeilEstimator | NormalEstimator, Field(discriminator="method")]
+AnyEstimator = WilsonEstimator | HanleyMcNeilEstimator | HistogramAUCEstimator | NormalEstimator
+Estimator = Annotated[AnyEstimator, Field(discriminator="method")]
 
 
-def estimator_templates(estimator: WilsonEstimator | HanleyMcNeilEstimator | NormalEstimator) -> tuple[str, ...]:
+def estimator_templates(estimator: AnyEstimator) -> tuple[str, ...]:
     match estimator:
         case WilsonEstimator():
             return (estimator.successes, estimator.trials)
         case HanleyMcNeilEstimator():
             return (estimator.query, estimator.positives, estimator.negatives)
+        case HistogramAUCEstimator():
+            return (estimator.positive_buckets, estimator.negative_buckets)
         case NormalEstimator():
             return (estimator.query, estimator.stderr)
 

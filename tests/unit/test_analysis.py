@@ -1,0 +1,437 @@
+"""rollout.analysis: gate measurements → Successful / Failed / Inconclusive / Error, with a provider made of a dict."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+from scipy.stats import norm
+
+from rollout import analysis as an
+from rollout import policy as pol
+from rollout.analysis import GateStatus as S
+
+NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+STABLE, CANDIDATE = "v1", "v2"
+
+POLICY_YAML = """
+stages:
+  shadow: {min_requests: 100}
+  ab: {min_labels: 50}
+analysis: {window_s: 300, confidence: 0.95}
+samples:
+  requests: requests{model_version="{{version}}"}
+  labels: labels{model_version="{{version}}"}
+gates:
+  - name: quality
+    layer: quality
+    floors: {pr_auc: 0.8, recall: 0.6}
+    ceilings: {ece: 0.05}
+  - name: errors
+    layer: health
+    stages: [shadow, canary, ab, full]
+    query: errors{model_version="{{version}}"}
+    condition: value <= 0.01
+  - name: decision-shift
+    layer: output_drift
+    stages: [canary]
+    query: review{model_version="{{version}}"}
+    condition: abs(candidate - stable) <= 0.01
+  - name: latency-ratio
+    layer: health
+    stages: [canary]
+    query: p99{model_version="{{version}}"}
+    condition: candidate / stable <= 1.5
+  - name: recall
+    layer: outcome
+    stages: [ab]
+    labels_query: n{model_version="{{version}}"}
+    estimator:
+      method: wilson
+      successes: tp{model_version="{{version}}"}
+      trials: pos{model_version="{{version}}"}
+    condition: candidate - stable >= -0.05
+  - name: auc
+    layer: outcome
+    stages: [full]
+    labels_query: n{model_version="{{version}}"}
+    min_labels: 10
+    estimator:
+      method: histogram_auc
+      positive_buckets: fraud{model_version="{{version}}"}
+      negative_buckets: legit{model_version="{{version}}"}
+    condition: candidate - stable >= -0.02
+  - name: ece
+    layer: outcome
+    stages: [full]
+    labels_query: n{model_version="{{version}}"}
+    min_labels: 10
+    estimator:
+      method: normal
+      query: ece{model_version="{{version}}"}
+      stderr: ece_se{model_version="{{version}}"}
+    condition: candidate - stable <= 0.02
+"""
+POLICY = pol.policy_from_mapping(yaml.safe_load(POLICY_YAML))
+
+
+def q(series: str, version: str) -> str:
+    return f'{series}{{model_version="{version}"}}'
+
+
+class DictProvider:
+    """A metrics provider made of a dict: query text → value (missing → None, like an empty Prometheus answer)."""
+
+    def __init__(
+        self,
+        values: Mapping[str, float | None],
+        vectors: Mapping[str, Sequence[tuple[Mapping[str, str], float]]] | None = None,
+    ) -> None:
+        self.values = dict(values)
+        self.vectors = dict(vectors or {})
+        self.asked: list[str] = []
+
+    def query(self, promql: str) -> float | None:
+        self.asked.append(promql)
+        return self.values.get(promql)
+
+    def query_vector(self, promql: str) -> Sequence[tuple[Mapping[str, str], float]]:
+        self.asked.append(promql)
+        return self.vectors.get(promql, [])
+
+
+class DownProvider:
+    def query(self, promql: str) -> float | None:
+        raise ConnectionError("connection refused")
+
+
+def by_name(report: an.AnalysisReport) -> dict[str, an.GateResult]:
+    return {r.name: r for r in report.results}
+
+
+def run(stage: pol.TrafficStage, values: Mapping[str, float | None], **kw: object) -> dict[str, an.GateResult]:
+    provider = DictProvider(values, kw.pop("vectors", None))  # type: ignore[arg-type]
+    report = an.analyse(POLICY, stage, provider, STABLE, CANDIDATE, NOW, **kw)  # type: ignore[arg-type]
+    assert report.stage == stage and report.at == NOW
+    return by_name(report)
+
+
+# --------------------------------------------------------------------------------------------------- metric gates
+
+
+def test_absolute_gate_success_and_failure() -> None:
+    assert run("shadow", {q("errors", CANDIDATE): 0.005})["errors"].status is S.SUCCESSFUL
+    failed = run("shadow", {q("errors", CANDIDATE): 0.02})["errors"]
+    assert failed.status is S.FAILED
+    assert failed.candidate_value == 0.02 and failed.threshold == 0.01 and failed.condition == "value <= 0.01"
+
+
+@pytest.mark.parametrize("value", [None, math.nan, math.inf, -math.inf])
+def test_missing_or_non_finite_data_is_inconclusive_never_success(value: float | None) -> None:
+    result = run("shadow", {q("errors", CANDIDATE): value})["errors"]
+    assert result.status is S.INCONCLUSIVE
+    assert result.candidate_value is None
+
+
+def test_provider_failure_is_an_error_with_its_message() -> None:
+    report = an.analyse(POLICY, "canary", DownProvider(), STABLE, CANDIDATE, NOW)
+    assert {r.status for r in report.results} == {S.ERROR}
+    assert all("connection refused" in r.message for r in report.results)
+
+
+def test_relative_gates_measure_both_versions() -> None:
+    values = {q("errors", CANDIDATE): 0.0, q("review", CANDIDATE): 0.03, q("review", STABLE): 0.025}
+    values |= {q("p99", CANDIDATE): 0.03, q("p99", STABLE): 0.01}
+    results = run("canary", values)
+    shift = results["decision-shift"]
+    assert shift.status is S.SUCCESSFUL
+    assert (shift.candidate_value, shift.stable_value) == (0.03, 0.025)
+    ratio = results["latency-ratio"]
+    assert ratio.status is S.FAILED  # 3× stable's p99 > 1.5×
+    values[q("review", STABLE)] = 0.01
+    assert run("canary", values)["decision-shift"].status is S.FAILED  # |0.03 - 0.01| > 0.01 either way
+    values[q("review", CANDIDATE)] = 0.0
+    assert run("canary", values)["decision-shift"].status is S.SUCCESSFUL
+
+
+def test_relative_gate_without_stable_data_or_with_zero_stable_is_inconclusive() -> None:
+    values = {q("errors", CANDIDATE): 0.0, q("review", CANDIDATE): 0.03, q("p99", CANDIDATE): 0.01}
+    results = run("canary", values)
+    assert results["decision-shift"].status is S.INCONCLUSIVE
+    assert "stable" in results["decision-shift"].message
+    values[q("p99", STABLE)] = 0.0
+    assert run("canary", values)["latency-ratio"].status is S.INCONCLUSIVE
+
+
+def test_only_the_stage_gates_are_measured() -> None:
+    assert set(run("shadow", {})) == {pol.MIN_REQUESTS_GATE, "errors"}
+    assert set(run("canary", {})) == {"errors", "decision-shift", "latency-ratio"}
+    assert set(run("ab", {})) == {pol.MIN_LABELS_GATE, "errors", "recall"}
+    assert set(run("full", {})) == {"errors", "auc", "ece"}
+
+
+# --------------------------------------------------------------------------------------------------- samples
+
+
+def test_sample_minimums() -> None:
+    assert run("shadow", {q("requests", CANDIDATE): 99})[pol.MIN_REQUESTS_GATE].status is S.INCONCLUSIVE
+    ok = run("shadow", {q("requests", CANDIDATE): 100})[pol.MIN_REQUESTS_GATE]
+    assert ok.status is S.SUCCESSFUL and ok.candidate_value == 100 and ok.threshold == 100
+    assert run("shadow", {})[pol.MIN_REQUESTS_GATE].status is S.INCONCLUSIVE
+    assert run("ab", {q("labels", CANDIDATE): 50})[pol.MIN_LABELS_GATE].labels == 50
+
+
+def test_stage_window_is_the_time_since_the_stage_began() -> None:
+    policy = pol.policy_from_mapping(
+        yaml.safe_load(
+            POLICY_YAML.replace(
+                'requests{model_version="{{version}}"}', 'r{model_version="{{version}}"}[{{stage_window}}]'
+            )
+        )
+    )
+    provider = DictProvider({})
+    an.analyse(policy, "shadow", provider, STABLE, CANDIDATE, NOW, stage_entered_at=NOW - timedelta(minutes=10))
+    assert 'r{model_version="v2"}[600s]' in provider.asked
+    provider = DictProvider({})
+    an.analyse(policy, "shadow", provider, STABLE, CANDIDATE, NOW)
+    assert 'r{model_version="v2"}[300s]' in provider.asked  # no stage start known: the policy's window
+
+
+def test_invalid_versions_are_refused_before_any_query() -> None:
+    provider = DictProvider({})
+    with pytest.raises(pol.InvalidVersionError):
+        an.analyse(POLICY, "shadow", provider, STABLE, 'v2"}or vector(1)', NOW)
+    assert provider.asked == []
+
+
+# --------------------------------------------------------------------------------------------------- outcomes
+
+
+def _recall_values(tp_c: float, pos_c: float, tp_s: float, pos_s: float, n: float = 1000) -> dict[str, float | None]:
+    return {
+        q("errors", CANDIDATE): 0.0,
+        q("labels", CANDIDATE): n,
+        q("n", CANDIDATE): n,
+        q("n", STABLE): n,
+        q("tp", CANDIDATE): tp_c,
+        q("pos", CANDIDATE): pos_c,
+        q("tp", STABLE): tp_s,
+        q("pos", STABLE): pos_s,
+    }
+
+
+def test_outcome_gate_needs_labels_for_both_versions() -> None:
+    values = _recall_values(90, 100, 80, 100)
+    values[q("n", CANDIDATE)] = 49
+    result = run("ab", values)["recall"]
+    assert result.status is S.INCONCLUSIVE and result.labels == 49 and "needs 50" in result.message
+    values[q("n", CANDIDATE)] = 50
+    values[q("n", STABLE)] = None
+    assert run("ab", values)["recall"].status is S.INCONCLUSIVE
+
+
+def test_outcome_gate_compares_the_lower_bound_not_the_point_estimate() -> None:
+    # point estimates: candidate 0.78 vs stable 0.80 → difference -0.02 ≥ -0.05 passes on the point estimate,
+    # but with 50 positives the Wilson lower bound is far below 0.75: not enough evidence yet.
+    few = run("ab", _recall_values(39, 50, 40_000, 50_000))["recall"]
+    assert few.candidate_value == pytest.approx(0.78)
+    assert few.candidate_value - few.stable_value >= -0.05  # type: ignore[operator]
+    assert few.status is S.INCONCLUSIVE
+    assert few.bound is not None and few.bound < 0.75
+    assert few.interval is not None and few.candidate_value is not None
+    assert few.interval[0] == few.bound < few.candidate_value < few.interval[1]
+    # same rates with 50 000 positives: the bound is close to the estimate and passes
+    many = run("ab", _recall_values(39_000, 50_000, 40_000, 50_000))["recall"]
+    assert many.status is S.SUCCESSFUL
+    assert many.bound is not None and 0.77 < many.bound < 0.78
+
+
+def test_outcome_gate_fails_only_when_even_the_optimistic_bound_violates() -> None:
+    clear = run("ab", _recall_values(300, 500, 40_000, 50_000))["recall"]  # 0.60 vs 0.80
+    assert clear.status is S.FAILED
+    assert clear.interval is not None and clear.interval[1] - 0.80 < -0.05
+    unclear = run("ab", _recall_values(7, 10, 40_000, 50_000))["recall"]  # 0.70 on ten positives
+    assert unclear.status is S.INCONCLUSIVE
+
+
+def test_wilson_bound_matches_the_textbook_formula() -> None:
+    result = run("ab", _recall_values(80, 100, 40_000, 50_000))["recall"]
+    z = norm.ppf(0.975)
+    p, n = 0.8, 100
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert result.bound == pytest.approx(centre - half, rel=1e-9)
+
+
+def test_outcome_gate_with_no_trials_is_inconclusive() -> None:
+    assert run("ab", _recall_values(0, 0, 40, 50))["recall"].status is S.INCONCLUSIVE
+
+
+def _hist(counts: Sequence[float], edges: Sequence[float]) -> list[tuple[Mapping[str, str], float]]:
+    cumulative = np.cumsum(counts)
+    les = [*(str(e) for e in edges), "+Inf"]
+    return [({"le": le}, float(c)) for le, c in zip(les, cumulative, strict=True)]
+
+
+def test_histogram_auc_gate() -> None:
+    edges = [0.1, 0.5, 0.9]
+    good_pos, good_neg = [0, 10, 40, 150], [800, 150, 40, 10]
+    bad_pos, bad_neg = [50, 50, 50, 50], [250, 250, 250, 250]
+    vectors = {
+        q("fraud", STABLE): _hist(good_pos, edges),
+        q("legit", STABLE): _hist(good_neg, edges),
+        q("fraud", CANDIDATE): _hist(bad_pos, edges),
+        q("legit", CANDIDATE): _hist(bad_neg, edges),
+    }
+    values = {q("errors", CANDIDATE): 0.0, q("n", CANDIDATE): 1200, q("n", STABLE): 1200}
+    result = run("full", values, vectors=vectors)["auc"]
+    assert result.candidate_value == pytest.approx(0.5)
+    assert result.stable_value is not None and result.stable_value > 0.9
+    assert result.status is S.FAILED
+    vectors[q("fraud", CANDIDATE)] = _hist(good_pos, edges)
+    vectors[q("legit", CANDIDATE)] = _hist(good_neg, edges)
+    same = run("full", values, vectors=vectors)["auc"]
+    assert same.status is S.SUCCESSFUL  # equal AUCs; with 200 fraud labels the bound is within the margin
+    assert same.bound is not None and same.stable_value is not None
+    assert same.stable_value - same.bound <= 0.02
+
+
+def test_histogram_auc_without_vector_support_is_an_error() -> None:
+    class ScalarOnly:
+        def query(self, promql: str) -> float | None:
+            return 1000.0
+
+    report = an.analyse(POLICY, "full", ScalarOnly(), STABLE, CANDIDATE, NOW)
+    assert by_name(report)["auc"].status is S.ERROR
+
+
+def test_normal_estimator_uses_the_upper_bound_for_a_ceiling() -> None:
+    values = {q("errors", CANDIDATE): 0.0, q("n", CANDIDATE): 5000, q("n", STABLE): 5000}
+    values |= {q("ece", STABLE): 0.02, q("ece", CANDIDATE): 0.03, q("ece_se", STABLE): 0.001}
+    values[q("ece_se", CANDIDATE)] = 0.002  # upper bound 0.0339: within stable + 0.02
+    assert run("full", values)["ece"].status is S.SUCCESSFUL
+    values[q("ece_se", CANDIDATE)] = 0.01  # upper bound 0.0496 > 0.04, lower bound 0.0104 < 0.04
+    wide = run("full", values)["ece"]
+    assert wide.status is S.INCONCLUSIVE and wide.bound == pytest.approx(0.03 + norm.ppf(0.975) * 0.01)
+    values[q("ece", CANDIDATE)] = 0.09  # even the lower bound 0.07 exceeds 0.04
+    assert run("full", values)["ece"].status is S.FAILED
+
+
+@pytest.mark.parametrize("ratio", [4.0, 9.0])
+def test_hanley_mcneil_stderr_matches_simulation(ratio: float) -> None:
+    """The Hanley–McNeil standard error against the spread of AUCs over many simulated samples of its model
+    (exponential scores: fraud ~ Exp(mean ratio), legit ~ Exp(mean 1), so AUC = ratio / (ratio + 1))."""
+    rng = np.random.default_rng(5)
+    n_pos, n_neg, reps = 60, 240, 600
+    aucs = []
+    for _ in range(reps):
+        pos = rng.exponential(ratio, n_pos)
+        neg = rng.exponential(1.0, n_neg)
+        aucs.append(float(np.mean(pos[:, None] > neg[None, :])))
+    stderr = an.hanley_mcneil_stderr(ratio / (ratio + 1.0), n_pos, n_neg)
+    assert stderr is not None
+    assert stderr == pytest.approx(float(np.std(aucs)), rel=0.1)
+
+
+def test_hanley_mcneil_stderr_is_conservative_for_binormal_scores() -> None:
+    rng = np.random.default_rng(6)
+    n_pos, n_neg, reps = 60, 240, 400
+    aucs = [
+        float(np.mean(rng.normal(1.2, 1.0, n_pos)[:, None] > rng.normal(0.0, 1.0, n_neg)[None, :])) for _ in range(reps)
+    ]
+    stderr = an.hanley_mcneil_stderr(float(norm.cdf(1.2 / math.sqrt(2))), n_pos, n_neg)
+    assert stderr is not None and stderr >= float(np.std(aucs))
+    assert an.hanley_mcneil_stderr(0.8, 0, 10) is None
+
+
+@given(
+    comparison=st.sampled_from(["value", "difference", "abs_difference", "ratio"]),
+    op=st.sampled_from(["<=", ">=", "<", ">"]),
+    threshold=st.floats(-2, 2),
+    low=st.floats(0, 1),
+    width=st.floats(0, 1),
+    stable=st.floats(0.01, 1),
+)
+def test_judge_interval_is_sound(
+    comparison: pol.Comparison, op: pol.Operator, threshold: float, low: float, width: float, stable: float
+) -> None:
+    """Successful ⇒ the condition holds everywhere in the interval; Failed ⇒ nowhere; else somewhere and not all."""
+    cond = pol.Condition(comparison=comparison, op=op, threshold=threshold)
+    high = low + width
+    status, _ = an.judge_interval(cond, low, high, stable)
+    points = [low + width * k / 50 for k in range(51)] + ([stable] if low <= stable <= high else [])
+    holds = [cond.holds(v) if isinstance(v := an.lhs_value(cond, p, stable), float) else False for p in points]
+    if status is S.SUCCESSFUL:
+        assert all(holds)
+    elif status is S.FAILED:
+        assert not any(holds)
+    else:
+        assert status is S.INCONCLUSIVE
+
+
+# --------------------------------------------------------------------------------------------------- quality
+
+
+def test_quality_gate() -> None:
+    def report(metrics: Mapping[str, float]) -> an.GateResult:
+        return an.analyse_quality(POLICY, lambda: metrics, STABLE, CANDIDATE, NOW).results[0]
+
+    ok = report({"pr_auc": 0.85, "recall": 0.7, "ece": 0.01, "other": 1.0})
+    assert ok.status is S.SUCCESSFUL and ok.values == {"pr_auc": 0.85, "recall": 0.7, "ece": 0.01}
+    low = report({"pr_auc": 0.79, "recall": 0.7, "ece": 0.01})
+    assert low.status is S.FAILED and "pr_auc" in low.message
+    assert report({"pr_auc": 0.85, "recall": 0.7, "ece": 0.06}).status is S.FAILED
+    assert report({"pr_auc": 0.85, "recall": 0.7}).status is S.INCONCLUSIVE
+    assert report({"pr_auc": math.nan, "recall": 0.7, "ece": 0.01}).status is S.INCONCLUSIVE
+    # a failed floor decides even when another metric is missing
+    assert report({"pr_auc": 0.1}).status is S.FAILED
+
+
+def test_quality_evaluation_that_raises_is_an_error() -> None:
+    def broken() -> Mapping[str, float]:
+        raise FileNotFoundError("frozen set missing")
+
+    report = an.analyse_quality(POLICY, broken, STABLE, CANDIDATE, NOW)
+    assert report.stage == "quality"
+    assert [r.status for r in report.results] == [S.ERROR]
+    assert "frozen set missing" in report.results[0].message
+
+
+# --------------------------------------------------------------------------------------------------- history
+
+
+def _result(status: S) -> an.GateResult:
+    return an.GateResult(name="g", layer="health", status=status)
+
+
+def test_history_counts_consecutive_errors_and_resets() -> None:
+    h = an.GateHistory()
+    for i in range(3):
+        h = an.advance(h, _result(S.ERROR), NOW + timedelta(seconds=i))
+    assert h.consecutive_errors == 3 and h.measurements == 3
+    assert an.errors_exceeded(h, 2) and not an.errors_exceeded(h, 3)
+    h = an.advance(h, _result(S.INCONCLUSIVE), NOW)
+    assert h.consecutive_errors == 0
+
+
+def test_history_tracks_how_long_a_gate_is_inconclusive() -> None:
+    h = an.advance(an.GateHistory(), _result(S.INCONCLUSIVE), NOW)
+    h = an.advance(h, _result(S.ERROR), NOW + timedelta(seconds=30))  # an error is no evidence: the run goes on
+    h = an.advance(h, _result(S.INCONCLUSIVE), NOW + timedelta(seconds=60))
+    assert h.inconclusive_since == NOW
+    assert an.inconclusive_for_s(h, NOW + timedelta(seconds=90)) == 90
+    assert an.timed_out(h, NOW + timedelta(seconds=91), 90) and not an.timed_out(h, NOW + timedelta(seconds=90), 90)
+    h = an.advance(h, _result(S.SUCCESSFUL), NOW + timedelta(seconds=120))
+    assert h.inconclusive_since is None and not an.timed_out(h, NOW + timedelta(days=1), 90)
+    assert h.last is not None and h.last.status is S.SUCCESSFUL
+
+
+def test_report_serialises() -> None:
+    report = an.analyse(POLICY, "canary", DictProvider({q("errors", CANDIDATE): math.nan}), STABLE, CANDIDATE, NOW)
+    assert an.AnalysisReport.model_validate_json(report.model_dump_json()) == report

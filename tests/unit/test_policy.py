@@ -1,0 +1,373 @@
+"""rollout.policy: the shipped default, YAML round trips, validation, and PromQL rendering that cannot be injected."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from typing import Any, get_args
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+
+from rollout import policy as pol
+from rollout.metrics import RouterMetrics
+from rollout.outcome_settings import OutcomeSettings, PrometheusSettings
+from rollout.outcomes import _OutcomeMetrics
+from rollout.routing import STAGES, VersionEndpoint
+from service.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
+
+MINIMAL = """
+samples:
+  requests: sum(requests_total{model_version="{{version}}"})
+  labels: sum(labels_total{model_version="{{version}}"})
+gates:
+  - name: errors
+    layer: health
+    stages: [shadow, canary, ab, full]
+    query: errors{model_version="{{version}}"}
+    condition: value <= 0.01
+"""
+
+
+def _minimal(**changes: Any) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(MINIMAL)
+    data.update(changes)
+    return data
+
+
+# --------------------------------------------------------------------------------------------------- default
+
+
+def test_default_policy_covers_every_layer_and_stage() -> None:
+    policy = pol.load_policy(None)
+    layers = {g.layer for g in policy.gates}
+    assert layers == {"health", "input_drift", "output_drift", "outcome", "quality"}
+    for stage in pol.TRAFFIC_STAGES:
+        assert {g.layer for g in policy.gates_for(stage)} >= {"health", "input_drift", "output_drift"}
+    assert policy.stages.canary.weight == pol.DEFAULT_CANARY_WEIGHT
+    assert policy.stages.ab.weight == pol.DEFAULT_AB_WEIGHT
+    names = {g.name for g in policy.gates}
+    assert {"recall", "precision", "roc-auc", "calibration-error"} <= names
+    assert {"error-rate", "latency-p99", "input-psi-max", "score-psi", "decision-rate-shift"} <= names
+    assert "shadow-agreement" in {g.name for g in policy.gates_for("shadow")}
+    assert [g.name for g in policy.quality_gates()] == ["regression-set"]
+
+
+def test_default_outcome_gates_compare_a_bound_with_enough_labels() -> None:
+    policy = pol.load_policy(None)
+    outcome = [g for g in policy.gates if isinstance(g, pol.OutcomeGate)]
+    assert outcome
+    for gate in outcome:
+        assert gate.condition.relative, gate.name
+        for stage in gate.stages:
+            assert policy.min_labels(gate, stage) > 0
+        assert policy.inconclusive_timeout_s(gate.name) == policy.analysis.labels_timeout_s
+    assert policy.inconclusive_timeout_s("error-rate") == policy.analysis.inconclusive_timeout_s
+    assert policy.inconclusive_timeout_s(pol.MIN_LABELS_GATE) == policy.analysis.labels_timeout_s
+
+
+def test_round_trip_through_a_file(tmp_path: Path) -> None:
+    policy = pol.load_policy(None)
+    path = tmp_path / "policy.yaml"
+    pol.dump_policy(policy, path)
+    again = pol.load_policy(path)
+    assert again == policy
+    assert pol.dumps_policy(again) == path.read_text(encoding="utf-8")
+    # conditions are written back as readable strings, not as nested mappings
+    dumped = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert dumped["gates"][1]["condition"] == "value <= 0.01"
+
+
+def test_changed_policy_round_trips(tmp_path: Path) -> None:
+    data = yaml.safe_load(pol.dumps_policy(pol.load_policy(None)))
+    data["stages"]["canary"]["weight"] = 2
+    data["analysis"]["consecutive_error_limit"] = 1
+    policy = pol.policy_from_mapping(data)
+    assert policy.stages.canary.weight == 2
+    assert pol.loads_policy(pol.dumps_policy(policy)) == policy
+
+
+def test_traffic_stages_are_routing_stages_in_routing_order() -> None:
+    assert set(pol.TRAFFIC_STAGES) <= set(STAGES)
+    assert sorted(pol.TRAFFIC_STAGES, key=STAGES.index) == list(pol.TRAFFIC_STAGES)
+    assert [pol.next_stage(s) for s in pol.TRAFFIC_STAGES] == [*pol.TRAFFIC_STAGES[1:], None]
+
+
+# --------------------------------------------------------------------------------------------------- series names
+
+
+def _exported_series() -> set[str]:
+    """Sample names the real metric classes export (counters as _total, histograms as _bucket/_sum/_count)."""
+    registry = CollectorRegistry()
+    Metrics(registry)
+    RouterMetrics(registry, latency_buckets_s=(0.1, 1.0), score_delta_buckets=(0.0, 1.0), process_metrics=False)
+    _OutcomeMetrics(registry, OutcomeSettings())
+    names: set[str] = set()
+    for family in registry.collect():
+        names.add(family.name)
+        kind_suffixes = {
+            "counter": ("_total",),
+            "histogram": ("_bucket", "_sum", "_count"),
+            "summary": ("_sum", "_count"),
+        }
+        names.update(family.name + suffix for suffix in kind_suffixes.get(family.type, ()))
+    return names
+
+
+def _recorded_series() -> set[str]:
+    rules = yaml.safe_load(RULES.read_text(encoding="utf-8"))
+    return {r["record"] for group in rules["groups"] for r in group["rules"] if "record" in r}
+
+
+def _all_templates(policy: pol.RolloutPolicy) -> list[str]:
+    templates = [policy.samples.requests, policy.samples.labels]
+    for gate in policy.gates:
+        if isinstance(gate, pol.MetricGate):
+            templates.append(gate.query)
+        elif isinstance(gate, pol.OutcomeGate):
+            templates += [gate.labels_query, *pol.estimator_templates(gate.estimator)]
+    return templates
+
+
+def test_default_queries_read_series_that_exist() -> None:
+    """Every series the default policy reads is exported by service/router/outcome metrics or recorded by rules.yml."""
+    known = _exported_series() | _recorded_series()
+    used: set[str] = set()
+    for template in _all_templates(pol.load_policy(None)):
+        # a series name is an identifier directly followed by its label matchers
+        used.update(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*(?=\{)", template))
+    assert used, "the default policy reads no series?"
+    missing = sorted(used - known)
+    assert not missing, f"series read by the default policy but defined nowhere: {missing}"
+
+
+def test_default_queries_parse_with_promtool(tmp_path: Path) -> None:
+    """Each rendered default query is valid PromQL: promtool checks them as recording rules."""
+    promtool = PrometheusSettings().promtool
+    if not promtool.exists():
+        pytest.fail(f"{promtool} is missing: install Debian's prometheus package")
+    policy = pol.load_policy(None)
+    context = pol.RenderContext(stable="v1", candidate="v2", version="v2", window_s=300, stage_window_s=3600)
+    rules = [
+        {"record": f"fw_policy_check:query_{i}", "expr": pol.render(template, context)}
+        for i, template in enumerate(_all_templates(policy))
+    ]
+    path = tmp_path / "policy_rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "policy", "rules": rules}]}), encoding="utf-8")
+    result = subprocess.run([str(promtool), "check", "rules", str(path)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(rules)} rules found" in result.stdout
+
+
+# --------------------------------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("weight", [0, 6, 50])
+def test_canary_weight_outside_one_to_five_is_rejected(weight: int) -> None:
+    with pytest.raises(ValidationError, match="weight"):
+        pol.policy_from_mapping(_minimal(stages={"canary": {"weight": weight}}))
+
+
+@pytest.mark.parametrize("weight", [1, 3, 5])
+def test_canary_weight_inside_one_to_five_is_accepted(weight: int) -> None:
+    policy = pol.policy_from_mapping(_minimal(stages={"canary": {"weight": weight}}))
+    assert policy.stages.candidate_weight("canary") == weight
+    assert policy.stages.candidate_weight("shadow") == 0
+    assert policy.stages.candidate_weight("ab") == pol.DEFAULT_AB_WEIGHT
+    assert policy.stages.candidate_weight("full") == pol.PERCENT
+
+
+def test_a_stage_without_gates_is_rejected() -> None:
+    data = _minimal()
+    data["gates"][0]["stages"] = ["shadow", "canary", "ab"]
+    with pytest.raises(ValidationError, match="full"):
+        pol.policy_from_mapping(data)
+
+
+def test_duplicate_and_reserved_gate_names_are_rejected() -> None:
+    data = _minimal()
+    data["gates"] = [data["gates"][0], data["gates"][0]]
+    with pytest.raises(ValidationError, match="unique"):
+        pol.policy_from_mapping(data)
+    data = _minimal()
+    data["gates"][0]["name"] = pol.MIN_LABELS_GATE
+    with pytest.raises(ValidationError, match="reserved"):
+        pol.policy_from_mapping(data)
+
+
+def test_relative_condition_needs_the_version_placeholder() -> None:
+    data = _minimal()
+    data["gates"][0]["condition"] = "candidate - stable <= 0.01"
+    data["gates"][0]["query"] = 'errors{model_version="{{candidate}}"}'
+    with pytest.raises(ValidationError, match="version"):
+        pol.policy_from_mapping(data)
+
+
+def test_outcome_gate_without_any_label_minimum_is_rejected() -> None:
+    data = _minimal()
+    data["gates"].append(
+        {
+            "name": "recall",
+            "layer": "outcome",
+            "stages": ["ab"],
+            "labels_query": 'sum(labels_total{model_version="{{version}}"})',
+            "estimator": {
+                "method": "wilson",
+                "successes": 'tp{model_version="{{version}}"}',
+                "trials": 'pos{model_version="{{version}}"}',
+            },
+            "condition": "candidate - stable >= -0.05",
+        }
+    )
+    with pytest.raises(ValidationError, match="min_labels"):
+        pol.policy_from_mapping(data)
+    data["stages"] = {"ab": {"min_labels": 10}}
+    policy = pol.policy_from_mapping(data)
+    gate = policy.gates[1]
+    assert isinstance(gate, pol.OutcomeGate)
+    assert policy.min_labels(gate, "ab") == 10
+
+
+def test_quality_gate_needs_a_bound() -> None:
+    data = _minimal()
+    data["gates"].append({"name": "regression", "layer": "quality"})
+    with pytest.raises(ValidationError, match="floor"):
+        pol.policy_from_mapping(data)
+
+
+# --------------------------------------------------------------------------------------------------- conditions
+
+
+@pytest.mark.parametrize(
+    ("text", "comparison", "op", "threshold"),
+    [
+        ("value <= 0.01", "value", "<=", 0.01),
+        ("candidate>=0.95", "value", ">=", 0.95),
+        ("candidate - stable <= 0.02", "difference", "<=", 0.02),
+        ("candidate-stable >= -5e-2", "difference", ">=", -0.05),
+        ("abs(candidate - stable) < 0.01", "abs_difference", "<", 0.01),
+        ("candidate / stable >= 0.95", "ratio", ">=", 0.95),
+    ],
+)
+def test_conditions_parse(text: str, comparison: str, op: str, threshold: float) -> None:
+    cond = pol.Condition.model_validate(text)
+    assert (cond.comparison, cond.op, cond.threshold) == (comparison, op, threshold)
+
+
+@pytest.mark.parametrize(
+    "text", ["value == 0.1", "stable - candidate <= 1", "value <= abc", "value <= 1; drop", "", "value <= nan"]
+)
+def test_malformed_conditions_are_rejected(text: str) -> None:
+    with pytest.raises(ValidationError):
+        pol.Condition.model_validate(text)
+
+
+@given(
+    comparison=st.sampled_from(get_args(pol.Comparison)),
+    op=st.sampled_from(get_args(pol.Operator)),
+    threshold=st.floats(allow_nan=False, allow_infinity=False, width=64),
+)
+def test_condition_text_round_trips(comparison: pol.Comparison, op: pol.Operator, threshold: float) -> None:
+    cond = pol.Condition(comparison=comparison, op=op, threshold=threshold)
+    assert pol.Condition.model_validate(cond.text()) == cond
+
+
+def test_condition_holds() -> None:
+    assert pol.Condition.model_validate("value <= 1").holds(1.0)
+    assert not pol.Condition.model_validate("value < 1").holds(1.0)
+    assert pol.Condition.model_validate("value >= 1").holds(1.0)
+    assert not pol.Condition.model_validate("value > 1").holds(1.0)
+
+
+# --------------------------------------------------------------------------------------------------- templates
+
+
+def _context(version: str = "v2") -> pol.RenderContext:
+    return pol.RenderContext(stable="v1", candidate="v2", version=version, window_s=300, stage_window_s=61.2)
+
+
+def test_render_fills_every_placeholder() -> None:
+    template = (
+        'sum(rate(x{model_version="{{version}}",a="{{ stable }}",b!="{{candidate}}"}[{{window}}]))'
+        ' / sum(increase(y{model_version="{{version}}"}[{{stage_window}}]))'
+    )
+    rendered = pol.render(template, _context())
+    assert rendered == (
+        'sum(rate(x{model_version="v2",a="v1",b!="v2"}[300s])) / sum(increase(y{model_version="v2"}[62s]))'
+    )
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        'x{model_version=~"{{version}}"}',  # regex matcher: "." would match anything
+        'x{model_version!~"{{version}}"}',
+        'x{model_version="v-{{version}}"}',  # not the whole value
+        'x{model_version="{{version}}-x"}',
+        "x{{version}}",  # free text
+        'x{model_version="{{versions}}"}',  # unknown placeholder
+        "   ",
+    ],
+)
+def test_unsafe_templates_are_rejected(template: str) -> None:
+    with pytest.raises(ValueError):
+        pol.render(template, _context())
+    data = _minimal()
+    data["gates"][0]["query"] = template
+    with pytest.raises(ValidationError):
+        pol.policy_from_mapping(data)
+
+
+@pytest.mark.parametrize(
+    "version",
+    ['v1"} or vector(1) or x{a="', "v1\\", 'v"', "v1\n", "v1 ", "", "-v1", "v{1}", "a" * 129],
+)
+def test_injection_attempts_are_refused(version: str) -> None:
+    with pytest.raises(pol.InvalidVersionError):
+        pol.render('x{model_version="{{version}}"}', _context(version))
+
+
+def _decode_promql_string(body: str) -> str:
+    return re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r"}.get(m.group(1), m.group(1)), body)
+
+
+@given(st.text(max_size=40) | st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:+@-]{0,20}", fullmatch=True))
+def test_rendered_label_value_is_exactly_the_version(version: str) -> None:
+    """For any string: either refused, or the query holds one matcher whose decoded value is the version itself."""
+    template = 'sum(x{model_version="{{version}}",role="decider"})'
+    try:
+        rendered = pol.render(template, _context(version))
+    except pol.InvalidVersionError:
+        assert not pol.is_valid_version(version)
+        return
+    match = re.fullmatch(r'sum\(x\{model_version="((?:[^"\\]|\\.)*)",role="decider"\}\)', rendered)
+    assert match is not None, rendered
+    assert _decode_promql_string(match.group(1)) == version
+
+
+def test_promql_string_escapes() -> None:
+    assert pol.promql_string('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+
+
+@given(st.text(max_size=30) | st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:+@-]{0,20}", fullmatch=True))
+def test_version_grammar_matches_the_routing_table(version: str) -> None:
+    try:
+        VersionEndpoint(version=version, url="http://127.0.0.1:3000")
+        accepted = True
+    except ValidationError:
+        accepted = False
+    assert pol.is_valid_version(version) == accepted
+
+
+def test_prometheus_duration() -> None:
+    assert pol.prometheus_duration(0.0) == "1s"
+    assert pol.prometheus_duration(299.2) == "300s"
+    assert pol.prometheus_duration(3600) == "3600s"
