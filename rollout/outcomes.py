@@ -541,6 +541,7 @@ class OutcomeTracker:
         self._log = log
         self._settings = settings or log.settings
         self._metrics = _OutcomeMetrics(registry if registry is not None else REGISTRY, self._settings)
+        self._prepared: set[tuple[str, Role]] = set()
 
     def routes(self) -> list[Route]:
         return [Route(FEEDBACK_PATH, self.feedback_endpoint, methods=["POST"])]
@@ -561,11 +562,29 @@ class OutcomeTracker:
         status: FeedbackStatus = "duplicate" if existing.label == feedback.label else "conflict"
         return self._counted(FeedbackResult(status, cid, len(found), existing))
 
+    def prepare(self, model_version: str, role: Role) -> None:
+        """Create every outcome series of a (version, role) at zero, so Prometheus sees the first labels as an
+        increase (a series born with a non-zero value counts as no increase). The router calls this when a version
+        enters the routing table; :meth:`observe` does it for any pair it has not seen."""
+        keys = (model_version, role)
+        if keys in self._prepared:
+            return
+        self._prepared.add(keys)
+        for cell in ("tp", "fp", "tn", "fn"):
+            self._metrics.outcomes.labels(*keys, cell)
+        for label_name in LABEL_NAMES.values():
+            self._metrics.score.labels(*keys, label_name)
+        for cal_bin in range(self._settings.calibration_bins):
+            self._metrics.calibration_predicted.labels(*keys, str(cal_bin))
+            self._metrics.calibration_observed.labels(*keys, str(cal_bin))
+        self._metrics.label_delay.labels(*keys)
+
     def observe(self, found: Sequence[PredictionRecord], label: int, observed_at: datetime) -> None:
         """Outcome metrics for a label joined to predictions."""
         label_name = LABEL_NAMES[label]
         for rec in found:
             keys = (rec.model_version, rec.role)
+            self.prepare(*keys)
             self._metrics.outcomes.labels(*keys, confusion_cell(rec.prediction, label)).inc()
             self._metrics.score.labels(*keys, label_name).observe(rec.score)
             cal_bin = str(calibration_bin_of(rec.score, self._settings.calibration_bins))

@@ -168,7 +168,7 @@ def test_labels_join_after_a_restart_and_stay_idempotent(dsn: str) -> None:
         labels = {"model_version": version, "role": role, "outcome": "fn"}
         assert registry.get_sample_value("fraudwatch_outcome_total", labels) == 1
         labels["outcome"] = "tp"
-        assert registry.get_sample_value("fraudwatch_outcome_total", labels) is None
+        assert registry.get_sample_value("fraudwatch_outcome_total", labels) == 0
     assert _count(dsn, "labels") == 2
 
 

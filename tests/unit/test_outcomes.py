@@ -244,3 +244,24 @@ def test_label_spellings_are_accepted(tmp_path: Path) -> None:
         assert h.value("fraudwatch_outcome_total", model_version="v1", role="decider", outcome="tn") == 2
 
     run_with(tmp_path, scenario)
+
+
+def test_prepare_creates_every_outcome_series_at_zero(tmp_path: Path) -> None:
+    async def scenario(h: Harness) -> None:
+        h.tracker.prepare("v9", "shadow")
+        for cell in ("tp", "fp", "tn", "fn"):
+            assert (
+                h.registry.get_sample_value(
+                    "fraudwatch_outcome_total", {"model_version": "v9", "role": "shadow", "outcome": cell}
+                )
+                == 0
+            )
+        for label in ("fraud", "legit"):
+            labels = {"model_version": "v9", "role": "shadow", "label": label}
+            assert h.registry.get_sample_value("fraudwatch_outcome_score_count", labels) == 0
+        last_bin = str(h.log.settings.calibration_bins - 1)
+        labels = {"model_version": "v9", "role": "shadow", "bin": last_bin}
+        assert h.registry.get_sample_value("fraudwatch_calibration_predicted_count", labels) == 0
+        assert h.registry.get_sample_value("fraudwatch_calibration_observed_fraud_total", labels) == 0
+
+    run_with(tmp_path, scenario)
