@@ -68,9 +68,10 @@ from starlette.routing import Route
 
 from rollout.drift import calibration_bin_of
 from rollout.outcome_settings import OutcomeSettings, get_outcome_settings
+from service.logging import get_logger, log_event
 from service.schema import ErrorDetail, ErrorResponse
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 Role = Literal["decider", "shadow"]
 FEEDBACK_PATH: Final[str] = "/api/v1/feedback"
@@ -167,6 +168,25 @@ def _row_of(record: PredictionRecord) -> dict[str, Any]:
     }
 
 
+def _rows_of(batch: Sequence[PredictionRecord]) -> tuple[list[dict[str, Any]], int]:
+    """Insertable rows, and how many records could not be converted (logged and counted as rejected)."""
+    rows: list[dict[str, Any]] = []
+    malformed = 0
+    for record in batch:
+        try:
+            rows.append(_row_of(record))
+        except (TypeError, ValueError, AttributeError) as exc:
+            malformed += 1
+            log_event(
+                logger,
+                "malformed prediction record rejected",
+                logging.ERROR,
+                rejected_correlation_id=str(getattr(record, "correlation_id", None)),
+                error=str(exc),
+            )
+    return rows, malformed
+
+
 def _record_of(row: Any) -> PredictionRecord:
     return PredictionRecord(
         correlation_id=row.correlation_id,
@@ -247,6 +267,7 @@ class PredictionLog:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._closed = False
+        self._started = False
 
     @property
     def engine(self) -> Engine:
@@ -264,11 +285,9 @@ class PredictionLog:
     async def start(self) -> None:
         """Create the tables if needed and start the background writer."""
         await asyncio.to_thread(metadata.create_all, self._engine)
+        self._started = True
         self._task = asyncio.create_task(self._run(), name="prediction-log-writer")
-        logger.info(
-            "prediction log started",
-            extra={"event": "prediction_log_started", "backend": self._engine.url.get_backend_name()},
-        )
+        log_event(logger, "prediction log started", backend=self._engine.url.get_backend_name())
 
     def record(self, rec: PredictionRecord) -> None:
         """Queue one prediction for writing; never blocks. Dropped (and counted) when the buffer is full."""
@@ -306,9 +325,11 @@ class PredictionLog:
         self._wake.set()
         if self._task is not None:
             await self._task
+        if not self._started and self._buffer:
+            await asyncio.to_thread(metadata.create_all, self._engine)
         await self._drain_until(time.monotonic() + self._settings.close_timeout_s)
         await asyncio.to_thread(self._engine.dispose)
-        logger.info("prediction log closed", extra={"event": "prediction_log_closed"})
+        log_event(logger, "prediction log closed")
 
     async def _run(self) -> None:
         interval = self._settings.flush_interval_ms / 1000.0
@@ -329,10 +350,7 @@ class PredictionLog:
                 if time.monotonic() >= deadline:
                     lost = len(self._buffer)
                     self._metrics.dropped.labels("lost").inc(lost)
-                    logger.error(
-                        "prediction log closed with unwritten rows",
-                        extra={"event": "prediction_log_lost", "rows": lost},
-                    )
+                    log_event(logger, "prediction log closed with unwritten rows", logging.ERROR, rows=lost)
                     self._buffer.clear()
                     return
                 await asyncio.sleep(self._settings.retry_backoff_ms / 1000.0)
@@ -357,6 +375,11 @@ class PredictionLog:
             self._buffer.extendleft(reversed(batch))
             self._metrics.write_errors.inc()
             raise
+        except Exception as exc:  # a bug must not kill the writer: keep the rows, say so, retry later
+            self._buffer.extendleft(reversed(batch))
+            self._metrics.write_errors.inc()
+            logger.exception("prediction log write failed unexpectedly; will retry")
+            raise _TransientWriteError(str(exc)) from exc
         self._metrics.flush_seconds.observe(time.perf_counter() - started)
         self._metrics.written.inc(len(batch) - rejected)
         if rejected:
@@ -365,21 +388,22 @@ class PredictionLog:
     def _write(self, batch: Sequence[PredictionRecord]) -> int:
         """Insert a batch in one transaction; on a data error fall back to one row per transaction.
         Returns how many rows the database refused."""
-        rows = [_row_of(r) for r in batch]
+        rows, malformed = _rows_of(batch)
+        if not rows:
+            return malformed
         try:
             with self._engine.begin() as conn:
                 conn.execute(predictions_table.insert(), rows)
-            return 0
+            return malformed
         except (OperationalError, InterfaceError) as exc:
-            logger.warning(
-                "prediction log write failed; will retry",
-                extra={"event": "prediction_log_retry", "rows": len(rows), "error": str(exc.orig)},
+            log_event(
+                logger, "prediction log write failed; will retry", logging.WARNING, rows=len(rows), error=str(exc.orig)
             )
             raise _TransientWriteError(str(exc)) from exc
         except DBAPIError as exc:
             if exc.connection_invalidated:
                 raise _TransientWriteError(str(exc)) from exc
-            return self._write_rows_one_by_one(rows)
+            return malformed + self._write_rows_one_by_one(rows)
 
     def _write_rows_one_by_one(self, rows: Sequence[dict[str, Any]]) -> int:
         rejected = 0
@@ -391,13 +415,12 @@ class PredictionLog:
                 raise _TransientWriteError(str(exc)) from exc
             except DBAPIError as exc:
                 rejected += 1
-                logger.error(
+                log_event(
+                    logger,
                     "prediction row rejected by the database",
-                    extra={
-                        "event": "prediction_log_rejected",
-                        "correlation_id": row["correlation_id"],
-                        "error": str(exc.orig),
-                    },
+                    logging.ERROR,
+                    rejected_correlation_id=row["correlation_id"],
+                    error=str(exc.orig),
                 )
         return rejected
 
@@ -516,7 +539,7 @@ class _OutcomeMetrics:
         )
         self.feedback = Counter(
             "fraudwatch_feedback",
-            "Feedback requests by result (recorded, duplicate, conflict, unknown, invalid).",
+            "Feedback requests by result (recorded, duplicate, conflict, unknown, invalid, unavailable).",
             ["result"],
             registry=registry,
         )
@@ -644,7 +667,15 @@ class OutcomeTracker:
         except ValidationError as exc:
             self._metrics.feedback.labels("invalid").inc()
             return _validation_error(exc)
-        result = await self.submit(feedback)
+        try:
+            result = await self.submit(feedback)
+        except (OperationalError, InterfaceError) as exc:
+            self._metrics.feedback.labels("unavailable").inc()
+            log_event(logger, "feedback join failed: prediction log unavailable", logging.ERROR, error=str(exc.orig))
+            return _error(
+                503, "the prediction log is unavailable; retry later", "correlation_id", "not looked up",
+                feedback.correlation_id,
+            )  # fmt: skip
         return _response_of(result, feedback)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ from rollout.outcomes import (
     PredictionRecord,
     confusion_cell,
 )
+from rollout.prometheus import free_port
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -265,3 +267,38 @@ def test_prepare_creates_every_outcome_series_at_zero(tmp_path: Path) -> None:
         assert h.registry.get_sample_value("fraudwatch_calibration_observed_fraud_total", labels) == 0
 
     run_with(tmp_path, scenario)
+
+
+def test_feedback_is_503_when_the_prediction_log_database_is_down() -> None:
+    async def main() -> None:
+        registry = CollectorRegistry()
+        port = free_port("127.0.0.1")  # nothing listens there: a real connection refusal
+        settings = OutcomeSettings(dsn=f"postgresql+psycopg://fraudwatch@127.0.0.1:{port}/predictions")
+        log = PredictionLog(settings, registry=registry)
+        app = Starlette(routes=OutcomeTracker(log, registry=registry).routes())
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            response = await client.post(FEEDBACK_PATH, json={"correlation_id": "c", "label": 1, "source": "x"})
+        assert response.status_code == 503
+        assert "unavailable" in response.json()["error"]
+        assert registry.get_sample_value("fraudwatch_feedback_total", {"result": "unavailable"}) == 1
+        await asyncio.to_thread(log.engine.dispose)
+
+    asyncio.run(main())
+
+
+def test_malformed_records_are_rejected_and_the_rest_written(tmp_path: Path) -> None:
+    async def main() -> None:
+        registry = CollectorRegistry()
+        log = PredictionLog(_settings(tmp_path), registry=registry)
+        log.record(_pred("ok-1", "v1", "decider", score=0.3))
+        log.record(dataclasses.replace(_pred("bad", "v1", "decider", score=0.3), score="not a number"))
+        log.record(_pred("ok-2", "v1", "decider", score=0.4))
+        await log.close()  # never started: close creates the tables and writes what was recorded
+        assert registry.get_sample_value("fraudwatch_prediction_log_written_total") == 2
+        assert registry.get_sample_value("fraudwatch_prediction_log_dropped_total", {"reason": "rejected"}) == 1
+        reopened = PredictionLog(_settings(tmp_path), registry=CollectorRegistry())
+        assert [r.correlation_id for r in await reopened.find("ok-2")] == ["ok-2"]
+        assert await reopened.find("bad") == []
+        await reopened.close()
+
+    asyncio.run(main())
