@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, get_args
 
+import numpy as np
 import pytest
 import yaml
 from hypothesis import given
@@ -371,3 +372,104 @@ def test_prometheus_duration() -> None:
     assert pol.prometheus_duration(0.0) == "1s"
     assert pol.prometheus_duration(299.2) == "300s"
     assert pol.prometheus_duration(3600) == "3600s"
+
+
+# --------------------------------------------------------------------------------------------------- PromQL values
+
+
+def _counter(series: str, per_minute: float, minutes: int) -> dict[str, str]:
+    return {"series": series, "values": f"0+{per_minute!r}x{minutes}"}
+
+
+def test_default_queries_compute_what_the_analysis_expects(tmp_path: Path) -> None:
+    """promtool evaluates the rendered default queries (on top of rules.yml) over synthetic counters; each value is
+    checked against the same number computed in Python (ECE through rollout.drift, independently of PromQL)."""
+    promtool = PrometheusSettings().promtool
+    if not promtool.exists():
+        pytest.fail(f"{promtool} is missing: install Debian's prometheus package")
+    from rollout.drift import CalibrationBin, calibration_error
+
+    rng = np.random.default_rng(3)
+    minutes, window_min = 120, 60
+    policy = pol.load_policy(None)
+    ctx = pol.RenderContext(stable="v1", candidate="v2", version="v2", window_s=300, stage_window_s=window_min * 60)
+    gates = {g.name: g for g in policy.gates}
+    series: list[dict[str, str]] = []
+    checks: list[tuple[str, float]] = []
+
+    cells = {cell: float(rng.integers(1, 20)) for cell in ("tp", "fp", "tn", "fn")}
+    for cell, rate in cells.items():
+        series.append(
+            _counter(f'fraudwatch_outcome_total{{model_version="v2",role="decider",outcome="{cell}"}}', rate, minutes)
+        )
+    recall, precision = gates["recall"], gates["precision"]
+    assert isinstance(recall, pol.OutcomeGate) and isinstance(recall.estimator, pol.WilsonEstimator)
+    assert isinstance(precision, pol.OutcomeGate) and isinstance(precision.estimator, pol.WilsonEstimator)
+    checks += [
+        (recall.labels_query, sum(cells.values()) * window_min),
+        (policy.samples.labels, sum(cells.values()) * window_min),
+        (recall.estimator.successes, cells["tp"] * window_min),
+        (recall.estimator.trials, (cells["tp"] + cells["fn"]) * window_min),
+        (precision.estimator.trials, (cells["tp"] + cells["fp"]) * window_min),
+    ]
+
+    bins = []
+    for b in range(10):
+        count = float(rng.integers(1, 30))
+        predicted = round(count * rng.uniform(b / 10, (b + 1) / 10), 3)
+        fraud = float(rng.integers(0, int(count) + 1))
+        labels = f'model_version="v2",role="decider",bin="{b}"'
+        series += [
+            _counter(f"fraudwatch_calibration_predicted_count{{{labels}}}", count, minutes),
+            _counter(f"fraudwatch_calibration_predicted_sum{{{labels}}}", predicted, minutes),
+            _counter(f"fraudwatch_calibration_observed_fraud_total{{{labels}}}", fraud, minutes),
+        ]
+        bins.append(CalibrationBin(count * window_min, predicted * window_min, fraud * window_min))
+    ece = calibration_error(bins)
+    assert ece is not None
+    n = np.array([b.count for b in bins])
+    o = np.array([b.observed_fraud for b in bins])
+    stderr = float(np.sqrt(np.sum(o - o * o / n)) / n.sum())
+    calibration = gates["calibration-error"]
+    assert isinstance(calibration, pol.OutcomeGate) and isinstance(calibration.estimator, pol.NormalEstimator)
+    checks += [(calibration.estimator.query, ece.expected), (calibration.estimator.stderr, stderr)]
+
+    calls = {"2xx": 50.0, "5xx": 1.0, "timeout": 0.5, "4xx": 3.0}
+    for outcome, rate in calls.items():
+        for role in ("decider", "shadow"):
+            labels = f'model_version="v2",role="{role}",stage="canary",outcome="{outcome}"'
+            series.append(_counter(f"fraudwatch_router_requests_total{{{labels}}}", rate, minutes))
+    error_rate = gates["error-rate"]
+    assert isinstance(error_rate, pol.MetricGate)
+    checks += [
+        (policy.samples.requests, 2 * calls["2xx"] * window_min),
+        (error_rate.query, (calls["5xx"] + calls["timeout"]) / sum(calls.values())),
+    ]
+
+    series += [
+        _counter('fraudwatch_decisions_total{model_version="v2",decision="review"}', 3.0, minutes),
+        _counter('fraudwatch_decisions_total{model_version="v2",decision="approve"}', 97.0, minutes),
+        _counter('fraudwatch_shadow_agreement_total{stable="v1",candidate="v2",agree="true"}', 45.0, minutes),
+        _counter('fraudwatch_shadow_agreement_total{stable="v1",candidate="v2",agree="false"}', 5.0, minutes),
+    ]
+    decision, agreement = gates["decision-rate-shift"], gates["shadow-agreement"]
+    assert isinstance(decision, pol.MetricGate) and isinstance(agreement, pol.MetricGate)
+    checks += [(decision.query, 0.03), (agreement.query, 0.9)]
+
+    tests = [
+        {
+            "expr": f"abs(({pol.render(template, ctx)}) - {expected!r}) < bool 1e-9",
+            "eval_time": f"{minutes}m",
+            "exp_samples": [{"labels": "{}", "value": 1}],
+        }
+        for template, expected in checks
+    ]
+    spec = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": tests}],
+    }
+    path = tmp_path / "policy_test.yml"
+    path.write_text(yaml.safe_dump(spec, width=10_000), encoding="utf-8")
+    result = subprocess.run([str(promtool), "test", "rules", str(path)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
