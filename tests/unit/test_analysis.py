@@ -16,6 +16,7 @@ from scipy.stats import norm
 from rollout import analysis as an
 from rollout import policy as pol
 from rollout.analysis import GateStatus as S
+from rollout.prometheus import PrometheusClient
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 STABLE, CANDIDATE = "v1", "v2"
@@ -104,6 +105,11 @@ class DictProvider:
     def query_vector(self, promql: str) -> Sequence[tuple[Mapping[str, str], float]]:
         self.asked.append(promql)
         return self.vectors.get(promql, [])
+
+
+def _the_real_client_fits_both_protocols(client: PrometheusClient) -> tuple[an.MetricsQuery, an.VectorQuery]:
+    """Checked by mypy: rollout.prometheus.PrometheusClient can be handed to analyse() as it is."""
+    return client, client
 
 
 class DownProvider:
