@@ -33,6 +33,7 @@ logger = get_logger(__name__)
 #: The service reads its model directory from this variable (``ServeSettings.model_dir``).
 MODEL_DIR_ENV: Final[str] = "FW_SERVE__MODEL_DIR"
 READY_PATH: Final[str] = "/readyz"
+LIVE_PATH: Final[str] = "/livez"
 #: The directory holding the ``service`` package: ``bentoml serve --working-dir``.
 SOURCE_ROOT: Final[Path] = Path(service.__file__).resolve().parent.parent
 
@@ -144,7 +145,12 @@ class BentoServer:
             start_new_session=True,
         )
         log_event(
-            logger, "server starting", server=self.name, pid=self._process.pid, url=self.url, log=str(self.log_path)
+            logger,
+            "server starting",
+            server=self.name,
+            server_pid=self._process.pid,
+            url=self.url,
+            log=str(self.log_path),
         )
 
     def wait_ready(self, deadline: float | None = None) -> float:
@@ -165,10 +171,17 @@ class BentoServer:
                 time.sleep(self.settings.process.poll_interval_s)
 
     def _ready(self, client: httpx.Client) -> bool:
+        """True once ``/readyz`` answers 200; raises if ``/livez`` says the service is dead (e.g. its model
+        failed to load), since waiting longer would not help."""
         try:
-            return client.get(self.url + READY_PATH).status_code == httpx.codes.OK
+            if client.get(self.url + READY_PATH).status_code == httpx.codes.OK:
+                return True
+            live = client.get(self.url + LIVE_PATH)
         except httpx.TransportError:
             return False
+        if live.status_code == httpx.codes.SERVICE_UNAVAILABLE:
+            raise ServerStartError(self._failure(f"reports not alive: {live.text.strip()}"))
+        return False
 
     def _raise_if_exited(self) -> None:
         if self._process is not None and self._process.poll() is not None:
@@ -185,7 +198,7 @@ class BentoServer:
         code: int | None = None
         if process is not None:
             code = _terminate_group(process, self.settings.process.stop_timeout_s)
-            log_event(logger, "server stopped", server=self.name, pid=process.pid, exit_code=code)
+            log_event(logger, "server stopped", server=self.name, server_pid=process.pid, exit_code=code)
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
@@ -212,7 +225,9 @@ def _terminate_group(process: subprocess.Popen[bytes], grace_s: float) -> int:
     try:
         return process.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
-        log_event(logger, "server ignored SIGTERM, killing", level=logging.WARNING, pid=process.pid, grace_s=grace_s)
+        log_event(
+            logger, "server ignored SIGTERM, killing", level=logging.WARNING, server_pid=process.pid, grace_s=grace_s
+        )
         _signal_group(process.pid, signal.SIGKILL)
         return process.wait()
     finally:

@@ -27,3 +27,18 @@ class NeverReadyService:
     @bentoml.api  # type: ignore[untyped-decorator]
     def ping(self) -> str:
         return "pong"
+
+
+@bentoml.service
+class DeadService:
+    """Alive-check fails, as the scoring service's does when its model cannot be loaded."""
+
+    def __is_ready__(self) -> bool:
+        return False
+
+    def __is_alive__(self) -> bool:
+        return False
+
+    @bentoml.api  # type: ignore[untyped-decorator]
+    def ping(self) -> str:
+        return "pong"

@@ -81,6 +81,16 @@ def test_never_ready_server_fails_at_its_deadline_and_is_stopped(tmp_path: Path)
     assert not server.running()
 
 
+def test_dead_server_fails_before_its_deadline(tmp_path: Path) -> None:
+    server = BentoServer(model_dir=tmp_path, settings=settings_for(tmp_path, "DeadService"))
+    server.start()
+    try:
+        with pytest.raises(ServerStartError, match="not alive"):
+            server.wait_ready(deadline=time.monotonic() + 100.0)
+    finally:
+        server.stop()
+
+
 def test_server_that_cannot_import_fails_fast_with_its_log(tmp_path: Path) -> None:
     server = BentoServer(model_dir=tmp_path, settings=settings_for(tmp_path, "NoSuchService"))
     started = time.monotonic()
