@@ -23,6 +23,7 @@ Series (PSI is computed from the ``feature_bin`` counters against the ``referenc
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -161,16 +162,19 @@ class _BinnedColumn:
     feature: str
     column: int
     edges: npt.NDArray[np.float64]
+    edge_list: tuple[float, ...]
     counters: tuple[Any, ...]
 
     def count(self, values: npt.NDArray[Any]) -> None:
+        """Count many values (``ReferenceBins.bin_of`` semantics: ``searchsorted(..., side='right')``)."""
         bins = np.searchsorted(self.edges, values, side="right")
-        if bins.shape[0] == 1:
-            self.counters[int(bins[0])].inc()
-            return
         for index, n in enumerate(np.bincount(bins, minlength=len(self.counters))):
             if n:
                 self.counters[index].inc(float(n))
+
+    def count_one(self, value: float) -> None:
+        """Count one value; ``bisect_right`` is ``searchsorted(side='right')`` without numpy's per-call cost."""
+        self.counters[bisect_right(self.edge_list, value)].inc()
 
 
 class BoundMetrics:
@@ -223,6 +227,9 @@ class BoundMetrics:
 
     def observe(self, features: npt.NDArray[np.float32], scores: npt.NDArray[np.float64], predictions: Any) -> None:
         """Count one scored batch: score histogram, decisions, and the bins of every drift feature and the score."""
+        if scores.shape[0] == 1:
+            self._observe_one(features[0].tolist(), float(scores[0]), int(predictions[0]))
+            return
         for score in scores.tolist():
             self._score.observe(score)
         n_review = int(np.count_nonzero(predictions))
@@ -233,6 +240,13 @@ class BoundMetrics:
         for binned in self._binned:
             binned.count(features[:, binned.column])
         self._score_bins.count(scores)
+
+    def _observe_one(self, row: list[float], score: float, prediction: int) -> None:
+        self._score.observe(score)
+        self._decisions[prediction].inc()
+        for binned in self._binned:
+            binned.count_one(row[binned.column])
+        self._score_bins.count_one(score)
 
     def count_lookups(self, n: int) -> None:
         if n:
@@ -250,4 +264,5 @@ def _bin_column(metrics: Metrics, manifest: Manifest, feature: str, column: int)
     counters = tuple(metrics.feature_bins.labels(version, feature, str(i)) for i in range(n_bins))
     for i, fraction in enumerate(reference.fractions[:n_bins]):
         metrics.reference_fraction.labels(version, feature, str(i)).set(float(fraction))
-    return _BinnedColumn(feature, column, np.asarray(reference.edges, dtype=np.float64), counters)
+    edges = tuple(float(edge) for edge in reference.edges)
+    return _BinnedColumn(feature, column, np.asarray(edges, dtype=np.float64), edges, counters)

@@ -1,0 +1,384 @@
+"""Serving benchmark: latency percentiles, throughput and peak memory of the real BentoML service next to a
+baseline (the same bundle behind a minimal Starlette/uvicorn endpoint, ``benchmarks/baseline_app.py``), all
+measured in the same run on this machine.
+
+The load generator is a closed loop of ``concurrency`` in-flight requests (aiohttp, asyncio) in a separate
+process, so client and servers do not share an interpreter. Each server variant is started, warmed up, driven
+at every concurrency level, and stopped; its peak RSS (whole process tree) is sampled while it runs.
+
+Usage::
+
+    python benchmarks/serving_benchmark.py                       # trains a model with train_pipeline first
+    python benchmarks/serving_benchmark.py --model-dir <bundle>  # an existing bundle (with features.sqlite)
+    python benchmarks/serving_benchmark.py --variants baseline,bento-w1 --concurrency 1,4 --requests 500
+
+Writes JSON to ``--out`` (default ``var/benchmarks/serving.json``) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import psutil  # type: ignore[import-untyped]  # no stubs in the venv; a benchmark-only dependency (via bentoml)
+
+ROOT: Final[Path] = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from service.serving_process import BentoServer, free_port, server_env  # noqa: E402
+from service.settings import Settings  # noqa: E402
+
+PREDICT_PATH: Final[str] = "/api/v1/refund-predict"
+SEED_BODY: Final[bytes] = b'{"yearsActive": 1.5, "amount": 45.00, "ipAccounts": 2}'
+#: Targets on this 2-core machine (from the task): at moderate load, and throughput vs the baseline.
+MODERATE_CONCURRENCY: Final[int] = 4
+TARGET_P50_MS: Final[float] = 3.0
+TARGET_P99_MS: Final[float] = 10.0
+RSS_SAMPLE_S: Final[float] = 0.1
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One server configuration; ``env`` is added to the server's environment."""
+
+    name: str
+    kind: str  # "baseline" | "bento"
+    env: Mapping[str, str]
+
+
+VARIANTS: Final[dict[str, Variant]] = {
+    "baseline": Variant("baseline", "baseline", {}),
+    "bento-w1": Variant("bento-w1", "bento", {"FW_SERVE__WORKERS": "1", "FW_SERVE__ADAPTIVE_BATCHING": "false"}),
+    "bento-w1-batching": Variant(
+        "bento-w1-batching", "bento", {"FW_SERVE__WORKERS": "1", "FW_SERVE__ADAPTIVE_BATCHING": "true"}
+    ),
+    "bento-w2": Variant("bento-w2", "bento", {"FW_SERVE__WORKERS": "2", "FW_SERVE__ADAPTIVE_BATCHING": "false"}),
+    "bento-w2-batching": Variant(
+        "bento-w2-batching", "bento", {"FW_SERVE__WORKERS": "2", "FW_SERVE__ADAPTIVE_BATCHING": "true"}
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------ load generator
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    concurrency: int
+    requests: int
+    errors: int
+    wall_s: float
+    throughput_rps: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_ms: float
+    max_ms: float
+
+
+def run_load(url: str, body: bytes, concurrency: int, n_requests: int, warmup: int) -> LoadResult:
+    """Closed-loop load (runs in the client process): ``concurrency`` workers send ``n_requests`` in total."""
+    return asyncio.run(_load(url, body, concurrency, n_requests, warmup))
+
+
+async def _load(url: str, body: bytes, concurrency: int, n_requests: int, warmup: int) -> LoadResult:
+    import aiohttp
+
+    headers = {"content-type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one() -> tuple[float, bool]:
+            started = time.perf_counter()
+            async with session.post(url, data=body, headers=headers) as response:
+                await response.read()
+                ok = response.status == 200
+            return time.perf_counter() - started, ok
+
+        remaining = [warmup]
+
+        async def warm() -> None:
+            while remaining[0] > 0:
+                remaining[0] -= 1
+                await one()
+
+        await asyncio.gather(*(warm() for _ in range(concurrency)))
+        latencies: list[float] = []
+        errors = [0]
+        left = [n_requests]
+
+        async def worker() -> None:
+            while left[0] > 0:
+                left[0] -= 1
+                seconds, ok = await one()
+                latencies.append(seconds)
+                errors[0] += 0 if ok else 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    ms = np.asarray(latencies) * 1000.0
+    return LoadResult(
+        concurrency=concurrency,
+        requests=len(latencies),
+        errors=errors[0],
+        wall_s=round(wall, 3),
+        throughput_rps=round(len(latencies) / wall, 1),
+        p50_ms=round(float(np.percentile(ms, 50)), 3),
+        p95_ms=round(float(np.percentile(ms, 95)), 3),
+        p99_ms=round(float(np.percentile(ms, 99)), 3),
+        mean_ms=round(float(ms.mean()), 3),
+        max_ms=round(float(ms.max()), 3),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- servers
+
+
+class RssSampler:
+    """Peak resident memory of a process and all its descendants, sampled in a background thread."""
+
+    def __init__(self, pid: int) -> None:
+        self.root = psutil.Process(pid)
+        self.peak_total = 0
+        self.peak_single = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(RSS_SAMPLE_S)
+
+    def sample(self) -> None:
+        try:
+            processes = [self.root, *self.root.children(recursive=True)]
+            sizes = [process.memory_info().rss for process in processes]
+        except psutil.Error:
+            return
+        self.peak_total = max(self.peak_total, sum(sizes))
+        self.peak_single = max(self.peak_single, max(sizes))
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def as_dict(self) -> dict[str, float]:
+        mib = 1024.0 * 1024.0
+        return {
+            "peak_rss_total_mib": round(self.peak_total / mib, 1),
+            "peak_rss_largest_process_mib": round(self.peak_single / mib, 1),
+        }
+
+
+@contextmanager
+def baseline_server(model_dir: Path, settings: Settings, log_dir: Path) -> Iterator[tuple[str, int]]:
+    """uvicorn serving ``benchmarks.baseline_app`` (same uvicorn stack as BentoML's workers)."""
+    port = free_port(settings.process.host)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with (log_dir / f"baseline-{port}.log").open("ab") as log:
+        command = [
+            sys.executable, "-m", "uvicorn", "benchmarks.baseline_app:app",
+            "--host", settings.process.host, "--port", str(port), "--no-access-log", "--log-level", "warning",
+        ]  # fmt: skip
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=server_env(model_dir, settings), stdout=log, stderr=subprocess.STDOUT
+        )
+        url = f"http://{settings.process.host}:{port}"
+        try:
+            wait_http_ok(url + "/readyz", settings.process.start_timeout_s, process)
+            yield url, process.pid
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=settings.process.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def wait_http_ok(url: str, timeout_s: float, process: subprocess.Popen[bytes]) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready after {timeout_s} s")
+
+
+@contextmanager
+def bento_server(model_dir: Path, settings: Settings, variant: Variant) -> Iterator[tuple[str, int]]:
+    server = BentoServer(model_dir=model_dir, settings=settings, name=variant.name, extra_env=dict(variant.env))
+    with server:
+        assert server.pid is not None
+        yield server.url, server.pid
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def prepare_bundle(model_dir: Path | None, work: Path, n_requests: int) -> Path:
+    """The bundle to serve: ``model_dir`` as given, or one trained here by ``service.train.train_pipeline``."""
+    if model_dir is not None:
+        return model_dir
+    from service.datasets.synthetic import SyntheticConfig, generate
+    from service.featurestore import STORE_FILE, build_store
+    from service.train import train_pipeline
+
+    out = work / f"bundle-{n_requests}"
+    if (out / "manifest.json").is_file() and (out / STORE_FILE).is_file():
+        return out
+    frame = generate(SyntheticConfig(n_accounts=max(1000, n_requests // 6), n_requests=n_requests, seed=7))
+    settings = Settings.model_validate(
+        {"home": work / "train-home", "train": {"imbalance_strategies": ["scale_pos_weight"]}}
+    )
+    result = train_pipeline(frame, settings, version="bench-1", out_dir=out)
+    build_store(out / STORE_FILE, result.aggregates)
+    return out
+
+
+def describe_model(model_dir: Path) -> dict[str, Any]:
+    from service.model import load_bundle
+
+    model = load_bundle(model_dir, nthread=1)
+    return {
+        "dir": str(model_dir),
+        "version": model.version,
+        "trees": int(model.booster.num_boosted_rounds()),
+        "max_depth": model.manifest.params.get("xgb.max_depth"),
+    }
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def benchmark_variant(
+    variant: Variant,
+    model_dir: Path,
+    settings: Settings,
+    levels: Sequence[int],
+    n_requests: int,
+    warmup: int,
+    client: ProcessPoolExecutor,
+) -> dict[str, Any]:
+    starter = baseline_server(model_dir, settings, settings.logs_dir) if variant.kind == "baseline" else None
+    context = starter if starter is not None else bento_server(model_dir, settings, variant)
+    load_before = os.getloadavg()
+    with context as (url, pid), RssSampler(pid) as rss:
+        results = [
+            asdict(client.submit(run_load, url + PREDICT_PATH, SEED_BODY, level, n_requests, warmup).result())
+            for level in levels
+        ]
+    return {
+        "variant": variant.name,
+        "env": dict(variant.env),
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        **rss.as_dict(),
+        "levels": results,
+    }
+
+
+def verdict(runs: Sequence[dict[str, Any]], default_variant: str) -> dict[str, Any]:
+    """The task's targets for every BentoML variant, and which one the default settings run."""
+    by_name = {run["variant"]: run for run in runs}
+    baseline = by_name.get("baseline")
+    baseline_peak = max((lvl["throughput_rps"] for lvl in baseline["levels"]), default=0.0) if baseline else None
+    out: dict[str, Any] = {"default_variant": default_variant, "variants": {}}
+    for run in runs:
+        if run["variant"] == "baseline":
+            continue
+        moderate = next((lvl for lvl in run["levels"] if lvl["concurrency"] == MODERATE_CONCURRENCY), None)
+        peak = max(lvl["throughput_rps"] for lvl in run["levels"])
+        out["variants"][run["variant"]] = {
+            "p50_ms_at_moderate": moderate["p50_ms"] if moderate else None,
+            "p99_ms_at_moderate": moderate["p99_ms"] if moderate else None,
+            "p50_target_met": bool(moderate and moderate["p50_ms"] <= TARGET_P50_MS),
+            "p99_target_met": bool(moderate and moderate["p99_ms"] <= TARGET_P99_MS),
+            "peak_throughput_rps": peak,
+            "baseline_peak_throughput_rps": baseline_peak,
+            "throughput_target_met": None if baseline_peak is None else peak >= baseline_peak,
+        }
+    return out
+
+
+def default_variant_name() -> str:
+    serve = Settings().serve
+    return f"bento-w{serve.workers}" + ("-batching" if serve.adaptive_batching else "")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path, default=None, help="bundle to serve (default: train one)")
+    parser.add_argument("--train-rows", type=int, default=30_000, help="synthetic rows when training the bundle")
+    parser.add_argument("--variants", default="baseline,bento-w1,bento-w1-batching,bento-w2")
+    parser.add_argument("--concurrency", default="1,4,16,32", help="comma-separated in-flight request counts")
+    parser.add_argument("--requests", type=int, default=2000, help="measured requests per concurrency level")
+    parser.add_argument("--warmup", type=int, default=200, help="unmeasured requests before each level")
+    parser.add_argument("--home", type=Path, default=ROOT / "var" / "benchmarks" / "serving-home")
+    parser.add_argument("--out", type=Path, default=ROOT / "var" / "benchmarks" / "serving.json")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    names = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    levels = [int(level) for level in args.concurrency.split(",")]
+    home: Path = args.home.resolve()
+    settings = Settings.model_validate({"home": home})
+    model_dir = prepare_bundle(args.model_dir, home, args.train_rows).resolve()
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as client:
+        runs = [
+            benchmark_variant(VARIANTS[name], model_dir, settings, levels, args.requests, args.warmup, client)
+            for name in names
+        ]
+    report = {
+        "benchmark": "serving",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "model": describe_model(model_dir),
+        "body": SEED_BODY.decode(),
+        "requests_per_level": args.requests,
+        "warmup_per_level": args.warmup,
+        "runs": runs,
+        "targets": verdict(runs, default_variant_name()),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
