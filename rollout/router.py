@@ -62,8 +62,10 @@ MODEL_VERSION_HEADER: Final[str] = "X-Model-Version"
 ADMIN_SOURCE: Final[str] = "admin"
 _JSON: Final[str] = "application/json"
 _BEARER: Final[str] = "bearer"
-_CLIENT_ERROR: Final[int] = 400
+_BAD_REQUEST: Final[int] = 400
+_TOO_LARGE: Final[int] = 413
 _INVALID: Final[int] = 422
+_UNAVAILABLE: Final[int] = 503
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +93,18 @@ def splice(body: bytes, fields: bytes) -> bytes:
 
 def validation_details(exc: ValidationError) -> list[ErrorDetail]:
     return [
-        ErrorDetail(field=".".join(str(part) for part in err["loc"]) or "body", message=err["msg"])
-        for err in exc.errors()
+        ErrorDetail(field=".".join(str(part) for part in err["loc"]) or "body", message=str(err["msg"]))
+        for err in exc.errors(include_url=False, include_input=False, include_context=False)
     ]
+
+
+def rejection_of(exc: ValidationError) -> tuple[int, str, list[ErrorDetail]]:
+    """As the model service answers: 400 ``invalid_json`` for a body that is not JSON, else 422
+    ``validation_error`` with one detail per invalid field."""
+    details = validation_details(exc)
+    if any(err["type"] == "json_invalid" for err in exc.errors(include_url=False)):
+        return _BAD_REQUEST, "invalid_json", [d for d in details if d.field == "body"][:1]
+    return _INVALID, "validation_error", details
 
 
 def error_response(
@@ -247,17 +258,18 @@ class Router:
         cid = correlation_id_from_header(request.headers.get(CORRELATION_HEADER))
         body = await read_limited(request, self.settings.max_body_bytes)
         if body is None:
-            return self._respond_error(413, f"body larger than {self.settings.max_body_bytes} bytes", cid, started)
+            detail = ErrorDetail(field="body", message=f"request body larger than {self.settings.max_body_bytes} bytes")
+            return self._respond_error(_TOO_LARGE, "payload_too_large", cid, started, [detail])
         try:
-            parsed = RefundRequest.model_validate_json(body)
+            parsed = RefundRequest.model_validate_json(body or b"{}")
         except ValidationError as exc:
-            details = validation_details(exc)
-            message = "invalid request: " + ", ".join(d.field for d in details)
-            return self._respond_error(_INVALID, message, cid, started, details)
+            status, error, details = rejection_of(exc)
+            return self._respond_error(status, error, cid, started, details)
         plan = self.store.plan
         if plan is None:
             self.metrics.unavailable("no_table").inc()
-            return self._respond_error(503, "no routing table loaded yet", cid, started)
+            detail = ErrorDetail(field="routing", message="no routing table loaded yet")
+            return self._respond_error(_UNAVAILABLE, "no_routing_table", cid, started, [detail])
         entity = parsed.accountId
         route = plan.route(entity if entity is not None else cid)
         headers = {"content-type": _JSON, CORRELATION_HEADER: cid}
@@ -378,12 +390,13 @@ class Router:
             self.metrics.observe_response(plan.stage, status, time.perf_counter() - started)
             return Response(failure.body, status_code=status, media_type=_JSON, headers={CORRELATION_HEADER: cid})
         self.metrics.unavailable(f"stable_{failure.reason}").inc()
-        message = f"model service unavailable: stable {plan.table.stable.version} failed ({failure.reason})"
+        message = f"stable model version {plan.table.stable.version} failed ({failure.reason})"
         log_event(
             logger, message, logging.WARNING, event="stable_failed", correlation_id=cid,
             model_version=plan.table.stable.version, reason=failure.reason, status=status,
         )  # fmt: skip
-        return self._respond_error(503, message, cid, started, stage=plan.stage)
+        detail = ErrorDetail(field="model_version", message=message)
+        return self._respond_error(_UNAVAILABLE, "model_unavailable", cid, started, [detail], stage=plan.stage)
 
     def _respond_error(
         self,

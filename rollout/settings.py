@@ -105,6 +105,10 @@ class RouterSettings(BaseModel):
     #: One structured JSON log line per routing decision.
     log_decisions: bool = True
     latency_buckets_s: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS_S
+    #: Running the router as a child process (rollout.router_process): readiness deadline, poll, SIGTERM grace.
+    process_start_timeout_s: float = Field(60.0, gt=0.0)
+    process_poll_interval_s: float = Field(0.05, gt=0.0)
+    process_stop_timeout_s: float = Field(20.0, gt=0.0)
     score_delta_buckets: tuple[float, ...] = DEFAULT_SCORE_DELTA_BUCKETS
 
     def admin_secret(self) -> str | None:

@@ -23,7 +23,7 @@ from rollout.outcome_settings import OutcomeSettings
 from rollout.outcomes import PredictionLog, create_log_engine, predictions_table
 from rollout.router import Router
 from rollout.routing import RoutingTable, VersionEndpoint
-from rollout.settings import RouterSettings
+from rollout.settings import RolloutSettings, RouterSettings
 from rollout.sources import FileTableSource, write_table_file
 from tests.routerkit import StandIn, closed_port, metric_value, stand_in, wait_until
 
@@ -106,21 +106,24 @@ def test_bad_input_is_a_422_naming_the_field_and_reaches_no_model(
         apply(client, table(stable, None, "stable"))
         response = client.post(PREDICT, json=body)
     assert response.status_code == 422
+    assert response.json()["error"] == "validation_error"
     assert [d["field"] for d in response.json()["details"]] == [field]
-    assert field in response.json()["error"]
     assert stable.seen == []
 
 
-def test_malformed_json_and_oversized_bodies_are_4xx(stable: StandIn) -> None:
+def test_malformed_empty_and_oversized_bodies_are_4xx_like_the_model_service(stable: StandIn) -> None:
     with running(Router(router_settings(max_body_bytes=1024))) as client:
         apply(client, table(stable, None, "stable"))
         malformed = client.post(PREDICT, content=b'{"yearsActive": 1.5,', headers={"content-type": "application/json"})
         oversized = client.post(PREDICT, json={**SEED, "itemDescription": "x" * 2000})
+        empty = client.post(PREDICT, content=b"")
         text = metrics(client)
-    assert malformed.status_code == 422
-    assert malformed.json()["details"][0]["field"] == "body"
-    assert oversized.status_code == 413
-    assert metric_value(text, "fraudwatch_router_responses_total", code="4xx") == 2
+    assert (malformed.status_code, malformed.json()["error"]) == (400, "invalid_json")
+    assert [d["field"] for d in malformed.json()["details"]] == ["body"]
+    assert (oversized.status_code, oversized.json()["error"]) == (413, "payload_too_large")
+    assert (empty.status_code, empty.json()["error"]) == (422, "validation_error")
+    assert {d["field"] for d in empty.json()["details"]} == {"yearsActive", "amount", "ipAccounts"}
+    assert metric_value(text, "fraudwatch_router_responses_total", code="4xx") == 3
     assert stable.seen == []
 
 
@@ -130,7 +133,7 @@ def test_without_a_table_the_router_is_unready_and_answers_503(stable: StandIn) 
         assert client.get("/readyz").status_code == 503
         response = client.post(PREDICT, json=SEED)
         assert response.status_code == 503
-        assert "no routing table" in response.json()["error"]
+        assert response.json()["error"] == "no_routing_table"
         apply(client, table(stable, None, "stable"))
         wait_until(lambda: client.get("/readyz").status_code == 200, timeout_s=2.0)
 
@@ -341,7 +344,8 @@ def test_a_failing_stable_is_a_503_naming_it_and_its_4xx_pass_through(stable: St
         refused = client.post(PREDICT, json=SEED)
         text = metrics(client)
     assert failed.status_code == 503
-    assert "stable v1 failed (status_5xx)" in failed.json()["error"]
+    assert failed.json()["error"] == "model_unavailable"
+    assert "stable model version v1 failed (status_5xx)" in failed.json()["details"][0]["message"]
     assert refused.status_code == 422
     assert refused.json()["details"] == [{"field": "amount"}]
     assert metric_value(text, "fraudwatch_router_unavailable_total", reason="stable_status_5xx") == 1
@@ -412,3 +416,14 @@ def test_version_endpoint_is_what_the_metrics_name(stable: StandIn) -> None:
         client.post(PREDICT, json=SEED)
         text = metrics(client)
     assert metric_value(text, "fraudwatch_router_requests_total", model_version="champion-7", role="decider") == 1
+
+
+def test_router_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(" from-file\n", encoding="utf-8")
+    monkeypatch.setenv("FW_ROLLOUT_ROUTER__CANDIDATE_TIMEOUT_S", "0.3")
+    monkeypatch.setenv("FW_ROLLOUT_ROUTER__SHADOW_QUEUE_SIZE", "7")
+    monkeypatch.setenv("FW_ROLLOUT_ROUTER__ADMIN_TOKEN_FILE", str(token_file))
+    settings = RolloutSettings().router
+    assert (settings.candidate_timeout_s, settings.shadow_queue_size) == (0.3, 7)
+    assert settings.admin_secret() == "from-file"

@@ -1,0 +1,424 @@
+"""The router as a real uvicorn process in front of TWO real ``bentoml serve`` processes (two model bundles).
+
+1. Every stage routes as specified: ``model_version`` of each answer and the per-version counters on the
+   router's ``/metrics`` (decider and shadow) and on each model service's own ``/metrics``.
+2. A table change takes effect within one second, through the file and through the admin endpoint.
+3. Faults under load: killing the shadow candidate costs no client error; killing the canary candidate costs no
+   client error and its requests are counted as fallbacks.
+4. A real Prometheus scrapes the router and both services and evaluates deploy/prometheus/rules.yml: the series
+   the rollout gates query exist, with the version and role labels they select on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import os
+import signal
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from rollout.outcome_settings import OutcomeSettings, PrometheusSettings
+from rollout.prometheus import PrometheusClient, PrometheusServer, ScrapeTarget
+from rollout.router_process import RouterProcess
+from rollout.routing import RoutePlan, RoutingTable, VersionEndpoint
+from rollout.sources import write_table_file
+from service.model import read_manifest
+from service.serving_process import BentoServer
+from tests.conftest import SMALL_DATA, build_small_bundle
+from tests.integration.conftest import scoring_server
+from tests.routerkit import metric_value
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
+PREDICT = "/api/v1/refund-predict"
+SEED = {"yearsActive": 1.5, "amount": 45.00, "ipAccounts": 2}
+TOKEN = "integration-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+HTTP_TIMEOUT_S = 30.0
+SWITCH_BUDGET_S = 1.0
+LOAD_CONCURRENCY = 6
+LOAD_SECONDS = 4.0
+KILL_AFTER_S = 1.5
+#: The prediction log's database, named through its settings class so a renamed prefix cannot silently miss.
+DSN_ENV = f"{OutcomeSettings.model_config.get('env_prefix', '')}DSN"
+SERVER_ENV = {"FW_SERVE__WORKERS": "1", "FW_LOG_LEVEL": "WARNING"}
+
+
+@dataclasses.dataclass
+class Stack:
+    v1: BentoServer
+    v2: BentoServer
+    router: RouterProcess
+    routing_file: Path
+    generation: int = 0
+
+    def endpoint(self, server: BentoServer) -> VersionEndpoint:
+        return VersionEndpoint(version=read_manifest(server.model_dir).version, url=server.url)
+
+    def table(self, stage: str, weight: float | None = None, *, candidate: bool = True) -> RoutingTable:
+        self.generation += 1
+        data: dict[str, Any] = {
+            "generation": self.generation,
+            "stage": stage,
+            "stable": self.endpoint(self.v1).model_dump(),
+        }
+        if candidate:
+            data["candidate"] = self.endpoint(self.v2).model_dump()
+        if weight is not None:
+            data["candidate_weight"] = weight
+        return RoutingTable.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def second_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second model version: other training data, fewer trees, so another version name and other scores."""
+    directory = tmp_path_factory.mktemp("bundle-v2") / "model"
+    build_small_bundle(directory, dataclasses.replace(SMALL_DATA, seed=SMALL_DATA.seed + 1), n_trees=30)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def stack(bundle_dir: Path, second_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("router-stack")
+    v1 = scoring_server(home / "v1", bundle_dir, "v1", SERVER_ENV)
+    v2 = scoring_server(home / "v2", second_bundle, "v2", SERVER_ENV)
+    routing_file = home / "routing.json"
+    router = RouterProcess(
+        log_path=home / "router.log",
+        routing_file=routing_file,
+        admin_token=TOKEN,
+        env={
+            DSN_ENV: f"sqlite:///{home / 'predictions.db'}",
+            "FW_ROLLOUT_ROUTER__LOG_DECISIONS": "false",
+            "FW_ROLLOUT_ROUTER__CANDIDATE_TIMEOUT_S": "1.0",
+            "FW_ROLLOUT_ROUTER__STABLE_TIMEOUT_S": "2.0",
+        },
+    )
+    try:
+        v1.start()
+        v2.start()
+        v1.wait_ready()
+        v2.wait_ready()
+        built = Stack(v1=v1, v2=v2, router=router, routing_file=routing_file)
+        write_table_file(routing_file, built.table("stable", candidate=False))
+        router.start()
+        router.wait_live()
+        yield built
+    finally:
+        router.stop()
+        v1.stop()
+        v2.stop()
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.router.url, timeout=HTTP_TIMEOUT_S, trust_env=False) as http:
+        yield http
+
+
+def put(client: httpx.Client, table: RoutingTable) -> None:
+    response = client.put("/admin/routing", content=table.model_dump_json(), headers=AUTH)
+    assert response.status_code == 200, response.text
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.05) -> float:
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout_s:
+            raise AssertionError(f"not within {timeout_s} s")
+        time.sleep(interval_s)
+    return time.monotonic() - started
+
+
+def scrape(url: str) -> str:
+    return httpx.get(url + "/metrics", timeout=HTTP_TIMEOUT_S, trust_env=False).text
+
+
+def served(server: BentoServer, version: str) -> float:
+    """Requests the model service itself counted for its version (its own latency histogram's count)."""
+    return metric_value(scrape(server.url), "fraudwatch_request_duration_seconds_count", model_version=version)
+
+
+def accounts(n: int) -> list[str]:
+    return [f"acct-{uuid.uuid4().hex[:12]}" for _ in range(n)]
+
+
+# ------------------------------------------------------------------ 1. stages
+
+
+def test_router_becomes_ready_on_the_file_table(stack: Stack, client: httpx.Client) -> None:
+    wait_for(lambda: client.get("/readyz").status_code == 200, timeout_s=10.0)
+    answer = client.post(PREDICT, json=SEED)
+    assert answer.status_code == 200
+    assert answer.json()["model_version"] == stack.endpoint(stack.v1).version
+    assert answer.headers["x-model-version"] == answer.json()["model_version"]
+
+
+@pytest.mark.parametrize(
+    ("stage", "weight"), [("stable", None), ("shadow", None), ("canary", 5.0), ("ab", 50.0), ("full", None)]
+)
+def test_each_stage_routes_as_specified(stack: Stack, client: httpx.Client, stage: str, weight: float | None) -> None:
+    v1, v2 = stack.endpoint(stack.v1).version, stack.endpoint(stack.v2).version
+    table = stack.table(stage, weight)
+    put(client, table)
+    plan = RoutePlan.compile(table)
+    keys = accounts(60)
+    before_router = scrape(stack.router.url)
+    before_served = {v1: served(stack.v1, v1), v2: served(stack.v2, v2)}
+
+    answers = {k: client.post(PREDICT, json={**SEED, "accountId": k}) for k in keys}
+
+    assert {a.status_code for a in answers.values()} == {200}
+    expected_version = {k: (v2 if plan.route(k).arm == "candidate" else v1) for k in keys}
+    assert {k: a.json()["model_version"] for k, a in answers.items()} == expected_version
+    assert {a.json()["stage"] for a in answers.values()} == {stage}
+    n_v2 = sum(1 for v in expected_version.values() if v == v2)
+    n_v1 = len(keys) - n_v2
+    if stage in ("canary", "ab"):
+        assert 0 < n_v2 < len(keys)  # 60 fresh accounts: both arms are used (P(no candidate at 5 %) ≈ 4.6 %)
+    shadows_of_v2 = len(keys) if stage == "shadow" else 0
+    shadows_of_v1 = len(keys) if stage == "full" else 0
+
+    def counted(version: str, role: str, text: str) -> float:
+        return metric_value(text, "fraudwatch_router_requests_total", model_version=version, role=role, outcome="2xx")
+
+    def settled() -> bool:
+        after = scrape(stack.router.url)
+        return (
+            counted(v2, "shadow", after) - counted(v2, "shadow", before_router) == shadows_of_v2
+            and counted(v1, "shadow", after) - counted(v1, "shadow", before_router) == shadows_of_v1
+        )
+
+    wait_for(settled, timeout_s=10.0)
+    after_router = scrape(stack.router.url)
+    assert counted(v1, "decider", after_router) - counted(v1, "decider", before_router) == n_v1
+    assert counted(v2, "decider", after_router) - counted(v2, "decider", before_router) == n_v2
+    # Each model service saw its deciding and its shadow calls, by its own count.
+    assert served(stack.v1, v1) - before_served[v1] == n_v1 + shadows_of_v1
+    assert served(stack.v2, v2) - before_served[v2] == n_v2 + shadows_of_v2
+    assert metric_value(after_router, "fraudwatch_router_candidate_weight") == table.candidate_weight
+    assert metric_value(after_router, "fraudwatch_router_routing_info", stage=stage) == 1
+
+
+# ------------------------------------------------------------------ 2. table changes
+
+
+def test_a_file_change_takes_effect_within_a_second(stack: Stack, client: httpx.Client) -> None:
+    v2 = stack.endpoint(stack.v2).version
+    put(client, stack.table("shadow"))
+    write_table_file(stack.routing_file, stack.table("full"))
+    took = wait_for(lambda: client.post(PREDICT, json=SEED).json()["model_version"] == v2, timeout_s=SWITCH_BUDGET_S)
+    assert took <= SWITCH_BUDGET_S
+    assert client.get("/admin/routing", headers=AUTH).json()["source"] == "file"
+
+
+def test_an_admin_change_takes_effect_at_once(stack: Stack, client: httpx.Client) -> None:
+    v1 = stack.endpoint(stack.v1).version
+    assert client.put("/admin/routing", content=stack.table("stable").model_dump_json()).status_code == 401
+    started = time.monotonic()
+    put(client, stack.table("stable"))
+    answer = client.post(PREDICT, json=SEED)
+    assert time.monotonic() - started <= SWITCH_BUDGET_S
+    assert answer.json()["model_version"] == v1
+
+
+# ------------------------------------------------------------------ 3. faults under load
+
+
+@dataclasses.dataclass
+class LoadResult:
+    statuses: list[int]
+    fallbacks: int
+
+
+def run_load(url: str, seconds: float, concurrency: int) -> LoadResult:
+    """Closed-loop load: ``concurrency`` clients, each with fresh account IDs, for ``seconds``."""
+
+    async def one_client(http: httpx.AsyncClient, deadline: float, result: LoadResult) -> None:
+        while time.monotonic() < deadline:
+            response = await http.post(PREDICT, json={**SEED, "accountId": uuid.uuid4().hex})
+            result.statuses.append(response.status_code)
+            if response.status_code == 200 and "fallback_from" in response.json():
+                result.fallbacks += 1
+
+    async def main() -> LoadResult:
+        result = LoadResult(statuses=[], fallbacks=0)
+        deadline = time.monotonic() + seconds
+        limits = httpx.Limits(max_connections=concurrency)
+        async with httpx.AsyncClient(base_url=url, timeout=HTTP_TIMEOUT_S, limits=limits, trust_env=False) as http:
+            await asyncio.gather(*(one_client(http, deadline, result) for _ in range(concurrency)))
+        return result
+
+    return asyncio.run(main())
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process under ``pid`` (from /proc: the parent is the 4th field of /proc/<pid>/stat)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found.extend(kids)
+        todo.extend(kids)
+    return found
+
+
+def kill_tree(server: BentoServer) -> None:
+    """SIGKILL the server and every process under it, as a crash would: BentoML's workers run in sessions of their
+    own, so killing the arbiter's process group alone would leave them serving on the inherited socket."""
+    assert server.pid is not None
+    doomed = [server.pid, *descendants(server.pid)]
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: all(not Path(f"/proc/{pid}").exists() or zombie(pid) for pid in doomed), timeout_s=10.0)
+
+
+def zombie(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    return True
+
+
+def under_load_kill(stack: Stack, server: BentoServer) -> LoadResult:
+    """Run load through the router and SIGKILL ``server``'s whole process group part-way through."""
+    outcome: list[LoadResult] = []
+    worker = threading.Thread(target=lambda: outcome.append(run_load(stack.router.url, LOAD_SECONDS, LOAD_CONCURRENCY)))
+    worker.start()
+    time.sleep(KILL_AFTER_S)
+    kill_tree(server)
+    worker.join()
+    server.stop()
+    return outcome[0]
+
+
+@pytest.fixture
+def restore_v2(stack: Stack) -> Iterator[None]:
+    yield
+    if not stack.v2.running():
+        stack.v2.start()
+        stack.v2.wait_ready()
+
+
+def test_killing_the_shadow_candidate_under_load_costs_no_client_error(
+    stack: Stack, client: httpx.Client, restore_v2: None
+) -> None:
+    v1, v2 = stack.endpoint(stack.v1).version, stack.endpoint(stack.v2).version
+    put(client, stack.table("shadow"))
+    before = scrape(stack.router.url)
+
+    result = under_load_kill(stack, stack.v2)
+
+    after = scrape(stack.router.url)
+    assert len(result.statuses) > LOAD_CONCURRENCY * 10
+    assert set(result.statuses) == {200}, collections.Counter(result.statuses)
+    assert result.fallbacks == 0
+    decided = metric_value(after, "fraudwatch_router_requests_total", model_version=v1, role="decider") - metric_value(
+        before, "fraudwatch_router_requests_total", model_version=v1, role="decider"
+    )
+    assert decided == len(result.statuses)
+    failed_shadows = metric_value(
+        after, "fraudwatch_router_upstream_errors_total", model_version=v2, role="shadow"
+    ) - metric_value(before, "fraudwatch_router_upstream_errors_total", model_version=v2, role="shadow")
+    assert failed_shadows > 0
+
+
+def test_killing_the_canary_candidate_under_load_falls_back_without_client_errors(
+    stack: Stack, client: httpx.Client, restore_v2: None
+) -> None:
+    v2 = stack.endpoint(stack.v2).version
+    put(client, stack.table("canary", 5.0))
+    before = scrape(stack.router.url)
+
+    result = under_load_kill(stack, stack.v2)
+
+    after = scrape(stack.router.url)
+    assert set(result.statuses) == {200}, collections.Counter(result.statuses)
+    assert result.fallbacks > 0
+    fallbacks = metric_value(after, "fraudwatch_router_fallback_total", model_version=v2) - metric_value(
+        before, "fraudwatch_router_fallback_total", model_version=v2
+    )
+    assert fallbacks == result.fallbacks, [line for line in after.splitlines() if "fallback_total" in line]
+
+
+# ------------------------------------------------------------------ 4. Prometheus
+
+
+def test_prometheus_sees_the_series_the_gates_query(stack: Stack, client: httpx.Client, tmp_path: Path) -> None:
+    v1, v2 = stack.endpoint(stack.v1).version, stack.endpoint(stack.v2).version
+    put(client, stack.table("shadow"))
+    targets = [
+        ScrapeTarget(stack.router.url.removeprefix("http://"), {"component": "router"}),
+        ScrapeTarget(stack.v1.url.removeprefix("http://"), {"component": "model"}),
+        ScrapeTarget(stack.v2.url.removeprefix("http://"), {"component": "model"}),
+    ]
+    settings = PrometheusSettings(scrape_interval_s=0.5, evaluation_interval_s=0.5, ready_timeout_s=60.0)
+    with PrometheusServer(tmp_path / "prom", targets, rule_files=[RULES], settings=settings) as prom:
+        prom_client: PrometheusClient = prom.client()
+        stop = threading.Event()
+
+        def traffic() -> None:
+            with httpx.Client(base_url=stack.router.url, timeout=HTTP_TIMEOUT_S, trust_env=False) as http:
+                while not stop.is_set():
+                    http.post(PREDICT, json={**SEED, "accountId": uuid.uuid4().hex})
+
+        sender = threading.Thread(target=traffic)
+        sender.start()
+        try:
+            decider_v1 = f'{{model_version="{v1}",role="decider"}}'
+            shadow_v2 = f'{{model_version="{v2}",role="shadow"}}'
+            queries = {
+                "agreement": f'stable_candidate:fraudwatch_shadow_agreement:ratio5m{{stable="{v1}",candidate="{v2}"}}',
+                "decider_errors": "model_version_role:fraudwatch_router_error_ratio:ratio_rate5m" + decider_v1,
+                "shadow_rate": "model_version_role:fraudwatch_router_requests:rate5m" + shadow_v2,
+                "decider_p99": "model_version_role:fraudwatch_router_request_duration_seconds:p99_5m" + decider_v1,
+                "weight": "fraudwatch_router_candidate_weight",
+                "served_v2": f'sum(fraudwatch_request_duration_seconds_count{{model_version="{v2}"}})',
+            }
+            values: dict[str, float | None] = {}
+
+            def all_present() -> bool:
+                values.update({name: prom_client.query(q) for name, q in queries.items()})
+                return all(v is not None for v in values.values())
+
+            wait_for(all_present, timeout_s=60.0, interval_s=0.5)
+        finally:
+            stop.set()
+            sender.join()
+            prom_client.close()
+    assert values["agreement"] is not None and 0.0 <= values["agreement"] <= 1.0
+    assert values["decider_errors"] == 0.0
+    assert values["shadow_rate"] is not None and values["shadow_rate"] > 0.0
+    assert values["decider_p99"] is not None and 0.0 < values["decider_p99"] < 1.0
+    assert values["weight"] == 0.0
+    assert values["served_v2"] is not None and values["served_v2"] > 0.0
+
+
+def test_sigterm_drains_and_flushes_the_prediction_log(stack: Stack, client: httpx.Client) -> None:
+    """Last: stops the module's router. Every decision answered before SIGTERM is in the prediction log."""
+    put(client, stack.table("shadow"))
+    sent = [client.post(PREDICT, json=SEED).headers["x-correlation-id"] for _ in range(20)]
+    # uvicorn re-raises the SIGTERM it handled once it has shut down gracefully: the exit status is -SIGTERM.
+    assert stack.router.stop() in (0, -signal.SIGTERM)
+    assert '"event":"router_stopped"' in stack.router.log_path.read_text(encoding="utf-8")
+    db = Path(stack.router.env[DSN_ENV].removeprefix("sqlite:///"))
+    with sqlite3.connect(db) as conn:
+        logged = {row[0] for row in conn.execute("SELECT correlation_id FROM predictions WHERE role = 'decider'")}
+    assert set(sent) <= logged
