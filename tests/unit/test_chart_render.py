@@ -12,6 +12,7 @@ import ipaddress
 import json
 import re
 import sys
+import tarfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -789,3 +790,16 @@ def test_monitors_select_the_pods_that_serve_metrics(rendered: dict[str, list[di
         assert labels_match(podmonitor["spec"]["selector"]["matchLabels"], pod["metadata"]["labels"])
         port_names = {p["name"] for c in pod["spec"]["containers"] for p in c["ports"]}
         assert podmonitor["spec"]["podMetricsEndpoints"][0]["port"] in port_names
+
+
+def test_packaged_chart_is_self_contained(helm: Helm, tmp_path: Path) -> None:
+    """`helm package` follows the rules symlink: the archive carries the rules' content, the CRD and the schema."""
+    helm.run("package", str(CHART_DIR), "--destination", str(tmp_path))
+    (archive,) = tmp_path.glob("fraudwatch-*.tgz")
+    with tarfile.open(archive) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        rules = tar.extractfile(members["fraudwatch/files/rules.yml"])
+        assert rules is not None
+        assert rules.read() == RULES_FILE.read_bytes()
+        assert members["fraudwatch/files/rules.yml"].isfile()
+        assert {"fraudwatch/crds/modelrollouts.fraudwatch.io.yaml", "fraudwatch/values.schema.json"} <= set(members)
