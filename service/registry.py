@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -381,8 +381,15 @@ class ModelRegistry:
 
     def versions(self, name: str) -> list[ModelRef]:
         """All versions of a model, newest first ([] if the model does not exist)."""
-        found = self.client.search_model_versions(f"name = '{name}'")
-        return sorted((_ref(item) for item in found), key=lambda ref: int(ref.version), reverse=True)
+        found = [_ref(item) for item in self.client.search_model_versions(f"name = '{name}'")]
+        if not found:
+            return []
+        # Search results do not carry aliases; the registered model does.
+        by_version: dict[str, list[str]] = {}
+        for alias, version in self.aliases(name).items():
+            by_version.setdefault(version, []).append(alias)
+        refs = [replace(ref, aliases=tuple(sorted(by_version.get(ref.version, [])))) for ref in found]
+        return sorted(refs, key=lambda ref: int(ref.version), reverse=True)
 
     def aliases(self, name: str) -> dict[str, str]:
         try:

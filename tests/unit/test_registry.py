@@ -183,6 +183,7 @@ def test_promote_moves_champion_and_keeps_previous_then_rollback_restores(
     assert registry.promote(name, v1) == []  # promoting the champion again is a no-op
     registry.promote(name, v2, reason="better recall")
     assert registry.aliases(name) == {CHAMPION: v2, PREVIOUS: v1}
+    assert [(ref.version, ref.aliases) for ref in registry.versions(name)] == [(v2, (CHAMPION,)), (v1, (PREVIOUS,))]
     assert registry.resolve(name, CHAMPION).version == v2
 
     registry.rollback(name, reason="alert fired")
