@@ -3,8 +3,12 @@ baseline (the same bundle behind a minimal Starlette/uvicorn endpoint, ``benchma
 measured in the same run on this machine.
 
 The load generator is a closed loop of ``concurrency`` in-flight requests (aiohttp, asyncio) in a separate
-process, so client and servers do not share an interpreter. Each server variant is started, warmed up, driven
-at every concurrency level, and stopped; its peak RSS (whole process tree) is sampled while it runs.
+process, so client and servers do not share an interpreter. All server variants run at the same time; at each
+concurrency level the load alternates between them in short rounds (the order rotating), so that load from
+other jobs on this shared 2-core machine falls on every variant alike. Per variant and level: latency
+percentiles over all rounds, throughput (requests / time under load), and the servers' CPU time per request
+(whole process tree, from /proc: less sensitive to contention than latency). Peak RSS (whole process tree) is
+sampled throughout.
 
 Usage::
 
@@ -29,7 +33,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -79,7 +83,16 @@ VARIANTS: Final[dict[str, Variant]] = {
 
 
 @dataclass(frozen=True)
-class LoadResult:
+class Burst:
+    """One round of load against one server: raw latencies (seconds), errors, time under load."""
+
+    latencies: list[float]
+    errors: int
+    wall_s: float
+
+
+@dataclass(frozen=True)
+class LevelResult:
     concurrency: int
     requests: int
     errors: int
@@ -90,14 +103,33 @@ class LoadResult:
     p99_ms: float
     mean_ms: float
     max_ms: float
+    server_cpu_ms_per_request: float
+
+    @classmethod
+    def of(cls, concurrency: int, bursts: Sequence[Burst], cpu_s: float) -> LevelResult:
+        ms = np.asarray([x for burst in bursts for x in burst.latencies]) * 1000.0
+        wall = sum(burst.wall_s for burst in bursts)
+        return cls(
+            concurrency=concurrency,
+            requests=int(ms.size),
+            errors=sum(burst.errors for burst in bursts),
+            wall_s=round(wall, 3),
+            throughput_rps=round(ms.size / wall, 1),
+            p50_ms=round(float(np.percentile(ms, 50)), 3),
+            p95_ms=round(float(np.percentile(ms, 95)), 3),
+            p99_ms=round(float(np.percentile(ms, 99)), 3),
+            mean_ms=round(float(ms.mean()), 3),
+            max_ms=round(float(ms.max()), 3),
+            server_cpu_ms_per_request=round(cpu_s * 1000.0 / ms.size, 3),
+        )
 
 
-def run_load(url: str, body: bytes, concurrency: int, n_requests: int, warmup: int) -> LoadResult:
+def run_load(url: str, body: bytes, concurrency: int, n_requests: int, warmup: int) -> Burst:
     """Closed-loop load (runs in the client process): ``concurrency`` workers send ``n_requests`` in total."""
     return asyncio.run(_load(url, body, concurrency, n_requests, warmup))
 
 
-async def _load(url: str, body: bytes, concurrency: int, n_requests: int, warmup: int) -> LoadResult:
+async def _load(url: str, body: bytes, concurrency: int, n_requests: int, warmup: int) -> Burst:
     import aiohttp
 
     headers = {"content-type": "application/json"}
@@ -133,19 +165,7 @@ async def _load(url: str, body: bytes, concurrency: int, n_requests: int, warmup
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    ms = np.asarray(latencies) * 1000.0
-    return LoadResult(
-        concurrency=concurrency,
-        requests=len(latencies),
-        errors=errors[0],
-        wall_s=round(wall, 3),
-        throughput_rps=round(len(latencies) / wall, 1),
-        p50_ms=round(float(np.percentile(ms, 50)), 3),
-        p95_ms=round(float(np.percentile(ms, 95)), 3),
-        p99_ms=round(float(np.percentile(ms, 99)), 3),
-        mean_ms=round(float(ms.mean()), 3),
-        max_ms=round(float(ms.max()), 3),
-    )
+    return Burst(latencies=latencies, errors=errors[0], wall_s=wall)
 
 
 # ---------------------------------------------------------------------------------------------- servers
@@ -183,6 +203,17 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
         self.sample()
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process tree so far (children that exited are not counted)."""
+        total = 0.0
+        for process in [self.root, *self.root.children(recursive=True)]:
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue
+            total += float(times.user + times.system)
+        return total
 
     def as_dict(self) -> dict[str, float]:
         mib = 1024.0 * 1024.0
@@ -280,30 +311,49 @@ def describe_model(model_dir: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------- main
 
 
-def benchmark_variant(
-    variant: Variant,
-    model_dir: Path,
-    settings: Settings,
-    levels: Sequence[int],
-    n_requests: int,
-    warmup: int,
-    client: ProcessPoolExecutor,
-) -> dict[str, Any]:
-    starter = baseline_server(model_dir, settings, settings.logs_dir) if variant.kind == "baseline" else None
-    context = starter if starter is not None else bento_server(model_dir, settings, variant)
-    load_before = os.getloadavg()
-    with context as (url, pid), RssSampler(pid) as rss:
-        results = [
-            asdict(client.submit(run_load, url + PREDICT_PATH, SEED_BODY, level, n_requests, warmup).result())
-            for level in levels
-        ]
+@dataclass
+class Running:
+    variant: Variant
+    url: str
+    rss: RssSampler
+    bursts: dict[int, list[Burst]]
+    cpu_s: dict[int, float]
+
+
+def start_variant(variant: Variant, model_dir: Path, settings: Settings, stack: ExitStack) -> Running:
+    starter = (
+        baseline_server(model_dir, settings, settings.logs_dir)
+        if variant.kind == "baseline"
+        else bento_server(model_dir, settings, variant)
+    )
+    url, pid = stack.enter_context(starter)
+    rss = stack.enter_context(RssSampler(pid))
+    return Running(variant=variant, url=url, rss=rss, bursts={}, cpu_s={})
+
+
+def drive_level(
+    servers: Sequence[Running], level: int, n_requests: int, rounds: int, warmup: int, client: ProcessPoolExecutor
+) -> None:
+    """``rounds`` short bursts per server at ``level`` in-flight requests, alternating servers (rotating order)."""
+    per_round = max(1, n_requests // rounds)
+    for server in servers:  # warm-up at this level, unmeasured
+        client.submit(run_load, server.url + PREDICT_PATH, SEED_BODY, level, warmup, 0).result()
+    for round_ in range(rounds):
+        shift = round_ % len(servers)
+        order = [*servers[shift:], *servers[:shift]]
+        for server in order:
+            cpu_before = server.rss.cpu_seconds()
+            burst = client.submit(run_load, server.url + PREDICT_PATH, SEED_BODY, level, per_round, 0).result()
+            server.cpu_s[level] = server.cpu_s.get(level, 0.0) + server.rss.cpu_seconds() - cpu_before
+            server.bursts.setdefault(level, []).append(burst)
+
+
+def report_of(server: Running, levels: Sequence[int]) -> dict[str, Any]:
     return {
-        "variant": variant.name,
-        "env": dict(variant.env),
-        "loadavg_before": [round(x, 2) for x in load_before],
-        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        **rss.as_dict(),
-        "levels": results,
+        "variant": server.variant.name,
+        "env": dict(server.variant.env),
+        **server.rss.as_dict(),
+        "levels": [asdict(LevelResult.of(level, server.bursts[level], server.cpu_s[level])) for level in levels],
     }
 
 
@@ -342,7 +392,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", default="baseline,bento-w1,bento-w1-batching,bento-w2")
     parser.add_argument("--concurrency", default="1,4,16,32", help="comma-separated in-flight request counts")
     parser.add_argument("--requests", type=int, default=2000, help="measured requests per concurrency level")
-    parser.add_argument("--warmup", type=int, default=200, help="unmeasured requests before each level")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating bursts per server and level")
+    parser.add_argument("--warmup", type=int, default=200, help="unmeasured requests per server before each level")
     parser.add_argument("--home", type=Path, default=ROOT / "var" / "benchmarks" / "serving-home")
     parser.add_argument("--out", type=Path, default=ROOT / "var" / "benchmarks" / "serving.json")
     return parser.parse_args(argv)
@@ -359,18 +410,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     settings = Settings.model_validate({"home": home})
     model_dir = prepare_bundle(args.model_dir, home, args.train_rows).resolve()
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as client:
-        runs = [
-            benchmark_variant(VARIANTS[name], model_dir, settings, levels, args.requests, args.warmup, client)
-            for name in names
-        ]
+    load_before = os.getloadavg()
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as client, ExitStack() as stack:
+        servers = [start_variant(VARIANTS[name], model_dir, settings, stack) for name in names]
+        for level in levels:
+            drive_level(servers, level, args.requests, args.rounds, args.warmup, client)
+        runs = [report_of(server, levels) for server in servers]
     report = {
         "benchmark": "serving",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "model": describe_model(model_dir),
         "body": SEED_BODY.decode(),
         "requests_per_level": args.requests,
+        "rounds_per_level": args.rounds,
         "warmup_per_level": args.warmup,
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "runs": runs,
         "targets": verdict(runs, default_variant_name()),
     }
