@@ -1,0 +1,118 @@
+"""The scoring core behind the BentoML service, in-process: the direct predictor's parity with
+``inplace_predict``, the decision path, and the drift-bin counters against the manifest's reference bins."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service import aggregates
+from service.bento import DirectPredictor, Runtime, choose_predictor, load_runtime, probe_rows
+from service.datasets.synthetic import SyntheticConfig, generate
+from service.features import DEFAULT_AGGREGATES, feature_matrix
+from service.metrics import SCORE_FEATURE, Metrics
+from service.model import ScoringModel, load_bundle
+from service.schema import RefundRequest
+from service.settings import Settings
+
+ROWS = SyntheticConfig(n_accounts=300, n_requests=600, days=10, fraud_rate=0.05, seed=3)
+
+
+@pytest.fixture(scope="module")
+def model(bundle_dir: Path) -> ScoringModel:
+    return load_bundle(bundle_dir, nthread=1)
+
+
+@pytest.fixture(scope="module")
+def features() -> np.ndarray:
+    frame = generate(ROWS)
+    return feature_matrix(frame.to_dict("records"), aggregates.point_in_time(frame))
+
+
+def settings_for(bundle_dir: Path, **serve: object) -> Settings:
+    return Settings.model_validate({"serve": {"model_dir": bundle_dir, **serve}})
+
+
+def test_direct_predictor_is_bit_identical_to_inplace_predict(model: ScoringModel, features: np.ndarray) -> None:
+    direct = DirectPredictor(model)
+    assert np.array_equal(direct.raw_scores(features), model.raw_scores(features))
+    for i in range(0, len(features), 37):
+        row = features[i : i + 1]
+        assert np.array_equal(direct.raw_scores(row), model.raw_scores(row))
+    assert np.array_equal(direct.scores(features), model.scores(features))
+
+
+def test_direct_predictor_copies_its_output(model: ScoringModel, features: np.ndarray) -> None:
+    direct = DirectPredictor(model)
+    first = direct.raw_scores(features[:1])
+    kept = first.copy()
+    direct.raw_scores(features[1:50])
+    assert np.array_equal(first, kept)
+
+
+def test_choose_predictor_honours_the_setting(model: ScoringModel, bundle_dir: Path) -> None:
+    probe = probe_rows(model)
+    chosen = choose_predictor(settings_for(bundle_dir), model, probe)
+    assert isinstance(getattr(chosen, "__self__", None), DirectPredictor)
+    fallback = choose_predictor(settings_for(bundle_dir, direct_predict=False), model, probe)
+    assert getattr(fallback, "__self__", None) is model
+
+
+def runtime_for(bundle_dir: Path) -> tuple[Runtime, CollectorRegistry]:
+    registry = CollectorRegistry()
+    return load_runtime(settings_for(bundle_dir), Metrics(registry=registry)), registry
+
+
+def test_decide_scores_like_the_model_and_counts_every_bin(
+    bundle_dir: Path, model: ScoringModel, features: np.ndarray
+) -> None:
+    runtime, registry = runtime_for(bundle_dir)
+    requests = [
+        RefundRequest(yearsActive=1.5, amount=45.0, ipAccounts=2),
+        RefundRequest(yearsActive=0.02, amount=100.0, ipAccounts=40, itemDescription="Gift card"),
+        RefundRequest(yearsActive=6.0, amount=1899.99, ipAccounts=1, itemDescription="Laptop"),
+    ]
+    batch = asyncio.run(runtime.decide(requests, "cid-1"))
+    singles = [asyncio.run(runtime.decide([request], "cid-2"))[0] for request in requests]
+    rows = [
+        {
+            "yearsActive": r.yearsActive,
+            "amount": r.amount,
+            "ipAccounts": r.ipAccounts,
+            "itemDescription": r.itemDescription,
+        }
+        for r in requests
+    ]
+    expected = model.scores(feature_matrix(rows, [DEFAULT_AGGREGATES] * len(rows))).tolist()
+    assert [response.score for response in batch] == expected
+    assert [response.score for response in singles] == expected
+    assert [response.prediction for response in batch] == [int(score >= model.threshold) for score in expected]
+
+    version = model.version
+    matrix = feature_matrix(rows, [DEFAULT_AGGREGATES] * len(rows))
+    for feature, reference in model.manifest.feature_reference.items():
+        column = model.manifest.feature_names.index(feature)
+        counts = np.zeros(len(reference.edges) + 1)
+        for value in matrix[:, column]:
+            counts[reference.bin_of(float(value))] += 2  # once in the batch, once as a single request
+        served = [
+            registry.get_sample_value(
+                "fraudwatch_feature_bin_total", {"model_version": version, "feature": feature, "bin": str(i)}
+            )
+            for i in range(len(counts))
+        ]
+        assert served == counts.tolist(), feature
+    score_bins = [model.manifest.score_reference.bin_of(score) for score in expected]
+    for i in set(score_bins):
+        labels = {"model_version": version, "feature": SCORE_FEATURE, "bin": str(i)}
+        assert registry.get_sample_value("fraudwatch_feature_bin_total", labels) == 2 * score_bins.count(i)
+    decisions = sum(
+        registry.get_sample_value("fraudwatch_decisions_total", {"model_version": version, "decision": d}) or 0.0
+        for d in ("approve", "review")
+    )
+    assert decisions == 2 * len(requests)
+    runtime.close()
