@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -121,6 +122,78 @@ class RouterSettings(BaseModel):
         return None
 
 
+class LocalBackendSettings(BaseModel):
+    """The controller's local-process backend: model servers as ``bentoml serve`` children, routers reached through
+    their admin endpoint, scrape targets in a Prometheus file-SD file (``FW_ROLLOUT_CONTROLLER__LOCAL__…``)."""
+
+    #: Base URLs of the routers the routing table is published to (``PUT /admin/routing``, bearer token from
+    #: ``router.admin_token`` / ``router.admin_token_file``).
+    router_urls: tuple[str, ...] = ("http://127.0.0.1:8080",)
+    #: Where fetched model bundles live (one directory per version); None → ``<state_dir>/models``.
+    models_dir: Path | None = None
+    #: The file-SD targets file of a local Prometheus (``PrometheusServer``'s ``targets.json``); None → not managed.
+    prometheus_targets_file: Path | None = None
+    #: Other ``host:port`` targets written into that file beside the model servers (routers, the controller).
+    scrape_targets: tuple[str, ...] = ()
+    #: Extra environment of each model server (e.g. ``FW_SERVE__WORKERS``).
+    server_env: dict[str, str] = Field(default_factory=dict)
+    #: Budget of one readiness probe (``/readyz``) and of one admin call to a router.
+    probe_timeout_s: float = Field(0.5, gt=0.0)
+    admin_timeout_s: float = Field(2.0, gt=0.0)
+    #: A model server not ready this long after its start is stopped and started again.
+    start_timeout_s: float = Field(180.0, gt=0.0)
+    #: Not-ready servers are probed at most this often.
+    probe_interval_s: float = Field(0.25, gt=0.0)
+    #: A server that exited is started again no sooner than this after its last start.
+    restart_backoff_s: float = Field(5.0, ge=0.0)
+    #: A published table is read back from the routers at least this often (a restarted router gets it again).
+    routing_resync_interval_s: float = Field(5.0, gt=0.0)
+    #: Grace of a stopped adopted server (one this controller did not start) before SIGKILL.
+    stop_timeout_s: float = Field(20.0, gt=0.0)
+
+
+class ControllerSettings(BaseModel):
+    """The rollout controller (``FW_ROLLOUT_CONTROLLER__…``): its files, loop timings, metrics port, backend."""
+
+    backend: Literal["local", "kube"] = "local"
+    #: The rollout's name (``kubectl modelrollout status NAME``; a label of the controller's metrics).
+    name: str = Field("fraudwatch", min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    #: The rollout policy (YAML); None → the packaged default policy.
+    policy_file: Path | None = None
+    #: State file, event log and command inbox; None → ``<home>/rollout``.
+    state_dir: Path | None = None
+    prometheus_url: str = "http://127.0.0.1:9090"
+    #: The frozen labelled regression set of the ``quality`` stage (JSON meta file with ``file`` and ``sha256``).
+    quality_set: Path | None = None
+    host: str = "127.0.0.1"
+    metrics_port: int = Field(9091, ge=0, le=65535)
+    #: The loop looks at its command inbox this often (a revert waits at most this long to be seen) …
+    tick_interval_s: float = Field(0.05, gt=0.0, le=5.0)
+    #: … and reconciles workloads and routing at least this often.
+    reconcile_interval_s: float = Field(0.5, gt=0.0)
+    #: The controller's liveness record (``controller.json``) is rewritten this often; ``rolloutctl status``
+    #: warns when it is older than ``stale_after_s``.
+    heartbeat_interval_s: float = Field(1.0, gt=0.0)
+    stale_after_s: float = Field(10.0, gt=0.0)
+    #: ``rolloutctl`` waits this long for the controller to apply a command (exit code 5 after it).
+    command_wait_timeout_s: float = Field(10.0, gt=0.0)
+    command_poll_interval_s: float = Field(0.02, gt=0.0)
+    #: The registry alias of a rollout's candidate while it runs (the serving alias is the policy's).
+    challenger_alias: str = "challenger"
+    #: Without a rollout the controller serves the serving alias' version; it looks the alias up this often.
+    champion_refresh_s: float = Field(10.0, gt=0.0)
+    #: Bounded memory of the state file: command results and finished rollouts kept.
+    kept_command_results: int = Field(200, ge=1)
+    kept_past_rollouts: int = Field(50, ge=1)
+    #: Back-off after a failed reconcile (the loop keeps going; errors are counted and logged).
+    error_backoff_s: float = Field(1.0, ge=0.0)
+    reconcile_duration_buckets_s: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+    local: LocalBackendSettings = LocalBackendSettings()
+
+    def resolved_state_dir(self, home: Path) -> Path:
+        return self.state_dir if self.state_dir is not None else home / "rollout"
+
+
 class RolloutSettings(BaseSettings):
     """The root of fraudwatch's rollout-side configuration (``FW_ROLLOUT_…``)."""
 
@@ -129,6 +202,7 @@ class RolloutSettings(BaseSettings):
     home: Path = Path("var")
     log_level: str = "INFO"
     router: RouterSettings = RouterSettings()
+    controller: ControllerSettings = ControllerSettings()
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,171 @@
+"""The narrow interfaces between the rollout controller and the world it acts on (one implementation per backend).
+
+The controller decides with :mod:`rollout.machine` and acts only through these protocols:
+
+* :class:`Workloads` — make a model version run and report whether it is ready; stop it;
+* :class:`RoutingPublisher` — publish ``{stable, candidate, stage, weight, shadow}`` to every router and read it back;
+* :class:`MetricsProvider` — PromQL in, a number (or nothing) out; is the metrics store online;
+* :class:`ModelSource` — the model registry seen from delivery: version names, bundles, aliases (never training);
+* :class:`QualityCheck` — the pre-rollout regression-set metrics of a version.
+
+Every method is level-triggered: it makes the world match the argument and may be called again with the same
+argument at no cost (a second ``ensure_running`` of a running version starts nothing; a second ``publish`` of the
+table the routers hold changes nothing). Implementations: :mod:`rollout.backends.local` (child processes on
+loopback), :mod:`rollout.backends.registry` (MLflow through :mod:`service.registry`), the in-memory doubles of the
+unit tests, and later a Kubernetes backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal, Protocol
+
+from rollout.routing import Stage
+
+
+class Readiness(StrEnum):
+    """Where a version's workload stands."""
+
+    READY = "ready"
+    STARTING = "starting"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadStatus:
+    """A version's workload as the backend sees it now; ``url`` is set once it has an address."""
+
+    version: str
+    readiness: Readiness
+    url: str | None = None
+    detail: str = ""
+
+    @property
+    def ready(self) -> bool:
+        return self.readiness is Readiness.READY and self.url is not None
+
+
+class Workloads(Protocol):
+    """Model-version workloads (processes locally, Deployments on Kubernetes)."""
+
+    def ensure_running(self, version: str) -> WorkloadStatus:
+        """Start the version if it does not run (without waiting for it); report its readiness."""
+        ...
+
+    def scale_down(self, version: str) -> bool:
+        """Stop the version's workload; True when something was stopped."""
+        ...
+
+    def status(self, version: str) -> WorkloadStatus:
+        """The version's readiness without changing anything."""
+        ...
+
+    def running(self) -> tuple[str, ...]:
+        """Every version that has a workload (ready or not)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingSpec:
+    """What the controller wants the routers to do (versions only; the publisher adds URLs and the generation)."""
+
+    stage: Stage
+    stable: str
+    candidate: str | None
+    candidate_weight: int
+    shadow: tuple[str, ...] = ()
+
+    def versions(self) -> tuple[str, ...]:
+        """Every version the table names, stable first."""
+        named = (self.stable, *((self.candidate,) if self.candidate else ()), *self.shadow)
+        return tuple(dict.fromkeys(named))
+
+
+PublishOutcome = Literal["applied", "unchanged"]
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """What one publication did at each router (``url → applied | unchanged``) and the generation in force."""
+
+    outcome: PublishOutcome
+    generation: int
+    routers: Mapping[str, PublishOutcome] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedTable:
+    """A router's current table read back: the spec it encodes, its generation and endpoint URLs."""
+
+    router: str
+    spec: RoutingSpec | None
+    generation: int
+    urls: Mapping[str, str] = field(default_factory=dict)
+
+
+class RoutingError(RuntimeError):
+    """A router could not be reached or refused the table."""
+
+
+class RoutingPublisher(Protocol):
+    """The routers' routing table."""
+
+    def publish(self, spec: RoutingSpec, urls: Mapping[str, str]) -> PublishResult:
+        """Make every router hold ``spec`` with these endpoint URLs (``version → base URL``); raise
+        :class:`RoutingError` when a router cannot be brought there."""
+        ...
+
+    def read(self) -> Sequence[PublishedTable]:
+        """Every router's current table."""
+        ...
+
+
+class MetricsProvider(Protocol):
+    """The metrics store the gates are measured in (Prometheus)."""
+
+    def query(self, promql: str) -> float | None: ...
+
+    def query_vector(self, promql: str) -> Sequence[tuple[Mapping[str, str], float]]: ...
+
+    def is_online(self) -> bool: ...
+
+
+class VersionNotFoundError(LookupError):
+    """The registry has no such version, number or alias."""
+
+
+class ModelSource(Protocol):
+    """The model registry as delivery sees it: version names, verified bundles, aliases with an audit trail."""
+
+    def resolve(self, ref: str) -> str:
+        """The version name (as the model reports it, e.g. ``v3``) of a version name, a registry version number or
+        an alias; :class:`VersionNotFoundError` when there is none."""
+        ...
+
+    def alias_target(self, alias: str) -> str | None:
+        """The version name an alias points at, or None."""
+        ...
+
+    def fetch(self, version: str, dest: Path) -> Path:
+        """The version's verified bundle in ``dest`` (downloaded when not there yet); returns the directory."""
+        ...
+
+    def ensure_alias(self, alias: str, version: str, reason: str) -> bool:
+        """Point ``alias`` at ``version`` (audited); True when it moved, False when it already pointed there."""
+        ...
+
+    def clear_alias(self, alias: str, version: str, reason: str) -> bool:
+        """Remove ``alias`` if it points at ``version`` (audited); True when it was removed."""
+        ...
+
+
+class QualityCheck(Protocol):
+    """The pre-rollout quality stage: a version scored on the frozen labelled regression set."""
+
+    def evaluate(self, version: str) -> Mapping[str, float]:
+        """Metric name → value (``pr_auc``, ``recall``, …) of ``version`` on the regression set."""
+        ...

@@ -1,0 +1,401 @@
+"""The local backend: model versions as real ``bentoml serve`` child processes, routers reached through their admin
+endpoint, Prometheus scrape targets in a file-SD file.
+
+:class:`LocalWorkloads`
+    One :class:`service.serving_process.BentoServer` per version, on its own free port, serving the version's
+    bundle fetched from the registry (verified) into ``<models_dir>/<version>``. ``ensure_running`` never waits:
+    it starts the process and reports ``starting`` until ``/readyz`` answers 200. The workloads are recorded in
+    ``workloads.json`` (version, pid, port), so a controller restarted after a kill *adopts* the servers that are
+    still alive instead of starting them again — the routers keep pointing at the same URLs. Every change rewrites
+    the Prometheus file-SD targets (the model servers plus ``scrape_targets``); Prometheus picks it up without a
+    restart. Stopping happens in a background thread (SIGTERM to the server's process group, then SIGKILL).
+
+:class:`AdminRoutingPublisher`
+    Publishes the table with ``PUT /admin/routing`` (bearer token) to every router and reads it back with ``GET``.
+    Chosen over the file source because the router applies a PUT before it answers (a change is in force within
+    one round trip, a few milliseconds, instead of up to one poll interval) and the answer confirms it. The
+    generation is one above the highest the routers hold (a restarted controller continues the sequence; a router
+    refuses an older one). A table the routers already hold is not sent again; it is read back every
+    ``routing_resync_interval_s`` so a restarted router gets it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import httpx
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from rollout.backends.base import (
+    ModelSource,
+    PublishedTable,
+    PublishOutcome,
+    PublishResult,
+    Readiness,
+    RoutingError,
+    RoutingSpec,
+    WorkloadStatus,
+)
+from rollout.inbox import write_atomically
+from rollout.prometheus import ScrapeTarget, render_targets
+from rollout.routing import RoutingTable, VersionEndpoint
+from rollout.settings import LocalBackendSettings
+from service.logging import get_logger, log_event
+from service.serving_process import LIVE_PATH, READY_PATH, BentoServer
+from service.settings import Settings
+
+logger = get_logger(__name__)
+
+WORKLOADS_FILE: Final[str] = "workloads.json"
+ADMIN_PATH: Final[str] = "/admin/routing"
+MODEL_SERVER_COMPONENT: Final[str] = "model-server"
+STATIC_COMPONENT: Final[str] = "static"
+_HTTP_OK: Final[int] = 200
+_NOT_FOUND: Final[int] = 404
+_CONFLICT: Final[int] = 409
+
+
+# --------------------------------------------------------------------------------------------------- workloads
+
+
+class WorkloadRecord(BaseModel):
+    """What survives a controller restart of one model server."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: str
+    pid: int
+    port: int
+    model_dir: Path
+
+
+@dataclass
+class _Workload:
+    record: WorkloadRecord
+    url: str
+    started: float
+    server: BentoServer | None
+    ready: bool = False
+    last_probe: float = 0.0
+
+    @property
+    def version(self) -> str:
+        return self.record.version
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists (signal 0 delivers nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_group(pid: int, grace_s: float, poll_s: float) -> None:
+    """SIGTERM the process group led by ``pid``; SIGKILL it when it is still there after ``grace_s``."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(poll_s)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+class LocalWorkloads:
+    """:class:`~rollout.backends.base.Workloads` as ``bentoml serve`` processes on loopback."""
+
+    def __init__(
+        self,
+        settings: LocalBackendSettings,
+        serve_settings: Settings,
+        source: ModelSource,
+        state_dir: Path,
+    ) -> None:
+        self._settings = settings
+        self._serve = serve_settings
+        self._source = source
+        self._state_dir = state_dir
+        self._models_dir = settings.models_dir if settings.models_dir is not None else state_dir / "models"
+        self._workloads: dict[str, _Workload] = {}
+        self._last_start: dict[str, float] = {}
+        self._stopping: list[threading.Thread] = []
+        self._http = httpx.Client(timeout=settings.probe_timeout_s, trust_env=False)
+        self._adopt()
+        self._write_targets()
+
+    @property
+    def records_path(self) -> Path:
+        return self._state_dir / WORKLOADS_FILE
+
+    # ---- persistence and adoption
+
+    def _save(self) -> None:
+        records = [w.record.model_dump(mode="json") for w in self._workloads.values()]
+        write_atomically(self.records_path, json.dumps(records, indent=2))
+
+    def _adopt(self) -> None:
+        try:
+            raw = json.loads(self.records_path.read_text(encoding="utf-8"))
+            records = [WorkloadRecord.model_validate(item) for item in raw]
+        except (FileNotFoundError, json.JSONDecodeError, ValidationError, TypeError):
+            records = []
+        for record in records:
+            url = f"http://{self._serve.process.host}:{record.port}"
+            if pid_alive(record.pid) and self._answers(url + LIVE_PATH):
+                self._workloads[record.version] = _Workload(record, url, time.monotonic(), server=None)
+                log_event(logger, "model server adopted", event="workload_adopted", version=record.version,
+                          pid=record.pid, url=url)  # fmt: skip
+            elif pid_alive(record.pid):
+                stop_group(record.pid, self._settings.stop_timeout_s, self._settings.probe_interval_s)
+        self._save()
+
+    def _answers(self, url: str) -> bool:
+        try:
+            return self._http.get(url).status_code == _HTTP_OK
+        except httpx.HTTPError:
+            return False
+
+    # ---- the protocol
+
+    def ensure_running(self, version: str) -> WorkloadStatus:
+        workload = self._workloads.get(version)
+        if workload is not None and not self._alive(workload):
+            log_event(logger, "model server exited", event="workload_exited", version=version, url=workload.url)
+            self._forget(version, stop=True)
+            workload = None
+        if workload is None:
+            return self._start(version)
+        return self._probe(workload)
+
+    def status(self, version: str) -> WorkloadStatus:
+        workload = self._workloads.get(version)
+        if workload is None:
+            return WorkloadStatus(version, Readiness.STOPPED)
+        if not self._alive(workload):
+            return WorkloadStatus(version, Readiness.FAILED, workload.url, "process exited")
+        return WorkloadStatus(version, Readiness.READY if workload.ready else Readiness.STARTING, workload.url)
+
+    def scale_down(self, version: str) -> bool:
+        if version not in self._workloads:
+            return False
+        self._forget(version, stop=True)
+        log_event(logger, "model server stopping", event="workload_scaled_down", version=version)
+        return True
+
+    def running(self) -> tuple[str, ...]:
+        return tuple(self._workloads)
+
+    def close(self, *, stop_servers: bool) -> None:
+        """Release the backend; with ``stop_servers`` stop every model server (else they keep running)."""
+        if stop_servers:
+            for version in list(self._workloads):
+                self._forget(version, stop=True)
+        for thread in self._stopping:
+            thread.join()
+        self._stopping.clear()
+        self._http.close()
+
+    # ---- internals
+
+    def _alive(self, workload: _Workload) -> bool:
+        if workload.server is not None:
+            return workload.server.running()
+        return pid_alive(workload.record.pid)
+
+    def _start(self, version: str) -> WorkloadStatus:
+        now = time.monotonic()
+        last = self._last_start.get(version)
+        if last is not None and now - last < self._settings.restart_backoff_s:
+            return WorkloadStatus(version, Readiness.FAILED, detail="exited; waiting to start it again")
+        self._last_start[version] = now
+        model_dir = self._source.fetch(version, self._models_dir / version)
+        server = BentoServer(
+            model_dir=model_dir,
+            settings=self._serve,
+            name=f"model-{version}",
+            extra_env=dict(self._settings.server_env),
+        )
+        server.start()
+        if server.pid is None or server.port is None:
+            raise RuntimeError(f"model server of {version} did not start")
+        record = WorkloadRecord(version=version, pid=server.pid, port=server.port, model_dir=model_dir)
+        self._workloads[version] = _Workload(record, server.url, time.monotonic(), server=server)
+        self._save()
+        self._write_targets()
+        log_event(logger, "model server started", event="workload_started", version=version, url=server.url,
+                  pid=server.pid, log=str(server.log_path))  # fmt: skip
+        return WorkloadStatus(version, Readiness.STARTING, server.url)
+
+    def _probe(self, workload: _Workload) -> WorkloadStatus:
+        version = workload.version
+        if workload.ready:
+            return WorkloadStatus(version, Readiness.READY, workload.url)
+        now = time.monotonic()
+        if now - workload.last_probe >= self._settings.probe_interval_s:
+            workload.last_probe = now
+            workload.ready = self._answers(workload.url + READY_PATH)
+            if workload.ready:
+                log_event(logger, "model server ready", event="workload_ready", version=version, url=workload.url,
+                          waited_s=round(now - workload.started, 3))  # fmt: skip
+                return WorkloadStatus(version, Readiness.READY, workload.url)
+        if now - workload.started > self._settings.start_timeout_s:
+            log_event(logger, "model server not ready in time, restarting", event="workload_start_timeout",
+                      version=version)  # fmt: skip
+            self._forget(version, stop=True)
+            self._last_start.pop(version, None)
+            return WorkloadStatus(version, Readiness.FAILED, workload.url, "not ready in time")
+        return WorkloadStatus(version, Readiness.STARTING, workload.url)
+
+    def _forget(self, version: str, *, stop: bool) -> None:
+        workload = self._workloads.pop(version, None)
+        self._save()
+        self._write_targets()
+        if workload is None or not stop:
+            return
+        thread = threading.Thread(target=self._stop, args=(workload,), name=f"stop-{version}", daemon=True)
+        thread.start()
+        self._stopping = [t for t in self._stopping if t.is_alive()] + [thread]
+
+    def _stop(self, workload: _Workload) -> None:
+        if workload.server is not None:
+            workload.server.stop()
+        else:
+            stop_group(workload.record.pid, self._settings.stop_timeout_s, self._settings.probe_interval_s)
+
+    def targets(self) -> list[ScrapeTarget]:
+        """The scrape targets: the static ones and every model server."""
+        static = [ScrapeTarget(address, {"component": STATIC_COMPONENT}) for address in self._settings.scrape_targets]
+        servers = [
+            ScrapeTarget(f"{self._serve.process.host}:{w.record.port}", {"component": MODEL_SERVER_COMPONENT})
+            for w in self._workloads.values()
+        ]
+        return static + servers
+
+    def _write_targets(self) -> None:
+        path = self._settings.prometheus_targets_file
+        if path is not None:
+            write_atomically(path, json.dumps(render_targets(self.targets()), indent=2))
+
+
+# --------------------------------------------------------------------------------------------------- routing
+
+
+def table_of(spec: RoutingSpec, urls: Mapping[str, str], generation: int) -> RoutingTable:
+    """The routing table of ``spec`` with its endpoints' URLs (``KeyError`` when a version has no URL)."""
+
+    def endpoint(version: str) -> VersionEndpoint:
+        return VersionEndpoint(version=version, url=urls[version])
+
+    return RoutingTable(
+        generation=generation,
+        stage=spec.stage,
+        stable=endpoint(spec.stable),
+        candidate=endpoint(spec.candidate) if spec.candidate is not None else None,
+        candidate_weight=float(spec.candidate_weight),
+        shadow=tuple(endpoint(v) for v in spec.shadow),
+    )
+
+
+def spec_of(table: RoutingTable) -> RoutingSpec:
+    return RoutingSpec(
+        stage=table.stage,
+        stable=table.stable.version,
+        candidate=table.candidate.version if table.candidate is not None else None,
+        candidate_weight=round(table.candidate_weight),
+        shadow=tuple(e.version for e in table.shadow),
+    )
+
+
+def same_routing(a: RoutingTable, b: RoutingTable) -> bool:
+    """True when two tables route identically (everything but the generation is equal)."""
+    return a.model_dump(exclude={"generation"}) == b.model_dump(exclude={"generation"})
+
+
+@dataclass
+class AdminRoutingPublisher:
+    """:class:`~rollout.backends.base.RoutingPublisher` through each router's ``/admin/routing``."""
+
+    router_urls: Sequence[str]
+    token: str | None
+    timeout_s: float
+    resync_interval_s: float
+    _http: httpx.Client = field(init=False, repr=False)
+    _generation: int = field(default=0, init=False)
+    _held: RoutingTable | None = field(default=None, init=False)
+    _verified_at: float = field(default=-1e18, init=False)
+
+    def __post_init__(self) -> None:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        self._http = httpx.Client(timeout=self.timeout_s, headers=headers, trust_env=False)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def publish(self, spec: RoutingSpec, urls: Mapping[str, str]) -> PublishResult:
+        desired = table_of(spec, urls, self._generation)
+        fresh = time.monotonic() - self._verified_at < self.resync_interval_s
+        if fresh and self._held is not None and same_routing(self._held, desired):
+            return PublishResult("unchanged", self._generation)
+        outcomes = {router: self._publish_to(router, desired) for router in self.router_urls}
+        self._held = desired
+        self._verified_at = time.monotonic()
+        outcome: PublishOutcome = "applied" if "applied" in outcomes.values() else "unchanged"
+        return PublishResult(outcome, self._generation, outcomes)
+
+    def _publish_to(self, router: str, desired: RoutingTable, retried: bool = False) -> PublishOutcome:
+        current = self._get(router)
+        if current is not None:
+            self._generation = max(self._generation, current.generation)
+            if same_routing(current, desired):
+                return "unchanged"
+        self._generation += 1
+        table = desired.model_copy(update={"generation": self._generation})
+        try:
+            response = self._http.put(router + ADMIN_PATH, content=table.model_dump_json())
+        except httpx.HTTPError as exc:
+            raise RoutingError(f"router {router} unreachable: {exc}") from exc
+        if response.status_code == _CONFLICT and not retried:
+            return self._publish_to(router, desired, retried=True)
+        if response.status_code != _HTTP_OK:
+            raise RoutingError(f"router {router} refused the table ({response.status_code}): {response.text[:300]}")
+        log_event(logger, "routing table published", event="routing_published", router=router,
+                  generation=self._generation, stage=table.stage, stable=table.stable.version,
+                  candidate=table.candidate.version if table.candidate else None,
+                  candidate_weight=table.candidate_weight, shadow=[e.version for e in table.shadow])  # fmt: skip
+        return "applied"
+
+    def _get(self, router: str) -> RoutingTable | None:
+        try:
+            response = self._http.get(router + ADMIN_PATH)
+        except httpx.HTTPError as exc:
+            raise RoutingError(f"router {router} unreachable: {exc}") from exc
+        if response.status_code == _NOT_FOUND:
+            return None
+        if response.status_code != _HTTP_OK:
+            raise RoutingError(f"router {router} answered {response.status_code}: {response.text[:300]}")
+        body: dict[str, Any] = response.json()
+        return RoutingTable.model_validate(body["table"])
+
+    def read(self) -> list[PublishedTable]:
+        tables = []
+        for router in self.router_urls:
+            table = self._get(router)
+            if table is None:
+                tables.append(PublishedTable(router, None, 0))
+            else:
+                urls = {e.version: e.url for e in table.endpoints()}
+                tables.append(PublishedTable(router, spec_of(table), table.generation, urls))
+        return tables
