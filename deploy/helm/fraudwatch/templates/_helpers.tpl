@@ -55,6 +55,11 @@ Names
 {{- if .Values.router.adminToken.existingSecret }}{{ .Values.router.adminToken.existingSecretKey }}{{ else }}admin-token{{ end }}
 {{- end }}
 
+{{/* Where the router reads its admin token (a Secret volume; FW_ROLLOUT_ROUTER__ADMIN_TOKEN_FILE). */}}
+{{- define "fraudwatch.adminTokenPath" -}}
+/etc/fraudwatch/admin/token
+{{- end }}
+
 {{- define "fraudwatch.predictionLogKey" -}}
 {{- if .Values.predictionLog.existingSecret }}{{ .Values.predictionLog.existingSecretKey }}{{ else }}dsn{{ end }}
 {{- end }}
@@ -98,29 +103,6 @@ Images
 {{/* (dict "image" .Values.router.image "default" .Chart.AppVersion) */}}
 {{- define "fraudwatch.image" -}}
 {{- printf "%s:%s" .image.repository (default .default .image.tag | toString) }}
-{{- end }}
-
-{{/* ---------------------------------------------------------------------------------------------------------
-Settings → environment: (dict "prefix" "FW_ROLLOUT_ROUTER__" "settings" .Values.router.settings "reserved" (list ...))
-Keys are pydantic field names (snake_case); scalars are passed as strings, lists and maps as JSON (which
-pydantic-settings parses for complex fields). A key the chart sets itself fails the render.
---------------------------------------------------------------------------------------------------------- */}}
-{{- define "fraudwatch.settingsEnv" -}}
-{{- $prefix := .prefix }}
-{{- $reserved := .reserved | default list }}
-{{- $env := list }}
-{{- range $key, $value := .settings }}
-{{- if has $key $reserved }}
-{{- fail (printf "settings key %q is set by the chart itself (%s%s); use the dedicated value instead" $key $prefix (upper $key)) }}
-{{- end }}
-{{- if not (regexMatch "^[a-z][a-z0-9_]*$" $key) }}
-{{- fail (printf "settings key %q must be a snake_case pydantic field name" $key) }}
-{{- end }}
-{{- $text := toString $value }}
-{{- if or (kindIs "slice" $value) (kindIs "map" $value) }}{{ $text = toJson $value }}{{ end }}
-{{- $env = append $env (dict "name" (printf "%s%s" $prefix (upper $key)) "value" $text) }}
-{{- end }}
-{{- with $env }}{{ toYaml . }}{{ end }}
 {{- end }}
 
 {{/* ---------------------------------------------------------------------------------------------------------

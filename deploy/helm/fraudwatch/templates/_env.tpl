@@ -1,0 +1,119 @@
+{{/* =========================================================================================================
+Every environment variable the chart sets, per component, in one place (README.md, "Environment contract").
+Names follow the settings classes (pydantic-settings, nested groups joined by "__"): rollout/settings.py
+(FW_ROLLOUT_…), rollout/outcome_settings.py (FW_ROLLOUT_OUTCOMES__…), service/settings.py (FW_…).
+tests/unit/test_chart_render.py checks each name against those classes.
+
+A component's `settings` map adds variables under its prefix; keys the chart sets here are refused.
+========================================================================================================= */}}
+
+{{/* (dict "env" (list (dict "name" … "value" …) …) "prefix" "FW_…__" "settings" map "extra" list) → YAML list */}}
+{{- define "fraudwatch.env.render" -}}
+{{- $env := .env }}
+{{- $reserved := list }}
+{{- range .env }}
+{{- if hasPrefix $.prefix .name }}
+{{- $key := trimPrefix $.prefix .name | lower }}
+{{- $reserved = append $reserved $key }}
+{{- $reserved = append $reserved (first (splitList "__" $key)) }}
+{{- end }}
+{{- end }}
+{{- range $key, $value := .settings }}
+{{- if has $key $reserved }}
+{{- fail (printf "settings key %q: %s%s is set by the chart itself (see README.md, Environment contract)" $key $.prefix (upper $key)) }}
+{{- end }}
+{{- if not (regexMatch "^[a-z][a-z0-9_]*$" $key) }}
+{{- fail (printf "settings key %q must be a snake_case pydantic field name (nested groups joined by __)" $key) }}
+{{- end }}
+{{- $text := toString $value }}
+{{- if or (kindIs "slice" $value) (kindIs "map" $value) }}{{ $text = toJson $value }}{{ end }}
+{{- $env = append $env (dict "name" (printf "%s%s" $.prefix (upper $key)) "value" $text) }}
+{{- end }}
+{{- toYaml (concat $env (.extra | default list)) }}
+{{- end }}
+
+{{- define "fraudwatch.env.fieldRef" -}}
+{{- dict "fieldRef" (dict "fieldPath" .) | toYaml }}
+{{- end }}
+
+{{/* The rollout controller (rollout/settings.py: RolloutSettings, ControllerSettings). */}}
+{{- define "fraudwatch.env.controller" -}}
+{{- $c := .Values.controller }}
+{{- $le := $c.leaderElection }}
+{{- $p := "FW_ROLLOUT_CONTROLLER__" }}
+{{- $kube := "FW_ROLLOUT_CONTROLLER__KUBE__" }}
+{{- $env := list
+  (dict "name" "FW_ROLLOUT_LOG_LEVEL" "value" .Values.logLevel)
+  (dict "name" "FW_ROLLOUT_HOME" "value" (include "fraudwatch.dataDir" .))
+  (dict "name" (print $p "BACKEND") "value" "kube")
+  (dict "name" (print $p "NAME") "value" (include "fraudwatch.rolloutName" .))
+  (dict "name" (print $p "PROMETHEUS_URL") "value" .Values.prometheus.url)
+  (dict "name" (print $p "HOST") "value" "0.0.0.0")
+  (dict "name" (print $p "METRICS_PORT") "value" (toString $c.metricsPort))
+  (dict "name" (print $kube "NAMESPACE") "valueFrom" (include "fraudwatch.env.fieldRef" "metadata.namespace" | fromYaml))
+  (dict "name" (print $kube "MODEL_SERVER_CONFIGMAP") "value" (include "fraudwatch.modelServerConfigMap" .))
+  (dict "name" (print $kube "LEADER_ELECTION") "value" (toString $le.enabled))
+  (dict "name" (print $kube "LEASE_NAME") "value" (include "fraudwatch.leaseName" .))
+  (dict "name" (print $kube "LEASE_DURATION_S") "value" (toString $le.leaseDurationSeconds))
+  (dict "name" (print $kube "RENEW_DEADLINE_S") "value" (toString $le.renewDeadlineSeconds))
+  (dict "name" (print $kube "RETRY_PERIOD_S") "value" (toString $le.retryPeriodSeconds))
+  (dict "name" (print $kube "IDENTITY") "valueFrom" (include "fraudwatch.env.fieldRef" "metadata.name" | fromYaml))
+}}
+{{- include "fraudwatch.env.render" (dict "env" $env "prefix" $p "settings" $c.settings "extra" $c.extraEnv) }}
+{{- end }}
+
+{{/* The router (RouterSettings) and its prediction log (rollout/outcome_settings.py: OutcomeSettings). */}}
+{{- define "fraudwatch.env.router" -}}
+{{- $r := .Values.router }}
+{{- $p := "FW_ROLLOUT_ROUTER__" }}
+{{- $outcomes := "FW_ROLLOUT_OUTCOMES__" }}
+{{- $dsn := dict "secretKeyRef" (dict "name" (include "fraudwatch.predictionLogSecret" .) "key" (include "fraudwatch.predictionLogKey" .)) }}
+{{- $env := list
+  (dict "name" "FW_ROLLOUT_LOG_LEVEL" "value" .Values.logLevel)
+  (dict "name" "FW_ROLLOUT_HOME" "value" (include "fraudwatch.dataDir" .))
+  (dict "name" (print $p "HOST") "value" "0.0.0.0")
+  (dict "name" (print $p "PORT") "value" (toString $r.port))
+  (dict "name" (print $p "GRACEFUL_SHUTDOWN_S") "value" (toString (max 1 (sub (int $r.terminationGracePeriodSeconds) 5))))
+  (dict "name" (print $p "ADMIN_TOKEN_FILE") "value" (include "fraudwatch.adminTokenPath" .))
+  (dict "name" (print $p "KUBE__NAMESPACE") "valueFrom" (include "fraudwatch.env.fieldRef" "metadata.namespace" | fromYaml))
+  (dict "name" (print $p "KUBE__ROLLOUT_NAME") "value" (include "fraudwatch.rolloutName" .))
+}}
+{{- $routerEnv := include "fraudwatch.env.render" (dict "env" $env "prefix" $p "settings" $r.settings) | fromYamlArray }}
+{{- $logEnv := list (dict "name" (print $outcomes "DSN") "valueFrom" $dsn) }}
+{{- include "fraudwatch.env.render" (dict "env" (concat $routerEnv $logEnv) "prefix" $outcomes "settings" .Values.outcomes.settings "extra" $r.extraEnv) }}
+{{- end }}
+
+{{/* The model servers (service/settings.py: Settings, ServeSettings); the controller adds the version's env. */}}
+{{- define "fraudwatch.env.modelServer" -}}
+{{- $s := .Values.modelServer }}
+{{- $p := "FW_SERVE__" }}
+{{- $env := list
+  (dict "name" "FW_LOG_LEVEL" "value" .Values.logLevel)
+  (dict "name" "FW_HOME" "value" (include "fraudwatch.dataDir" .))
+  (dict "name" (print $p "MODEL_NAME") "value" .Values.model.name)
+}}
+{{- with .Values.mlflow.trackingUri }}
+{{- $env = append $env (dict "name" "FW_MLFLOW_TRACKING_URI" "value" .) }}
+{{- end }}
+{{- /* Set per version by the controller: refused in modelServer.settings. */}}
+{{- $byController := list (print $p "MODEL_URI") (print $p "MODEL_ALIAS") (print $p "MODEL_DIR") (print $p "MODEL_VERSION") }}
+{{- range $name := $byController }}
+{{- if hasKey $s.settings (trimPrefix $p $name | lower) }}
+{{- fail (printf "modelServer.settings: %s is set per version by the controller" $name) }}
+{{- end }}
+{{- end }}
+{{- include "fraudwatch.env.render" (dict "env" $env "prefix" $p "settings" $s.settings "extra" $s.extraEnv) }}
+{{- end }}
+
+{{/* The retraining CronJob (service/settings.py: Settings). */}}
+{{- define "fraudwatch.env.retraining" -}}
+{{- $env := list
+  (dict "name" "FW_LOG_LEVEL" "value" .Values.logLevel)
+  (dict "name" "FW_HOME" "value" (include "fraudwatch.dataDir" .))
+  (dict "name" "FW_REGISTERED_MODEL_NAME" "value" .Values.model.name)
+}}
+{{- with .Values.mlflow.trackingUri }}
+{{- $env = append $env (dict "name" "FW_MLFLOW_TRACKING_URI" "value" .) }}
+{{- end }}
+{{- include "fraudwatch.env.render" (dict "env" $env "prefix" "FW_" "settings" dict "extra" .Values.retraining.extraEnv) }}
+{{- end }}
