@@ -674,10 +674,12 @@ class RefundFraudService:
             load_ms=round((time.perf_counter() - started) * 1000.0, 1),
         )
 
-    def __is_ready__(self) -> bool:
+    async def __is_ready__(self) -> bool:
+        """``/readyz``: 503 until the model is loaded, verified and warmed up (async: no thread hop per probe)."""
         return STATE.runtime is not None
 
-    def __is_alive__(self) -> bool:
+    async def __is_alive__(self) -> bool:
+        """``/livez``: 503 once loading has failed (no bundle in time, checksum mismatch, ...)."""
         return STATE.failure is None
 
     @api(route=PREDICT_ROUTE)
