@@ -7,7 +7,7 @@ Users
     has passed — chargebacks arrive days later in reality, seconds later here.
 
 Environment
-    FW_LOAD_SEED (7), FW_LOAD_DRIFT (0/1), FW_LOAD_ROWS (50000): the stream;
+    FW_LOAD_SEED (7), FW_LOAD_DRIFT (0/1), FW_LOAD_ROWS (50000), FW_LOAD_FRAUD_RATE (the generator's): the stream;
     FW_LOAD_LABEL_SECONDS_PER_HOUR (0.02): label-delay compression (0.02 s per real hour → a week in ~3.4 s);
     FW_LOAD_LABEL_SHARE (1.0): share of answered requests that ever get a label;
     FW_LOAD_WAIT_MIN / FW_LOAD_WAIT_MAX (0.01 / 0.05 s): think time per refund user.
@@ -50,6 +50,7 @@ class _Stream:
             SyntheticConfig(
                 n_requests=int(_env_float("FW_LOAD_ROWS", 50_000)),
                 seed=int(_env_float("FW_LOAD_SEED", 7)),
+                fraud_rate=_env_float("FW_LOAD_FRAUD_RATE", SyntheticConfig.fraud_rate),
                 drift=os.environ.get("FW_LOAD_DRIFT", "0") == "1",
             )
         )

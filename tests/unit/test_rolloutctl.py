@@ -1,0 +1,199 @@
+"""rolloutctl / kubectl-modelrollout: argument parsing, exit codes, and the commands against a running controller.
+
+The controller here is the real reconcile loop (rollout.controller.Controller.run in a thread) on the in-memory
+world of tests/unit/test_controller.py (pure-logic doubles of processes, routers and the registry); the CLI is the
+real one, called in-process, talking to it only through the state directory.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rollout.cli import ExitCode, build_parser, kubectl_main, main
+from rollout.inbox import CommandInbox
+from rollout.state import StateStore
+from tests.unit.test_controller import POLICY_YAML, SETTINGS, V1, V2, Harness
+
+NAME = SETTINGS.name
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY_YAML)
+    monkeypatch.setenv("FW_ROLLOUT_CONTROLLER__POLICY_FILE", str(policy))
+    monkeypatch.setenv("FW_ROLLOUT_CONTROLLER__NAME", NAME)
+    monkeypatch.setenv("FW_ROLLOUT_CONTROLLER__COMMAND_WAIT_TIMEOUT_S", "10")
+    monkeypatch.setenv("COLUMNS", "200")  # rich: one line per table row
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def running(state_dir: Path) -> Iterator[Harness]:
+    """A controller loop serving the state directory (in-memory world), stopped after the test."""
+    harness = Harness(state_dir)
+    stop = threading.Event()
+    thread = threading.Thread(target=harness.controller.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield harness
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+def ctl(state_dir: Path, *args: str) -> int:
+    return main(["--state-dir", str(state_dir), *args])
+
+
+def measured(state_dir: Path) -> bool:
+    """True once the saved state holds a measurement of the current stage (what the CLI reads)."""
+    saved = StateStore(state_dir).load()
+    return saved is not None and saved.rollout is not None and bool(saved.rollout.gates)
+
+
+def json_out(capsys: pytest.CaptureFixture[str]) -> Any:
+    return json.loads(capsys.readouterr().out)
+
+
+# --------------------------------------------------------------------------------------------------- parsing
+
+
+@pytest.mark.parametrize("entry", [main, kubectl_main])
+def test_help_exits_zero_and_lists_every_command(entry: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    assert entry(["--help"]) == ExitCode.OK
+    out = capsys.readouterr().out
+    for command in ("start", "status", "promote", "pause", "resume", "abort", "revert", "history", "exit codes"):
+        assert command in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["start"],  # --candidate is required
+        ["promote", "--to", "nowhere"],
+        ["history", "--limit", "0"],
+        ["revert", "--timeout", "-1"],
+        ["frobnicate"],
+    ],
+)
+def test_usage_errors_exit_2(argv: list[str], state_dir: Path) -> None:
+    assert ctl(state_dir, *argv) == ExitCode.USAGE
+
+
+def test_the_kubectl_plugin_takes_the_rollout_name() -> None:
+    args = build_parser(plugin=True).parse_args(["promote", "fraudwatch", "--to", "ab"])
+    assert (args.command, args.name, args.to) == ("promote", "fraudwatch", "ab")
+    with pytest.raises(SystemExit):
+        build_parser(plugin=True).parse_args(["status"])
+
+
+# --------------------------------------------------------------------------------------------------- exit codes
+
+
+def test_status_without_a_rollout_exits_not_found(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert ctl(state_dir, "--json", "status") == ExitCode.NOT_FOUND
+    assert json_out(capsys) == {"rollout": None, "controller": {"running": False}}
+
+
+def test_a_command_without_a_rollout_is_not_queued(state_dir: Path) -> None:
+    assert ctl(state_dir, "promote") == ExitCode.NOT_FOUND
+    assert not CommandInbox(state_dir).has_pending()
+
+
+def test_the_kube_backend_is_reported_unavailable(state_dir: Path) -> None:
+    assert ctl(state_dir, "--backend", "kube", "status") == ExitCode.UNAVAILABLE
+
+
+def test_no_controller_means_timeout_and_the_command_is_withdrawn(state_dir: Path) -> None:
+    assert ctl(state_dir, "start", "--candidate", V2, "--timeout", "0.3") == ExitCode.TIMEOUT
+    assert not CommandInbox(state_dir).has_pending()
+
+
+def test_no_wait_only_queues(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert ctl(state_dir, "--json", "start", "--candidate", V2, "--no-wait", "--id", "r-queued") == ExitCode.OK
+    assert json_out(capsys)["outcome"] == "queued"
+    [(_, command)] = CommandInbox(state_dir).pending()
+    assert not isinstance(command, str)
+    assert (command.id, command.kind, command.candidate) == ("r-queued", "start", V2)
+
+
+# --------------------------------------------------------------------------------------------------- with a controller
+
+
+def test_start_status_pause_and_history_against_a_running_controller(
+    running: Harness, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert ctl(state_dir, "--json", "start", "--candidate", V2, "--reason", "unit") == ExitCode.OK
+    started = json_out(capsys)
+    assert started["outcome"] == "applied"
+    assert started["detail"].endswith(f"{V1} → {V2}")
+
+    assert ctl(state_dir, "--json", "start", "--candidate", V2) == ExitCode.REFUSED
+    assert "in progress" in json_out(capsys)["detail"]
+    assert ctl(state_dir, "resume") == ExitCode.REFUSED  # not paused
+    capsys.readouterr()
+
+    assert ctl(state_dir, "pause") == ExitCode.OK
+    assert "applied" in capsys.readouterr().out
+    assert ctl(state_dir, "--json", "status") == ExitCode.OK
+    status = json_out(capsys)
+    rollout = status["rollout"]
+    assert (rollout["stable"], rollout["candidate"], rollout["paused"]) == (V1, V2, True)
+    assert sum(rollout["weights"].values()) == 100
+    assert status["controller"] == {"running": False}  # the loop in this test writes no heartbeat
+    gates = {g["name"]: g for g in status["gates"]}
+    assert rollout["stage"] == "shadow"  # the quality stage passed at once; the test's clock stands still
+    assert set(gates) == {"min-requests", "errors"}
+
+    assert ctl(state_dir, "--json", "history") == ExitCode.OK
+    events = json_out(capsys)
+    assert any(e["kind"] == "transition" and e["command_id"] for e in events)
+    assert events[0]["kind"] == "note" and "started" in events[0]["reason"]
+
+
+def test_status_shows_every_gate_with_value_threshold_and_verdict(
+    running: Harness, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert ctl(state_dir, "start", "--candidate", V2) == ExitCode.OK
+    assert ctl(state_dir, "promote", "--to", "canary") == ExitCode.OK
+    assert ctl(state_dir, "pause") == ExitCode.OK  # measured, never promoted, while the test looks
+    deadline = 200
+    while deadline and not measured(state_dir):
+        deadline -= 1
+        running.clock.advance(1.0)
+        threading.Event().wait(0.05)
+    capsys.readouterr()
+    assert ctl(state_dir, "--json", "status") == ExitCode.OK
+    gates = {g["name"]: g for g in json_out(capsys)["gates"]}
+    assert gates["errors"]["verdict"] == "Successful"
+    assert gates["errors"]["threshold"] == 0.01
+    assert gates["errors"]["candidate"] == 0.0
+    assert gates["errors"]["condition"] == "value <= 0.01"
+
+    assert ctl(state_dir, "status") == ExitCode.OK
+    table = capsys.readouterr().out
+    for text in ("canary", "errors", "Successful", "0.01", "v1 95 %", "v2 5 %", "time in stage"):
+        assert text in table
+
+
+def test_revert_and_the_kubectl_plugin(running: Harness, state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert ctl(state_dir, "start", "--candidate", V2) == ExitCode.OK
+    assert kubectl_main(["--state-dir", str(state_dir), "status", "someone-else"]) == ExitCode.NOT_FOUND
+    assert kubectl_main(["--state-dir", str(state_dir), "revert", NAME, "--reason", "drill"]) == ExitCode.OK
+    assert running.controller.state.rollout is not None
+    assert running.controller.state.rollout.phase == "RolledBack"
+    assert "manual revert: drill" in running.controller.state.rollout.history[-1].reason
+    assert ctl(state_dir, "abort") == ExitCode.REFUSED  # already rolled back
+    capsys.readouterr()
