@@ -35,7 +35,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-import httpx
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import ValidationError
@@ -62,6 +61,7 @@ MODEL_VERSION_HEADER: Final[str] = "X-Model-Version"
 ADMIN_SOURCE: Final[str] = "admin"
 _JSON: Final[str] = "application/json"
 _BEARER: Final[str] = "bearer"
+HTTP_OK: Final[int] = 200
 _BAD_REQUEST: Final[int] = 400
 _TOO_LARGE: Final[int] = 413
 _INVALID: Final[int] = 422
@@ -167,8 +167,6 @@ class Router:
         self.sources = tuple(sources)
         self._extra_routes = tuple(extra_routes)
         self._admin_secret = settings.admin_secret()
-        self._candidate_timeout = self.caller.timeout_for(settings.candidate_timeout_s)
-        self._stable_timeout = self.caller.timeout_for(settings.stable_timeout_s)
         self._deciding = 0
         self._answered_urls: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -235,15 +233,15 @@ class Router:
 
     async def _probe_stable(self) -> None:
         """Until the current stable has answered once, ask its readiness endpoint every probe interval."""
-        timeout = self.caller.timeout_for(self.settings.stable_timeout_s)
         while True:
             plan = self.store.plan
             if plan is not None and plan.table.stable.url not in self._answered_urls:
                 url = plan.table.stable.url
-                with contextlib.suppress(httpx.HTTPError):
-                    response = await self.upstreams.client(url).get(self.settings.upstream_ready_path, timeout=timeout)
-                    if response.is_success:
-                        self._answered_urls.add(url)
+                status = await self.upstreams.client(url).status_of(
+                    self.settings.upstream_ready_path, self.settings.stable_timeout_s
+                )
+                if status == HTTP_OK:
+                    self._answered_urls.add(url)
             await asyncio.sleep(self.settings.ready_probe_interval_s)
 
     @property
@@ -336,22 +334,16 @@ class Router:
         """Ask the decider; if it is a candidate and fails, ask stable; a stable failure is returned as is."""
         stage = plan.stage
         if fallback is None:
-            result = await self.caller.call(
-                decider, "decider", stage, body, headers, self.settings.stable_timeout_s, self._stable_timeout
-            )
+            result = await self.caller.call(decider, "decider", stage, body, headers, self.settings.stable_timeout_s)
             if isinstance(result, Answer):
                 self._answered_urls.add(decider.url)
                 return Decided(result, decider, arm, None)
             return result
-        result = await self.caller.call(
-            decider, "decider", stage, body, headers, self.settings.candidate_timeout_s, self._candidate_timeout
-        )
+        result = await self.caller.call(decider, "decider", stage, body, headers, self.settings.candidate_timeout_s)
         if isinstance(result, Answer):
             return Decided(result, decider, arm, None)
         self.metrics.fallbacks(decider.version, result.reason).inc()
-        rescue = await self.caller.call(
-            fallback, "decider", stage, body, headers, self.settings.stable_timeout_s, self._stable_timeout
-        )
+        rescue = await self.caller.call(fallback, "decider", stage, body, headers, self.settings.stable_timeout_s)
         if isinstance(rescue, Answer):
             self._answered_urls.add(fallback.url)
             return Decided(rescue, fallback, "stable", decider.version)

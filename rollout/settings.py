@@ -74,12 +74,14 @@ class RouterSettings(BaseModel):
     #: Alternative to ``admin_token`` for mounted secrets: the token is the file's stripped content.
     admin_token_file: Path | None = None
 
+    #: The HTTP client library of upstream calls (both pooled, keep-alive, HTTP/1.1); see rollout/upstream.py.
+    upstream_client: Literal["httpx", "aiohttp"] = "httpx"
     predict_path: str = "/api/v1/refund-predict"
     upstream_ready_path: str = "/readyz"
     #: Budget of a deciding call to a candidate; past it the request falls back to stable.
     candidate_timeout_s: float = Field(0.25, gt=0.0)
     #: Budget of a deciding call to stable (also the fallback call); past it the client gets a 503.
-    stable_timeout_s: float = Field(0.5, gt=0.0)
+    stable_timeout_s: float = Field(2.0, gt=0.0)
     connect_timeout_s: float = Field(0.1, gt=0.0)
     shadow_timeout_s: float = Field(0.5, gt=0.0)
     #: Connection pool of each upstream (one ``httpx.AsyncClient`` per upstream URL, HTTP/1.1 keep-alive).

@@ -70,7 +70,6 @@ class ShadowRunner:
         self._metrics = metrics
         self._sink = sink
         self._deciding_inflight = deciding_inflight
-        self._timeout = caller.timeout_for(settings.shadow_timeout_s)
         self._queue: asyncio.Queue[ShadowJob] = asyncio.Queue(maxsize=settings.shadow_queue_size)
         self._workers: list[asyncio.Task[None]] = []
         self._inflight = 0
@@ -130,7 +129,6 @@ class ShadowRunner:
                 job.body,
                 job.headers,
                 self._settings.shadow_timeout_s,
-                self._timeout,
             )
         except asyncio.CancelledError:
             self._drop("shutdown")

@@ -68,7 +68,7 @@ class StandIn:
     score: float
     threshold: float = 0.5
     mode: Mode = "ok"
-    slow_s: float = 1.0
+    slow_s: float = 1.5
     port: int = 0
     seen: list[tuple[str | None, bytes]] = field(default_factory=list)
     _server: uvicorn.Server | None = field(default=None, init=False, repr=False)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import SecretStr
 from sqlalchemy import select
 from starlette.testclient import TestClient
@@ -50,9 +50,10 @@ def candidate() -> Iterator[StandIn]:
 def router_settings(**overrides: Any) -> RouterSettings:
     base: dict[str, Any] = {
         "admin_token": SecretStr(TOKEN),
-        "candidate_timeout_s": 0.2,
-        "stable_timeout_s": 0.5,
-        "shadow_timeout_s": 0.5,
+        # Generous budgets: the machine running the tests may be busy; "slow" stand-ins sleep well past them.
+        "candidate_timeout_s": 0.5,
+        "stable_timeout_s": 2.0,
+        "shadow_timeout_s": 1.0,
         "ready_probe_interval_s": 0.05,
         "shadow_drain_timeout_s": 2.0,
         "log_decisions": False,
@@ -138,9 +139,10 @@ def test_without_a_table_the_router_is_unready_and_answers_503(stable: StandIn) 
         wait_until(lambda: client.get("/readyz").status_code == 200, timeout_s=2.0)
 
 
-def test_not_ready_until_stable_answers(stable: StandIn) -> None:
+@pytest.mark.parametrize("client_library", ["httpx", "aiohttp"])
+def test_not_ready_until_stable_answers(stable: StandIn, client_library: str) -> None:
     stable.mode = "error"
-    with running(Router(router_settings())) as client:
+    with running(Router(router_settings(upstream_client=client_library))) as client:
         apply(client, table(stable, None, "stable"))
         time.sleep(0.2)
         assert client.get("/readyz").json()["reason"] == "stable v1 has not answered yet"
@@ -210,10 +212,15 @@ def test_stable_stage_answers_with_routing_fields_and_propagates_the_correlation
     assert generated.json()["correlation_id"] == new_id
 
 
-def test_shadow_stage_pairs_answers_and_logs_both_roles(stable: StandIn, candidate: StandIn, tmp_path: Path) -> None:
+@pytest.mark.parametrize("client_library", ["httpx", "aiohttp"])
+def test_shadow_stage_pairs_answers_and_logs_both_roles(
+    stable: StandIn, candidate: StandIn, tmp_path: Path, client_library: str
+) -> None:
     n = 20
     outcome_settings = OutcomeSettings(dsn=f"sqlite:///{tmp_path / 'predictions.db'}", flush_interval_ms=20)
-    router = Router(router_settings(), prediction_log=PredictionLog(outcome_settings))
+    settings = router_settings(upstream_client=client_library)
+    registry = CollectorRegistry()
+    router = Router(settings, registry=registry, prediction_log=PredictionLog(outcome_settings, registry=registry))
     with running(router) as client:
         apply(client, table(stable, candidate, "shadow"))
         answers = [client.post(PREDICT, json={**SEED, "accountId": f"a{i}"}) for i in range(n)]
@@ -301,6 +308,7 @@ def test_full_stage_candidate_decides_and_pairs_keep_candidate_minus_stable(
 # ------------------------------------------------------------------ failures
 
 
+@pytest.mark.parametrize("client_library", ["httpx", "aiohttp"])
 @pytest.mark.parametrize(
     ("mode", "reason"),
     [
@@ -312,7 +320,7 @@ def test_full_stage_candidate_decides_and_pairs_keep_candidate_minus_stable(
     ],
 )
 def test_a_failing_deciding_candidate_falls_back_to_stable(
-    stable: StandIn, candidate: StandIn, mode: str, reason: str
+    stable: StandIn, candidate: StandIn, mode: str, reason: str, client_library: str
 ) -> None:
     n = 5
     data = table(stable, candidate, "full")
@@ -320,7 +328,7 @@ def test_a_failing_deciding_candidate_falls_back_to_stable(
         data["candidate"]["url"] = f"http://127.0.0.1:{closed_port()}"
     else:
         candidate.mode = mode  # type: ignore[assignment]
-    with running(Router(router_settings())) as client:
+    with running(Router(router_settings(upstream_client=client_library))) as client:
         apply(client, data)
         answers = [client.post(PREDICT, json=SEED) for _ in range(n)]
         text = metrics(client)
@@ -335,8 +343,9 @@ def test_a_failing_deciding_candidate_falls_back_to_stable(
     )
 
 
-def test_a_failing_stable_is_a_503_naming_it_and_its_4xx_pass_through(stable: StandIn) -> None:
-    with running(Router(router_settings())) as client:
+@pytest.mark.parametrize("client_library", ["httpx", "aiohttp"])
+def test_a_failing_stable_is_a_503_naming_it_and_its_4xx_pass_through(stable: StandIn, client_library: str) -> None:
+    with running(Router(router_settings(upstream_client=client_library))) as client:
         apply(client, table(stable, None, "stable"))
         stable.mode = "error"
         failed = client.post(PREDICT, json=SEED)
