@@ -59,6 +59,7 @@ KWOK_STAGES = ("node-initialize", "node-heartbeat", "pod-ready", "pod-complete",
 #: The annotation kwok is told to manage; nodes without it are left alone.
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 FAKE_NODE_VALUE = "fake"
+BLOCKING_TAINT_EFFECTS = frozenset({"NoSchedule", "NoExecute"})
 ADMIN_USER = "fraudwatch-e2e-admin"
 ADMIN_GROUP = "system:masters"
 KCM_USER = "system:kube-controller-manager"
@@ -91,6 +92,8 @@ class ClusterSettings(BaseSettings):
     work_root: Path | None = None
     #: Keep the temporary directory (PKI, data, logs) after the session, for debugging.
     keep_dir: bool = False
+    #: Keep it when a test using the cluster failed (or the cluster did not start), so the full logs stay readable.
+    keep_dir_on_failure: bool = True
 
     service_cidr: str = "10.96.0.0/16"
     #: kwok hands out pod IPs from this range; it must not overlap ``service_cidr``.
@@ -482,6 +485,7 @@ class ControlPlane:
     server: str = field(init=False)
     kubeconfig: Path = field(init=False)
     _api: httpx.Client | None = field(default=None, init=False)
+    _failed: bool = field(default=False, init=False)
 
     def __enter__(self) -> Self:
         self.start()
@@ -530,10 +534,15 @@ class ControlPlane:
             raise ClusterError(f"{' '.join(argv)} exited {result.returncode}: {result.stderr.strip()}")
         return result
 
+    def mark_failed(self) -> None:
+        """Something using the cluster failed: keep the directory (logs, PKI, etcd data) when it stops."""
+        self._failed = True
+
     def log_tails(self) -> str:
         """The last lines of every component's log (for failure reports)."""
         count = self.settings.log_tail_lines
-        return "\n\n".join(f"--- {c.name} ({c.log}) ---\n{tail(c.log, count)}" for c in self.components)
+        kept = "" if not self.settings.keep_dir_on_failure else f"full logs (kept): {self.workdir / 'logs'}\n"
+        return kept + "\n\n".join(f"--- {c.name} ---\n{tail(c.log, count)}" for c in self.components)
 
     def wait_for(self, what: str, check: Callable[[], bool], timeout_s: float | None = None) -> float:
         """Poll ``check`` until it is true; seconds waited. Fails early when a component exits."""
@@ -558,6 +567,7 @@ class ControlPlane:
         try:
             self._start(started)
         except BaseException:
+            self.mark_failed()
             self.stop()
             raise
 
@@ -593,8 +603,8 @@ class ControlPlane:
         self._mark("components_healthy", started)
 
         self._create_fake_node()
-        self.wait_for(f"node {settings.node_name} Ready", self.node_ready, settings.start_timeout_s)
-        self._mark("node_ready", started)
+        self.wait_for(f"node {settings.node_name} Ready and untainted", self.node_schedulable, settings.start_timeout_s)
+        self._mark("node_schedulable", started)
         log_event(LOGGER, "control plane ready", workdir=str(self.workdir), server=self.server, timings=self.timings)
 
     def stop(self) -> None:
@@ -603,7 +613,7 @@ class ControlPlane:
             self._api = None
         for component in reversed(self.components):
             stop_component(component, self.settings.stop_timeout_s)
-        if self.settings.keep_dir:
+        if self.settings.keep_dir or (self._failed and self.settings.keep_dir_on_failure):
             log_event(LOGGER, "control plane stopped; directory kept", workdir=str(self.workdir))
         else:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -791,12 +801,27 @@ class ControlPlane:
         if response.status_code != httpx.codes.CREATED:
             raise ClusterError(f"creating node {settings.node_name}: {response.status_code} {response.text}")
 
-    def node_ready(self) -> bool:
+    def _node(self) -> dict[str, Any] | None:
         response = self.api.get(f"{self.server}/api/v1/nodes/{self.settings.node_name}")
-        if response.status_code != httpx.codes.OK:
+        return response.json() if response.status_code == httpx.codes.OK else None
+
+    def node_ready(self) -> bool:
+        """The fake node's Ready condition is True (kwok's node-initialize and node-heartbeat stages)."""
+        node = self._node()
+        return node is not None and _is_ready(node)
+
+    def node_schedulable(self) -> bool:
+        """Ready and without a NoSchedule/NoExecute taint: the node lifecycle controller taints a new node
+        ``node.kubernetes.io/not-ready`` until it has seen it Ready, and removes the taint shortly after."""
+        node = self._node()
+        if node is None or not _is_ready(node) or node.get("spec", {}).get("unschedulable"):
             return False
-        conditions = response.json().get("status", {}).get("conditions", [])
-        return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+        return not [t for t in node.get("spec", {}).get("taints", []) if t.get("effect") in BLOCKING_TAINT_EFFECTS]
+
+
+def _is_ready(node: Mapping[str, Any]) -> bool:
+    conditions = node.get("status", {}).get("conditions", [])
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
 @contextlib.contextmanager

@@ -26,10 +26,13 @@ def k8s_settings() -> ClusterSettings:
 def k8s_cluster(k8s_settings: ClusterSettings) -> Iterator[ControlPlane]:
     """A running control plane (etcd, apiserver, controller manager, scheduler, kwok, one fake node)."""
     cluster = ControlPlane(k8s_settings)
+    failure: str | None = None
     try:
         cluster.start()
     except ClusterError as exc:
-        pytest.fail(f"the Kubernetes test control plane did not start: {exc}", pytrace=False)
+        failure = str(exc)
+    if failure is not None:  # outside the except block: the report shows the reason once, without a traceback
+        pytest.fail(f"the Kubernetes test control plane did not start: {failure}", pytrace=False)
     try:
         yield cluster
     finally:
@@ -55,4 +58,5 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         return
     cluster = getattr(item, "funcargs", {}).get(CLUSTER_FIXTURE)
     if isinstance(cluster, ControlPlane):
+        cluster.mark_failed()
         report.sections.append(("Kubernetes control plane logs", cluster.log_tails()))

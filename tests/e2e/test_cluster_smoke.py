@@ -6,6 +6,7 @@ Each test works in its own namespace; nothing here depends on another test's obj
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Iterator
@@ -178,6 +179,15 @@ def test_helm_reports_its_version(k8s_cluster: ControlPlane) -> None:
 
     assert version == k8s_cluster.versions["helm"]
     assert re.fullmatch(series_pattern(k8s_cluster.settings.helm_series), version)
+
+
+def test_kubectl_uses_the_admin_kubeconfig(k8s_cluster: ControlPlane) -> None:
+    versions = json.loads(k8s_cluster.run_tool("kubectl", "version", "--output=json").stdout)
+    nodes = k8s_cluster.run_tool("kubectl", "get", "nodes", "--output=name").stdout.split()
+
+    assert versions["clientVersion"]["gitVersion"] == k8s_cluster.versions["kubernetes"]
+    assert versions["serverVersion"]["gitVersion"] == k8s_cluster.versions["kubernetes"]
+    assert nodes == [f"node/{k8s_cluster.settings.node_name}"]
 
 
 def write_chart(directory: Path, kube_version: str) -> Path:
