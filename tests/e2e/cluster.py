@@ -103,6 +103,9 @@ class ClusterSettings(BaseSettings):
     node_cpu: str = "32"
     node_memory: str = "256Gi"
     node_pods: int = Field(110, ge=1)
+    #: The controller manager marks a node NotReady after this long without a heartbeat. kwok's node-heartbeat
+    #: stage posts one every 20-45 s; upstream's 50 s default leaves little slack on a loaded 2-core machine.
+    node_monitor_grace_period_s: int = Field(120, ge=1)
 
     tls_key_curve: Literal["secp256r1", "secp384r1"] = "secp256r1"
     service_account_key_bits: int = Field(2048, ge=2048)
@@ -562,6 +565,9 @@ class ControlPlane:
 
     def start(self) -> None:
         started = time.monotonic()
+        if self.binaries is None:
+            self.binaries = locate_binaries(self.settings)
+        self._mark("binaries", started)
         root = str(self.settings.work_root) if self.settings.work_root is not None else None
         self.workdir = Path(tempfile.mkdtemp(prefix="fw-k8s-", dir=root))
         try:
@@ -573,9 +579,6 @@ class ControlPlane:
 
     def _start(self, started: float) -> None:
         settings = self.settings
-        if self.binaries is None:
-            self.binaries = locate_binaries(settings)
-        self._mark("binaries", started)
         self.pki = write_pki(self.workdir / "pki", settings)
         (self.workdir / "logs").mkdir()
         self._mark("pki", started)
@@ -729,6 +732,7 @@ class ControlPlane:
                 f"--root-ca-file={pki.ca.cert}",
                 f"--service-account-private-key-file={pki.service_account_key}",
                 "--use-service-account-credentials=true",
+                f"--node-monitor-grace-period={settings.node_monitor_grace_period_s}s",
                 f"--service-cluster-ip-range={settings.service_cidr}",
                 f"--cluster-signing-cert-file={pki.ca.cert}",
                 f"--cluster-signing-key-file={pki.ca.key}",

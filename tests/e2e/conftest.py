@@ -12,9 +12,25 @@ from typing import Any
 import kubernetes
 import pytest
 
-from tests.e2e.cluster import ClusterError, ClusterSettings, ControlPlane
+from tests.e2e.cluster import ClusterError, ClusterSettings, ControlPlane, locate_binaries
 
 CLUSTER_FIXTURE = "k8s_cluster"
+E2E_MARKER = "e2e"
+#: Seconds from the start to each milestone of the session's control plane, printed in the terminal summary.
+STARTUP_TIMINGS = pytest.StashKey[dict[str, float]]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With ``FW_E2E_BUILD=true``, build missing binaries once e2e tests are selected - before any test runs, so the
+    build is not charged to a test's timeout (a cold build takes far longer than pytest-timeout allows)."""
+    settings = ClusterSettings()
+    selected = any(item.get_closest_marker(E2E_MARKER) for item in items)
+    if not settings.build or not selected or config.option.collectonly:
+        return
+    try:
+        locate_binaries(settings)
+    except ClusterError as exc:
+        raise pytest.UsageError(f"building the Kubernetes test binaries failed: {exc}") from exc
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +39,7 @@ def k8s_settings() -> ClusterSettings:
 
 
 @pytest.fixture(scope="session")
-def k8s_cluster(k8s_settings: ClusterSettings) -> Iterator[ControlPlane]:
+def k8s_cluster(k8s_settings: ClusterSettings, request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
     """A running control plane (etcd, apiserver, controller manager, scheduler, kwok, one fake node)."""
     cluster = ControlPlane(k8s_settings)
     failure: str | None = None
@@ -33,6 +49,7 @@ def k8s_cluster(k8s_settings: ClusterSettings) -> Iterator[ControlPlane]:
         failure = str(exc)
     if failure is not None:  # outside the except block: the report shows the reason once, without a traceback
         pytest.fail(f"the Kubernetes test control plane did not start: {failure}", pytrace=False)
+    request.config.stash[STARTUP_TIMINGS] = dict(cluster.timings)
     try:
         yield cluster
     finally:
@@ -60,3 +77,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if isinstance(cluster, ControlPlane):
         cluster.mark_failed()
         report.sections.append(("Kubernetes control plane logs", cluster.log_tails()))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """One line with the control plane's startup milestones (seconds since the start), when one was started."""
+    timings = config.stash.get(STARTUP_TIMINGS, None)
+    if timings:
+        milestones = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items())
+        terminalreporter.write_line(f"Kubernetes control plane startup: {milestones}")
