@@ -13,7 +13,8 @@ Tuning (``--tune``; honest: the test rows are never seen)
     For each split separately, a grid of hyper-parameters is scored by cross-validation **inside that split's
     training part only** (stratified K-fold for ``stratified``; expanding-window time folds for ``time``), each
     fold early-stopped on its held-out fold; the grid point with the best mean PR-AUC wins. The winners were
-    copied into :data:`TUNED` below together with the CV figures they were chosen on.
+    copied into ``service.datasets.creditcard.TUNED_TRAIN_OVERRIDES`` with the CV figures they were
+    chosen on (the quality test trains with the same values).
 
 Output: one JSON document on stdout and in ``--output`` (default ``var/benchmarks/creditcard.json``).
 """
@@ -27,27 +28,23 @@ import math
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 from rich.console import Console
 from rich.progress import Progress
 from sklearn.metrics import average_precision_score
-from sklearn.model_selection import StratifiedKFold, train_test_split
+from sklearn.model_selection import StratifiedKFold
 
 from service.datasets import creditcard
+from service.datasets.creditcard import SPLIT_SEED, Split, SplitName, stratified_split, time_split
 from service.evaluate import classification_metrics, file_sha256
 from service.settings import Settings, TrainSettings
 from service.train import ModelFit, fit_booster, train_model, xgb_params
 
-SplitName = Literal["stratified", "time"]
 SPLITS: Final[tuple[SplitName, ...]] = ("stratified", "time")
-TEST_FRACTION: Final[float] = 0.20
-VALID_FRACTION: Final[float] = 0.20  # of the training part
-SPLIT_SEED: Final[int] = 42
 PUBLISHED_PR_AUC: Final[tuple[float, float]] = (0.817, 0.845)
 TARGET_PR_AUC: Final[float] = 0.85
 DEFAULT_OUTPUT: Final[Path] = Path("var/benchmarks/creditcard.json")
@@ -61,44 +58,6 @@ TUNE_GRID: Final[dict[str, tuple[float, ...]]] = {
 }
 TUNE_FIXED: Final[dict[str, float]] = {"n_estimators": 1000, "early_stopping_rounds": 50, "subsample": 0.8}
 TUNE_FOLDS: Final[int] = 4
-
-#: Tuned ``TrainSettings`` overrides per split, chosen by ``--tune`` (CV PR-AUC on the training part only).
-TUNED: Final[dict[SplitName, dict[str, float]]] = {
-    "stratified": {},
-    "time": {},
-}
-
-
-@dataclass(frozen=True)
-class Split:
-    name: SplitName
-    train: npt.NDArray[np.int64]
-    valid: npt.NDArray[np.int64]
-    test: npt.NDArray[np.int64]
-
-    def sizes(self, y: npt.NDArray[np.int64]) -> dict[str, dict[str, int]]:
-        return {
-            part: {"rows": int(idx.size), "frauds": int(y[idx].sum())}
-            for part, idx in (("train", self.train), ("valid", self.valid), ("test", self.test))
-        }
-
-
-def stratified_split(y: npt.NDArray[np.int64]) -> Split:
-    """80/20 stratified (seed 42), validation a stratified 20 % of the 80 %."""
-    idx = np.arange(y.size)
-    train_part, test = train_test_split(idx, test_size=TEST_FRACTION, stratify=y, random_state=SPLIT_SEED)
-    train, valid = train_test_split(
-        train_part, test_size=VALID_FRACTION, stratify=y[train_part], random_state=SPLIT_SEED
-    )
-    return Split("stratified", np.sort(train), np.sort(valid), np.sort(test))
-
-
-def time_split(times: npt.NDArray[np.float64]) -> Split:
-    """First 80 % by ``Time`` train (last 20 % of that is validation), last 20 % test."""
-    order = np.argsort(times, kind="stable")
-    n_train_part = int(order.size * (1.0 - TEST_FRACTION))
-    n_train = int(n_train_part * (1.0 - VALID_FRACTION))
-    return Split("time", order[:n_train], order[n_train:n_train_part], order[n_train_part:])
 
 
 def tuned_settings(base: TrainSettings, overrides: Mapping[str, float]) -> TrainSettings:
@@ -141,7 +100,9 @@ def tune(
             scores.append(float(average_precision_score(y[hold_idx], raw)))
             rounds.append(booster.num_boosted_rounds())
             progress.advance(task)
-        table.append({**point, "cv_pr_auc": float(np.mean(scores)), "cv_std": float(np.std(scores)), "trees": rounds})
+        row = {**point, "cv_pr_auc": float(np.mean(scores)), "cv_std": float(np.std(scores)), "trees": rounds}
+        sys.stderr.write(json.dumps({"event": "tune_point", "split": split.name, **row}) + "\n")
+        table.append(row)
     best = max(table, key=lambda row: row["cv_pr_auc"])
     return {"best": {**TUNE_FIXED, **{k: best[k] for k in keys}}, "best_cv_pr_auc": best["cv_pr_auc"], "grid": table}
 
@@ -229,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             split = splits[name]
             entry: dict[str, Any] = {"sizes": split.sizes(y)}
-            overrides = dict(TUNED[name])
+            overrides = dict(creditcard.TUNED_TRAIN_OVERRIDES[name])
             if args.tune:
                 tuning = tune(split, x, y, base, progress)
                 entry["tuning"] = tuning

