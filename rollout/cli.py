@@ -68,7 +68,8 @@ exit codes:
   2    usage error (bad or missing arguments)
   3    not found (no rollout yet, or NAME is not this controller's rollout)
   4    refused (the controller ignored the command: e.g. a rollout is already in progress, nothing to resume)
-  5    timeout (the controller did not apply the command in time; it was withdrawn from the inbox)
+  5    timeout (the controller did not apply the command in time - it was withdrawn from the inbox - or, for
+       promote/abort/revert, applied it but the routers did not hold the new routing in time)
   6    unavailable (backend not available, e.g. --backend kube before the Kubernetes backend exists)
   130  interrupted (Ctrl-C)
 
@@ -265,14 +266,22 @@ def _user() -> str:
         return os.environ.get("USER", "unknown")
 
 
-def wait_for_result(client: RolloutClient, command_id: str, timeout_s: float, poll_s: float) -> CommandResult | None:
+#: Commands whose confirmation waits until the routers hold the routing they lead to.
+ROUTING_COMMANDS: Final[frozenset[str]] = frozenset({"promote", "abort", "revert"})
+
+
+def wait_for_result(
+    client: RolloutClient, command_id: str, timeout_s: float, poll_s: float, *, in_force: bool = False
+) -> CommandResult | None:
+    """The controller's result, once it has one (with ``in_force``: once an applied command is also in force)."""
     deadline = time.monotonic() + timeout_s
+    result: CommandResult | None = None
     while True:
-        result = client.result(command_id)
-        if result is not None:
+        result = client.result(command_id) or result
+        if result is not None and (not in_force or result.outcome != "applied" or result.in_force_at is not None):
             return result
         if time.monotonic() >= deadline:
-            return None
+            return result
         time.sleep(poll_s)
 
 
@@ -284,7 +293,8 @@ def run_mutation(client: RolloutClient, args: argparse.Namespace, settings: Cont
     if args.no_wait:
         return ExitCode.OK, {"id": command.id, "kind": command.kind, "outcome": "queued"}
     timeout = args.timeout if args.timeout is not None else settings.command_wait_timeout_s
-    result = wait_for_result(client, command.id, timeout, settings.command_poll_interval_s)
+    in_force = command.kind in ROUTING_COMMANDS
+    result = wait_for_result(client, command.id, timeout, settings.command_poll_interval_s, in_force=in_force)
     if result is None:
         withdrawn = client.withdraw(command.id)
         late = client.result(command.id)
@@ -294,6 +304,9 @@ def run_mutation(client: RolloutClient, args: argparse.Namespace, settings: Cont
             what = "withdrawn from the inbox" if withdrawn else "already taken by the controller"
             message = f"the controller did not apply {command.kind} {command.id} within {timeout:g} s ({what})"
             raise CliError(ExitCode.TIMEOUT, f"{message}; is it running? (rolloutctl status)")
+    if in_force and result.outcome == "applied" and result.in_force_at is None:
+        message = f"{command.kind} {command.id} was applied but the routers do not hold it after {timeout:g} s"
+        raise CliError(ExitCode.TIMEOUT, f"{message}; rolloutctl status shows what the controller waits for")
     code = ExitCode.OK if result.outcome == "applied" else ExitCode.REFUSED
     return code, result.model_dump(mode="json")
 

@@ -199,6 +199,8 @@ class ActOutcome:
     """What one act pass achieved: is the world as the state wants it (routing published, versions ready)?"""
 
     converged: bool = True
+    #: The routers hold the table the state wants (published now, or already held).
+    routed: bool = False
     statuses: dict[str, WorkloadStatus] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
@@ -265,6 +267,8 @@ class Controller:
             self._finish_command(pending, result, now)
         outcome = self._act(actions, now)
         self.converged = outcome.converged
+        if outcome.routed:
+            self._mark_in_force()
         self.metrics.show(self.state.rollout)
         self.metrics.reconciled(time.perf_counter() - started, self.clock())
 
@@ -521,6 +525,23 @@ class Controller:
         except RoutingError:
             outcome.converged = False
             raise
+        outcome.routed = True
+
+    def _mark_in_force(self) -> None:
+        """Applied commands whose routing the routers now hold get ``in_force_at`` (``rolloutctl`` waits for it)."""
+        waiting = [r for r in self.state.command_results if r.outcome == "applied" and r.in_force_at is None]
+        if not waiting:
+            return
+        at = self.clock()
+        results = tuple(
+            r.model_copy(update={"in_force_at": at}) if r.outcome == "applied" and r.in_force_at is None else r
+            for r in self.state.command_results
+        )
+        self.state = self.state.model_copy(update={"command_results": results})
+        try:
+            self.store.save(self.state)
+        except OSError:
+            self.metrics.failed("persist")
 
     def _ensure_aliases(self) -> None:
         """The candidate carries the challenger alias while its rollout runs, and loses it when rolled back."""

@@ -98,6 +98,8 @@ class CommandResult(BaseModel):
     detail: str = ""
     at: AwareDatetime
     rollout_id: str | None = None
+    #: When the routers first held the routing the command led to (applied commands only).
+    in_force_at: AwareDatetime | None = None
 
 
 def read_command_result(state_dir: Path, command_id: str) -> CommandResult | None:

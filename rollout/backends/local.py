@@ -224,7 +224,7 @@ class LocalWorkloads:
         model_dir = self._source.fetch(version, self._models_dir / version)
         server = BentoServer(
             model_dir=model_dir,
-            settings=self._serve,
+            settings=self.server_settings(version),
             name=f"model-{version}",
             extra_env=dict(self._settings.server_env),
         )
@@ -238,6 +238,12 @@ class LocalWorkloads:
         log_event(logger, "model server started", event="workload_started", version=version, url=server.url,
                   pid=server.pid, log=str(server.log_path))  # fmt: skip
         return WorkloadStatus(version, Readiness.STARTING, server.url)
+
+    def server_settings(self, version: str) -> Settings:
+        """The model side's settings with a home of the version's own: BentoML keeps its Prometheus multiprocess
+        directory under ``BENTOML_HOME``, and two servers sharing it mix (and, on start, wipe) each other's
+        metrics."""
+        return self._serve.model_copy(update={"home": (self._state_dir / "servers" / version).resolve()})
 
     def _probe(self, workload: _Workload) -> WorkloadStatus:
         version = workload.version

@@ -674,3 +674,25 @@ def test_a_failing_action_is_counted_and_retried_on_the_next_reconcile(harness: 
     harness.tick(n=4)
     assert harness.sample("fraudwatch_rollout_reconcile_errors_total", step="act") == 2.0
     assert published(harness.world)[-1][0] == "shadow"
+
+
+def test_a_routing_command_is_in_force_only_once_the_routers_hold_its_table(harness: Harness) -> None:
+    start_rollout(harness)
+    harness.run_until(lambda: harness.phase() == "Promoted")
+    original = harness.router.publish
+
+    def down(spec: RoutingSpec, urls: Mapping[str, str]) -> PublishResult:
+        raise ConnectionError("router down")
+
+    harness.router.publish = down  # type: ignore[method-assign]
+    harness.command("revert", id="back")
+    harness.tick()
+    applied = harness.controller.state.result_of("back")
+    assert applied is not None and applied.outcome == "applied"
+    assert applied.in_force_at is None  # decided and saved, but not in force: the router refused
+
+    harness.router.publish = original  # type: ignore[method-assign]
+    harness.tick()
+    in_force = harness.controller.state.result_of("back")
+    assert in_force is not None and in_force.in_force_at == harness.clock.now
+    assert published(harness.world)[-1] == ("stable", V1, None, 0, ())
