@@ -61,6 +61,8 @@ GRID_WIDTH: Final[int] = 24
 PANEL_HEIGHT: Final[int] = 8
 SPARK_WIDTH: Final[int] = 160
 SPARK_HEIGHT: Final[int] = 28
+MS_PER_S: Final[int] = 1000
+LEGEND_SEPARATOR: Final[str] = " · "
 _LEGEND: Final = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 DEFAULT_TITLE: Final[str] = "fraudwatch — model rollout"
 _FRAUD: Final[str] = LABEL_NAMES[1]
@@ -379,8 +381,15 @@ LAYER_SECTIONS: Final[tuple[Section, ...]] = (SERVICE_HEALTH, INPUT_DRIFT, OUTPU
 
 
 def legend(template: str, labels: Labels) -> str:
-    """Grafana's legend format: ``{{name}}`` → the label's value (empty when absent)."""
-    return _LEGEND.sub(lambda m: labels.get(m.group(1), ""), template).strip()
+    """Grafana's legend format: ``{{name}}`` → the label's value. A `` · ``-separated part whose placeholders are
+    all absent or empty is left out (``{{alertname}} · {{model_version}}`` without a version → the alert's name)."""
+    parts = []
+    for part in template.split(LEGEND_SEPARATOR):
+        names = _LEGEND.findall(part)
+        if names and not any(labels.get(name) for name in names):
+            continue
+        parts.append(_LEGEND.sub(lambda m: labels.get(m.group(1), ""), part).strip())
+    return LEGEND_SEPARATOR.join(p for p in parts if p)
 
 
 # --------------------------------------------------------------------------------------------------- Grafana
@@ -560,8 +569,11 @@ class PrometheusReader:
             return [({}, [_point(data["result"])])]
         return [(dict(item["metric"]), [_point(item["value"])]) for item in data["result"]]
 
-    async def range(self, expr: str, start: float, end: float, step: float) -> list[tuple[dict[str, str], list[Point]]]:
-        params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:.3f}"}
+    async def range(
+        self, expr: str, start_ms: int, end_ms: int, step_ms: int
+    ) -> list[tuple[dict[str, str], list[Point]]]:
+        params = {"query": expr, "start": _seconds_text(start_ms), "end": _seconds_text(end_ms)}
+        params["step"] = _seconds_text(step_ms)
         data = await self._get("/api/v1/query_range", params)
         return [(dict(item["metric"]), [_point(v) for v in item["values"]]) for item in data["result"]]
 
@@ -579,6 +591,11 @@ class PrometheusReader:
             raise QueryFailedError(f"Prometheus answered {response.status_code}: {body.get('error', '')}")
         data: dict[str, Any] = body["data"]
         return data
+
+
+def _seconds_text(ms: int) -> str:
+    """Whole milliseconds as exact decimal seconds (``1500`` → ``1.500``), no float rounding on the way."""
+    return f"{ms // MS_PER_S}.{ms % MS_PER_S:03d}"
 
 
 def _point(pair: Sequence[Any]) -> Point:
@@ -615,12 +632,14 @@ def auc_series(query: Query, samples: Iterable[tuple[Mapping[str, str], float]])
 
 async def panel_data(reader: PrometheusReader, panel: Panel, settings: DashboardSettings, now: float) -> PanelData:
     """Every series of one panel; a failed query becomes the panel's error, never the page's."""
-    step = settings.range_s / (settings.points - 1)
+    # the last point must be `now` exactly (the current value): whole milliseconds (Prometheus' resolution), the
+    # step first, then the start counted back from `now` in whole steps
+    end_ms = round(now * MS_PER_S)
+    step_ms = max(1, round(settings.range_s * MS_PER_S / (settings.points - 1)))
+    start_ms = end_ms - step_ms * (settings.points - 1)
     try:
         if panel.kind == "timeseries":
-            results = await asyncio.gather(
-                *(reader.range(q.expr, now - settings.range_s, now, step) for q in panel.queries)
-            )
+            results = await asyncio.gather(*(reader.range(q.expr, start_ms, end_ms, step_ms) for q in panel.queries))
             series = [s for q, r in zip(panel.queries, results, strict=True) for s in _name_series(q, r)]
             # the largest current values are the ones worth a row when there are more series than rows
             series.sort(key=lambda s: (-(s.current or 0.0), s.name))

@@ -245,7 +245,10 @@ def test_series_names_sees_through_functions_strings_and_label_lists() -> None:
 
 def test_legend_fills_labels_and_drops_missing_ones() -> None:
     assert dash.legend("{{model_version}} {{role}}", {"model_version": "v2", "role": "shadow"}) == "v2 shadow"
-    assert dash.legend("p99 {{ model_version }}", {}) == "p99"
+    assert dash.legend("p99 {{ model_version }}", {"model_version": "v1"}) == "p99 v1"
+    template = "{{alertname}} · {{alertstate}} · version {{model_version}}"
+    assert dash.legend(template, {"alertname": "A", "alertstate": "firing"}) == "A · firing"
+    assert dash.legend(template, {"alertname": "A", "model_version": "v3"}) == "A · version v3"
 
 
 @pytest.mark.parametrize(
