@@ -26,9 +26,12 @@ def scoring_server(home: Path, model_dir: Path, name: str, env: Mapping[str, str
 @pytest.fixture(scope="module")
 def served_model(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoServer]:
     """The scoring service on the session's bundle with TWO workers (metrics must add up across them), small
-    body and batch limits so the limit tests stay cheap; started once per module, always stopped."""
+    body and batch limits so the limit tests stay cheap; started once per module, always stopped. The feature-store
+    budget is generous: these tests compare scores, and a lookup over its budget on a loaded machine would
+    (correctly) fall back to the defaults; the budget itself is tested in tests/unit/test_featurestore.py."""
     env = {
         "FW_SERVE__WORKERS": "2",
+        "FW_SERVE__FEATURE_STORE_TIMEOUT_MS": "5000",
         "FW_SERVE__MAX_BODY_BYTES": "65536",
         "FW_SERVE__MAX_BATCH_ITEMS": "50",
         "FW_LOG_LEVEL": "INFO",

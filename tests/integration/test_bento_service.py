@@ -249,7 +249,7 @@ def test_metrics_count_every_request_across_both_workers(
             cid = f"m-{marker}-{index}"
             return fresh.post(PREDICT, json=SEED, headers={"X-Correlation-ID": cid}).status_code
 
-    for round_ in range(10):  # both workers take connections once requests overlap; bounded rounds
+    for round_ in range(20):  # both workers take connections once requests overlap; bounded rounds
         with ThreadPoolExecutor(max_workers=8) as pool:
             statuses = list(pool.map(one, range(round_ * 24, (round_ + 1) * 24)))
         assert statuses == [200] * 24
@@ -268,24 +268,35 @@ def test_metrics_count_every_request_across_both_workers(
     assert client.post(PREDICT, content=b"{oops").status_code == 400
     n_not_json += 1
 
-    after = scrape(client)
-
-    def delta(name: str, **labels: str) -> float:
-        return total(after, name, model_version=version, **labels) - total(
-            before, name, model_version=version, **labels
-        )
-
     n_scored = n_single + n_batch_rows
-    assert delta("fraudwatch_decisions_total") == n_scored
-    assert delta("fraudwatch_score_count") == n_scored
-    for feature in (*DRIFT_FEATURES, "score"):
-        assert delta("fraudwatch_feature_bin_total", feature=feature) == n_scored, feature
-    assert delta("fraudwatch_request_duration_seconds_count", endpoint="refund_predict") == (
-        n_single + n_invalid + n_not_json
-    )
-    assert delta("fraudwatch_request_duration_seconds_count", endpoint="refund_predict_batch") == 1
-    assert delta("fraudwatch_request_errors_total", reason="validation") == n_invalid
-    assert delta("fraudwatch_request_errors_total", reason="invalid_json") == n_not_json
+    expected: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {
+        ("fraudwatch_decisions_total", ()): n_scored,
+        ("fraudwatch_score_count", ()): n_scored,
+        **{("fraudwatch_feature_bin_total", (("feature", f),)): n_scored for f in (*DRIFT_FEATURES, "score")},
+        ("fraudwatch_request_duration_seconds_count", (("endpoint", "refund_predict"),)): (
+            n_single + n_invalid + n_not_json
+        ),
+        ("fraudwatch_request_duration_seconds_count", (("endpoint", "refund_predict_batch"),)): 1,
+        ("fraudwatch_request_errors_total", (("reason", "validation"),)): n_invalid,
+        ("fraudwatch_request_errors_total", (("reason", "invalid_json"),)): n_not_json,
+    }
+
+    def deltas(after: Samples) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            key: total(after, key[0], model_version=version, **dict(key[1]))
+            - total(before, key[0], model_version=version, **dict(key[1]))
+            for key in expected
+        }
+
+    # Latency and error counters are updated as each response completes: poll until the last ones are in.
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        after = scrape(client)
+        observed = deltas(after)
+        if observed == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert observed == expected
     assert total(after, "fraudwatch_model_info", model_version=version) == 1.0
     reference = [
         total(after, "fraudwatch_reference_bin_fraction", model_version=version, feature="amount", bin=str(i))
