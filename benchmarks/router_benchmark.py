@@ -457,12 +457,18 @@ def overload_phase(
         if result.errors or result.p99_ms > TARGET_P99_MS:
             break
         sustained = rate
-    out: dict[str, Any] = {"service_alone_steps": steps, "sustained_rps_at_p99_10ms": sustained}
-    if sustained == 0.0:
-        return out
+    # On a machine too busy for the service to meet p99 ≤ 10 ms even at the lowest rate, 2× that lowest rate is
+    # still driven through the routers (flagged), so the "no client error under overload" check always runs.
+    base = sustained if sustained > 0.0 else rates[0]
+    out: dict[str, Any] = {
+        "service_alone_steps": steps,
+        "sustained_rps_at_p99_10ms": sustained,
+        "base_rate_rps": base,
+        "base_rate_met_p99_target": sustained > 0.0,
+    }
     s.set_stage("shadow")
     reasons = ("queue_full", "overload", "expired", "shutdown")
-    rate = sustained * OVERLOAD_FACTOR
+    rate = base * OVERLOAD_FACTOR
     for library, router in s.routers.items():
         dropped_before = {r: s.metric(library, "fraudwatch_shadow_dropped_total", reason=r) for r in reasons}
         made_before = s.metric(library, "fraudwatch_router_requests_total", role="shadow")
@@ -495,24 +501,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rates", default="50,100,150,200,300,400,500,600,800")
     parser.add_argument("--overload-seconds", type=float, default=5.0)
+    parser.add_argument("--phases", default="latency,throughput,overload", help="which phases to run")
     return parser.parse_args(argv)
 
 
 def verdict(latency: dict[str, Any], overload: dict[str, Any], libraries: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    direct = latency["direct"]["p50_ms"]
     for library in libraries:
-        stable = latency[f"router-{library}-stable"]["p50_ms"]
-        shadow = latency[f"router-{library}-shadow"]["p50_ms"]
-        at_2x = overload.get(f"router-{library}-shadow-at-2x", {})
-        out[library] = {
-            "router_added_p50_ms": round(stable - direct, 3),
-            "router_added_p50_ok": stable - direct <= TARGET_ADDED_P50_MS,
-            "shadow_added_p50_ms": round(shadow - stable, 3),
-            "shadow_added_p50_ok": shadow - stable <= TARGET_SHADOW_ADDED_P50_MS,
-            "client_errors_at_2x": at_2x.get("client_errors"),
-            "no_client_error_at_2x_ok": at_2x.get("client_errors") == 0,
-        }
+        verdict_of: dict[str, Any] = {}
+        if latency:
+            direct = latency["direct"]["p50_ms"]
+            stable = latency[f"router-{library}-stable"]["p50_ms"]
+            shadow = latency[f"router-{library}-shadow"]["p50_ms"]
+            verdict_of |= {
+                "router_added_p50_ms": round(stable - direct, 3),
+                "router_added_p50_ok": stable - direct <= TARGET_ADDED_P50_MS,
+                "shadow_added_p50_ms": round(shadow - stable, 3),
+                "shadow_added_p50_ok": shadow - stable <= TARGET_SHADOW_ADDED_P50_MS,
+            }
+        at_2x = overload.get(f"router-{library}-shadow-at-2x")
+        if at_2x is not None:
+            verdict_of |= {
+                "client_errors_at_2x": at_2x["client_errors"],
+                "no_client_error_at_2x_ok": at_2x["client_errors"] == 0,
+                "base_rate_met_p99_target": overload["base_rate_met_p99_target"],
+            }
+        out[library] = verdict_of
     out["targets"] = {
         "router_added_p50_ms": TARGET_ADDED_P50_MS,
         "shadow_added_p50_ms": TARGET_SHADOW_ADDED_P50_MS,
@@ -540,10 +554,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         with ExitStack() as sampling:
             for sampler in samplers.values():
                 sampling.enter_context(sampler)
-            latency = latency_phase(s, client, bodies, args.rounds, args.warmup)
-            throughput = throughput_phase(s, client, bodies * 2, args.concurrency, args.warmup)
+            phases = set(args.phases.split(","))
+            latency = latency_phase(s, client, bodies, args.rounds, args.warmup) if "latency" in phases else {}
+            throughput = (
+                throughput_phase(s, client, bodies * 2, args.concurrency, args.warmup) if "throughput" in phases else {}
+            )
             rates = [float(r) for r in args.rates.split(",")]
-            overload = overload_phase(s, client, bodies * 10, rates, args.overload_seconds)
+            overload = (
+                overload_phase(s, client, bodies * 10, rates, args.overload_seconds) if "overload" in phases else {}
+            )
     report = {
         "benchmark": "router",
         "machine": {
