@@ -267,7 +267,9 @@ def wait_http_ok(url: str, timeout_s: float, process: subprocess.Popen[bytes]) -
 
 @contextmanager
 def bento_server(model_dir: Path, settings: Settings, variant: Variant) -> Iterator[tuple[str, int]]:
-    server = BentoServer(model_dir=model_dir, settings=settings, name=variant.name, extra_env=dict(variant.env))
+    """One BENTOML_HOME per variant: servers sharing one would share (and wipe) the Prometheus multiprocess dir."""
+    own = settings.model_copy(update={"home": settings.home / variant.name})
+    server = BentoServer(model_dir=model_dir, settings=own, name=variant.name, extra_env=dict(variant.env))
     with server:
         assert server.pid is not None
         yield server.url, server.pid
