@@ -120,13 +120,20 @@ children_cpu() {
 }
 
 # A JSON file `<dir>/build.json`: version, wall and CPU seconds of the build, binary sizes (docs/kubernetes-testing.md).
+# An incremental build (only the missing binaries of a directory) adds its times to the recorded ones.
 record_build() {
-  local dir="$1" version="$2" seconds="$3" cpu_start="$4" b sizes=""
+  local dir="$1" version="$2" seconds="$3" cpu=$(($(children_cpu) - $4)) b sizes="" total_s total_cpu prev_s prev_cpu
   shift 4
   for b in "$@"; do sizes+="${sizes:+, }\"$b\": $(stat -c %s "$dir/$b")"; done
+  total_s=$seconds total_cpu=$cpu
+  if [ -f "$dir/build.json" ]; then
+    prev_s="$(sed -n 's/.*"build_seconds": \([0-9]*\).*/\1/p' "$dir/build.json")"
+    prev_cpu="$(sed -n 's/.*"cpu_seconds": \([0-9]*\).*/\1/p' "$dir/build.json")"
+    total_s=$((seconds + ${prev_s:-0})) total_cpu=$((cpu + ${prev_cpu:-0}))
+  fi
   printf '{"version": "%s", "build_seconds": %s, "cpu_seconds": %s, "jobs": %s, "go": "%s", "bytes": {%s}}\n' \
-    "$version" "$seconds" $(($(children_cpu) - cpu_start)) "$JOBS" "$(go env GOVERSION)" "$sizes" >"$dir/build.json"
-  log "built $(basename "$dir") in ${seconds}s ($(($(children_cpu) - cpu_start)) CPU seconds)"
+    "$version" "$total_s" "$total_cpu" "$JOBS" "$(go env GOVERSION)" "$sizes" >"$dir/build.json"
+  log "built $(basename "$dir") in ${seconds}s (${cpu} CPU seconds)"
 }
 
 # need_build <dir> <binary>...: 0 if something must be built (and we may), dies in --check mode.
