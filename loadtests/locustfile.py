@@ -10,6 +10,7 @@ Environment
     FW_LOAD_SEED (7), FW_LOAD_DRIFT (0/1), FW_LOAD_ROWS (50000), FW_LOAD_FRAUD_RATE (the generator's): the stream;
     FW_LOAD_LABEL_SECONDS_PER_HOUR (0.02): label-delay compression (0.02 s per real hour → a week in ~3.4 s);
     FW_LOAD_LABEL_SHARE (1.0): share of answered requests that ever get a label;
+    FW_LOAD_LABEL_USERS (1): label-feed users (of the -u total), posting due labels in parallel;
     FW_LOAD_WAIT_MIN / FW_LOAD_WAIT_MAX (0.01 / 0.05 s): think time per refund user.
 
 Run, e.g.::
@@ -128,7 +129,7 @@ class LabelUser(HttpUser):
     """The chargeback / manual-review feed: posts ground truth once it is due."""
 
     weight = 1
-    fixed_count = 1
+    fixed_count = int(_env_float("FW_LOAD_LABEL_USERS", 1))
     wait_time = constant(0.005)
 
     @task

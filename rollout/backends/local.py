@@ -171,6 +171,7 @@ class LocalWorkloads:
     # ---- the protocol
 
     def ensure_running(self, version: str) -> WorkloadStatus:
+        self._write_targets()
         workload = self._workloads.get(version)
         if workload is not None and not self._alive(workload):
             log_event(logger, "model server exited", event="workload_exited", version=version, url=workload.url)
@@ -291,9 +292,18 @@ class LocalWorkloads:
         return static + servers
 
     def _write_targets(self) -> None:
+        """Make the file-SD file list exactly :meth:`targets` (rewritten only when it differs: a restarted
+        Prometheus that wrote its own initial targets gets ours back on the next reconcile)."""
         path = self._settings.prometheus_targets_file
-        if path is not None:
-            write_atomically(path, json.dumps(render_targets(self.targets()), indent=2))
+        if path is None:
+            return
+        text = json.dumps(render_targets(self.targets()), indent=2)
+        try:
+            if path.read_text(encoding="utf-8") == text:
+                return
+        except FileNotFoundError:
+            pass
+        write_atomically(path, text)
 
 
 # --------------------------------------------------------------------------------------------------- routing
