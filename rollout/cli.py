@@ -334,10 +334,13 @@ def status_view(snapshot: Snapshot, now: datetime, stale_after_s: float) -> dict
         return {"rollout": None, "controller": controller}
     policy = snapshot.policy
     names = list(dict.fromkeys([*expected_gates(policy, rollout.stage), *rollout.gates]))
+    transition = rollout.history[-1] if rollout.history else None
+    # a finished rollout shows the gate values its last transition recorded (why it ended)
+    final = {g.name: g for g in transition.gates} if transition is not None and rollout.phase != "Progressing" else {}
     gates = []
     for name in names:
         history = rollout.gates.get(name)
-        last = history.last if history is not None else None
+        last = history.last if history is not None and history.last is not None else final.get(name)
         gates.append(
             {
                 "name": name,
@@ -359,7 +362,7 @@ def status_view(snapshot: Snapshot, now: datetime, stale_after_s: float) -> dict
     minimum = policy.stages.of(rollout.stage).min_duration_s if rollout.stage != "quality" else 0.0
     report = history_report(rollout) if rollout.phase == "Progressing" else None
     blockers = promotion_blockers(policy, rollout, report) if report is not None else []
-    transition = rollout.history[-1] if rollout.history else None
+    until = rollout.finished_at if rollout.finished_at is not None else now
     return {
         "rollout": {
             "name": state.name,
@@ -371,7 +374,7 @@ def status_view(snapshot: Snapshot, now: datetime, stale_after_s: float) -> dict
             "candidate": rollout.candidate,
             "weights": {rollout.stable: rollout.weights.stable, rollout.candidate: rollout.weights.candidate},
             "stage_entered_at": rollout.stage_entered_at.isoformat(),
-            "time_in_stage_s": round(_seconds(rollout.stage_entered_at, now) or 0.0, 3),
+            "time_in_stage_s": round(_seconds(rollout.stage_entered_at, until) or 0.0, 3),
             "min_duration_s": minimum,
             "started_at": state.rollout_started_at.isoformat() if state.rollout_started_at else None,
             "finished_at": rollout.finished_at.isoformat() if rollout.finished_at else None,

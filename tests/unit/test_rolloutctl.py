@@ -197,3 +197,23 @@ def test_revert_and_the_kubectl_plugin(running: Harness, state_dir: Path, capsys
     assert "manual revert: drill" in running.controller.state.rollout.history[-1].reason
     assert ctl(state_dir, "abort") == ExitCode.REFUSED  # already rolled back
     capsys.readouterr()
+
+
+def test_status_of_a_rolled_back_rollout_shows_the_gate_that_ended_it(
+    state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    harness = Harness(state_dir)
+    harness.metrics_values.values['tp{model_version="v2"}'] = 200.0  # recall 0.2 against 0.9
+    harness.tick(n=2)
+    harness.command("start", candidate=V2, id="r1")
+    harness.run_until(lambda: harness.phase() == "RolledBack")
+
+    assert ctl(state_dir, "--json", "status") == ExitCode.OK
+    view = json_out(capsys)
+    assert (view["rollout"]["phase"], view["rollout"]["stage"]) == ("RolledBack", "ab")
+    assert view["rollout"]["weights"] == {V1: 100, V2: 0}
+    recall = next(g for g in view["gates"] if g["name"] == "recall")
+    assert recall["verdict"] == "Failed"
+    assert recall["candidate"] == pytest.approx(0.2)
+    assert recall["stable"] == pytest.approx(0.9)
+    assert recall["bound"] is not None and recall["bound"] < 0.9 - 0.2
