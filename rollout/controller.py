@@ -31,12 +31,12 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 from rollout.analysis import AnalysisReport, GateResult, GateStatus, analyse, analyse_quality
 from rollout.backends.base import (
@@ -85,6 +85,7 @@ from service.logging import configure_logging, get_logger, log_event
 logger = get_logger("controller")
 
 Clock = Callable[[], datetime]
+T = TypeVar("T")
 OFFLINE_MESSAGE: Final[str] = "metrics provider offline: no evidence"
 
 
@@ -162,6 +163,18 @@ class ThreadRunner:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+class InlineExecutor(Executor):
+    """An executor that runs each job at submission and returns its finished future."""
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        future: Future[T] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+
 def offline_report(
     policy: RolloutPolicy, stage: MachineStage, stable: str, candidate: str, now: datetime
 ) -> AnalysisReport:
@@ -224,6 +237,7 @@ class Controller:
         metrics: ControllerMetrics,
         clock: Clock = utc_now,
         runner: AnalysisRunner | None = None,
+        background: Executor | None = None,
     ) -> None:
         self.settings = settings
         self.policy = policy
@@ -239,6 +253,9 @@ class Controller:
         self._last_analysis: datetime | None = None
         self._notes: list[tuple[datetime, str | None, str, dict[str, object]]] = []
         self._aliases: dict[tuple[str, str], bool] = {}
+        #: Registry calls run here (InlineExecutor: at once, for tests and one-shot use).
+        self.background: Executor = background if background is not None else InlineExecutor()
+        self._alias_job: tuple[tuple[str, str], bool, Future[None]] | None = None
         self._champion: tuple[float, str | None] | None = None
         self.metrics.show(self.state.rollout)
         self.metrics.transitioned(self.events_sync())
@@ -267,8 +284,6 @@ class Controller:
             self._finish_command(pending, result, now)
         outcome = self._act(actions, now)
         self.converged = outcome.converged
-        if outcome.routed:
-            self._mark_in_force()
         self.metrics.show(self.state.rollout)
         self.metrics.reconciled(time.perf_counter() - started, self.clock())
 
@@ -526,6 +541,7 @@ class Controller:
             outcome.converged = False
             raise
         outcome.routed = True
+        self._mark_in_force()  # at once, not after the slower actions (alias moves) that follow
 
     def _mark_in_force(self) -> None:
         """Applied commands whose routing the routers now hold get ``in_force_at`` (``rolloutctl`` waits for it)."""
@@ -555,18 +571,41 @@ class Controller:
             self._alias(alias, rollout.candidate, ensure=False)
 
     def _alias(self, alias: str, version: str, *, ensure: bool) -> None:
-        """Move (or clear) an alias once per (alias, version, direction) — the registry is asked only on change."""
+        """Move (or clear) an alias once per (alias, version, direction), in the background: registry calls take
+        hundreds of milliseconds and the loop must stay free for the next command (a revert right after a
+        promotion). One alias job at a time, in order; a failed one is retried by a later reconcile."""
+        self._collect_alias_job()
         key = (alias, version)
-        if self._aliases.get(key) is ensure:
+        if self._aliases.get(key) is ensure or self._alias_job is not None:
             return
         rollout = self.state.rollout
         reason = f"rollout {rollout.rollout_id}: {_last_reason(rollout)}" if rollout is not None else "rollout"
+        source = self.backend.source
+
+        def move() -> None:
+            if ensure:
+                source.ensure_alias(alias, version, reason)
+            else:
+                source.clear_alias(alias, version, reason)
+
+        self._alias_job = (key, ensure, self.background.submit(move))
+        self._collect_alias_job()
+
+    def _collect_alias_job(self) -> None:
+        job = self._alias_job
+        if job is None or not job[2].done():
+            return
+        self._alias_job = None
+        (alias, version), ensure, future = job
+        error = future.exception()
+        if error is not None:
+            self.metrics.failed("act")
+            log_event(logger, "alias move failed", event="alias_failed", alias=alias, version=version,
+                      error=f"{type(error).__name__}: {error}")  # fmt: skip
+            return
         if ensure:
-            self.backend.source.ensure_alias(alias, version, reason)
             self._aliases = {k: v for k, v in self._aliases.items() if k[0] != alias}
-        else:
-            self.backend.source.clear_alias(alias, version, reason)
-        self._aliases[key] = ensure
+        self._aliases[(alias, version)] = ensure
 
     # ------------------------------------------------------------------ the loop
 
@@ -670,6 +709,7 @@ def build_local(
     registry = registry_metrics if isinstance(registry_metrics, CollectorRegistry) else CollectorRegistry()
     metrics = ControllerMetrics(registry, cs.name, cs.reconcile_duration_buckets_s)
     runner = ThreadRunner()
+    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry")
     controller = Controller(
         settings=cs,
         policy=load_policy(cs.policy_file),
@@ -677,12 +717,14 @@ def build_local(
         state_dir=state_dir,
         metrics=metrics,
         runner=runner,
+        background=background,
     )
     closers: list[Callable[[], None]] = [
         lambda: workloads.close(stop_servers=stop_workloads_on_exit),
         publisher.close,
         prometheus.close,
         runner.close,
+        lambda: background.shutdown(wait=True),
     ]
     return LocalRuntime(controller, closers)
 
