@@ -66,16 +66,27 @@ class Variant:
     env: Mapping[str, str]
 
 
+def bento_variant(workers: int, *, batching: bool = False, dispatch: str = "direct") -> Variant:
+    """``bento-w<workers>[-batching][-api]``: ``-api`` = BentoML's API methods answer (``FW_SERVE__DISPATCH=bentoml``)
+    instead of the request guard that has already validated the body (``direct``, the default)."""
+    name = f"bento-w{workers}" + ("-batching" if batching else "") + ("-api" if dispatch == "bentoml" else "")
+    env = {
+        "FW_SERVE__WORKERS": str(workers),
+        "FW_SERVE__ADAPTIVE_BATCHING": str(batching).lower(),
+        "FW_SERVE__DISPATCH": dispatch,
+    }
+    return Variant(name, "bento", env)
+
+
 VARIANTS: Final[dict[str, Variant]] = {
     "baseline": Variant("baseline", "baseline", {}),
-    "bento-w1": Variant("bento-w1", "bento", {"FW_SERVE__WORKERS": "1", "FW_SERVE__ADAPTIVE_BATCHING": "false"}),
-    "bento-w1-batching": Variant(
-        "bento-w1-batching", "bento", {"FW_SERVE__WORKERS": "1", "FW_SERVE__ADAPTIVE_BATCHING": "true"}
-    ),
-    "bento-w2": Variant("bento-w2", "bento", {"FW_SERVE__WORKERS": "2", "FW_SERVE__ADAPTIVE_BATCHING": "false"}),
-    "bento-w2-batching": Variant(
-        "bento-w2-batching", "bento", {"FW_SERVE__WORKERS": "2", "FW_SERVE__ADAPTIVE_BATCHING": "true"}
-    ),
+    **{
+        v.name: v
+        for workers in (1, 2)
+        for batching in (False, True)
+        for dispatch in ("direct", "bentoml")
+        for v in (bento_variant(workers, batching=batching, dispatch=dispatch),)
+    },
 }
 
 
@@ -384,14 +395,14 @@ def verdict(runs: Sequence[dict[str, Any]], default_variant: str) -> dict[str, A
 
 def default_variant_name() -> str:
     serve = Settings().serve
-    return f"bento-w{serve.workers}" + ("-batching" if serve.adaptive_batching else "")
+    return bento_variant(serve.workers, batching=serve.adaptive_batching, dispatch=serve.dispatch).name
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=None, help="bundle to serve (default: train one)")
     parser.add_argument("--train-rows", type=int, default=30_000, help="synthetic rows when training the bundle")
-    parser.add_argument("--variants", default="baseline,bento-w1,bento-w1-batching,bento-w2")
+    parser.add_argument("--variants", default="baseline,bento-w1,bento-w1-api,bento-w1-batching,bento-w2,bento-w2-api")
     parser.add_argument("--concurrency", default="1,4,16,32", help="comma-separated in-flight request counts")
     parser.add_argument("--requests", type=int, default=2000, help="measured requests per concurrency level")
     parser.add_argument("--rounds", type=int, default=5, help="alternating bursts per server and level")

@@ -98,6 +98,12 @@ class ServeSettings(BaseModel):
     #: Call XGBoost's C predict function directly (the call ``Booster.inplace_predict`` makes, without its
     #: ≈ 150 µs of per-call Python overhead); checked bit-exact against ``inplace_predict`` at load.
     direct_predict: bool = True
+    #: Who answers a validated scoring request: ``direct`` — the request guard (the ASGI middleware that has just
+    #: parsed and validated the body) calls the same ``Runtime.decide`` as the API methods and writes the JSON
+    #: itself; ``bentoml`` — the body goes on to BentoML's API method (which parses it a second time and adds its
+    #: routing, signature inspection and serde per call). Same responses, metrics and logs either way; measured
+    #: side by side in benchmarks/serving_benchmark.py.
+    dispatch: Literal["direct", "bentoml"] = "direct"
 
 
 class ProcessSettings(BaseModel):

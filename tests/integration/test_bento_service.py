@@ -405,3 +405,38 @@ def test_tampered_bundle_is_never_served(bundle_dir: Path, tmp_path: Path) -> No
         assert ErrorResponse.model_validate(response.json()).error == "model_unavailable"
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+
+def without_correlation(answer: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in answer.items() if key != "correlation_id"}
+
+
+def test_bentoml_dispatch_answers_exactly_like_the_direct_one(
+    client: httpx.Client, bundle_dir: Path, known_accounts: list[str], tmp_path: Path
+) -> None:
+    """``FW_SERVE__DISPATCH=bentoml`` (BentoML's API methods answer) and the default ``direct`` (the guard answers):
+    the same bodies for single and batch requests, the same 4xx naming the same fields, the routes in the OpenAPI."""
+    env = {"FW_SERVE__DISPATCH": "bentoml", "FW_SERVE__FEATURE_STORE_TIMEOUT_MS": "5000"}
+    server = scoring_server(tmp_path / "home", bundle_dir, "bentoml-dispatch", env)
+    rows = parity_rows(known_accounts)
+    bad = {"yearsActive": -1, "amount": "x", "ipAccounts": 2}
+    with server, httpx.Client(base_url=server.url, timeout=TIMEOUT_S) as other:
+        for http in (client, other):
+            assert http.post(PREDICT, json=SEED).status_code == 200
+        singles = [
+            [without_correlation(http.post(PREDICT, json=row).json()) for row in rows] for http in (client, other)
+        ]
+        batches = [http.post(BATCH, json={"requests": rows}).json() for http in (client, other)]
+        errors = [http.post(PREDICT, json=bad) for http in (client, other)]
+        spec = other.get("/docs.json").json()
+    assert singles[0] == singles[1]
+    assert [without_correlation(r) for r in batches[0]["results"]] == [
+        without_correlation(r) for r in batches[1]["results"]
+    ]
+    assert [r["model_version"] for r in batches] == [singles[0][0]["model_version"]] * 2
+    assert [e.status_code for e in errors] == [422, 422]
+    assert [sorted(d["field"] for d in e.json()["details"]) for e in errors] == [["amount", "yearsActive"]] * 2
+    assert {PREDICT, BATCH} <= set(spec["paths"])

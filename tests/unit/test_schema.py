@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from service.bento import field_path, validate_batch, validate_single
+from service.bento import Rejection, field_path, validate_batch, validate_single
 from service.schema import BatchRequest, RefundRequest, RefundResponse, confidence_of, decision_of
 from service.settings import Settings
 
@@ -23,7 +23,7 @@ def test_seed_body_validates_unchanged() -> None:
     assert (request.yearsActive, request.amount, request.ipAccounts) == (1.5, 45.0, 2)
     assert request.accountId is None
     assert request.itemDescription is None
-    assert validate_single(body(SEED), Settings(), CID) is None
+    assert isinstance(validate_single(body(SEED), Settings(), CID), RefundRequest)
 
 
 def test_optional_fields_and_unknown_extras() -> None:
@@ -31,7 +31,7 @@ def test_optional_fields_and_unknown_extras() -> None:
     request = RefundRequest.model_validate_json(body(payload))
     assert request.accountId == "acct-1"
     assert request.itemDescription == "Pad Thai with tofu"
-    assert validate_single(body(payload), Settings(), CID) is None
+    assert isinstance(validate_single(body(payload), Settings(), CID), RefundRequest)
 
 
 @pytest.mark.parametrize(
@@ -57,7 +57,7 @@ def test_optional_fields_and_unknown_extras() -> None:
 )
 def test_each_bad_field_is_named(raw: bytes, field: str) -> None:
     rejection = validate_single(raw, Settings(), CID)
-    assert rejection is not None
+    assert isinstance(rejection, Rejection)
     assert rejection.status == 422
     assert [detail.field for detail in rejection.body.details] == [field]
     assert rejection.body.correlation_id == CID
@@ -65,14 +65,14 @@ def test_each_bad_field_is_named(raw: bytes, field: str) -> None:
 
 def test_several_bad_fields_are_all_named() -> None:
     rejection = validate_single(body({"amount": -3, "ipAccounts": "many"}), Settings(), CID)
-    assert rejection is not None
+    assert isinstance(rejection, Rejection)
     assert {detail.field for detail in rejection.body.details} == {"yearsActive", "amount", "ipAccounts"}
 
 
 @pytest.mark.parametrize("raw", [b"not json", b'{"yearsActive": 1.5,', b"\xff\xfe"])
 def test_non_json_is_400_invalid_json(raw: bytes) -> None:
     rejection = validate_single(raw, Settings(), CID)
-    assert rejection is not None
+    assert isinstance(rejection, Rejection)
     assert (rejection.status, rejection.body.error) == (400, "invalid_json")
     assert [detail.field for detail in rejection.body.details] == ["body"]
 
@@ -80,20 +80,22 @@ def test_non_json_is_400_invalid_json(raw: bytes) -> None:
 @pytest.mark.parametrize("raw", [b"[1, 2]", b'"text"', b"", b"null"])
 def test_json_that_is_not_an_object_is_rejected(raw: bytes) -> None:
     rejection = validate_single(raw, Settings(), CID)
-    assert rejection is not None
+    assert isinstance(rejection, Rejection)
     assert 400 <= rejection.status < 500
 
 
 def test_batch_names_the_bad_item_and_field() -> None:
     requests = [SEED, SEED, SEED, {**SEED, "ipAccounts": -4}, {**SEED, "amount": "x"}]
     rejection = validate_batch(body({"requests": requests}), Settings(), CID)
-    assert rejection is not None
+    assert isinstance(rejection, Rejection)
     assert rejection.status == 422
     assert [detail.field for detail in rejection.body.details] == ["requests.3.ipAccounts", "requests.4.amount"]
 
 
 def test_valid_batch_passes() -> None:
-    assert validate_batch(body({"requests": [SEED, {**SEED, "accountId": "a"}]}), Settings(), CID) is None
+    batch = validate_batch(body({"requests": [SEED, {**SEED, "accountId": "a"}]}), Settings(), CID)
+    assert isinstance(batch, BatchRequest)
+    assert [r.accountId for r in batch.requests] == [None, "a"]
     assert len(BatchRequest.model_validate_json(body({"requests": [SEED]})).requests) == 1
 
 
@@ -103,15 +105,15 @@ def test_valid_batch_passes() -> None:
 )
 def test_batch_shape_errors(payload: dict[str, object], field: str) -> None:
     rejection = validate_batch(body(payload), Settings(), CID)
-    assert rejection is not None
+    assert isinstance(rejection, Rejection)
     assert [detail.field for detail in rejection.body.details] == [field]
 
 
 def test_batch_larger_than_the_settings_limit_names_requests() -> None:
     settings = Settings.model_validate({"serve": {"max_batch_items": 3}})
-    assert validate_batch(body({"requests": [SEED] * 3}), settings, CID) is None
+    assert isinstance(validate_batch(body({"requests": [SEED] * 3}), settings, CID), BatchRequest)
     rejection = validate_batch(body({"requests": [SEED] * 4}), settings, CID)
-    assert rejection is not None
+    assert isinstance(rejection, Rejection)
     assert rejection.status == 422
     assert [detail.field for detail in rejection.body.details] == ["requests"]
     assert "at most 3" in rejection.body.details[0].message
