@@ -3,7 +3,7 @@ service directly, all in the same run on this machine.
 
 Setup: two real ``bentoml serve`` processes (two bundles = two versions, default service settings) and one router
 process per upstream client library (``python -m rollout.router``, default router settings — decision log on,
-prediction log on SQLite, file source polled — with ``upstream_client`` = httpx, the default, and aiohttp).
+prediction log on SQLite, file source polled — with ``upstream_client`` = aiohttp, the default, and httpx).
 The load generator runs in a separate process (aiohttp, asyncio), so client and servers share no interpreter.
 Besides wall-clock latency, each router measurement reports the router's CPU time per request (user + system),
 a figure a busy machine distorts far less than latency.

@@ -1,8 +1,8 @@
 """Calls from the router to model services: one pooled keep-alive client per upstream URL.
 
-The client is ``httpx.AsyncClient`` by default; ``FW_ROLLOUT_ROUTER__UPSTREAM_CLIENT=aiohttp`` selects
-``aiohttp.ClientSession`` instead (same pooling, budgets and failure classes; less CPU per call — see the router
-benchmark, which measures both in the same run).
+The client is ``aiohttp.ClientSession`` by default; ``FW_ROLLOUT_ROUTER__UPSTREAM_CLIENT=httpx`` selects
+``httpx.AsyncClient`` instead (same pooling, budgets and failure classes; about twice the CPU per call — see the
+router benchmark, which measures both in the same run).
 
 A call returns an :class:`Answer` (a 2xx whose JSON body carries ``score``, ``prediction``, ``threshold`` and
 ``model_version``) or a :class:`Failure` with a reason; it never raises for an upstream's fault. Every call is
@@ -99,7 +99,8 @@ class Transport(Protocol):
 
 
 class HttpxTransport:
-    """``httpx.AsyncClient`` (the default): one per upstream, pooled, keep-alive, HTTP/1.1, no proxy from env."""
+    """``httpx.AsyncClient`` (``upstream_client = "httpx"``): one per upstream, pooled, keep-alive, HTTP/1.1, no
+    proxy from env."""
 
     def __init__(self, url: str, settings: RouterSettings, ssl_context: ssl.SSLContext) -> None:
         self._connect_timeout_s = settings.connect_timeout_s
@@ -150,7 +151,7 @@ class HttpxTransport:
 
 
 class AiohttpTransport:
-    """``aiohttp.ClientSession`` (opt-in, ``upstream_client = "aiohttp"``): the same pooling and budgets, with
+    """``aiohttp.ClientSession`` (the default, ``upstream_client = "aiohttp"``): the same pooling and budgets, with
     C-accelerated HTTP parsing; measured side by side with httpx in benchmarks/router_benchmark.py."""
 
     def __init__(self, url: str, settings: RouterSettings, ssl_context: ssl.SSLContext) -> None:
