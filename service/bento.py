@@ -150,8 +150,9 @@ class Runtime:
             return await self.batcher(features)
         return self.predict(features)
 
-    async def decide(self, requests: Sequence[RefundRequest], correlation_id: str) -> list[RefundResponse]:
-        """Score ``requests`` (one feature path, shared with training), count them, log one line each."""
+    async def decide(self, requests: Sequence[RefundRequest], correlation_ids: Sequence[str]) -> list[RefundResponse]:
+        """Score ``requests`` (one feature path, shared with training), count them, log one line each; the i-th
+        answer carries ``correlation_ids[i]``."""
         aggregates = await self.aggregates(requests)
         features = feature_matrix([request_row(request) for request in requests], aggregates)
         scores = await self.scores(features)
@@ -159,7 +160,9 @@ class Runtime:
         self.metrics.observe(features, scores, predictions)
         responses = [
             build_response(score, int(prediction), self.model.threshold, self.version, correlation_id)
-            for score, prediction in zip(scores.tolist(), predictions.tolist(), strict=True)
+            for score, prediction, correlation_id in zip(
+                scores.tolist(), predictions.tolist(), correlation_ids, strict=True
+            )
         ]
         log_decisions(requests, responses)
         return responses
@@ -483,12 +486,13 @@ Handler = Callable[[Runtime, Any, str], Awaitable[BaseModel]]
 
 
 async def answer_single(runtime: Runtime, request: RefundRequest, correlation_id: str) -> RefundResponse:
-    (response,) = await runtime.decide([request], correlation_id)
+    (response,) = await runtime.decide([request], [correlation_id])
     return response
 
 
 async def answer_batch(runtime: Runtime, batch: BatchRequest, correlation_id: str) -> BatchResponse:
-    results = await runtime.decide(batch.requests, correlation_id)
+    ids = batch.correlation_ids if batch.correlation_ids is not None else [correlation_id] * len(batch.requests)
+    results = await runtime.decide(batch.requests, ids)
     return BatchResponse(results=results, model_version=runtime.version, correlation_id=correlation_id)
 
 

@@ -30,7 +30,8 @@ ROOT_LOGGER: Final[str] = "fraudwatch"
 #: The HTTP header carrying the correlation ID in and out.
 CORRELATION_HEADER: Final[str] = "X-Correlation-ID"
 #: Accepted client-supplied correlation IDs: short, printable, no separators that could forge log fields.
-_SAFE_ID: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
+SAFE_ID_PATTERN: Final[str] = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
+_SAFE_ID: Final = re.compile(SAFE_ID_PATTERN)
 _FIELDS_ATTR: Final[str] = "fw_fields"
 
 CORRELATION_ID: ContextVar[str | None] = ContextVar("fraudwatch_correlation_id", default=None)

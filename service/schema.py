@@ -7,11 +7,15 @@ The seed's contract works unchanged: ``{"yearsActive": 1.5, "amount": 45.00, "ip
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
+
+from service.logging import SAFE_ID_PATTERN
 
 MAX_ENTITY_CHARS = 128
+#: A correlation ID that is safe to log and echo (the same rule as the ``X-Correlation-ID`` header's).
+CorrelationId = Annotated[str, StringConstraints(pattern=SAFE_ID_PATTERN)]
 MAX_DESCRIPTION_CHARS = 500
 MAX_BATCH_ITEMS = 1000
 
@@ -56,6 +60,19 @@ class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     requests: list[RefundRequest] = Field(..., min_length=1, max_length=MAX_BATCH_ITEMS)
+    correlation_ids: list[CorrelationId] | None = Field(
+        None,
+        description="One correlation ID per request, in order (e.g. a router batching shadow calls of several "
+        "client requests); absent → every result carries the call's own correlation ID.",
+    )
+
+    @field_validator("correlation_ids")
+    @classmethod
+    def _one_id_per_request(cls, ids: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        requests = info.data.get("requests")
+        if ids is not None and requests is not None and len(ids) != len(requests):
+            raise ValueError(f"{len(ids)} IDs for {len(requests)} requests (one each, in order)")
+        return ids
 
 
 class BatchResponse(BaseModel):

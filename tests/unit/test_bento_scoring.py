@@ -76,8 +76,9 @@ def test_decide_scores_like_the_model_and_counts_every_bin(
         RefundRequest(yearsActive=0.02, amount=100.0, ipAccounts=40, itemDescription="Gift card"),
         RefundRequest(yearsActive=6.0, amount=1899.99, ipAccounts=1, itemDescription="Laptop"),
     ]
-    batch = asyncio.run(runtime.decide(requests, "cid-1"))
-    singles = [asyncio.run(runtime.decide([request], "cid-2"))[0] for request in requests]
+    batch = asyncio.run(runtime.decide(requests, ["cid-a", "cid-b", "cid-c"]))
+    singles = [asyncio.run(runtime.decide([request], ["cid-2"]))[0] for request in requests]
+    assert [response.correlation_id for response in batch] == ["cid-a", "cid-b", "cid-c"]
     rows = [
         {
             "yearsActive": r.yearsActive,

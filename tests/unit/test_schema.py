@@ -139,3 +139,17 @@ def test_response_confidence_is_the_predicted_class_probability(
         correlation_id=CID,
     )
     assert response.decision == ("review" if prediction else "approve")
+
+
+def test_batch_carries_one_safe_correlation_id_per_request() -> None:
+    ok = validate_batch(body({"requests": [SEED, SEED], "correlation_ids": ["a-1", "b:2"]}), Settings(), CID)
+    assert isinstance(ok, BatchRequest)
+    assert ok.correlation_ids == ["a-1", "b:2"]
+    short = validate_batch(body({"requests": [SEED, SEED], "correlation_ids": ["a-1"]}), Settings(), CID)
+    assert isinstance(short, Rejection)
+    assert short.status == 422
+    assert [d.field for d in short.body.details] == ["correlation_ids"]
+    assert "1 IDs for 2 requests" in short.body.details[0].message
+    unsafe = validate_batch(body({"requests": [SEED], "correlation_ids": ["x\ny"]}), Settings(), CID)
+    assert isinstance(unsafe, Rejection)
+    assert [d.field for d in unsafe.body.details] == ["correlation_ids.0"]
