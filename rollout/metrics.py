@@ -17,6 +17,7 @@ Series (``_total`` counters, ``_seconds`` histograms)::
     fraudwatch_router_response_duration_seconds{stage}                      router-side latency of those responses
     fraudwatch_router_unavailable_total{reason}                             503s (no table, stable failed)
     fraudwatch_router_shadow_queue_depth, fraudwatch_router_shadow_inflight
+    fraudwatch_router_shadow_batch_size         histogram of shadow jobs per upstream call (batched shadow scoring)
     fraudwatch_shadow_dropped_total{reason}     queue_full | overload | expired | shutdown
     fraudwatch_shadow_agreement_total{stable, candidate, agree}
     fraudwatch_shadow_pairs_total{stable, candidate, stable_prediction, candidate_prediction}
@@ -45,6 +46,7 @@ Outcome = Literal["2xx", "4xx", "5xx", "timeout", "error"]
 DropReason = Literal["queue_full", "overload", "expired", "shutdown"]
 _STATUS_CLASS: Final[dict[int, str]] = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 _NO_CANDIDATE: Final[str] = ""
+SHADOW_BATCH_BUCKETS: Final[tuple[float, ...]] = (1, 2, 4, 8, 16, 32, 64, 128)
 M = TypeVar("M", bound=MetricWrapperBase)
 
 
@@ -144,6 +146,12 @@ class RouterMetrics:
         )
         self.shadow_inflight = Gauge(
             "fraudwatch_router_shadow_inflight", "Shadow calls being made right now.", registry=registry
+        )
+        self.shadow_batch_size = Histogram(
+            "fraudwatch_router_shadow_batch_size",
+            "Shadow jobs scored per upstream call (1 = a single scoring call, more = one batch call).",
+            buckets=SHADOW_BATCH_BUCKETS,
+            registry=registry,
         )
         self.shadow_dropped = _Children(
             Counter(

@@ -79,6 +79,8 @@ class RouterSettings(BaseModel):
     #: at concurrency 1, 2026-12-01), which is what keeps the router's added p50 inside its 1 ms budget.
     upstream_client: Literal["httpx", "aiohttp"] = "aiohttp"
     predict_path: str = "/api/v1/refund-predict"
+    #: The model services' batch endpoint (shadow calls are batched through it).
+    batch_path: str = "/api/v1/refund-predict-batch"
     upstream_ready_path: str = "/readyz"
     #: Budget of a deciding call to a candidate; past it the request falls back to stable.
     candidate_timeout_s: float = Field(0.25, gt=0.0)
@@ -96,6 +98,12 @@ class RouterSettings(BaseModel):
     #: Shadow work waits in a bounded queue served by a bounded number of workers; overflow is dropped and counted.
     shadow_queue_size: int = Field(512, ge=1)
     shadow_concurrency: int = Field(4, ge=1)
+    #: A shadow worker sends the jobs queued for one version as one call to its batch endpoint (at most this many;
+    #: 1 = one call per job), waiting at most ``shadow_batch_linger_ms`` for more after the first: shadow work is
+    #: off the response path, so a few milliseconds buy a batch whose per-request CPU is a fraction of single
+    #: calls' (benchmarks/router_benchmark.py, stage shadow vs stable).
+    shadow_batch_max: int = Field(32, ge=1, le=1000)
+    shadow_batch_linger_ms: float = Field(5.0, ge=0.0, le=1000.0)
     #: Load shedding: while more deciding calls than this are in flight, new shadow work is dropped ("overload").
     shadow_shed_inflight: int = Field(32, ge=1)
     #: On shutdown queued shadow work may finish within this budget; what is left is dropped ("shutdown").

@@ -7,6 +7,10 @@
 * ``expired``    the job waited longer than ``shadow_timeout_s`` before a worker took it;
 * ``shutdown``   the router is stopping and the drain budget ran out (or the job came in after it started).
 
+A worker takes the first queued job, then whatever else is queued (waiting at most ``shadow_batch_linger_ms`` for
+more, up to ``shadow_batch_max`` jobs), and scores the jobs of each (version, stage) in one call to that version's
+batch endpoint (a single job: one call to the scoring endpoint). Each job is still counted as one call.
+
 When a shadow answer arrives it is paired with the decider's answer of the same request (agreement, confusion
 table, score delta — see :class:`rollout.routing.ComparisonPair`) and handed to the prediction log (role shadow).
 """
@@ -72,6 +76,7 @@ class ShadowRunner:
         self._deciding_inflight = deciding_inflight
         self._queue: asyncio.Queue[ShadowJob] = asyncio.Queue(maxsize=settings.shadow_queue_size)
         self._workers: list[asyncio.Task[None]] = []
+        self._gathering = asyncio.Lock()
         self._inflight = 0
         self._closing = False
         metrics.shadow_queue_depth.set_function(self._queue.qsize)
@@ -110,33 +115,69 @@ class ShadowRunner:
 
     async def _work(self) -> None:
         while True:
-            job = await self._queue.get()
+            jobs: list[ShadowJob] = []
+            settled = 0  # jobs whose fate is counted (scored, or dropped as expired)
             try:
-                await self._run(job)
+                async with self._gathering:  # one worker gathers at a time: idle workers must not split its batch
+                    jobs.append(await self._queue.get())
+                    await self._take_more(jobs)
+                for group in batches(jobs):
+                    fresh = self._fresh(group)
+                    settled += len(group) - len(fresh)
+                    await self._score(fresh)
+                    settled += len(fresh)
+            except asyncio.CancelledError:
+                self._drop("shutdown", len(jobs) - settled)
+                raise
             finally:
-                self._queue.task_done()
+                for _ in jobs:
+                    self._queue.task_done()
 
-    async def _run(self, job: ShadowJob) -> None:
-        if time.monotonic() - job.enqueued_at > self._settings.shadow_timeout_s:
-            self._drop("expired")
+    async def _take_more(self, jobs: list[ShadowJob]) -> None:
+        """Add queued jobs to ``jobs`` up to ``shadow_batch_max``, waiting at most the linger for each next one."""
+        limit = self._settings.shadow_batch_max
+        deadline = time.monotonic() + self._settings.shadow_batch_linger_ms / 1000.0
+        while len(jobs) < limit:
+            try:
+                jobs.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._closing:
+                return
+            try:
+                async with asyncio.timeout(remaining):
+                    jobs.append(await self._queue.get())
+            except TimeoutError:
+                return
+
+    def _fresh(self, group: list[ShadowJob]) -> list[ShadowJob]:
+        """The jobs still within their deadline; the others are dropped (counted) as expired."""
+        now = time.monotonic()
+        fresh = [job for job in group if now - job.enqueued_at <= self._settings.shadow_timeout_s]
+        self._drop("expired", len(group) - len(fresh))
+        return fresh
+
+    async def _score(self, jobs: list[ShadowJob]) -> None:
+        """Score jobs of one (version, stage): one scoring call for a single job, else one batch call."""
+        if not jobs:
             return
-        self._inflight += 1
+        first, budget = jobs[0], self._settings.shadow_timeout_s
+        self._inflight += len(jobs)
         try:
-            result = await self._caller.call(
-                job.endpoint,
-                "shadow",
-                job.stage,
-                job.body,
-                job.headers,
-                self._settings.shadow_timeout_s,
-            )
-        except asyncio.CancelledError:
-            self._drop("shutdown")
-            raise
+            if len(jobs) == 1:
+                results = [await self._caller.call(first.endpoint, "shadow", first.stage, first.body, first.headers,
+                                                    budget)]  # fmt: skip
+            else:
+                bodies, ids = [j.body for j in jobs], [j.correlation_id for j in jobs]
+                results = await self._caller.call_batch(first.endpoint, "shadow", first.stage, bodies, ids, budget)
         finally:
-            self._inflight -= 1
-        if isinstance(result, Answer):
-            self._compare(job, result)
+            self._inflight -= len(jobs)
+        self._metrics.shadow_batch_size.observe(len(jobs))
+        for job, result in zip(jobs, results, strict=True):
+            if isinstance(result, Answer):
+                self._compare(job, result)
 
     def _compare(self, job: ShadowJob, shadow: Answer) -> None:
         pair = comparison_pair(job.decider_version, job.endpoint.version, job.table_stable_version)
@@ -180,3 +221,11 @@ class ShadowRunner:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
+
+
+def batches(jobs: list[ShadowJob]) -> list[list[ShadowJob]]:
+    """``jobs`` grouped by (endpoint, stage) — one upstream call each — in order of first appearance."""
+    groups: dict[tuple[str, str, str], list[ShadowJob]] = {}
+    for job in jobs:
+        groups.setdefault((job.endpoint.version, job.endpoint.url, job.stage), []).append(job)
+    return list(groups.values())

@@ -17,7 +17,7 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
@@ -27,7 +27,7 @@ import httpx
 from rollout.metrics import Outcome, RouterMetrics
 from rollout.routing import Role, VersionEndpoint
 from rollout.settings import RouterSettings
-from service.logging import get_logger, log_event
+from service.logging import CORRELATION_HEADER, get_logger, log_event, new_correlation_id
 
 logger = get_logger("router.upstream")
 
@@ -73,6 +73,16 @@ def parse_answer(body: bytes) -> Answer | None:
         return None
     try:
         data = json.loads(stripped)
+    except ValueError:
+        return None
+    return answer_from(data, stripped)
+
+
+def answer_from(data: object, body: bytes) -> Answer | None:
+    """``data`` (a decoded RefundResponse-like object) as an :class:`Answer` carrying ``body``, or None."""
+    if not isinstance(data, dict):
+        return None
+    try:
         score = float(data["score"])
         prediction = int(data["prediction"])
         threshold = float(data["threshold"])
@@ -81,7 +91,7 @@ def parse_answer(body: bytes) -> Answer | None:
         return None
     if not (math.isfinite(score) and math.isfinite(threshold)) or prediction not in (0, 1):
         return None
-    return Answer(body=stripped, reported_version=version, score=score, prediction=prediction, threshold=threshold)
+    return Answer(body=body, reported_version=version, score=score, prediction=prediction, threshold=threshold)
 
 
 class Transport(Protocol):
@@ -89,6 +99,12 @@ class Transport(Protocol):
 
     async def post(self, path: str, body: bytes, headers: Mapping[str, str], budget_s: float) -> Answer | Failure:
         """POST ``body`` within ``budget_s`` overall; classify what came back. Never raises for the upstream."""
+        ...
+
+    async def post_raw(
+        self, path: str, body: bytes, headers: Mapping[str, str], budget_s: float
+    ) -> tuple[int, bytes] | Failure:
+        """POST ``body`` within ``budget_s`` overall: (status, content), or the transport failure."""
         ...
 
     async def status_of(self, path: str, budget_s: float) -> int | None:
@@ -127,6 +143,11 @@ class HttpxTransport:
         return timeout
 
     async def post(self, path: str, body: bytes, headers: Mapping[str, str], budget_s: float) -> Answer | Failure:
+        return classify_raw(await self.post_raw(path, body, headers, budget_s))
+
+    async def post_raw(
+        self, path: str, body: bytes, headers: Mapping[str, str], budget_s: float
+    ) -> tuple[int, bytes] | Failure:
         try:
             async with asyncio.timeout(budget_s):
                 response = await self._client.post(path, content=body, headers=headers, timeout=self._timeout(budget_s))
@@ -136,7 +157,7 @@ class HttpxTransport:
             return Failure("connect", detail=str(exc))
         except httpx.HTTPError as exc:
             return Failure("transport", detail=f"{type(exc).__name__}: {exc}")
-        return classify(response.status_code, response.content)
+        return response.status_code, response.content
 
     async def status_of(self, path: str, budget_s: float) -> int | None:
         try:
@@ -170,6 +191,11 @@ class AiohttpTransport:
         return aiohttp.ClientTimeout(total=budget_s, sock_connect=min(self._connect_timeout_s, budget_s))
 
     async def post(self, path: str, body: bytes, headers: Mapping[str, str], budget_s: float) -> Answer | Failure:
+        return classify_raw(await self.post_raw(path, body, headers, budget_s))
+
+    async def post_raw(
+        self, path: str, body: bytes, headers: Mapping[str, str], budget_s: float
+    ) -> tuple[int, bytes] | Failure:
         try:
             async with asyncio.timeout(budget_s):
                 async with self._session.post(
@@ -183,7 +209,7 @@ class AiohttpTransport:
             return Failure("connect", detail=str(exc))
         except aiohttp.ClientError as exc:
             return Failure("transport", detail=f"{type(exc).__name__}: {exc}")
-        return classify(status, content)
+        return status, content
 
     async def status_of(self, path: str, budget_s: float) -> int | None:
         try:
@@ -197,18 +223,57 @@ class AiohttpTransport:
         await self._session.close()
 
 
-def classify(status: int, content: bytes) -> Answer | Failure:
-    """A response as the router sees it: a usable answer, or a failure with its reason."""
+def status_failure(status: int, content: bytes) -> Failure | None:
+    """The failure a non-200 status means (None for 200)."""
     if status >= _SERVER_ERROR:
         return Failure("status_5xx", status=status, body=content)
     if status >= _CLIENT_ERROR:
         return Failure("status_4xx", status=status, body=content)
     if status != _SUCCESS:
         return Failure("invalid_response", status=status, body=content, detail="unexpected status")
+    return None
+
+
+def classify(status: int, content: bytes) -> Answer | Failure:
+    """A response as the router sees it: a usable answer, or a failure with its reason."""
+    failed = status_failure(status, content)
+    if failed is not None:
+        return failed
     answer = parse_answer(content)
     if answer is None:
         return Failure("invalid_response", status=status, body=content, detail="not a scoring answer")
     return answer
+
+
+def classify_raw(raw: tuple[int, bytes] | Failure) -> Answer | Failure:
+    return raw if isinstance(raw, Failure) else classify(*raw)
+
+
+def classify_batch(raw: tuple[int, bytes] | Failure, count: int) -> list[Answer | Failure]:
+    """A batch response as ``count`` per-request results: every item fails alike when the call failed, an item
+    whose answer is unusable fails alone."""
+    if isinstance(raw, Failure):
+        return [raw] * count
+    status, content = raw
+    failed = status_failure(status, content)
+    if failed is not None:
+        return [failed] * count
+    try:
+        results = json.loads(content)["results"]
+    except (ValueError, KeyError, TypeError):
+        results = None
+    if not isinstance(results, list) or len(results) != count:
+        return [Failure("invalid_response", status=status, body=content, detail="not a batch answer")] * count
+    unusable = Failure("invalid_response", status=status, detail="not a scoring answer")
+    return [answer if (answer := answer_from(item, b"")) is not None else unusable for item in results]
+
+
+def batch_body(bodies: Sequence[bytes], correlation_ids: Sequence[str]) -> bytes:
+    """The batch endpoint's request for these (already validated) single-request JSON bodies."""
+    return b"".join(
+        (b'{"requests":[', b",".join(body.strip() for body in bodies), b'],"correlation_ids":',
+         json.dumps(list(correlation_ids)).encode(), b"}")
+    )  # fmt: skip
 
 
 _TRANSPORTS: Final[dict[str, type[HttpxTransport] | type[AiohttpTransport]]] = {
@@ -268,6 +333,7 @@ class Caller:
 
     def __init__(self, settings: RouterSettings, upstreams: Upstreams, metrics: RouterMetrics) -> None:
         self._path = settings.predict_path
+        self._batch_path = settings.batch_path
         self._upstreams = upstreams
         self._metrics = metrics
 
@@ -283,21 +349,46 @@ class Caller:
         client = self._upstreams.client(endpoint.url)
         started = time.perf_counter()
         result = await client.post(self._path, body, headers, budget_s)
+        self._account(endpoint, role, stage, result, time.perf_counter() - started)
+        return result
+
+    async def call_batch(
+        self,
+        endpoint: VersionEndpoint,
+        role: Role,
+        stage: str,
+        bodies: Sequence[bytes],
+        correlation_ids: Sequence[str],
+        budget_s: float,
+    ) -> list[Answer | Failure]:
+        """Score several requests in one call to the batch endpoint; each is accounted for as one call (counted
+        with its outcome; its latency is the batch call's), so per-version rates keep their meaning."""
+        client = self._upstreams.client(endpoint.url)
+        headers = {"content-type": "application/json", CORRELATION_HEADER: new_correlation_id()}
+        started = time.perf_counter()
+        raw = await client.post_raw(self._batch_path, batch_body(bodies, correlation_ids), headers, budget_s)
         elapsed = time.perf_counter() - started
+        results = classify_batch(raw, len(bodies))
+        for result in results:
+            self._account(endpoint, role, stage, result, elapsed)
+        return results
+
+    def _account(
+        self, endpoint: VersionEndpoint, role: Role, stage: str, result: Answer | Failure, elapsed: float
+    ) -> None:
         if isinstance(result, Answer):
             self._metrics.observe_call(endpoint.version, role, stage, "2xx", elapsed)
-        else:
-            self._metrics.observe_call(endpoint.version, role, stage, _OUTCOME_OF[result.reason], elapsed)
-            self._metrics.upstream_errors(endpoint.version, role, result.reason).inc()
-            log_event(
-                logger,
-                "upstream call failed",
-                logging.DEBUG,
-                event="upstream_failure",
-                model_version=endpoint.version,
-                role=role,
-                reason=result.reason,
-                status=result.status,
-                detail=result.detail,
-            )
-        return result
+            return
+        self._metrics.observe_call(endpoint.version, role, stage, _OUTCOME_OF[result.reason], elapsed)
+        self._metrics.upstream_errors(endpoint.version, role, result.reason).inc()
+        log_event(
+            logger,
+            "upstream call failed",
+            logging.DEBUG,
+            event="upstream_failure",
+            model_version=endpoint.version,
+            role=role,
+            reason=result.reason,
+            status=result.status,
+            detail=result.detail,
+        )

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.schema import RefundRequest
+from service.schema import BatchRequest, RefundRequest
 
 Mode = Literal["ok", "error", "slow", "garbage", "reject"]
 LOOPBACK = "127.0.0.1"
@@ -71,12 +71,26 @@ class StandIn:
     slow_s: float = 1.5
     port: int = 0
     seen: list[tuple[str | None, bytes]] = field(default_factory=list)
+    #: Sizes of the batch calls received.
+    batches: list[int] = field(default_factory=list)
     _server: uvicorn.Server | None = field(default=None, init=False, repr=False)
     _thread: threading.Thread | None = field(default=None, init=False, repr=False)
 
     @property
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
+
+    def answer(self, cid: str | None) -> dict[str, object]:
+        prediction = int(self.score >= self.threshold)
+        return {
+            "prediction": prediction,
+            "confidence": self.score if prediction else 1.0 - self.score,
+            "score": self.score,
+            "decision": "review" if prediction else "approve",
+            "threshold": self.threshold,
+            "model_version": self.version,
+            "correlation_id": cid,
+        }
 
     def app(self) -> Starlette:
         async def predict(request: Request) -> Response:
@@ -92,17 +106,21 @@ class StandIn:
             if self.mode == "slow":
                 await asyncio.sleep(self.slow_s)
             RefundRequest.model_validate_json(body)
-            prediction = int(self.score >= self.threshold)
-            payload = {
-                "prediction": prediction,
-                "confidence": self.score if prediction else 1.0 - self.score,
-                "score": self.score,
-                "decision": "review" if prediction else "approve",
-                "threshold": self.threshold,
-                "model_version": self.version,
-                "correlation_id": cid,
-            }
-            return Response(json.dumps(payload).encode(), media_type="application/json")
+            return Response(json.dumps(self.answer(cid)).encode(), media_type="application/json")
+
+        async def predict_batch(request: Request) -> Response:
+            body = await request.body()
+            batch = BatchRequest.model_validate_json(body)
+            ids: list[str | None] = list(batch.correlation_ids or [])
+            ids = ids or [request.headers.get("x-correlation-id")] * len(batch.requests)
+            self.seen.extend((cid, body) for cid in ids)
+            self.batches.append(len(ids))
+            if self.mode == "error":
+                return JSONResponse({"error": "boom"}, status_code=500)
+            if self.mode == "slow":
+                await asyncio.sleep(self.slow_s)
+            payload = {"results": [self.answer(cid) for cid in ids], "model_version": self.version}
+            return Response(json.dumps({**payload, "correlation_id": "batch"}).encode(), media_type="application/json")
 
         async def readyz(_request: Request) -> Response:
             return JSONResponse({"status": "ready"}, status_code=500 if self.mode == "error" else 200)
@@ -110,6 +128,7 @@ class StandIn:
         return Starlette(
             routes=[
                 Route("/api/v1/refund-predict", predict, methods=["POST"]),
+                Route("/api/v1/refund-predict-batch", predict_batch, methods=["POST"]),
                 Route("/readyz", readyz, methods=["GET"]),
             ]
         )

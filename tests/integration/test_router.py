@@ -148,8 +148,9 @@ def scrape(url: str) -> str:
 
 
 def served(server: BentoServer, version: str) -> float:
-    """Requests the model service itself counted for its version (its own latency histogram's count)."""
-    return metric_value(scrape(server.url), "fraudwatch_request_duration_seconds_count", model_version=version)
+    """Requests the model service itself scored for its version (its own decision counters: one per request, also
+    when the router batched several shadow requests into one call)."""
+    return metric_value(scrape(server.url), "fraudwatch_decisions_total", model_version=version)
 
 
 def accounts(n: int) -> list[str]:

@@ -212,13 +212,17 @@ def test_stable_stage_answers_with_routing_fields_and_propagates_the_correlation
     assert generated.json()["correlation_id"] == new_id
 
 
-@pytest.mark.parametrize("client_library", ["httpx", "aiohttp"])
+@pytest.mark.parametrize(("client_library", "batch_max"), [("httpx", 1), ("aiohttp", 1), ("httpx", 8), ("aiohttp", 8)])
 def test_shadow_stage_pairs_answers_and_logs_both_roles(
-    stable: StandIn, candidate: StandIn, tmp_path: Path, client_library: str
+    stable: StandIn, candidate: StandIn, tmp_path: Path, client_library: str, batch_max: int
 ) -> None:
+    """Single shadow calls (batch max 1) and batched ones (a long linger, so jobs queue up): the same pairs, counts
+    and prediction-log rows, each shadow score under its own request's correlation ID."""
     n = 20
     outcome_settings = OutcomeSettings(dsn=f"sqlite:///{tmp_path / 'predictions.db'}", flush_interval_ms=20)
-    settings = router_settings(upstream_client=client_library)
+    settings = router_settings(
+        upstream_client=client_library, shadow_batch_max=batch_max, shadow_batch_linger_ms=200.0, shadow_concurrency=1
+    )
     registry = CollectorRegistry()
     router = Router(settings, registry=registry, prediction_log=PredictionLog(outcome_settings, registry=registry))
     with running(router) as client:
@@ -252,6 +256,14 @@ def test_shadow_stage_pairs_answers_and_logs_both_roles(
         assert by_cid[(cid, "decider")]["score"] == STABLE_SCORE
         assert by_cid[(cid, "shadow")]["score"] == CANDIDATE_SCORE
         assert by_cid[(cid, "shadow")]["stage"] == "shadow"
+    assert sorted(str(cid) for cid, _ in candidate.seen) == sorted(a.headers["x-correlation-id"] for a in answers)
+    if batch_max == 1:
+        assert candidate.batches == []
+    else:
+        assert sum(candidate.batches) == n
+        assert max(candidate.batches) > 1
+        assert max(candidate.batches) <= batch_max
+        assert metric_value(text, "fraudwatch_router_shadow_batch_size_sum") == n
 
 
 def assert_deltas(text: str, n: int) -> None:
