@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = _subparser(
         commands,
         "demo",
-        "Generate data, train, register as champion, fetch it back, serve it with bentoml, score, stop.",
+        "The model-only quickstart (make quickstart): generate data, train, register as champion, fetch it back, "
+        "serve it with bentoml, score, stop. The rollout demo is make demo (fraudwatch-demo).",
     )
     demo.add_argument("--drift", action="store_true", help="include the drift scenario in the data")
     demo.add_argument("--summary-json", type=Path, help="also write a machine-readable summary here")
