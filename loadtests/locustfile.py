@@ -7,6 +7,8 @@ Users
     has passed — chargebacks arrive days later in reality, seconds later here.
 
 Environment
+    FW_LOAD_DATA: a labelled history file in the synthetic schema (CSV, e.g. the rollout demo's live traffic from
+    ``fraudwatch demo-versions``) to replay instead of generating a stream;
     FW_LOAD_SEED (7), FW_LOAD_DRIFT (0/1), FW_LOAD_ROWS (50000), FW_LOAD_FRAUD_RATE (the generator's): the stream;
     FW_LOAD_LABEL_SECONDS_PER_HOUR (0.02): label-delay compression (0.02 s per real hour → a week in ~3.4 s);
     FW_LOAD_LABEL_SHARE (1.0): share of answered requests that ever get a label;
@@ -30,6 +32,7 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
+import pandas as pd
 from locust import HttpUser, between, constant, task
 
 from service.datasets.synthetic import SyntheticConfig, generate
@@ -47,12 +50,17 @@ class _Stream:
     """The synthetic stream as API bodies with ground truth, cycled forever, shared by all users of a process."""
 
     def __init__(self) -> None:
-        frame = generate(
-            SyntheticConfig(
-                n_requests=int(_env_float("FW_LOAD_ROWS", 50_000)),
-                seed=int(_env_float("FW_LOAD_SEED", 7)),
-                fraud_rate=_env_float("FW_LOAD_FRAUD_RATE", SyntheticConfig.fraud_rate),
-                drift=os.environ.get("FW_LOAD_DRIFT", "0") == "1",
+        data = os.environ.get("FW_LOAD_DATA")
+        frame = (
+            pd.read_csv(data, dtype={"account_id": object, "itemDescription": object})
+            if data
+            else generate(
+                SyntheticConfig(
+                    n_requests=int(_env_float("FW_LOAD_ROWS", 50_000)),
+                    seed=int(_env_float("FW_LOAD_SEED", 7)),
+                    fraud_rate=_env_float("FW_LOAD_FRAUD_RATE", SyntheticConfig.fraud_rate),
+                    drift=os.environ.get("FW_LOAD_DRIFT", "0") == "1",
+                )
             )
         )
         self._rows: Iterator[tuple[dict[str, Any], int, float]] = itertools.cycle(

@@ -1,4 +1,5 @@
-"""``fraudwatch``: generate data, train and register versions, manage registry aliases, score, run the demo.
+"""``fraudwatch``: generate data, train and register versions, manage registry aliases, score, run the model-only
+demo (``demo``) and the rollout demo's model side (``demo-versions``).
 
 Human output (rich tables and progress) goes to stdout; structured JSON logs go to stderr. Heavy libraries
 (MLflow, XGBoost, BentoML) are imported only by the commands that need them, so ``--help`` is instant.
@@ -26,7 +27,7 @@ from service.logging import configure_logging, get_logger, log_event
 from service.settings import Settings
 
 if TYPE_CHECKING:
-    from service.demo import DemoSummary, Registration, Scored, TrainedVersion
+    from service.demo import DemoSummary, DemoVersions, Registration, Scored, TrainedVersion
     from service.registry import ModelRef
     from service.serving_process import BentoServer
 
@@ -171,11 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo = _subparser(
         commands,
         "demo",
-        "Generate data, train, register as champion, fetch it back, serve it with bentoml, score, stop.",
+        "The model-only quickstart (make quickstart): generate data, train, register as champion, fetch it back, "
+        "serve it with bentoml, score, stop. The rollout demo is make demo (fraudwatch-demo).",
     )
     demo.add_argument("--drift", action="store_true", help="include the drift scenario in the data")
     demo.add_argument("--summary-json", type=Path, help="also write a machine-readable summary here")
     demo.add_argument("--reason", default="fraudwatch demo", help="audit note for the champion alias")
+
+    versions = _subparser(
+        commands,
+        "demo-versions",
+        "The rollout demo's model side: train v1 (before a new bot farm) and v2 (after), derive a deliberately bad "
+        "v3, register all three (v1 as champion), write the live traffic and the regression set. The rollout demo "
+        "itself (make demo, fraudwatch-demo) runs this command. Settings: FW_DEMO__… (service/demo.py).",
+    )
+    versions.add_argument("--summary-json", type=Path, help="also write the result (paths, versions) here as JSON")
+    versions.add_argument("--reason", default="rollout demo", help="audit note for the champion alias")
     return parser
 
 
@@ -335,6 +347,26 @@ def summary_table(summary: DemoSummary) -> Table:
     return table
 
 
+def demo_versions_table(result: DemoVersions) -> Table:
+    stream = result.stream
+    live = (
+        f"{stream.get('live_rows', 0):,} requests, {stream.get('live_fraud_rate', 0.0):.1%} fraud, "
+        f"{stream.get('live_new_bot_farm_share', 0.0):.1%} from the new bot farm"
+    )
+    table = Table(title=f"rollout demo versions (live traffic: {live})")
+    for column in ("role", "version", "registry", "regression PR-AUC", "recall", "precision"):
+        table.add_column(column, justify="left" if column in ("role", "version") else "right")
+    for role, version in result.versions.items():
+        metrics = result.regression_metrics.get(version, {})
+        table.add_row(
+            role,
+            version,
+            result.registry_versions.get(version, ""),
+            *(_num(metrics.get(key)) for key in ("pr_auc", "recall", "precision")),
+        )
+    return table
+
+
 def _truth(is_fraud: bool | None) -> str:
     if is_fraud is None:
         return ""
@@ -462,12 +494,27 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, console: Console) -> 
     return ExitCode.OK if ok else ExitCode.FAILURE
 
 
+def cmd_demo_versions(args: argparse.Namespace, settings: Settings, console: Console) -> ExitCode:
+    from service.demo import DemoDataSettings, prepare_rollout_versions
+
+    with RichObserver(console) as observer:
+        result = prepare_rollout_versions(settings, DemoDataSettings(), observer, reason=args.reason)
+    console.print(demo_versions_table(result))
+    for key in ("live_traffic", "regression_set", "tracking_uri"):
+        console.print(f"{key:>15}: {getattr(result, key)}", soft_wrap=True, highlight=False)
+    if args.summary_json is not None:
+        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
+        args.summary_json.write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True), encoding="utf-8")
+    return ExitCode.OK
+
+
 COMMANDS: Final[dict[str, Callable[[argparse.Namespace, Settings, Console], ExitCode]]] = {
     "generate": cmd_generate,
     "train": cmd_train,
     "registry": cmd_registry,
     "score": cmd_score,
     "demo": cmd_demo,
+    "demo-versions": cmd_demo_versions,
 }
 
 

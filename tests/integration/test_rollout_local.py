@@ -5,7 +5,7 @@ it starts (bundles fetched from an MLflow registry on SQLite), the router (admin
 the router, the model servers the controller registers through file SD, and the controller; evaluating
 deploy/prometheus/rules.yml every second), locust (its CLI, refund traffic plus delayed fraud labels) and
 ``rolloutctl`` (its console script). The policy is the default policy's shape, time-compressed: stages of a few
-seconds, analysis every second.
+seconds, analysis every second (the demo's policy, rollout/demo_policy.yaml, with its stage minimums scaled down).
 
 One trained set per module: v1 and v2 (XGBoost, different tree counts) and v3 — v2's booster with its decision
 threshold raised so that it misses most fraud: its score distribution is v2's exactly (no drift gate can see it)
@@ -46,9 +46,11 @@ import xgboost as xgb
 
 from rollout.backends.local import WORKLOADS_FILE, stop_group
 from rollout.controller import OFFLINE_MESSAGE
+from rollout.demo_policy import load_demo_policy
 from rollout.events import read_events
 from rollout.inbox import EVENTS_FILE, read_heartbeat
 from rollout.outcome_settings import OutcomeSettings, PrometheusSettings
+from rollout.policy import dump_policy
 from rollout.prometheus import PrometheusClient, PrometheusServer, free_port
 from rollout.router_process import RouterProcess
 from rollout.state import ControllerState, StateStore
@@ -94,123 +96,10 @@ START_TIMEOUT_S = 180.0
 ROLLOUT_TIMEOUT_S = 240.0
 DSN_ENV = f"{OutcomeSettings.model_config.get('env_prefix', '')}DSN"
 
-#: The default policy's gates, time-compressed. Where it differs from the default, and why:
-#: * every metric gate carries an evidence minimum in its query (``… and on () <sample count> >= N``): PSI with
-#:   ε-clipped empty bins is ≈ 3 on 40 requests whatever the model, and one error in 40 calls is 2.5 % — without
-#:   the minimum a candidate is rolled back by its first seconds of traffic (no data → Inconclusive instead);
-#: * the stream is 10 % fraud (ten times production) so that labelled frauds arrive within seconds; the gates on
-#:   decisions scale with it: the review rate may shift by 10 points and shadow agreement may drop to 85 % (v3
-#:   reviews ~3.5 points less and disagrees with v1 on ~6 % of requests: at production's 1 % fraud that would be
-#:   a 0.35-point shift, inside any sane tolerance — which is the point of the scenario);
-#: * the regression set is judged on PR-AUC only (a ranking metric: v3's defect is a threshold a ranking cannot
-#:   show); p99 may reach 1 s (two cores shared with everything else);
-#: * outcome gates compare at 90 % confidence with a 0.15–0.2 margin, so a few dozen labelled frauds decide.
-POLICY_YAML = """
-stages:
-  shadow: {min_duration_s: 3, min_requests: 20}
-  canary: {weight: 5, min_duration_s: 3, min_requests: 3}
-  ab: {weight: 50, min_duration_s: 3, min_requests: 20, min_labels: 100}
-  full: {min_duration_s: 3, min_requests: 20}
-analysis:
-  interval_s: 1
-  window_s: 30
-  consecutive_error_limit: 5
-  inconclusive_timeout_s: 30
-  labels_timeout_s: 120
-  confidence: 0.9
-promotion: {alias: champion, warm_window_s: 600, scale_down_delay_s: 30}
-samples:
-  requests: >-
-    sum(increase(fraudwatch_router_requests_total{model_version="{{version}}",outcome="2xx"}[{{stage_window}}]))
-  labels: >-
-    sum(increase(fraudwatch_outcome_total{model_version="{{version}}"}[{{stage_window}}]))
-gates:
-  - name: regression-set
-    layer: quality
-    floors: {pr_auc: 0.80}
-  - name: error-rate
-    layer: health
-    stages: [shadow, canary, ab, full]
-    query: >-
-      (sum(model_version_role:fraudwatch_router_errors:rate5m{model_version="{{version}}"})
-      / (sum(model_version_role:fraudwatch_router_requests:rate5m{model_version="{{version}}"}) > 0))
-      and on () sum(increase(fraudwatch_router_requests_total{model_version="{{version}}"}[5m])) >= 100
-    condition: value <= 0.01
-  - name: latency-p99
-    layer: health
-    stages: [shadow, canary, ab, full]
-    query: max(model_version_role:fraudwatch_router_request_duration_seconds:p99_5m{model_version="{{version}}"})
-    condition: value <= 1.0
-  - name: input-psi-max
-    layer: input_drift
-    stages: [shadow, canary, ab, full]
-    query: >-
-      max(model_version_feature:fraudwatch_psi:5m{model_version="{{version}}",feature!="score"})
-      and on ()
-      sum(model_version_feature:fraudwatch_feature_bin:increase5m{model_version="{{version}}",feature="amount"})
-      >= 200
-    condition: value <= 0.2
-  - name: score-psi
-    layer: output_drift
-    stages: [shadow, canary, ab, full]
-    query: >-
-      max(model_version_feature:fraudwatch_psi:5m{model_version="{{version}}",feature="score"})
-      and on ()
-      sum(model_version_feature:fraudwatch_feature_bin:increase5m{model_version="{{version}}",feature="score"})
-      >= 200
-    condition: value <= 0.2
-  - name: decision-rate-shift
-    layer: output_drift
-    stages: [shadow, canary, ab]
-    query: >-
-      max(model_version:fraudwatch_review_decision_ratio:ratio_rate5m{model_version="{{version}}"})
-      and on ()
-      sum(model_version_feature:fraudwatch_feature_bin:increase5m{model_version="{{version}}",feature="score"})
-      >= 200
-    condition: abs(candidate - stable) <= 0.1
-  - name: shadow-agreement
-    layer: output_drift
-    stages: [shadow, full]
-    query: >-
-      max(stable_candidate:fraudwatch_shadow_agreement:ratio5m{stable="{{stable}}",candidate="{{candidate}}"})
-      and on () sum(stable_candidate:fraudwatch_shadow_pairs:increase5m{stable="{{stable}}",candidate="{{candidate}}"})
-      >= 100
-    condition: value >= 0.85
-  - name: recall
-    layer: outcome
-    stages: [ab, full]
-    labels_query: sum(increase(fraudwatch_outcome_total{model_version="{{version}}"}[{{stage_window}}]))
-    min_labels: 100
-    estimator:
-      method: wilson
-      successes: sum(increase(fraudwatch_outcome_total{model_version="{{version}}",outcome="tp"}[{{stage_window}}]))
-      trials: sum(increase(fraudwatch_outcome_total{model_version="{{version}}",outcome=~"tp|fn"}[{{stage_window}}]))
-    condition: candidate - stable >= -0.15
-  - name: precision
-    layer: outcome
-    stages: [ab, full]
-    labels_query: sum(increase(fraudwatch_outcome_total{model_version="{{version}}"}[{{stage_window}}]))
-    min_labels: 100
-    estimator:
-      method: wilson
-      successes: sum(increase(fraudwatch_outcome_total{model_version="{{version}}",outcome="tp"}[{{stage_window}}]))
-      trials: sum(increase(fraudwatch_outcome_total{model_version="{{version}}",outcome=~"tp|fp"}[{{stage_window}}]))
-    condition: candidate - stable >= -0.2
-  - name: roc-auc
-    layer: outcome
-    stages: [ab, full]
-    labels_query: sum(increase(fraudwatch_outcome_total{model_version="{{version}}"}[{{stage_window}}]))
-    min_labels: 100
-    estimator:
-      method: histogram_auc
-      positive_buckets: >-
-        sum by (le) (increase(
-        fraudwatch_outcome_score_bucket{model_version="{{version}}",label="fraud"}[{{stage_window}}]))
-      negative_buckets: >-
-        sum by (le) (increase(
-        fraudwatch_outcome_score_bucket{model_version="{{version}}",label="legit"}[{{stage_window}}]))
-    condition: candidate - stable >= -0.05
-"""
+#: The demo's policy (rollout/demo_policy.yaml: the default policy's gates, time-compressed, with an evidence
+#: minimum in every metric gate's query; the file says where it differs from the default and why), its stage
+#: minimums scaled down to 3 s: the stages then last as long as their evidence takes.
+STAGE_SCALE = 0.15
 
 
 def wait_for(probe: Callable[[], T | None], what: str, timeout_s: float, interval_s: float = 0.25) -> T:
@@ -427,7 +316,7 @@ def controller_env(
 ) -> dict[str, str]:
     prefix = "FW_ROLLOUT_CONTROLLER__"
     policy = workdir / "policy.yaml"
-    policy.write_text(POLICY_YAML)
+    dump_policy(load_demo_policy(STAGE_SCALE), policy)
     router_address = router.url.removeprefix("http://")
     return {
         **os.environ,
