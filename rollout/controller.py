@@ -19,6 +19,11 @@ machine. The loop looks at the inbox every ``tick_interval_s`` and reconciles at
 
 Without a rollout the controller keeps the serving alias' version (``champion``) running and routed.
 
+Where the state, the commands and the events live is the caller's choice (:class:`StateStorage`,
+:class:`CommandSource`, :class:`EventSink`): files in the state directory on the local backend; the ModelRollout
+custom resource on Kubernetes (:mod:`rollout.backends.kube`: its status, ``spec.manualCommand`` / ``spec.candidate``,
+Kubernetes Events). The loop is the same.
+
 Run: ``python -m rollout.controller`` (settings from ``FW_ROLLOUT_…``, the model side's from ``FW_…``).
 """
 
@@ -218,14 +223,55 @@ class ActOutcome:
     problems: list[str] = field(default_factory=list)
 
 
+# --------------------------------------------------------------------------------------------------- where state,
+# commands and events live: files locally (rollout.state, rollout.inbox, rollout.events), the ModelRollout on
+# Kubernetes (rollout.backends.kube)
+
+
+class StateStorage(Protocol):
+    """The controller's durable state (``state.json`` locally, the ModelRollout's status on Kubernetes)."""
+
+    def load(self) -> ControllerState | None: ...
+
+    def save(self, state: ControllerState, /) -> None:
+        """Make ``state`` durable before anything is acted upon; raise ``OSError`` when it could not be saved."""
+        ...
+
+
+class CommandSource(Protocol):
+    """Operator commands, each applied once per id (an inbox of files locally, ``spec`` on Kubernetes).
+
+    ``pending`` yields ``(handle, command)`` in the order they must be applied (``command`` is the error text of
+    an unreadable one); ``done(handle)`` is called once the command's result is saved."""
+
+    def pending(self) -> Sequence[tuple[Any, InboxCommand | str]]: ...
+
+    def done(self, handle: Any, /) -> None: ...
+
+    def has_pending(self) -> bool:
+        """Something to react to right now (the loop reconciles at once instead of waiting for its interval)."""
+        ...
+
+
+class EventSink(Protocol):
+    """Where transitions (exactly once, derived from the saved state) and notes are recorded."""
+
+    def sync(self, rollout: RolloutState, /) -> list[Transition]:
+        """Record the rollout's transitions not recorded yet; return them."""
+        ...
+
+    def note(self, at: datetime, rollout_id: str | None, reason: str, **fields: object) -> None: ...
+
+
 @dataclass
 class _Pending:
-    path: Path
+    handle: Any
     command: InboxCommand | str
 
 
 class Controller:
-    """The reconcile loop of one rollout (``settings.name``), its state in ``state_dir``."""
+    """The reconcile loop of one rollout (``settings.name``): its state, commands and events in ``state_dir`` (the
+    local files), or in the ``store`` / ``commands`` / ``events`` given instead (the ModelRollout on Kubernetes)."""
 
     def __init__(
         self,
@@ -233,8 +279,11 @@ class Controller:
         settings: ControllerSettings,
         policy: RolloutPolicy,
         backend: Backend,
-        state_dir: Path,
         metrics: ControllerMetrics,
+        state_dir: Path | None = None,
+        store: StateStorage | None = None,
+        commands: CommandSource | None = None,
+        events: EventSink | None = None,
         clock: Clock = utc_now,
         runner: AnalysisRunner | None = None,
         background: Executor | None = None,
@@ -245,9 +294,9 @@ class Controller:
         self.metrics = metrics
         self.clock = clock
         self.runner: AnalysisRunner = runner if runner is not None else InlineRunner()
-        self.store = StateStore(state_dir)
-        self.inbox = CommandInbox(state_dir)
-        self.events = EventLog(state_dir / EVENTS_FILE)
+        self.store: StateStorage = store if store is not None else StateStore(_given(state_dir))
+        self.commands: CommandSource = commands if commands is not None else CommandInbox(_given(state_dir))
+        self.events: EventSink = events if events is not None else EventLog(_given(state_dir) / EVENTS_FILE)
         self.state = self.store.load() or ControllerState(name=settings.name)
         self.converged = False
         self._last_analysis: datetime | None = None
@@ -288,21 +337,22 @@ class Controller:
         self.metrics.reconciled(time.perf_counter() - started, self.clock())
 
     def _next_command(self) -> _Pending | None:
-        for path, command in self.inbox.pending():
+        for handle, command in self.commands.pending():
             if isinstance(command, InboxCommand) and self.state.result_of(command.id) is not None:
-                self.inbox.done(path)  # applied before a restart; only the file was left
+                self.commands.done(handle)  # applied before a restart; only the file was left
                 continue
-            return _Pending(path, command)
+            return _Pending(handle, command)
         return None
 
     def _finish_command(self, pending: _Pending, result: CommandResult | None, now: datetime) -> None:
         if isinstance(pending.command, str):
-            self.events.note(now, self._rollout_id(), "unreadable command discarded", file=pending.path.name,
+            where = pending.handle.name if isinstance(pending.handle, Path) else str(pending.handle)
+            self.events.note(now, self._rollout_id(), "unreadable command discarded", file=where,
                              error=pending.command)  # fmt: skip
         elif result is not None and result.outcome == "ignored":
             self.events.note(now, self._rollout_id(), f"command {result.kind} ignored: {result.detail}",
                              command_id=result.id)  # fmt: skip
-        self.inbox.done(pending.path)
+        self.commands.done(pending.handle)
 
     def _note(self, at: datetime, rollout_id: str | None, reason: str, **fields: object) -> None:
         """A note written to the event log once the state it belongs to is saved."""
@@ -612,7 +662,7 @@ class Controller:
     def wants_reconcile(self) -> bool:
         """Something to react to right now: a queued command or a finished measurement."""
         ready = getattr(self.runner, "ready", None)
-        return self.inbox.has_pending() or (callable(ready) and bool(ready()))
+        return self.commands.has_pending() or (callable(ready) and bool(ready()))
 
     def run(self, stop: threading.Event, heartbeat: Callable[[], None] | None = None) -> None:
         """Reconcile until ``stop`` is set: at once on a command, else every ``reconcile_interval_s``."""
@@ -634,6 +684,12 @@ class Controller:
                 with contextlib.suppress(OSError):
                     heartbeat()
             stop.wait(self.settings.tick_interval_s)
+
+
+def _given(state_dir: Path | None) -> Path:
+    if state_dir is None:
+        raise ValueError("give state_dir (the file-based state, inbox and event log), or store, commands and events")
+    return state_dir
 
 
 @contextlib.contextmanager
