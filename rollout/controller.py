@@ -263,6 +263,15 @@ class EventSink(Protocol):
     def note(self, at: datetime, rollout_id: str | None, reason: str, **fields: object) -> None: ...
 
 
+class ReconcileObserver(Protocol):
+    """Hooks around each reconcile (the Kubernetes backend: the policy follows the ModelRollout's spec before, the
+    status summary follows the world after)."""
+
+    def before_reconcile(self, controller: Controller, /) -> None: ...
+
+    def after_reconcile(self, controller: Controller, outcome: ActOutcome, /) -> None: ...
+
+
 @dataclass
 class _Pending:
     handle: Any
@@ -287,8 +296,10 @@ class Controller:
         clock: Clock = utc_now,
         runner: AnalysisRunner | None = None,
         background: Executor | None = None,
+        observer: ReconcileObserver | None = None,
     ) -> None:
         self.settings = settings
+        self.observer = observer
         self.policy = policy
         self.backend = backend
         self.metrics = metrics
@@ -314,6 +325,8 @@ class Controller:
     def reconcile(self) -> None:
         """Observe → analyse → decide → persist → act → record; raises what the backend raises (after persisting)."""
         started = time.perf_counter()
+        if self.observer is not None:
+            self.observer.before_reconcile(self)
         pending = self._next_command()
         now = self.clock()
         before = self.state
@@ -333,6 +346,8 @@ class Controller:
             self._finish_command(pending, result, now)
         outcome = self._act(actions, now)
         self.converged = outcome.converged
+        if self.observer is not None:
+            self.observer.after_reconcile(self, outcome)
         self.metrics.show(self.state.rollout)
         self.metrics.reconciled(time.perf_counter() - started, self.clock())
 
@@ -805,12 +820,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = get_rollout_settings()
     configure_logging(settings.log_level)
     cs = settings.controller
-    if cs.backend != "local":
-        log_event(logger, "backend not available yet", event="controller_backend_unavailable", backend=cs.backend)
-        return 2
     registry = CollectorRegistry()
     http_server, _thread = start_http_server(cs.metrics_port, addr=cs.host, registry=registry)
     metrics_url = f"http://{cs.host}:{http_server.server_port}/metrics"
+    if cs.backend == "kube":
+        return _main_kube(settings, registry, http_server)
     runtime = build_local(settings, stop_workloads_on_exit=args.stop_workloads_on_exit, registry_metrics=registry)
     stop = threading.Event()
 
@@ -839,6 +853,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         http_server.shutdown()
         log_event(logger, "controller stopped", event="controller_stopped")
     return 0
+
+
+def _main_kube(settings: RolloutSettings, registry: Any, http_server: Any) -> int:
+    """The Kubernetes backend (rollout.backends.kube): the ModelRollout ``controller.name`` in
+    ``controller.kube.namespace``; exit code ``controller.kube.lost_leadership_exit_code`` when the Lease was lost."""
+    from rollout.backends.kube import run_controller
+    from rollout.backends.kube_api import KubeUnavailableError
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log_event(logger, "controller stopping", event="controller_stopping", signal=signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return run_controller(settings, registry, stop)
+    except KubeUnavailableError as exc:
+        log_event(logger, "no Kubernetes configuration", event="controller_backend_unavailable", error=str(exc))
+        return 2
+    finally:
+        http_server.shutdown()
+        log_event(logger, "controller stopped", event="controller_stopped")
 
 
 if __name__ == "__main__":
