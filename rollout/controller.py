@@ -19,6 +19,11 @@ machine. The loop looks at the inbox every ``tick_interval_s`` and reconciles at
 
 Without a rollout the controller keeps the serving alias' version (``champion``) running and routed.
 
+Where the state, the commands and the events live is the caller's choice (:class:`StateStorage`,
+:class:`CommandSource`, :class:`EventSink`): files in the state directory on the local backend; the ModelRollout
+custom resource on Kubernetes (:mod:`rollout.backends.kube`: its status, ``spec.manualCommand`` / ``spec.candidate``,
+Kubernetes Events). The loop is the same.
+
 Run: ``python -m rollout.controller`` (settings from ``FW_ROLLOUT_…``, the model side's from ``FW_…``).
 """
 
@@ -218,14 +223,64 @@ class ActOutcome:
     problems: list[str] = field(default_factory=list)
 
 
+# --------------------------------------------------------------------------------------------------- where state,
+# commands and events live: files locally (rollout.state, rollout.inbox, rollout.events), the ModelRollout on
+# Kubernetes (rollout.backends.kube)
+
+
+class StateStorage(Protocol):
+    """The controller's durable state (``state.json`` locally, the ModelRollout's status on Kubernetes)."""
+
+    def load(self) -> ControllerState | None: ...
+
+    def save(self, state: ControllerState, /) -> None:
+        """Make ``state`` durable before anything is acted upon; raise ``OSError`` when it could not be saved."""
+        ...
+
+
+class CommandSource(Protocol):
+    """Operator commands, each applied once per id (an inbox of files locally, ``spec`` on Kubernetes).
+
+    ``pending`` yields ``(handle, command)`` in the order they must be applied (``command`` is the error text of
+    an unreadable one); ``done(handle)`` is called once the command's result is saved."""
+
+    def pending(self) -> Sequence[tuple[Any, InboxCommand | str]]: ...
+
+    def done(self, handle: Any, /) -> None: ...
+
+    def has_pending(self) -> bool:
+        """Something to react to right now (the loop reconciles at once instead of waiting for its interval)."""
+        ...
+
+
+class EventSink(Protocol):
+    """Where transitions (exactly once, derived from the saved state) and notes are recorded."""
+
+    def sync(self, rollout: RolloutState, /) -> list[Transition]:
+        """Record the rollout's transitions not recorded yet; return them."""
+        ...
+
+    def note(self, at: datetime, rollout_id: str | None, reason: str, **fields: object) -> None: ...
+
+
+class ReconcileObserver(Protocol):
+    """Hooks around each reconcile (the Kubernetes backend: the policy follows the ModelRollout's spec before, the
+    status summary follows the world after)."""
+
+    def before_reconcile(self, controller: Controller, /) -> None: ...
+
+    def after_reconcile(self, controller: Controller, outcome: ActOutcome, /) -> None: ...
+
+
 @dataclass
 class _Pending:
-    path: Path
+    handle: Any
     command: InboxCommand | str
 
 
 class Controller:
-    """The reconcile loop of one rollout (``settings.name``), its state in ``state_dir``."""
+    """The reconcile loop of one rollout (``settings.name``): its state, commands and events in ``state_dir`` (the
+    local files), or in the ``store`` / ``commands`` / ``events`` given instead (the ModelRollout on Kubernetes)."""
 
     def __init__(
         self,
@@ -233,21 +288,26 @@ class Controller:
         settings: ControllerSettings,
         policy: RolloutPolicy,
         backend: Backend,
-        state_dir: Path,
         metrics: ControllerMetrics,
+        state_dir: Path | None = None,
+        store: StateStorage | None = None,
+        commands: CommandSource | None = None,
+        events: EventSink | None = None,
         clock: Clock = utc_now,
         runner: AnalysisRunner | None = None,
         background: Executor | None = None,
+        observer: ReconcileObserver | None = None,
     ) -> None:
         self.settings = settings
+        self.observer = observer
         self.policy = policy
         self.backend = backend
         self.metrics = metrics
         self.clock = clock
         self.runner: AnalysisRunner = runner if runner is not None else InlineRunner()
-        self.store = StateStore(state_dir)
-        self.inbox = CommandInbox(state_dir)
-        self.events = EventLog(state_dir / EVENTS_FILE)
+        self.store: StateStorage = store if store is not None else StateStore(_given(state_dir))
+        self.commands: CommandSource = commands if commands is not None else CommandInbox(_given(state_dir))
+        self.events: EventSink = events if events is not None else EventLog(_given(state_dir) / EVENTS_FILE)
         self.state = self.store.load() or ControllerState(name=settings.name)
         self.converged = False
         self._last_analysis: datetime | None = None
@@ -265,6 +325,8 @@ class Controller:
     def reconcile(self) -> None:
         """Observe → analyse → decide → persist → act → record; raises what the backend raises (after persisting)."""
         started = time.perf_counter()
+        if self.observer is not None:
+            self.observer.before_reconcile(self)
         pending = self._next_command()
         now = self.clock()
         before = self.state
@@ -284,25 +346,28 @@ class Controller:
             self._finish_command(pending, result, now)
         outcome = self._act(actions, now)
         self.converged = outcome.converged
+        if self.observer is not None:
+            self.observer.after_reconcile(self, outcome)
         self.metrics.show(self.state.rollout)
         self.metrics.reconciled(time.perf_counter() - started, self.clock())
 
     def _next_command(self) -> _Pending | None:
-        for path, command in self.inbox.pending():
+        for handle, command in self.commands.pending():
             if isinstance(command, InboxCommand) and self.state.result_of(command.id) is not None:
-                self.inbox.done(path)  # applied before a restart; only the file was left
+                self.commands.done(handle)  # applied before a restart; only the file was left
                 continue
-            return _Pending(path, command)
+            return _Pending(handle, command)
         return None
 
     def _finish_command(self, pending: _Pending, result: CommandResult | None, now: datetime) -> None:
         if isinstance(pending.command, str):
-            self.events.note(now, self._rollout_id(), "unreadable command discarded", file=pending.path.name,
+            where = pending.handle.name if isinstance(pending.handle, Path) else str(pending.handle)
+            self.events.note(now, self._rollout_id(), "unreadable command discarded", file=where,
                              error=pending.command)  # fmt: skip
         elif result is not None and result.outcome == "ignored":
             self.events.note(now, self._rollout_id(), f"command {result.kind} ignored: {result.detail}",
                              command_id=result.id)  # fmt: skip
-        self.inbox.done(pending.path)
+        self.commands.done(pending.handle)
 
     def _note(self, at: datetime, rollout_id: str | None, reason: str, **fields: object) -> None:
         """A note written to the event log once the state it belongs to is saved."""
@@ -612,7 +677,7 @@ class Controller:
     def wants_reconcile(self) -> bool:
         """Something to react to right now: a queued command or a finished measurement."""
         ready = getattr(self.runner, "ready", None)
-        return self.inbox.has_pending() or (callable(ready) and bool(ready()))
+        return self.commands.has_pending() or (callable(ready) and bool(ready()))
 
     def run(self, stop: threading.Event, heartbeat: Callable[[], None] | None = None) -> None:
         """Reconcile until ``stop`` is set: at once on a command, else every ``reconcile_interval_s``."""
@@ -634,6 +699,12 @@ class Controller:
                 with contextlib.suppress(OSError):
                     heartbeat()
             stop.wait(self.settings.tick_interval_s)
+
+
+def _given(state_dir: Path | None) -> Path:
+    if state_dir is None:
+        raise ValueError("give state_dir (the file-based state, inbox and event log), or store, commands and events")
+    return state_dir
 
 
 @contextlib.contextmanager
@@ -749,12 +820,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = get_rollout_settings()
     configure_logging(settings.log_level)
     cs = settings.controller
-    if cs.backend != "local":
-        log_event(logger, "backend not available yet", event="controller_backend_unavailable", backend=cs.backend)
-        return 2
     registry = CollectorRegistry()
     http_server, _thread = start_http_server(cs.metrics_port, addr=cs.host, registry=registry)
     metrics_url = f"http://{cs.host}:{http_server.server_port}/metrics"
+    if cs.backend == "kube":
+        return _main_kube(settings, registry, http_server)
     runtime = build_local(settings, stop_workloads_on_exit=args.stop_workloads_on_exit, registry_metrics=registry)
     stop = threading.Event()
 
@@ -783,6 +853,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         http_server.shutdown()
         log_event(logger, "controller stopped", event="controller_stopped")
     return 0
+
+
+def _main_kube(settings: RolloutSettings, registry: Any, http_server: Any) -> int:
+    """The Kubernetes backend (rollout.backends.kube): the ModelRollout ``controller.name`` in
+    ``controller.kube.namespace``; exit code ``controller.kube.lost_leadership_exit_code`` when the Lease was lost."""
+    from rollout.backends.kube import run_controller
+    from rollout.backends.kube_api import KubeUnavailableError
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log_event(logger, "controller stopping", event="controller_stopping", signal=signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return run_controller(settings, registry, stop)
+    except KubeUnavailableError as exc:
+        log_event(logger, "no Kubernetes configuration", event="controller_backend_unavailable", error=str(exc))
+        return 2
+    finally:
+        http_server.shutdown()
+        log_event(logger, "controller stopped", event="controller_stopped")
 
 
 if __name__ == "__main__":

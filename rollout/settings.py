@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Histogram buckets (seconds) for request latencies, fine-grained in the single-digit milliseconds.
@@ -59,6 +59,25 @@ DEFAULT_SCORE_DELTA_BUCKETS: tuple[float, ...] = (
     0.5,
     1.0,
 )
+
+
+class RouterKubeSettings(BaseModel):
+    """The router's Kubernetes table source (``FW_ROLLOUT_ROUTER__KUBE__…``): it watches one ModelRollout and applies
+    its ``status.routing``. Off while ``rollout_name`` is unset."""
+
+    #: The ModelRollout whose ``status.routing`` the router applies; None → no Kubernetes source.
+    rollout_name: str | None = Field(None, min_length=1, max_length=253)
+    #: Its namespace; None → the pod's own namespace (the service-account mount), else ``default``.
+    namespace: str | None = Field(None, min_length=1, max_length=63)
+    #: A kubeconfig file; None → in-cluster configuration inside a pod, else ``$KUBECONFIG`` / ``~/.kube/config``.
+    kubeconfig: Path | None = None
+    context: str | None = None
+    #: Server-side timeout of one watch request (the watch is then resumed from the last resourceVersion).
+    watch_timeout_s: int = Field(300, ge=1)
+    #: Budget of the initial read and of each API request (a watch's read timeout is this plus the watch timeout).
+    request_timeout_s: float = Field(10.0, gt=0.0)
+    #: Wait after a failed watch (API server unreachable, RBAC refusal) before trying again.
+    retry_backoff_s: float = Field(1.0, gt=0.0)
 
 
 class RouterSettings(BaseModel):
@@ -123,6 +142,7 @@ class RouterSettings(BaseModel):
     process_poll_interval_s: float = Field(0.05, gt=0.0)
     process_stop_timeout_s: float = Field(20.0, gt=0.0)
     score_delta_buckets: tuple[float, ...] = DEFAULT_SCORE_DELTA_BUCKETS
+    kube: RouterKubeSettings = RouterKubeSettings()
 
     def admin_secret(self) -> str | None:
         """The admin bearer token (``admin_token`` first, else the content of ``admin_token_file``), or None."""
@@ -164,6 +184,64 @@ class LocalBackendSettings(BaseModel):
     stop_timeout_s: float = Field(20.0, gt=0.0)
 
 
+class KubeBackendSettings(BaseModel):
+    """The controller's Kubernetes backend (``FW_ROLLOUT_CONTROLLER__KUBE__…``): the ModelRollout ``controller.name``
+    in ``namespace`` is its desired state and its status the durable state; one Deployment + Service per model
+    version from the chart's model-server templates; a Lease for leader election. The chart sets these
+    (deploy/helm/fraudwatch/templates/_env.tpl)."""
+
+    #: The namespace of the ModelRollout and of everything the controller creates.
+    namespace: str = Field("default", min_length=1, max_length=63)
+    #: A kubeconfig file; None → in-cluster configuration inside a pod, else ``$KUBECONFIG`` / ``~/.kube/config``.
+    kubeconfig: Path | None = None
+    context: str | None = None
+    #: The chart's ConfigMap with the model servers' pod and Service templates.
+    model_server_configmap: str = Field("fraudwatch-model-server", min_length=1, max_length=253)
+    #: Leader election through a coordination.k8s.io Lease: only the holder reconciles.
+    leader_election: bool = True
+    lease_name: str = Field("fraudwatch-controller", min_length=1, max_length=253)
+    #: A standby takes over once the holder has not renewed for this long …
+    lease_duration_s: float = Field(15.0, gt=0.0)
+    #: … the holder stops acting when it could not renew for this long (must be shorter) …
+    renew_deadline_s: float = Field(10.0, gt=0.0)
+    #: … and everybody retries (renews, or tries to acquire) this often.
+    retry_period_s: float = Field(2.0, gt=0.0)
+    #: This replica's name in the Lease (the pod's name); empty → ``<hostname>-<pid>``.
+    identity: str = Field("", max_length=253)
+    #: The field manager of the controller's writes (server-side apply of the workloads, status updates).
+    field_manager: str = Field("fraudwatch-controller", min_length=1, max_length=128)
+    #: The Kubernetes Events' ``source.component`` / ``reportingComponent``.
+    event_component: str = Field("fraudwatch-controller", min_length=1, max_length=128)
+    #: Server-side timeout of one watch request; each watch is then resumed from its last resourceVersion, and
+    #: re-listed (a full resync of the cache) at least every ``resync_interval_s``.
+    watch_timeout_s: int = Field(60, ge=1)
+    resync_interval_s: float = Field(300.0, gt=0.0)
+    #: Budget of one API request, and the wait after a failed watch before it is tried again.
+    request_timeout_s: float = Field(10.0, gt=0.0)
+    retry_backoff_s: float = Field(1.0, gt=0.0)
+    #: Attempts of one status write that meets a newer resourceVersion (409 Conflict) before the reconcile fails.
+    conflict_retries: int = Field(8, ge=1)
+    #: The URL the routing table names for a version: ``{service}``, ``{namespace}`` and ``{port}`` are filled in
+    #: (default: the Service's cluster DNS name) …
+    service_url_template: str = "http://{service}.{namespace}.svc:{port}"
+    #: … unless the version is listed here (version → base URL). The seam of the end-to-end tests, whose fake
+    #: (kwok) pods run no process: the versions are served by real local ``bentoml serve`` processes.
+    version_urls: dict[str, str] = Field(default_factory=dict)
+    #: Registry aliases, bundles (the quality stage) through the MLflow registry (``FW_MLFLOW_TRACKING_URI``);
+    #: False → versions are only what the ModelRollout names and aliases are not moved.
+    use_registry: bool = False
+    #: Transitions kept in ``status.history`` (across rollouts; the CRD allows at most 100).
+    kept_history: int = Field(50, ge=1, le=100)
+    #: A controller that lost its Lease exits with this code (its pod restarts and becomes a standby).
+    lost_leadership_exit_code: int = Field(3, ge=1, le=125)
+
+    @model_validator(mode="after")
+    def _deadline_inside_lease(self) -> KubeBackendSettings:
+        if not self.retry_period_s < self.renew_deadline_s < self.lease_duration_s:
+            raise ValueError("leader election needs retry_period_s < renew_deadline_s < lease_duration_s")
+        return self
+
+
 class ControllerSettings(BaseModel):
     """The rollout controller (``FW_ROLLOUT_CONTROLLER__…``): its files, loop timings, metrics port, backend."""
 
@@ -201,6 +279,7 @@ class ControllerSettings(BaseModel):
     error_backoff_s: float = Field(1.0, ge=0.0)
     reconcile_duration_buckets_s: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
     local: LocalBackendSettings = LocalBackendSettings()
+    kube: KubeBackendSettings = KubeBackendSettings()
 
     def resolved_state_dir(self, home: Path) -> Path:
         return self.state_dir if self.state_dir is not None else home / "rollout"

@@ -79,14 +79,6 @@ MATRIX: dict[str, dict[str, Any]] = {
     },
 }
 
-#: Setting groups the chart sets that rollout/settings.py does not define yet (the Kubernetes backend of the
-#: controller and the router's ModelRollout watch are being written): env prefix → the group's path in
-#: RolloutSettings. Their names are the chart's proposal (README.md, "Environment contract").
-PENDING_GROUPS: dict[str, tuple[str, ...]] = {
-    "FW_ROLLOUT_CONTROLLER__KUBE__": ("controller", "kube"),
-    "FW_ROLLOUT_ROUTER__KUBE__": ("router", "kube"),
-}
-
 
 @pytest.fixture(scope="module")
 def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
@@ -369,12 +361,21 @@ def test_settings_keys_the_chart_sets_cannot_be_overridden(
 def test_controller_env_is_read_by_the_controller_settings(
     helm: Helm, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    values = {"controller": {"metricsPort": 9400, "settings": {"reconcile_interval_s": 2}}}
+    values = {
+        "controller": {
+            "metricsPort": 9400,
+            "settings": {"reconcile_interval_s": 2},
+            "leaderElection": {"leaseDurationSeconds": 20, "renewDeadlineSeconds": 12, "retryPeriodSeconds": 3},
+        }
+    }
     deployment = one(helm.template(values, workdir), "Deployment", "-controller")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
+    downward = {"metadata.namespace": "fraud", "metadata.name": "fw-fraudwatch-controller-abc12"}
     for name, entry in env_of(container).items():
         if "value" in entry:
             monkeypatch.setenv(name, entry["value"])
+        else:  # the downward API, as the kubelet fills it in
+            monkeypatch.setenv(name, downward[entry["valueFrom"]["fieldRef"]["fieldPath"]])
 
     settings = RolloutSettings()
     controller = settings.controller
@@ -386,6 +387,11 @@ def test_controller_env_is_read_by_the_controller_settings(
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert container["livenessProbe"]["httpGet"]["port"] == "metrics"
     assert ports["metrics"] == controller.metrics_port
+    kube = controller.kube
+    assert (kube.namespace, kube.identity) == ("fraud", "fw-fraudwatch-controller-abc12")
+    assert kube.model_server_configmap == "fw-fraudwatch-model-server"
+    assert (kube.leader_election, kube.lease_name) == (True, "fw-fraudwatch-controller")
+    assert (kube.lease_duration_s, kube.renew_deadline_s, kube.retry_period_s) == (20.0, 12.0, 3.0)
 
 
 # ------------------------------------------------------------------------------------------------ the ModelRollout
@@ -531,7 +537,7 @@ SETTINGS_PREFIXES: tuple[tuple[str, type[BaseSettings]], ...] = tuple(
 def unknown_settings(names: list[str]) -> list[str]:
     unknown = []
     for name in names:
-        if any(name.startswith(p) for p in PENDING_GROUPS) or not name.startswith("FW_"):
+        if not name.startswith("FW_"):
             continue
         prefix, settings = next((p, s) for p, s in SETTINGS_PREFIXES if name.startswith(p))
         if not settings_field(settings, name.removeprefix(prefix).lower().split("__")):
@@ -546,15 +552,6 @@ def test_every_fw_variable_is_a_settings_field(rendered: dict[str, list[dict[str
     assert unknown_settings(names) == []
 
 
-def test_pending_setting_groups_are_still_pending(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    """When rollout/settings.py gains one of these groups, drop it from PENDING_GROUPS: the test above then checks
-    the chart's names against the code. Each pending group is really used by the chart."""
-    names = [e for _, spec in pod_specs(rendered["defaults"]) for c in containers(spec) for e in env_of(c)]
-    for prefix, path in PENDING_GROUPS.items():
-        assert not settings_field(RolloutSettings, list(path)), f"{'.'.join(path)} exists now: check {prefix}*"
-        assert any(name.startswith(prefix) for name in names), prefix
-
-
 def test_router_env_is_read_by_the_router_settings(helm: Helm, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     values = {
         "router": {"port": 8181, "settings": {"candidate_timeout_s": 0.3, "latency_buckets_s": [0.001, 0.01, 0.1]}},
@@ -564,11 +561,14 @@ def test_router_env_is_read_by_the_router_settings(helm: Helm, workdir: Path, mo
     for name, entry in env_of(container).items():
         if "value" in entry:
             monkeypatch.setenv(name, entry["value"])
+        elif entry["valueFrom"].get("fieldRef", {}).get("fieldPath") == "metadata.namespace":
+            monkeypatch.setenv(name, "fraud")
     monkeypatch.setenv(DSN_ENV, "sqlite:///unused.db")
 
     router = RolloutSettings().router
     assert (router.host, router.port, router.candidate_timeout_s) == ("0.0.0.0", 8181, 0.3)
     assert router.latency_buckets_s == (0.001, 0.01, 0.1)
+    assert (router.kube.rollout_name, router.kube.namespace) == ("fw-fraudwatch", "fraud")
     assert router.admin_token_file is not None and router.admin_token_file.is_absolute()
     assert router.graceful_shutdown_s < one_deployment_grace(helm, workdir, values)
     assert OutcomeSettings().flush_interval_ms == 50

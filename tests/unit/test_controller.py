@@ -477,7 +477,7 @@ def test_a_kill_before_the_state_is_saved_replays_the_command_once(harness: Harn
     def killed(_state: object) -> None:
         raise Crash("killed before the rename")
 
-    harness.controller.store.save = killed  # type: ignore[method-assign,assignment]
+    harness.controller.store.save = killed  # type: ignore[method-assign]
     with pytest.raises(Crash):
         harness.tick()
     harness.controller.store.save = original  # type: ignore[method-assign]
