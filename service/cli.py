@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from datetime import datetime
 from enum import IntEnum
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -23,12 +24,19 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from service.logging import configure_logging, get_logger, log_event
+from service.logging import (
+    configure_logging,
+    correlation_id_from_header,
+    correlation_scope,
+    get_logger,
+    log_event,
+)
 from service.settings import Settings
 
 if TYPE_CHECKING:
     from service.demo import DemoSummary, DemoVersions, Registration, Scored, TrainedVersion
     from service.registry import ModelRef
+    from service.retrain import RetrainReport
     from service.serving_process import BentoServer
 
 logger = get_logger(__name__)
@@ -41,6 +49,8 @@ class ExitCode(IntEnum):
     QUALITY_GATE = 3
     NOT_FOUND = 4
     INTEGRITY = 5
+    ROLLOUT_NOT_STARTED = 6
+    NOTHING_SHIPPED = 7
     INTERRUPTED = 130
     TERMINATED = 143
 
@@ -53,6 +63,8 @@ exit codes:
   3    quality gate failed (the run is logged in MLflow, the version is not registered)
   4    not found (data file, registered model, version or alias)
   5    integrity check failed (a bundle does not match its checksums)
+  6    retrain/recalibrate: registered as challenger, but delivery did not start the rollout (refused, or no answer)
+  7    retrain/recalibrate: nothing shipped (too little labelled data in the window; recalibrate: no improvement)
   130  interrupted (Ctrl-C); 143 terminated (SIGTERM) — servers started by the command are stopped first
 
 configuration: every setting comes from the environment (prefix FW_, nested with __), e.g.
@@ -122,6 +134,28 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-requests", type=positive_int, help="rows to generate (default: FW_DATA__N_REQUESTS)")
 
 
+def _datetime(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from error
+
+
+def _retrain_options(parser: argparse.ArgumentParser, window_setting: str) -> None:
+    parser.add_argument("--data", type=Path, help="labelled refund stream: CSV(.gz) or a directory of them "
+                        "(default: FW_RETRAIN__DATA_PATH)")  # fmt: skip
+    parser.add_argument("--window-days", type=float, help=f"days of labelled data (default: {window_setting})")
+    parser.add_argument("--window-end", type=_datetime, help="end of the window (default: the newest labelled row)")
+    parser.add_argument("--trigger", choices=("scheduled", "alert", "manual"), default="manual",
+                        help="what started this run (recorded in MLflow and the summary)")  # fmt: skip
+    parser.add_argument("--id", dest="retrain_id", help="run id, also the rollout's command id (default: generated)")
+    parser.add_argument("--reason", help="audit note for the run, the challenger alias and the rollout")
+    parser.add_argument("--version-name", help="the new version's name (default: the next free vN)")
+    parser.add_argument("--no-rollout", action="store_true", help="register as challenger only; start no rollout")
+    parser.add_argument("--summary-json", type=Path, help="also write the run's report here (JSON)")
+    parser.add_argument("--correlation-id", help="correlation ID of the JSON logs (default: the run id)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fraudwatch",
@@ -164,6 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = _subparser(actions, "fetch", "Download a version's bundle and verify its checksums.")
     fetch.add_argument("ref", help="alias or version number")
     fetch.add_argument("--dest", type=Path, help="directory (default: HOME/serving/REF)")
+
+    retrain = _subparser(
+        commands,
+        "retrain",
+        "Train on the latest labelled window; pass the quality gates; register as challenger; start a rollout.",
+    )
+    _retrain_options(retrain, "FW_RETRAIN__WINDOW_DAYS")
+    recalibrate = _subparser(
+        commands,
+        "recalibrate",
+        "Refit a version's calibration (isotonic) on the latest labelled window; ship it like a retrain.",
+    )
+    _retrain_options(recalibrate, "FW_RETRAIN__RECALIBRATION_WINDOW_DAYS")
+    recalibrate.add_argument("--base", default="champion", help="the version recalibrated: alias or number")
 
     score = _subparser(commands, "score", "Score one request against a running service.")
     score.add_argument("--url", required=True, help="service base URL, e.g. http://127.0.0.1:3000")
@@ -464,6 +512,94 @@ def cmd_registry(args: argparse.Namespace, settings: Settings, console: Console)
     return ExitCode.OK
 
 
+#: Exit code of each retrain/recalibrate outcome (service.retrain.RetrainOutcome values).
+RETRAIN_EXIT_CODES: Final[dict[str, ExitCode]] = {
+    "rollout_started": ExitCode.OK,
+    "registered": ExitCode.OK,
+    "rollout_not_started": ExitCode.ROLLOUT_NOT_STARTED,
+    "quality_gate_failed": ExitCode.QUALITY_GATE,
+    "no_improvement": ExitCode.NOTHING_SHIPPED,
+    "insufficient_data": ExitCode.NOTHING_SHIPPED,
+    "failed": ExitCode.FAILURE,
+}
+#: Gate values shown after a retrain, in this order (prefixed by gate: test_window_…, regression_…).
+SHOWN_GATE_METRICS: Final[tuple[str, ...]] = ("pr_auc", "recall", "precision", "recall_new_bot_farm")
+
+
+def retrain_table(report: RetrainReport) -> Table:
+    table = Table(title=f"{report.operation} {report.retrain_id}: {report.outcome.value}")
+    table.add_column("")
+    table.add_column("value", overflow="fold")
+    rows: list[tuple[str, str]] = [("trigger", f"{report.kind}: {report.reason}")]
+    if report.window is not None:
+        w = report.window
+        rows.append(("window", f"{w.start} … {w.end}: {w.rows:,} rows, {w.positives:,} frauds"))
+    rows.append(("version", f"{report.version or '-'} (registry {report.registry_version or '-'})"))
+    if report.gate is not None:
+        for metric, value in sorted(report.gate.values.items()):
+            if any(metric.endswith(f"_{shown}") for shown in SHOWN_GATE_METRICS):
+                floor = report.gate.floors.get(metric)
+                rows.append((metric, _num(value) + (f" (floor {floor:g})" if floor is not None else "")))
+        rows.append(("quality gate", "passed" if report.gate.passed else "FAILED: " + "; ".join(report.gate.failures)))
+    for key in ("ece_before", "ece_after", "brier_before", "brier_after", "threshold_before", "threshold_after"):
+        if key in report.evidence:
+            rows.append((key.replace("_", " "), _num(report.evidence[key])))
+    if report.handoff is not None:
+        rows.append((f"rollout ({report.handoff.via})", f"{report.handoff.outcome.value}: {report.handoff.detail}"))
+    if report.detail:
+        rows.append(("detail", report.detail))
+    for label, text in rows:
+        table.add_row(label, text)
+    return table
+
+
+def _write_summary(path: Path | None, report: RetrainReport) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True), encoding="utf-8")
+
+
+def run_retrain_command(args: argparse.Namespace, settings: Settings, console: Console, operation: str) -> ExitCode:
+    """``retrain`` and ``recalibrate``: one request, the configured hand-off, a report table and summary."""
+    from service.recalibrate import recalibrate
+    from service.retrain import RetrainKind, RetrainRequest, failed_report, new_retrain_id, retrain, safe_id
+    from service.retrain_handoff import handoff_for
+
+    kind = RetrainKind(args.trigger)
+    retrain_id = safe_id(args.retrain_id) if args.retrain_id else new_retrain_id(f"{kind.value}-{operation}")
+    request = RetrainRequest(
+        kind=kind,
+        reason=args.reason or f"{kind.value} {operation}",
+        retrain_id=retrain_id,
+        data_path=args.data,
+        window_days=args.window_days,
+        window_end=args.window_end,
+        start_rollout=not args.no_rollout,
+        version_name=args.version_name,
+        base=getattr(args, "base", "champion"),
+    )
+    handoff = None if args.no_rollout else handoff_for(settings.retrain)
+    run = recalibrate if operation == "recalibrate" else retrain
+    correlation_id = correlation_id_from_header(args.correlation_id) if args.correlation_id else retrain_id
+    with correlation_scope(correlation_id), RichObserver(console) as observer:
+        try:
+            report = run(settings, request, handoff=handoff, observer=observer)
+        except Exception as error:
+            _write_summary(args.summary_json, failed_report(request, operation, error))
+            raise
+    console.print(retrain_table(report))
+    _write_summary(args.summary_json, report)
+    return RETRAIN_EXIT_CODES[report.outcome.value]
+
+
+def cmd_retrain(args: argparse.Namespace, settings: Settings, console: Console) -> ExitCode:
+    return run_retrain_command(args, settings, console, "retrain")
+
+
+def cmd_recalibrate(args: argparse.Namespace, settings: Settings, console: Console) -> ExitCode:
+    return run_retrain_command(args, settings, console, "recalibrate")
+
+
 def cmd_score(args: argparse.Namespace, settings: Settings, console: Console) -> ExitCode:
     import httpx
 
@@ -512,6 +648,8 @@ COMMANDS: Final[dict[str, Callable[[argparse.Namespace, Settings, Console], Exit
     "generate": cmd_generate,
     "train": cmd_train,
     "registry": cmd_registry,
+    "retrain": cmd_retrain,
+    "recalibrate": cmd_recalibrate,
     "score": cmd_score,
     "demo": cmd_demo,
     "demo-versions": cmd_demo_versions,
@@ -526,12 +664,13 @@ def exit_code_for(error: BaseException) -> ExitCode:
     from service.demo import QualityGateFailedError
     from service.model import ModelIntegrityError
     from service.registry import RegistryNotFoundError
+    from service.retrain import RegressionSetMissingError
 
     if isinstance(error, KeyboardInterrupt):
         return ExitCode.INTERRUPTED
     if isinstance(error, TerminatedError):
         return ExitCode.TERMINATED
-    if isinstance(error, UsageError):
+    if isinstance(error, UsageError | RegressionSetMissingError):
         return ExitCode.USAGE
     if isinstance(error, QualityGateFailedError):
         return ExitCode.QUALITY_GATE

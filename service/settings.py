@@ -120,6 +120,77 @@ class ProcessSettings(BaseModel):
     log_tail_lines: int = Field(40, ge=1)
 
 
+# ------------------------------------------------------------------------------------------------- retraining
+
+
+class RetrainWebhookSettings(BaseModel):
+    """The Alertmanager webhook receiver (``python -m service.retrain_webhook``): which alerts trigger a retrain."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8090, ge=1, le=65535)
+    #: The bearer token Alertmanager sends (``http_config.authorization.credentials_file``), read from this file;
+    #: None = no authentication (loopback only; the chart always sets one).
+    token_file: Path | None = None
+    #: Alert ``layer`` labels (deploy/prometheus/rules.yml) whose firing alerts start a retrain.
+    trigger_layers: tuple[str, ...] = ("input_drift", "output_drift", "outcome")
+    #: After a retrain starts, further triggers within this many seconds start none (an alert storm = one retrain).
+    cooldown_s: float = Field(6 * 3600.0, ge=0.0)
+    #: How long an alert (fingerprint + start time) is remembered, so repeated notifications start nothing.
+    dedupe_ttl_s: float = Field(14 * 86_400.0, gt=0.0)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    #: The receiver's durable state (seen alerts, last start, recent runs); default ``HOME/retrain/webhook.json``.
+    state_file: Path | None = None
+    #: Recent retrain runs kept in the state (``GET /retrains``).
+    keep_runs: int = Field(50, ge=1)
+    #: A retrain subprocess running longer than this is killed (outcome ``failed``).
+    run_timeout_s: float = Field(4 * 3600.0, gt=0.0)
+    graceful_shutdown_s: float = Field(10.0, ge=0.0)
+
+
+class KubeHandoffSettings(BaseModel):
+    """Starting a rollout on Kubernetes: a merge patch of the ModelRollout's ``spec.candidate``."""
+
+    namespace: str = "default"
+    rollout_name: str = ""
+    #: The model-server image of the new candidate; empty = keep the image of the current ``spec.candidate``.
+    image: str = ""
+    #: Where the candidate's server loads the registered version from (``{model}``, ``{number}``).
+    model_uri_template: str = "models:/{model}/{number}"
+    #: A kubeconfig file; None = the pod's in-cluster service account (else ``~/.kube/config``).
+    kubeconfig: Path | None = None
+    request_timeout_s: float = Field(30.0, gt=0.0)
+
+
+class RetrainSettings(BaseModel):
+    """Retraining and recalibration on the latest labelled window, and the hand-off of the result to delivery."""
+
+    #: The labelled refund stream (the synthetic schema): a CSV(.gz) file or a directory of them.
+    data_path: Path | None = None
+    #: The training window: the last ``window_days`` days of the stream (up to its newest labelled row).
+    window_days: float = Field(28.0, gt=0.0)
+    min_rows: int = Field(2_000, ge=100)
+    min_positives: int = Field(50, ge=2)
+    #: The frozen labelled regression set (JSON meta with ``file`` + ``sha256``) every new version must pass with
+    #: the ``quality`` floors, e.g. tests/quality/data/frozen_synthetic.json. Required: no gate, no version.
+    regression_set: Path | None = None
+    #: The calibration bridge's window (labels of the last N days) and its held-out evidence (the later part).
+    recalibration_window_days: float = Field(7.0, gt=0.0)
+    recalibration_holdout_fraction: float = Field(0.3, gt=0.05, lt=0.9)
+    #: A recalibration ships only when it lowers the held-out ECE by at least this much.
+    min_ece_improvement: float = Field(0.0, ge=0.0)
+    #: How a registered challenger reaches delivery: ``rolloutctl`` (local controller), ``kube`` (patch the
+    #: ModelRollout), ``none`` (register only).
+    handoff: Literal["rolloutctl", "kube", "none"] = "rolloutctl"
+    #: The ``rolloutctl`` command (a bare name is looked up beside the Python interpreter, then on PATH).
+    rolloutctl: tuple[str, ...] = ("rolloutctl",)
+    #: ``rolloutctl --state-dir`` (None: its own default, FW_ROLLOUT_HOME/rollout).
+    rollout_state_dir: Path | None = None
+    #: How long ``rolloutctl start`` waits for the controller to apply the command.
+    handoff_timeout_s: float = Field(120.0, gt=0.0)
+    kube: KubeHandoffSettings = KubeHandoffSettings()
+    webhook: RetrainWebhookSettings = RetrainWebhookSettings()
+
+
 class Settings(BaseSettings):
     """The root of fraudwatch's model-side configuration."""
 
@@ -135,6 +206,7 @@ class Settings(BaseSettings):
     serve: ServeSettings = ServeSettings()
     quality: QualitySettings = QualitySettings()
     process: ProcessSettings = ProcessSettings()
+    retrain: RetrainSettings = RetrainSettings()
 
     @property
     def artifacts_dir(self) -> Path:

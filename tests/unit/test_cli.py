@@ -29,6 +29,8 @@ HELP_PATHS = [
     ["registry", "promote"],
     ["registry", "rollback"],
     ["registry", "fetch"],
+    ["retrain"],
+    ["recalibrate"],
     ["score"],
     ["demo"],
 ]

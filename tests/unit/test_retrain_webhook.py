@@ -1,0 +1,293 @@
+"""The retraining webhook: Alertmanager payload validation (4xx naming the field), trigger filtering, idempotency per
+alert episode, the cooldown, the durable ledger, metrics and OpenAPI.
+
+The HTTP side runs in process (Starlette's test client); retrains are real subprocesses — a stand-in script that
+writes the summary ``fraudwatch retrain --summary-json`` would, and waits for a release file so a test can hold a
+retrain "running". The real retrain behind the real receiver, fed by a real Alertmanager, is
+tests/integration/test_retrain_e2e.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from starlette.testclient import TestClient
+
+from service.retrain_triggers import (
+    AlertmanagerPayload,
+    Decision,
+    LedgerState,
+    LedgerStore,
+    RunRecord,
+    Verdict,
+    parse_payload,
+    remember,
+    triage,
+)
+from service.retrain_webhook import HOOK_PATH, RetrainService, WebhookApp, openapi_document, retrain_command
+from service.settings import Settings
+from tests.routerkit import metric_value
+
+TOKEN = "webhook-unit-token"
+LAYERS = ("input_drift", "output_drift", "outcome")
+#: Stands in for ``fraudwatch retrain``: waits for ``<summary>.release`` (if ``hold`` exists), writes the summary.
+STAND_IN = """
+import json, pathlib, sys, time
+summary = pathlib.Path(sys.argv[1])
+hold, release = summary.parent / "hold", summary.with_suffix(".release")
+while hold.exists() and not release.exists():
+    time.sleep(0.02)
+summary.write_text(json.dumps({"outcome": "rollout_started", "version": "v9", "registry_version": "9",
+                               "detail": "stand-in", "retrain_id": sys.argv[2]}))
+"""
+
+
+def alert(name: str = "FraudwatchFeatureDriftHigh", layer: str = "input_drift", fingerprint: str = "a1b2c3",
+          status: str = "firing", starts: str = "2026-12-01T07:00:00Z", **labels: str) -> dict[str, Any]:  # fmt: skip
+    return {
+        "status": status,
+        "labels": {"alertname": name, "layer": layer, "severity": "warning", **labels},
+        "annotations": {"summary": "drift", "runbook_url": f"runbooks/{name}.md"},
+        "startsAt": starts,
+        "endsAt": "0001-01-01T00:00:00Z",
+        "generatorURL": "http://prometheus:9090/graph?g0.expr=...",
+        "fingerprint": fingerprint,
+    }
+
+
+def notification(*alerts: dict[str, Any], group_key: str = '{}/{layer=~"drift"}:{alertname="X"}') -> dict[str, Any]:
+    return {
+        "version": "4",
+        "groupKey": group_key,
+        "truncatedAlerts": 0,
+        "status": "firing" if any(a["status"] == "firing" for a in alerts) else "resolved",
+        "receiver": "retrain-webhook",
+        "groupLabels": {"alertname": alerts[0]["labels"]["alertname"]},
+        "commonLabels": {"layer": alerts[0]["labels"]["layer"]},
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager:9093",
+        "alerts": list(alerts),
+    }
+
+
+def parsed(*alerts: dict[str, Any]) -> AlertmanagerPayload:
+    return parse_payload(json.dumps(notification(*alerts)).encode())
+
+
+# ------------------------------------------------------------------------------------------------ triage (pure)
+
+
+def test_only_new_firing_alerts_of_trigger_layers_trigger() -> None:
+    payload = parsed(
+        alert(fingerprint="f1"),
+        alert(fingerprint="f2", status="resolved"),
+        alert("FraudwatchModelLatencyHigh", "health", fingerprint="f3"),
+        alert("FraudwatchRolloutStuck", "rollout", fingerprint="f4"),
+        alert("FraudwatchRecallBelowFloor", "outcome", fingerprint="f5"),
+        alert(fingerprint="f6", starts="2026-11-30T07:00:00Z"),
+        alert(fingerprint="f1"),  # the same episode twice in one notification counts once
+    )
+    seen = {payload.alerts[5].key: 1.0}
+
+    result = triage(payload, layers=LAYERS, seen=seen, last_started_at=None, running=False, now=10.0, cooldown_s=60)
+
+    assert [v for _, v in result.verdicts] == [
+        Verdict.TRIGGER, Verdict.RESOLVED, Verdict.OTHER_LAYER, Verdict.OTHER_LAYER, Verdict.TRIGGER,
+        Verdict.DUPLICATE, Verdict.DUPLICATE,
+    ]  # fmt: skip
+    assert result.decision is Decision.STARTED
+    assert [a.fingerprint for a in result.triggers] == ["f1", "f5"]
+
+
+def test_running_retrain_and_cooldown_start_nothing_new() -> None:
+    payload = parsed(alert(fingerprint="new"))
+    common: dict[str, Any] = {"layers": LAYERS, "seen": {}, "cooldown_s": 3600.0}
+
+    assert triage(payload, last_started_at=None, running=True, now=0.0, **common).decision is Decision.BUSY
+    cooling = triage(payload, last_started_at=1000.0, running=False, now=1600.0, **common)
+    assert cooling.decision is Decision.COOLDOWN and "3000 s left" in cooling.reason
+    assert triage(payload, last_started_at=1000.0, running=False, now=4601.0, **common).decision is Decision.STARTED
+    quiet = triage(parsed(alert(status="resolved")), last_started_at=None, running=False, now=0.0, **common)
+    assert quiet.decision is Decision.NONE
+
+
+def test_a_new_episode_of_the_same_alert_is_a_new_trigger_and_old_episodes_expire() -> None:
+    first = parsed(alert(starts="2026-12-01T07:00:00Z"))
+    again = parsed(alert(starts="2026-12-02T07:00:00Z"))  # resolved in between, fired again: new startsAt
+    state = remember(LedgerState(), triage(first, layers=LAYERS, seen={}, last_started_at=None, running=False,
+                                           now=100.0, cooldown_s=0), now=100.0, ttl_s=50.0)  # fmt: skip
+
+    assert list(state.seen) == [first.alerts[0].key]
+    second = triage(again, layers=LAYERS, seen=state.seen, last_started_at=None, running=False, now=120, cooldown_s=0)
+    assert second.triggers == list(again.alerts)
+    assert remember(state, second, now=160.0, ttl_s=50.0).seen == {again.alerts[0].key: 160.0}
+
+
+# ------------------------------------------------------------------------------------------------ HTTP + service
+
+
+@dataclass
+class Receiver:
+    client: TestClient
+    service: RetrainService
+    home: Path
+    clock: list[float]
+
+    def post(self, body: Any, token: str | None = TOKEN, **headers: str) -> Any:
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return self.client.post(HOOK_PATH, content=content, headers={"Content-Type": "application/json", **headers})
+
+    def metric(self, name: str, **labels: str) -> float:
+        return metric_value(self.client.get("/metrics").text, name, **labels)
+
+
+def make_receiver(home: Path, clock: list[float], cooldown_s: float = 3600.0) -> Receiver:
+    token_file = home / "token"
+    token_file.write_text(TOKEN + "\n")
+    settings = Settings.model_validate(
+        {"home": home, "retrain": {"webhook": {"token_file": token_file, "cooldown_s": cooldown_s,
+                                               "max_body_bytes": 4096}}}
+    )  # fmt: skip
+
+    def command(run: RunRecord, summary: Path, reason: str) -> list[str]:
+        assert retrain_command(run, summary, reason)[1:4] == ["-m", "service.cli", "retrain"]
+        return [sys.executable, "-c", STAND_IN, str(summary), run.retrain_id]
+
+    service = RetrainService(settings, registry=CollectorRegistry(), clock=lambda: clock[0], command=command)
+    return Receiver(TestClient(WebhookApp(service).app()), service, home, clock)
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    made = make_receiver(tmp_path, [1_000.0])
+    with made.client:
+        yield made
+    made.service.close()
+
+
+def test_bad_payloads_get_a_4xx_naming_the_field(receiver: Receiver) -> None:
+    no_fingerprint = notification(alert())
+    del no_fingerprint["alerts"][0]["fingerprint"]
+    wrong_version = {**notification(alert()), "version": "3"}
+    bad_time = notification(alert(starts="yesterday"))
+    labels_not_strings = copy.deepcopy(notification(alert()))
+    labels_not_strings["alerts"][0]["labels"]["layer"] = 7
+
+    cases = {
+        "alerts.0.fingerprint": no_fingerprint,
+        "version": wrong_version,
+        "alerts.0.startsAt": bad_time,
+        "alerts.0.labels.layer": labels_not_strings,
+    }
+    for field, body in cases.items():
+        response = receiver.post(body)
+        assert response.status_code == 422, response.text
+        assert field in [d["field"] for d in response.json()["details"]], response.text
+    assert receiver.post(b"{not json").status_code == 400
+    assert receiver.post(b"x" * 5000).status_code == 413
+    unauthorized = receiver.post(notification(alert()), token="wrong")
+    assert unauthorized.status_code == 401 and "Bearer" in unauthorized.headers["WWW-Authenticate"]
+    assert receiver.post(notification(alert()), token=None).status_code == 401
+    assert receiver.service.view().runs == []  # nothing got through
+    assert receiver.metric("fraudwatch_retrain_webhook_requests_total", code="422") == 4
+
+
+def test_an_alert_storm_starts_one_retrain(receiver: Receiver) -> None:
+    (receiver.home / "retrain" / "runs").mkdir(parents=True)
+    (receiver.home / "retrain" / "runs" / "hold").touch()  # keep the retrain running
+    storm = [alert(fingerprint=f"feature-{i}", feature=f"f{i}") for i in range(5)]
+    storm.append(alert("FraudwatchScoreDriftHigh", "output_drift", fingerprint="score"))
+
+    first = receiver.post(notification(*storm[:3]), **{"X-Correlation-ID": "storm-1"})
+    later = receiver.post(notification(*storm[3:]))
+    repeated = receiver.post(notification(*storm[:3]))
+
+    assert first.status_code == 202 and first.json()["decision"] == "started"
+    assert first.headers["X-Correlation-ID"] == "storm-1"
+    retrain_id = first.json()["retrain_id"]
+    assert (later.status_code, later.json()["decision"]) == (200, "busy")
+    assert repeated.json()["decision"] == "none"
+    assert {a["verdict"] for a in repeated.json()["alerts"]} == {"duplicate"}
+    view = receiver.client.get("/retrains").json()
+    assert view["running"] == retrain_id and len(view["runs"]) == 1
+    assert {t["fingerprint"] for t in view["runs"][0]["triggers"]} == {"feature-0", "feature-1", "feature-2"}
+    assert view["runs"][0]["correlation_id"] == "storm-1"
+
+    (receiver.home / "retrain" / "runs" / f"{retrain_id}.release").touch()
+    assert receiver.service.wait_idle(30)
+    run = receiver.client.get("/retrains").json()["runs"][0]
+    assert (run["outcome"], run["version"], run["exit_code"]) == ("rollout_started", "v9", 0)
+    assert receiver.metric("fraudwatch_retrain_runs_total", trigger="alert", outcome="rollout_started") == 1
+    assert receiver.metric("fraudwatch_retrain_triggers_total", decision="started") == 3
+    assert receiver.metric("fraudwatch_retrain_triggers_total", decision="busy") == 3
+    assert receiver.metric("fraudwatch_retrain_alerts_received_total", verdict="duplicate") == 3
+    assert receiver.metric("fraudwatch_retrain_in_progress") == 0
+
+    # after the run, within the cooldown: a new episode is remembered but starts nothing
+    receiver.clock[0] += 60
+    cooling = receiver.post(notification(alert(fingerprint="late")))
+    assert cooling.json()["decision"] == "cooldown"
+    receiver.clock[0] += 3600
+    assert receiver.post(notification(alert(fingerprint="late"))).json()["decision"] == "none"  # covered already
+    assert receiver.post(notification(alert(fingerprint="next-week"))).status_code == 202
+
+
+def test_the_ledger_survives_a_restart(tmp_path: Path) -> None:
+    clock = [5_000.0]
+    first = make_receiver(tmp_path, clock)
+    (tmp_path / "retrain" / "runs").mkdir(parents=True)
+    (tmp_path / "retrain" / "runs" / "hold").touch()
+    with first.client:
+        started = first.post(notification(alert(fingerprint="persisted")))
+    assert started.status_code == 202
+    first.service.close()  # the receiver stops while the retrain runs: the run is stopped and recorded
+
+    restarted = make_receiver(tmp_path, clock)
+    with restarted.client:
+        again = restarted.post(notification(alert(fingerprint="persisted")))
+        cooling = restarted.post(notification(alert(fingerprint="other")))
+        runs = restarted.client.get("/retrains").json()["runs"]
+    restarted.service.close()
+
+    assert again.json()["alerts"][0]["verdict"] == "duplicate"
+    assert cooling.json()["decision"] == "cooldown"
+    assert len(runs) == 1 and runs[0]["finished_at"] is not None and runs[0]["outcome"] == "failed"
+    state = LedgerStore(tmp_path / "retrain" / "webhook.json").load()
+    assert state.last_started_at == 5_000.0 and len(state.seen) == 2
+
+
+def test_openapi_describes_the_hook_and_every_reference_resolves(receiver: Receiver) -> None:
+    document = receiver.client.get("/openapi.json").json()
+    assert document == json.loads(json.dumps(openapi_document()))
+    assert document["openapi"].startswith("3.1")
+    responses = document["paths"][HOOK_PATH]["post"]["responses"]
+    assert set(responses) == {"200", "202", "400", "401", "413", "422"}
+    schemas = document["components"]["schemas"]
+    assert {"AlertmanagerPayload", "WebhookAlert", "NotificationAnswer", "ErrorResponse"} <= set(schemas)
+    assert "fingerprint" in schemas["WebhookAlert"]["required"]
+
+    def refs(node: Any) -> Iterator[str]:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "$ref":
+                    yield value
+                else:
+                    yield from refs(value)
+        elif isinstance(node, list):
+            for item in node:
+                yield from refs(item)
+
+    for ref in refs(document):
+        assert ref.removeprefix("#/components/schemas/") in schemas, ref
+    assert receiver.client.get("/livez").json() == {"status": "alive"}
+    assert receiver.client.get("/readyz").status_code == 200
