@@ -28,4 +28,6 @@ test: lint
 ## bench: the benchmarks (not tests): JSON figures under var/benchmarks/
 bench: bootstrap
 	$(VENV)/python benchmarks/serving_benchmark.py
+	$(VENV)/python benchmarks/router_benchmark.py
+	$(VENV)/python benchmarks/revert_benchmark.py --reverts 10 --out var/benchmarks/revert.json
 	$(VENV)/python benchmarks/creditcard_benchmark.py
