@@ -217,7 +217,7 @@ class WebhookMetrics:
         )
         self.alerts = Counter(
             "fraudwatch_retrain_alerts_received",
-            "Alerts received, by layer and verdict (trigger, duplicate, resolved, other_layer)",
+            "Alerts received, by layer and verdict (trigger, duplicate, resolved, other_layer, ignored)",
             ["layer", "verdict"],
             registry=registry,
         )
@@ -341,6 +341,7 @@ class RetrainService:
             result = triage(
                 payload,
                 layers=self.config.trigger_layers,
+                ignored=self.config.ignored_alerts,
                 seen=self.state.seen,
                 last_started_at=self.state.last_started_at,
                 running=self._thread is not None and self._thread.is_alive(),

@@ -33,11 +33,12 @@ from service.retrain_triggers import (
     triage,
 )
 from service.retrain_webhook import HOOK_PATH, RetrainService, WebhookApp, openapi_document, retrain_command
-from service.settings import Settings
+from service.settings import RetrainWebhookSettings, Settings
 from tests.routerkit import metric_value
 
 TOKEN = "webhook-unit-token"
-LAYERS = ("input_drift", "output_drift", "outcome")
+LAYERS = RetrainWebhookSettings().trigger_layers
+IGNORED = RetrainWebhookSettings().ignored_alerts
 #: Stands in for ``fraudwatch retrain``: waits for ``<summary>.release`` (if ``hold`` exists), writes the summary.
 STAND_IN = """
 import json, pathlib, sys, time
@@ -94,14 +95,16 @@ def test_only_new_firing_alerts_of_trigger_layers_trigger() -> None:
         alert("FraudwatchRecallBelowFloor", "outcome", fingerprint="f5"),
         alert(fingerprint="f6", starts="2026-11-30T07:00:00Z"),
         alert(fingerprint="f1"),  # the same episode twice in one notification counts once
+        alert("FraudwatchLabelsStalled", "outcome", fingerprint="f8"),
     )
     seen = {payload.alerts[5].key: 1.0}
 
-    result = triage(payload, layers=LAYERS, seen=seen, last_started_at=None, running=False, now=10.0, cooldown_s=60)
+    result = triage(payload, layers=LAYERS, ignored=IGNORED, seen=seen, last_started_at=None, running=False,
+                    now=10.0, cooldown_s=60)  # fmt: skip
 
     assert [v for _, v in result.verdicts] == [
         Verdict.TRIGGER, Verdict.RESOLVED, Verdict.OTHER_LAYER, Verdict.OTHER_LAYER, Verdict.TRIGGER,
-        Verdict.DUPLICATE, Verdict.DUPLICATE,
+        Verdict.DUPLICATE, Verdict.DUPLICATE, Verdict.IGNORED,
     ]  # fmt: skip
     assert result.decision is Decision.STARTED
     assert [a.fingerprint for a in result.triggers] == ["f1", "f5"]

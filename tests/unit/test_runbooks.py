@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from service.settings import RetrainWebhookSettings
 from tests.unit.test_dashboard_json import known_series, promtool_check, series_names
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +25,8 @@ PROCEDURES = frozenset({"README.md", "rollback.md", "escalation.md", "oncall-han
 SECTIONS = ("## What it means", "## Confirm", "## Act", "## Roll back", "## Escalate")
 SEVERITIES = frozenset({"critical", "warning"})
 LAYERS = frozenset({"health", "input_drift", "output_drift", "outcome", "rollout"})
-RETRAIN_LAYERS = frozenset({"input_drift", "output_drift", "outcome"})
+RETRAIN_LAYERS = frozenset(RetrainWebhookSettings().trigger_layers)
+RETRAIN_IGNORED = RetrainWebhookSettings().ignored_alerts
 RETRAIN_PATH = "/hooks/alertmanager"
 AMTOOL = Path("/usr/bin/amtool")
 
@@ -187,11 +189,17 @@ def test_retrain_receiver_is_the_retraining_services_webhook() -> None:
     (receiver,) = [r for r in config["receivers"] if r["name"] == "retrain-webhook"]
     (hook,) = receiver["webhook_configs"]
     assert hook["url"].endswith(RETRAIN_PATH)
+    assert hook["http_config"]["authorization"]["type"] == "Bearer"
+    (route,) = [r for r in config["route"]["routes"] if r["receiver"] == "retrain-webhook"]
+    (excluded,) = [m for m in route["matchers"] if m.startswith("alertname !~")]
+    assert excluded.split('"')[1].split("|") == list(RETRAIN_IGNORED)  # the receiver ignores the same alerts
+    assert set(RETRAIN_IGNORED) <= set(ALERT_NAMES)
 
 
 def _expected_receivers(labels: dict[str, str]) -> list[str]:
     receivers = ["oncall-pager"] if labels["severity"] == "critical" else []
-    receivers += ["retrain-webhook"] if labels["layer"] in RETRAIN_LAYERS else []
+    retrains = labels["layer"] in RETRAIN_LAYERS and labels["alertname"] not in RETRAIN_IGNORED
+    receivers += ["retrain-webhook"] if retrains else []
     return [*receivers, "fraudwatch-team"]
 
 
