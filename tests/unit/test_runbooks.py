@@ -21,7 +21,9 @@ RUNBOOKS = ROOT / "runbooks"
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
 ALERTMANAGER = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 #: Pages that are procedures, not alerts.
-PROCEDURES = frozenset({"README.md", "rollback.md", "escalation.md", "oncall-handoff.md", "postmortem-template.md"})
+PROCEDURES = frozenset(
+    {"README.md", "rollback.md", "escalation.md", "oncall-handoff.md", "postmortem-template.md", "retraining.md"}
+)
 SECTIONS = ("## What it means", "## Confirm", "## Act", "## Roll back", "## Escalate")
 SEVERITIES = frozenset({"critical", "warning"})
 LAYERS = frozenset({"health", "input_drift", "output_drift", "outcome", "rollout"})
@@ -159,6 +161,36 @@ def test_postmortem_template_asks_which_evaluation_gap_let_it_ship() -> None:
     assert re.search(r"which evaluation gap let this issue ship\?", text, flags=re.IGNORECASE)
     for heading in ("## Impact", "## Timeline", "## Detection", "## Evaluation gap", "## Action items"):
         assert heading in text
+
+
+def test_retraining_page_matches_the_code() -> None:
+    """Its outcome table is RetrainOutcome with the CLI's exit codes, its queries read the receiver's series, its
+    fraudwatch commands and options exist, and it names every alert the receiver ignores."""
+    from prometheus_client import CollectorRegistry
+
+    from service.cli import RETRAIN_EXIT_CODES
+    from service.cli import build_parser as fraudwatch_parser
+    from service.retrain import RetrainOutcome
+    from service.retrain_webhook import WebhookMetrics
+
+    text = (RUNBOOKS / "retraining.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| `([a-z_]+)` \| (\d+) \|", text, flags=re.MULTILINE))
+    assert rows == {outcome.value: str(int(RETRAIN_EXIT_CODES[outcome.value])) for outcome in RetrainOutcome}
+    registry = CollectorRegistry()
+    WebhookMetrics(registry)
+    exported = {f"{family.name}_total" for family in registry.collect() if family.type == "counter"}
+    exprs = _blocks(text, "promql")
+    assert exprs and {n for e in exprs for n in series_names(e)} <= exported
+    (subcommands,) = [a for a in fraudwatch_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    lines = re.findall(r"^\s*fraudwatch ((?:retrain|recalibrate) [^#\n]*)", text, flags=re.MULTILINE)
+    assert {line.split()[0] for line in lines} == {"retrain", "recalibrate"}
+    for line in lines:
+        command, *words = line.split()
+        known = {o for action in subcommands.choices[command]._actions for o in action.option_strings}
+        used = {w for w in words if w.startswith("--")}
+        assert used <= known, (line, used - known)
+    for alert in RetrainWebhookSettings().ignored_alerts:
+        assert alert in text
 
 
 def test_escalation_and_handoff_name_roles_and_steps() -> None:
