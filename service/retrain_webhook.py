@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hmac
 import json
 import os
 import signal
@@ -49,6 +48,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from service.httputil import bearer_matches, read_limited
 from service.logging import (
     CORRELATION_HEADER,
     configure_logging,
@@ -143,10 +143,7 @@ def rejection(exc: ValidationError, correlation_id: str) -> Response:
 
 def bearer_ok(authorization: str | None, token: str | None) -> bool:
     """No token configured → open; else a constant-time match of ``Authorization: Bearer <token>``."""
-    if token is None:
-        return True
-    scheme, _, presented = (authorization or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode())
+    return token is None or bearer_matches(authorization, token)
 
 
 def openapi_document() -> dict[str, Any]:
@@ -471,7 +468,7 @@ class WebhookApp:
                 response = error_response(401, "missing or wrong bearer token", correlation_id)
                 response.headers["WWW-Authenticate"] = 'Bearer realm="fraudwatch-retrain"'
                 return self._answer(response)
-            body = await _read_limited(request, self.limit)
+            body = await read_limited(request, self.limit)
             if body is None:
                 details = [ErrorDetail(field="body", message=f"larger than {self.limit} bytes")]
                 return self._answer(error_response(413, "body too large", correlation_id, details))
@@ -530,20 +527,6 @@ class WebhookApp:
             Route("/openapi.json", self.openapi, methods=["GET"]),
         ]
         return Starlette(routes=routes, lifespan=self.lifespan)
-
-
-async def _read_limited(request: Request, limit: int) -> bytes | None:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        return None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def create_app(settings: Settings | None = None, service: RetrainService | None = None) -> Starlette:

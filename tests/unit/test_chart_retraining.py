@@ -19,29 +19,17 @@ import yaml
 
 from service.cli import ExitCode
 from service.settings import Settings
-from tests.chartkit import Helm, HelmNotFoundError, find, locate_helm, one
+from tests.chartkit import Helm, find, one
+from tests.unit.test_chart_render import helm, workdir
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTMANAGER = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
+__all__ = ["helm", "workdir"]  # fixtures of tests/unit/test_chart_render.py used here
 ENABLED = {"retraining": {"enabled": True, "webhook": {"enabled": True}}}
 VOLUMES = {
     "volumes": [{"name": "refunds", "persistentVolumeClaim": {"claimName": "refund-stream"}}],
     "volumeMounts": [{"name": "refunds", "mountPath": "/var/lib/fraudwatch-data", "readOnly": True}],
 }
-
-
-@pytest.fixture(scope="module")
-def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
-    try:
-        binary = locate_helm()
-    except HelmNotFoundError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    return Helm.isolated(binary, tmp_path_factory.mktemp("helm-home"))
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("retraining-values")
 
 
 @pytest.fixture(scope="module")
