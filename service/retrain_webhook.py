@@ -300,6 +300,7 @@ class RetrainService:
         self._process: subprocess.Popen[bytes] | None = None
         self._thread: threading.Thread | None = None
         self.state = self._recover(self.store.load())
+        self.metrics.cooldown_until.set(self._cooldown_until(self.state) or 0.0)
 
     def _read_token(self) -> str | None:
         path = self.config.token_file
@@ -320,7 +321,6 @@ class RetrainService:
         state = finished(state, interrupted.retrain_id, finished_at=self.clock(), outcome=RetrainOutcome.FAILED.value,
                          detail="the receiver restarted while the retrain ran")  # fmt: skip
         self.store.save(state)
-        self.metrics.cooldown_until.set(self._cooldown_until(state) or 0.0)
         return state
 
     def _cooldown_until(self, state: LedgerState) -> float | None:
@@ -376,16 +376,21 @@ class RetrainService:
         return result, run
 
     def _start(self, run: RunRecord) -> None:
+        """Start the retrain subprocess (the lock is held); a start that fails is recorded as a failed run."""
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         summary = self.runs_dir / f"{run.retrain_id}.json"
         argv = self.command(run, summary, trigger_reason(run.triggers))
-        with (self.runs_dir / f"{run.retrain_id}.log").open("ab") as log:
-            self._process = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                env={**os.environ, "FW_LOG_LEVEL": self.settings.log_level},
-            )  # fmt: skip
-        self.metrics.in_progress.set(1)
         self.metrics.cooldown_until.set(run.started_at + self.config.cooldown_s)
+        try:
+            with (self.runs_dir / f"{run.retrain_id}.log").open("ab") as log:
+                self._process = subprocess.Popen(
+                    argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                    env={**os.environ, "FW_LOG_LEVEL": self.settings.log_level},
+                )  # fmt: skip
+        except OSError as exc:
+            self._finish_locked(run, -1, {"outcome": RetrainOutcome.FAILED.value, "detail": f"not started: {exc}"})
+            return
+        self.metrics.in_progress.set(1)
         log_event(logger, "retrain started", retrain_id=run.retrain_id, pid=self._process.pid, argv=argv)
         self._thread = threading.Thread(
             target=self._wait, args=(run, self._process, summary), name=f"retrain-{run.retrain_id}", daemon=True
@@ -400,10 +405,14 @@ class RetrainService:
             _stop_group(process)
             returncode = process.returncode if process.returncode is not None else -1
             result = {"outcome": RetrainOutcome.FAILED.value, "detail": f"killed after {self.config.run_timeout_s} s"}
-        ended = self.clock()
         with self._lock:
-            self.state = finished(self.state, run.retrain_id, finished_at=ended, exit_code=returncode, **result)
-            self.store.save(self.state)
+            self._finish_locked(run, returncode, result)
+
+    def _finish_locked(self, run: RunRecord, returncode: int, result: dict[str, Any]) -> None:
+        """Record a finished run in the ledger (saved) and the metrics; the caller holds the lock."""
+        ended = self.clock()
+        self.state = finished(self.state, run.retrain_id, finished_at=ended, exit_code=returncode, **result)
+        self.store.save(self.state)
         self.metrics.in_progress.set(0)
         self.metrics.runs.labels(RETRAIN_TRIGGER, result["outcome"]).inc()
         self.metrics.last_run.labels(result["outcome"]).set(ended)

@@ -154,7 +154,7 @@ class Receiver:
         return metric_value(self.client.get("/metrics").text, name, **labels)
 
 
-def make_receiver(home: Path, clock: list[float], cooldown_s: float = 3600.0) -> Receiver:
+def make_receiver(home: Path, clock: list[float], cooldown_s: float = 3600.0, python: str = sys.executable) -> Receiver:
     token_file = home / "token"
     token_file.write_text(TOKEN + "\n")
     settings = Settings.model_validate(
@@ -164,7 +164,7 @@ def make_receiver(home: Path, clock: list[float], cooldown_s: float = 3600.0) ->
 
     def command(run: RunRecord, summary: Path, reason: str) -> list[str]:
         assert retrain_command(run, summary, reason)[1:4] == ["-m", "service.cli", "retrain"]
-        return [sys.executable, "-c", STAND_IN, str(summary), run.retrain_id]
+        return [python, "-c", STAND_IN, str(summary), run.retrain_id]
 
     service = RetrainService(settings, registry=CollectorRegistry(), clock=lambda: clock[0], command=command)
     return Receiver(TestClient(WebhookApp(service).app()), service, home, clock)
@@ -243,6 +243,21 @@ def test_an_alert_storm_starts_one_retrain(receiver: Receiver) -> None:
     receiver.clock[0] += 3600
     assert receiver.post(notification(alert(fingerprint="late"))).json()["decision"] == "none"  # covered already
     assert receiver.post(notification(alert(fingerprint="next-week"))).status_code == 202
+
+
+def test_a_retrain_that_cannot_start_is_recorded_as_failed(tmp_path: Path) -> None:
+    receiver = make_receiver(tmp_path, [2_000.0], python=str(tmp_path / "no-such-python"))
+    with receiver.client:
+        started = receiver.post(notification(alert(fingerprint="broken")))
+        later = receiver.post(notification(alert(fingerprint="after")))
+        (run,) = receiver.client.get("/retrains").json()["runs"]
+        failed = receiver.metric("fraudwatch_retrain_runs_total", trigger="alert", outcome="failed")
+    receiver.service.close()
+
+    assert started.status_code == 202
+    assert (run["outcome"], run["exit_code"]) == ("failed", -1) and "not started" in run["detail"]
+    assert failed == 1
+    assert later.json()["decision"] == "cooldown"  # a failed start still counts: no retry storm
 
 
 def test_the_ledger_survives_a_restart(tmp_path: Path) -> None:
