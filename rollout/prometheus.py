@@ -2,7 +2,8 @@
 
 :class:`PrometheusServer` starts ``/usr/bin/prometheus`` (Debian's package) with a generated configuration: one
 scrape job whose targets come from a file-SD JSON file (so :meth:`PrometheusServer.set_targets` changes them
-without a restart), the rule files, its own TSDB directory, and ``--web.listen-address`` on loopback. It waits for
+without a restart), the rule files, optionally the Alertmanagers to send firing alerts to, its own TSDB directory,
+and ``--web.listen-address`` on loopback. It waits for
 ``/-/ready`` and stops with SIGTERM (SIGKILL after a timeout).
 
 :class:`PrometheusClient` is the ``MetricsProvider``: ``query(promql) -> float | None`` (``None`` when there is
@@ -78,9 +79,15 @@ def duration(seconds: float) -> str:
     return f"{max(1, round(seconds * 1000))}ms"
 
 
-def render_config(settings: PrometheusSettings, targets_file: Path, rule_files: Sequence[Path]) -> dict[str, Any]:
-    """The ``prometheus.yml`` document: global intervals, rule files, one file-SD scrape job."""
-    return {
+def render_config(
+    settings: PrometheusSettings,
+    targets_file: Path,
+    rule_files: Sequence[Path],
+    alertmanagers: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The ``prometheus.yml`` document: global intervals, rule files, one file-SD scrape job, and the Alertmanagers
+    (``host:port``) firing alerts are sent to, if any."""
+    config: dict[str, Any] = {
         "global": {
             "scrape_interval": duration(settings.scrape_interval_s),
             "scrape_timeout": duration(min(settings.scrape_timeout_s, settings.scrape_interval_s)),
@@ -96,6 +103,9 @@ def render_config(settings: PrometheusSettings, targets_file: Path, rule_files: 
             }
         ],
     }
+    if alertmanagers:
+        config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": list(alertmanagers)}]}]}
+    return config
 
 
 def render_targets(targets: Sequence[ScrapeTarget]) -> list[dict[str, Any]]:
@@ -121,8 +131,10 @@ class PrometheusServer:
         rule_files: Sequence[Path] | None = None,
         settings: PrometheusSettings | None = None,
         port: int | None = None,
+        alertmanagers: Sequence[str] = (),
     ) -> None:
         self._settings = settings or get_prometheus_settings()
+        self._alertmanagers = tuple(alertmanagers)
         self._workdir = workdir
         self._targets = list(targets)
         self._rule_files = list(rule_files) if rule_files is not None else [self._settings.rules_file]
@@ -159,7 +171,7 @@ class PrometheusServer:
             raise PrometheusUnavailableError(f"{binary} not found: install Debian's prometheus package")
         self._workdir.mkdir(parents=True, exist_ok=True)
         self.set_targets(self._targets)
-        config = render_config(self._settings, self._workdir / TARGETS_FILE, self._rule_files)
+        config = render_config(self._settings, self._workdir / TARGETS_FILE, self._rule_files, self._alertmanagers)
         (self._workdir / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         if self._port is None:
             self._port = free_port(self._settings.listen_host)

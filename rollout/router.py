@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import time
@@ -51,6 +50,7 @@ from rollout.settings import RolloutSettings, RouterSettings, get_rollout_settin
 from rollout.shadow import PredictionSink, ShadowJob, ShadowRunner
 from rollout.sources import FileTableSource, TableSource, TableStore
 from rollout.upstream import Answer, Caller, Failure, Upstreams
+from service.httputil import bearer_matches, read_limited
 from service.logging import CORRELATION_HEADER, configure_logging, correlation_id_from_header, get_logger, log_event
 from service.schema import ErrorDetail, ErrorResponse, RefundRequest
 
@@ -60,7 +60,6 @@ ADMIN_PATH: Final[str] = "/admin/routing"
 MODEL_VERSION_HEADER: Final[str] = "X-Model-Version"
 ADMIN_SOURCE: Final[str] = "admin"
 _JSON: Final[str] = "application/json"
-_BEARER: Final[str] = "bearer"
 HTTP_OK: Final[int] = 200
 _BAD_REQUEST: Final[int] = 400
 _TOO_LARGE: Final[int] = 413
@@ -113,31 +112,6 @@ def error_response(
     body = ErrorResponse(error=message, details=list(details), correlation_id=correlation_id)
     headers = {CORRELATION_HEADER: correlation_id} if correlation_id else None
     return Response(body.model_dump_json().encode("utf-8"), status_code=status, media_type=_JSON, headers=headers)
-
-
-def bearer_matches(authorization: str | None, secret: str | None) -> bool:
-    """Constant-time check of an ``Authorization: Bearer <token>`` header against the configured secret."""
-    if secret is None or authorization is None:
-        return False
-    scheme, _, presented = authorization.partition(" ")
-    if scheme.lower() != _BEARER:
-        return False
-    return hmac.compare_digest(presented.strip().encode("utf-8"), secret.encode("utf-8"))
-
-
-async def read_limited(request: Request, limit: int) -> bytes | None:
-    """The request body, or None as soon as it exceeds ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        return None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 class Router:

@@ -164,6 +164,8 @@ def select_window(
     upper = pd.Timestamp(end) if end is not None else stamps.max()
     if upper.tzinfo is None and stamps.dt.tz is not None:
         upper = upper.tz_localize(stamps.dt.tz)
+    elif upper.tzinfo is not None and stamps.dt.tz is None:
+        upper = upper.tz_convert("UTC").tz_localize(None)  # a naive stream is read as UTC
     lower = upper - pd.Timedelta(days=days)
     chosen = time_ordered(labelled.loc[(stamps > lower) & (stamps <= upper)])
     chosen[LABEL_COLUMN] = chosen[LABEL_COLUMN].astype(int)

@@ -14,6 +14,8 @@ relies on a field (a wrong one is a 422 naming it); fields Alertmanager may add 
 * ``resolved`` — not firing: nothing to do;
 * ``other_layer`` — its ``layer`` label is not a trigger layer (``input_drift``, ``output_drift``, ``outcome`` by
   default; health and rollout alerts are for people, not for retraining);
+* ``ignored`` — an alert of a trigger layer that is named in ``ignored_alerts``: labels stalled (a retrain cannot
+  help without labels), a candidate compared with the stable (the rollout's own gates act on those);
 * ``duplicate`` — this alert (``fingerprint`` + ``startsAt``: one firing episode) was seen before; Alertmanager
   re-sends a group's notification every ``group_interval``/``repeat_interval``, so a notification is idempotent;
 * ``trigger`` — a new firing episode of a trigger layer.
@@ -107,6 +109,7 @@ class Verdict(StrEnum):
     DUPLICATE = "duplicate"
     RESOLVED = "resolved"
     OTHER_LAYER = "other_layer"
+    IGNORED = "ignored"
 
 
 class Decision(StrEnum):
@@ -116,11 +119,15 @@ class Decision(StrEnum):
     NONE = "none"
 
 
-def classify(alert: WebhookAlert, layers: Sequence[str], seen: Mapping[str, float]) -> Verdict:
+def classify(
+    alert: WebhookAlert, layers: Sequence[str], seen: Mapping[str, float], ignored: Sequence[str] = ()
+) -> Verdict:
     if alert.status != "firing":
         return Verdict.RESOLVED
     if alert.labels.get("layer") not in layers:
         return Verdict.OTHER_LAYER
+    if alert.labels.get("alertname") in ignored:
+        return Verdict.IGNORED
     if alert.key in seen:
         return Verdict.DUPLICATE
     return Verdict.TRIGGER
@@ -143,6 +150,7 @@ def triage(
     payload: AlertmanagerPayload,
     *,
     layers: Sequence[str],
+    ignored: Sequence[str] = (),
     seen: Mapping[str, float],
     last_started_at: float | None,
     running: bool,
@@ -154,7 +162,7 @@ def triage(
     verdicts: list[tuple[WebhookAlert, Verdict]] = []
     keys = dict(seen)
     for alert in payload.alerts:
-        verdict = classify(alert, layers, keys)
+        verdict = classify(alert, layers, keys, ignored)
         if verdict is Verdict.TRIGGER:
             keys[alert.key] = now
         verdicts.append((alert, verdict))

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hmac
 import json
 import os
 import signal
@@ -49,6 +48,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from service.httputil import bearer_matches, read_limited
 from service.logging import (
     CORRELATION_HEADER,
     configure_logging,
@@ -143,10 +143,7 @@ def rejection(exc: ValidationError, correlation_id: str) -> Response:
 
 def bearer_ok(authorization: str | None, token: str | None) -> bool:
     """No token configured → open; else a constant-time match of ``Authorization: Bearer <token>``."""
-    if token is None:
-        return True
-    scheme, _, presented = (authorization or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode())
+    return token is None or bearer_matches(authorization, token)
 
 
 def openapi_document() -> dict[str, Any]:
@@ -217,7 +214,7 @@ class WebhookMetrics:
         )
         self.alerts = Counter(
             "fraudwatch_retrain_alerts_received",
-            "Alerts received, by layer and verdict (trigger, duplicate, resolved, other_layer)",
+            "Alerts received, by layer and verdict (trigger, duplicate, resolved, other_layer, ignored)",
             ["layer", "verdict"],
             registry=registry,
         )
@@ -303,6 +300,7 @@ class RetrainService:
         self._process: subprocess.Popen[bytes] | None = None
         self._thread: threading.Thread | None = None
         self.state = self._recover(self.store.load())
+        self.metrics.cooldown_until.set(self._cooldown_until(self.state) or 0.0)
 
     def _read_token(self) -> str | None:
         path = self.config.token_file
@@ -323,7 +321,6 @@ class RetrainService:
         state = finished(state, interrupted.retrain_id, finished_at=self.clock(), outcome=RetrainOutcome.FAILED.value,
                          detail="the receiver restarted while the retrain ran")  # fmt: skip
         self.store.save(state)
-        self.metrics.cooldown_until.set(self._cooldown_until(state) or 0.0)
         return state
 
     def _cooldown_until(self, state: LedgerState) -> float | None:
@@ -341,6 +338,7 @@ class RetrainService:
             result = triage(
                 payload,
                 layers=self.config.trigger_layers,
+                ignored=self.config.ignored_alerts,
                 seen=self.state.seen,
                 last_started_at=self.state.last_started_at,
                 running=self._thread is not None and self._thread.is_alive(),
@@ -378,16 +376,21 @@ class RetrainService:
         return result, run
 
     def _start(self, run: RunRecord) -> None:
+        """Start the retrain subprocess (the lock is held); a start that fails is recorded as a failed run."""
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         summary = self.runs_dir / f"{run.retrain_id}.json"
         argv = self.command(run, summary, trigger_reason(run.triggers))
-        with (self.runs_dir / f"{run.retrain_id}.log").open("ab") as log:
-            self._process = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                env={**os.environ, "FW_LOG_LEVEL": self.settings.log_level},
-            )  # fmt: skip
-        self.metrics.in_progress.set(1)
         self.metrics.cooldown_until.set(run.started_at + self.config.cooldown_s)
+        try:
+            with (self.runs_dir / f"{run.retrain_id}.log").open("ab") as log:
+                self._process = subprocess.Popen(
+                    argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                    env={**os.environ, "FW_LOG_LEVEL": self.settings.log_level},
+                )  # fmt: skip
+        except OSError as exc:
+            self._finish_locked(run, -1, {"outcome": RetrainOutcome.FAILED.value, "detail": f"not started: {exc}"})
+            return
+        self.metrics.in_progress.set(1)
         log_event(logger, "retrain started", retrain_id=run.retrain_id, pid=self._process.pid, argv=argv)
         self._thread = threading.Thread(
             target=self._wait, args=(run, self._process, summary), name=f"retrain-{run.retrain_id}", daemon=True
@@ -402,10 +405,14 @@ class RetrainService:
             _stop_group(process)
             returncode = process.returncode if process.returncode is not None else -1
             result = {"outcome": RetrainOutcome.FAILED.value, "detail": f"killed after {self.config.run_timeout_s} s"}
-        ended = self.clock()
         with self._lock:
-            self.state = finished(self.state, run.retrain_id, finished_at=ended, exit_code=returncode, **result)
-            self.store.save(self.state)
+            self._finish_locked(run, returncode, result)
+
+    def _finish_locked(self, run: RunRecord, returncode: int, result: dict[str, Any]) -> None:
+        """Record a finished run in the ledger (saved) and the metrics; the caller holds the lock."""
+        ended = self.clock()
+        self.state = finished(self.state, run.retrain_id, finished_at=ended, exit_code=returncode, **result)
+        self.store.save(self.state)
         self.metrics.in_progress.set(0)
         self.metrics.runs.labels(RETRAIN_TRIGGER, result["outcome"]).inc()
         self.metrics.last_run.labels(result["outcome"]).set(ended)
@@ -470,7 +477,7 @@ class WebhookApp:
                 response = error_response(401, "missing or wrong bearer token", correlation_id)
                 response.headers["WWW-Authenticate"] = 'Bearer realm="fraudwatch-retrain"'
                 return self._answer(response)
-            body = await _read_limited(request, self.limit)
+            body = await read_limited(request, self.limit)
             if body is None:
                 details = [ErrorDetail(field="body", message=f"larger than {self.limit} bytes")]
                 return self._answer(error_response(413, "body too large", correlation_id, details))
@@ -529,20 +536,6 @@ class WebhookApp:
             Route("/openapi.json", self.openapi, methods=["GET"]),
         ]
         return Starlette(routes=routes, lifespan=self.lifespan)
-
-
-async def _read_limited(request: Request, limit: int) -> bytes | None:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        return None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def create_app(settings: Settings | None = None, service: RetrainService | None = None) -> Starlette:

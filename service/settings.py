@@ -133,6 +133,14 @@ class RetrainWebhookSettings(BaseModel):
     token_file: Path | None = None
     #: Alert ``layer`` labels (deploy/prometheus/rules.yml) whose firing alerts start a retrain.
     trigger_layers: tuple[str, ...] = ("input_drift", "output_drift", "outcome")
+    #: Alerts of those layers that never start one: no labels arrive (retraining cannot help), or a candidate is
+    #: compared with the stable (the rollout's gates act on it; a retrain would only queue another candidate).
+    ignored_alerts: tuple[str, ...] = (
+        "FraudwatchLabelsStalled",
+        "FraudwatchShadowAgreementLow",
+        "FraudwatchRecallDropVsStable",
+        "FraudwatchPrecisionDropVsStable",
+    )
     #: After a retrain starts, further triggers within this many seconds start none (an alert storm = one retrain).
     cooldown_s: float = Field(6 * 3600.0, ge=0.0)
     #: How long an alert (fingerprint + start time) is remembered, so repeated notifications start nothing.

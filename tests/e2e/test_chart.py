@@ -44,7 +44,10 @@ DRY_RUN_CASES: dict[str, dict[str, Any]] = {
         "router": {"adminToken": {"existingSecret": "router-admin", "existingSecretKey": "token"}},
     },
     "ha-controller": {"controller": {"replicaCount": 2}},
-    "retraining-rbac": {"retraining": {"enabled": True}, "rbac": {"aggregateToDefaultRoles": True}},
+    "retraining-rbac": {
+        "retraining": {"enabled": True, "webhook": {"enabled": True}},
+        "rbac": {"aggregateToDefaultRoles": True},
+    },
     "rollout-v2": {"model": {"version": "v2", "stable": {"version": "v1"}, "modelUri": "models:/refund-fraud/2"}},
     "static-router": {"router": {"autoscaling": {"enabled": False}}, "networkPolicy": {"enabled": False}},
     "default-policy": {"rollout": {"policy": yaml.safe_load(DEFAULT_POLICY_FILE.read_text(encoding="utf-8"))}},

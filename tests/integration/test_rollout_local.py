@@ -32,17 +32,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import numpy as np
-import pandas as pd
 import pytest
-import xgboost as xgb
 
 from rollout.backends.local import WORKLOADS_FILE, stop_group
 from rollout.controller import OFFLINE_MESSAGE
@@ -54,15 +51,22 @@ from rollout.policy import dump_policy
 from rollout.prometheus import PrometheusClient, PrometheusServer, free_port
 from rollout.router_process import RouterProcess
 from rollout.state import ControllerState, StateStore
-from service import aggregates
 from service.datasets.synthetic import SyntheticConfig, generate
-from service.evaluate import file_sha256, time_ordered
-from service.features import DEFAULT_AGGREGATES, DRIFT_FEATURES, FEATURE_NAMES, feature_matrix
-from service.featurestore import STORE_FILE, build_store
-from service.model import MANIFEST_FILE, Calibration, Manifest, ThresholdPolicy, load_bundle, save_bundle
+from service.evaluate import file_sha256
+from service.model import MANIFEST_FILE, load_bundle
 from service.registry import ModelRegistry, RunPayload
 from service.settings import Settings
-from tests.conftest import N_REFERENCE_BINS, reference_bins
+from tests.stackkit import (
+    ControllerConfig,
+    rolloutctl,
+    router_ready,
+    serving_features,
+    start_controller,
+    stop_process,
+    train_bundle,
+    wait_for,
+)
+from tests.stackkit import controller_env as kit_controller_env
 
 pytestmark = pytest.mark.integration
 
@@ -72,7 +76,6 @@ BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
 TOKEN = "rollout-integration-token"
 NAME = "it"
-T = TypeVar("T")
 
 #: The traffic locust replays is the history the models were trained on, and they were trained on the features
 #: serving computes for it (the feature store's latest aggregates), so a good model's served distributions match
@@ -102,17 +105,6 @@ DSN_ENV = f"{OutcomeSettings.model_config.get('env_prefix', '')}DSN"
 STAGE_SCALE = 0.15
 
 
-def wait_for(probe: Callable[[], T | None], what: str, timeout_s: float, interval_s: float = 0.25) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value is not None and value is not False:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
-
-
 # --------------------------------------------------------------------------------------------------- models
 
 
@@ -124,45 +116,12 @@ class Models:
     regression_meta: Path
 
 
-def train_bundle(directory: Path, version: str, frame: pd.DataFrame, n_trees: int) -> None:
-    """An XGBoost bundle trained on the features serving computes for ``frame`` (latest aggregates), with its
-    feature and score reference bins, its threshold at the stream's fraud rate, and its feature store."""
-    ordered = time_ordered(frame)
-    latest = aggregates.latest(ordered)
-    rows = ordered.to_dict("records")
-    features = feature_matrix(rows, [latest.get(str(r["account_id"]), DEFAULT_AGGREGATES) for r in rows])
-    params = {"objective": "binary:logistic", "tree_method": "hist", "max_depth": 4, "eta": 0.2, "nthread": 1}
-    booster = xgb.train(params, xgb.DMatrix(features, label=ordered["is_fraud"].to_numpy()), num_boost_round=n_trees)
-    calibration = Calibration(method="identity")
-    scores = calibration.apply(np.asarray(booster.inplace_predict(features), dtype=np.float32))
-    threshold = float(np.quantile(scores, 1.0 - STREAM.fraud_rate))
-    manifest = Manifest(
-        version=version,
-        feature_names=list(FEATURE_NAMES),
-        calibration=calibration,
-        threshold=ThresholdPolicy(policy="target_precision", threshold=threshold, target_precision=0.8),
-        feature_reference={
-            name: reference_bins(features[:, FEATURE_NAMES.index(name)], N_REFERENCE_BINS) for name in DRIFT_FEATURES
-        },
-        score_reference=reference_bins(scores, N_REFERENCE_BINS),
-        metrics={"train_rows": float(len(ordered))},
-        params={**params, "num_boost_round": n_trees},
-        sha256="",
-        created_at=datetime.now(UTC).isoformat(),
-    )
-    save_bundle(booster, manifest, directory)
-    build_store(directory / STORE_FILE, latest)
-
-
 def with_threshold(source: Path, directory: Path, version: str, recall: float) -> None:
     """A copy of a bundle under another version name whose threshold flags only ``recall`` of the stream's fraud
     (the booster, so every score, unchanged)."""
     shutil.copytree(source, directory)
     model = load_bundle(directory)
-    ordered = time_ordered(generate(STREAM))
-    latest = aggregates.latest(ordered)
-    rows = ordered.to_dict("records")
-    features = feature_matrix(rows, [latest.get(str(r["account_id"]), DEFAULT_AGGREGATES) for r in rows])
+    ordered, _, features = serving_features(generate(STREAM))
     fraud_scores = model.scores(features)[ordered["is_fraud"].to_numpy() == 1]
     path = directory / MANIFEST_FILE
     manifest = json.loads(path.read_text())
@@ -187,7 +146,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
     bundles = home / "bundles"
     history = generate(STREAM)
     for version, trees in TREES.items():
-        train_bundle(bundles / version, version, history, trees)
+        train_bundle(bundles / version, version, history, trees, STREAM.fraud_rate)
     with_threshold(bundles / "v2", bundles / "v3", "v3", BAD_RECALL)
     registry = ModelRegistry(settings)
     numbers = {}
@@ -218,28 +177,14 @@ class Stack:
         return self.workdir / "rollout"
 
     def start_controller(self) -> None:
-        log = (self.workdir / "controller.log").open("ab")
-        self.controller = subprocess.Popen(
-            [sys.executable, "-m", "rollout.controller", "--stop-workloads-on-exit"],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        log.close()
+        self.controller = start_controller(self.env, self.workdir / "controller.log")
 
     def stop_controller(self, sig: signal.Signals = signal.SIGTERM) -> None:
         process, self.controller = self.controller, None
-        if process is None:
-            return
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, sig)
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(BIN / "rolloutctl"), *args], env=self.env, capture_output=True, text=True, timeout=120, check=False
-        )
+        return rolloutctl(self.env, *args)
 
     def state(self) -> ControllerState:
         saved = StateStore(self.state_dir).load()
@@ -314,30 +259,14 @@ class Stack:
 def controller_env(
     models: Models, workdir: Path, prometheus: PrometheusServer, router: RouterProcess, port: int
 ) -> dict[str, str]:
-    prefix = "FW_ROLLOUT_CONTROLLER__"
     policy = workdir / "policy.yaml"
     dump_policy(load_demo_policy(STAGE_SCALE), policy)
-    router_address = router.url.removeprefix("http://")
-    return {
-        **os.environ,
-        "FW_HOME": str(models.home),
-        "FW_LOG_LEVEL": "INFO",
-        "FW_PROCESS__START_TIMEOUT_S": str(START_TIMEOUT_S),
-        "FW_ROLLOUT_HOME": str(workdir),
-        "FW_ROLLOUT_LOG_LEVEL": "INFO",
-        "FW_ROLLOUT_ROUTER__ADMIN_TOKEN": TOKEN,
-        f"{prefix}NAME": NAME,
-        f"{prefix}STATE_DIR": str(workdir / "rollout"),
-        f"{prefix}POLICY_FILE": str(policy),
-        f"{prefix}PROMETHEUS_URL": prometheus.url,
-        f"{prefix}QUALITY_SET": str(models.regression_meta),
-        f"{prefix}METRICS_PORT": str(port),
-        f"{prefix}COMMAND_WAIT_TIMEOUT_S": "60",
-        f"{prefix}LOCAL__ROUTER_URLS": json.dumps([router.url]),
-        f"{prefix}LOCAL__PROMETHEUS_TARGETS_FILE": str(workdir / "prometheus" / "targets.json"),
-        f"{prefix}LOCAL__SCRAPE_TARGETS": json.dumps([router_address, f"{HOST}:{port}"]),
-        f"{prefix}LOCAL__SERVER_ENV": json.dumps({"FW_SERVE__WORKERS": "1", "FW_LOG_LEVEL": "WARNING"}),
-    }
+    config = ControllerConfig(
+        name=NAME, model_home=models.home, workdir=workdir, prometheus_url=prometheus.url, router_url=router.url,
+        metrics_port=port, policy_yaml=policy.read_text(), admin_token=TOKEN, quality_set=models.regression_meta,
+        start_timeout_s=START_TIMEOUT_S,
+    )  # fmt: skip
+    return kit_controller_env(config)
 
 
 @pytest.fixture(scope="module")
@@ -367,7 +296,9 @@ def stack(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     built = Stack(models, workdir, prometheus, router, port, controller_env(models, workdir, prometheus, router, port))
     try:
         built.start_controller()
-        wait_for(lambda: built.answer() if _ready(router) else None, "the champion behind the router", START_TIMEOUT_S)
+        wait_for(
+            lambda: built.answer() if router_ready(router) else None, "the champion behind the router", START_TIMEOUT_S
+        )
         built.locust = subprocess.Popen(
             [str(BIN / "locust"), "-f", "loadtests/locustfile.py", "--headless", "-u", str(LOCUST_USERS), "-r",
              str(LOCUST_USERS), "-t", "1800s", "--host", router.url, "--only-summary", "--loglevel", "WARNING"],
@@ -390,13 +321,6 @@ def stack(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         router.stop()
         prometheus.stop()
         print(f"\nrollout integration timings: {json.dumps(built.timings)}")
-
-
-def _ready(router: RouterProcess) -> bool:
-    try:
-        return httpx.get(router.url + "/readyz", timeout=5, trust_env=False).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def stage_timings(rollout: Any) -> dict[str, float]:

@@ -66,7 +66,7 @@ MATRIX: dict[str, dict[str, Any]] = {
     },
     "ha-controller": {"controller": {"replicaCount": 2}},
     "retraining-dashboards-rbac": {
-        "retraining": {"enabled": True},
+        "retraining": {"enabled": True, "webhook": {"enabled": True}},
         "grafana": {"dashboards": {"enabled": True}},
         "rbac": {"aggregateToDefaultRoles": True},
         "mlflow": {"trackingUri": "http://mlflow.mlops.svc:5000"},

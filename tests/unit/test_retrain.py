@@ -7,7 +7,7 @@ import json
 import re
 import subprocess
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,8 @@ def test_window_end_can_be_given_and_bounds_are_start_exclusive() -> None:
 
     assert [ts.day for ts in window["timestamp"]] == [3, 4]  # day 1 (=03-02) excluded, day 3 (=03-04) included
     assert (info.rows, info.positives) == (2, 1)
+    aware, _ = select_window(frame, 2.0, end=datetime(2026, 3, 4, 1, tzinfo=timezone(timedelta(hours=1))))
+    assert aware["timestamp"].equals(window["timestamp"])  # 01:00+01:00 is midnight UTC; a naive stream is UTC
 
 
 def test_too_little_labelled_data_is_insufficient_not_a_crash() -> None:

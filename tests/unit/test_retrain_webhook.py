@@ -33,11 +33,12 @@ from service.retrain_triggers import (
     triage,
 )
 from service.retrain_webhook import HOOK_PATH, RetrainService, WebhookApp, openapi_document, retrain_command
-from service.settings import Settings
+from service.settings import RetrainWebhookSettings, Settings
 from tests.routerkit import metric_value
 
 TOKEN = "webhook-unit-token"
-LAYERS = ("input_drift", "output_drift", "outcome")
+LAYERS = RetrainWebhookSettings().trigger_layers
+IGNORED = RetrainWebhookSettings().ignored_alerts
 #: Stands in for ``fraudwatch retrain``: waits for ``<summary>.release`` (if ``hold`` exists), writes the summary.
 STAND_IN = """
 import json, pathlib, sys, time
@@ -94,14 +95,16 @@ def test_only_new_firing_alerts_of_trigger_layers_trigger() -> None:
         alert("FraudwatchRecallBelowFloor", "outcome", fingerprint="f5"),
         alert(fingerprint="f6", starts="2026-11-30T07:00:00Z"),
         alert(fingerprint="f1"),  # the same episode twice in one notification counts once
+        alert("FraudwatchLabelsStalled", "outcome", fingerprint="f8"),
     )
     seen = {payload.alerts[5].key: 1.0}
 
-    result = triage(payload, layers=LAYERS, seen=seen, last_started_at=None, running=False, now=10.0, cooldown_s=60)
+    result = triage(payload, layers=LAYERS, ignored=IGNORED, seen=seen, last_started_at=None, running=False,
+                    now=10.0, cooldown_s=60)  # fmt: skip
 
     assert [v for _, v in result.verdicts] == [
         Verdict.TRIGGER, Verdict.RESOLVED, Verdict.OTHER_LAYER, Verdict.OTHER_LAYER, Verdict.TRIGGER,
-        Verdict.DUPLICATE, Verdict.DUPLICATE,
+        Verdict.DUPLICATE, Verdict.DUPLICATE, Verdict.IGNORED,
     ]  # fmt: skip
     assert result.decision is Decision.STARTED
     assert [a.fingerprint for a in result.triggers] == ["f1", "f5"]
@@ -151,7 +154,7 @@ class Receiver:
         return metric_value(self.client.get("/metrics").text, name, **labels)
 
 
-def make_receiver(home: Path, clock: list[float], cooldown_s: float = 3600.0) -> Receiver:
+def make_receiver(home: Path, clock: list[float], cooldown_s: float = 3600.0, python: str = sys.executable) -> Receiver:
     token_file = home / "token"
     token_file.write_text(TOKEN + "\n")
     settings = Settings.model_validate(
@@ -161,7 +164,7 @@ def make_receiver(home: Path, clock: list[float], cooldown_s: float = 3600.0) ->
 
     def command(run: RunRecord, summary: Path, reason: str) -> list[str]:
         assert retrain_command(run, summary, reason)[1:4] == ["-m", "service.cli", "retrain"]
-        return [sys.executable, "-c", STAND_IN, str(summary), run.retrain_id]
+        return [python, "-c", STAND_IN, str(summary), run.retrain_id]
 
     service = RetrainService(settings, registry=CollectorRegistry(), clock=lambda: clock[0], command=command)
     return Receiver(TestClient(WebhookApp(service).app()), service, home, clock)
@@ -240,6 +243,21 @@ def test_an_alert_storm_starts_one_retrain(receiver: Receiver) -> None:
     receiver.clock[0] += 3600
     assert receiver.post(notification(alert(fingerprint="late"))).json()["decision"] == "none"  # covered already
     assert receiver.post(notification(alert(fingerprint="next-week"))).status_code == 202
+
+
+def test_a_retrain_that_cannot_start_is_recorded_as_failed(tmp_path: Path) -> None:
+    receiver = make_receiver(tmp_path, [2_000.0], python=str(tmp_path / "no-such-python"))
+    with receiver.client:
+        started = receiver.post(notification(alert(fingerprint="broken")))
+        later = receiver.post(notification(alert(fingerprint="after")))
+        (run,) = receiver.client.get("/retrains").json()["runs"]
+        failed = receiver.metric("fraudwatch_retrain_runs_total", trigger="alert", outcome="failed")
+    receiver.service.close()
+
+    assert started.status_code == 202
+    assert (run["outcome"], run["exit_code"]) == ("failed", -1) and "not started" in run["detail"]
+    assert failed == 1
+    assert later.json()["decision"] == "cooldown"  # a failed start still counts: no retry storm
 
 
 def test_the_ledger_survives_a_restart(tmp_path: Path) -> None:

@@ -46,6 +46,20 @@ def test_promtool_unit_tests_pass() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_every_alert_has_promtool_cases_that_fire_and_that_stay_quiet() -> None:
+    cases = [
+        case
+        for test in yaml.safe_load(RULES_TEST.read_text(encoding="utf-8"))["tests"]
+        for case in test.get("alert_rule_test", [])
+    ]
+    names = {rule["alert"] for rule in _rules() if "alert" in rule}
+    fires = {case["alertname"] for case in cases if case.get("exp_alerts")}
+    quiet = {case["alertname"] for case in cases if not case.get("exp_alerts")}
+
+    assert names - fires == set(), "alerts without a case where they fire"
+    assert names - quiet == set(), "alerts without a case where they stay quiet"
+
+
 def test_psi_epsilon_in_rules_matches_drift_settings() -> None:
     epsilon = DriftSettings().psi_epsilon
     psi_exprs = [rule["expr"] for rule in _rules() if rule.get("record") in PSI_RULES]

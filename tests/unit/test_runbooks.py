@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from service.settings import RetrainWebhookSettings
 from tests.unit.test_dashboard_json import known_series, promtool_check, series_names
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,11 +21,14 @@ RUNBOOKS = ROOT / "runbooks"
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
 ALERTMANAGER = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 #: Pages that are procedures, not alerts.
-PROCEDURES = frozenset({"README.md", "rollback.md", "escalation.md", "oncall-handoff.md", "postmortem-template.md"})
+PROCEDURES = frozenset(
+    {"README.md", "rollback.md", "escalation.md", "oncall-handoff.md", "postmortem-template.md", "retraining.md"}
+)
 SECTIONS = ("## What it means", "## Confirm", "## Act", "## Roll back", "## Escalate")
 SEVERITIES = frozenset({"critical", "warning"})
 LAYERS = frozenset({"health", "input_drift", "output_drift", "outcome", "rollout"})
-RETRAIN_LAYERS = frozenset({"input_drift", "output_drift", "outcome"})
+RETRAIN_LAYERS = frozenset(RetrainWebhookSettings().trigger_layers)
+RETRAIN_IGNORED = RetrainWebhookSettings().ignored_alerts
 RETRAIN_PATH = "/hooks/alertmanager"
 AMTOOL = Path("/usr/bin/amtool")
 
@@ -159,6 +163,36 @@ def test_postmortem_template_asks_which_evaluation_gap_let_it_ship() -> None:
         assert heading in text
 
 
+def test_retraining_page_matches_the_code() -> None:
+    """Its outcome table is RetrainOutcome with the CLI's exit codes, its queries read the receiver's series, its
+    fraudwatch commands and options exist, and it names every alert the receiver ignores."""
+    from prometheus_client import CollectorRegistry
+
+    from service.cli import RETRAIN_EXIT_CODES
+    from service.cli import build_parser as fraudwatch_parser
+    from service.retrain import RetrainOutcome
+    from service.retrain_webhook import WebhookMetrics
+
+    text = (RUNBOOKS / "retraining.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| `([a-z_]+)` \| (\d+) \|", text, flags=re.MULTILINE))
+    assert rows == {outcome.value: str(int(RETRAIN_EXIT_CODES[outcome.value])) for outcome in RetrainOutcome}
+    registry = CollectorRegistry()
+    WebhookMetrics(registry)
+    exported = {f"{family.name}_total" for family in registry.collect() if family.type == "counter"}
+    exprs = _blocks(text, "promql")
+    assert exprs and {n for e in exprs for n in series_names(e)} <= exported
+    (subcommands,) = [a for a in fraudwatch_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    lines = re.findall(r"^\s*fraudwatch ((?:retrain|recalibrate) [^#\n]*)", text, flags=re.MULTILINE)
+    assert {line.split()[0] for line in lines} == {"retrain", "recalibrate"}
+    for line in lines:
+        command, *words = line.split()
+        known = {o for action in subcommands.choices[command]._actions for o in action.option_strings}
+        used = {w for w in words if w.startswith("--")}
+        assert used <= known, (line, used - known)
+    for alert in RetrainWebhookSettings().ignored_alerts:
+        assert alert in text
+
+
 def test_escalation_and_handoff_name_roles_and_steps() -> None:
     escalation = (RUNBOOKS / "escalation.md").read_text(encoding="utf-8")
     assert all(s in escalation for s in ("`critical`", "`warning`", "ML owner", "secondary", "rolloutctl revert"))
@@ -187,11 +221,17 @@ def test_retrain_receiver_is_the_retraining_services_webhook() -> None:
     (receiver,) = [r for r in config["receivers"] if r["name"] == "retrain-webhook"]
     (hook,) = receiver["webhook_configs"]
     assert hook["url"].endswith(RETRAIN_PATH)
+    assert hook["http_config"]["authorization"]["type"] == "Bearer"
+    (route,) = [r for r in config["route"]["routes"] if r["receiver"] == "retrain-webhook"]
+    (excluded,) = [m for m in route["matchers"] if m.startswith("alertname !~")]
+    assert excluded.split('"')[1].split("|") == list(RETRAIN_IGNORED)  # the receiver ignores the same alerts
+    assert set(RETRAIN_IGNORED) <= set(ALERT_NAMES)
 
 
 def _expected_receivers(labels: dict[str, str]) -> list[str]:
     receivers = ["oncall-pager"] if labels["severity"] == "critical" else []
-    receivers += ["retrain-webhook"] if labels["layer"] in RETRAIN_LAYERS else []
+    retrains = labels["layer"] in RETRAIN_LAYERS and labels["alertname"] not in RETRAIN_IGNORED
+    receivers += ["retrain-webhook"] if retrains else []
     return [*receivers, "fraudwatch-team"]
 
 

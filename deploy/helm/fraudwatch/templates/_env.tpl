@@ -105,15 +105,45 @@ A component's `settings` map adds variables under its prefix; keys the chart set
 {{- include "fraudwatch.env.render" (dict "env" $env "prefix" $p "settings" $s.settings "extra" $s.extraEnv) }}
 {{- end }}
 
-{{/* The retraining CronJob (service/settings.py: Settings). */}}
+{{/* Retraining: the CronJob and the webhook receiver (service/settings.py: Settings, RetrainSettings).
+(dict "ctx" $ "webhook" true|false) */}}
 {{- define "fraudwatch.env.retraining" -}}
+{{- $root := .ctx }}
+{{- $t := $root.Values.retraining }}
+{{- $p := "FW_RETRAIN__" }}
 {{- $env := list
-  (dict "name" "FW_LOG_LEVEL" "value" .Values.logLevel)
-  (dict "name" "FW_HOME" "value" (include "fraudwatch.dataDir" .))
-  (dict "name" "FW_REGISTERED_MODEL_NAME" "value" .Values.model.name)
+  (dict "name" "FW_LOG_LEVEL" "value" $root.Values.logLevel)
+  (dict "name" "FW_HOME" "value" (include "fraudwatch.dataDir" $root))
+  (dict "name" "FW_REGISTERED_MODEL_NAME" "value" $root.Values.model.name)
 }}
-{{- with .Values.mlflow.trackingUri }}
+{{- with $root.Values.mlflow.trackingUri }}
 {{- $env = append $env (dict "name" "FW_MLFLOW_TRACKING_URI" "value" .) }}
 {{- end }}
-{{- include "fraudwatch.env.render" (dict "env" $env "prefix" "FW_" "settings" dict "extra" .Values.retraining.extraEnv) }}
+{{- $env = concat $env (list
+  (dict "name" (print $p "DATA_PATH") "value" $t.dataPath)
+  (dict "name" (print $p "REGRESSION_SET") "value" $t.regressionSet)
+  (dict "name" (print $p "WINDOW_DAYS") "value" (toString $t.windowDays))
+  (dict "name" (print $p "HANDOFF") "value" $t.handoff)
+) }}
+{{- if eq $t.handoff "kube" }}
+{{- $env = concat $env (list
+  (dict "name" (print $p "KUBE__NAMESPACE") "valueFrom" (include "fraudwatch.env.fieldRef" "metadata.namespace" | fromYaml))
+  (dict "name" (print $p "KUBE__ROLLOUT_NAME") "value" (include "fraudwatch.rolloutName" $root))
+) }}
+{{- with $t.candidateImage }}
+{{- $env = append $env (dict "name" (print $p "KUBE__IMAGE") "value" .) }}
+{{- end }}
+{{- end }}
+{{- if .webhook }}
+{{- $w := $t.webhook }}
+{{- $env = concat $env (list
+  (dict "name" (print $p "WEBHOOK__HOST") "value" "0.0.0.0")
+  (dict "name" (print $p "WEBHOOK__PORT") "value" (toString $w.port))
+  (dict "name" (print $p "WEBHOOK__TOKEN_FILE") "value" (include "fraudwatch.retrainTokenPath" $root))
+  (dict "name" (print $p "WEBHOOK__COOLDOWN_S") "value" (toString $w.cooldownSeconds))
+  (dict "name" (print $p "WEBHOOK__STATE_FILE") "value" (printf "%s/webhook.json" (include "fraudwatch.retrainStateDir" $root)))
+  (dict "name" (print $p "WEBHOOK__GRACEFUL_SHUTDOWN_S") "value" (toString (max 1 (sub (int $w.terminationGracePeriodSeconds) 5))))
+) }}
+{{- end }}
+{{- include "fraudwatch.env.render" (dict "env" $env "prefix" $p "settings" $t.settings "extra" $t.extraEnv) }}
 {{- end }}

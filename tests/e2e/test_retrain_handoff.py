@@ -1,0 +1,123 @@
+"""The Kubernetes hand-off of retraining on a real API server: the chart's retraining ServiceAccount, with the Role
+the chart renders for it, starts a rollout by a merge patch of its release's ModelRollout ``spec.candidate`` — and
+can do nothing else.
+
+The chart is rendered with ``retraining.enabled`` (``helm template --validate`` against this API server); its
+ModelRollout, ServiceAccount, Role and RoleBinding are created as Helm would; the hand-off
+(:class:`service.retrain_handoff.ModelRolloutPatchHandoff`) then runs with the ServiceAccount's identity (the admin
+impersonates ``system:serviceaccount:<namespace>:<name>``, so RBAC decides exactly as for the pod).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic import DynamicClient
+
+from service.retrain_handoff import ANNOTATION_REQUEST, Candidate, HandoffOutcome, ModelRolloutPatchHandoff
+from service.settings import KubeHandoffSettings
+from tests.e2e.cluster import ControlPlane
+from tests.e2e.test_chart import GROUP, PLURAL, ROLLOUT, VERSION, crd, dynamic, get_rollout, namespace, render
+
+pytestmark = pytest.mark.e2e
+
+__all__ = ["crd", "dynamic", "namespace"]  # fixtures of tests/e2e/test_chart.py used here
+SERVICE_ACCOUNT = "fw-fraudwatch-retraining"
+CANDIDATE = Candidate(name="v8", model="refund-fraud", number="8")
+
+
+@pytest.fixture
+def installed(
+    k8s_cluster: ControlPlane, dynamic: DynamicClient, crd: Mapping[str, Any], namespace: str, tmp_path: Path
+) -> str:
+    """The release's ModelRollout and the retraining RBAC, created from the rendered chart; returns the namespace."""
+    objects = render(k8s_cluster, {"retraining": {"enabled": True}}, tmp_path, namespace)
+    wanted = [
+        o for o in objects
+        if o["kind"] == "ModelRollout"
+        or (o["kind"] in ("ServiceAccount", "Role", "RoleBinding") and o["metadata"]["name"] == SERVICE_ACCOUNT)
+    ]  # fmt: skip
+    assert sorted(o["kind"] for o in wanted) == ["ModelRollout", "Role", "RoleBinding", "ServiceAccount"]
+    for obj in wanted:
+        dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"]).create(body=obj, namespace=namespace)
+    other = next(o for o in wanted if o["kind"] == "ModelRollout")
+    other = {**other, "metadata": {"name": "another-model"}}
+    dynamic.resources.get(api_version=other["apiVersion"], kind="ModelRollout").create(body=other, namespace=namespace)
+    return namespace
+
+
+@pytest.fixture
+def as_retraining(k8s_cluster: ControlPlane, installed: str) -> Iterator[k8s.CustomObjectsApi]:
+    """The custom-objects API as the retraining ServiceAccount."""
+    configuration = k8s.Configuration()
+    kubernetes.config.load_kube_config(config_file=str(k8s_cluster.kubeconfig), client_configuration=configuration)
+    user = f"system:serviceaccount:{installed}:{SERVICE_ACCOUNT}"
+    api_client = k8s.ApiClient(configuration, header_name="Impersonate-User", header_value=user)
+    try:
+        yield k8s.CustomObjectsApi(api_client)
+    finally:
+        api_client.close()
+
+
+def handoff(namespace: str, api: k8s.CustomObjectsApi, rollout: str = ROLLOUT) -> ModelRolloutPatchHandoff:
+    return ModelRolloutPatchHandoff(KubeHandoffSettings(namespace=namespace, rollout_name=rollout), api=api)
+
+
+def test_the_service_account_starts_a_rollout_by_patching_spec_candidate(
+    k8s_client: Any, installed: str, as_retraining: k8s.CustomObjectsApi
+) -> None:
+    before = get_rollout(k8s_client, installed)
+
+    result = handoff(installed, as_retraining).start(CANDIDATE, request_id="alert-e2e-1", reason="feature drift")
+    after = get_rollout(k8s_client, installed)
+    again = handoff(installed, as_retraining).start(CANDIDATE, request_id="alert-e2e-1", reason="feature drift")
+
+    assert result.outcome is HandoffOutcome.STARTED, result.detail
+    assert after["spec"]["candidate"] == {
+        **before["spec"]["candidate"],
+        "version": "v8",
+        "modelUri": "models:/refund-fraud/8",
+    }  # the image, pull policy and replicas the chart rendered are kept
+    assert "registryAlias" not in after["spec"]["candidate"]
+    assert after["spec"]["stable"] == before["spec"]["stable"]
+    assert after["metadata"]["annotations"][ANNOTATION_REQUEST] == "alert-e2e-1"
+    assert again.outcome is HandoffOutcome.STARTED and "already is the desired candidate" in again.detail
+    assert get_rollout(k8s_client, installed)["metadata"]["resourceVersion"] == after["metadata"]["resourceVersion"]
+
+
+def test_a_progressing_rollout_is_not_replaced(
+    k8s_client: Any, installed: str, as_retraining: k8s.CustomObjectsApi
+) -> None:
+    status = {"phase": "Progressing", "stage": "canary", "stableVersion": "v1", "candidateVersion": "v1-hotfix"}
+    k8s.CustomObjectsApi(k8s_client).patch_namespaced_custom_object_status(
+        GROUP, VERSION, installed, PLURAL, ROLLOUT, {"status": status}
+    )
+
+    result = handoff(installed, as_retraining).start(CANDIDATE, request_id="alert-e2e-2", reason="drift")
+
+    assert result.outcome is HandoffOutcome.REFUSED
+    assert "v1-hotfix is in progress" in result.detail
+    assert get_rollout(k8s_client, installed)["spec"]["candidate"]["version"] != "v8"
+
+
+def test_the_service_account_can_do_nothing_else(installed: str, as_retraining: k8s.CustomObjectsApi) -> None:
+    elsewhere = handoff(installed, as_retraining, rollout="another-model").start(
+        CANDIDATE, request_id="alert-e2e-3", reason="drift"
+    )
+    assert elsewhere.outcome is HandoffOutcome.FAILED and "403" in elsewhere.detail
+
+    with pytest.raises(ApiException) as status:
+        as_retraining.patch_namespaced_custom_object_status(
+            GROUP, VERSION, installed, PLURAL, ROLLOUT, {"status": {"phase": "Promoted"}}
+        )
+    with pytest.raises(ApiException) as listing:
+        as_retraining.list_namespaced_custom_object(GROUP, VERSION, installed, PLURAL)
+    with pytest.raises(ApiException) as deletion:
+        as_retraining.delete_namespaced_custom_object(GROUP, VERSION, installed, PLURAL, ROLLOUT)
+    assert (status.value.status, listing.value.status, deletion.value.status) == (403, 403, 403)
