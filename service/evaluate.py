@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -28,7 +28,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, brier_score_loss, log_loss, roc_auc_score
 
 from service import aggregates
-from service.features import feature_matrix
+from service.features import DEFAULT_AGGREGATES, EntityAggregates, feature_matrix
 from service.model import Calibration, ReferenceBins, ScoringModel, ThresholdPolicy, logit
 from service.settings import QualitySettings, TrainSettings
 
@@ -312,14 +312,28 @@ def _has_both_classes(y: IntArray) -> bool:
 
 
 def reference_bins(values: npt.ArrayLike, n_bins: int) -> ReferenceBins:
-    """Quantile edges (deduplicated, strictly increasing) and the fraction of ``values`` in each bin."""
+    """Quantile bins of ``values`` (strictly increasing edges) and the fraction of ``values`` in each bin.
+
+    Each quantile cut is moved into the gap between the observed values around it (:func:`gap_edges`): a cut that
+    sat exactly on a repeated value (an account's age, a plateau of isotonic scores) would otherwise send that whole
+    mass to one side or the other on the smallest perturbation — a client rounding ``yearsActive`` to 4 decimals
+    moved PSI from 0.02 to 0.47 that way."""
     v = _as_scores(values)
     v = v[np.isfinite(v)]
     if v.size == 0:
         raise ValueError("reference bins need at least one finite value")
     quantiles = np.quantile(v, np.linspace(0.0, 1.0, n_bins + 1)[1:-1])
-    edges = [float(e) for e in np.unique(quantiles)]
+    edges = gap_edges(np.unique(v), quantiles)
     return ReferenceBins(edges=edges, fractions=bin_fractions(v, edges))
+
+
+def gap_edges(distinct: npt.NDArray[np.float64], cuts: npt.NDArray[np.float64]) -> list[float]:
+    """Each cut replaced by the midpoint between the largest observed value ≤ it and the smallest one above it
+    (``distinct`` sorted and unique); cuts with no observed value above them are dropped; deduplicated."""
+    upper = np.searchsorted(distinct, cuts, side="right")
+    inside = (upper > 0) & (upper < distinct.size)
+    mids = (distinct[upper[inside] - 1] + distinct[upper[inside]]) / 2.0
+    return [float(e) for e in np.unique(mids)]
 
 
 def bin_fractions(values: npt.ArrayLike, edges: Sequence[float]) -> list[float]:
@@ -344,9 +358,22 @@ def psi(expected_fractions: Sequence[float], actual_fractions: Sequence[float], 
 
 def frame_features(frame: pd.DataFrame) -> npt.NDArray[np.float32]:
     """Feature matrix of a time-ordered history frame: point-in-time aggregates + the shared feature path."""
-    history_aggregates = aggregates.point_in_time(frame)
-    rows = frame.loc[:, [c for c in REQUEST_COLUMNS if c in frame.columns]].to_dict("records")
-    return feature_matrix(rows, history_aggregates)
+    return feature_matrix(_request_rows(frame), aggregates.point_in_time(frame))
+
+
+def serving_features(frame: pd.DataFrame, store: Mapping[str, EntityAggregates]) -> npt.NDArray[np.float32]:
+    """Feature matrix of history rows as serving computes it after training: each row's account looked up in the
+    feature store built from the history (``aggregates.latest``), the default for a missing or unknown account."""
+    looked_up = [
+        store.get(str(account), DEFAULT_AGGREGATES) if pd.notna(account) else DEFAULT_AGGREGATES
+        for account in frame["account_id"].tolist()
+    ]
+    return feature_matrix(_request_rows(frame), looked_up)
+
+
+def _request_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = frame.loc[:, [c for c in REQUEST_COLUMNS if c in frame.columns]].to_dict("records")
+    return rows
 
 
 # --------------------------------------------------------------------------------- frozen set & quality gate

@@ -34,6 +34,7 @@ from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
+import pandas as pd
 
 from service.evaluate import (
     choose_threshold,
@@ -42,7 +43,10 @@ from service.evaluate import (
     fit_isotonic,
     frame_features,
     reference_bins,
+    serving_features,
 )
+from service.features import EntityAggregates
+from service.featurestore import SQLiteFeatureStore
 from service.logging import get_logger, log_event
 from service.model import Calibration, Manifest, ScoringModel, load_bundle, save_bundle
 from service.registry import FEATURE_STORE_FILE, ModelRegistry, RunPayload
@@ -137,12 +141,15 @@ def recalibrated_manifest(
     y: npt.NDArray[np.int64],
     settings: Settings,
     extra: dict[str, Any],
+    served_raw: FloatArray | None = None,
 ) -> Manifest:
     """The base manifest with an isotonic calibration fit on (``raw``, ``y``), the threshold chosen again by the
-    training policy, the score reference and the metrics of the window; feature names and references unchanged."""
+    training policy and the metrics of the window; the score reference of the window's raw scores as serving
+    computes them (``served_raw``: the base's feature store; default ``raw``); feature names and references kept."""
     ts = settings.train
     calibration = fit_isotonic(raw, y)
     scores = calibration.apply(raw.astype(np.float32))
+    served = scores if served_raw is None else calibration.apply(served_raw.astype(np.float32))
     threshold = choose_threshold(y, scores, ts)
     metrics = classification_metrics(y, scores, threshold.threshold, ts.top_k_percents, ts.calibration_bins)
     return Manifest(
@@ -151,13 +158,26 @@ def recalibrated_manifest(
         calibration=calibration,
         threshold=threshold,
         feature_reference=dict(base.feature_reference),
-        score_reference=reference_bins(scores, ts.reference_bins),
+        score_reference=reference_bins(served, ts.reference_bins),
         metrics=metrics,
         params={**base.params, "recalibrated_from": base.version},
         sha256="",
         created_at=datetime.now(UTC).isoformat(),
-        extra={**base.extra, "score_reference_window": "recalibration window", "recalibration": extra},
+        extra={**base.extra, "reference_window": "recalibration window (serving view)", "recalibration": extra},
     )
+
+
+def base_store(base_dir: Path, frame: pd.DataFrame) -> dict[str, EntityAggregates]:
+    """The base bundle's feature-store entries of the window's accounts (what serving looks up for them)."""
+    path = base_dir / FEATURE_STORE_FILE
+    if not path.is_file():
+        return {}
+    accounts = [str(a) for a in frame["account_id"].dropna().unique().tolist()]
+    store = SQLiteFeatureStore(path)
+    try:
+        return dict(store.lookup_many(accounts))
+    finally:
+        store.close()
 
 
 def write_recalibrated_bundle(base_dir: Path, base: ScoringModel, manifest: Manifest, out_dir: Path) -> Manifest:
@@ -221,7 +241,8 @@ def recalibrate(
     report.version = name
     out_dir = settings.artifacts_dir / name
     with timed(timings, "bundle"), observer.step(f"Writing {name}: {base.version}'s booster, new calibration"):
-        manifest = recalibrated_manifest(base.manifest, name, raw, y, settings, report.evidence)
+        served_raw = base.raw_scores(serving_features(frame, base_store(base_dir, frame))).astype(np.float64)
+        manifest = recalibrated_manifest(base.manifest, name, raw, y, settings, report.evidence, served_raw)
         manifest = write_recalibrated_bundle(base_dir, base, manifest, out_dir)
     report.evidence["threshold_before"] = base.threshold
     report.evidence["threshold_after"] = manifest.threshold.threshold

@@ -7,28 +7,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 import pytest
 import xgboost as xgb
 
 from service import aggregates
 from service.datasets.synthetic import SyntheticConfig, generate
+from service.evaluate import reference_bins
 from service.features import DRIFT_FEATURES, FEATURE_NAMES, feature_matrix
 from service.featurestore import STORE_FILE, build_store
-from service.model import Calibration, Manifest, ReferenceBins, ThresholdPolicy, save_bundle
+from service.model import Calibration, Manifest, ThresholdPolicy, save_bundle
 
 #: Small enough to build in about a second; big enough that the booster learns the fraud patterns.
 SMALL_DATA = SyntheticConfig(n_accounts=600, n_requests=4_000, days=30, fraud_rate=0.05, seed=11)
 SMALL_TREES = 50
 N_REFERENCE_BINS = 10
-
-
-def reference_bins(values: npt.NDArray[np.floating], n_bins: int) -> ReferenceBins:
-    """Quantile edges (deduplicated) and the fraction of ``values`` in each resulting bin."""
-    quantiles = np.quantile(values.astype(np.float64), np.linspace(0.0, 1.0, n_bins + 1)[1:-1])
-    edges = np.unique(quantiles)
-    counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
-    return ReferenceBins(edges=edges.tolist(), fractions=(counts / counts.sum()).tolist())
 
 
 def build_small_bundle(directory: Path, config: SyntheticConfig = SMALL_DATA, n_trees: int = SMALL_TREES) -> Manifest:

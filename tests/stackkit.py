@@ -25,11 +25,11 @@ import xgboost as xgb
 
 from rollout.router_process import RouterProcess
 from service import aggregates
-from service.evaluate import time_ordered
+from service.evaluate import reference_bins, time_ordered
 from service.features import DEFAULT_AGGREGATES, DRIFT_FEATURES, FEATURE_NAMES, EntityAggregates, feature_matrix
 from service.featurestore import STORE_FILE, build_store
 from service.model import Calibration, Manifest, ThresholdPolicy, save_bundle
-from tests.conftest import N_REFERENCE_BINS, reference_bins
+from tests.conftest import N_REFERENCE_BINS
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -29,6 +29,7 @@ from service.evaluate import (
     file_sha256,
     fit_isotonic,
     fit_platt,
+    gap_edges,
     load_frozen_set,
     policy_cost,
     psi,
@@ -205,6 +206,19 @@ def test_reference_bins_of_continuous_values_are_near_equal_mass() -> None:
     bins = reference_bins(np.random.default_rng(12).normal(size=10_000), 10)
     assert len(bins.edges) == 9
     assert max(bins.fractions) - min(bins.fractions) < 0.002
+
+
+def test_reference_edges_sit_between_observed_values_so_rounding_moves_no_mass() -> None:
+    """Repeated values (one age per account, many requests each): no observed value lies on an edge, so a client
+    that rounds its values to 4 decimals lands in the same bins."""
+    rng = np.random.default_rng(14)
+    ages = rng.gamma(2.0, 1.5, size=800)
+    values = rng.choice(ages, size=20_000)
+    bins = reference_bins(values, 10)
+    assert not set(bins.edges) & set(values.tolist())
+    rounded = bin_fractions(np.round(values, 4), bins.edges)
+    assert psi(bins.fractions, rounded) < 1e-3
+    assert gap_edges(np.array([1.0, 2.0, 4.0]), np.array([1.0, 2.0, 3.0, 4.0])) == [1.5, 3.0]
 
 
 def test_psi_zero_for_same_distribution_and_grows_with_shift() -> None:

@@ -13,7 +13,7 @@ from sklearn.metrics import average_precision_score
 
 from service import aggregates
 from service.datasets.synthetic import SyntheticConfig, generate
-from service.evaluate import frame_features, quality_gate
+from service.evaluate import bin_fractions, frame_features, psi, quality_gate, serving_features, time_ordered
 from service.features import DRIFT_FEATURES, FEATURE_NAMES
 from service.model import MODEL_FILE, ModelIntegrityError, load_bundle
 from service.settings import QualitySettings, Settings, TrainSettings
@@ -152,3 +152,25 @@ def test_time_split_leaves_a_test_window() -> None:
     assert (split.train, split.valid, split.test) == (700, 150, 150)
     with pytest.raises(ValueError, match="test window"):
         time_split(10, TrainSettings(train_fraction=0.9, valid_fraction=0.1))
+
+
+def test_drift_references_match_what_serving_computes_for_ordinary_traffic(
+    trained: TrainingResult, frame: pd.DataFrame
+) -> None:
+    """After training, ordinary traffic from the same accounts is served with the feature store's aggregates: its
+    PSI against the bundle's references stays small for every drift feature and the score (a reference taken on the
+    training rows' point-in-time aggregates made it look drifted)."""
+    model = load_bundle(trained.bundle_dir)
+    store = aggregates.latest(time_ordered(frame))
+    served = serving_features(frame, store)
+    for name, reference in model.manifest.feature_reference.items():
+        column = served[:, FEATURE_NAMES.index(name)]
+        assert psi(reference.fractions, bin_fractions(column, reference.edges)) < 0.1, name
+    scores = model.scores(served)
+    reference = model.manifest.score_reference
+    assert psi(reference.fractions, bin_fractions(scores, reference.edges)) < 0.1
+    # the point-in-time view of the early (training) rows is not what serving sees: the counts grow over the window
+    early = frame_features(time_ordered(frame))[: trained.split.train]
+    refunds = model.manifest.feature_reference["prior_refunds"]
+    column = early[:, FEATURE_NAMES.index("prior_refunds")]
+    assert psi(refunds.fractions, bin_fractions(column, refunds.edges)) > 0.1
