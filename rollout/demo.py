@@ -46,6 +46,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from rich.console import Console
 from rich.live import Live
 
+from rollout.backends.local import WORKLOADS_FILE, pid_alive, stop_group
 from rollout.demo_policy import load_demo_policy, time_scaled
 from rollout.demo_view import rollout_view, status_line, summary_table, transition_line
 from rollout.events import read_events
@@ -77,8 +78,9 @@ MARKER_FILE: Final[str] = ".fraudwatch-demo"
 VERSIONS_FILE: Final[str] = "versions.json"
 SUMMARY_FILE: Final[str] = "summary.json"
 GATES_FILE: Final[str] = "gates.jsonl"
-WORKLOADS_FILE: Final[str] = "workloads.json"
 ROUTER_READY_PATH: Final[str] = "/readyz"
+ROLE_ORDER: Final[tuple[str, ...]] = ("champion", "challenger", "bad")
+UI_NAMES: Final[tuple[str, ...]] = ("mlflow", "dashboard")
 T = TypeVar("T")
 
 
@@ -155,6 +157,8 @@ class DemoSettings(BaseSettings):
     plain_status_s: float = Field(10.0, gt=0.0)
     mlflow_ui: bool = True
     dashboard: bool = True
+    #: After the report, keep everything serving until Ctrl-C (to explore the dashboard and the MLflow UI).
+    hold: bool = False
     #: The measured decision shares in the timeline: the router's counters over this range step.
     measured_step_s: float = Field(2.0, gt=0.0)
     log_level: str = "INFO"
@@ -208,7 +212,7 @@ def load_model_side(path: Path) -> ModelSide:
         side = ModelSide.model_validate_json(path.read_text(encoding="utf-8"))
     except (OSError, ValidationError) as exc:
         raise DemoError(ExitCode.MODELS, f"the model side's result {path} is unusable: {exc}") from exc
-    missing = {"champion", "challenger", "bad"} - set(side.versions)
+    missing = set(ROLE_ORDER) - set(side.versions)
     if missing:
         raise DemoError(ExitCode.MODELS, f"the model side named no {', '.join(sorted(missing))} version")
     return side
@@ -245,7 +249,8 @@ class ChildProcess:
             list(self.argv), env=dict(self.env), cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=self._log,
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        log_event(logger, f"{self.name} started", event="demo_child_started", child=self.name, pid=self._process.pid)
+        pid = self._process.pid
+        log_event(logger, f"{self.name} started", event="demo_child_started", child=self.name, child_pid=pid)
 
     def stop(self) -> int | None:
         process, self._process = self._process, None
@@ -276,33 +281,13 @@ def signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def stop_recorded_workloads(state_dir: Path, grace_s: float, poll_s: float = 0.1) -> list[int]:
     """Stop every model server the controller recorded that is still alive (its own shutdown normally did)."""
-    try:
-        records = json.loads((state_dir / WORKLOADS_FILE).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return []
     stopped = []
-    for record in records if isinstance(records, list) else []:
-        pid = int(record.get("pid", 0))
-        if pid <= 0 or not pid_alive(pid):
-            continue
-        signal_group(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(poll_s)
-        signal_group(pid, signal.SIGKILL)
-        stopped.append(pid)
+    for pid in recorded_workload_pids(state_dir):
+        if pid > 0 and pid_alive(pid):
+            stop_group(pid, grace_s, poll_s)
+            stopped.append(pid)
     return stopped
 
 
@@ -374,6 +359,9 @@ class Run:
     env: dict[str, str] = field(default_factory=dict)
     workload_pids: list[int] = field(default_factory=list)
     observed: list[ObservedShare] = field(default_factory=list)
+    log_file: IO[str] | None = None
+    #: Whether each UI answered its page at the end of the rollouts.
+    answered: dict[str, bool] = field(default_factory=dict)
 
     @property
     def home(self) -> Path:
@@ -593,7 +581,7 @@ def start_extras(run: Run, side: ModelSide) -> None:
         dashboard.start()
         run.track("dashboard", dashboard.pid)
         run.urls["dashboard"] = f"http://{s.host}:{port}"
-    for name in ("mlflow", "dashboard"):
+    for name in UI_NAMES:
         if name in run.urls:
             run.say(f"{name}: [bold]{run.urls[name]}[/]")
 
@@ -814,7 +802,12 @@ def build_report(run: Run, side: ModelSide | None) -> tuple[Timeline, list[Rollo
 def execute(run: Run) -> Outcome:
     """The whole demo; every child is stopped before this returns or raises."""
     prepare_home(run.settings)
+    run.logs.mkdir(parents=True, exist_ok=True)
+    run.log_file = (run.logs / "demo.log").open("a", encoding="utf-8")
+    configure_logging(run.settings.log_level, stream=run.log_file)  # JSON logs to a file: the terminal is rich's
+    intro(run)
     side: ModelSide | None = None
+    outcome: Outcome | None = None
     try:
         try:
             side = run_model_side(run)
@@ -824,6 +817,10 @@ def execute(run: Run) -> Outcome:
             if run.prometheus is not None:
                 run.observed = measured_shares(run.prometheus.url, run.started_at, datetime.now(UTC),
                                                run.settings.measured_step_s)  # fmt: skip
+            run.answered = {name: http_ok(run.urls[name] + "/") for name in UI_NAMES if name in run.urls}
+            outcome = judged(run, side, Outcome(ExitCode.OK))  # while the stack is up, so --hold can show it
+            if run.settings.hold:
+                hold(run, outcome)
         finally:
             with signals_ignored():
                 run.say("stopping every process of the demo")
@@ -831,15 +828,41 @@ def execute(run: Run) -> Outcome:
                 run.stack.close()
                 run.lap("shutdown", stopping)
     except DemoError as error:
-        outcome = Outcome(error.code, str(error))
-    else:
-        outcome = Outcome(ExitCode.OK)
+        outcome = judged(run, side, Outcome(error.code, str(error)))
+    assert outcome is not None
+    return outcome
+
+
+def judged(run: Run, side: ModelSide | None, outcome: Outcome) -> Outcome:
+    """``outcome`` with the report written and, for a run that went through, its rollouts checked."""
     _, outcome.summaries, outcome.report = build_report(run, side)
     if outcome.code == ExitCode.OK and side is not None:
         problems = check_outcomes(outcome.summaries, side)
         if problems:
             outcome.code, outcome.message = ExitCode.UNEXPECTED, "; ".join(problems)
     return outcome
+
+
+def intro(run: Run) -> None:
+    s = run.settings
+    run.console.rule("fraudwatch rollout demo")
+    run.console.print(
+        "v1 (trained before a new bot farm appeared) serves; v2 (trained after it) is rolled out through quality → "
+        "shadow → canary → A/B → full on Prometheus evidence; then v3 — v2's scores with a raised threshold, so it "
+        f"looks normal but misses fraud — must be rolled back by the outcome gates. Stages of at least "
+        f"{demo_policy(s).stages.shadow.min_duration_s:.0f} s; everything under {run.home}.",
+        soft_wrap=False,
+    )
+
+
+def hold(run: Run, outcome: Outcome) -> None:
+    """Keep the stack serving (UIs included) until Ctrl-C, which then ends the demo normally."""
+    urls = ", ".join(f"{name} {url}" for name, url in run.urls.items())
+    run.say(f"[bold]--hold[/]: the stack keeps serving ({urls}); report {outcome.report.get('html', '')}. "
+            "Ctrl-C stops everything.")  # fmt: skip
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            time.sleep(1.0)
 
 
 def summary_document(run: Run, outcome: Outcome) -> dict[str, Any]:
@@ -856,6 +879,7 @@ def summary_document(run: Run, outcome: Outcome) -> dict[str, Any]:
         "rollouts": [s.to_dict() for s in outcome.summaries],
         "report": outcome.report,
         "urls": run.urls,
+        "ui_answered": run.answered,
         "children": run.children,
         "workload_pids": sorted(set(run.workload_pids)),
         "traffic": locust_stats(run.logs / "locust"),
@@ -866,6 +890,11 @@ def summary_document(run: Run, outcome: Outcome) -> dict[str, Any]:
 def print_summary(run: Run, outcome: Outcome, document: Mapping[str, Any]) -> None:
     console = run.console
     console.rule("summary")
+    side = run.model_side
+    if side is not None:
+        for role, version in sorted(side.versions.items(), key=lambda item: ROLE_ORDER.index(item[0])):
+            metrics = ", ".join(f"{k} {v:.3f}" for k, v in side.regression_metrics.get(version, {}).items())
+            console.print(f"{role:>10} {version}: regression set {metrics}", soft_wrap=True, highlight=False)
     if outcome.summaries:
         console.print(summary_table(outcome.summaries))
     traffic = document.get("traffic", {}).get("Aggregated")
@@ -895,6 +924,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-scale", type=float, help="stage minimum multiplier (default: FW_ROLLOUT_DEMO__TIME_SCALE)"
     )
     parser.add_argument("--no-ui", action="store_true", help="start neither the MLflow UI nor the dashboard")
+    parser.add_argument(
+        "--hold", action="store_true", help="after the report keep everything serving until Ctrl-C (exit 0 then)"
+    )
     parser.add_argument("--summary-json", type=Path, help="also write the summary here (always in HOME/report)")
     return parser
 
@@ -907,6 +939,8 @@ def settings_from(args: argparse.Namespace) -> DemoSettings:
         overrides["time_scale"] = args.time_scale
     if args.no_ui:
         overrides |= {"mlflow_ui": False, "dashboard": False}
+    if args.hold:
+        overrides["hold"] = True
     return DemoSettings.model_validate({**DemoSettings().model_dump(), **overrides})
 
 
@@ -926,7 +960,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         console.print(f"fraudwatch-demo: invalid settings: {exc}", soft_wrap=True)
         return int(ExitCode.USAGE)
-    configure_logging(settings.log_level)
     run = Run(settings=settings, console=console)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
@@ -947,6 +980,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.summary_json.parent.mkdir(parents=True, exist_ok=True)
             args.summary_json.write_text(json.dumps(document, indent=2, default=str), encoding="utf-8")
     print_summary(run, outcome, document)
+    if run.log_file is not None:
+        run.log_file.close()
     return int(outcome.code)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -12,17 +13,21 @@ import time
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
+from rollout.backends.local import pid_alive
 from rollout.demo import (
     MARKER_FILE,
     ChildProcess,
     DemoError,
     ExitCode,
+    Outcome,
+    Run,
     build_parser,
+    hold,
     load_model_side,
     locust_stats,
     main,
-    pid_alive,
     prepare_home,
     settings_from,
     stop_recorded_workloads,
@@ -189,3 +194,14 @@ def test_recorded_workloads_left_behind_are_stopped(tmp_path: Path) -> None:
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_hold_serves_until_ctrl_c_which_ends_it_normally(tmp_path: Path) -> None:
+    run = Run(settings=RolloutDemoSettings(home=tmp_path), console=Console(width=200, record=True))
+    run.urls["dashboard"] = "http://127.0.0.1:1"
+    timer = threading.Timer(0.3, os.kill, args=(os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    hold(run, Outcome(ExitCode.OK, report={"html": "report.html"}))  # returns, does not raise
+    assert 0.25 < time.monotonic() - started < 5
+    assert "dashboard http://127.0.0.1:1" in run.console.export_text()
