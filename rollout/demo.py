@@ -718,6 +718,12 @@ def measured_shares(prometheus_url: str, started_at: datetime, now: datetime, st
     except (httpx.HTTPError, KeyError, ValueError) as exc:
         log_event(logger, "measured shares unavailable", event="demo_measured_failed", error=str(exc))
         return []
+    return shares_of(result, started_at.timestamp())
+
+
+def shares_of(result: Sequence[Mapping[str, Any]], origin: float) -> list[ObservedShare]:
+    """A range query's series (one per version) as each version's share of their sum at every step, in seconds
+    since ``origin`` (a UNIX time)."""
     totals: dict[float, float] = {}
     for series in result:
         for at, value in series["values"]:
@@ -728,7 +734,7 @@ def measured_shares(prometheus_url: str, started_at: datetime, now: datetime, st
         for at, value in series["values"]:
             total = totals[float(at)]
             if total > 0:
-                shares.append(ObservedShare(float(at) - started_at.timestamp(), version, 100.0 * float(value) / total))
+                shares.append(ObservedShare(float(at) - origin, version, 100.0 * float(value) / total))
     return shares
 
 
@@ -775,6 +781,9 @@ def rollouts(run: Run, side: ModelSide) -> None:
         run.lap(f"rollout_{candidate}", started)
         run.say(f"rollout {rollout_id}: [bold]{finished.phase}[/] after {run.timings_s[f'rollout_{candidate}']:.0f} s "
                 f"— {finished.history[-1].reason}")  # fmt: skip
+        if candidate == side.challenger and finished.phase != "Promoted":
+            # v3 is meant to be measured against the promoted v2: without it the second act would show nothing
+            raise DemoError(ExitCode.UNEXPECTED, f"{candidate} ended {finished.phase}: {finished.history[-1].reason}")
 
 
 def build_report(run: Run, side: ModelSide | None) -> tuple[Timeline, list[RolloutSummary], dict[str, str]]:

@@ -30,6 +30,7 @@ from rollout.demo import (
     main,
     prepare_home,
     settings_from,
+    shares_of,
     stop_recorded_workloads,
 )
 from rollout.demo import DemoSettings as RolloutDemoSettings
@@ -136,6 +137,15 @@ def test_the_model_sides_json_is_validated(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(DemoError):
         load_model_side(path)
+
+
+def test_measured_shares_are_each_versions_part_of_the_deciding_calls() -> None:
+    result = [
+        {"metric": {"model_version": "v1"}, "values": [[100.0, "30"], [102.0, "15"], [104.0, "0"]]},
+        {"metric": {"model_version": "v2"}, "values": [[102.0, "15"], [104.0, "0"]]},
+    ]
+    shares = {(s.seconds, s.version): s.share for s in shares_of(result, origin=90.0)}
+    assert shares == {(10.0, "v1"): 100.0, (12.0, "v1"): 50.0, (12.0, "v2"): 50.0}  # no calls at 104: no share
 
 
 def test_locust_stats_are_read_from_its_csv(tmp_path: Path) -> None:
