@@ -117,10 +117,9 @@ class DemoSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FW_ROLLOUT_DEMO__", extra="ignore")
 
-    #: Everything of one run lives here (model side under ``model/``); a rerun starts it afresh.
+    #: Everything of one run lives here (model side under ``model/``); a rerun removes the previous run's first
+    #: (only a directory this demo created: it holds MARKER_FILE).
     home: Path = Path("var/demo")
-    #: Remove the previous run's directory first (only a directory this demo created: it holds MARKER_FILE).
-    fresh: bool = True
     #: Multiplies every stage minimum of rollout/demo_policy.yaml (0.5 → twice as fast; evidence minimums stay).
     time_scale: float = Field(1.0, gt=0.0, le=100.0)
     #: Another policy file instead of the packaged demo policy (its stages are scaled too).
@@ -355,7 +354,6 @@ class Run:
     controller: ChildProcess | None = None
     prometheus: PrometheusServer | None = None
     router: RouterProcess | None = None
-    locust: ChildProcess | None = None
     env: dict[str, str] = field(default_factory=dict)
     workload_pids: list[int] = field(default_factory=list)
     observed: list[ObservedShare] = field(default_factory=list)
@@ -400,7 +398,7 @@ class Run:
 def prepare_home(settings: DemoSettings) -> Path:
     """A fresh run directory: the previous run's removed when it is one (marker file), refused otherwise."""
     home = settings.home.resolve()
-    if home.exists() and settings.fresh:
+    if home.exists():
         if not (home / MARKER_FILE).exists() and any(home.iterdir()):
             raise DemoError(ExitCode.USAGE, f"{home} exists and is not a demo directory (no {MARKER_FILE}); "
                             "choose another FW_ROLLOUT_DEMO__HOME")  # fmt: skip
@@ -603,7 +601,6 @@ def start_load(run: Run, side: ModelSide) -> None:
     locust = ChildProcess("locust", argv, run.logs / "locust.log", env, s.stop_timeout_s)
     run.stack.callback(locust.stop)
     locust.start()
-    run.locust = locust
     run.track("locust", locust.pid)
     day = s.label_seconds_per_hour * 24
     rows = side.stream.get("live_rows", "?")
