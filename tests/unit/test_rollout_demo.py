@@ -1,5 +1,6 @@
-"""rollout.demo and rollout.demo_policy: the policy and its time scale, settings, the run directory, the hand-off,
-locust's stats, and stopping children (real short-lived processes: a stop must leave nothing behind)."""
+"""rollout.demo, rollout.demo_policy and rollout.demo_processes: the policy and its time scale, settings, the run
+directory, the hand-off, locust's stats, and stopping children (real short-lived processes: a stop must leave
+nothing behind)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from rich.console import Console
 from rollout.backends.local import pid_alive
 from rollout.demo import (
     MARKER_FILE,
-    ChildProcess,
     DemoError,
     ExitCode,
     Outcome,
@@ -31,10 +31,10 @@ from rollout.demo import (
     prepare_home,
     settings_from,
     shares_of,
-    stop_recorded_workloads,
 )
 from rollout.demo import DemoSettings as RolloutDemoSettings
 from rollout.demo_policy import load_demo_policy, time_scaled
+from rollout.demo_processes import ChildProcess, stop_recorded_workloads
 from rollout.policy import TRAFFIC_STAGES, dumps_policy, load_policy, loads_policy
 
 ROOT = Path(__file__).resolve().parents[2]
