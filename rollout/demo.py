@@ -32,7 +32,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum
@@ -47,6 +47,13 @@ from rich.console import Console
 from rich.live import Live
 
 from rollout.demo_policy import load_demo_policy, time_scaled
+from rollout.demo_processes import (
+    ChildProcess,
+    recorded_workload_pids,
+    signal_group,
+    signals_ignored,
+    stop_recorded_workloads,
+)
 from rollout.demo_view import rollout_view, status_line, summary_table, transition_line
 from rollout.events import read_events
 from rollout.inbox import EVENTS_FILE
@@ -77,8 +84,9 @@ MARKER_FILE: Final[str] = ".fraudwatch-demo"
 VERSIONS_FILE: Final[str] = "versions.json"
 SUMMARY_FILE: Final[str] = "summary.json"
 GATES_FILE: Final[str] = "gates.jsonl"
-WORKLOADS_FILE: Final[str] = "workloads.json"
 ROUTER_READY_PATH: Final[str] = "/readyz"
+ROLE_ORDER: Final[tuple[str, ...]] = ("champion", "challenger", "bad")
+UI_NAMES: Final[tuple[str, ...]] = ("mlflow", "dashboard")
 T = TypeVar("T")
 
 
@@ -115,10 +123,9 @@ class DemoSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FW_ROLLOUT_DEMO__", extra="ignore")
 
-    #: Everything of one run lives here (model side under ``model/``); a rerun starts it afresh.
+    #: Everything of one run lives here (model side under ``model/``); a rerun removes the previous run's first
+    #: (only a directory this demo created: it holds MARKER_FILE).
     home: Path = Path("var/demo")
-    #: Remove the previous run's directory first (only a directory this demo created: it holds MARKER_FILE).
-    fresh: bool = True
     #: Multiplies every stage minimum of rollout/demo_policy.yaml (0.5 → twice as fast; evidence minimums stay).
     time_scale: float = Field(1.0, gt=0.0, le=100.0)
     #: Another policy file instead of the packaged demo policy (its stages are scaled too).
@@ -155,6 +162,8 @@ class DemoSettings(BaseSettings):
     plain_status_s: float = Field(10.0, gt=0.0)
     mlflow_ui: bool = True
     dashboard: bool = True
+    #: After the report, keep everything serving until Ctrl-C (to explore the dashboard and the MLflow UI).
+    hold: bool = False
     #: The measured decision shares in the timeline: the router's counters over this range step.
     measured_step_s: float = Field(2.0, gt=0.0)
     log_level: str = "INFO"
@@ -208,122 +217,13 @@ def load_model_side(path: Path) -> ModelSide:
         side = ModelSide.model_validate_json(path.read_text(encoding="utf-8"))
     except (OSError, ValidationError) as exc:
         raise DemoError(ExitCode.MODELS, f"the model side's result {path} is unusable: {exc}") from exc
-    missing = {"champion", "challenger", "bad"} - set(side.versions)
+    missing = set(ROLE_ORDER) - set(side.versions)
     if missing:
         raise DemoError(ExitCode.MODELS, f"the model side named no {', '.join(sorted(missing))} version")
     return side
 
 
-# --------------------------------------------------------------------------------------------------- processes
-
-
-@dataclass
-class ChildProcess:
-    """One child in its own session (a terminal's Ctrl-C reaches only the demo, which stops its children in
-    order), output to a log file; stopped with SIGTERM to its process group, SIGKILL after ``stop_timeout_s``."""
-
-    name: str
-    argv: Sequence[str]
-    log_path: Path
-    env: Mapping[str, str]
-    stop_timeout_s: float
-    cwd: Path | None = None
-    _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
-    _log: IO[bytes] | None = field(default=None, init=False, repr=False)
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("ab")
-        self._process = subprocess.Popen(
-            list(self.argv), env=dict(self.env), cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        log_event(logger, f"{self.name} started", event="demo_child_started", child=self.name, pid=self._process.pid)
-
-    def stop(self) -> int | None:
-        process, self._process = self._process, None
-        code = None
-        if process is not None:
-            signal_group(process.pid, signal.SIGTERM)
-            try:
-                code = process.wait(timeout=self.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                signal_group(process.pid, signal.SIGKILL)
-                code = process.wait()
-            signal_group(process.pid, signal.SIGKILL)  # whatever of its group outlived it
-            log_event(logger, f"{self.name} stopped", event="demo_child_stopped", child=self.name, returncode=code)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return code
-
-    def log_tail(self, chars: int = 2000) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-
-def signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def stop_recorded_workloads(state_dir: Path, grace_s: float, poll_s: float = 0.1) -> list[int]:
-    """Stop every model server the controller recorded that is still alive (its own shutdown normally did)."""
-    try:
-        records = json.loads((state_dir / WORKLOADS_FILE).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return []
-    stopped = []
-    for record in records if isinstance(records, list) else []:
-        pid = int(record.get("pid", 0))
-        if pid <= 0 or not pid_alive(pid):
-            continue
-        signal_group(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(poll_s)
-        signal_group(pid, signal.SIGKILL)
-        stopped.append(pid)
-    return stopped
-
-
-def recorded_workload_pids(state_dir: Path) -> list[int]:
-    try:
-        records = json.loads((state_dir / WORKLOADS_FILE).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return []
-    return [int(r["pid"]) for r in records if isinstance(r, dict) and "pid" in r] if isinstance(records, list) else []
-
-
-@contextlib.contextmanager
-def signals_ignored() -> Iterator[None]:
-    """SIGINT and SIGTERM ignored while children are being stopped (a second Ctrl-C must not leave orphans; each
-    stop is bounded by its timeout)."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+# --------------------------------------------------------------------------------------------------- waiting
 
 
 def wait_until(probe: Callable[[], T | None], timeout_s: float, what: str, *, poll_s: float = 0.25,
@@ -370,10 +270,12 @@ class Run:
     controller: ChildProcess | None = None
     prometheus: PrometheusServer | None = None
     router: RouterProcess | None = None
-    locust: ChildProcess | None = None
     env: dict[str, str] = field(default_factory=dict)
     workload_pids: list[int] = field(default_factory=list)
     observed: list[ObservedShare] = field(default_factory=list)
+    log_file: IO[str] | None = None
+    #: Whether each UI answered its page at the end of the rollouts.
+    answered: dict[str, bool] = field(default_factory=dict)
 
     @property
     def home(self) -> Path:
@@ -412,7 +314,7 @@ class Run:
 def prepare_home(settings: DemoSettings) -> Path:
     """A fresh run directory: the previous run's removed when it is one (marker file), refused otherwise."""
     home = settings.home.resolve()
-    if home.exists() and settings.fresh:
+    if home.exists():
         if not (home / MARKER_FILE).exists() and any(home.iterdir()):
             raise DemoError(ExitCode.USAGE, f"{home} exists and is not a demo directory (no {MARKER_FILE}); "
                             "choose another FW_ROLLOUT_DEMO__HOME")  # fmt: skip
@@ -593,7 +495,7 @@ def start_extras(run: Run, side: ModelSide) -> None:
         dashboard.start()
         run.track("dashboard", dashboard.pid)
         run.urls["dashboard"] = f"http://{s.host}:{port}"
-    for name in ("mlflow", "dashboard"):
+    for name in UI_NAMES:
         if name in run.urls:
             run.say(f"{name}: [bold]{run.urls[name]}[/]")
 
@@ -615,7 +517,6 @@ def start_load(run: Run, side: ModelSide) -> None:
     locust = ChildProcess("locust", argv, run.logs / "locust.log", env, s.stop_timeout_s)
     run.stack.callback(locust.stop)
     locust.start()
-    run.locust = locust
     run.track("locust", locust.pid)
     day = s.label_seconds_per_hour * 24
     rows = side.stream.get("live_rows", "?")
@@ -730,6 +631,12 @@ def measured_shares(prometheus_url: str, started_at: datetime, now: datetime, st
     except (httpx.HTTPError, KeyError, ValueError) as exc:
         log_event(logger, "measured shares unavailable", event="demo_measured_failed", error=str(exc))
         return []
+    return shares_of(result, started_at.timestamp())
+
+
+def shares_of(result: Sequence[Mapping[str, Any]], origin: float) -> list[ObservedShare]:
+    """A range query's series (one per version) as each version's share of their sum at every step, in seconds
+    since ``origin`` (a UNIX time)."""
     totals: dict[float, float] = {}
     for series in result:
         for at, value in series["values"]:
@@ -740,7 +647,7 @@ def measured_shares(prometheus_url: str, started_at: datetime, now: datetime, st
         for at, value in series["values"]:
             total = totals[float(at)]
             if total > 0:
-                shares.append(ObservedShare(float(at) - started_at.timestamp(), version, 100.0 * float(value) / total))
+                shares.append(ObservedShare(float(at) - origin, version, 100.0 * float(value) / total))
     return shares
 
 
@@ -787,6 +694,9 @@ def rollouts(run: Run, side: ModelSide) -> None:
         run.lap(f"rollout_{candidate}", started)
         run.say(f"rollout {rollout_id}: [bold]{finished.phase}[/] after {run.timings_s[f'rollout_{candidate}']:.0f} s "
                 f"— {finished.history[-1].reason}")  # fmt: skip
+        if candidate == side.challenger and finished.phase != "Promoted":
+            # v3 is meant to be measured against the promoted v2: without it the second act would show nothing
+            raise DemoError(ExitCode.UNEXPECTED, f"{candidate} ended {finished.phase}: {finished.history[-1].reason}")
 
 
 def build_report(run: Run, side: ModelSide | None) -> tuple[Timeline, list[RolloutSummary], dict[str, str]]:
@@ -814,7 +724,12 @@ def build_report(run: Run, side: ModelSide | None) -> tuple[Timeline, list[Rollo
 def execute(run: Run) -> Outcome:
     """The whole demo; every child is stopped before this returns or raises."""
     prepare_home(run.settings)
+    run.logs.mkdir(parents=True, exist_ok=True)
+    run.log_file = (run.logs / "demo.log").open("a", encoding="utf-8")
+    configure_logging(run.settings.log_level, stream=run.log_file)  # JSON logs to a file: the terminal is rich's
+    intro(run)
     side: ModelSide | None = None
+    outcome: Outcome | None = None
     try:
         try:
             side = run_model_side(run)
@@ -824,6 +739,10 @@ def execute(run: Run) -> Outcome:
             if run.prometheus is not None:
                 run.observed = measured_shares(run.prometheus.url, run.started_at, datetime.now(UTC),
                                                run.settings.measured_step_s)  # fmt: skip
+            run.answered = {name: http_ok(run.urls[name] + "/") for name in UI_NAMES if name in run.urls}
+            outcome = judged(run, side, Outcome(ExitCode.OK))  # while the stack is up, so --hold can show it
+            if run.settings.hold:
+                hold(run, outcome)
         finally:
             with signals_ignored():
                 run.say("stopping every process of the demo")
@@ -831,15 +750,41 @@ def execute(run: Run) -> Outcome:
                 run.stack.close()
                 run.lap("shutdown", stopping)
     except DemoError as error:
-        outcome = Outcome(error.code, str(error))
-    else:
-        outcome = Outcome(ExitCode.OK)
+        outcome = judged(run, side, Outcome(error.code, str(error)))
+    assert outcome is not None
+    return outcome
+
+
+def judged(run: Run, side: ModelSide | None, outcome: Outcome) -> Outcome:
+    """``outcome`` with the report written and, for a run that went through, its rollouts checked."""
     _, outcome.summaries, outcome.report = build_report(run, side)
     if outcome.code == ExitCode.OK and side is not None:
         problems = check_outcomes(outcome.summaries, side)
         if problems:
             outcome.code, outcome.message = ExitCode.UNEXPECTED, "; ".join(problems)
     return outcome
+
+
+def intro(run: Run) -> None:
+    s = run.settings
+    run.console.rule("fraudwatch rollout demo")
+    run.console.print(
+        "v1 (trained before a new bot farm appeared) serves; v2 (trained after it) is rolled out through quality → "
+        "shadow → canary → A/B → full on Prometheus evidence; then v3 — v2's scores with a raised threshold, so it "
+        f"looks normal but misses fraud — must be rolled back by the outcome gates. Stages of at least "
+        f"{demo_policy(s).stages.shadow.min_duration_s:.0f} s; everything under {run.home}.",
+        soft_wrap=False,
+    )
+
+
+def hold(run: Run, outcome: Outcome) -> None:
+    """Keep the stack serving (UIs included) until Ctrl-C, which then ends the demo normally."""
+    urls = ", ".join(f"{name} {url}" for name, url in run.urls.items())
+    run.say(f"[bold]--hold[/]: the stack keeps serving ({urls}); report {outcome.report.get('html', '')}. "
+            "Ctrl-C stops everything.")  # fmt: skip
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            time.sleep(1.0)
 
 
 def summary_document(run: Run, outcome: Outcome) -> dict[str, Any]:
@@ -856,6 +801,7 @@ def summary_document(run: Run, outcome: Outcome) -> dict[str, Any]:
         "rollouts": [s.to_dict() for s in outcome.summaries],
         "report": outcome.report,
         "urls": run.urls,
+        "ui_answered": run.answered,
         "children": run.children,
         "workload_pids": sorted(set(run.workload_pids)),
         "traffic": locust_stats(run.logs / "locust"),
@@ -866,6 +812,11 @@ def summary_document(run: Run, outcome: Outcome) -> dict[str, Any]:
 def print_summary(run: Run, outcome: Outcome, document: Mapping[str, Any]) -> None:
     console = run.console
     console.rule("summary")
+    side = run.model_side
+    if side is not None:
+        for role, version in sorted(side.versions.items(), key=lambda item: ROLE_ORDER.index(item[0])):
+            metrics = ", ".join(f"{k} {v:.3f}" for k, v in side.regression_metrics.get(version, {}).items())
+            console.print(f"{role:>10} {version}: regression set {metrics}", soft_wrap=True, highlight=False)
     if outcome.summaries:
         console.print(summary_table(outcome.summaries))
     traffic = document.get("traffic", {}).get("Aggregated")
@@ -895,6 +846,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-scale", type=float, help="stage minimum multiplier (default: FW_ROLLOUT_DEMO__TIME_SCALE)"
     )
     parser.add_argument("--no-ui", action="store_true", help="start neither the MLflow UI nor the dashboard")
+    parser.add_argument(
+        "--hold", action="store_true", help="after the report keep everything serving until Ctrl-C (exit 0 then)"
+    )
     parser.add_argument("--summary-json", type=Path, help="also write the summary here (always in HOME/report)")
     return parser
 
@@ -907,6 +861,8 @@ def settings_from(args: argparse.Namespace) -> DemoSettings:
         overrides["time_scale"] = args.time_scale
     if args.no_ui:
         overrides |= {"mlflow_ui": False, "dashboard": False}
+    if args.hold:
+        overrides["hold"] = True
     return DemoSettings.model_validate({**DemoSettings().model_dump(), **overrides})
 
 
@@ -926,7 +882,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         console.print(f"fraudwatch-demo: invalid settings: {exc}", soft_wrap=True)
         return int(ExitCode.USAGE)
-    configure_logging(settings.log_level)
     run = Run(settings=settings, console=console)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
@@ -947,6 +902,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.summary_json.parent.mkdir(parents=True, exist_ok=True)
             args.summary_json.write_text(json.dumps(document, indent=2, default=str), encoding="utf-8")
     print_summary(run, outcome, document)
+    if run.log_file is not None:
+        run.log_file.close()
     return int(outcome.code)
 
 

@@ -22,7 +22,7 @@ from rich.text import Text
 
 from rollout.machine import QUALITY_STAGE, RolloutState, Transition, expected_gates, traffic_stage
 from rollout.policy import PERCENT, RolloutPolicy
-from rollout.timeline import RolloutSummary
+from rollout.timeline import RolloutSummary, fmt
 
 BAR_WIDTH: Final[int] = 40
 VERDICT_STYLE: Final[dict[str, str]] = {
@@ -38,10 +38,6 @@ PHASE_STYLE: Final[dict[str, str]] = {
     "RolledBack": "bold red",
     "Aborted": "bold yellow",
 }
-
-
-def fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.4g}"
 
 
 def time_in_stage(rollout: RolloutState, now: datetime) -> float:

@@ -507,7 +507,8 @@ def _nan(value: float | None) -> float:
     return math.nan if value is None else value
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
+    """A value for people: ``—`` for none, four significant digits for a float."""
     if value is None:
         return "—"
     if isinstance(value, float):
@@ -537,7 +538,7 @@ def render_html(
     ]
     if facts:
         rows = "".join(
-            f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in facts.items()
+            f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(fmt(v))}</td></tr>" for k, v in facts.items()
         )
         parts.append(f"<table>{rows}</table>")
     parts.append("<h2>Rollouts</h2>" + _summary_table(summaries))
@@ -553,7 +554,7 @@ def render_html(
 
 def _facts_table(facts: Mapping[str, Any]) -> str:
     rows = (
-        f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(_fmt(value))}</td></tr>" for key, value in facts.items()
+        f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(fmt(value))}</td></tr>" for key, value in facts.items()
     )
     return f"<table>{''.join(rows)}</table>"
 
@@ -576,7 +577,7 @@ def _summary_table(summaries: Sequence[RolloutSummary]) -> str:
 
 def _gate_text(gate: Mapping[str, Any]) -> str:
     values = ", ".join(
-        f"{key} {_fmt(gate[key])}" for key in ("candidate_value", "stable_value", "bound", "labels") if key in gate
+        f"{key} {fmt(gate[key])}" for key in ("candidate_value", "stable_value", "bound", "labels") if key in gate
     )
     condition = gate.get("condition", "")
     return f"{gate.get('name')} ({gate.get('layer')}): {values}" + (f" — needs {condition}" if condition else "")

@@ -452,17 +452,10 @@ def stream_config(demo: DemoDataSettings) -> SyntheticConfig:
 
 
 def regression_config(demo: DemoDataSettings) -> SyntheticConfig:
-    """The regression set: another seed, drifted throughout, the same accounts-per-request ratio."""
+    """The regression set: the same scenario (the new bot farm half-way) from another seed, smaller, with the same
+    accounts-per-request ratio."""
     accounts = max(100, round(demo.n_accounts * demo.regression_rows / demo.n_requests))
-    return SyntheticConfig(
-        n_accounts=accounts,
-        n_requests=demo.regression_rows,
-        days=demo.days,
-        fraud_rate=demo.fraud_rate,
-        seed=demo.regression_seed,
-        drift=True,
-        drift_start=demo.drift_start,
-    )
+    return replace(stream_config(demo), n_accounts=accounts, n_requests=demo.regression_rows, seed=demo.regression_seed)
 
 
 def cut_at(frame: pd.DataFrame, days: int, until: float) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -1,10 +1,12 @@
-"""rollout.demo and rollout.demo_policy: the policy and its time scale, settings, the run directory, the hand-off,
-locust's stats, and stopping children (real short-lived processes: a stop must leave nothing behind)."""
+"""rollout.demo, rollout.demo_policy and rollout.demo_processes: the policy and its time scale, settings, the run
+directory, the hand-off, locust's stats, and stopping children (real short-lived processes: a stop must leave
+nothing behind)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -12,23 +14,27 @@ import time
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
+from rollout.backends.local import pid_alive
 from rollout.demo import (
     MARKER_FILE,
-    ChildProcess,
     DemoError,
     ExitCode,
+    Outcome,
+    Run,
     build_parser,
+    hold,
     load_model_side,
     locust_stats,
     main,
-    pid_alive,
     prepare_home,
     settings_from,
-    stop_recorded_workloads,
+    shares_of,
 )
 from rollout.demo import DemoSettings as RolloutDemoSettings
 from rollout.demo_policy import load_demo_policy, time_scaled
+from rollout.demo_processes import ChildProcess, stop_recorded_workloads
 from rollout.policy import TRAFFIC_STAGES, dumps_policy, load_policy, loads_policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,6 +139,15 @@ def test_the_model_sides_json_is_validated(tmp_path: Path) -> None:
         load_model_side(path)
 
 
+def test_measured_shares_are_each_versions_part_of_the_deciding_calls() -> None:
+    result = [
+        {"metric": {"model_version": "v1"}, "values": [[100.0, "30"], [102.0, "15"], [104.0, "0"]]},
+        {"metric": {"model_version": "v2"}, "values": [[102.0, "15"], [104.0, "0"]]},
+    ]
+    shares = {(s.seconds, s.version): s.share for s in shares_of(result, origin=90.0)}
+    assert shares == {(10.0, "v1"): 100.0, (12.0, "v1"): 50.0, (12.0, "v2"): 50.0}  # no calls at 104: no share
+
+
 def test_locust_stats_are_read_from_its_csv(tmp_path: Path) -> None:
     header = "Type,Name,Request Count,Failure Count,Median Response Time,Requests/s,50%,99%\n"
     rows = "POST,refund-predict,1200,3,9,60.123,9,40\n,Aggregated,1500,3,9,75.5,9,45\n"
@@ -189,3 +204,14 @@ def test_recorded_workloads_left_behind_are_stopped(tmp_path: Path) -> None:
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_hold_serves_until_ctrl_c_which_ends_it_normally(tmp_path: Path) -> None:
+    run = Run(settings=RolloutDemoSettings(home=tmp_path), console=Console(width=200, record=True))
+    run.urls["dashboard"] = "http://127.0.0.1:1"
+    timer = threading.Timer(0.3, os.kill, args=(os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    hold(run, Outcome(ExitCode.OK, report={"html": "report.html"}))  # returns, does not raise
+    assert 0.25 < time.monotonic() - started < 5
+    assert "dashboard http://127.0.0.1:1" in run.console.export_text()
