@@ -47,7 +47,7 @@ from service.registry import (
 )
 from service.serving_process import BentoServer
 from service.settings import QualitySettings, Settings
-from service.train import TrainingResult, train_pipeline
+from service.train import TrainingResult, latest_store, train_pipeline
 
 logger = get_logger(__name__)
 
@@ -135,8 +135,10 @@ def train_version(
     store: Mapping[str, EntityAggregates] | None = None,
 ) -> TrainedVersion:
     """Train, write the feature store into the bundle directory, and check the quality gate. The store holds
-    ``store`` when given (e.g. :func:`store_as_of`), else the training history's latest aggregates."""
-    result = train_pipeline(frame, settings, version, out_dir)
+    ``store`` when given (built by :func:`store_as_of`, which then also shapes the drift references), else the
+    training history's latest aggregates."""
+    builder = latest_store if store is None else store_as_of
+    result = train_pipeline(frame, settings, version, out_dir, store_builder=builder)
     store_path = out_dir / STORE_FILE
     build_store(store_path, result.aggregates if store is None else store)
     gate = gate_on_test_window(result, settings.quality)

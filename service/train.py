@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -299,11 +299,29 @@ def flat_params(settings: TrainSettings, fit: ModelFit, split: SplitSizes) -> di
     return out
 
 
-def train_pipeline(frame: pd.DataFrame, settings: Settings, version: str, out_dir: Path) -> TrainingResult:
+#: How a feature store is built from a history, for requests that come after it: ``(history, later) → store``.
+StoreBuilder = Callable[[pd.DataFrame, pd.DataFrame], Mapping[str, EntityAggregates]]
+
+
+def latest_store(history: pd.DataFrame, later: pd.DataFrame) -> Mapping[str, EntityAggregates]:
+    """The default feature store: each account's aggregates after ``history`` (``later`` is not used)."""
+    return aggregates.latest(history)
+
+
+def train_pipeline(
+    frame: pd.DataFrame,
+    settings: Settings,
+    version: str,
+    out_dir: Path,
+    *,
+    store_builder: StoreBuilder = latest_store,
+) -> TrainingResult:
     """Train, evaluate and bundle a refund-fraud model from a labelled history ``frame`` (the synthetic schema).
 
     The frame is put in time order; features use the aggregates of everything strictly before each row; the
     train / validation / test windows are consecutive in time. The bundle and report go to ``out_dir``.
+    ``store_builder`` is how the bundle's feature store will be built (the drift references are the test window as
+    serving featurizes it with a store built that way from everything before the window).
     """
     started = time.perf_counter()
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
@@ -327,12 +345,12 @@ def train_pipeline(frame: pd.DataFrame, settings: Settings, version: str, out_di
     valid_metrics = classification_metrics(
         y_valid, fit.valid_scores, fit.threshold.threshold, ts.top_k_percents, ts.calibration_bins
     )
-    # Drift is measured on what serving computes, so the references come from the serving view of the most recent
-    # window: its rows with the feature store's aggregates (built below from the whole history), not the training
-    # rows' point-in-time aggregates — cumulative counts grow over the window, and a reference taken on its early
-    # rows made ordinary traffic look drifted (PSI ≈ 0.4 on prior_refunds for a model trained on 30 days).
-    store = aggregates.latest(history)
-    served_recent = serving_features(history.iloc[valid_end:], store)
+    # Drift is measured on what serving computes, so the references come from a simulated serving period: the test
+    # window featurized with a feature store built — as the bundle's is — from everything before it (accounts new
+    # since then get what serving gives them). Not the training rows' point-in-time aggregates: cumulative counts
+    # grow over a window, and a reference taken on its early rows made ordinary traffic look drifted.
+    before, recent = history.iloc[:valid_end], history.iloc[valid_end:]
+    served_recent = serving_features(recent, store_builder(before, recent))
     served_scores = fit.calibration.calibration.apply(fit.raw_scores(served_recent).astype(np.float32))
     fingerprint = data_fingerprint(history)
     params = flat_params(ts, fit, split)
@@ -398,7 +416,7 @@ def train_pipeline(frame: pd.DataFrame, settings: Settings, version: str, out_di
         strategy_table=strategy_table,
         chosen_strategy=fit.strategy,
         report=report,
-        aggregates=store,
+        aggregates=aggregates.latest(history),
         params=params,
         split=split,
         data_fingerprint=fingerprint,
