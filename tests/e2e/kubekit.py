@@ -46,11 +46,11 @@ PROCESS_STOP_TIMEOUT_S = 20.0
 
 
 def wait_until(what: str, probe: Callable[[], T | None], timeout_s: float, interval_s: float = 0.05) -> T:
-    """Poll ``probe`` until it returns something truthy; that value."""
+    """Poll ``probe`` until it returns something truthy (not None, False, 0 or empty); that value."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = probe()
-        if value is not None and value is not False:
+        if value:
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
