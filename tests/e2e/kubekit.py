@@ -261,13 +261,7 @@ class ControllerProcess:
 
     def sample(self, name: str, labels: Mapping[str, str] | None = None) -> float | None:
         """One sample of the controller's /metrics (None when absent)."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        for family in text_string_to_metric_families(self.metrics()):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
-                    return float(sample.value)
-        return None
+        return sample(self.metrics(), name, labels)
 
     def log_events(self) -> list[dict[str, Any]]:
         events = []
@@ -283,6 +277,17 @@ class ControllerProcess:
             return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return ""
+
+
+def sample(text: str, name: str, labels: Mapping[str, str] | None = None) -> float | None:
+    """The value of the first sample ``name`` with these labels in a Prometheus text exposition (None: absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and all(found.labels.get(k) == v for k, v in (labels or {}).items()):
+                return float(found.value)
+    return None
 
 
 def lease_holder(api: KubeApi, ns: str, name: str = LEASE) -> str | None:
