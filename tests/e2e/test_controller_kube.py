@@ -18,7 +18,11 @@ test_rollout_kube.py.
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +33,7 @@ import pytest
 from rollout.backends.kube import REQUIRED_ACCESS, ROUTER_ACCESS
 from rollout.backends.kube_api import KubeApi, rollout_path
 from rollout.backends.kube_model import FINALIZER
+from rollout.cli import ExitCode
 from tests.e2e.cluster import ControlPlane
 from tests.e2e.kubekit import (
     CONTROLLER_SA,
@@ -155,10 +160,62 @@ def test_the_controller_reconciles_the_installed_rollout_and_gc_follows_ownershi
     wait_until("garbage collection of the workloads", lambda: no_workloads(release), CONVERGE_S)
 
 
-def test_the_finalizer_removes_the_workloads_before_the_rollout_goes(release: Release) -> None:
-    if get_rollout(release.api, release.ns) is None:  # the previous test deleted it: helm puts it back
+def ensure_rollout(release: Release) -> None:
+    if get_rollout(release.api, release.ns) is None:  # an earlier test deleted it: helm puts it back
         helm_upgrade(release.cluster, release.ns, "model.version=v2")
     wait_until("the ModelRollout", lambda: get_rollout(release.api, release.ns), CONVERGE_S)
+
+
+def plugin(release: Release, *args: str) -> subprocess.CompletedProcess[str]:
+    """``kubectl modelrollout …``: kubectl finds the plugin (the ``kubectl-modelrollout`` console script) on PATH
+    and runs it with the admin kubeconfig (an operator)."""
+    env = {**release.cluster.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{release.cluster.env['PATH']}"}
+    return subprocess.run(
+        [str(release.cluster.bin_dir / "kubectl"), "modelrollout", *args],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_kubectl_modelrollout_steers_the_rollout_with_the_documented_exit_codes(release: Release) -> None:
+    ensure_rollout(release)
+    controller = release.controller("e2e-c").start()
+    ns = ("-n", release.ns)
+    try:
+        wait_until("a steady status", lambda: steady_status(release), CONVERGE_S)
+        assert plugin(release, "status", ROLLOUT, *ns).returncode == ExitCode.NOT_FOUND  # no rollout yet
+        assert plugin(release, "promote", ROLLOUT, *ns).returncode == ExitCode.NOT_FOUND
+        assert plugin(release, "status", "someone-else", *ns).returncode == ExitCode.NOT_FOUND
+        started = plugin(release, "start", ROLLOUT, "--candidate", "v9", *ns)
+        assert started.returncode == ExitCode.USAGE and "spec.candidate" in started.stderr
+
+        serving = release.status()["stableVersion"]
+        helm_upgrade(release.cluster, release.ns, "model.version=v3")
+        wait_until("the rollout of v3", lambda: rolling_out(release, "v3"), CONVERGE_S)
+        for command in ("pause", "resume"):
+            done = plugin(release, command, ROLLOUT, *ns, "--reason", "e2e")
+            assert done.returncode == ExitCode.OK, done.stdout + done.stderr
+        promoted = plugin(release, "promote", ROLLOUT, "--to", "canary", *ns)
+        assert promoted.returncode == ExitCode.OK, promoted.stdout + promoted.stderr  # applied and in force
+        routing = release.status()["routing"]
+        assert (routing["stage"], routing["candidate_weight"], routing["candidate"]["version"]) == ("canary", 5, "v3")
+        assert plugin(release, "abort", ROLLOUT, *ns).returncode == ExitCode.OK
+        assert plugin(release, "abort", ROLLOUT, *ns).returncode == ExitCode.REFUSED  # already aborted
+
+        shown = plugin(release, "--json", "status", ROLLOUT, *ns)
+        view = json.loads(shown.stdout)
+        assert (view["rollout"]["phase"], view["rollout"]["stable"]) == ("Aborted", serving)
+        assert view["controller"]["running"] and view["controller"]["leader"] == "e2e-c"
+        table = plugin(release, "status", ROLLOUT, *ns)
+        assert table.returncode == ExitCode.OK and "leader e2e-c" in table.stdout
+        history = json.loads(plugin(release, "--json", "history", ROLLOUT, *ns).stdout)
+        changes = [(e["trigger"], e["to_phase"], e["to_stage"]) for e in history]
+        assert ("command", "Progressing", "canary") in changes and changes[-1] == ("command", "Aborted", "canary")
+    finally:
+        assert controller.stop(signal.SIGTERM) == 0, controller.log_tail()
+
+
+def test_the_finalizer_removes_the_workloads_before_the_rollout_goes(release: Release) -> None:
+    ensure_rollout(release)
     controller = release.controller("e2e-b").start()
     try:
         wait_until("a workload", lambda: owned(release.api, release.ns, "deployments"), CONVERGE_S)
