@@ -85,6 +85,8 @@ def namespace(api: KubeApi, prefix: str) -> Iterator[str]:
         yield name
     finally:
         with contextlib.suppress(KubeError):
+            for obj in api.list(rollout_path(name)).get("items", []):  # no controller is left to finalize them
+                api.merge_patch(rollout_path(name, obj["metadata"]["name"]), {"metadata": {"finalizers": []}})
             api.delete(f"/api/v1/namespaces/{name}")
 
 

@@ -7,9 +7,8 @@ deploy/prometheus/rules.yml every second), locust (its CLI, refund traffic plus 
 ``rolloutctl`` (its console script). The policy is the default policy's shape, time-compressed: stages of a few
 seconds, analysis every second.
 
-One trained set per module: v1 and v2 (XGBoost, different tree counts) and v3 — v2's booster with its decision
-threshold raised so that it misses most fraud: its score distribution is v2's exactly (no drift gate can see it)
-and its ranking is v2's (the regression set's PR-AUC floor passes); only the outcome gates (recall) can catch it.
+The models (v1, v2 and the subtly bad v3), the policy, the traffic and Prometheus come from tests/rolloutkit.py,
+shared with the same walk on Kubernetes (tests/e2e/test_rollout_kube.py).
 
 Scenarios, in order (each leaves the stack as the next expects it):
 
@@ -27,286 +26,56 @@ import contextlib
 import itertools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
-import numpy as np
-import pandas as pd
 import pytest
-import xgboost as xgb
 
 from rollout.backends.local import WORKLOADS_FILE, stop_group
 from rollout.controller import OFFLINE_MESSAGE
 from rollout.events import read_events
 from rollout.inbox import EVENTS_FILE, read_heartbeat
-from rollout.outcome_settings import OutcomeSettings, PrometheusSettings
 from rollout.prometheus import PrometheusClient, PrometheusServer, free_port
 from rollout.router_process import RouterProcess
 from rollout.state import ControllerState, StateStore
-from service import aggregates
-from service.datasets.synthetic import SyntheticConfig, generate
-from service.evaluate import file_sha256, time_ordered
-from service.features import DEFAULT_AGGREGATES, DRIFT_FEATURES, FEATURE_NAMES, feature_matrix
-from service.featurestore import STORE_FILE, build_store
-from service.model import MANIFEST_FILE, Calibration, Manifest, ThresholdPolicy, load_bundle, save_bundle
-from service.registry import ModelRegistry, RunPayload
-from service.settings import Settings
-from tests.conftest import N_REFERENCE_BINS, reference_bins
+from tests.rolloutkit import (
+    BIN,
+    HOST,
+    POLICY_YAML,
+    ROLLOUT_TIMEOUT_S,
+    ROOT,
+    START_TIMEOUT_S,
+    Models,
+    aliases_if,
+    answer,
+    build_models,
+    failed_gates,
+    prometheus_server,
+    published_tables,
+    router_env,
+    router_ready,
+    stage_timings,
+    start_locust,
+    stop_locust,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
-BIN = Path(sys.executable).parent
-HOST = "127.0.0.1"
 TOKEN = "rollout-integration-token"
 NAME = "it"
-T = TypeVar("T")
-
-#: The traffic locust replays is the history the models were trained on, and they were trained on the features
-#: serving computes for it (the feature store's latest aggregates), so a good model's served distributions match
-#: its training reference and the drift gates see only sampling noise.
-STREAM = SyntheticConfig(n_requests=20_000, seed=7, fraud_rate=0.1)
-REGRESSION_SET = SyntheticConfig(n_requests=4_000, n_accounts=3_000, seed=99, fraud_rate=0.1)
-TREES = {"v1": 40, "v2": 60}
-#: v3 catches only this share of the stream's fraud (v2 catches ~95 %).
-BAD_RECALL = 0.65
-LOAD_ENV = {
-    "FW_LOAD_ROWS": str(STREAM.n_requests),
-    "FW_LOAD_SEED": str(STREAM.seed),
-    "FW_LOAD_FRAUD_RATE": str(STREAM.fraud_rate),
-    "FW_LOAD_LABEL_SECONDS_PER_HOUR": "0.001",
-    "FW_LOAD_WAIT_MIN": "0.02",
-    "FW_LOAD_WAIT_MAX": "0.05",
-    "FW_LOAD_LABEL_USERS": "3",
-}
-LOCUST_USERS = 7
-START_TIMEOUT_S = 180.0
-ROLLOUT_TIMEOUT_S = 240.0
-DSN_ENV = f"{OutcomeSettings.model_config.get('env_prefix', '')}DSN"
-
-#: The default policy's gates, time-compressed. Where it differs from the default, and why:
-#: * every metric gate carries an evidence minimum in its query (``… and on () <sample count> >= N``): PSI with
-#:   ε-clipped empty bins is ≈ 3 on 40 requests whatever the model, and one error in 40 calls is 2.5 % — without
-#:   the minimum a candidate is rolled back by its first seconds of traffic (no data → Inconclusive instead);
-#: * the stream is 10 % fraud (ten times production) so that labelled frauds arrive within seconds; the gates on
-#:   decisions scale with it: the review rate may shift by 10 points and shadow agreement may drop to 85 % (v3
-#:   reviews ~3.5 points less and disagrees with v1 on ~6 % of requests: at production's 1 % fraud that would be
-#:   a 0.35-point shift, inside any sane tolerance — which is the point of the scenario);
-#: * the regression set is judged on PR-AUC only (a ranking metric: v3's defect is a threshold a ranking cannot
-#:   show); p99 may reach 1 s (two cores shared with everything else);
-#: * outcome gates compare at 90 % confidence with a 0.15–0.2 margin, so a few dozen labelled frauds decide.
-POLICY_YAML = """
-stages:
-  shadow: {min_duration_s: 3, min_requests: 20}
-  canary: {weight: 5, min_duration_s: 3, min_requests: 3}
-  ab: {weight: 50, min_duration_s: 3, min_requests: 20, min_labels: 100}
-  full: {min_duration_s: 3, min_requests: 20}
-analysis:
-  interval_s: 1
-  window_s: 30
-  consecutive_error_limit: 5
-  inconclusive_timeout_s: 30
-  labels_timeout_s: 120
-  confidence: 0.9
-promotion: {alias: champion, warm_window_s: 600, scale_down_delay_s: 30}
-samples:
-  requests: >-
-    sum(increase(fraudwatch_router_requests_total{model_version="{{version}}",outcome="2xx"}[{{stage_window}}]))
-  labels: >-
-    sum(increase(fraudwatch_outcome_total{model_version="{{version}}"}[{{stage_window}}]))
-gates:
-  - name: regression-set
-    layer: quality
-    floors: {pr_auc: 0.80}
-  - name: error-rate
-    layer: health
-    stages: [shadow, canary, ab, full]
-    query: >-
-      (sum(model_version_role:fraudwatch_router_errors:rate5m{model_version="{{version}}"})
-      / (sum(model_version_role:fraudwatch_router_requests:rate5m{model_version="{{version}}"}) > 0))
-      and on () sum(increase(fraudwatch_router_requests_total{model_version="{{version}}"}[5m])) >= 100
-    condition: value <= 0.01
-  - name: latency-p99
-    layer: health
-    stages: [shadow, canary, ab, full]
-    query: max(model_version_role:fraudwatch_router_request_duration_seconds:p99_5m{model_version="{{version}}"})
-    condition: value <= 1.0
-  - name: input-psi-max
-    layer: input_drift
-    stages: [shadow, canary, ab, full]
-    query: >-
-      max(model_version_feature:fraudwatch_psi:5m{model_version="{{version}}",feature!="score"})
-      and on ()
-      sum(model_version_feature:fraudwatch_feature_bin:increase5m{model_version="{{version}}",feature="amount"})
-      >= 200
-    condition: value <= 0.2
-  - name: score-psi
-    layer: output_drift
-    stages: [shadow, canary, ab, full]
-    query: >-
-      max(model_version_feature:fraudwatch_psi:5m{model_version="{{version}}",feature="score"})
-      and on ()
-      sum(model_version_feature:fraudwatch_feature_bin:increase5m{model_version="{{version}}",feature="score"})
-      >= 200
-    condition: value <= 0.2
-  - name: decision-rate-shift
-    layer: output_drift
-    stages: [shadow, canary, ab]
-    query: >-
-      max(model_version:fraudwatch_review_decision_ratio:ratio_rate5m{model_version="{{version}}"})
-      and on ()
-      sum(model_version_feature:fraudwatch_feature_bin:increase5m{model_version="{{version}}",feature="score"})
-      >= 200
-    condition: abs(candidate - stable) <= 0.1
-  - name: shadow-agreement
-    layer: output_drift
-    stages: [shadow, full]
-    query: >-
-      max(stable_candidate:fraudwatch_shadow_agreement:ratio5m{stable="{{stable}}",candidate="{{candidate}}"})
-      and on () sum(stable_candidate:fraudwatch_shadow_pairs:increase5m{stable="{{stable}}",candidate="{{candidate}}"})
-      >= 100
-    condition: value >= 0.85
-  - name: recall
-    layer: outcome
-    stages: [ab, full]
-    labels_query: sum(increase(fraudwatch_outcome_total{model_version="{{version}}"}[{{stage_window}}]))
-    min_labels: 100
-    estimator:
-      method: wilson
-      successes: sum(increase(fraudwatch_outcome_total{model_version="{{version}}",outcome="tp"}[{{stage_window}}]))
-      trials: sum(increase(fraudwatch_outcome_total{model_version="{{version}}",outcome=~"tp|fn"}[{{stage_window}}]))
-    condition: candidate - stable >= -0.15
-  - name: precision
-    layer: outcome
-    stages: [ab, full]
-    labels_query: sum(increase(fraudwatch_outcome_total{model_version="{{version}}"}[{{stage_window}}]))
-    min_labels: 100
-    estimator:
-      method: wilson
-      successes: sum(increase(fraudwatch_outcome_total{model_version="{{version}}",outcome="tp"}[{{stage_window}}]))
-      trials: sum(increase(fraudwatch_outcome_total{model_version="{{version}}",outcome=~"tp|fp"}[{{stage_window}}]))
-    condition: candidate - stable >= -0.2
-  - name: roc-auc
-    layer: outcome
-    stages: [ab, full]
-    labels_query: sum(increase(fraudwatch_outcome_total{model_version="{{version}}"}[{{stage_window}}]))
-    min_labels: 100
-    estimator:
-      method: histogram_auc
-      positive_buckets: >-
-        sum by (le) (increase(
-        fraudwatch_outcome_score_bucket{model_version="{{version}}",label="fraud"}[{{stage_window}}]))
-      negative_buckets: >-
-        sum by (le) (increase(
-        fraudwatch_outcome_score_bucket{model_version="{{version}}",label="legit"}[{{stage_window}}]))
-    condition: candidate - stable >= -0.05
-"""
-
-
-def wait_for(probe: Callable[[], T | None], what: str, timeout_s: float, interval_s: float = 0.25) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value is not None and value is not False:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
-
-
-# --------------------------------------------------------------------------------------------------- models
-
-
-@dataclass(frozen=True)
-class Models:
-    home: Path
-    settings: Settings
-    numbers: dict[str, str]  # version name → registry version number
-    regression_meta: Path
-
-
-def train_bundle(directory: Path, version: str, frame: pd.DataFrame, n_trees: int) -> None:
-    """An XGBoost bundle trained on the features serving computes for ``frame`` (latest aggregates), with its
-    feature and score reference bins, its threshold at the stream's fraud rate, and its feature store."""
-    ordered = time_ordered(frame)
-    latest = aggregates.latest(ordered)
-    rows = ordered.to_dict("records")
-    features = feature_matrix(rows, [latest.get(str(r["account_id"]), DEFAULT_AGGREGATES) for r in rows])
-    params = {"objective": "binary:logistic", "tree_method": "hist", "max_depth": 4, "eta": 0.2, "nthread": 1}
-    booster = xgb.train(params, xgb.DMatrix(features, label=ordered["is_fraud"].to_numpy()), num_boost_round=n_trees)
-    calibration = Calibration(method="identity")
-    scores = calibration.apply(np.asarray(booster.inplace_predict(features), dtype=np.float32))
-    threshold = float(np.quantile(scores, 1.0 - STREAM.fraud_rate))
-    manifest = Manifest(
-        version=version,
-        feature_names=list(FEATURE_NAMES),
-        calibration=calibration,
-        threshold=ThresholdPolicy(policy="target_precision", threshold=threshold, target_precision=0.8),
-        feature_reference={
-            name: reference_bins(features[:, FEATURE_NAMES.index(name)], N_REFERENCE_BINS) for name in DRIFT_FEATURES
-        },
-        score_reference=reference_bins(scores, N_REFERENCE_BINS),
-        metrics={"train_rows": float(len(ordered))},
-        params={**params, "num_boost_round": n_trees},
-        sha256="",
-        created_at=datetime.now(UTC).isoformat(),
-    )
-    save_bundle(booster, manifest, directory)
-    build_store(directory / STORE_FILE, latest)
-
-
-def with_threshold(source: Path, directory: Path, version: str, recall: float) -> None:
-    """A copy of a bundle under another version name whose threshold flags only ``recall`` of the stream's fraud
-    (the booster, so every score, unchanged)."""
-    shutil.copytree(source, directory)
-    model = load_bundle(directory)
-    ordered = time_ordered(generate(STREAM))
-    latest = aggregates.latest(ordered)
-    rows = ordered.to_dict("records")
-    features = feature_matrix(rows, [latest.get(str(r["account_id"]), DEFAULT_AGGREGATES) for r in rows])
-    fraud_scores = model.scores(features)[ordered["is_fraud"].to_numpy() == 1]
-    path = directory / MANIFEST_FILE
-    manifest = json.loads(path.read_text())
-    manifest["version"] = version
-    manifest["threshold"]["threshold"] = float(np.quantile(fraud_scores, 1.0 - recall))
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-
-
-def write_regression_set(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    data = directory / "regression.csv.gz"
-    generate(REGRESSION_SET).to_csv(data, index=False)
-    meta = directory / "regression.json"
-    meta.write_text(json.dumps({"file": data.name, "sha256": file_sha256(data)}))
-    return meta
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
-    home = tmp_path_factory.mktemp("model-home")
-    settings = Settings.model_validate({"home": home})
-    bundles = home / "bundles"
-    history = generate(STREAM)
-    for version, trees in TREES.items():
-        train_bundle(bundles / version, version, history, trees)
-    with_threshold(bundles / "v2", bundles / "v3", "v3", BAD_RECALL)
-    registry = ModelRegistry(settings)
-    numbers = {}
-    for version in ("v1", "v2", "v3"):
-        run = registry.log_run(RunPayload(run_name=f"train-{version}", bundle_dir=bundles / version))
-        numbers[version] = registry.register(run).version
-    registry.promote(settings.registered_model_name, numbers["v1"], "integration baseline")
-    return Models(home, settings, numbers, write_regression_set(home / "regression"))
+    return build_models(tmp_path_factory.mktemp("model-home"))
 
 
 # --------------------------------------------------------------------------------------------------- the stack
@@ -374,25 +143,10 @@ class Stack:
         return table
 
     def answer(self) -> dict[str, Any]:
-        response = httpx.post(
-            self.router.url + "/api/v1/refund-predict",
-            json={"yearsActive": 1.5, "amount": 45.0, "ipAccounts": 2, "accountId": f"probe-{time.monotonic_ns()}"},
-            timeout=10,
-            trust_env=False,
-        )
-        response.raise_for_status()
-        body: dict[str, Any] = response.json()
-        return body
+        return answer(self.router.url)
 
     def aliases_if(self, **expected: str | None) -> dict[str, str] | None:
-        """The registry's aliases when each named alias points at the given version name (None: absent)."""
-        settings = self.models.settings
-        aliases = ModelRegistry(settings).aliases(settings.registered_model_name)
-        for alias, version in expected.items():
-            wanted = self.models.numbers[version] if version is not None else None
-            if aliases.get(alias) != wanted:
-                return None
-        return aliases
+        return aliases_if(self.models, **expected)
 
     def workloads(self) -> dict[str, int]:
         records = json.loads((self.state_dir / WORKLOADS_FILE).read_text())
@@ -454,22 +208,8 @@ def controller_env(
 @pytest.fixture(scope="module")
 def stack(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("rollout-local")
-    prometheus = PrometheusServer(
-        workdir / "prometheus",
-        rule_files=[RULES],
-        settings=PrometheusSettings(scrape_interval_s=1.0, evaluation_interval_s=1.0, ready_timeout_s=60.0),
-    )
-    router = RouterProcess(
-        log_path=workdir / "router.log",
-        admin_token=TOKEN,
-        env={
-            DSN_ENV: f"sqlite:///{workdir / 'predictions.db'}",
-            "FW_ROLLOUT_ROUTER__LOG_DECISIONS": "false",
-            "FW_ROLLOUT_ROUTER__CANDIDATE_TIMEOUT_S": "2.0",
-            "FW_ROLLOUT_ROUTER__STABLE_TIMEOUT_S": "4.0",
-            "FW_ROLLOUT_ROUTER__SHADOW_TIMEOUT_S": "2.0",
-        },
-    )
+    prometheus = prometheus_server(workdir / "prometheus")
+    router = RouterProcess(log_path=workdir / "router.log", admin_token=TOKEN, env=router_env(workdir))
     port = free_port(HOST)
     started = time.monotonic()
     router.start()
@@ -478,22 +218,13 @@ def stack(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     built = Stack(models, workdir, prometheus, router, port, controller_env(models, workdir, prometheus, router, port))
     try:
         built.start_controller()
-        wait_for(lambda: built.answer() if _ready(router) else None, "the champion behind the router", START_TIMEOUT_S)
-        built.locust = subprocess.Popen(
-            [str(BIN / "locust"), "-f", "loadtests/locustfile.py", "--headless", "-u", str(LOCUST_USERS), "-r",
-             str(LOCUST_USERS), "-t", "1800s", "--host", router.url, "--only-summary", "--loglevel", "WARNING"],
-            cwd=ROOT, env={**os.environ, **LOAD_ENV}, stdout=(workdir / "locust.log").open("ab"),
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        wait_for(lambda: built.answer() if router_ready(router.url) else None, "the champion behind the router",
+                 START_TIMEOUT_S)  # fmt: skip
+        built.locust = start_locust(router.url, workdir / "locust.log")
         built.timings["stack_ready_s"] = round(time.monotonic() - started, 1)
         yield built
     finally:
-        if built.locust is not None:
-            built.locust.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                built.locust.wait(timeout=30)
-            if built.locust.poll() is None:
-                built.locust.kill()
+        stop_locust(built.locust)
         built.stop_controller()
         with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
             for pid in built.workloads().values():  # a failed test may leave servers a kill orphaned
@@ -501,26 +232,6 @@ def stack(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         router.stop()
         prometheus.stop()
         print(f"\nrollout integration timings: {json.dumps(built.timings)}")
-
-
-def _ready(router: RouterProcess) -> bool:
-    try:
-        return httpx.get(router.url + "/readyz", timeout=5, trust_env=False).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def stage_timings(rollout: Any) -> dict[str, float]:
-    """Seconds spent in each stage, from the transitions."""
-    times: dict[str, float] = {}
-    history = rollout.history
-    for before, after in itertools.pairwise(history):
-        times[before.to_stage] = round((after.at - before.at).total_seconds(), 2)
-    return times
-
-
-def failed_gates(transition: Any) -> list[Any]:
-    return [g for g in transition.gates if g.status.value == "Failed"]
 
 
 # --------------------------------------------------------------------------------------------------- scenarios
@@ -654,18 +365,6 @@ def test_a_controller_killed_mid_stage_resumes_where_it_was(stack: Stack) -> Non
     assert [e["seq"] for e in transitions] == list(range(len(final.history)))
     tables = published_tables(stack.workdir / "controller.log")
     assert all(a != b for a, b in itertools.pairwise(tables))  # no table sent twice in a row, kill or not
-
-
-def published_tables(log: Path) -> list[tuple[Any, ...]]:
-    """The tables the controller sent to the router, in order (from its JSON log, across restarts)."""
-    tables = []
-    for line in log.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            event = json.loads(line)
-            if isinstance(event, dict) and event.get("event") == "routing_published":
-                keys = ("stage", "stable", "candidate", "candidate_weight", "shadow")
-                tables.append(tuple(json.dumps(event.get(k)) for k in keys))
-    return tables
 
 
 def test_prometheus_scrapes_the_controller_and_the_model_servers_it_registered(stack: Stack) -> None:
