@@ -4,10 +4,11 @@ Commands go to the controller's inbox and the CLI waits until the controller has
 only queue); ``status`` and ``history`` read the controller's state file and event log. The CLI never acts on
 the world itself: the controller is the single writer of routing, workloads and aliases.
 
-Backends: ``--backend local`` (the default; the controller's state directory on this machine). ``--backend kube``
-is reserved for the Kubernetes backend (the ModelRollout custom resource), which comes later; the commands and
-their exit codes stay the same. As ``kubectl modelrollout status|promote|abort|revert|… NAME`` every command takes
-the rollout's name.
+Backends: ``--backend local`` (rolloutctl's default; the controller's state directory on this machine) and
+``--backend kube`` (the kubectl plugin's default; the ModelRollout custom resource NAME in ``-n NAMESPACE``, through
+the kubeconfig: a command is a patch of ``spec.manualCommand`` the controller applies once per id, ``status`` reads
+the object's status and the controller's Lease). The commands and their exit codes are the same. As
+``kubectl modelrollout status|promote|abort|revert|… NAME`` every command takes the rollout's name.
 
 Human output (rich) goes to stdout; ``--json`` prints one JSON document instead. The mutating commands import
 nothing heavier than pydantic, so ``rolloutctl revert`` is queued within a fraction of a second of being typed.
@@ -70,11 +71,16 @@ exit codes:
   4    refused (the controller ignored the command: e.g. a rollout is already in progress, nothing to resume)
   5    timeout (the controller did not apply the command in time - it was withdrawn from the inbox - or, for
        promote/abort/revert, applied it but the routers did not hold the new routing in time)
-  6    unavailable (backend not available, e.g. --backend kube before the Kubernetes backend exists)
+  6    unavailable (the backend cannot be reached: no kubeconfig / API server down for --backend kube)
   130  interrupted (Ctrl-C)
 
 configuration: FW_ROLLOUT_HOME (state under <home>/rollout), FW_ROLLOUT_CONTROLLER__STATE_DIR,
-  FW_ROLLOUT_CONTROLLER__POLICY_FILE, FW_ROLLOUT_CONTROLLER__COMMAND_WAIT_TIMEOUT_S
+  FW_ROLLOUT_CONTROLLER__POLICY_FILE, FW_ROLLOUT_CONTROLLER__COMMAND_WAIT_TIMEOUT_S; --backend kube:
+  KUBECONFIG (or --kubeconfig/--context), -n/--namespace (default: the context's namespace)
+
+on Kubernetes a rollout starts when the ModelRollout's spec.candidate changes (helm upgrade --set
+  model.version=…), not with `start`; promote/pause/resume/abort/revert patch spec.manualCommand (one slot:
+  wait for a command to be applied before sending the next - the CLI does)
 """
 MUTATIONS: Final[tuple[InboxKind, ...]] = ("start", "promote", "pause", "resume", "abort", "revert")
 PROMOTE_TARGETS: Final[tuple[str, ...]] = ("shadow", "canary", "ab", "full")
@@ -176,13 +182,145 @@ class LocalClient:
         return read_events(self.state_dir / EVENTS_FILE)
 
 
-def client_for(backend: str, settings: RolloutSettings, state_dir: Path | None) -> RolloutClient:
-    if backend != "local":
-        raise CliError(
-            ExitCode.UNAVAILABLE, f"backend {backend!r} is not available yet (the Kubernetes backend comes later)"
-        )
+class KubeClient:
+    """The Kubernetes backend: the ModelRollout ``name`` in ``namespace``; commands go to ``spec.manualCommand``."""
+
+    def __init__(
+        self,
+        name: str,
+        namespace: str | None,
+        kubeconfig: Path | None,
+        context: str | None,
+        settings: ControllerSettings,
+    ) -> None:
+        from rollout.backends.kube_api import KubeApi, KubeUnavailableError, context_namespace
+
+        self.name = name
+        self.settings = settings
+        ks = settings.kube
+        configured = ks.namespace if "namespace" in ks.model_fields_set else None
+        self.namespace: str = namespace or configured or context_namespace(kubeconfig, context) or "default"
+        self.lease = ks.lease_name if "lease_name" in ks.model_fields_set else f"{name}-controller"
+        try:
+            self.api = KubeApi.connect(kubeconfig, context, ks.request_timeout_s)
+        except KubeUnavailableError as exc:
+            raise CliError(ExitCode.UNAVAILABLE, str(exc)) from exc
+
+    def _call(self, what: Any) -> Any:
+        from rollout.backends.kube_api import KubeError
+
+        try:
+            return what()
+        except KubeError as exc:
+            code = ExitCode.UNAVAILABLE if exc.status == 0 else ExitCode.FAILURE
+            raise CliError(code, str(exc)) from exc
+
+    def _path(self) -> str:
+        from rollout.backends.kube_api import rollout_path
+
+        return rollout_path(self.namespace, self.name)
+
+    def _object(self) -> dict[str, Any]:
+        obj = self._call(lambda: self.api.get(self._path()))
+        if obj is None:
+            raise CliError(ExitCode.NOT_FOUND, f"no ModelRollout {self.name!r} in namespace {self.namespace!r}")
+        return dict(obj)
+
+    def _state(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        state = (obj.get("status") or {}).get("state")
+        return state if isinstance(state, dict) else {}
+
+    def rollout_exists(self) -> bool:
+        return self._state(self._object()).get("rollout") is not None
+
+    def submit(self, command: InboxCommand) -> None:
+        if command.kind == "start":
+            raise CliError(ExitCode.USAGE, "on Kubernetes a rollout starts when spec.candidate changes: "
+                           "helm upgrade … --set model.version=<version>")  # fmt: skip
+        manual = {
+            "id": command.id,
+            "kind": command.kind,
+            "reason": command.reason,
+            "requestedBy": command.issued_by or None,
+            "requestedAt": command.issued_at.isoformat().replace("+00:00", "Z"),
+            "to": command.to,  # None removes a previous command's target (a merge patch merges objects)
+        }
+        self._call(lambda: self.api.merge_patch(self._path(), {"spec": {"manualCommand": manual}}))
+
+    def result(self, command_id: str) -> CommandResult | None:
+        for item in reversed(self._state(self._object()).get("command_results") or []):
+            if isinstance(item, dict) and item.get("id") == command_id:
+                return CommandResult.model_validate(item)
+        return None
+
+    def withdraw(self, command_id: str) -> bool:
+        from rollout.backends.kube_api import KubeError
+
+        test = {"op": "test", "path": "/spec/manualCommand/id", "value": command_id}
+        try:
+            self.api.json_patch(self._path(), [test, {"op": "remove", "path": "/spec/manualCommand"}])
+        except KubeError:
+            return False  # another command replaced it, or the controller's result is there already
+        return True
+
+    def snapshot(self) -> Snapshot:
+        from rollout.backends.kube_model import effective_policy
+        from rollout.policy import load_policy
+        from rollout.state import StateError, loads_state
+
+        obj = self._object()
+        raw = self._state(obj)
+        try:
+            state = loads_state(json.dumps(raw)) if raw else None
+            policy = effective_policy(load_policy(self.settings.policy_file), (obj.get("spec") or {}).get("policy"))
+        except (StateError, ValueError) as exc:
+            raise CliError(ExitCode.FAILURE, f"ModelRollout {self.name}: {exc}") from exc
+        return Snapshot(state, self._heartbeat(), policy)
+
+    def _heartbeat(self) -> Heartbeat | None:
+        """The controller's Lease as its heartbeat: the holder and its last renewal."""
+        from rollout.backends.kube_api import KubeError, lease_path
+
+        try:
+            lease = self.api.get(lease_path(self.namespace, self.lease))
+        except KubeError:
+            return None  # no read access to Leases: shown as unknown
+        spec = (lease or {}).get("spec") or {}
+        if not spec.get("holderIdentity") or not spec.get("renewTime"):
+            return None
+        return Heartbeat(pid=0, name=self.name, backend="kube", started_at=spec.get("acquireTime") or spec["renewTime"],
+                         heartbeat_at=spec["renewTime"], identity=spec["holderIdentity"])  # fmt: skip
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        """The transitions in ``status.history`` (across rollouts, as many as the controller keeps)."""
+        for row in (self._object().get("status") or {}).get("history") or []:
+            yield {
+                "kind": "transition",
+                "at": row.get("at"),
+                "rollout_id": row.get("rolloutId"),
+                "from_phase": row.get("fromPhase"),
+                "from_stage": row.get("fromStage"),
+                "to_phase": row.get("toPhase"),
+                "to_stage": row.get("toStage"),
+                "trigger": row.get("trigger"),
+                "reason": row.get("reason"),
+                "command_id": row.get("commandId"),
+            }
+
+
+def client_for(args: argparse.Namespace, settings: RolloutSettings, *, plugin: bool) -> RolloutClient:
+    """The backend's client: ``--backend``, else the kubectl plugin's ``kube`` (``local`` when a state directory
+    or home is given), else ``FW_ROLLOUT_CONTROLLER__BACKEND``."""
     cs = settings.controller
-    return LocalClient(cs, state_dir if state_dir is not None else cs.resolved_state_dir(settings.home))
+    backend = args.backend
+    if backend is None and plugin:
+        backend = "local" if args.state_dir is not None or args.home is not None else "kube"
+    if backend is None:
+        backend = cs.backend
+    if backend == "kube":
+        name = args.name if plugin else cs.name
+        return KubeClient(name, args.namespace, args.kubeconfig, args.context, cs)
+    return LocalClient(cs, args.state_dir if args.state_dir is not None else cs.resolved_state_dir(settings.home))
 
 
 # --------------------------------------------------------------------------------------------------- parser
@@ -214,6 +352,10 @@ def build_parser(*, plugin: bool) -> argparse.ArgumentParser:
     parser.add_argument("--home", type=Path, help="rollout home (default: FW_ROLLOUT_HOME, else ./var)")
     parser.add_argument("--state-dir", type=Path, help="the controller's state directory (default: <home>/rollout)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    kube = parser.add_argument_group("--backend kube")
+    kube.add_argument("-n", "--namespace", help="the ModelRollout's namespace (default: the kubeconfig context's)")
+    kube.add_argument("--kubeconfig", type=Path, help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config)")
+    kube.add_argument("--context", help="kubeconfig context (default: the current one)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in ("start", "status", "promote", "pause", "resume", "abort", "revert", "history"):
         sub = commands.add_parser(
@@ -222,6 +364,7 @@ def build_parser(*, plugin: bool) -> argparse.ArgumentParser:
         )  # fmt: skip
         if plugin:
             sub.add_argument("name", metavar="NAME", help="the rollout's name")
+        sub.add_argument("-n", "--namespace", default=argparse.SUPPRESS, help="the ModelRollout's namespace (kube)")
         if name in MUTATIONS:
             sub.add_argument("--reason", default="", help="why (kept in the event log and the registry's audit tags)")
             sub.add_argument(
@@ -328,6 +471,8 @@ def status_view(snapshot: Snapshot, now: datetime, stale_after_s: float) -> dict
         age = heartbeat_age_s(beat, now)
         controller = {"running": age <= stale_after_s, "pid": beat.pid, "heartbeat_age_s": round(age, 3),
                       "metrics_url": beat.metrics_url}  # fmt: skip
+        if beat.identity is not None:
+            controller["leader"] = beat.identity
     state = snapshot.state
     rollout = state.rollout if state is not None else None
     if state is None or rollout is None:
@@ -436,8 +581,11 @@ def render_status(view: Mapping[str, Any]) -> None:
 
     console = Console()
     controller = view["controller"]
+    who = (
+        f"leader {controller['leader']}, lease renewed" if controller.get("leader") else f"pid {controller.get('pid')}"
+    )
     alive = (
-        f"[green]running[/] (pid {controller['pid']}, heartbeat {controller['heartbeat_age_s']:.1f} s ago)"
+        f"[green]running[/] ({who} {controller['heartbeat_age_s']:.1f} s ago)"
         if controller.get("running")
         else "[bold red]not running[/] (no fresh heartbeat)"
     )
@@ -512,8 +660,7 @@ def _settings(args: argparse.Namespace) -> RolloutSettings:
 
 def execute(args: argparse.Namespace, *, plugin: bool) -> ExitCode:
     settings = _settings(args)
-    backend = args.backend or ("kube" if settings.controller.backend == "kube" else "local")
-    client = client_for(backend, settings, args.state_dir)
+    client = client_for(args, settings, plugin=plugin)
     if plugin and args.name != client.name:
         raise CliError(ExitCode.NOT_FOUND, f"no rollout named {args.name!r} (this controller runs {client.name!r})")
     cs = settings.controller

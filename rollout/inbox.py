@@ -178,6 +178,8 @@ class Heartbeat(BaseModel):
     started_at: AwareDatetime
     heartbeat_at: AwareDatetime
     metrics_url: str | None = None
+    #: On Kubernetes: the leading replica (the Lease holder); its renewals are the heartbeat.
+    identity: str | None = None
 
 
 def write_heartbeat(state_dir: Path, heartbeat: Heartbeat) -> None:

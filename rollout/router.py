@@ -48,7 +48,7 @@ from rollout.outcomes import OutcomeTracker, PredictionLog, PredictionRecord
 from rollout.routing import Arm, RoutePlan, RoutingTable, Stage, VersionEndpoint
 from rollout.settings import RolloutSettings, RouterSettings, get_rollout_settings
 from rollout.shadow import PredictionSink, ShadowJob, ShadowRunner
-from rollout.sources import FileTableSource, TableSource, TableStore
+from rollout.sources import FileTableSource, KubeRolloutTableSource, TableSource, TableStore
 from rollout.upstream import Answer, Caller, Failure, Upstreams
 from service.httputil import bearer_matches, read_limited
 from service.logging import CORRELATION_HEADER, configure_logging, correlation_id_from_header, get_logger, log_event
@@ -448,7 +448,8 @@ class Router:
 
 
 def create_app(settings: RolloutSettings | None = None) -> Starlette:
-    """The production app: file source (when configured), prediction log and feedback routes on one registry."""
+    """The production app: the file source and the ModelRollout watch (each when configured), the prediction log
+    and the feedback routes on one registry."""
     rollout_settings = settings or get_rollout_settings()
     router_settings = rollout_settings.router
     registry = CollectorRegistry()
@@ -457,6 +458,8 @@ def create_app(settings: RolloutSettings | None = None) -> Starlette:
     sources: list[TableSource] = []
     if router_settings.routing_file is not None:
         sources.append(FileTableSource(router_settings.routing_file, router_settings.poll_interval_s))
+    if router_settings.kube.rollout_name is not None:
+        sources.append(KubeRolloutTableSource(router_settings.kube))
     router = Router(
         router_settings, registry=registry, prediction_log=log, extra_routes=tracker.routes(), sources=sources
     )

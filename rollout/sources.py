@@ -4,8 +4,8 @@ A source pushes tables into a :class:`TableSink` (the router's :class:`TableStor
 
 * :class:`FileTableSource` — a local JSON/YAML file polled by (mtime, size, inode), off the request path;
 * the admin endpoint ``PUT /admin/routing`` of the router (push, no task of its own);
-* a watch-based source (the Kubernetes ``ModelRollout`` watch) implements :class:`TableSource`: its ``run``
-  loops over watch events and calls ``sink.offer`` for each new table.
+* :class:`KubeRolloutTableSource` — the ``status.routing`` of one Kubernetes ``ModelRollout``, watched (the
+  controller writes it; a revert reaches the router with the watch event, milliseconds after the write).
 
 The store refuses a table whose ``generation`` is older than the one it holds (a delayed or replayed write never
 undoes a newer decision) and compiles each accepted table once into a :class:`~rollout.routing.RoutePlan`.
@@ -27,6 +27,7 @@ import yaml
 from pydantic import ValidationError
 
 from rollout.routing import RoutePlan, RoutingTable
+from rollout.settings import RouterKubeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +216,91 @@ class FileTableSource:
         while True:
             self.poll(sink)
             await asyncio.sleep(self.interval_s)
+
+
+class KubeRolloutTableSource:
+    """The routing table in a ModelRollout's ``status.routing``: read at startup, then watched (the official
+    Kubernetes client, in an informer thread: one GET, then a watch from its resourceVersion, re-listed after a
+    410, an error or the resync interval). Each new table is handed to the sink on the event loop. An invalid
+    table is refused (reported once per object version) and the current one stays in force.
+
+    Only ``get`` and ``watch`` of that one ModelRollout are needed (the chart's router Role)."""
+
+    name = "modelrollout"
+
+    def __init__(self, settings: RouterKubeSettings) -> None:
+        if settings.rollout_name is None:
+            raise ValueError("router.kube.rollout_name is not set")
+        from rollout.backends.kube_api import KubeApi, pod_namespace
+
+        self.settings = settings
+        self.rollout_name = settings.rollout_name
+        self.namespace = settings.namespace or pod_namespace() or "default"
+        self.api = KubeApi.connect(settings.kubeconfig, settings.context, settings.request_timeout_s)
+        self._last: tuple[str, str] | None = None
+
+    def _path(self) -> str:
+        from rollout.backends.kube_api import rollout_path
+
+        return rollout_path(self.namespace, self.rollout_name)
+
+    def load_now(self) -> RoutingTable | None:
+        from rollout.backends.kube_api import KubeError
+
+        try:
+            obj = self.api.get(self._path())
+        except KubeError as exc:
+            logger.warning("ModelRollout unreadable at startup", extra={"path": self._path(), "error": str(exc)})
+            return None
+        table = self._table(obj) if obj is not None else None
+        return table if isinstance(table, RoutingTable) else None
+
+    def _table(self, obj: dict[str, object]) -> RoutingTable | str | None:
+        """The object's table, the reason it is invalid, or None when it has none yet."""
+        status = obj.get("status")
+        raw = status.get("routing") if isinstance(status, dict) else None
+        if raw is None:
+            return None
+        try:
+            return RoutingTable.model_validate(raw)
+        except ValidationError as exc:
+            return _short_error(exc)
+
+    async def run(self, sink: TableSink) -> None:
+        from rollout.backends.kube_api import Informer, rollout_path
+
+        loop = asyncio.get_running_loop()
+
+        def changed(kind: str, obj: dict[str, object]) -> None:
+            if kind == "DELETED":
+                return
+            table = self._table(obj)
+            if table is None:
+                return
+            metadata = obj.get("metadata")
+            version = str(metadata.get("resourceVersion", "")) if isinstance(metadata, dict) else ""
+            if isinstance(table, str):
+                if self._last != ("invalid", version):
+                    self._last = ("invalid", version)
+                    loop.call_soon_threadsafe(sink.refuse, self.name, "invalid", table)
+                return
+            loop.call_soon_threadsafe(sink.offer, table, self.name)
+
+        informer = Informer(
+            self.api,
+            rollout_path(self.namespace),
+            "modelrollout",
+            name=self.rollout_name,
+            watch_timeout_s=self.settings.watch_timeout_s,
+            retry_backoff_s=self.settings.retry_backoff_s,
+            on_change=changed,
+        )
+        informer.start()
+        try:
+            await asyncio.Event().wait()  # until cancelled (the router's shutdown)
+        finally:
+            informer.stop()
+            self.api.close()
 
 
 def _short_error(exc: Exception) -> str:

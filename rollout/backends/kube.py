@@ -117,6 +117,39 @@ def default_identity() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+@dataclass(frozen=True)
+class Access:
+    """One kind of API request a component makes: ``resource`` is ``group:plural[/subresource]`` (group empty for
+    the core API); ``name`` says which object when the request names one (``rollout``, ``configmap``, ``lease``)."""
+
+    verb: str
+    resource: str
+    name: str | None = None
+
+
+#: Every request the controller's Kubernetes backend makes — what the chart's Role must grant (checked with
+#: SubjectAccessReviews in tests/e2e/test_controller_kube.py; the controller runs there with that Role only).
+REQUIRED_ACCESS: Final[tuple[Access, ...]] = (
+    Access("get", "fraudwatch.io:modelrollouts", "rollout"),  # informer: the object …
+    Access("watch", "fraudwatch.io:modelrollouts", "rollout"),  # … and its watch (fieldSelector metadata.name)
+    Access("patch", "fraudwatch.io:modelrollouts", "rollout"),  # the finalizer
+    Access("update", "fraudwatch.io:modelrollouts/status", "rollout"),  # the status, with resourceVersion
+    *(Access(v, "apps:deployments") for v in ("list", "watch", "create", "patch", "delete")),  # apply = patch
+    *(Access(v, ":services") for v in ("list", "watch", "create", "patch", "delete")),
+    Access("get", ":configmaps", "configmap"),  # the model-server templates
+    Access("watch", ":configmaps", "configmap"),
+    Access("create", ":events"),
+    Access("create", "coordination.k8s.io:leases"),
+    Access("get", "coordination.k8s.io:leases", "lease"),
+    Access("update", "coordination.k8s.io:leases", "lease"),
+)
+#: What the router's ModelRollout watch (rollout/sources.py) requests.
+ROUTER_ACCESS: Final[tuple[Access, ...]] = (
+    Access("get", "fraudwatch.io:modelrollouts", "rollout"),
+    Access("watch", "fraudwatch.io:modelrollouts", "rollout"),
+)
+
+
 class StatusWriteError(OSError):
     """The ModelRollout's status could not be written (the controller treats it as a failed persist)."""
 
@@ -281,7 +314,7 @@ class StatusStateStore:
 
 @dataclass
 class StatusRoutingPublisher:
-    """:class:`~rollout.backends.base.RoutingPublisher`: ``status.routing``, one generation per change."""
+    """:class:`~rollout.backends.base.RoutingPublisher`: ``status.routing``, one generation more per change."""
 
     writer: StatusWriter
 
@@ -295,7 +328,9 @@ class StatusRoutingPublisher:
             raise RoutingError(f"routing table of {spec}: {exc}") from exc
         if held is not None and same_routing(held, desired):
             return PublishResult("unchanged", held.generation, {PUBLISHER: "unchanged"})
-        generation = (held.generation if held is not None else 0) + 1
+        # A new object's first table starts at the clock (milliseconds), not at 1: routers that held the table of a
+        # deleted and re-created ModelRollout of the same name would refuse a lower generation as stale.
+        generation = held.generation + 1 if held is not None else int(self.writer.clock().timestamp() * 1000)
         table = desired.model_copy(update={"generation": generation})
         self.writer.routing = table
         try:
@@ -566,7 +601,7 @@ class KubeModelSource:
     def alias_target(self, alias: str) -> str | None:
         if alias == self.serving_alias():
             obj = self._obj()
-            return serving_version(self.state(), obj.spec_stable.version if obj.spec_stable else None)
+            return serving_version(self.state(), obj.seed_stable)
         return self.registry.alias_target(alias) if self.registry is not None else None
 
     def fetch(self, version: str, dest: Path) -> Path:

@@ -120,6 +120,23 @@ def pod_namespace() -> str | None:
         return None
 
 
+def context_namespace(kubeconfig: Path | None, context: str | None) -> str | None:
+    """The namespace of the kubeconfig's (current or given) context, like kubectl's default; None without one."""
+    if kubeconfig is None and os.environ.get(IN_CLUSTER_ENV):
+        return pod_namespace()
+    from kubernetes import config
+    from kubernetes.config.config_exception import ConfigException
+
+    config_file = str(kubeconfig) if kubeconfig is not None else os.environ.get("KUBECONFIG") or None
+    try:
+        contexts, current = config.list_kube_config_contexts(config_file)
+    except (ConfigException, OSError, TypeError):
+        return None
+    chosen = next((c for c in contexts if c.get("name") == context), current) if context else current
+    namespace = (chosen or {}).get("context", {}).get("namespace")
+    return str(namespace) if namespace else None
+
+
 def new_api_client(kubeconfig: Path | None, context: str | None) -> Any:
     """An ``ApiClient``: the given kubeconfig; else in-cluster in a pod; else ``$KUBECONFIG`` / ``~/.kube/config``."""
     from kubernetes import client, config
@@ -130,9 +147,9 @@ def new_api_client(kubeconfig: Path | None, context: str | None) -> Any:
             configuration = client.Configuration()
             config.load_incluster_config(client_configuration=configuration)
             return client.ApiClient(configuration)
-        return config.new_client_from_config(
-            config_file=str(kubeconfig) if kubeconfig is not None else None, context=context, persist_config=False
-        )
+        # $KUBECONFIG read now (the client reads it once, at import)
+        config_file = str(kubeconfig) if kubeconfig is not None else os.environ.get("KUBECONFIG") or None
+        return config.new_client_from_config(config_file=config_file, context=context, persist_config=False)
     except (ConfigException, OSError, TypeError) as exc:
         where = str(kubeconfig) if kubeconfig else os.environ.get("KUBECONFIG", "~/.kube/config")
         raise KubeUnavailableError(f"no usable Kubernetes configuration ({where}): {exc}") from exc

@@ -157,6 +157,15 @@ class RolloutObject:
         return _version_spec(self.spec.get("candidate"))
 
     @property
+    def seed_stable(self) -> str | None:
+        """The stable version before any rollout: ``status.stableVersion`` once the controller recorded one (it is
+        authoritative afterwards), else ``spec.stable`` (the seed of the first install)."""
+        recorded = self.status.get("stableVersion")
+        if recorded:
+            return str(recorded)
+        return self.spec_stable.version if self.spec_stable is not None else None
+
+    @property
     def paused(self) -> bool:
         return bool(self.spec.get("paused", False))
 
@@ -218,7 +227,7 @@ class RolloutObject:
 
 
 def serving_version(state: ControllerState | None, seed: str | None) -> str | None:
-    """The version serving as stable: the last rollout's outcome, else the seed (``spec.stable``)."""
+    """The version serving as stable: the last rollout's outcome, else the seed (:attr:`RolloutObject.seed_stable`)."""
     rollout = state.rollout if state is not None else None
     if rollout is None:
         return seed
@@ -261,8 +270,7 @@ def spec_commands(obj: RolloutObject, state: ControllerState, now: datetime) -> 
     if manual is not None:
         found.append(manual_from_spec(manual, now))
     rollout = state.rollout
-    seed = obj.spec_stable.version if obj.spec_stable is not None else None
-    serving = serving_version(state, seed)
+    serving = serving_version(state, obj.seed_stable)
     candidate = obj.spec_candidate
     progressing = rollout is not None and rollout.phase == "Progressing"
     if candidate is not None and serving is not None and candidate.version != serving and not progressing:
@@ -486,8 +494,7 @@ def compose_status(obj: RolloutObject, inputs: StatusInputs) -> Json:
     """The whole ``status`` of the ModelRollout (every field the CRD's schema keeps; nothing it would prune)."""
     state, rollout = inputs.state, inputs.state.rollout if inputs.state is not None else None
     known = obj.known_versions()
-    seed = obj.spec_stable.version if obj.spec_stable is not None else None
-    stable = serving_version(state, seed)
+    stable = serving_version(state, obj.seed_stable)
     status: Json = {"observedGeneration": obj.generation}
     if rollout is None:
         status |= {"phase": STEADY, "stage": STABLE_STAGE, "paused": False, "stableWeight": 100, "candidateWeight": 0}

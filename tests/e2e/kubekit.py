@@ -46,11 +46,11 @@ PROCESS_STOP_TIMEOUT_S = 20.0
 
 
 def wait_until(what: str, probe: Callable[[], T | None], timeout_s: float, interval_s: float = 0.05) -> T:
-    """Poll ``probe`` until it returns something truthy; that value."""
+    """Poll ``probe`` until it returns something truthy (not None, False, 0 or empty); that value."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = probe()
-        if value is not None and value is not False:
+        if value:
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
@@ -85,6 +85,8 @@ def namespace(api: KubeApi, prefix: str) -> Iterator[str]:
         yield name
     finally:
         with contextlib.suppress(KubeError):
+            for obj in api.list(rollout_path(name)).get("items", []):  # no controller is left to finalize them
+                api.merge_patch(rollout_path(name, obj["metadata"]["name"]), {"metadata": {"finalizers": []}})
             api.delete(f"/api/v1/namespaces/{name}")
 
 
@@ -261,13 +263,7 @@ class ControllerProcess:
 
     def sample(self, name: str, labels: Mapping[str, str] | None = None) -> float | None:
         """One sample of the controller's /metrics (None when absent)."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        for family in text_string_to_metric_families(self.metrics()):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
-                    return float(sample.value)
-        return None
+        return sample(self.metrics(), name, labels)
 
     def log_events(self) -> list[dict[str, Any]]:
         events = []
@@ -283,6 +279,17 @@ class ControllerProcess:
             return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return ""
+
+
+def sample(text: str, name: str, labels: Mapping[str, str] | None = None) -> float | None:
+    """The value of the first sample ``name`` with these labels in a Prometheus text exposition (None: absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and all(found.labels.get(k) == v for k, v in (labels or {}).items()):
+                return float(found.value)
+    return None
 
 
 def lease_holder(api: KubeApi, ns: str, name: str = LEASE) -> str | None:

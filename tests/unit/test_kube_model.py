@@ -188,6 +188,18 @@ def test_steady_spec_asks_for_nothing() -> None:
     assert spec_commands(obj(), ControllerState(name="fw"), NOW) == []
 
 
+def test_after_the_first_sight_the_recorded_stable_is_authoritative_not_spec_stable() -> None:
+    """`helm upgrade --set model.version=v2` renders spec.stable == spec.candidate == v2 (no model.stable set):
+    v1, recorded as serving, stays the stable and v2 is rolled out against it."""
+    upgraded = {"stable": {"version": "v2", "image": "img:v2"}, "candidate": {"version": "v2", "image": "img:v2"}}
+    spec = obj(upgraded, {"stableVersion": "v1", "stable": {"version": "v1", "image": "img:v1"}})
+
+    (start,) = spec_commands(spec, ControllerState(name="fw"), NOW)
+    assert isinstance(start, InboxCommand) and start.candidate == "v2"
+    status = compose_status(spec, inputs(None))
+    assert (status["stableVersion"], status["stable"]["image"]) == ("v1", "img:v1")
+
+
 def test_a_new_candidate_starts_a_rollout_once(tmp_path: Path) -> None:
     spec = obj({"candidate": {"version": "v2", "image": "img:v2"}}, generation=7)
     (start,) = spec_commands(spec, ControllerState(name="fw"), NOW)

@@ -112,8 +112,21 @@ def test_a_command_without_a_rollout_is_not_queued(state_dir: Path) -> None:
     assert not CommandInbox(state_dir).has_pending()
 
 
-def test_the_kube_backend_is_reported_unavailable(state_dir: Path) -> None:
+def test_the_kube_backend_without_a_kubeconfig_is_unavailable(
+    state_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing.kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     assert ctl(state_dir, "--backend", "kube", "status") == ExitCode.UNAVAILABLE
+    assert kubectl_main(["status", NAME]) == ExitCode.UNAVAILABLE  # the plugin's default backend is kube
+    assert "no usable Kubernetes configuration" in capsys.readouterr().err
+
+
+def test_the_plugin_takes_kubectl_style_namespace_flags() -> None:
+    before = build_parser(plugin=True).parse_args(["-n", "fraud", "revert", "fw"])
+    after = build_parser(plugin=True).parse_args(["revert", "fw", "-n", "fraud"])
+    assert before.namespace == after.namespace == "fraud"
+    assert build_parser(plugin=True).parse_args(["status", "fw"]).namespace is None
 
 
 def test_no_controller_means_timeout_and_the_command_is_withdrawn(state_dir: Path) -> None:

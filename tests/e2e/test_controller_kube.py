@@ -1,0 +1,266 @@
+"""The controller on the cluster: ``python -m rollout.controller`` (backend kube) as a local process with a
+kubeconfig — as Argo Rollouts' e2e runs its controller — authenticated as the chart's controller ServiceAccount
+(a TokenRequest token: it has exactly the chart's RBAC), reconciling the ModelRollout ``helm install --wait``
+created.
+
+* steady state: the stable version's Deployment + Service appear, owned by the ModelRollout, become available
+  (kwok), and ``status.routing`` names the Service's cluster DNS name; the finalizer is on the object;
+* ``helm upgrade --set model.version=v2`` starts a rollout: v2's workload appears beside v1's;
+* without the controller, deleting the ModelRollout lets the garbage collector remove what it owns (owner
+  references); with the controller, its finalizer deletes the workloads before the object goes;
+* RBAC: SubjectAccessReviews against the real API server — the controller's ServiceAccount may do each thing the
+  backend does (rollout/backends/kube.py REQUIRED_ACCESS) and is refused what it does not need; the router's
+  ServiceAccount may only read ModelRollouts.
+
+No model server runs here (kwok's pods are fake); the full walk with real BentoML processes is
+test_rollout_kube.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rollout.backends.kube import REQUIRED_ACCESS, ROUTER_ACCESS
+from rollout.backends.kube_api import KubeApi, rollout_path
+from rollout.backends.kube_model import FINALIZER
+from rollout.cli import ExitCode
+from tests.e2e.cluster import ControlPlane
+from tests.e2e.kubekit import (
+    CONTROLLER_SA,
+    LEASE,
+    MODEL_SERVER_CONFIGMAP,
+    ROLLOUT,
+    ROUTER_SA,
+    ControllerProcess,
+    admin_api,
+    can,
+    controller_env,
+    ensure_crd,
+    get_rollout,
+    helm_install,
+    helm_upgrade,
+    lease_holder,
+    namespace,
+    owned,
+    service_account_kubeconfig,
+    wait_until,
+)
+
+pytestmark = pytest.mark.e2e
+
+CONVERGE_S = 60.0
+#: The default policy's analysis interval would keep this test waiting; the stages here are never measured.
+VALUES: dict[str, Any] = {"model": {"replicas": 1}, "prometheus": {"url": "http://127.0.0.1:9"}}
+
+
+@dataclass
+class Release:
+    cluster: ControlPlane
+    api: KubeApi
+    ns: str
+    workdir: Path
+    kubeconfig: Path
+
+    def controller(self, identity: str) -> ControllerProcess:
+        env = controller_env(self.cluster, self.kubeconfig, self.ns, identity, 0,
+                             {"FW_ROLLOUT_CONTROLLER__PROMETHEUS_URL": "http://127.0.0.1:9"})  # fmt: skip
+        return ControllerProcess(env, self.workdir / f"controller-{identity}.log")
+
+    def rollout(self) -> dict[str, Any]:
+        obj = get_rollout(self.api, self.ns)
+        assert obj is not None
+        return obj
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.rollout().get("status") or {})
+
+
+@pytest.fixture(scope="module")
+def release(k8s_cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
+    api = admin_api(k8s_cluster)
+    ensure_crd(k8s_cluster, api)
+    workdir = tmp_path_factory.mktemp("controller-kube")
+    with namespace(api, "fw-ctl") as ns:
+        helm_install(k8s_cluster, VALUES, workdir, ns)
+        kubeconfig = service_account_kubeconfig(k8s_cluster, api, ns, CONTROLLER_SA, workdir / "controller.kubeconfig")
+        yield Release(k8s_cluster, api, ns, workdir, kubeconfig)
+    api.close()
+
+
+def available(deployment: dict[str, Any]) -> bool:
+    conditions = (deployment.get("status") or {}).get("conditions") or []
+    return any(c["type"] == "Available" and c["status"] == "True" for c in conditions)
+
+
+def steady_status(release: Release) -> dict[str, Any] | None:
+    status = release.status()
+    return status if status.get("routing") and status.get("phase") == "Steady" else None
+
+
+def available_workloads(release: Release) -> dict[str, dict[str, Any]] | None:
+    deployments = owned(release.api, release.ns, "deployments")
+    return deployments if deployments and all(available(d) for d in deployments.values()) else None
+
+
+def rolling_out(release: Release, version: str) -> dict[str, Any] | None:
+    status = release.status()
+    return status if status.get("candidateVersion") == version else None
+
+
+def no_workloads(release: Release) -> bool:
+    return not owned(release.api, release.ns, "deployments") and not owned(release.api, release.ns, "services", "v1")
+
+
+def test_the_controller_reconciles_the_installed_rollout_and_gc_follows_ownership(release: Release) -> None:
+    controller = release.controller("e2e-a").start()
+    try:
+        steady = wait_until("a steady status with routing", lambda: steady_status(release), CONVERGE_S)
+        deployments = wait_until("v1's Deployment available", lambda: available_workloads(release), CONVERGE_S)
+        services = owned(release.api, release.ns, "services", "v1")
+        obj = release.rollout()
+
+        assert set(deployments) == set(services) == {f"{ROLLOUT}-v1"}
+        for child in (*deployments.values(), *services.values()):
+            assert child["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"]
+        assert FINALIZER in obj["metadata"]["finalizers"]
+        assert steady["stableVersion"] == "v1" and steady["observedGeneration"] == obj["metadata"]["generation"]
+        assert steady["routing"]["stable"] == {"version": "v1", "url": f"http://{ROLLOUT}-v1.{release.ns}.svc:80"}
+        assert lease_holder(release.api, release.ns) == "e2e-a"
+        wait_until("the Available condition",
+                   lambda: any(c["type"] == "Available" and c["status"] == "True"
+                               for c in release.status().get("conditions", [])), CONVERGE_S)  # fmt: skip
+
+        helm_upgrade(release.cluster, release.ns, "model.version=v2")
+        wait_until("v2's Deployment beside v1's",
+                   lambda: set(owned(release.api, release.ns, "deployments")) == {f"{ROLLOUT}-v1", f"{ROLLOUT}-v2"},
+                   CONVERGE_S)  # fmt: skip
+        started = wait_until("the rollout of v2", lambda: rolling_out(release, "v2"), CONVERGE_S)
+        assert (started["phase"], started["stableVersion"]) == ("Progressing", "v1")
+        events = release.api.list(f"/api/v1/namespaces/{release.ns}/events")["items"]
+        assert any(e["reason"] == "RolloutStarted" and e["involvedObject"]["name"] == ROLLOUT for e in events)
+    finally:
+        code = controller.stop(signal.SIGTERM)
+    assert code == 0, controller.log_tail()
+    assert lease_holder(release.api, release.ns) is None  # released on a clean shutdown
+
+    # No controller: the garbage collector alone removes the owned objects once the owner is gone.
+    path = rollout_path(release.ns, ROLLOUT)
+    release.api.merge_patch(path, {"metadata": {"finalizers": []}})
+    release.api.delete(path)
+    wait_until("garbage collection of the workloads", lambda: no_workloads(release), CONVERGE_S)
+
+
+def ensure_rollout(release: Release) -> None:
+    if get_rollout(release.api, release.ns) is None:  # an earlier test deleted it: helm puts it back
+        helm_upgrade(release.cluster, release.ns, "model.version=v2")
+    wait_until("the ModelRollout", lambda: get_rollout(release.api, release.ns), CONVERGE_S)
+
+
+def plugin(release: Release, *args: str) -> subprocess.CompletedProcess[str]:
+    """``kubectl modelrollout …``: kubectl finds the plugin (the ``kubectl-modelrollout`` console script) on PATH
+    and runs it with the admin kubeconfig (an operator)."""
+    env = {**release.cluster.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{release.cluster.env['PATH']}"}
+    return subprocess.run(
+        [str(release.cluster.bin_dir / "kubectl"), "modelrollout", *args],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_kubectl_modelrollout_steers_the_rollout_with_the_documented_exit_codes(release: Release) -> None:
+    ensure_rollout(release)
+    controller = release.controller("e2e-c").start()
+    ns = ("-n", release.ns)
+    try:
+        wait_until("a steady status", lambda: steady_status(release), CONVERGE_S)
+        assert plugin(release, "status", ROLLOUT, *ns).returncode == ExitCode.NOT_FOUND  # no rollout yet
+        assert plugin(release, "promote", ROLLOUT, *ns).returncode == ExitCode.NOT_FOUND
+        assert plugin(release, "status", "someone-else", *ns).returncode == ExitCode.NOT_FOUND
+        started = plugin(release, "start", ROLLOUT, "--candidate", "v9", *ns)
+        assert started.returncode == ExitCode.USAGE and "spec.candidate" in started.stderr
+
+        serving = release.status()["stableVersion"]
+        helm_upgrade(release.cluster, release.ns, "model.version=v3")
+        wait_until("the rollout of v3", lambda: rolling_out(release, "v3"), CONVERGE_S)
+        for command in ("pause", "resume"):
+            done = plugin(release, command, ROLLOUT, *ns, "--reason", "e2e")
+            assert done.returncode == ExitCode.OK, done.stdout + done.stderr
+        promoted = plugin(release, "promote", ROLLOUT, "--to", "canary", *ns)
+        assert promoted.returncode == ExitCode.OK, promoted.stdout + promoted.stderr  # applied and in force
+        routing = release.status()["routing"]
+        assert (routing["stage"], routing["candidate_weight"], routing["candidate"]["version"]) == ("canary", 5, "v3")
+        assert plugin(release, "abort", ROLLOUT, *ns).returncode == ExitCode.OK
+        assert plugin(release, "abort", ROLLOUT, *ns).returncode == ExitCode.REFUSED  # already aborted
+
+        shown = plugin(release, "--json", "status", ROLLOUT, *ns)
+        view = json.loads(shown.stdout)
+        assert (view["rollout"]["phase"], view["rollout"]["stable"]) == ("Aborted", serving)
+        assert view["controller"]["running"] and view["controller"]["leader"] == "e2e-c"
+        table = plugin(release, "status", ROLLOUT, *ns)
+        assert table.returncode == ExitCode.OK and "leader e2e-c" in table.stdout
+        history = json.loads(plugin(release, "--json", "history", ROLLOUT, *ns).stdout)
+        changes = [(e["trigger"], e["to_phase"], e["to_stage"]) for e in history]
+        assert ("command", "Progressing", "canary") in changes and changes[-1] == ("command", "Aborted", "canary")
+    finally:
+        assert controller.stop(signal.SIGTERM) == 0, controller.log_tail()
+
+
+def test_the_finalizer_removes_the_workloads_before_the_rollout_goes(release: Release) -> None:
+    ensure_rollout(release)
+    controller = release.controller("e2e-b").start()
+    try:
+        wait_until("a workload", lambda: owned(release.api, release.ns, "deployments"), CONVERGE_S)
+        assert FINALIZER in release.rollout()["metadata"]["finalizers"]
+        release.api.delete(rollout_path(release.ns, ROLLOUT))
+        wait_until("the ModelRollout gone", lambda: get_rollout(release.api, release.ns) is None, CONVERGE_S)
+        assert not owned(release.api, release.ns, "deployments") or all(
+            d["metadata"].get("deletionTimestamp") for d in owned(release.api, release.ns, "deployments").values()
+        )
+        finalized = [e for e in controller.log_events() if e.get("event") == "rollout_finalized"]
+        assert finalized and finalized[0]["deleted"] >= 2  # its Deployment and its Service
+        assert controller.running()  # it waits for the object to come back
+    finally:
+        assert controller.stop(signal.SIGTERM) == 0, controller.log_tail()
+
+
+def user(ns: str, account: str) -> str:
+    return f"system:serviceaccount:{ns}:{account}"
+
+
+def test_rbac_grants_the_controller_what_it_uses_and_nothing_else(release: Release) -> None:
+    controller = user(release.ns, CONTROLLER_SA)
+    names = {"rollout": ROLLOUT, "configmap": MODEL_SERVER_CONFIGMAP, "lease": LEASE}
+    denied = [a for a in REQUIRED_ACCESS
+              if not can(release.api, controller, a.verb, a.resource, release.ns, names.get(a.name or ""))]  # fmt: skip
+    assert denied == []
+
+    refused = [
+        ("list", ":secrets", None), ("get", ":secrets", None), ("create", ":pods", None), ("delete", ":pods", None),
+        ("create", "fraudwatch.io:modelrollouts", None), ("delete", "fraudwatch.io:modelrollouts", ROLLOUT),
+        ("get", ":configmaps", "some-other-config"), ("update", "coordination.k8s.io:leases", "someone-elses"),
+        ("create", "rbac.authorization.k8s.io:roles", None), ("create", "apps:daemonsets", None),
+    ]  # fmt: skip
+    allowed = [r for r in refused if can(release.api, controller, r[0], r[1], release.ns, r[2])]
+    assert allowed == []
+    assert not can(release.api, controller, "list", "apps:deployments", "kube-system")
+    assert not can(release.api, controller, "get", "fraudwatch.io:modelrollouts", "default", ROLLOUT)
+
+
+def test_rbac_lets_the_router_only_read_modelrollouts(release: Release) -> None:
+    router = user(release.ns, ROUTER_SA)
+    assert all(can(release.api, router, a.verb, a.resource, release.ns) for a in ROUTER_ACCESS)
+    for verb, resource in [
+        ("patch", "fraudwatch.io:modelrollouts"), ("update", "fraudwatch.io:modelrollouts/status"),
+        ("list", ":secrets"), ("get", ":configmaps"), ("create", "apps:deployments"),
+        ("update", "coordination.k8s.io:leases"), ("create", ":events"),
+    ]:  # fmt: skip
+        assert not can(release.api, router, verb, resource, release.ns), (verb, resource)
