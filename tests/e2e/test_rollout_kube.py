@@ -153,6 +153,14 @@ class Walk:
 
         return wait_for(done, f"rollout {rollout_id} to finish", ROLLOUT_TIMEOUT_S)
 
+    def timed_rollout(self, version: str, name: str) -> RolloutState:
+        """Roll ``version`` out and wait until the rollout ends; its duration and stage times in the timings."""
+        started = time.monotonic()
+        rollout = self.finished(self.start(version))
+        self.timings[f"{name}_s"] = round(time.monotonic() - started, 1)
+        self.timings[f"{name}_stage_s"] = stage_timings(rollout)
+        return rollout
+
     def at_stage(self, rollout_id: str, stage: str) -> RolloutState:
         def there() -> RolloutState | None:
             rollout = self.rollout()
@@ -263,11 +271,7 @@ def walk(k8s_cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def test_a_good_version_is_promoted_through_every_stage_by_the_leader_only(walk: Walk) -> None:
-    started = time.monotonic()
-    rollout_id = walk.start("v2")
-    rollout = walk.finished(rollout_id)
-    walk.timings["promotion_s"] = round(time.monotonic() - started, 1)
-    walk.timings["good_stage_s"] = stage_timings(rollout)
+    rollout = walk.timed_rollout("v2", "promotion")
 
     assert rollout.phase == "Promoted", rollout.history[-1].reason
     assert [(t.from_stage, t.to_stage) for t in rollout.history] == [
@@ -344,11 +348,7 @@ def test_kubectl_modelrollout_revert_takes_effect_within_a_second(walk: Walk) ->
 
 
 def test_a_bad_version_is_rolled_back_by_an_outcome_gate(walk: Walk) -> None:
-    started = time.monotonic()
-    rollout_id = walk.start("v3")
-    rollout = walk.finished(rollout_id)
-    walk.timings["rollback_s"] = round(time.monotonic() - started, 1)
-    walk.timings["bad_stage_s"] = stage_timings(rollout)
+    rollout = walk.timed_rollout("v3", "rollback")
 
     assert rollout.phase == "RolledBack", rollout.history[-1].reason
     last = rollout.history[-1]
