@@ -15,7 +15,8 @@ One reconcile::
 
 Commands (``rolloutctl``) are files in the inbox, applied once per id: ``start`` is the controller's own (a new
 rollout of a candidate against the version now serving); promote / pause / resume / abort / revert go to the stage
-machine. The loop looks at the inbox every ``tick_interval_s`` and reconciles at once when something is queued.
+machine. The loop looks at the inbox every ``tick_interval_s`` and reconciles at once when something is queued (on
+Kubernetes: when a watch event changed the ModelRollout, its Deployments or Services).
 
 Without a rollout the controller keeps the serving alias' version (``champion``) running and routed.
 
