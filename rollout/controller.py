@@ -15,7 +15,8 @@ One reconcile::
 
 Commands (``rolloutctl``) are files in the inbox, applied once per id: ``start`` is the controller's own (a new
 rollout of a candidate against the version now serving); promote / pause / resume / abort / revert go to the stage
-machine. The loop looks at the inbox every ``tick_interval_s`` and reconciles at once when something is queued.
+machine. The loop looks at the inbox every ``tick_interval_s`` and reconciles at once when something is queued (on
+Kubernetes: when a watch event changed the ModelRollout, its Deployments or Services).
 
 Without a rollout the controller keeps the serving alias' version (``champion``) running and routed.
 
@@ -813,6 +814,19 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT (the loop then finishes its reconcile and stops)."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log_event(logger, "controller stopping", event="controller_stopping", signal=signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from prometheus_client import CollectorRegistry, start_http_server
 
@@ -826,14 +840,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cs.backend == "kube":
         return _main_kube(settings, registry, http_server)
     runtime = build_local(settings, stop_workloads_on_exit=args.stop_workloads_on_exit, registry_metrics=registry)
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log_event(logger, "controller stopping", event="controller_stopping", signal=signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals()
     started_at = utc_now()
     state_dir = controller_state_dir(settings)
 
@@ -861,14 +868,7 @@ def _main_kube(settings: RolloutSettings, registry: Any, http_server: Any) -> in
     from rollout.backends.kube import run_controller
     from rollout.backends.kube_api import KubeUnavailableError
 
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log_event(logger, "controller stopping", event="controller_stopping", signal=signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals()
     try:
         return run_controller(settings, registry, stop)
     except KubeUnavailableError as exc:

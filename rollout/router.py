@@ -16,8 +16,12 @@ answered at least once), ``GET /metrics``, ``GET|PUT /admin/routing`` (bearer to
 ``POST /api/v1/feedback``.
 
 Run: ``python -m rollout.router`` or ``fraudwatch-router`` (settings from ``FW_ROLLOUT_ROUTER__…``, the prediction
-log from ``FW_OUTCOMES__…``). SIGTERM: uvicorn stops accepting and finishes in-flight requests, then queued shadow
-work gets ``shadow_drain_timeout_s`` (the rest is dropped and counted), then the prediction log is flushed.
+log from ``FW_OUTCOMES__…``). Its routing table comes from ``PUT /admin/routing``, a file
+(``FW_ROLLOUT_ROUTER__ROUTING_FILE``) or, on Kubernetes, the watched ModelRollout's ``status.routing``
+(``FW_ROLLOUT_ROUTER__KUBE__ROLLOUT_NAME`` / ``__NAMESPACE``; rollout/sources.py).
+
+SIGTERM: uvicorn stops accepting and finishes in-flight requests, then queued shadow work gets
+``shadow_drain_timeout_s`` (the rest is dropped and counted), then the prediction log is flushed.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ The controller decides with :mod:`rollout.machine` and acts only through these p
 Every method is level-triggered: it makes the world match the argument and may be called again with the same
 argument at no cost (a second ``ensure_running`` of a running version starts nothing; a second ``publish`` of the
 table the routers hold changes nothing). Implementations: :mod:`rollout.backends.local` (child processes on
-loopback), :mod:`rollout.backends.registry` (MLflow through :mod:`service.registry`), the in-memory doubles of the
-unit tests, and later a Kubernetes backend.
+loopback), :mod:`rollout.backends.kube` (Deployments + Services owned by a ModelRollout, its ``status.routing``),
+:mod:`rollout.backends.registry` (MLflow through :mod:`service.registry`) and the in-memory doubles of the unit
+tests.
 """
 
 from __future__ import annotations

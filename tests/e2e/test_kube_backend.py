@@ -300,3 +300,22 @@ def test_a_released_lease_is_taken_over_at_once(world: World) -> None:
     assert took < world.kube.lease_duration_s
     lease = world.api.get(f"/apis/coordination.k8s.io/v1/namespaces/{world.ns}/leases/unit-lease")
     assert lease is not None and lease["spec"]["leaseTransitions"] >= 1
+
+
+def test_a_leader_that_cannot_renew_stops_leading_within_the_renew_deadline(world: World) -> None:
+    """Someone else holds the Lease now (a partition healed the wrong way, an operator's edit): the leader's renewals
+    fail, and it stops acting once the renew deadline has passed — before anyone may take over."""
+    (a,) = electors(world, "a")
+    a.start()
+    assert a.leading.wait(10)
+    path = f"/apis/coordination.k8s.io/v1/namespaces/{world.ns}/leases/unit-lease"
+    lease = world.api.get(path)
+    assert lease is not None
+    world.api.replace(path, {**lease, "spec": {**lease["spec"], "holderIdentity": "intruder"}})
+    taken = time.monotonic()
+
+    assert a.lost.wait(world.kube.renew_deadline_s + 3)
+    lost_after = time.monotonic() - taken
+    a.stop(release=False)
+    assert not a.leading.is_set()
+    assert lost_after < world.kube.lease_duration_s  # it stopped before the intruder's lease could expire

@@ -552,6 +552,22 @@ def test_every_fw_variable_is_a_settings_field(rendered: dict[str, list[dict[str
     assert unknown_settings(names) == []
 
 
+def controller_env(helm: Helm, workdir: Path, values: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    deployment = one(helm.template(values, workdir), "Deployment", "-controller")
+    return env_of(deployment["spec"]["template"]["spec"]["containers"][0])
+
+
+def test_a_model_registry_reaches_the_controller_too(
+    helm: Helm, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = controller_env(helm, workdir, {"mlflow": {"trackingUri": "http://mlflow:5000"}})
+    for name in ("FW_MLFLOW_TRACKING_URI", "FW_ROLLOUT_CONTROLLER__KUBE__USE_REGISTRY"):
+        monkeypatch.setenv(name, env[name]["value"])
+
+    assert RolloutSettings().controller.kube.use_registry is True
+    assert "FW_ROLLOUT_CONTROLLER__KUBE__USE_REGISTRY" not in controller_env(helm, workdir, {})
+
+
 def test_router_env_is_read_by_the_router_settings(helm: Helm, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     values = {
         "router": {"port": 8181, "settings": {"candidate_timeout_s": 0.3, "latency_buckets_s": [0.001, 0.01, 0.1]}},

@@ -59,6 +59,11 @@ A component's `settings` map adds variables under its prefix; keys the chart set
   (dict "name" (print $kube "RETRY_PERIOD_S") "value" (toString $le.retryPeriodSeconds))
   (dict "name" (print $kube "IDENTITY") "valueFrom" (include "fraudwatch.env.fieldRef" "metadata.name" | fromYaml))
 }}
+{{- /* With a model registry: aliases move with the rollout and the quality stage can fetch bundles. */}}
+{{- with .Values.mlflow.trackingUri }}
+{{- $env = append $env (dict "name" "FW_MLFLOW_TRACKING_URI" "value" .) }}
+{{- $env = append $env (dict "name" (print $kube "USE_REGISTRY") "value" "true") }}
+{{- end }}
 {{- include "fraudwatch.env.render" (dict "env" $env "prefix" $p "settings" $c.settings "extra" $c.extraEnv) }}
 {{- end }}
 
