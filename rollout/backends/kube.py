@@ -34,6 +34,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -96,6 +97,7 @@ from rollout.events import transition_event
 from rollout.inbox import InboxCommand
 from rollout.machine import RolloutState, Transition
 from rollout.policy import RolloutPolicy, load_policy
+from rollout.prometheus import PrometheusClient
 from rollout.routing import RoutingTable
 from rollout.settings import ControllerSettings, KubeBackendSettings, RolloutSettings
 from rollout.state import ControllerState
@@ -634,7 +636,6 @@ class Session:
 
     uid: str
     controller: Controller
-    writer: StatusWriter
     stop: threading.Event
     closers: list[Callable[[], None]]
 
@@ -826,60 +827,48 @@ class KubeRuntime:
             self.session = None
 
     def build_session(self, obj: RolloutObject) -> Session:
-        state_box: list[ControllerState] = []
-
-        def policy() -> RolloutPolicy:
-            return controller.policy if state_box else self.base_policy
-
-        writer = StatusWriter(self.api, self.cache, self.ks, policy, self.clock)
-        writer.routing = routing_of(obj.status)
-        source = KubeModelSource(self.cache, lambda: controller.state if state_box else None,
-                                 lambda: controller.policy.promotion.alias, self.model_registry)  # fmt: skip
-        backend = Backend(
-            workloads=KubeWorkloads(self.api, self.cache, self.ks),
-            publisher=StatusRoutingPublisher(writer),
-            metrics=self._prometheus(),
-            source=source,
-            quality=self.quality if self.quality is not None else NoQuality(),
-        )
-        commands = SpecCommandSource(self.cache, lambda: controller.state, self.clock)
-        runner = ThreadRunner()
-        background = _executor()
-        observer = KubeObserver(self.cache, writer, self.base_policy)
         try:
             initial = effective_policy(self.base_policy, obj.policy)
         except ValueError:
-            initial = self.base_policy
+            initial = self.base_policy  # KubeObserver reports the invalid policy at the first reconcile
+        built: list[Controller] = []  # the parts below read the controller's state and policy once it exists
+
+        def policy() -> RolloutPolicy:
+            return built[0].policy if built else initial
+
+        def state() -> ControllerState | None:
+            return built[0].state if built else None
+
+        writer = StatusWriter(self.api, self.cache, self.ks, policy, self.clock)
+        writer.routing = routing_of(obj.status)
+        prometheus = PrometheusClient(self.cs.prometheus_url)
+        backend = Backend(
+            workloads=KubeWorkloads(self.api, self.cache, self.ks),
+            publisher=StatusRoutingPublisher(writer),
+            metrics=prometheus,
+            source=KubeModelSource(self.cache, state, lambda: policy().promotion.alias, self.model_registry),
+            quality=self.quality if self.quality is not None else NoQuality(),
+        )
+        runner = ThreadRunner()
+        background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry")
         controller = Controller(
             settings=self.cs,
             policy=initial,
             backend=backend,
             metrics=self.metrics,
             store=StatusStateStore(writer),
-            commands=commands,
+            commands=SpecCommandSource(self.cache, lambda: built[0].state, self.clock),
             events=KubeEventSink(self.api, self.cache, self.ks, self.identity, self.clock),
             clock=self.clock,
             runner=runner,
             background=background,
-            observer=observer,
+            observer=KubeObserver(self.cache, writer, self.base_policy),
         )
-        state_box.append(controller.state)
-        closers: list[Callable[[], None]] = [runner.close, lambda: background.shutdown(wait=True)]
-        closers.append(getattr(backend.metrics, "close", lambda: None))
+        built.append(controller)
+        closers: list[Callable[[], None]] = [runner.close, lambda: background.shutdown(wait=True), prometheus.close]
         log_event(logger, "reconciling", event="session_started", name=obj.name, uid=obj.uid, identity=self.identity,
                   rollout_id=controller.state.rollout.rollout_id if controller.state.rollout else None)  # fmt: skip
-        return Session(obj.uid, controller, writer, threading.Event(), closers)
-
-    def _prometheus(self) -> Any:
-        from rollout.prometheus import PrometheusClient
-
-        return PrometheusClient(self.cs.prometheus_url)
-
-
-def _executor() -> Any:
-    from concurrent.futures import ThreadPoolExecutor
-
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry")
+        return Session(obj.uid, controller, threading.Event(), closers)
 
 
 def model_registry_of(settings: RolloutSettings) -> tuple[ModelSource | None, QualityCheck | None]:

@@ -108,6 +108,21 @@ def helm_install(cluster: ControlPlane, values: Mapping[str, Any], workdir: Path
     )  # fmt: skip
 
 
+@contextlib.contextmanager
+def installed_release(
+    cluster: ControlPlane, values: Mapping[str, Any], workdir: Path, prefix: str
+) -> Iterator[tuple[KubeApi, str]]:
+    """An admin API client and a fresh namespace with the chart installed (``helm install --wait``; the CRD first)."""
+    api = admin_api(cluster)
+    try:
+        ensure_crd(cluster, api)
+        with namespace(api, prefix) as ns:
+            helm_install(cluster, values, workdir, ns)
+            yield api, ns
+    finally:
+        api.close()
+
+
 def helm_upgrade(cluster: ControlPlane, ns: str, *sets: str) -> str:
     args = [a for s in sets for a in ("--set", s)]
     return helm(cluster, "upgrade", RELEASE, str(CHART_DIR), "--namespace", ns, "--reuse-values", *args)

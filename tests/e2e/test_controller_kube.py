@@ -42,15 +42,12 @@ from tests.e2e.kubekit import (
     ROLLOUT,
     ROUTER_SA,
     ControllerProcess,
-    admin_api,
     can,
     controller_env,
-    ensure_crd,
     get_rollout,
-    helm_install,
     helm_upgrade,
+    installed_release,
     lease_holder,
-    namespace,
     owned,
     service_account_kubeconfig,
     wait_until,
@@ -87,14 +84,10 @@ class Release:
 
 @pytest.fixture(scope="module")
 def release(k8s_cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
-    api = admin_api(k8s_cluster)
-    ensure_crd(k8s_cluster, api)
     workdir = tmp_path_factory.mktemp("controller-kube")
-    with namespace(api, "fw-ctl") as ns:
-        helm_install(k8s_cluster, VALUES, workdir, ns)
+    with installed_release(k8s_cluster, VALUES, workdir, "fw-ctl") as (api, ns):
         kubeconfig = service_account_kubeconfig(k8s_cluster, api, ns, CONTROLLER_SA, workdir / "controller.kubeconfig")
         yield Release(k8s_cluster, api, ns, workdir, kubeconfig)
-    api.close()
 
 
 def available(deployment: dict[str, Any]) -> bool:

@@ -25,10 +25,7 @@ from tests.e2e.cluster import ControlPlane
 from tests.e2e.kubekit import (
     ROLLOUT,
     ROUTER_SA,
-    admin_api,
-    ensure_crd,
-    helm_install,
-    namespace,
+    installed_release,
     sample,
     service_account_kubeconfig,
     wait_until,
@@ -75,18 +72,14 @@ def table(generation: int, weight: int) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def setup(k8s_cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    api = admin_api(k8s_cluster)
-    ensure_crd(k8s_cluster, api)
     workdir = tmp_path_factory.mktemp("router-kube")
-    with namespace(api, "fw-router") as ns:
-        helm_install(k8s_cluster, {}, workdir, ns)
+    with installed_release(k8s_cluster, {}, workdir, "fw-router") as (api, ns):
         kubeconfig = service_account_kubeconfig(k8s_cluster, api, ns, ROUTER_SA, workdir / "router.kubeconfig")
         setup = Setup(api, ns, RouterProcess(log_path=workdir / "router.log", admin_token=TOKEN, env=router_env(
             ns, kubeconfig, workdir)))  # fmt: skip
         setup.write_routing(table(5, 0))  # before the router starts: it reads it at startup
         with setup.router:
             yield setup
-    api.close()
 
 
 def router_env(ns: str, kubeconfig: Path, workdir: Path) -> dict[str, str]:
