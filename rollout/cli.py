@@ -46,6 +46,7 @@ from rollout.settings import ControllerSettings, RolloutSettings
 
 if TYPE_CHECKING:
     from rollout.analysis import AnalysisReport
+    from rollout.backends.kube_http import KubeCalls
     from rollout.machine import RolloutState
     from rollout.policy import RolloutPolicy
     from rollout.state import ControllerState
@@ -193,16 +194,29 @@ class KubeClient:
         context: str | None,
         settings: ControllerSettings,
     ) -> None:
-        from rollout.backends.kube_api import KubeApi, KubeUnavailableError, context_namespace
+        from rollout.backends.kube_http import light_api
 
         self.name = name
         self.settings = settings
         ks = settings.kube
         configured = ks.namespace if "namespace" in ks.model_fields_set else None
-        self.namespace: str = namespace or configured or context_namespace(kubeconfig, context) or "default"
         self.lease = ks.lease_name if "lease_name" in ks.model_fields_set else f"{name}-controller"
+        # The standard-library client when the kubeconfig allows (a revert must not wait ~0.4 s for the official
+        # client's import); the official client for exec plugins and the like.
+        light = light_api(kubeconfig, context, ks.request_timeout_s)
+        self.api: KubeCalls
+        if light is not None:
+            self.api, context_ns = light
+        else:
+            self.api, context_ns = self._official(kubeconfig, context, ks.request_timeout_s)
+        self.namespace: str = namespace or configured or context_ns or "default"
+
+    @staticmethod
+    def _official(kubeconfig: Path | None, context: str | None, timeout_s: float) -> tuple[KubeCalls, str | None]:
+        from rollout.backends.kube_api import KubeApi, KubeUnavailableError, context_namespace
+
         try:
-            self.api = KubeApi.connect(kubeconfig, context, ks.request_timeout_s)
+            return KubeApi.connect(kubeconfig, context, timeout_s), context_namespace(kubeconfig, context)
         except KubeUnavailableError as exc:
             raise CliError(ExitCode.UNAVAILABLE, str(exc)) from exc
 
