@@ -328,6 +328,7 @@ class Stack:
 
 
 def endpoint_of(server: BentoServer) -> VersionEndpoint:
+    assert server.model_dir is not None  # these servers serve bundle directories
     return VersionEndpoint(version=read_manifest(server.model_dir).version, url=server.url)
 
 

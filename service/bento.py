@@ -63,6 +63,7 @@ from service.logging import (
 )
 from service.metrics import NO_MODEL, BoundMetrics, Metrics, default_metrics
 from service.model import MANIFEST_FILE, ScoringModel, load_bundle
+from service.model_source import ModelUnavailableError, resolve_model_dir
 from service.schema import (
     BatchRequest,
     BatchResponse,
@@ -95,23 +96,12 @@ ASGISend = Callable[[ASGIMessage], Awaitable[None]]
 ASGIApp = Callable[[ASGIScope, ASGIReceive, ASGISend], Awaitable[None]]
 
 
-class ModelUnavailableError(RuntimeError):
-    """No bundle could be resolved or found in time."""
-
-
 # --------------------------------------------------------------------------------------------------- loading
 
 
-def resolve_model_dir(settings: Settings) -> Path:
-    """The bundle directory to serve. Today ``serve.model_dir`` (env ``FW_SERVE__MODEL_DIR``); the registry
-    extends this to resolve ``serve.model_name`` @ ``serve.model_alias`` to a local directory."""
-    if settings.serve.model_dir is None:
-        raise ModelUnavailableError("no model configured: set FW_SERVE__MODEL_DIR to a bundle directory")
-    return settings.serve.model_dir
-
-
 def wait_for_bundle(settings: Settings) -> Path:
-    """Resolve the bundle directory, waiting up to ``serve.model_wait_timeout_s`` for its manifest to appear."""
+    """Resolve the bundle directory (``service.model_source``: a directory, or a verified download from the
+    registry), waiting up to ``serve.model_wait_timeout_s`` for its manifest to appear."""
     deadline = time.monotonic() + settings.serve.model_wait_timeout_s
     while True:
         directory = resolve_model_dir(settings)

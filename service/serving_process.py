@@ -66,18 +66,22 @@ def serve_command(target: str, host: str, port: int) -> list[str]:
     ]
 
 
-def server_env(model_dir: Path, settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The child's environment: ours, plus the model directory, a BentoML home under ``settings.home`` and no
+def server_env(model_dir: Path | None, settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The child's environment: ours, plus the model directory (None: the service resolves its model from the
+    registry settings in ``extra``, see service/model_source.py), a BentoML home under ``settings.home`` and no
     usage tracking (the machine may have no internet)."""
     env = dict(os.environ)
     env.update(
         {
-            MODEL_DIR_ENV: str(model_dir.resolve()),
             "BENTOML_HOME": str((settings.home / "bentoml").resolve()),
             "BENTOML_DO_NOT_TRACK": "True",
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if model_dir is not None:
+        env[MODEL_DIR_ENV] = str(model_dir.resolve())
+    else:
+        env.pop(MODEL_DIR_ENV, None)
     env.update(extra or {})
     return env
 
@@ -97,7 +101,9 @@ class BentoServer:
     and :meth:`stop` yourself. ``port=None`` picks a free port.
     """
 
-    model_dir: Path
+    #: The bundle directory; None → the model comes from the registry (``FW_SERVE__MODEL_URI`` / ``…_ALIAS`` in
+    #: ``extra_env``).
+    model_dir: Path | None
     settings: Settings
     port: int | None = None
     name: str = "bento"

@@ -70,7 +70,10 @@ class QualitySettings(BaseModel):
 class ServeSettings(BaseModel):
     """The scoring service: where its model comes from and its latency budget."""
 
+    #: Where the bundle comes from (service/model_source.py): a directory; else a registry URI
+    #: (``models:/<name>/<version>`` or ``models:/<name>@<alias>``); else, when set, ``model_name``'s alias.
     model_dir: Path | None = None
+    model_uri: str | None = None
     model_alias: str = "champion"
     model_name: str = "refund-fraud"
     batch_max_size: int = Field(64, ge=1)

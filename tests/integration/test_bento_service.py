@@ -19,9 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.features import DEFAULT_AGGREGATES, DRIFT_FEATURES, feature_matrix
 from service.featurestore import STORE_FILE, SQLiteFeatureStore
 from service.model import MODEL_FILE, ScoringModel, load_bundle
+from service.registry import ModelRegistry, RunPayload
 from service.schema import BatchResponse, ErrorResponse, RefundResponse
 from service.serving_process import BentoServer
-from tests.integration.conftest import scoring_server
+from service.settings import Settings
+from tests.integration.conftest import scoring_server, server_settings
 
 pytestmark = pytest.mark.integration
 
@@ -440,3 +442,29 @@ def test_bentoml_dispatch_answers_exactly_like_the_direct_one(
     assert [e.status_code for e in errors] == [422, 422]
     assert [sorted(d["field"] for d in e.json()["details"]) for e in errors] == [["amount", "yearsActive"]] * 2
     assert {PREDICT, BATCH} <= set(spec["paths"])
+
+
+# ---------------------------------------------------------------------------------------------- model source
+
+
+def test_a_server_loads_its_model_from_the_registry_by_uri(bundle_dir: Path, tmp_path: Path) -> None:
+    """``FW_SERVE__MODEL_URI=models:/<name>/<n>`` and no directory: two workers fetch (once, under the lock) the
+    verified bundle from the MLflow registry (SQLite) and serve exactly the registered version."""
+    settings = Settings(home=tmp_path / "registry-home", mlflow_tracking_uri=None)
+    registry = ModelRegistry(settings)
+    ref = registry.register(registry.log_run(RunPayload(run_name="by-uri", bundle_dir=bundle_dir)))
+    env = {
+        "FW_SERVE__MODEL_URI": f"models:/{settings.registered_model_name}/{ref.version}",
+        "FW_MLFLOW_TRACKING_URI": settings.tracking_uri,
+        "FW_HOME": str(settings.home),
+        "FW_SERVE__WORKERS": "2",
+    }
+    serve_settings = server_settings(tmp_path / "serve-home")
+    server = BentoServer(model_dir=None, settings=serve_settings, name="by-uri", extra_env=env)
+    with server:
+        answers = [httpx.post(server.url + PREDICT, json=SEED, timeout=TIMEOUT_S) for _ in range(8)]
+    assert {a.status_code for a in answers} == {200}
+    assert {a.json()["model_version"] for a in answers} == {load_bundle(bundle_dir).version}
+    fetched = settings.home / "serving" / f"{settings.registered_model_name}-v{ref.version}"
+    assert load_bundle(fetched).manifest.sha256 == ref.sha256
+    assert [p.name for p in fetched.parent.iterdir() if not p.name.endswith(".lock")] == [fetched.name]

@@ -66,6 +66,7 @@ class Stack:
     generation: int = 0
 
     def endpoint(self, server: BentoServer) -> VersionEndpoint:
+        assert server.model_dir is not None
         return VersionEndpoint(version=read_manifest(server.model_dir).version, url=server.url)
 
     def table(self, stage: str, weight: float | None = None, *, candidate: bool = True) -> RoutingTable:
