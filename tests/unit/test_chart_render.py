@@ -64,7 +64,19 @@ MATRIX: dict[str, dict[str, Any]] = {
         "predictionLog": {"existingSecret": "pg-dsn", "existingSecretKey": "url"},
         "router": {"adminToken": {"existingSecret": "router-admin", "existingSecretKey": "token"}},
     },
-    "ha-controller": {"controller": {"replicaCount": 2}},
+    "ha-controller": {
+        "controller": {
+            "replicaCount": 2,
+            # the quality stage's frozen regression set, mounted from a volume the operator provides
+            "volumes": [
+                {"name": "regression", "persistentVolumeClaim": {"claimName": "fraud-regression", "readOnly": True}}
+            ],
+            "volumeMounts": [
+                {"name": "regression", "mountPath": "/var/lib/fraudwatch-data/regression", "readOnly": True}
+            ],
+            "settings": {"quality_set": "/var/lib/fraudwatch-data/regression/frozen_synthetic.json"},
+        }
+    },
     "retraining-dashboards-rbac": {
         "retraining": {"enabled": True, "webhook": {"enabled": True}},
         "grafana": {"dashboards": {"enabled": True}},
@@ -620,6 +632,17 @@ def test_controller_replicas_lease_and_spread(rendered: dict[str, list[dict[str,
     assert env["FW_ROLLOUT_CONTROLLER__KUBE__IDENTITY"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["FW_ROLLOUT_CONTROLLER__KUBE__NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert "podAntiAffinity" in pair["spec"]["template"]["spec"]["affinity"]
+
+
+def test_the_regression_set_can_be_mounted_into_the_controller(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    pod = one(rendered["ha-controller"], "Deployment", "-controller")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert {v["name"] for v in pod["volumes"]} == {"tmp", "data", "regression"}
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "regression")
+    quality_set = env_of(container)["FW_ROLLOUT_CONTROLLER__QUALITY_SET"]["value"]
+    assert quality_set.startswith(mount["mountPath"] + "/")
+    default = one(rendered["defaults"], "Deployment", "-controller")["spec"]["template"]["spec"]
+    assert {v["name"] for v in default["volumes"]} == {"tmp", "data"}
 
 
 def test_router_has_service_hpa_and_pdb_on_its_pods(rendered: dict[str, list[dict[str, Any]]]) -> None:
