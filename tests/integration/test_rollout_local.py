@@ -7,9 +7,8 @@ deploy/prometheus/rules.yml every second), locust (its CLI, refund traffic plus 
 ``rolloutctl`` (its console script). The policy is the default policy's shape, time-compressed: stages of a few
 seconds, analysis every second (the demo's policy, rollout/demo_policy.yaml, with its stage minimums scaled down).
 
-One trained set per module: v1 and v2 (XGBoost, different tree counts) and v3 — v2's booster with its decision
-threshold raised so that it misses most fraud: its score distribution is v2's exactly (no drift gate can see it)
-and its ranking is v2's (the regression set's PR-AUC floor passes); only the outcome gates (recall) can catch it.
+The models (v1, v2 and the subtly bad v3), the policy, the traffic and Prometheus come from tests/rolloutkit.py,
+shared with the same walk on Kubernetes (tests/e2e/test_rollout_kube.py).
 
 Scenarios, in order (each leaves the stack as the next expects it):
 
@@ -26,11 +25,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,123 +34,46 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 
 from rollout.backends.local import WORKLOADS_FILE, stop_group
 from rollout.controller import OFFLINE_MESSAGE
-from rollout.demo_policy import load_demo_policy
 from rollout.events import read_events
 from rollout.inbox import EVENTS_FILE, read_heartbeat
-from rollout.outcome_settings import OutcomeSettings, PrometheusSettings
-from rollout.policy import dump_policy
 from rollout.prometheus import PrometheusClient, PrometheusServer, free_port
 from rollout.router_process import RouterProcess
 from rollout.state import ControllerState, StateStore
-from service.datasets.synthetic import SyntheticConfig, generate
-from service.evaluate import file_sha256
-from service.model import MANIFEST_FILE, load_bundle
-from service.registry import ModelRegistry, RunPayload
-from service.settings import Settings
-from tests.stackkit import (
-    ControllerConfig,
-    rolloutctl,
+from tests.rolloutkit import (
+    HOST,
+    POLICY_YAML,
+    ROLLOUT_TIMEOUT_S,
+    START_TIMEOUT_S,
+    Models,
+    aliases_if,
+    answer,
+    build_models,
+    failed_gates,
+    prometheus_server,
+    published_tables,
+    router_env,
     router_ready,
-    serving_features,
-    start_controller,
-    stop_process,
-    train_bundle,
+    stage_timings,
+    start_locust,
+    stop_locust,
     wait_for,
 )
+from tests.stackkit import ControllerConfig, rolloutctl, start_controller, stop_process
 from tests.stackkit import controller_env as kit_controller_env
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
-BIN = Path(sys.executable).parent
-HOST = "127.0.0.1"
 TOKEN = "rollout-integration-token"
 NAME = "it"
-
-#: The traffic locust replays is the history the models were trained on, and they were trained on the features
-#: serving computes for it (the feature store's latest aggregates), so a good model's served distributions match
-#: its training reference and the drift gates see only sampling noise.
-STREAM = SyntheticConfig(n_requests=20_000, seed=7, fraud_rate=0.1)
-REGRESSION_SET = SyntheticConfig(n_requests=4_000, n_accounts=3_000, seed=99, fraud_rate=0.1)
-TREES = {"v1": 40, "v2": 60}
-#: v3 catches only this share of the stream's fraud (v2 catches ~95 %).
-BAD_RECALL = 0.65
-LOAD_ENV = {
-    "FW_LOAD_ROWS": str(STREAM.n_requests),
-    "FW_LOAD_SEED": str(STREAM.seed),
-    "FW_LOAD_FRAUD_RATE": str(STREAM.fraud_rate),
-    "FW_LOAD_LABEL_SECONDS_PER_HOUR": "0.001",
-    "FW_LOAD_WAIT_MIN": "0.02",
-    "FW_LOAD_WAIT_MAX": "0.05",
-    "FW_LOAD_LABEL_USERS": "3",
-}
-LOCUST_USERS = 7
-START_TIMEOUT_S = 180.0
-ROLLOUT_TIMEOUT_S = 240.0
-DSN_ENV = f"{OutcomeSettings.model_config.get('env_prefix', '')}DSN"
-
-#: The demo's policy (rollout/demo_policy.yaml: the default policy's gates, time-compressed, with an evidence
-#: minimum in every metric gate's query; the file says where it differs from the default and why), its stage
-#: minimums scaled down to 3 s: the stages then last as long as their evidence takes.
-STAGE_SCALE = 0.15
-
-
-# --------------------------------------------------------------------------------------------------- models
-
-
-@dataclass(frozen=True)
-class Models:
-    home: Path
-    settings: Settings
-    numbers: dict[str, str]  # version name → registry version number
-    regression_meta: Path
-
-
-def with_threshold(source: Path, directory: Path, version: str, recall: float) -> None:
-    """A copy of a bundle under another version name whose threshold flags only ``recall`` of the stream's fraud
-    (the booster, so every score, unchanged)."""
-    shutil.copytree(source, directory)
-    model = load_bundle(directory)
-    ordered, _, features = serving_features(generate(STREAM))
-    fraud_scores = model.scores(features)[ordered["is_fraud"].to_numpy() == 1]
-    path = directory / MANIFEST_FILE
-    manifest = json.loads(path.read_text())
-    manifest["version"] = version
-    manifest["threshold"]["threshold"] = float(np.quantile(fraud_scores, 1.0 - recall))
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-
-
-def write_regression_set(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    data = directory / "regression.csv.gz"
-    generate(REGRESSION_SET).to_csv(data, index=False)
-    meta = directory / "regression.json"
-    meta.write_text(json.dumps({"file": data.name, "sha256": file_sha256(data)}))
-    return meta
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
-    home = tmp_path_factory.mktemp("model-home")
-    settings = Settings.model_validate({"home": home})
-    bundles = home / "bundles"
-    history = generate(STREAM)
-    for version, trees in TREES.items():
-        train_bundle(bundles / version, version, history, trees, STREAM.fraud_rate)
-    with_threshold(bundles / "v2", bundles / "v3", "v3", BAD_RECALL)
-    registry = ModelRegistry(settings)
-    numbers = {}
-    for version in ("v1", "v2", "v3"):
-        run = registry.log_run(RunPayload(run_name=f"train-{version}", bundle_dir=bundles / version))
-        numbers[version] = registry.register(run).version
-    registry.promote(settings.registered_model_name, numbers["v1"], "integration baseline")
-    return Models(home, settings, numbers, write_regression_set(home / "regression"))
+    return build_models(tmp_path_factory.mktemp("model-home"))
 
 
 # --------------------------------------------------------------------------------------------------- the stack
@@ -208,25 +127,10 @@ class Stack:
         return table
 
     def answer(self) -> dict[str, Any]:
-        response = httpx.post(
-            self.router.url + "/api/v1/refund-predict",
-            json={"yearsActive": 1.5, "amount": 45.0, "ipAccounts": 2, "accountId": f"probe-{time.monotonic_ns()}"},
-            timeout=10,
-            trust_env=False,
-        )
-        response.raise_for_status()
-        body: dict[str, Any] = response.json()
-        return body
+        return answer(self.router.url)
 
     def aliases_if(self, **expected: str | None) -> dict[str, str] | None:
-        """The registry's aliases when each named alias points at the given version name (None: absent)."""
-        settings = self.models.settings
-        aliases = ModelRegistry(settings).aliases(settings.registered_model_name)
-        for alias, version in expected.items():
-            wanted = self.models.numbers[version] if version is not None else None
-            if aliases.get(alias) != wanted:
-                return None
-        return aliases
+        return aliases_if(self.models, **expected)
 
     def workloads(self) -> dict[str, int]:
         records = json.loads((self.state_dir / WORKLOADS_FILE).read_text())
@@ -259,11 +163,9 @@ class Stack:
 def controller_env(
     models: Models, workdir: Path, prometheus: PrometheusServer, router: RouterProcess, port: int
 ) -> dict[str, str]:
-    policy = workdir / "policy.yaml"
-    dump_policy(load_demo_policy(STAGE_SCALE), policy)
     config = ControllerConfig(
         name=NAME, model_home=models.home, workdir=workdir, prometheus_url=prometheus.url, router_url=router.url,
-        metrics_port=port, policy_yaml=policy.read_text(), admin_token=TOKEN, quality_set=models.regression_meta,
+        metrics_port=port, policy_yaml=POLICY_YAML, admin_token=TOKEN, quality_set=models.regression_meta,
         start_timeout_s=START_TIMEOUT_S,
     )  # fmt: skip
     return kit_controller_env(config)
@@ -272,22 +174,8 @@ def controller_env(
 @pytest.fixture(scope="module")
 def stack(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("rollout-local")
-    prometheus = PrometheusServer(
-        workdir / "prometheus",
-        rule_files=[RULES],
-        settings=PrometheusSettings(scrape_interval_s=1.0, evaluation_interval_s=1.0, ready_timeout_s=60.0),
-    )
-    router = RouterProcess(
-        log_path=workdir / "router.log",
-        admin_token=TOKEN,
-        env={
-            DSN_ENV: f"sqlite:///{workdir / 'predictions.db'}",
-            "FW_ROLLOUT_ROUTER__LOG_DECISIONS": "false",
-            "FW_ROLLOUT_ROUTER__CANDIDATE_TIMEOUT_S": "2.0",
-            "FW_ROLLOUT_ROUTER__STABLE_TIMEOUT_S": "4.0",
-            "FW_ROLLOUT_ROUTER__SHADOW_TIMEOUT_S": "2.0",
-        },
-    )
+    prometheus = prometheus_server(workdir / "prometheus")
+    router = RouterProcess(log_path=workdir / "router.log", admin_token=TOKEN, env=router_env(workdir))
     port = free_port(HOST)
     started = time.monotonic()
     router.start()
@@ -297,23 +185,15 @@ def stack(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     try:
         built.start_controller()
         wait_for(
-            lambda: built.answer() if router_ready(router) else None, "the champion behind the router", START_TIMEOUT_S
+            lambda: built.answer() if router_ready(router.url) else None,
+            "the champion behind the router",
+            START_TIMEOUT_S,
         )
-        built.locust = subprocess.Popen(
-            [str(BIN / "locust"), "-f", "loadtests/locustfile.py", "--headless", "-u", str(LOCUST_USERS), "-r",
-             str(LOCUST_USERS), "-t", "1800s", "--host", router.url, "--only-summary", "--loglevel", "WARNING"],
-            cwd=ROOT, env={**os.environ, **LOAD_ENV}, stdout=(workdir / "locust.log").open("ab"),
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        built.locust = start_locust(router.url, workdir / "locust.log")
         built.timings["stack_ready_s"] = round(time.monotonic() - started, 1)
         yield built
     finally:
-        if built.locust is not None:
-            built.locust.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                built.locust.wait(timeout=30)
-            if built.locust.poll() is None:
-                built.locust.kill()
+        stop_locust(built.locust)
         built.stop_controller()
         with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
             for pid in built.workloads().values():  # a failed test may leave servers a kill orphaned
@@ -321,19 +201,6 @@ def stack(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         router.stop()
         prometheus.stop()
         print(f"\nrollout integration timings: {json.dumps(built.timings)}")
-
-
-def stage_timings(rollout: Any) -> dict[str, float]:
-    """Seconds spent in each stage, from the transitions."""
-    times: dict[str, float] = {}
-    history = rollout.history
-    for before, after in itertools.pairwise(history):
-        times[before.to_stage] = round((after.at - before.at).total_seconds(), 2)
-    return times
-
-
-def failed_gates(transition: Any) -> list[Any]:
-    return [g for g in transition.gates if g.status.value == "Failed"]
 
 
 # --------------------------------------------------------------------------------------------------- scenarios
@@ -467,18 +334,6 @@ def test_a_controller_killed_mid_stage_resumes_where_it_was(stack: Stack) -> Non
     assert [e["seq"] for e in transitions] == list(range(len(final.history)))
     tables = published_tables(stack.workdir / "controller.log")
     assert all(a != b for a, b in itertools.pairwise(tables))  # no table sent twice in a row, kill or not
-
-
-def published_tables(log: Path) -> list[tuple[Any, ...]]:
-    """The tables the controller sent to the router, in order (from its JSON log, across restarts)."""
-    tables = []
-    for line in log.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            event = json.loads(line)
-            if isinstance(event, dict) and event.get("event") == "routing_published":
-                keys = ("stage", "stable", "candidate", "candidate_weight", "shadow")
-                tables.append(tuple(json.dumps(event.get(k)) for k in keys))
-    return tables
 
 
 def test_prometheus_scrapes_the_controller_and_the_model_servers_it_registered(stack: Stack) -> None:
