@@ -182,6 +182,20 @@ ROLLOUT = Section(
             "Prometheus' ALERTS series; each alert's runbook is runbooks/<alertname>.md.",
         ),
         Panel(
+            "model-age",
+            "Model age (since training)",
+            "table",
+            "s",
+            (
+                _q(
+                    "time() - max by (model_version) (fraudwatch_model_trained_timestamp_seconds)",
+                    "{{model_version}}",
+                ),
+            ),
+            "How long ago each version in service was trained; FraudwatchModelStale fires when the newest is older"
+            " than 14 days (twice the weekly retraining cadence).",
+        ),
+        Panel(
             "recent-alerts",
             "Alerts fired in the last 6 hours",
             "table",
@@ -687,9 +701,12 @@ def format_value(value: float | None, unit: Unit) -> str:
 
 
 def _seconds(value: float) -> str:
-    for factor, suffix in ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs")):
-        if abs(value) >= factor:
-            return f"{value / factor:.3g} {suffix}"
+    # (from, unit size, unit): minutes from 2 min on, so that 90 s stays 90 s
+    scales = ((172_800.0, 86_400.0, "d"), (7_200.0, 3_600.0, "h"), (120.0, 60.0, "min"), (1.0, 1.0, "s"),
+              (1e-3, 1e-3, "ms"), (1e-6, 1e-6, "µs"))  # fmt: skip
+    for start, size, suffix in scales:
+        if abs(value) >= start:
+            return f"{value / size:.3g} {suffix}"
     return f"{value:.3g} s"
 
 

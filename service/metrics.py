@@ -18,6 +18,8 @@ Series (PSI is computed from the ``feature_bin`` counters against the ``referenc
 ``fraudwatch_feature_store_lookups_total``     counter {model_version}: entity keys looked up
 ``fraudwatch_feature_store_fallback_total``    counter {model_version, reason}: defaults served instead
 ``fraudwatch_model_info``                      gauge {model_version} = 1 while the model is loaded
+``fraudwatch_model_trained_timestamp_seconds``  gauge {model_version}: when the bundle was made (its manifest's
+                                               ``created_at``); ``FraudwatchModelStale`` reads it
 =============================================  =====================================================
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
@@ -141,6 +144,14 @@ class Metrics:
             multiprocess_mode="max",
         )
 
+        self.model_trained = prom.Gauge(
+            f"{PREFIX}_model_trained_timestamp_seconds",
+            "When the served model version was trained (Unix time, from its manifest's created_at).",
+            ["model_version"],
+            registry=reg,
+            multiprocess_mode="max",
+        )
+
     def bind(self, manifest: Manifest, endpoints: Sequence[str], fallback_reasons: Sequence[str]) -> BoundMetrics:
         return BoundMetrics.create(self, manifest, endpoints, fallback_reasons)
 
@@ -212,6 +223,9 @@ class BoundMetrics:
         score_bins = _bin_column(metrics, manifest, SCORE_FEATURE, -1)
         bound = cls(metrics, version, {0: "approve", 1: "review"}, binned, score_bins, fallback_reasons)
         metrics.model_info.labels(version).set(1)
+        trained_at = trained_timestamp(manifest.created_at)
+        if trained_at is not None:
+            metrics.model_trained.labels(version).set(trained_at)
         for endpoint in endpoints:
             bound._latency[endpoint] = metrics.request_duration.labels(version, endpoint)
         return bound
@@ -255,6 +269,15 @@ class BoundMetrics:
     def count_fallbacks(self, reason: str, n: int) -> None:
         if n:
             self._fallbacks[reason].inc(n)
+
+
+def trained_timestamp(created_at: str) -> float | None:
+    """A manifest's ISO-8601 ``created_at`` as Unix time (UTC when it names no zone); None if it does not parse."""
+    try:
+        moment = datetime.fromisoformat(created_at)
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def _bin_column(metrics: Metrics, manifest: Manifest, feature: str, column: int) -> _BinnedColumn:

@@ -76,6 +76,13 @@ class RetrainOutcome(StrEnum):
     FAILED = "failed"
 
 
+#: Outcomes after which nothing is wrong with the retraining path (a challenger was made, or a recalibration was
+#: rightly not shipped); any other outcome keeps ``FraudwatchRetrainFailed`` firing until a run succeeds.
+SUCCESSFUL_OUTCOMES: Final[frozenset[str]] = frozenset(
+    {RetrainOutcome.ROLLOUT_STARTED.value, RetrainOutcome.REGISTERED.value, RetrainOutcome.NO_IMPROVEMENT.value}
+)
+
+
 class InsufficientDataError(RuntimeError):
     """The window holds too few labelled rows or frauds to train (or recalibrate) on."""
 

@@ -57,7 +57,7 @@ from service.logging import (
     get_logger,
     log_event,
 )
-from service.retrain import RetrainOutcome, new_retrain_id, trigger_reason
+from service.retrain import SUCCESSFUL_OUTCOMES, RetrainOutcome, new_retrain_id, trigger_reason
 from service.retrain_triggers import (
     AlertmanagerPayload,
     Decision,
@@ -89,7 +89,9 @@ _EXIT_OUTCOMES: Final[dict[int, RetrainOutcome]] = {
     6: RetrainOutcome.ROLLOUT_NOT_STARTED,
     7: RetrainOutcome.INSUFFICIENT_DATA,
 }
-_KNOWN_LAYERS: Final[frozenset[str]] = frozenset({"health", "input_drift", "output_drift", "outcome", "rollout"})
+_KNOWN_LAYERS: Final[frozenset[str]] = frozenset(
+    {"health", "input_drift", "output_drift", "outcome", "rollout", "retraining"}
+)
 _DURATION_BUCKETS: Final[tuple[float, ...]] = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
 _STOP_GRACE_S: Final[float] = 10.0
 _JSON: Final[str] = "application/json"
@@ -233,6 +235,12 @@ class WebhookMetrics:
             "fraudwatch_retrain_last_run_timestamp_seconds", "When a retrain last finished, by outcome", ["outcome"],
             registry=registry,
         )  # fmt: skip
+        self.last_run_succeeded = Gauge(
+            "fraudwatch_retrain_last_run_succeeded",
+            "1 when the newest finished retrain made a challenger (or rightly made none), 0 when it failed;"
+            " absent before the first run",
+            registry=registry,
+        )
         self.cooldown_until = Gauge(
             "fraudwatch_retrain_cooldown_until_timestamp_seconds",
             "Until when triggers start no retrain (0: no cooldown yet)",
@@ -242,6 +250,17 @@ class WebhookMetrics:
             "fraudwatch_retrain_run_duration_seconds", "Wall time of a retrain", buckets=_DURATION_BUCKETS,
             registry=registry,
         )  # fmt: skip
+
+    def record_run(self, outcome: str, ended_at: float) -> None:
+        """The gauges of one finished run (``runs_total`` and the duration are the caller's: not restored)."""
+        self.last_run.labels(outcome).set(ended_at)
+        self.last_run_succeeded.set(1.0 if outcome in SUCCESSFUL_OUTCOMES else 0.0)
+
+    def restore(self, state: LedgerState) -> None:
+        """The gauges as the ledger left them, so a restarted receiver still reports its last failure."""
+        done = sorted((run for run in state.runs if run.finished_at is not None), key=lambda run: run.finished_at or 0)
+        for run in done:
+            self.record_run(run.outcome or RetrainOutcome.FAILED.value, run.finished_at or 0.0)
 
     def count_triage(self, result: Triage) -> None:
         for alert, verdict in result.verdicts:
@@ -300,6 +319,7 @@ class RetrainService:
         self._process: subprocess.Popen[bytes] | None = None
         self._thread: threading.Thread | None = None
         self.state = self._recover(self.store.load())
+        self.metrics.restore(self.state)
         self.metrics.cooldown_until.set(self._cooldown_until(self.state) or 0.0)
 
     def _read_token(self) -> str | None:
@@ -415,7 +435,7 @@ class RetrainService:
         self.store.save(self.state)
         self.metrics.in_progress.set(0)
         self.metrics.runs.labels(RETRAIN_TRIGGER, result["outcome"]).inc()
-        self.metrics.last_run.labels(result["outcome"]).set(ended)
+        self.metrics.record_run(result["outcome"], ended)
         self.metrics.duration.observe(max(0.0, ended - run.started_at))
         with correlation_scope(run.correlation_id):
             log_event(logger, "retrain finished", retrain_id=run.retrain_id, exit_code=returncode, **result)

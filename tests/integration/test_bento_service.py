@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -300,6 +301,8 @@ def test_metrics_count_every_request_across_both_workers(
         time.sleep(0.2)
     assert observed == expected
     assert total(after, "fraudwatch_model_info", model_version=version) == 1.0
+    trained = datetime.fromisoformat(model.manifest.created_at).timestamp()
+    assert total(after, "fraudwatch_model_trained_timestamp_seconds", model_version=version) == trained
     reference = [
         total(after, "fraudwatch_reference_bin_fraction", model_version=version, feature="amount", bin=str(i))
         for i in range(len(model.manifest.feature_reference["amount"].fractions))

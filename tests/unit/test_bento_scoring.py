@@ -14,7 +14,7 @@ from service import aggregates
 from service.bento import DirectPredictor, Runtime, choose_predictor, load_runtime, probe_rows
 from service.datasets.synthetic import SyntheticConfig, generate
 from service.features import DEFAULT_AGGREGATES, feature_matrix
-from service.metrics import SCORE_FEATURE, Metrics
+from service.metrics import SCORE_FEATURE, Metrics, trained_timestamp
 from service.model import ScoringModel, load_bundle
 from service.schema import RefundRequest
 from service.settings import Settings
@@ -116,4 +116,19 @@ def test_decide_scores_like_the_model_and_counts_every_bin(
         for d in ("approve", "review")
     )
     assert decisions == 2 * len(requests)
+    runtime.close()
+
+
+def test_trained_timestamp_reads_the_manifest_time_in_utc() -> None:
+    assert trained_timestamp("2026-12-01T10:00:00+00:00") == 1_796_119_200.0
+    assert trained_timestamp("2026-12-01T11:00:00+01:00") == 1_796_119_200.0
+    assert trained_timestamp("2026-12-01T10:00:00") == 1_796_119_200.0  # no zone: UTC, not the host's zone
+    assert trained_timestamp("last tuesday") is None
+
+
+def test_the_model_trained_gauge_carries_the_bundle_time(bundle_dir: Path, model: ScoringModel) -> None:
+    runtime, registry = runtime_for(bundle_dir)
+    labels = {"model_version": model.version}
+    served = registry.get_sample_value("fraudwatch_model_trained_timestamp_seconds", labels)
+    assert served == trained_timestamp(model.manifest.created_at) and served is not None and served > 1.7e9
     runtime.close()

@@ -30,6 +30,7 @@ from rollout.metrics import RouterMetrics
 from rollout.outcome_settings import OutcomeSettings, PrometheusSettings
 from rollout.outcomes import LABEL_NAMES, _LogMetrics, _OutcomeMetrics
 from service.metrics import Metrics
+from service.retrain_webhook import WebhookMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "fraudwatch-dashboard.json"
@@ -54,6 +55,7 @@ def known_series() -> set[str]:
     _OutcomeMetrics(registry, OutcomeSettings())
     _LogMetrics(registry)
     ControllerMetrics(registry, "fraudwatch", (0.1, 1.0))
+    WebhookMetrics(registry)
     names: set[str] = set(BUILTIN_SERIES)
     for family in registry.collect():
         suffixes = _SUFFIXES.get(family.type)
@@ -256,6 +258,10 @@ def test_legend_fills_labels_and_drops_missing_ones() -> None:
     [
         (0.0123, "s", "12.3 ms"),
         (2.5, "s", "2.5 s"),
+        (90.0, "s", "90 s"),
+        (600.0, "s", "10 min"),
+        (7_200.0, "s", "2 h"),
+        (1_209_600.0, "s", "14 d"),
         (0.00004, "s", "40 µs"),
         (0.95, "percentunit", "95%"),
         (0.04762, "percentunit", "4.76%"),

@@ -235,6 +235,7 @@ def test_an_alert_storm_starts_one_retrain(receiver: Receiver) -> None:
     assert receiver.metric("fraudwatch_retrain_triggers_total", decision="busy") == 3
     assert receiver.metric("fraudwatch_retrain_alerts_received_total", verdict="duplicate") == 3
     assert receiver.metric("fraudwatch_retrain_in_progress") == 0
+    assert receiver.metric("fraudwatch_retrain_last_run_succeeded") == 1
 
     # after the run, within the cooldown: a new episode is remembered but starts nothing
     receiver.clock[0] += 60
@@ -252,11 +253,12 @@ def test_a_retrain_that_cannot_start_is_recorded_as_failed(tmp_path: Path) -> No
         later = receiver.post(notification(alert(fingerprint="after")))
         (run,) = receiver.client.get("/retrains").json()["runs"]
         failed = receiver.metric("fraudwatch_retrain_runs_total", trigger="alert", outcome="failed")
+        succeeded = receiver.metric("fraudwatch_retrain_last_run_succeeded")
     receiver.service.close()
 
     assert started.status_code == 202
     assert (run["outcome"], run["exit_code"]) == ("failed", -1) and "not started" in run["detail"]
-    assert failed == 1
+    assert failed == 1 and succeeded == 0
     assert later.json()["decision"] == "cooldown"  # a failed start still counts: no retry storm
 
 
@@ -275,11 +277,14 @@ def test_the_ledger_survives_a_restart(tmp_path: Path) -> None:
         again = restarted.post(notification(alert(fingerprint="persisted")))
         cooling = restarted.post(notification(alert(fingerprint="other")))
         runs = restarted.client.get("/retrains").json()["runs"]
+        succeeded = restarted.client.get("/metrics").text.count("\nfraudwatch_retrain_last_run_succeeded 0.0\n")
+        failed_at = restarted.metric("fraudwatch_retrain_last_run_timestamp_seconds", outcome="failed")
     restarted.service.close()
 
     assert again.json()["alerts"][0]["verdict"] == "duplicate"
     assert cooling.json()["decision"] == "cooldown"
     assert len(runs) == 1 and runs[0]["finished_at"] is not None and runs[0]["outcome"] == "failed"
+    assert (succeeded, failed_at) == (1, runs[0]["finished_at"])  # restored from the ledger: the alert keeps firing
     state = LedgerStore(tmp_path / "retrain" / "webhook.json").load()
     assert state.last_started_at == 5_000.0 and len(state.seen) == 2
 

@@ -26,7 +26,7 @@ PROCEDURES = frozenset(
 )
 SECTIONS = ("## What it means", "## Confirm", "## Act", "## Roll back", "## Escalate")
 SEVERITIES = frozenset({"critical", "warning"})
-LAYERS = frozenset({"health", "input_drift", "output_drift", "outcome", "rollout"})
+LAYERS = frozenset({"health", "input_drift", "output_drift", "outcome", "rollout", "retraining"})
 RETRAIN_LAYERS = frozenset(RetrainWebhookSettings().trigger_layers)
 RETRAIN_IGNORED = RetrainWebhookSettings().ignored_alerts
 RETRAIN_PATH = "/hooks/alertmanager"
