@@ -20,9 +20,10 @@ Scenarios, in order (each leaves the stack as the next expects it):
 2. ``kubectl modelrollout revert``: every decision is back on v1 — the seconds from the command reaching the API
    server to the router holding the table are measured and printed, and must be ≤ 1 s;
 3. ``model.version=v3``: rolled back by an outcome gate in A/B or full, its health and drift gates having passed;
-4. ``model.version=v2`` again, and the leader SIGKILLed mid-canary: the standby takes over once the Lease
-   expires and resumes the rollout where it was (same stage, same stage clock, the same Deployments, every
-   transition recorded exactly once across the two processes), which then moves on.
+4. ``model.version=v2`` again: the only controller SIGKILLed mid-shadow and started again resumes where it was;
+   then, with the second replica standing by again, the leader SIGKILLed mid-canary: the standby takes over once
+   the Lease expires and resumes the rollout where it was. Each time: same stage, same stage clock, the same
+   Deployments, every transition recorded exactly once across the processes' lives; the rollout then moves on.
 """
 
 from __future__ import annotations
@@ -377,8 +378,34 @@ def logged_transitions(controller: ControllerProcess, rollout_id: str) -> list[i
             if e.get("event") == "rollout_transition" and e.get("rollout_id") == rollout_id]  # fmt: skip
 
 
-def test_the_leader_killed_mid_stage_is_replaced_by_the_standby_which_resumes(walk: Walk) -> None:
+def assert_resumed(walk: Walk, before: RolloutState, uids: dict[str, str]) -> None:
+    """The rollout as ``before`` left it: the same id, its history kept as it was, the same stage clock, the same
+    Deployments (adopted, not re-created)."""
+    after = walk.rollout()
+    assert after is not None and after.rollout_id == before.rollout_id
+    assert after.history[: len(before.history)] == before.history  # nothing lost, nothing redone
+    assert next(t.at for t in after.history if t.to_stage == before.stage) == before.stage_entered_at
+    assert {n: u for n, u in deployment_uids(walk).items() if n in uids} == uids
+
+
+def test_a_killed_controller_resumes_mid_stage_and_a_standby_replaces_a_killed_leader(walk: Walk) -> None:
+    # the only controller, SIGKILLed mid-shadow and started again (a pod restarted in place)
+    walk.controllers["b"].stop()
     rollout_id = walk.start("v2")
+    in_shadow = walk.at_stage(rollout_id, "shadow")
+    shadow_uids = deployment_uids(walk)
+    walk.controllers["a"].stop(signal.SIGKILL)
+    killed = time.monotonic()
+    walk.controllers["a"].start()
+    wait_for(lambda: walk.reconciles("a") > 0, "the restarted controller reconciling", 60)
+    walk.timings["restart_to_reconcile_s"] = round(time.monotonic() - killed, 2)
+    assert walk.leader() == "a"  # its own Lease record: taken back at once, not after the lease duration
+    assert_resumed(walk, in_shadow, shadow_uids)
+    walk.controllers["b"].start()
+    wait_for(lambda: walk.controllers["b"].sample("fraudwatch_rollout_controller_leader") == 0 or None,
+             "the second replica standing by", 30)  # fmt: skip
+
+    # the leader SIGKILLed mid-canary, the standby taking over once the Lease expires
     before = walk.at_stage(rollout_id, "canary")
     uids = deployment_uids(walk)
     assert walk.leader() == "a" and walk.reconciles("b") == 0
@@ -390,11 +417,7 @@ def test_the_leader_killed_mid_stage_is_replaced_by_the_standby_which_resumes(wa
     walk.timings["takeover_s"] = round(time.monotonic() - killed, 2)
     wait_for(lambda: walk.reconciles("b") > 0, "the new leader reconciling", 30)
 
-    after = walk.rollout()
-    assert after is not None and after.rollout_id == rollout_id
-    assert after.history[: len(before.history)] == before.history  # nothing lost, nothing redone
-    assert next(t.at for t in after.history if t.to_stage == "canary") == before.stage_entered_at
-    assert {n: u for n, u in deployment_uids(walk).items() if n in uids} == uids  # adopted, not re-created
+    assert_resumed(walk, before, uids)
 
     def past_canary() -> RolloutState | None:
         rollout = walk.rollout()
