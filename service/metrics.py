@@ -143,7 +143,6 @@ class Metrics:
             registry=reg,
             multiprocess_mode="max",
         )
-
         self.model_trained = prom.Gauge(
             f"{PREFIX}_model_trained_timestamp_seconds",
             "When the served model version was trained (Unix time, from its manifest's created_at).",
