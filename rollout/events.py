@@ -38,14 +38,20 @@ ReasonCode = Literal[
     "manual_resume",
     "manual_abort",
     "manual_revert",
+    "superseded",
     "other",
 ]
 _MANUAL_PREFIX: Final[str] = "manual "
+#: Ids of the aborts a backend issues because the desired candidate changed under a running rollout (on Kubernetes:
+#: a new ``spec.candidate``); their transitions have the reason code ``superseded``.
+SUPERSEDE_PREFIX: Final[str] = "supersede-"
 
 
 def reason_code(transition: Transition) -> ReasonCode:
     """The transition's reason as one of a few codes (for metric labels and filtering)."""
     if transition.trigger == "command":
+        if (transition.command_id or "").startswith(SUPERSEDE_PREFIX):
+            return "superseded"
         kind = transition.reason.removeprefix(_MANUAL_PREFIX).split(":", 1)[0].strip()
         codes: dict[str, ReasonCode] = {
             "promote": "manual_promote",

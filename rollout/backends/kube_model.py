@@ -28,6 +28,7 @@ from pydantic.alias_generators import to_camel
 from rollout.analysis import GateResult
 from rollout.backends.base import Readiness
 from rollout.backends.kube_api import API_VERSION, KIND
+from rollout.events import SUPERSEDE_PREFIX
 from rollout.inbox import InboxCommand
 from rollout.machine import RolloutState, Transition, warm_until
 from rollout.policy import RolloutPolicy, policy_from_mapping
@@ -261,10 +262,12 @@ def manual_from_spec(raw: Mapping[str, Any], now: datetime) -> InboxCommand | st
 
 
 def spec_commands(obj: RolloutObject, state: ControllerState, now: datetime) -> list[InboxCommand | str]:
-    """What the spec asks for, in the order it is applied: the one-shot ``manualCommand``; a new rollout when
-    ``spec.candidate`` differs from the serving version (unless the current rollout already ended with it); a
-    pause or resume that follows ``spec.paused``. Commands already applied are left to the controller to skip
-    (their ids are in the state's command results)."""
+    """What the spec asks for, in the order it is applied: the one-shot ``manualCommand``; an abort of the running
+    rollout when ``spec.candidate`` names another version (a newer build, or the stable again after a
+    ``helm rollback``: the latest spec wins, as Argo Rollouts does); a new rollout when ``spec.candidate`` differs
+    from the serving version (unless the current rollout already ended with it); a pause or resume that follows
+    ``spec.paused``. Commands already applied are left to the controller to skip (their ids are in the state's
+    command results)."""
     found: list[InboxCommand | str] = []
     manual = obj.manual_command
     if manual is not None:
@@ -273,6 +276,9 @@ def spec_commands(obj: RolloutObject, state: ControllerState, now: datetime) -> 
     serving = serving_version(state, obj.seed_stable)
     candidate = obj.spec_candidate
     progressing = rollout is not None and rollout.phase == "Progressing"
+    if rollout is not None and progressing and candidate is not None and candidate.version != rollout.candidate:
+        found.append(_supersede(obj, rollout, candidate.version, now))
+        return found
     if candidate is not None and serving is not None and candidate.version != serving and not progressing:
         ended_with_it = rollout is not None and rollout.candidate == candidate.version
         if not ended_with_it:
@@ -290,6 +296,19 @@ def spec_commands(obj: RolloutObject, state: ControllerState, now: datetime) -> 
     if rollout is not None and rollout.phase == "Progressing":
         found.extend(_pause_commands(obj, rollout, now))
     return found
+
+
+def _supersede(obj: RolloutObject, rollout: RolloutState, wanted: str, now: datetime) -> InboxCommand:
+    """The abort of ``rollout`` because ``spec.candidate`` is now ``wanted``; the rollout of ``wanted`` (if it is
+    not the stable) starts at the next reconcile, once this one has ended."""
+    why = "the stable again" if wanted == rollout.stable else "the new candidate"
+    return InboxCommand(
+        id=f"{SUPERSEDE_PREFIX}{_id_part(rollout.rollout_id)}-g{obj.generation}"[:_MAX_ID],
+        kind="abort",
+        issued_at=now,
+        issued_by="spec.candidate",
+        reason=f"superseded: spec.candidate is {wanted} ({why}), not {rollout.candidate}",
+    )
 
 
 def _pause_commands(obj: RolloutObject, rollout: RolloutState, now: datetime) -> list[InboxCommand | str]:

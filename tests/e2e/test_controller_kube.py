@@ -6,6 +6,8 @@ created.
 * steady state: the stable version's Deployment + Service appear, owned by the ModelRollout, become available
   (kwok), and ``status.routing`` names the Service's cluster DNS name; the finalizer is on the object;
 * ``helm upgrade --set model.version=v2`` starts a rollout: v2's workload appears beside v1's;
+* a new ``model.version`` while a rollout runs supersedes it (Aborted, reason ``superseded``; the new candidate's
+  rollout starts), and going back to the stable's version ends it and starts nothing;
 * without the controller, deleting the ModelRollout lets the garbage collector remove what it owns (owner
   references); with the controller, its finalizer deletes the workloads before the object goes;
 * RBAC: SubjectAccessReviews against the real API server — the controller's ServiceAccount may do each thing the
@@ -23,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +206,41 @@ def test_kubectl_modelrollout_steers_the_rollout_with_the_documented_exit_codes(
         history = json.loads(plugin(release, "--json", "history", ROLLOUT, *ns).stdout)
         changes = [(e["trigger"], e["to_phase"], e["to_stage"]) for e in history]
         assert ("command", "Progressing", "canary") in changes and changes[-1] == ("command", "Aborted", "canary")
+    finally:
+        assert controller.stop(signal.SIGTERM) == 0, controller.log_tail()
+
+
+def settled(release: Release) -> dict[str, Any] | None:
+    status = release.status()
+    return status if status.get("routing") and status.get("phase") not in (None, "Progressing") else None
+
+
+def aborted_events(release: Release) -> list[str]:
+    events = release.api.list(f"/api/v1/namespaces/{release.ns}/events")["items"]
+    return [e["message"] for e in events if e["reason"] == "Aborted" and e["involvedObject"]["name"] == ROLLOUT]
+
+
+def test_a_new_candidate_supersedes_the_running_rollout_and_helm_rollback_ends_it(release: Release) -> None:
+    ensure_rollout(release)
+    controller = release.controller("e2e-s").start()
+    try:
+        serving = wait_until("a settled status", lambda: settled(release), CONVERGE_S)["stableVersion"]
+        helm_upgrade(release.cluster, release.ns, "model.version=v6")
+        wait_until("the rollout of v6", lambda: rolling_out(release, "v6"), CONVERGE_S)
+
+        helm_upgrade(release.cluster, release.ns, "model.version=v7")  # a fixed build while v6 is in flight
+        second = wait_until("the rollout of v7", lambda: rolling_out(release, "v7"), CONVERGE_S)
+        assert (second["phase"], second["stableVersion"]) == ("Progressing", serving)
+        superseded = "superseded: spec.candidate is v7 (the new candidate), not v6"
+        assert any(superseded in m for m in aborted_events(release)), aborted_events(release)
+        assert controller.sample("fraudwatch_rollout_transitions_total", {"reason": "superseded"}) == 1
+
+        helm_upgrade(release.cluster, release.ns, f"model.version={serving}")  # helm rollback to the stable's version
+        ended = wait_until("v7's rollout ended", lambda: settled(release), CONVERGE_S)
+        assert (ended["phase"], ended["candidateVersion"], ended["stableVersion"]) == ("Aborted", "v7", serving)
+        assert any(f"spec.candidate is {serving} (the stable again), not v7" in m for m in aborted_events(release))
+        time.sleep(2)  # a few reconciles later: nothing was started for the stable
+        assert (release.status()["phase"], release.status()["candidateVersion"]) == ("Aborted", "v7")
     finally:
         assert controller.stop(signal.SIGTERM) == 0, controller.log_tail()
 

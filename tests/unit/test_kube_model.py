@@ -35,6 +35,7 @@ from rollout.backends.kube_model import (
     spec_commands,
     workload_name,
 )
+from rollout.events import reason_code
 from rollout.inbox import InboxCommand
 from rollout.machine import Transition
 from rollout.policy import load_policy
@@ -232,10 +233,49 @@ def test_manual_commands_come_first_and_invalid_ones_say_why() -> None:
     assert isinstance(invalid, str) and "id" in invalid
 
 
+@pytest.mark.parametrize(("wanted", "why"), [("v3", "the new candidate"), ("v1", "the stable again")])
+def test_a_changed_candidate_supersedes_the_running_rollout(tmp_path: Path, wanted: str, why: str) -> None:
+    """`helm upgrade --set model.version=v3` (or `helm rollback` to v1) while v2 is in canary: the latest spec wins —
+    v2's rollout is aborted (reason code `superseded`), then v3's starts; nothing starts when v1 was asked for."""
+    harness = Harness(tmp_path / "state")
+    start_rollout(harness)
+    harness.run_until(lambda: harness.rollout.stage == "canary")
+    spec = obj({"candidate": {"version": wanted, "image": "i"}, "paused": True}, generation=9)
+
+    (abort,) = spec_commands(spec, harness.controller.state, NOW)  # no pause of a rollout about to end
+    assert isinstance(abort, InboxCommand) and (abort.kind, abort.issued_by) == ("abort", "spec.candidate")
+    assert abort.id == f"supersede-{harness.rollout.rollout_id}-g9"
+    assert abort.reason == f"superseded: spec.candidate is {wanted} ({why}), not v2"
+    harness.command("abort", id=abort.id, reason=abort.reason, issued_by=abort.issued_by)
+    harness.tick()
+
+    assert harness.phase() == "Aborted"
+    assert reason_code(harness.rollout.history[-1]) == "superseded"
+    moved = {"from": "Progressing/canary", "to": "Aborted/canary", "reason": "superseded"}
+    assert harness.sample("fraudwatch_rollout_transitions_total", **moved) == 1
+    following = spec_commands(spec, harness.controller.state, NOW)
+    if wanted == "v1":
+        assert following == []  # v1 serves: nothing to roll out
+    else:
+        (start,) = following
+        assert isinstance(start, InboxCommand) and (start.kind, start.candidate) == ("start", "v3")
+
+
+def test_the_running_rollouts_own_candidate_is_not_superseded(tmp_path: Path) -> None:
+    state = harness_state(tmp_path, "shadow")
+    assert spec_commands(obj({"candidate": {"version": "v2", "image": "i"}}, generation=11), state, NOW) == []
+
+
+def of_v2(spec: dict[str, Any]) -> RolloutObject:
+    """A spec whose candidate is the harness rollout's own (v2): nothing is superseded."""
+    return obj({"candidate": {"version": "v2", "image": "img:v2"}, **spec})
+
+
 def test_spec_paused_pauses_and_resumes_only_what_it_paused(tmp_path: Path) -> None:
     state = harness_state(tmp_path, "canary")
     assert state.rollout is not None
-    (pause,) = spec_commands(obj({"paused": True}), state, NOW)
+
+    (pause,) = spec_commands(of_v2({"paused": True}), state, NOW)
     assert isinstance(pause, InboxCommand) and pause.kind == "pause" and pause.id.startswith("spec-pause-")
 
     def paused_by(command_id: str) -> ControllerState:
@@ -246,9 +286,9 @@ def test_spec_paused_pauses_and_resumes_only_what_it_paused(tmp_path: Path) -> N
         rollout = state.rollout.model_copy(update={"paused": True, "history": (*state.rollout.history, transition)})
         return state.model_copy(update={"rollout": rollout})
 
-    (resume,) = spec_commands(obj({"paused": False}), paused_by(pause.id), NOW)
+    (resume,) = spec_commands(of_v2({"paused": False}), paused_by(pause.id), NOW)
     assert isinstance(resume, InboxCommand) and resume.kind == "resume"
-    assert spec_commands(obj({"paused": False}), paused_by("op-pause"), NOW) == []  # an operator's pause stays
+    assert spec_commands(of_v2({"paused": False}), paused_by("op-pause"), NOW) == []  # an operator's pause stays
 
 
 # --------------------------------------------------------------------------------------------------- policy
