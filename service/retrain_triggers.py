@@ -197,6 +197,10 @@ class RunRecord(BaseModel):
     version: str | None = None
     registry_version: str | None = None
     detail: str = ""
+    #: The retrain subprocess (its process group: it runs in a session of its own).
+    pid: int | None = None
+    #: Finished under a later receiver process than the one that started it (that one was killed meanwhile).
+    adopted: bool = False
 
 
 class LedgerState(BaseModel):

@@ -18,8 +18,12 @@ Endpoints (OpenAPI 3.1 at ``GET /openapi.json``):
 A retrain is a subprocess, ``python -m service.cli retrain --trigger alert --id ID --summary-json …`` (the same
 command as the weekly schedule), so a crash or a memory peak of training never takes the receiver down; its output
 goes to ``HOME/retrain/runs/ID.log``, its JSON logs carry the notification's correlation ID. The ledger
-(``FW_RETRAIN__WEBHOOK__STATE_FILE``) is saved before the subprocess starts; a run the receiver did not see finish
-(it was restarted) is recorded as failed at the next start, and the cooldown still counts from it.
+(``FW_RETRAIN__WEBHOOK__STATE_FILE``) is saved before the subprocess starts and again with its pid. The subprocess
+runs in a session of its own, so a receiver that is killed (not stopped) leaves it running: the next receiver
+process adopts it — waits for it and records the outcome from its summary (``adopted``), starting no second
+retrain meanwhile — or, if it finished in between, records it from the summary; only a run whose process is gone
+without a summary (e.g. the whole pod was killed) is recorded as failed. The cooldown counts from the start either
+way. A receiver that is stopped (SIGTERM) stops the running retrain and records it.
 
 Run: ``python -m service.retrain_webhook [--host H] [--port P]`` (settings ``FW_RETRAIN__*``, ``FW_HOME``, …).
 """
@@ -94,6 +98,7 @@ _KNOWN_LAYERS: Final[frozenset[str]] = frozenset(
 )
 _DURATION_BUCKETS: Final[tuple[float, ...]] = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
 _STOP_GRACE_S: Final[float] = 10.0
+_ADOPTED_POLL_S: Final[float] = 0.5
 _JSON: Final[str] = "application/json"
 
 
@@ -281,11 +286,14 @@ def retrain_command(run: RunRecord, summary: Path, reason: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run_result(returncode: int, summary: Path) -> dict[str, Any]:
-    """What a finished subprocess reports: its summary when it wrote one, else what the exit code says."""
+def run_result(returncode: int | None, summary: Path) -> dict[str, Any]:
+    """What a finished subprocess reports: its summary when it wrote one, else what the exit code says (``None``:
+    not known — the process was not this receiver's child)."""
     try:
         document = json.loads(summary.read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
+        if returncode is None:
+            return {"outcome": RetrainOutcome.FAILED.value, "detail": "the process ended without a summary"}
         outcome = _EXIT_OUTCOMES.get(returncode, RetrainOutcome.FAILED)
         return {"outcome": outcome.value, "detail": f"exit code {returncode}, no summary"}
     return {
@@ -294,6 +302,18 @@ def run_result(returncode: int, summary: Path) -> dict[str, Any]:
         "version": document.get("version"),
         "registry_version": document.get("registry_version"),
     }
+
+
+def live_pid(run: RunRecord) -> int | None:
+    """The pid of ``run``'s retrain while that process runs — its command line names the run, so a reused pid is not
+    mistaken for it (Linux ``/proc``) — else None."""
+    if run.pid is None:
+        return None
+    try:
+        argv = Path(f"/proc/{run.pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return run.pid if run.retrain_id.encode() in argv else None
 
 
 class RetrainService:
@@ -317,10 +337,13 @@ class RetrainService:
         self.token = self._read_token()
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
+        self._adopted: RunRecord | None = None
         self._thread: threading.Thread | None = None
         self.state = self._recover(self.store.load())
         self.metrics.restore(self.state)
         self.metrics.cooldown_until.set(self._cooldown_until(self.state) or 0.0)
+        if self._adopted is not None:
+            self._watch(self._adopted, self._wait_adopted, self._adopted)
 
     def _read_token(self) -> str | None:
         path = self.config.token_file
@@ -332,14 +355,28 @@ class RetrainService:
             raise ValueError(f"token file {path} is empty")
         return token
 
+    def _summary(self, run: RunRecord) -> Path:
+        return self.runs_dir / f"{run.retrain_id}.json"
+
     def _recover(self, state: LedgerState) -> LedgerState:
-        """A run the previous process did not see finish is over: record it as failed."""
+        """A run the previous process did not see finish: adopted while its process still runs, recorded from its
+        summary when it finished meanwhile, else recorded as failed."""
         interrupted = state.running()
         if interrupted is None:
             return state
-        log_event(logger, "retrain interrupted by a restart", retrain_id=interrupted.retrain_id)
-        state = finished(state, interrupted.retrain_id, finished_at=self.clock(), outcome=RetrainOutcome.FAILED.value,
-                         detail="the receiver restarted while the retrain ran")  # fmt: skip
+        run_id, pid = interrupted.retrain_id, live_pid(interrupted)
+        if pid is not None:
+            log_event(logger, "retrain adopted after a restart", retrain_id=run_id, retrain_pid=pid)
+            state = finished(state, run_id, adopted=True)
+            self._adopted = interrupted.model_copy(update={"adopted": True})
+        elif self._summary(interrupted).exists():
+            log_event(logger, "retrain finished while the receiver was down", retrain_id=run_id)
+            state = finished(state, run_id, finished_at=self.clock(), adopted=True,
+                             **run_result(None, self._summary(interrupted)))  # fmt: skip
+        else:
+            log_event(logger, "retrain interrupted by a restart", retrain_id=run_id)
+            state = finished(state, run_id, finished_at=self.clock(), outcome=RetrainOutcome.FAILED.value,
+                             detail="the receiver restarted while the retrain ran (its process is gone)")  # fmt: skip
         self.store.save(state)
         return state
 
@@ -398,7 +435,7 @@ class RetrainService:
     def _start(self, run: RunRecord) -> None:
         """Start the retrain subprocess (the lock is held); a start that fails is recorded as a failed run."""
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        summary = self.runs_dir / f"{run.retrain_id}.json"
+        summary = self._summary(run)
         argv = self.command(run, summary, trigger_reason(run.triggers))
         self.metrics.cooldown_until.set(run.started_at + self.config.cooldown_s)
         try:
@@ -410,11 +447,16 @@ class RetrainService:
         except OSError as exc:
             self._finish_locked(run, -1, {"outcome": RetrainOutcome.FAILED.value, "detail": f"not started: {exc}"})
             return
+        # with its pid in the ledger, the successor of a receiver killed from here on adopts the retrain
+        self.state = finished(self.state, run.retrain_id, pid=self._process.pid)
+        self.store.save(self.state)
+        log_event(logger, "retrain started", retrain_id=run.retrain_id, retrain_pid=self._process.pid, argv=argv)
+        self._watch(run, self._wait, run, self._process, summary)
+
+    def _watch(self, run: RunRecord, target: Callable[..., None], *args: Any) -> None:
+        """The one background thread that waits for the running retrain and records it."""
         self.metrics.in_progress.set(1)
-        log_event(logger, "retrain started", retrain_id=run.retrain_id, pid=self._process.pid, argv=argv)
-        self._thread = threading.Thread(
-            target=self._wait, args=(run, self._process, summary), name=f"retrain-{run.retrain_id}", daemon=True
-        )
+        self._thread = threading.Thread(target=target, args=args, name=f"retrain-{run.retrain_id}", daemon=True)
         self._thread.start()
 
     def _wait(self, run: RunRecord, process: subprocess.Popen[bytes], summary: Path) -> None:
@@ -428,7 +470,20 @@ class RetrainService:
         with self._lock:
             self._finish_locked(run, returncode, result)
 
-    def _finish_locked(self, run: RunRecord, returncode: int, result: dict[str, Any]) -> None:
+    def _wait_adopted(self, run: RunRecord) -> None:
+        """Wait for an adopted retrain (not this process's child: polled), stopped at the same run timeout."""
+        deadline = run.started_at + self.config.run_timeout_s
+        while (pid := live_pid(run)) is not None and self.clock() < deadline:
+            time.sleep(_ADOPTED_POLL_S)
+        if pid is not None:
+            _stop_pid_group(pid, lambda: _gone_within(run, _STOP_GRACE_S))
+            result = {"outcome": RetrainOutcome.FAILED.value, "detail": f"killed after {self.config.run_timeout_s} s"}
+        else:
+            result = run_result(None, self._summary(run))
+        with self._lock:
+            self._finish_locked(run, None, result)
+
+    def _finish_locked(self, run: RunRecord, returncode: int | None, result: dict[str, Any]) -> None:
         """Record a finished run in the ledger (saved) and the metrics; the caller holds the lock."""
         ended = self.clock()
         self.state = finished(self.state, run.retrain_id, finished_at=ended, exit_code=returncode, **result)
@@ -461,21 +516,43 @@ class RetrainService:
         """Stop a running retrain (its process group) and record it; called on shutdown."""
         process = self._process
         if process is not None and process.poll() is None:
-            log_event(logger, "stopping the running retrain", pid=process.pid)
+            log_event(logger, "stopping the running retrain", retrain_pid=process.pid)
             _stop_group(process)
+        adopted = self._adopted
+        if adopted is not None and (pid := live_pid(adopted)) is not None:
+            log_event(logger, "stopping the adopted retrain", retrain_pid=pid)
+            _stop_pid_group(pid, lambda: _gone_within(adopted, _STOP_GRACE_S))
         self.wait_idle(_STOP_GRACE_S)
 
 
 def _stop_group(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM to the retrain's process group, SIGKILL after a grace period."""
-    for sig, wait_s in ((signal.SIGTERM, _STOP_GRACE_S), (signal.SIGKILL, _STOP_GRACE_S)):
+
+    def ended() -> bool:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=_STOP_GRACE_S)
+        return process.returncode is not None
+
+    _stop_pid_group(process.pid, ended)
+
+
+def _gone_within(run: RunRecord, timeout_s: float) -> bool:
+    """True once ``run``'s process is gone, False if it still runs after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while live_pid(run) is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _stop_pid_group(pid: int, ended: Callable[[], bool]) -> None:
+    """SIGTERM to process group ``pid``, SIGKILL when ``ended()`` (which waits up to the grace period) says no."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=wait_s)
+            os.killpg(pid, sig)
+        if ended():
             return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 # ------------------------------------------------------------------------------------------------ HTTP

@@ -16,8 +16,9 @@ served refund-history features leave v1's training reference (``DRIFTING_FEATURE
 fires, Alertmanager delivers it
 to the retrain webhook, the receiver retrains on the last 20 days of the labelled stream, the new version passes the
 frozen regression set (which v1, blind to the farm, would fail), becomes ``challenger`` and is handed to the
-controller with ``rolloutctl start``. Alertmanager keeps re-sending (repeat interval 4 s) and further alerts
-arrive: the receiver starts no second retrain.
+controller with ``rolloutctl start``. The receiver is SIGKILLed while the retrain runs and started again: the
+retrain (a session of its own) goes on, and the new receiver adopts it and records its outcome. Alertmanager keeps
+re-sending (repeat interval 4 s) and further alerts arrive: neither receiver process starts a second retrain.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -119,6 +121,7 @@ class Stack:
     receiver_url: str
     drifted: list[dict[str, Any]]
     processes: dict[str, subprocess.Popen[bytes]]
+    receiver_env: dict[str, str]
 
     @property
     def state_dir(self) -> Path:
@@ -130,9 +133,17 @@ class Stack:
         view: dict[str, Any] = response.json()
         return view
 
+    def start_receiver(self) -> None:
+        self.processes["receiver"] = start_receiver(self.receiver_env, self.workdir)
+        _wait_http(self.receiver_url + "/readyz", "the retraining service")
+
     def receiver_metric(self, name: str, **labels: str) -> float:
         text = httpx.get(self.receiver_url + "/metrics", timeout=10, trust_env=False).text
         return metric_value(text, name, **labels)
+
+
+def start_receiver(env: dict[str, str], workdir: Path) -> subprocess.Popen[bytes]:
+    return start_process([sys.executable, "-m", "service.retrain_webhook"], env, workdir / "receiver.log")
 
 
 def _wait_http(url: str, what: str) -> None:
@@ -210,11 +221,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "FW_RETRAIN__WEBHOOK__TOKEN_FILE": str(token_file),
             "FW_RETRAIN__WEBHOOK__COOLDOWN_S": "3600",
         }
-        processes["receiver"] = start_process(
-            [sys.executable, "-m", "service.retrain_webhook"], receiver_env, workdir / "receiver.log"
-        )
         receiver_url = f"http://{HOST}:{receiver_port}"
-        _wait_http(receiver_url + "/readyz", "the retraining service")
 
         def champion_answers() -> bool:
             if not router_ready(router):
@@ -224,7 +231,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
         wait_for(champion_answers, "the champion behind the router", START_TIMEOUT_S)
         drifted = [refund_body(row) for row in after.to_dict("records")]
-        built = Stack(home, workdir, settings, env, router, prometheus, alertmanager, receiver_url, drifted, processes)
+        built = Stack(home, workdir, settings, env, router, prometheus, alertmanager, receiver_url, drifted, processes,
+                      receiver_env)  # fmt: skip
+        built.start_receiver()
         yield built
     finally:
         if built is not None:
@@ -275,6 +284,11 @@ def test_a_drift_alert_retrains_and_starts_a_rollout_of_the_challenger(stack: St
         drift = wait_for(
             lambda: firing(prom, "FraudwatchFeatureDriftHigh"), "FraudwatchFeatureDriftHigh", ALERT_TIMEOUT_S
         )
+        # the receiver SIGKILLed while its retrain runs (an OOM kill, a crashed node agent) and started again
+        running = wait_for(lambda: stack.retrains()["running"], "the triggered retrain running", ALERT_TIMEOUT_S, 0.1)
+        stop_process(stack.processes["receiver"], signal.SIGKILL)
+        stack.start_receiver()
+        adopted = stack.retrains()["running"]
         run = wait_for(
             lambda: next((r for r in stack.retrains()["runs"] if r["finished_at"] is not None), None),
             "the triggered retrain to finish", RETRAIN_TIMEOUT_S,
@@ -291,15 +305,19 @@ def test_a_drift_alert_retrains_and_starts_a_rollout_of_the_challenger(stack: St
     assert {labels["feature"] for labels in drift} <= DRIFTING_FEATURES
     assert served >= 200
 
-    # the retrain it triggered, exactly one
+    # the retrain it triggered, exactly one: it outlived the killed receiver, and the new one adopted and recorded it
+    assert adopted == running == run["retrain_id"]
     assert run["outcome"] == "rollout_started", run
-    assert run["exit_code"] == 0
+    assert (run["adopted"], run["exit_code"]) == (True, None)  # not the new receiver's child: no exit code
     assert DRIFT_ALERT in {t["alertname"] for t in run["triggers"]}
     assert {t["layer"] for t in run["triggers"]} <= {"input_drift", "output_drift"}
     view = stack.retrains()
     assert len(view["runs"]) == 1 and view["running"] is None
     assert stack.receiver_metric("fraudwatch_retrain_runs_total", trigger="alert", outcome="rollout_started") == 1
-    assert stack.receiver_metric("fraudwatch_retrain_triggers_total", decision="started") >= 1
+    assert stack.receiver_metric("fraudwatch_retrain_triggers_total", decision="started") == 0  # none since the restart
+    started = [json.loads(line) for line in (stack.workdir / "receiver.log").read_text().splitlines()
+               if line.startswith("{") and '"retrain started"' in line]  # fmt: skip
+    assert [e["retrain_id"] for e in started] == [run["retrain_id"]]  # across both receiver processes
 
     # the challenger: registered from the latest window, gated on the frozen set
     registry = ModelRegistry(stack.settings)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -287,6 +288,71 @@ def test_the_ledger_survives_a_restart(tmp_path: Path) -> None:
     assert (succeeded, failed_at) == (1, runs[0]["finished_at"])  # restored from the ledger: the alert keeps firing
     state = LedgerStore(tmp_path / "retrain" / "webhook.json").load()
     assert state.last_started_at == 5_000.0 and len(state.seen) == 2
+
+
+def left_running(home: Path, retrain_id: str, pid: int | None) -> None:
+    """The ledger a killed receiver leaves behind: its retrain started at 5 000 s and not seen finish."""
+    trigger = {"alertname": "FraudwatchFeatureDriftHigh", "layer": "input_drift"}
+    run = RunRecord(retrain_id=retrain_id, correlation_id="corr-killed", group_key="{}:{}", started_at=5_000.0,
+                    triggers=[trigger], pid=pid)  # fmt: skip
+    LedgerStore(home / "retrain" / "webhook.json").save(LedgerState(last_started_at=5_000.0, runs=[run]))
+
+
+def test_a_killed_receivers_retrain_that_still_runs_is_adopted_and_recorded_from_its_summary(tmp_path: Path) -> None:
+    """The retrain runs in a session of its own, so it outlives a SIGKILLed receiver (the real kill:
+    tests/integration/test_retrain_e2e.py). The next receiver waits for it — starting no second retrain — and
+    records what it reported."""
+    runs_dir = tmp_path / "retrain" / "runs"
+    runs_dir.mkdir(parents=True)
+    (runs_dir / "hold").touch()
+    summary = runs_dir / "alert-orphan.json"
+    orphan = subprocess.Popen([sys.executable, "-c", STAND_IN, str(summary), "alert-orphan"], start_new_session=True)
+    left_running(tmp_path, "alert-orphan", orphan.pid)
+
+    receiver = make_receiver(tmp_path, [5_100.0], cooldown_s=60.0)
+    with receiver.client:
+        running = receiver.client.get("/retrains").json()["running"]
+        in_progress = receiver.metric("fraudwatch_retrain_in_progress")
+        busy = receiver.post(notification(alert(fingerprint="while-adopted"))).json()["decision"]
+        summary.with_suffix(".release").touch()
+        assert receiver.service.wait_idle(30)
+        orphan.wait(10)
+        (run,) = receiver.client.get("/retrains").json()["runs"]
+        succeeded = receiver.metric("fraudwatch_retrain_last_run_succeeded")
+        counted = receiver.metric("fraudwatch_retrain_runs_total", trigger="alert", outcome="rollout_started")
+    receiver.service.close()
+
+    assert (running, in_progress, busy) == ("alert-orphan", 1, "busy")
+    assert (run["outcome"], run["version"], run["adopted"], run["exit_code"]) == ("rollout_started", "v9", True, None)
+    assert run["finished_at"] == 5_100.0 and (succeeded, counted) == (1, 1)
+
+
+@pytest.mark.parametrize("wrote_summary", [True, False])
+def test_a_killed_receivers_retrain_that_ended_meanwhile_is_recorded_at_the_next_start(
+    tmp_path: Path, wrote_summary: bool
+) -> None:
+    runs_dir = tmp_path / "retrain" / "runs"
+    runs_dir.mkdir(parents=True)
+    ended = subprocess.run([sys.executable, "-c", STAND_IN, str(runs_dir / "alert-gone.json"), "alert-gone"],
+                           check=True)  # fmt: skip
+    assert ended.returncode == 0
+    if not wrote_summary:
+        (runs_dir / "alert-gone.json").unlink()  # e.g. the whole pod was killed mid-retrain
+    left_running(tmp_path, "alert-gone", 4_194_305)  # above pid_max: no such process
+
+    receiver = make_receiver(tmp_path, [5_100.0])
+    with receiver.client:
+        view = receiver.client.get("/retrains").json()
+        succeeded = receiver.metric("fraudwatch_retrain_last_run_succeeded")
+    receiver.service.close()
+
+    (run,) = view["runs"]
+    assert view["running"] is None and run["finished_at"] == 5_100.0
+    if wrote_summary:
+        assert (run["outcome"], run["version"], run["adopted"], succeeded) == ("rollout_started", "v9", True, 1)
+    else:
+        assert (run["outcome"], run["adopted"], succeeded) == ("failed", False, 0)
+        assert "its process is gone" in run["detail"]
 
 
 def test_openapi_describes_the_hook_and_every_reference_resolves(receiver: Receiver) -> None:
