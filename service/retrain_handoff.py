@@ -240,6 +240,9 @@ def plan_candidate_patch(
     running = status.get("candidateVersion")
     if status.get("phase") == _PROGRESSING and running not in (None, "", candidate.name):
         return PatchPlan(HandoffOutcome.REFUSED, f"a rollout of {running} is in progress")
+    wanted = current.get("version")
+    if wanted and status.get("phase") != _PROGRESSING and wanted not in _versions_seen(spec, status):
+        return PatchPlan(HandoffOutcome.REFUSED, f"spec.candidate {wanted} waits for the controller to roll it out")
     stable: Mapping[str, Any] = spec.get("stable") or {}
     image = settings.image or current.get("image") or stable.get("image")
     if not image:
@@ -256,6 +259,15 @@ def plan_candidate_patch(
         "spec": {"candidate": {"version": candidate.name, "image": image, "modelUri": uri, "registryAlias": None}},
     }
     return PatchPlan(HandoffOutcome.STARTED, f"spec.candidate → {candidate.name} ({uri})", patch)
+
+
+def _versions_seen(spec: Mapping[str, Any], status: Mapping[str, Any]) -> set[Any]:
+    """The versions the controller has acted on: the stable and the last rollout's candidate it recorded (before it
+    recorded anything, ``spec.stable``). A ``spec.candidate`` outside them is a change still waiting to start —
+    someone's ``helm upgrade`` that this hand-off must not overwrite."""
+    if status.get("stableVersion"):
+        return {status.get("stableVersion"), status.get("candidateVersion")}
+    return {(spec.get("stable") or {}).get("version")}
 
 
 class ModelRolloutPatchHandoff:

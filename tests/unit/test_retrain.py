@@ -245,6 +245,24 @@ def test_kube_patch_is_idempotent_and_refuses_to_replace_a_running_rollout() -> 
     assert failed.outcome is HandoffOutcome.FAILED
 
 
+def test_kube_patch_does_not_overwrite_a_candidate_still_waiting_to_start() -> None:
+    """Someone's `helm upgrade --set model.version=v9` that the controller has not acted on yet (it is down, or a
+    reconcile away): the retrain must not replace it — it would supersede a human's rollout before it began."""
+    pending = modelrollout("v9")
+    pending["status"] = {"phase": "Promoted", "stableVersion": "v7", "candidateVersion": "v7"}
+    fresh = modelrollout("v6")  # a new install: no status yet, spec.candidate is spec.stable
+    fresh["status"] = {}
+    rolled_back = modelrollout("v7", phase="RolledBack")
+    rolled_back["status"]["stableVersion"] = "v6"
+
+    waiting = plan_candidate_patch(pending, CANDIDATE, KubeHandoffSettings(), request_id="r", reason="")
+    assert (waiting.outcome, waiting.patch) == (HandoffOutcome.REFUSED, None)
+    assert "v9 waits for the controller" in waiting.detail
+    for ready in (fresh, rolled_back):
+        plan = plan_candidate_patch(ready, CANDIDATE, KubeHandoffSettings(), request_id="r", reason="")
+        assert plan.outcome is HandoffOutcome.STARTED and plan.patch is not None, plan.detail
+
+
 def test_kube_errors_retrying_cannot_fix_are_failures() -> None:
     assert [kube_error_outcome(s) for s in (0, 429, 500, 503)] == [HandoffOutcome.UNAVAILABLE] * 4
     assert [kube_error_outcome(s) for s in (400, 403, 404, 422)] == [HandoffOutcome.FAILED] * 4
