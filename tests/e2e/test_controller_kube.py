@@ -215,9 +215,11 @@ def settled(release: Release) -> dict[str, Any] | None:
     return status if status.get("routing") and status.get("phase") not in (None, "Progressing") else None
 
 
-def aborted_events(release: Release) -> list[str]:
+def aborted_event(release: Release, text: str) -> bool:
+    """An ``Aborted`` Event on the ModelRollout whose message contains ``text`` (Events follow the status write)."""
     events = release.api.list(f"/api/v1/namespaces/{release.ns}/events")["items"]
-    return [e["message"] for e in events if e["reason"] == "Aborted" and e["involvedObject"]["name"] == ROLLOUT]
+    return any(e["reason"] == "Aborted" and e["involvedObject"]["name"] == ROLLOUT and text in e["message"]
+               for e in events)  # fmt: skip
 
 
 def test_a_new_candidate_supersedes_the_running_rollout_and_helm_rollback_ends_it(release: Release) -> None:
@@ -232,13 +234,16 @@ def test_a_new_candidate_supersedes_the_running_rollout_and_helm_rollback_ends_i
         second = wait_until("the rollout of v7", lambda: rolling_out(release, "v7"), CONVERGE_S)
         assert (second["phase"], second["stableVersion"]) == ("Progressing", serving)
         superseded = "superseded: spec.candidate is v7 (the new candidate), not v6"
-        assert any(superseded in m for m in aborted_events(release)), aborted_events(release)
-        assert controller.sample("fraudwatch_rollout_transitions_total", {"reason": "superseded"}) == 1
+        wait_until("the Aborted Event of v6's rollout", lambda: aborted_event(release, superseded), CONVERGE_S)
+        wait_until("the superseded transition counted",
+                   lambda: controller.sample("fraudwatch_rollout_transitions_total", {"reason": "superseded"}) == 1,
+                   CONVERGE_S)  # fmt: skip
 
         helm_upgrade(release.cluster, release.ns, f"model.version={serving}")  # helm rollback to the stable's version
         ended = wait_until("v7's rollout ended", lambda: settled(release), CONVERGE_S)
         assert (ended["phase"], ended["candidateVersion"], ended["stableVersion"]) == ("Aborted", "v7", serving)
-        assert any(f"spec.candidate is {serving} (the stable again), not v7" in m for m in aborted_events(release))
+        back = f"spec.candidate is {serving} (the stable again), not v7"
+        wait_until("the Aborted Event of v7's rollout", lambda: aborted_event(release, back), CONVERGE_S)
         time.sleep(2)  # a few reconciles later: nothing was started for the stable
         assert (release.status()["phase"], release.status()["candidateVersion"]) == ("Aborted", "v7")
     finally:
