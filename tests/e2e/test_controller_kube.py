@@ -113,6 +113,14 @@ def rolling_out(release: Release, version: str) -> dict[str, Any] | None:
     return status if status.get("candidateVersion") == version else None
 
 
+def rollout_event(release: Release, reason: str, text: str = "") -> bool:
+    """An Event ``reason`` on the ModelRollout whose message contains ``text`` (Events follow the status write: wait
+    for them)."""
+    events = release.api.list(f"/api/v1/namespaces/{release.ns}/events")["items"]
+    return any(e["reason"] == reason and e["involvedObject"]["name"] == ROLLOUT and text in e["message"]
+               for e in events)  # fmt: skip
+
+
 def no_workloads(release: Release) -> bool:
     return not owned(release.api, release.ns, "deployments") and not owned(release.api, release.ns, "services", "v1")
 
@@ -142,8 +150,7 @@ def test_the_controller_reconciles_the_installed_rollout_and_gc_follows_ownershi
                    CONVERGE_S)  # fmt: skip
         started = wait_until("the rollout of v2", lambda: rolling_out(release, "v2"), CONVERGE_S)
         assert (started["phase"], started["stableVersion"]) == ("Progressing", "v1")
-        events = release.api.list(f"/api/v1/namespaces/{release.ns}/events")["items"]
-        assert any(e["reason"] == "RolloutStarted" and e["involvedObject"]["name"] == ROLLOUT for e in events)
+        wait_until("the RolloutStarted Event", lambda: rollout_event(release, "RolloutStarted"), CONVERGE_S)
     finally:
         code = controller.stop(signal.SIGTERM)
     assert code == 0, controller.log_tail()
@@ -215,13 +222,6 @@ def settled(release: Release) -> dict[str, Any] | None:
     return status if status.get("routing") and status.get("phase") not in (None, "Progressing") else None
 
 
-def aborted_event(release: Release, text: str) -> bool:
-    """An ``Aborted`` Event on the ModelRollout whose message contains ``text`` (Events follow the status write)."""
-    events = release.api.list(f"/api/v1/namespaces/{release.ns}/events")["items"]
-    return any(e["reason"] == "Aborted" and e["involvedObject"]["name"] == ROLLOUT and text in e["message"]
-               for e in events)  # fmt: skip
-
-
 def test_a_new_candidate_supersedes_the_running_rollout_and_helm_rollback_ends_it(release: Release) -> None:
     ensure_rollout(release)
     controller = release.controller("e2e-s").start()
@@ -234,7 +234,7 @@ def test_a_new_candidate_supersedes_the_running_rollout_and_helm_rollback_ends_i
         second = wait_until("the rollout of v7", lambda: rolling_out(release, "v7"), CONVERGE_S)
         assert (second["phase"], second["stableVersion"]) == ("Progressing", serving)
         superseded = "superseded: spec.candidate is v7 (the new candidate), not v6"
-        wait_until("the Aborted Event of v6's rollout", lambda: aborted_event(release, superseded), CONVERGE_S)
+        wait_until("v6's Aborted Event", lambda: rollout_event(release, "Aborted", superseded), CONVERGE_S)
         wait_until("the superseded transition counted",
                    lambda: controller.sample("fraudwatch_rollout_transitions_total", {"reason": "superseded"}) == 1,
                    CONVERGE_S)  # fmt: skip
@@ -243,7 +243,7 @@ def test_a_new_candidate_supersedes_the_running_rollout_and_helm_rollback_ends_i
         ended = wait_until("v7's rollout ended", lambda: settled(release), CONVERGE_S)
         assert (ended["phase"], ended["candidateVersion"], ended["stableVersion"]) == ("Aborted", "v7", serving)
         back = f"spec.candidate is {serving} (the stable again), not v7"
-        wait_until("the Aborted Event of v7's rollout", lambda: aborted_event(release, back), CONVERGE_S)
+        wait_until("the Aborted Event of v7's rollout", lambda: rollout_event(release, "Aborted", back), CONVERGE_S)
         time.sleep(2)  # a few reconciles later: nothing was started for the stable
         assert (release.status()["phase"], release.status()["candidateVersion"]) == ("Aborted", "v7")
     finally:

@@ -453,8 +453,12 @@ def test_a_killed_controller_resumes_mid_stage_and_a_standby_replaces_a_killed_l
         logged_transitions(walk.controllers["b"], rollout_id),
     )
     assert sorted(by_a + by_b) == list(range(len(final.history)))  # each transition recorded once, by one of them
-    names = {e["metadata"]["name"] for e in walk.api.list(f"/api/v1/namespaces/{walk.ns}/events")["items"]}
-    assert all(event_name(ROLLOUT, rollout_id, str(i)) in names for i in range(len(final.history)))
+
+    def every_event() -> bool:  # Events follow the status write
+        names = {e["metadata"]["name"] for e in walk.api.list(f"/api/v1/namespaces/{walk.ns}/events")["items"]}
+        return all(event_name(ROLLOUT, rollout_id, str(i)) in names for i in range(len(final.history)))
+
+    wait_for(every_event, "an Event per transition", 30)
     tables = published_tables(walk.controllers["a"].log_path) + published_tables(walk.controllers["b"].log_path)
     assert all(a != b for a, b in itertools.pairwise(tables))  # no table sent twice in a row, takeover or not
 
