@@ -20,7 +20,7 @@ Series (``_total`` counters, ``_seconds`` histograms)::
     fraudwatch_router_shadow_batch_size         histogram of shadow jobs per upstream call (batched shadow scoring)
     fraudwatch_shadow_dropped_total{reason}     queue_full | overload | expired | shutdown
     fraudwatch_shadow_agreement_total{stable, candidate, agree}
-    fraudwatch_shadow_pairs_total{stable, candidate, stable_prediction, candidate_prediction}
+    fraudwatch_shadow_pairs_total{stable, candidate, stage, stable_prediction, candidate_prediction}
     fraudwatch_shadow_score_delta{stable, candidate}                        histogram of candidate − stable score
                                                                             (no _sum: observations can be negative)
     fraudwatch_shadow_paired_score_sum_total{stable, candidate, side}       per-side score sums of the pairs
@@ -33,6 +33,7 @@ Children of labelled metrics are cached per label tuple, so the request path doe
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Final, Generic, Literal, TypeVar
 
@@ -40,7 +41,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.process_collector import ProcessCollector
 
-from rollout.routing import Role, RoutePlan
+from rollout.routing import Role, RoutePlan, comparison_pair
 
 Outcome = Literal["2xx", "4xx", "5xx", "timeout", "error"]
 DropReason = Literal["queue_full", "overload", "expired", "shutdown"]
@@ -172,8 +173,8 @@ class RouterMetrics:
         self.shadow_pairs = _Children(
             Counter(
                 "fraudwatch_shadow_pairs",
-                "Paired decider/shadow answers by the predictions of each side (a confusion table).",
-                ["stable", "candidate", "stable_prediction", "candidate_prediction"],
+                "Paired decider/shadow answers by the predictions of each side (a confusion table), by stage.",
+                ["stable", "candidate", "stage", "stable_prediction", "candidate_prediction"],
                 registry=registry,
             )
         )
@@ -227,11 +228,11 @@ class RouterMetrics:
         self.response_duration(stage).observe(seconds)
 
     def observe_pair(
-        self, stable: str, candidate: str, stable_prediction: int, candidate_prediction: int, delta: float
+        self, stable: str, candidate: str, stage: str, stable_prediction: int, candidate_prediction: int, delta: float
     ) -> None:
         agree = "true" if stable_prediction == candidate_prediction else "false"
         self.shadow_agreement(stable, candidate, agree).inc()
-        self.shadow_pairs(stable, candidate, str(stable_prediction), str(candidate_prediction)).inc()
+        self.shadow_pairs(stable, candidate, stage, str(stable_prediction), str(candidate_prediction)).inc()
         self.shadow_score_delta(stable, candidate).observe(delta)
 
     def observe_pair_scores(self, stable: str, candidate: str, stable_score: float, candidate_score: float) -> None:
@@ -245,3 +246,10 @@ class RouterMetrics:
         self._routing_info.clear()
         candidate = table.candidate.version if table.candidate else _NO_CANDIDATE
         self._routing_info.labels(table.stage, table.stable.version, candidate).set(1)
+        for route in (plan.stable_route, plan.candidate_route):  # the stage's pair cells start at zero
+            if route is None:
+                continue
+            for shadow in route.shadows:
+                pair = comparison_pair(route.decider.version, shadow.version, table.stable.version)
+                for stable_prediction, candidate_prediction in itertools.product("01", repeat=2):
+                    self.shadow_pairs(pair.stable, pair.candidate, table.stage, stable_prediction, candidate_prediction)

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Score buckets of the outcome histograms: fine near 0 (where most legitimate traffic sits and where the
@@ -58,6 +58,29 @@ DEFAULT_SCORE_BUCKETS: tuple[float, ...] = (
     1.0,
 )
 
+#: Score bin upper edges of the paired score table (``fraudwatch_outcome_paired_score_total``, the joint bins of both
+#: versions' scores on the same labelled requests, for a paired AUC difference): a subset of the outcome buckets,
+#: coarser because the table has (edges + 1)² × 2 cells per (pair, stage), all created at zero when the routing
+#: table names the pair (a cell born non-zero would hide its first count from ``increase()``).
+DEFAULT_PAIRED_SCORE_BUCKETS: tuple[float, ...] = (
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.6,
+    0.7,
+    0.8,
+    0.9,
+    0.95,
+    1.0,
+)
+
 #: Label delay buckets in hours: one hour to eight weeks.
 DEFAULT_LABEL_DELAY_HOURS: tuple[float, ...] = (1, 6, 12, 24, 48, 72, 120, 168, 336, 504, 720, 1008, 1344)
 
@@ -92,13 +115,22 @@ class OutcomeSettings(BaseSettings):
     score_buckets: tuple[float, ...] = DEFAULT_SCORE_BUCKETS
     calibration_bins: int = Field(10, ge=2, le=100)
     label_delay_buckets_hours: tuple[float, ...] = DEFAULT_LABEL_DELAY_HOURS
+    #: Must be a subset of ``score_buckets`` (a paired bin is then a union of outcome-histogram bins).
+    paired_score_buckets: tuple[float, ...] = DEFAULT_PAIRED_SCORE_BUCKETS
 
-    @field_validator("score_buckets", "label_delay_buckets_hours")
+    @field_validator("score_buckets", "label_delay_buckets_hours", "paired_score_buckets")
     @classmethod
     def _increasing(cls, value: tuple[float, ...]) -> tuple[float, ...]:
         if not value or any(b <= a for a, b in itertools.pairwise(value)):
             raise ValueError("buckets must be a non-empty, strictly increasing sequence")
         return value
+
+    @model_validator(mode="after")
+    def _paired_buckets_are_outcome_buckets(self) -> OutcomeSettings:
+        extra = sorted(set(self.paired_score_buckets) - set(self.score_buckets))
+        if extra:
+            raise ValueError(f"paired_score_buckets must be a subset of score_buckets; not in it: {extra}")
+        return self
 
 
 class DriftSettings(BaseSettings):

@@ -5,7 +5,8 @@ Data plane::
     router ──record()──▶ PredictionLog buffer ──background flush (thread, executemany)──▶ predictions table
     label source ──POST /api/v1/feedback──▶ OutcomeTracker ──find(correlation_id)──▶ every prediction of that id
                                              ├──▶ labels table (first label wins; the primary key arbitrates)
-                                             └──▶ outcome metrics per (model_version, role)
+                                             ├──▶ outcome metrics per (model_version, role, stage)
+                                             └──▶ paired tables per (stable, candidate, stage)
 
 ``record`` never blocks and never touches the database: it appends to a bounded in-memory buffer (overflow is
 dropped and counted). A background task flushes every ``flush_interval_ms`` or as soon as ``flush_max_rows`` rows
@@ -17,15 +18,29 @@ a different label → 409. Outcome metrics are updated once per label, for every
 and each shadow), with that prediction's own decision (taken at its own threshold). A shadow prediction logged
 after its label arrived gets no outcome (labels arrive days later; shadows answer within seconds).
 
+``stage`` on every outcome series is the routing stage in force when the PREDICTION was made (a column of the
+log), not when its label arrived: a gate of stage S counts exactly the predictions made while the arms ran side by
+side in S, whenever their labels come. A request both versions scored (the decider and a shadow of the same
+correlation ID) also counts once, when its label arrives, in the paired tables — both decisions
+(``fraudwatch_outcome_paired_total``: discordant pairs per label give paired recall, precision and decision-rate
+differences) and both score bins (``fraudwatch_outcome_paired_score_total``: a paired AUC difference). The sides
+are named after the routing table's stable at prediction time (column ``stable_version``), as the shadow
+comparison series are (:func:`rollout.routing.comparison_pair`).
+
+Series are created at zero when a routing table names their (version, role, stage) or (pair, stage) — the tracker
+observes the router's table store — so Prometheus sees the first label as an increase.
+
 ``record`` and the async methods must be called from the event loop's thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -58,6 +73,7 @@ from sqlalchemy import (
     Table,
     create_engine,
     event,
+    inspect,
     select,
 )
 from sqlalchemy.engine import make_url
@@ -68,6 +84,7 @@ from starlette.routing import Route
 
 from rollout.drift import calibration_bin_of
 from rollout.outcome_settings import OutcomeSettings, get_outcome_settings
+from rollout.routing import ComparisonPair, RoutePlan, comparison_pair
 from service.logging import get_logger, log_event
 from service.schema import ErrorDetail, ErrorResponse
 
@@ -92,7 +109,11 @@ class PredictionRecord:
     score: float
     prediction: int
     threshold: float
+    #: The routing stage in force when the prediction was made.
     stage: str
+    #: The routing table's stable version when the prediction was made (names the sides of a pair); None in rows
+    #: written before the column existed.
+    stable_version: str | None = None
 
 
 # --------------------------------------------------------------------------------------------------- schema
@@ -112,6 +133,7 @@ predictions_table = Table(
     Column("prediction", SmallInteger, nullable=False),
     Column("threshold", Float, nullable=False),
     Column("stage", String, nullable=False),
+    Column("stable_version", String, nullable=True),
 )
 Index("ix_predictions_correlation_id", predictions_table.c.correlation_id)
 
@@ -133,6 +155,27 @@ def utc_now() -> datetime:
 def as_utc(value: datetime) -> datetime:
     """Aware UTC; a naive value (SQLite returns those) is taken to be UTC already."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def ensure_schema(engine: Engine) -> list[str]:
+    """Create the tables if needed and add any nullable column a table of an older release lacks (``ALTER TABLE …
+    ADD COLUMN``, the same statement on SQLite and PostgreSQL; old rows read NULL there). Returns the columns added."""
+    metadata.create_all(engine)
+    added: list[str] = []
+    with engine.begin() as conn:
+        for table in metadata.sorted_tables:
+            present = {column["name"] for column in inspect(conn).get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                if not column.nullable:
+                    raise RuntimeError(f"table {table.name!r} lacks the required column {column.name!r}")
+                column_type = column.type.compile(dialect=engine.dialect)
+                conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {column_type}')
+                added.append(f"{table.name}.{column.name}")
+    if added:
+        log_event(logger, "prediction log schema migrated", added_columns=added)
+    return added
 
 
 def create_log_engine(settings: OutcomeSettings) -> Engine:
@@ -165,6 +208,7 @@ def _row_of(record: PredictionRecord) -> dict[str, Any]:
         "prediction": int(record.prediction),
         "threshold": float(record.threshold),
         "stage": record.stage,
+        "stable_version": record.stable_version,
     }
 
 
@@ -198,6 +242,7 @@ def _record_of(row: Any) -> PredictionRecord:
         prediction=int(row.prediction),
         threshold=float(row.threshold),
         stage=row.stage,
+        stable_version=row.stable_version,
     )
 
 
@@ -284,7 +329,7 @@ class PredictionLog:
 
     async def start(self) -> None:
         """Create the tables if needed and start the background writer."""
-        await asyncio.to_thread(metadata.create_all, self._engine)
+        await asyncio.to_thread(ensure_schema, self._engine)
         self._started = True
         self._task = asyncio.create_task(self._run(), name="prediction-log-writer")
         log_event(logger, "prediction log started", backend=self._engine.url.get_backend_name())
@@ -326,7 +371,7 @@ class PredictionLog:
         if self._task is not None:
             await self._task
         if not self._started and self._buffer:
-            await asyncio.to_thread(metadata.create_all, self._engine)
+            await asyncio.to_thread(ensure_schema, self._engine)
         await self._drain_until(time.monotonic() + self._settings.close_timeout_s)
         await asyncio.to_thread(self._engine.dispose)
         log_event(logger, "prediction log closed")
@@ -504,10 +549,11 @@ class FeedbackResult:
 
 class _OutcomeMetrics:
     def __init__(self, registry: CollectorRegistry, settings: OutcomeSettings) -> None:
-        by_version = ["model_version", "role"]
+        by_version = ["model_version", "role", "stage"]
         self.outcomes = Counter(
             "fraudwatch_outcome",
-            "Labelled predictions by confusion-matrix cell, at each prediction's own threshold.",
+            "Labelled predictions by confusion-matrix cell, at each prediction's own threshold; stage = the routing "
+            "stage when the prediction was made.",
             [*by_version, "outcome"],
             registry=registry,
         )
@@ -537,6 +583,21 @@ class _OutcomeMetrics:
             buckets=tuple(h * SECONDS_PER_HOUR for h in settings.label_delay_buckets_hours),
             registry=registry,
         )
+        by_pair = ["stable", "candidate", "stage", "label"]
+        self.paired = Counter(
+            "fraudwatch_outcome_paired",
+            "Labelled requests both versions scored (decider + shadow), by label and each side's prediction; "
+            "stage = the routing stage when the predictions were made.",
+            [*by_pair, "stable_prediction", "candidate_prediction"],
+            registry=registry,
+        )
+        self.paired_score = Counter(
+            "fraudwatch_outcome_paired_score",
+            "Labelled requests both versions scored, by label and each side's score bin (non-cumulative cells; "
+            "*_le = the bin's upper edge, +Inf last).",
+            [*by_pair, "stable_le", "candidate_le"],
+            registry=registry,
+        )
         self.feedback = Counter(
             "fraudwatch_feedback",
             "Feedback requests by result (recorded, duplicate, conflict, unknown, invalid, unavailable).",
@@ -549,6 +610,75 @@ def confusion_cell(prediction: int, label: int) -> Literal["tp", "fp", "tn", "fn
     if prediction == 1:
         return "tp" if label == 1 else "fp"
     return "fn" if label == 1 else "tn"
+
+
+def le_of(edge: float) -> str:
+    """A bucket edge spelt as a Prometheus histogram's ``le`` label (prometheus_client: ``repr`` of the float for
+    the edges of scores in [0, 1], ``+Inf``)."""
+    return "+Inf" if math.isinf(edge) else repr(float(edge))
+
+
+def bin_edges(buckets: Sequence[float]) -> tuple[str, ...]:
+    """The ``le`` label values of the bins of ``buckets``, as Prometheus histograms spell them, ``+Inf`` last."""
+    return (*(le_of(b) for b in buckets), "+Inf")
+
+
+def score_bin(score: float, buckets: Sequence[float]) -> str:
+    """The upper edge (``le`` value) of the bin holding ``score``: the smallest bucket ≥ score, else ``+Inf``."""
+    index = bisect.bisect_left(buckets, score)
+    return le_of(buckets[index]) if index < len(buckets) else "+Inf"
+
+
+@dataclass(frozen=True)
+class PairedPrediction:
+    """The two versions' predictions of one request, named after the rollout's sides."""
+
+    pair: ComparisonPair
+    stage: str
+    stable: PredictionRecord
+    candidate: PredictionRecord
+
+
+def paired_predictions(found: Sequence[PredictionRecord]) -> list[PairedPrediction]:
+    """The (decider, shadow) pairs among the predictions of one correlation ID, made in the same stage.
+
+    The sides follow the routing table's stable at prediction time, as the shadow comparison series do; a row
+    without ``stable_version`` (written before the column) falls back to the stage: in ``full`` the shadow is the
+    old stable, in every other stage the decider is stable.
+    """
+    deciders = [r for r in found if r.role == "decider"]
+    if not deciders:
+        return []
+    decider = deciders[0]
+    out: list[PairedPrediction] = []
+    for shadow in found:
+        if shadow.role != "shadow" or shadow.stage != decider.stage or shadow.model_version == decider.model_version:
+            continue
+        table_stable = shadow.stable_version or decider.stable_version
+        if table_stable is None:
+            table_stable = shadow.model_version if decider.stage == "full" else decider.model_version
+        pair = comparison_pair(decider.model_version, shadow.model_version, table_stable)
+        stable_rec, candidate_rec = (shadow, decider) if pair.shadow_is_stable else (decider, shadow)
+        out.append(PairedPrediction(pair, decider.stage, stable_rec, candidate_rec))
+    return out
+
+
+def plan_series(plan: RoutePlan) -> tuple[set[tuple[str, Role, str]], set[tuple[str, str, str]]]:
+    """The (version, role, stage) and (stable, candidate, stage) a routing plan can produce predictions for."""
+    stage = plan.stage
+    versions: set[tuple[str, Role, str]] = set()
+    pairs: set[tuple[str, str, str]] = set()
+    for route in (plan.stable_route, plan.candidate_route):
+        if route is None:
+            continue
+        versions.add((route.decider.version, "decider", stage))
+        if route.fallback is not None:
+            versions.add((route.fallback.version, "decider", stage))
+        for shadow in route.shadows:
+            versions.add((shadow.version, "shadow", stage))
+            pair = comparison_pair(route.decider.version, shadow.version, plan.table.stable.version)
+            pairs.add((pair.stable, pair.candidate, stage))
+    return versions, pairs
 
 
 class OutcomeTracker:
@@ -564,7 +694,9 @@ class OutcomeTracker:
         self._log = log
         self._settings = settings or log.settings
         self._metrics = _OutcomeMetrics(registry if registry is not None else REGISTRY, self._settings)
-        self._prepared: set[tuple[str, Role]] = set()
+        self._prepared: set[tuple[str, Role, str]] = set()
+        self._prepared_pairs: set[tuple[str, str, str]] = set()
+        self._paired_edges = bin_edges(self._settings.paired_score_buckets)
 
     def routes(self) -> list[Route]:
         return [Route(FEEDBACK_PATH, self.feedback_endpoint, methods=["POST"])]
@@ -585,11 +717,24 @@ class OutcomeTracker:
         status: FeedbackStatus = "duplicate" if existing.label == feedback.label else "conflict"
         return self._counted(FeedbackResult(status, cid, len(found), existing))
 
-    def prepare(self, model_version: str, role: Role) -> None:
-        """Create every outcome series of a (version, role) at zero, so Prometheus sees the first labels as an
-        increase (a series born with a non-zero value counts as no increase). The router calls this when a version
-        enters the routing table; :meth:`observe` does it for any pair it has not seen."""
-        keys = (model_version, role)
+    # ------------------------------------------------------------------ table store observer
+
+    def table_applied(self, plan: RoutePlan, _source: str) -> None:
+        """Create at zero every outcome and paired series the new routing table can feed (see :meth:`prepare`)."""
+        versions, pairs = plan_series(plan)
+        for version, role, stage in sorted(versions):
+            self.prepare(version, role, stage)
+        for stable, candidate, stage in sorted(pairs):
+            self.prepare_pair(stable, candidate, stage)
+
+    def table_refused(self, _source: str, _result: str, _detail: str) -> None:
+        return
+
+    def prepare(self, model_version: str, role: Role, stage: str) -> None:
+        """Create every outcome series of a (version, role, stage) at zero, so Prometheus sees the first labels as
+        an increase (a series born with a non-zero value counts as no increase). Called when a routing table names
+        the version (:meth:`table_applied`); :meth:`observe` does it for any it has not seen."""
+        keys = (model_version, role, stage)
         if keys in self._prepared:
             return
         self._prepared.add(keys)
@@ -602,11 +747,28 @@ class OutcomeTracker:
             self._metrics.calibration_observed.labels(*keys, str(cal_bin))
         self._metrics.label_delay.labels(*keys)
 
+    def prepare_pair(self, stable: str, candidate: str, stage: str) -> None:
+        """Create the paired tables of a (stable, candidate, stage) at zero: 8 prediction cells and the score bins
+        (scores lie in [0, 1], so the ``+Inf`` row and column are left to appear if ever used)."""
+        keys = (stable, candidate, stage)
+        if keys in self._prepared_pairs:
+            return
+        self._prepared_pairs.add(keys)
+        finite = self._paired_edges[:-1]
+        for label_name in LABEL_NAMES.values():
+            for stable_prediction in ("0", "1"):
+                for candidate_prediction in ("0", "1"):
+                    self._metrics.paired.labels(*keys, label_name, stable_prediction, candidate_prediction)
+            for stable_le in finite:
+                for candidate_le in finite:
+                    self._metrics.paired_score.labels(*keys, label_name, stable_le, candidate_le)
+
     def observe(self, found: Sequence[PredictionRecord], label: int, observed_at: datetime) -> None:
-        """Outcome metrics for a label joined to predictions."""
+        """Outcome metrics for a label joined to predictions, each under the stage of its prediction; and the
+        paired tables for the requests both versions scored."""
         label_name = LABEL_NAMES[label]
         for rec in found:
-            keys = (rec.model_version, rec.role)
+            keys = (rec.model_version, rec.role, rec.stage)
             self.prepare(*keys)
             self._metrics.outcomes.labels(*keys, confusion_cell(rec.prediction, label)).inc()
             self._metrics.score.labels(*keys, label_name).observe(rec.score)
@@ -615,6 +777,18 @@ class OutcomeTracker:
             self._metrics.calibration_observed.labels(*keys, cal_bin).inc(label)
             delay = max(0.0, (as_utc(observed_at) - as_utc(rec.ts)).total_seconds())
             self._metrics.label_delay.labels(*keys).observe(delay)
+        buckets = self._settings.paired_score_buckets
+        for paired in paired_predictions(found):
+            keys_pair = (paired.pair.stable, paired.pair.candidate, paired.stage)
+            self.prepare_pair(*keys_pair)
+            self._metrics.paired.labels(
+                *keys_pair, label_name, str(paired.stable.prediction), str(paired.candidate.prediction)
+            ).inc()
+            stable_le, candidate_le = (
+                score_bin(paired.stable.score, buckets),
+                score_bin(paired.candidate.score, buckets),
+            )
+            self._metrics.paired_score.labels(*keys_pair, label_name, stable_le, candidate_le).inc()
 
     def _counted(self, result: FeedbackResult) -> FeedbackResult:
         self._metrics.feedback.labels(result.status).inc()

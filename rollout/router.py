@@ -350,6 +350,7 @@ class Router:
                 prediction=answer.prediction,
                 threshold=answer.threshold,
                 stage=plan.stage,
+                stable_version=plan.table.stable.version,
             )
         )
 
@@ -467,6 +468,7 @@ def create_app(settings: RolloutSettings | None = None) -> Starlette:
     router = Router(
         router_settings, registry=registry, prediction_log=log, extra_routes=tracker.routes(), sources=sources
     )
+    router.store.add_observer(tracker)  # outcome and paired series of each table's versions start at zero
     return router.app()
 
 

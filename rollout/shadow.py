@@ -185,6 +185,7 @@ class ShadowRunner:
         self._metrics.observe_pair(
             pair.stable,
             pair.candidate,
+            job.stage,
             stable_side.prediction,
             candidate_side.prediction,
             pair.score_delta(job.decider.score, shadow.score),
@@ -202,6 +203,7 @@ class ShadowRunner:
                     prediction=shadow.prediction,
                     threshold=shadow.threshold,
                     stage=job.stage,
+                    stable_version=job.table_stable_version,
                 )
             )
 

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from rollout.outcome_settings import OutcomeSettings
-from rollout.outcomes import FEEDBACK_PATH, OutcomeTracker, PredictionLog, PredictionRecord
+from rollout.outcomes import FEEDBACK_PATH, OutcomeTracker, PredictionLog, PredictionRecord, ensure_schema
 from tests.integration.pg import PostgresServer, running_postgres
 
 pytestmark = pytest.mark.integration
@@ -165,11 +165,54 @@ def test_labels_join_after_a_restart_and_stay_idempotent(dsn: str) -> None:
     registry = asyncio.run(second_process())
     # r-7 scored 0.07: below both thresholds → a missed fraud (fn) for the decider and for the shadow
     for version, role in (("v1", "decider"), ("v2", "shadow")):
-        labels = {"model_version": version, "role": role, "outcome": "fn"}
+        labels = {"model_version": version, "role": role, "stage": "shadow", "outcome": "fn"}
         assert registry.get_sample_value("fraudwatch_outcome_total", labels) == 1
         labels["outcome"] = "tp"
         assert registry.get_sample_value("fraudwatch_outcome_total", labels) == 0
     assert _count(dsn, "labels") == 2
+
+
+def test_a_prediction_table_of_the_previous_release_is_migrated_in_place(dsn: str) -> None:
+    """The table as the release before ``stable_version`` created it, with a row: the log adds the column (NULL for
+    the old row), keeps the row, and writes and reads the new column."""
+    old = sa.MetaData()
+    sa.Table(
+        "predictions", old,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("correlation_id", sa.String, nullable=False), sa.Column("entity_key", sa.String, nullable=True),
+        sa.Column("ts", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("model_version", sa.String, nullable=False), sa.Column("role", sa.String, nullable=False),
+        sa.Column("score", sa.Float, nullable=False), sa.Column("prediction", sa.SmallInteger, nullable=False),
+        sa.Column("threshold", sa.Float, nullable=False), sa.Column("stage", sa.String, nullable=False),
+    )  # fmt: skip
+    engine = sa.create_engine(dsn)
+    old.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO predictions (correlation_id, ts, model_version, role, score, prediction, threshold, stage)"
+                " VALUES ('old-1', :ts, 'v1', 'decider', 0.9, 1, 0.5, 'full')"
+            ),
+            {"ts": datetime(2024, 3, 1, tzinfo=UTC)},
+        )
+    engine.dispose()
+
+    async def main() -> tuple[PredictionRecord | None, PredictionRecord | None, list[str]]:
+        log = PredictionLog(OutcomeSettings(dsn=dsn), registry=CollectorRegistry())
+        await log.start()
+        now = datetime.now(UTC)
+        log.record(PredictionRecord("new-1", None, now, "v2", "shadow", 0.2, 0, 0.5, "shadow", stable_version="v1"))
+        await log.flush()
+        found_old, found_new = await log.find("old-1"), await log.find("new-1")
+        again = await asyncio.to_thread(ensure_schema, log.engine)  # a second start adds nothing
+        await log.close()
+        return (found_old[0] if found_old else None), (found_new[0] if found_new else None), again
+
+    found_old, found_new, again = asyncio.run(main())
+    assert found_old is not None and found_old.stable_version is None and found_old.stage == "full"
+    assert found_new is not None and found_new.stable_version == "v1"
+    assert again == []
+    assert _count(dsn, "predictions") == 2
 
 
 def test_overflow_is_dropped_and_counted_never_blocking(dsn: str) -> None:

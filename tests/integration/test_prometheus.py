@@ -116,7 +116,7 @@ def test_recorded_psi_precision_and_auc_from_real_exporters(tmp_path: Path) -> N
     tracker = OutcomeTracker(
         PredictionLog(outcome_settings, registry=registries[0]), outcome_settings, registry=registries[0]
     )
-    tracker.prepare("v2", "decider")
+    tracker.prepare("v2", "decider", "ab")
     servers = [_start_exporter(registry) for registry in registries]
     targets = [ScrapeTarget(f"{HOST}:{port}", {"replica": str(i)}) for i, (_, port) in enumerate(servers)]
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import sqlite3
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 from starlette.applications import Starlette
 
 from rollout.drift import calibration_bin_of
@@ -22,9 +24,13 @@ from rollout.outcomes import (
     OutcomeTracker,
     PredictionLog,
     PredictionRecord,
+    bin_edges,
     confusion_cell,
+    paired_predictions,
+    score_bin,
 )
 from rollout.prometheus import free_port
+from rollout.routing import RoutePlan, RoutingTable
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -44,6 +50,10 @@ class Harness:
 
     def value(self, name: str, **labels: str) -> float:
         return self.registry.get_sample_value(name, labels) or 0.0
+
+    def outcome(self, version: str, role: str, cell: str, stage: str = "shadow") -> float:
+        """``fraudwatch_outcome_total`` of a (version, role, prediction stage, cell)."""
+        return self.value("fraudwatch_outcome_total", model_version=version, role=role, stage=stage, outcome=cell)
 
 
 def _settings(tmp_path: Path, **overrides: Any) -> OutcomeSettings:
@@ -101,26 +111,47 @@ def test_join_updates_outcomes_of_decider_and_shadow_at_their_own_thresholds(tmp
         assert response.status_code == 200, response.text
         assert response.json() == {"status": "recorded", "correlation_id": "c-1", "label": "fraud", "predictions": 2}
 
-        assert h.value("fraudwatch_outcome_total", model_version="v1", role="decider", outcome="tp") == 1
-        assert h.value("fraudwatch_outcome_total", model_version="v2", role="shadow", outcome="fn") == 1
-        assert h.value("fraudwatch_outcome_total", model_version="v2", role="shadow", outcome="tp") == 0
+        assert h.outcome("v1", "decider", "tp") == 1
+        assert h.outcome("v2", "shadow", "fn") == 1
+        assert h.outcome("v2", "shadow", "tp") == 0
         # score histograms split by label; 0.62 lies in (0.6, 0.65]
         assert (
-            h.value("fraudwatch_outcome_score_bucket", model_version="v1", role="decider", label="fraud", le="0.6") == 0
+            h.value(
+                "fraudwatch_outcome_score_bucket",
+                model_version="v1",
+                role="decider",
+                stage="shadow",
+                label="fraud",
+                le="0.6",
+            )
+            == 0
         )
         assert (
-            h.value("fraudwatch_outcome_score_bucket", model_version="v1", role="decider", label="fraud", le="0.65")
+            h.value(
+                "fraudwatch_outcome_score_bucket",
+                model_version="v1",
+                role="decider",
+                stage="shadow",
+                label="fraud",
+                le="0.65",
+            )
             == 1
         )
-        assert h.value("fraudwatch_outcome_score_sum", model_version="v2", role="shadow", label="fraud") == 0.66
+        assert (
+            h.value("fraudwatch_outcome_score_sum", model_version="v2", role="shadow", stage="shadow", label="fraud")
+            == 0.66
+        )
         # calibration: the bin holds the score sum, the count and the observed fraud
         cal_bin = str(calibration_bin_of(0.62, h.log.settings.calibration_bins))
-        labels = {"model_version": "v1", "role": "decider", "bin": cal_bin}
+        labels = {"model_version": "v1", "role": "decider", "stage": "shadow", "bin": cal_bin}
         assert h.value("fraudwatch_calibration_predicted_sum", **labels) == pytest.approx(0.62)
         assert h.value("fraudwatch_calibration_predicted_count", **labels) == 1
         assert h.value("fraudwatch_calibration_observed_fraud_total", **labels) == 1
         # the label delay is observed_at − prediction ts = 72 h
-        assert h.value("fraudwatch_label_delay_seconds_sum", model_version="v1", role="decider") == 72 * 3600
+        assert (
+            h.value("fraudwatch_label_delay_seconds_sum", model_version="v1", role="decider", stage="shadow")
+            == 72 * 3600
+        )
         assert h.value("fraudwatch_feedback_total", result="recorded") == 1
 
     run_with(tmp_path, scenario)
@@ -132,9 +163,9 @@ def test_legit_label_counts_false_positive_and_true_negative(tmp_path: Path) -> 
         h.log.record(_pred("c-2", "v2", "shadow", score=0.1))
         response = await h.feedback({"correlation_id": "c-2", "label": 0, "source": "review"})
         assert response.status_code == 200, response.text
-        assert h.value("fraudwatch_outcome_total", model_version="v1", role="decider", outcome="fp") == 1
-        assert h.value("fraudwatch_outcome_total", model_version="v2", role="shadow", outcome="tn") == 1
-        labels = {"model_version": "v2", "role": "shadow", "bin": "1"}
+        assert h.outcome("v1", "decider", "fp") == 1
+        assert h.outcome("v2", "shadow", "tn") == 1
+        labels = {"model_version": "v2", "role": "shadow", "stage": "shadow", "bin": "1"}
         assert h.value("fraudwatch_calibration_observed_fraud_total", **labels) == 0
         assert h.value("fraudwatch_calibration_predicted_count", **labels) == 1
 
@@ -148,7 +179,7 @@ def test_prediction_still_in_the_write_buffer_is_found(tmp_path: Path) -> None:
         response = await h.feedback({"correlation_id": "c-buffered", "label": "fraud", "source": "chargeback"})
         assert response.status_code == 200, response.text
         assert response.json()["predictions"] == 1
-        assert h.value("fraudwatch_outcome_total", model_version="v1", role="decider", outcome="tp") == 1
+        assert h.outcome("v1", "decider", "tp") == 1
 
     run_with(tmp_path, scenario, flush_interval_ms=60_000)
 
@@ -164,8 +195,8 @@ def test_same_label_twice_is_counted_once_and_a_conflicting_label_is_refused(tmp
         conflict = other.json()
         assert "already labelled 'fraud' by 'chargeback'" in conflict["error"]
         assert conflict["details"][0]["field"] == "label"
-        assert h.value("fraudwatch_outcome_total", model_version="v1", role="decider", outcome="tp") == 1
-        assert h.value("fraudwatch_outcome_total", model_version="v1", role="decider", outcome="fp") == 0
+        assert h.outcome("v1", "decider", "tp") == 1
+        assert h.outcome("v1", "decider", "fp") == 0
         assert h.value("fraudwatch_feedback_total", result="duplicate") == 1
         assert h.value("fraudwatch_feedback_total", result="conflict") == 1
 
@@ -179,7 +210,7 @@ def test_concurrent_identical_labels_are_counted_once(tmp_path: Path) -> None:
         body = {"correlation_id": "c-race", "label": "fraud", "source": "chargeback"}
         responses = await asyncio.gather(*(h.feedback(body) for _ in range(8)))
         assert sorted(r.json()["status"] for r in responses) == ["duplicate"] * 7 + ["recorded"]
-        assert h.value("fraudwatch_outcome_total", model_version="v1", role="decider", outcome="tp") == 1
+        assert h.outcome("v1", "decider", "tp") == 1
 
     run_with(tmp_path, scenario)
 
@@ -242,27 +273,28 @@ def test_label_spellings_are_accepted(tmp_path: Path) -> None:
             h.log.record(_pred(f"s-{i}", "v1", "decider", score=0.2))
             response = await h.feedback({"correlation_id": f"s-{i}", "label": label, "source": "x"})
             assert response.status_code == 200, response.text
-        assert h.value("fraudwatch_outcome_total", model_version="v1", role="decider", outcome="fn") == 2
-        assert h.value("fraudwatch_outcome_total", model_version="v1", role="decider", outcome="tn") == 2
+        assert h.outcome("v1", "decider", "fn") == 2
+        assert h.outcome("v1", "decider", "tn") == 2
 
     run_with(tmp_path, scenario)
 
 
 def test_prepare_creates_every_outcome_series_at_zero(tmp_path: Path) -> None:
     async def scenario(h: Harness) -> None:
-        h.tracker.prepare("v9", "shadow")
+        h.tracker.prepare("v9", "shadow", "shadow")
         for cell in ("tp", "fp", "tn", "fn"):
             assert (
                 h.registry.get_sample_value(
-                    "fraudwatch_outcome_total", {"model_version": "v9", "role": "shadow", "outcome": cell}
+                    "fraudwatch_outcome_total",
+                    {"model_version": "v9", "role": "shadow", "stage": "shadow", "outcome": cell},
                 )
                 == 0
             )
         for label in ("fraud", "legit"):
-            labels = {"model_version": "v9", "role": "shadow", "label": label}
+            labels = {"model_version": "v9", "role": "shadow", "stage": "shadow", "label": label}
             assert h.registry.get_sample_value("fraudwatch_outcome_score_count", labels) == 0
         last_bin = str(h.log.settings.calibration_bins - 1)
-        labels = {"model_version": "v9", "role": "shadow", "bin": last_bin}
+        labels = {"model_version": "v9", "role": "shadow", "stage": "shadow", "bin": last_bin}
         assert h.registry.get_sample_value("fraudwatch_calibration_predicted_count", labels) == 0
         assert h.registry.get_sample_value("fraudwatch_calibration_observed_fraud_total", labels) == 0
 
@@ -302,3 +334,188 @@ def test_malformed_records_are_rejected_and_the_rest_written(tmp_path: Path) -> 
         await reopened.close()
 
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------------------------------- stage, pairs
+
+
+def _rec(
+    cid: str, version: str, role: str, score: float, stage: str, stable: str | None, threshold: float = 0.5
+) -> PredictionRecord:
+    record: PredictionRecord = _pred(cid, version, role, score, threshold)
+    return dataclasses.replace(record, stage=stage, stable_version=stable)
+
+
+def _paired(h: Harness, stable: str, candidate: str, stage: str, label: str, sp: str, cp: str) -> float:
+    return h.value(
+        "fraudwatch_outcome_paired_total",
+        stable=stable, candidate=candidate, stage=stage, label=label, stable_prediction=sp, candidate_prediction=cp,
+    )  # fmt: skip
+
+
+def test_outcomes_count_under_the_stage_of_the_prediction_not_of_the_label(tmp_path: Path) -> None:
+    async def scenario(h: Harness) -> None:
+        # predicted in canary; by the time the label arrives the rollout is in ab (it does not matter)
+        h.log.record(_rec("c-s", "v2", "decider", 0.9, "canary", "v1"))
+        h.log.record(_rec("c-t", "v1", "decider", 0.1, "ab", "v1"))
+        assert (await h.feedback({"correlation_id": "c-s", "label": "fraud", "source": "cb"})).status_code == 200
+        assert (await h.feedback({"correlation_id": "c-t", "label": "fraud", "source": "cb"})).status_code == 200
+        assert h.outcome("v2", "decider", "tp", stage="canary") == 1
+        assert h.outcome("v2", "decider", "tp", stage="ab") == 0
+        assert h.outcome("v1", "decider", "fn", stage="ab") == 1
+        for name, labels in (
+            ("fraudwatch_outcome_score_count", {"label": "fraud"}),
+            ("fraudwatch_calibration_predicted_count", {"bin": "9"}),
+            ("fraudwatch_label_delay_seconds_count", {}),
+        ):
+            assert h.value(name, model_version="v2", role="decider", stage="canary", **labels) == 1, name
+            assert h.value(name, model_version="v2", role="decider", stage="ab", **labels) == 0, name
+
+    run_with(tmp_path, scenario)
+
+
+def test_a_labelled_request_both_versions_scored_counts_once_in_the_paired_tables(tmp_path: Path) -> None:
+    async def scenario(h: Harness) -> None:
+        # shadow stage: v1 (stable) decides and flags, v2 shadows and misses; both scores in the bin (0.6, 0.7]
+        h.log.record(_rec("c-p", "v1", "decider", 0.62, "shadow", "v1", threshold=0.5))
+        h.log.record(_rec("c-p", "v2", "shadow", 0.66, "shadow", "v1", threshold=0.7))
+        # a request only one version scored (its shadow answer never came) is not paired
+        h.log.record(_rec("c-q", "v1", "decider", 0.3, "shadow", "v1"))
+        await h.log.flush()
+        for cid in ("c-p", "c-q"):
+            assert (await h.feedback({"correlation_id": cid, "label": "fraud", "source": "cb"})).status_code == 200
+        assert _paired(h, "v1", "v2", "shadow", "fraud", "1", "0") == 1
+        cells = [
+            _paired(h, "v1", "v2", "shadow", label, sp, cp)
+            for label in ("fraud", "legit") for sp in "01" for cp in "01"
+        ]  # fmt: skip
+        assert sum(cells) == 1
+        score = {"stable": "v1", "candidate": "v2", "stage": "shadow", "label": "fraud"}
+        assert h.value("fraudwatch_outcome_paired_score_total", **score, stable_le="0.7", candidate_le="0.7") == 1
+        assert h.value("fraudwatch_outcome_paired_score_total", **score, stable_le="0.6", candidate_le="0.7") == 0
+        # the same label again is a duplicate: nothing is counted twice
+        again = await h.feedback({"correlation_id": "c-p", "label": "fraud", "source": "cb"})
+        assert again.json()["status"] == "duplicate"
+        assert _paired(h, "v1", "v2", "shadow", "fraud", "1", "0") == 1
+
+    run_with(tmp_path, scenario)
+
+
+def test_pair_sides_follow_the_table_stable_at_prediction_time(tmp_path: Path) -> None:
+    async def scenario(h: Harness) -> None:
+        # full: the candidate v2 decides, the old stable v1 shadows → stable = the shadow
+        h.log.record(_rec("c-f", "v2", "decider", 0.9, "full", "v1"))
+        h.log.record(_rec("c-f", "v1", "shadow", 0.2, "full", "v1"))
+        # canary with v1 as an explicit shadow of the deciding candidate: stable is still v1
+        h.log.record(_rec("c-c", "v2", "decider", 0.2, "canary", "v1"))
+        h.log.record(_rec("c-c", "v1", "shadow", 0.9, "canary", "v1"))
+        # a row from before the stable_version column: in full the shadow is taken to be the stable
+        h.log.record(_rec("c-o", "v2", "decider", 0.9, "full", None))
+        h.log.record(_rec("c-o", "v1", "shadow", 0.9, "full", None))
+        for cid in ("c-f", "c-c", "c-o"):
+            assert (await h.feedback({"correlation_id": cid, "label": "legit", "source": "cb"})).status_code == 200
+        assert _paired(h, "v1", "v2", "full", "legit", "0", "1") == 1
+        assert _paired(h, "v1", "v2", "canary", "legit", "1", "0") == 1
+        assert _paired(h, "v1", "v2", "full", "legit", "1", "1") == 1
+        assert _paired(h, "v2", "v1", "full", "legit", "1", "0") == 0
+
+    run_with(tmp_path, scenario)
+
+
+def test_paired_predictions_is_empty_without_a_decider_and_skips_other_stages() -> None:
+    shadow_only = [_rec("c", "v2", "shadow", 0.5, "shadow", "v1")]
+    assert paired_predictions(shadow_only) == []
+    mixed = [_rec("c", "v1", "decider", 0.5, "shadow", "v1"), _rec("c", "v2", "shadow", 0.5, "canary", "v1")]
+    assert paired_predictions(mixed) == []
+
+
+@pytest.mark.parametrize(
+    ("score", "edge"), [(0.0, "0.005"), (0.005, "0.005"), (0.0051, "0.01"), (0.5, "0.5"), (1.0, "1.0"), (1.5, "+Inf")]
+)
+def test_score_bin_is_the_smallest_upper_edge_at_or_above_the_score(score: float, edge: str) -> None:
+    buckets = OutcomeSettings().paired_score_buckets
+    assert score_bin(score, buckets) == edge
+    assert edge in bin_edges(buckets)
+
+
+def test_paired_bin_edges_spell_le_as_the_outcome_histogram_does(tmp_path: Path) -> None:
+    async def scenario(h: Harness) -> None:
+        h.tracker.prepare("v1", "decider", "shadow")
+        histogram_les = {
+            sample.labels["le"]
+            for metric in h.registry.collect()
+            if metric.name == "fraudwatch_outcome_score"
+            for sample in metric.samples
+            if sample.name.endswith("_bucket")
+        }
+        assert set(bin_edges(h.log.settings.paired_score_buckets)) <= histogram_les
+
+    run_with(tmp_path, scenario)
+
+
+def test_paired_buckets_must_be_outcome_buckets() -> None:
+    with pytest.raises(ValidationError, match="subset of score_buckets"):
+        OutcomeSettings(paired_score_buckets=(0.33, 1.0))
+
+
+def test_a_routing_table_creates_its_stage_series_at_zero(tmp_path: Path) -> None:
+    table = RoutingTable.model_validate(
+        {
+            "generation": 3,
+            "stage": "shadow",
+            "stable": {"version": "v1", "url": "http://127.0.0.1:1"},
+            "candidate": {"version": "v2", "url": "http://127.0.0.1:2"},
+        }
+    )
+
+    async def scenario(h: Harness) -> None:
+        h.tracker.table_applied(RoutePlan.compile(table), "test")
+        outcome = {"stage": "shadow", "outcome": "tp"}
+        assert h.registry.get_sample_value("fraudwatch_outcome_total", {"model_version": "v1", "role": "decider",
+                                                                         **outcome}) == 0  # fmt: skip
+        assert h.registry.get_sample_value("fraudwatch_outcome_total", {"model_version": "v2", "role": "shadow",
+                                                                         **outcome}) == 0  # fmt: skip
+        paired = [
+            s for m in h.registry.collect() if m.name == "fraudwatch_outcome_paired" for s in m.samples
+            if s.name.endswith("_total")
+        ]  # fmt: skip
+        assert len(paired) == 8
+        assert {(s.labels["stable"], s.labels["candidate"], s.labels["stage"]) for s in paired} == {
+            ("v1", "v2", "shadow")
+        }
+        cells = [
+            s for m in h.registry.collect() if m.name == "fraudwatch_outcome_paired_score" for s in m.samples
+            if s.name.endswith("_total")
+        ]  # fmt: skip
+        edges = len(h.log.settings.paired_score_buckets)
+        assert len(cells) == 2 * edges * edges
+        assert all(s.value == 0 for s in [*paired, *cells])
+
+    run_with(tmp_path, scenario)
+
+
+def test_an_old_prediction_table_gains_the_stable_version_column(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    with sqlite3.connect(path) as conn:  # the schema of the previous release, with one row
+        conn.execute(
+            "CREATE TABLE predictions (id INTEGER PRIMARY KEY AUTOINCREMENT, correlation_id VARCHAR NOT NULL, "
+            "entity_key VARCHAR, ts DATETIME NOT NULL, model_version VARCHAR NOT NULL, role VARCHAR NOT NULL, "
+            "score FLOAT NOT NULL, prediction SMALLINT NOT NULL, threshold FLOAT NOT NULL, stage VARCHAR NOT NULL)"
+        )
+        conn.execute(
+            "INSERT INTO predictions (correlation_id, ts, model_version, role, score, prediction, threshold, stage) "
+            "VALUES ('old', '2024-03-01 12:00:00', 'v1', 'decider', 0.9, 1, 0.5, 'full')"
+        )
+
+    async def scenario(h: Harness) -> None:
+        (old,) = await h.log.find("old")
+        assert old.stable_version is None and old.stage == "full"
+        h.log.record(_rec("new", "v1", "decider", 0.1, "shadow", "v1"))
+        await h.log.flush()
+        (new,) = await h.log.find("new")
+        assert new.stable_version == "v1"
+
+    run_with(tmp_path, scenario)
+    with sqlite3.connect(path) as conn:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(predictions)")]
+    assert columns[-1] == "stable_version"

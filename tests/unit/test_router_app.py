@@ -25,7 +25,7 @@ from rollout.router import Router
 from rollout.routing import RoutingTable, VersionEndpoint
 from rollout.settings import RolloutSettings, RouterSettings
 from rollout.sources import FileTableSource, write_table_file
-from tests.routerkit import StandIn, closed_port, metric_value, stand_in, wait_until
+from tests.routerkit import StandIn, closed_port, metric_labels, metric_value, stand_in, wait_until
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -239,10 +239,13 @@ def test_shadow_stage_pairs_answers_and_logs_both_roles(
         "fraudwatch_shadow_pairs_total",
         stable="v1",
         candidate="v2",
+        stage="shadow",
         stable_prediction="0",
         candidate_prediction="1",
     )
     assert pairs == n
+    # the stage's other cells exist at zero from the moment the table was applied
+    assert len(metric_labels(text, "fraudwatch_shadow_pairs_total")) == 4
     assert_deltas(text, n)
     assert metric_value(text, "fraudwatch_router_requests_total", model_version="v2", role="shadow", outcome="2xx") == n
     assert (
@@ -256,6 +259,7 @@ def test_shadow_stage_pairs_answers_and_logs_both_roles(
         assert by_cid[(cid, "decider")]["score"] == STABLE_SCORE
         assert by_cid[(cid, "shadow")]["score"] == CANDIDATE_SCORE
         assert by_cid[(cid, "shadow")]["stage"] == "shadow"
+        assert by_cid[(cid, "shadow")]["stable_version"] == by_cid[(cid, "decider")]["stable_version"] == "v1"
     assert sorted(str(cid) for cid, _ in candidate.seen) == sorted(a.headers["x-correlation-id"] for a in answers)
     if batch_max == 1:
         assert candidate.batches == []
