@@ -477,6 +477,7 @@ def _seconds(start: datetime | None, now: datetime) -> float | None:
 
 def status_view(snapshot: Snapshot, now: datetime, stale_after_s: float) -> dict[str, Any]:
     """Everything ``status`` shows, as plain data (rendered as tables, or printed with ``--json``)."""
+    from rollout.evidence import gate_evidence
     from rollout.machine import expected_gates, promotion_blockers
 
     beat = snapshot.heartbeat
@@ -500,8 +501,10 @@ def status_view(snapshot: Snapshot, now: datetime, stale_after_s: float) -> dict
     for name in names:
         history = rollout.gates.get(name)
         last = history.last if history is not None and history.last is not None else final.get(name)
+        evidence = gate_evidence(last) if last is not None else {}
         gates.append(
             {
+                **evidence,
                 "name": name,
                 "layer": last.layer if last else None,
                 "verdict": last.status.value if last else "not measured",
@@ -516,6 +519,7 @@ def status_view(snapshot: Snapshot, now: datetime, stale_after_s: float) -> dict
                 "measured_at": history.last_at.isoformat() if history and history.last_at else None,
                 "consecutive_errors": history.consecutive_errors if history else 0,
                 "inconclusive_for_s": _seconds(history.inconclusive_since, now) if history else None,
+                "evidence": evidence.get("evidence", ""),
             }
         )
     minimum = policy.stages.of(rollout.stage).min_duration_s if rollout.stage != "quality" else 0.0
@@ -620,7 +624,7 @@ def render_status(view: Mapping[str, Any]) -> None:
         console.print(f"  last transition  {rollout['last_transition']['at']}: {rollout['last_transition']['reason']}")
     console.print(f"  controller  {alive}")
     table = Table(title=f"gates of {rollout['stage']}", show_lines=False)
-    for column in ("gate", "verdict", "candidate", "stable", "bound", "threshold", "condition", "detail"):
+    for column in ("gate", "verdict", "candidate", "stable", "evidence", "threshold", "condition", "detail"):
         table.add_column(column, overflow="fold")
     for gate in view["gates"]:
         style = _VERDICT_STYLE.get(gate["verdict"], "white")
@@ -628,8 +632,9 @@ def render_status(view: Mapping[str, Any]) -> None:
         if gate["values"]:
             candidate = ", ".join(f"{k}={v:.4g}" for k, v in gate["values"].items())
         table.add_row(
-            gate["name"], f"[{style}]{gate['verdict']}[/]", _fmt(candidate), _fmt(gate["stable"]), _fmt(gate["bound"]),
-            _fmt(gate["threshold"]), _fmt(gate["condition"]), gate["message"],
+            gate["name"], f"[{style}]{gate['verdict']}[/]", _fmt(candidate), _fmt(gate["stable"]),
+            gate["evidence"] or f"bound {_fmt(gate['bound'])}", _fmt(gate["threshold"]), _fmt(gate["condition"]),
+            gate["message"],
         )  # fmt: skip
     console.print(table)
     if rollout["blockers"]:

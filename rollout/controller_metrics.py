@@ -11,6 +11,8 @@ Series (label ``rollout`` = the rollout's name)::
     fraudwatch_rollout_stage_entered_timestamp_seconds{rollout}
     fraudwatch_rollout_gate_result{rollout, gate, result}                1 for the gate's latest result, 0 for others
     fraudwatch_rollout_gate_value{rollout, gate, value}                  value = candidate | stable | bound | threshold
+                                                                         | estimate | interval_low | interval_high
+                                                                         | samples | samples_needed (the evidence)
     fraudwatch_rollout_transitions_total{rollout, from, to, reason}      from/to = phase/stage, reason = a reason code
     fraudwatch_rollout_reconcile_errors_total{rollout, step}             step = observe | analyse | act | persist
     fraudwatch_rollout_reconcile_duration_seconds{rollout}               histogram
@@ -28,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from rollout.analysis import GateHistory, GateStatus
 from rollout.events import reason_code
+from rollout.evidence import gate_evidence
 from rollout.machine import MACHINE_STAGES, RolloutState, Transition
 
 PHASES: Final[tuple[str, ...]] = ("Progressing", "Promoted", "RolledBack", "Aborted")
@@ -47,6 +50,10 @@ def gate_values(history: GateHistory) -> dict[str, float]:
         return {}
     values = {"candidate": last.candidate_value, "stable": last.stable_value, "bound": last.bound}
     values["threshold"] = last.threshold
+    evidence = gate_evidence(last)
+    interval = evidence["interval"] or (None, None)
+    values |= {"estimate": evidence["estimate"], "interval_low": interval[0], "interval_high": interval[1]}
+    values |= {"samples": evidence["samples"], "samples_needed": evidence["samples_needed"]}
     return {name: float(v) for name, v in values.items() if v is not None}
 
 

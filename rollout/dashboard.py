@@ -169,6 +169,22 @@ ROLLOUT = Section(
             (_q("max by (gate, result) (fraudwatch_rollout_gate_result == 1)", "{{gate}}: {{result}}"),),
         ),
         Panel(
+            "gate-evidence",
+            "Gate evidence (current stage)",
+            "table",
+            "none",
+            (
+                _q(
+                    "max by (gate, value) (fraudwatch_rollout_gate_value"
+                    '{value=~"estimate|interval_low|interval_high|samples|samples_needed"})',
+                    "{{gate}}: {{value}}",
+                ),
+            ),
+            "Per gate: the estimate (candidate − stable for a relative gate), its interval at the gate's confidence, "
+            "the samples it used (fraud labels for recall, flagged labels for precision, requests for health) and "
+            "about how many more it needs before a decision (samples_needed; none once decided).",
+        ),
+        Panel(
             "alerts",
             "Alerts firing or pending",
             "table",
@@ -364,6 +380,24 @@ OUTCOMES = Section(
                     "{{model_version}} {{role}}",
                 ),
             ),
+        ),
+        Panel(
+            "paired-recall",
+            "Paired recall difference, candidate − stable (labels of the last day, by prediction stage)",
+            "table",
+            "short",
+            (
+                _q(
+                    "stable_candidate_stage:fraudwatch_outcome_paired_recall_difference:ratio1d",
+                    "{{candidate}} − {{stable}} in {{stage}}",
+                ),
+                _q(
+                    "stable_candidate_stage:fraudwatch_outcome_paired_fraud_labels:increase1d",
+                    "fraud labels both scored, {{stage}}",
+                ),
+            ),
+            "Labelled requests both versions scored (shadow; full with the old version in shadow): frauds only the "
+            "candidate caught minus frauds only stable caught, over the paired frauds (the sample beside it).",
         ),
         Panel(
             "roc-auc",

@@ -20,6 +20,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from rollout.evidence import gate_evidence
 from rollout.machine import QUALITY_STAGE, RolloutState, Transition, expected_gates, traffic_stage
 from rollout.policy import PERCENT, RolloutPolicy
 from rollout.timeline import RolloutSummary, fmt
@@ -80,17 +81,15 @@ def walked(rollout: RolloutState, started_at: datetime | None) -> Text:
 
 def gates_table(rollout: RolloutState, policy: RolloutPolicy) -> Table:
     table = Table(title=f"gates of {rollout.stage}", title_justify="left", expand=False, pad_edge=False)
-    for column in ("gate", "layer", "verdict", "candidate", "stable", "bound", "labels", "condition", "detail"):
-        table.add_column(
-            column, overflow="fold", justify="right" if column in ("candidate", "stable", "bound") else "left"
-        )
+    for column in ("gate", "layer", "verdict", "candidate", "stable", "evidence", "condition", "detail"):
+        table.add_column(column, overflow="fold", justify="right" if column in ("candidate", "stable") else "left")
     final = {g.name: g for g in rollout.history[-1].gates} if rollout.history and rollout.phase != "Progressing" else {}
     names = list(dict.fromkeys([*expected_gates(policy, rollout.stage), *rollout.gates, *final]))
     for name in names:
         history = rollout.gates.get(name)
         last = history.last if history is not None and history.last is not None else final.get(name)
         if last is None:
-            table.add_row(name, "", Text("waiting", style="dim"), "", "", "", "", "", "")
+            table.add_row(name, "", Text("waiting", style="dim"), "", "", "", "", "")
             continue
         candidate = (
             ", ".join(f"{k}={v:.3g}" for k, v in last.values.items()) if last.values else fmt(last.candidate_value)
@@ -102,8 +101,7 @@ def gates_table(rollout: RolloutState, policy: RolloutPolicy) -> Table:
             Text(verdict, style=VERDICT_STYLE.get(verdict, "white")),
             candidate,
             fmt(last.stable_value),
-            fmt(last.bound),
-            "" if last.labels is None else f"{last.labels:.0f}",
+            gate_evidence(last)["evidence"] or f"bound {fmt(last.bound)}",
             last.condition or "",
             "" if verdict == "Successful" else last.message,
         )

@@ -29,6 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
+from rollout.evidence import gate_evidence
 from rollout.machine import ROLLED_BACK_PHASES, weights_for
 from rollout.policy import PERCENT, RolloutPolicy
 from rollout.state import ControllerState
@@ -71,6 +72,12 @@ class GatePoint:
     threshold: float | None = None
     condition: str | None = None
     labels: float | None = None
+    #: The evidence (rollout/evidence.py): estimate, its interval, samples used and still needed, method.
+    estimate: float | None = None
+    interval: tuple[float, float] | None = None
+    samples: float | None = None
+    samples_needed: float | None = None
+    method: str | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +167,8 @@ class GateSampler:
             if key in self._seen:
                 continue
             self._seen.add(key)
+            evidence = gate_evidence(last)
+            interval = evidence["interval"]
             new.append(
                 GatePoint(
                     at=at,
@@ -174,6 +183,11 @@ class GateSampler:
                     threshold=last.threshold,
                     condition=last.condition,
                     labels=last.labels,
+                    estimate=evidence["estimate"],
+                    interval=(interval[0], interval[1]) if interval else None,
+                    samples=evidence["samples"],
+                    samples_needed=evidence["samples_needed"],
+                    method=evidence["method"],
                 )
             )
         self.points.extend(new)
@@ -194,6 +208,8 @@ def read_points(path: Path) -> list[GatePoint]:
     with path.open(encoding="utf-8") as handle:
         for line in handle:
             data = json.loads(line)
+            if data.get("interval") is not None:
+                data["interval"] = tuple(data["interval"])
             points.append(GatePoint(**{**data, "at": datetime.fromisoformat(data["at"])}))
     return points
 
@@ -580,7 +596,9 @@ def _gate_text(gate: Mapping[str, Any]) -> str:
         f"{key} {fmt(gate[key])}" for key in ("candidate_value", "stable_value", "bound", "labels") if key in gate
     )
     condition = gate.get("condition", "")
-    return f"{gate.get('name')} ({gate.get('layer')}): {values}" + (f" — needs {condition}" if condition else "")
+    evidence = gate_evidence(gate)["evidence"]
+    text = f"{gate.get('name')} ({gate.get('layer')}): {values}" + (f" — needs {condition}" if condition else "")
+    return text + (f" — evidence {evidence}" if evidence else "")
 
 
 def _transitions_table(timeline: Timeline) -> str:

@@ -295,6 +295,7 @@ def page_url(live: Live, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
                 f'count(model_version_feature:fraudwatch_psi:1h{{model_version="{v1}"}})',
                 f'count(ALERTS{{alertname="{SMOKE_ALERT}",alertstate="firing"}})',
                 f'sum(model_version_role_label_le:fraudwatch_outcome_score_bucket:increase1d{{model_version="{v1}"}})',
+                f'stable_candidate_stage:fraudwatch_outcome_paired_fraud_labels:increase1d{{stable="{v1}"}}',
             ]
             wait_for(lambda: True if all(client.query(q) is not None for q in needed) else None, "recorded series")
             labelled = len(live.answers)
@@ -430,6 +431,23 @@ def test_outcomes_show_the_precision_recall_and_auc_of_the_labels_sent(dom: _Pan
     assert _value(dom, "roc-auc", f"{v1} decider") == pytest.approx(exact_auc, abs=0.02)
     assert 0.0 <= _value(dom, "calibration", f"{v1} decider") <= 1.0
     assert _value(dom, "labels", f"{v1} decider") >= len(live.answers)
+
+
+def test_paired_recall_difference_is_the_one_of_the_labelled_requests_both_versions_scored(
+    dom: _Panels, live: Live
+) -> None:
+    v1, v2 = live.versions
+    pairs = list(zip(live.answers, live.v2_predictions, strict=True))
+    frauds = [(a.v1_prediction, p) for a, p in pairs if a.label == 1]
+    only_candidate = sum(1 for s, c in frauds if c == 1 and s == 0)
+    only_stable = sum(1 for s, c in frauds if s == 1 and c == 0)
+    assert frauds
+    # increase() extrapolates the young series a little past their samples (the ratio below cancels that), and the
+    # two labelled warm-up requests are paired too
+    paired_frauds = _value(dom, "paired-recall", "fraud labels both scored, shadow")
+    assert paired_frauds == pytest.approx(len(frauds) + 1, rel=0.15)
+    expected = (only_candidate - only_stable) / len(frauds)
+    assert _value(dom, "paired-recall", f"{v2} − {v1} in shadow") == pytest.approx(expected, abs=2 / len(frauds))
 
 
 def test_rollout_stage_and_firing_alerts_come_from_prometheus(dom: _Panels, live: Live) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from rollout.cli import ExitCode, build_parser, kubectl_main, main
+from rollout.evidence import gate_evidence
 from rollout.inbox import CommandInbox
 from rollout.state import StateStore
 from tests.unit.test_controller import POLICY_YAML, SETTINGS, V1, V2, Harness
@@ -230,3 +231,47 @@ def test_status_of_a_rolled_back_rollout_shows_the_gate_that_ended_it(
     assert recall["candidate"] == pytest.approx(0.2)
     assert recall["stable"] == pytest.approx(0.9)
     assert recall["bound"] is not None and recall["bound"] < 0.9 - 0.2
+
+
+def test_status_shows_each_gate_s_evidence_estimate_interval_samples_and_what_it_still_needs(
+    state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    harness = Harness(state_dir)
+    harness.metrics_values.values['tp{model_version="v2"}'] = 200.0  # recall 0.2 against 0.9
+    harness.tick(n=2)
+    harness.command("start", candidate=V2, id="r1")
+    harness.run_until(lambda: harness.phase() == "RolledBack")
+
+    assert ctl(state_dir, "--json", "status") == ExitCode.OK
+    recall = next(g for g in json_out(capsys)["gates"] if g["name"] == "recall")
+    assert recall["unit"] == "fraud labels"
+    assert recall["samples"] is not None and recall["samples"] > 0
+    assert "fraud labels" in recall["evidence"]
+    assert ctl(state_dir, "status") == ExitCode.OK
+    table = capsys.readouterr().out
+    assert "evidence" in table and "fraud labels" in table
+
+
+@pytest.mark.parametrize(
+    ("result", "text"),
+    [
+        (
+            {"name": "recall", "layer": "outcome", "status": "Inconclusive", "stable_value": 0.8, "estimate": -0.0214,
+             "interval": [-0.0642, 0.0191], "samples": 412, "samples_needed": 179.2, "method": "sprt-paired"},
+            "Δ -0.021 [-0.064, +0.019] · 412 fraud labels · needs about 180 more fraud labels · sprt-paired",
+        ),
+        (
+            {"name": "precision", "layer": "outcome", "status": "Failed", "stable_value": 0.6, "estimate": -0.2,
+             "interval": [-0.3, -0.1], "samples": 90, "samples_needed": None, "method": "sprt-two-sample"},
+            "Δ -0.200 [-0.300, -0.100] · 90 flagged labels · decided · sprt-two-sample",
+        ),
+        (
+            {"name": "error-rate", "layer": "health", "status": "Successful", "estimate": 0.001,
+             "interval": [0.0, 0.004], "samples": 12353, "method": "cs-binomial"},
+            "0.001 [0.000, 0.004] · 12,353 requests · decided · cs-binomial",
+        ),
+        ({"name": "latency", "layer": "health", "status": "Inconclusive"}, ""),
+    ],
+)  # fmt: skip
+def test_gate_evidence_reads_as_a_sentence(result: dict[str, Any], text: str) -> None:
+    assert gate_evidence(result)["evidence"] == text

@@ -209,6 +209,7 @@ def test_the_report_is_written_with_the_chart_and_every_transition(
     assert text.count("<tr><td>") == 9 + 2  # nine transitions (five and four) and two summary rows
     assert "Progressing/ab → RolledBack/ab" in text and "Progressing/full → Promoted/full" in text
     assert "recall (outcome)" in text and "wall (s)" in text
+    assert "— evidence " in text and " fraud labels" in text  # each gate's evidence beside its values
 
 
 def test_the_live_view_and_the_plain_lines(recorded: tuple[Harness, GateSampler, Timeline]) -> None:
@@ -218,6 +219,7 @@ def test_the_live_view_and_the_plain_lines(recorded: tuple[Harness, GateSampler,
     console.print(rollout_view(rollout, POLICY, h.clock.now, started_at=h.controller.state.rollout_started_at))
     text = console.export_text()
     assert "demo-v3" in text and "RolledBack" in text and "Failed" in text and "recall" in text
+    assert "evidence" in text and "fraud labels" in text  # the gates table's evidence column
     assert "v2 100 %" in text and "v3   0 %" in text
     line = transition_line(rollout, rollout.history[-1], 12.0)
     assert line.startswith("[   12.0 s] demo-v3: Progressing/ab → RolledBack/ab") and "failed: recall" in line
