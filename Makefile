@@ -1,18 +1,21 @@
 # The two set-up commands of the README. Both install what they need first (scripts/bootstrap.sh is idempotent).
-.PHONY: demo quickstart test lint bootstrap bench
+.PHONY: demo quickstart test lint bootstrap bootstrap-demo bench
 
 VENV := .venv/bin
 
 bootstrap:
-	@bash scripts/bootstrap.sh
+	@bash scripts/bootstrap.sh test
+
+bootstrap-demo:
+	@bash scripts/bootstrap.sh demo
 
 ## demo: the main job on the embedded defaults (local processes, SQLite, Debian's Prometheus): train v1/v2/v3,
 ## roll v2 out through shadow → canary → A/B → full under load, roll the bad v3 back; report under var/demo/report
-demo: bootstrap
+demo: bootstrap-demo
 	$(VENV)/fraudwatch-demo
 
 ## quickstart: the model only — data → train → MLflow → bentoml serve → score → stop
-quickstart: bootstrap
+quickstart: bootstrap-demo
 	$(VENV)/fraudwatch demo
 
 ## lint: ruff + mypy --strict (part of test)

