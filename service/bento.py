@@ -63,7 +63,7 @@ from service.logging import (
 )
 from service.metrics import NO_MODEL, BoundMetrics, Metrics, default_metrics
 from service.model import MANIFEST_FILE, ScoringModel, load_bundle
-from service.model_source import ModelUnavailableError, resolve_model_dir
+from service.model_source import ModelUnavailableError, ResolvedBundle, resolve_bundle
 from service.schema import (
     BatchRequest,
     BatchResponse,
@@ -99,16 +99,16 @@ ASGIApp = Callable[[ASGIScope, ASGIReceive, ASGISend], Awaitable[None]]
 # --------------------------------------------------------------------------------------------------- loading
 
 
-def wait_for_bundle(settings: Settings) -> Path:
-    """Resolve the bundle directory (``service.model_source``: a directory, or a verified download from the
-    registry), waiting up to ``serve.model_wait_timeout_s`` for its manifest to appear."""
+def wait_for_bundle(settings: Settings) -> ResolvedBundle:
+    """Resolve the bundle directory and its digest (``service.model_source``: a directory, or a verified download
+    from the registry), waiting up to ``serve.model_wait_timeout_s`` for its manifest to appear."""
     deadline = time.monotonic() + settings.serve.model_wait_timeout_s
     while True:
-        directory = resolve_model_dir(settings)
-        if (directory / MANIFEST_FILE).is_file():
-            return directory
+        resolved = resolve_bundle(settings)
+        if (resolved.directory / MANIFEST_FILE).is_file():
+            return resolved
         if time.monotonic() >= deadline:
-            raise ModelUnavailableError(f"no model bundle at {directory}")
+            raise ModelUnavailableError(f"no model bundle at {resolved.directory}")
         time.sleep(settings.serve.model_poll_interval_s)
 
 
@@ -344,8 +344,9 @@ def make_batcher(predict: Callable[[FloatArray], ScoreArray], settings: Settings
 
 def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     """Resolve, verify (checksum) and warm up the bundle; open its feature store if it ships one."""
-    directory = wait_for_bundle(settings)
-    model = load_bundle(directory, nthread=1)
+    resolved = wait_for_bundle(settings)
+    directory = resolved.directory
+    model = load_bundle(directory, nthread=1, expected_digest=resolved.digest)
     bound = metrics.bind(
         model.manifest, endpoints=(PREDICT_ENDPOINT, BATCH_ENDPOINT), fallback_reasons=(*FALLBACK_REASONS, UNAVAILABLE)
     )

@@ -5,6 +5,13 @@ Layout of a bundle directory::
     model.ubj       the booster (``Booster.save_model``)
     manifest.json   version, feature names, calibration, threshold policy, reference bins, metrics,
                     and the SHA-256 of model.ubj, verified at every load
+    features.sqlite (optional) the feature store the bundle serves with
+
+The bundle digest (:func:`bundle_digest`) covers every file of the directory — manifest included, so the threshold
+and the calibration too: the SHA-256 of the ``sha256sum``-style listing ``"<sha256 of file>  <name>\n"`` of all
+files sorted by name (``cd bundle && sha256sum * | sha256sum`` in the C locale). The registry records it when a
+version is registered; :func:`load_bundle` with ``expected_digest`` reads every file once, compares the digest
+before anything is parsed, and builds the booster and the manifest from the very bytes that were hashed.
 
 Calibration is stored as data (isotonic breakpoints or Platt coefficients) and applied with numpy, so loading
 a model never executes stored code.
@@ -13,8 +20,10 @@ a model never executes stored code.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +39,7 @@ _EPS = 1e-6
 
 
 class ModelIntegrityError(RuntimeError):
-    """The booster file does not match the checksum in its manifest."""
+    """A bundle does not match its recorded digest, or the booster does not match the checksum in its manifest."""
 
 
 @dataclass(frozen=True)
@@ -185,22 +194,84 @@ def _shallow(manifest: Manifest) -> dict[str, Any]:
     return {name: getattr(manifest, name) for name in manifest.__dataclass_fields__}
 
 
-def read_manifest(directory: Path) -> Manifest:
-    data = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
+def _parse_manifest(raw: bytes, where: Path) -> Manifest:
+    data = json.loads(raw.decode("utf-8"))
     if int(data.get("format_version", 0)) != FORMAT_VERSION:
-        raise ModelIntegrityError(f"unsupported bundle format {data.get('format_version')!r} in {directory}")
+        raise ModelIntegrityError(f"unsupported bundle format {data.get('format_version')!r} in {where}")
     return Manifest.from_dict(data)
 
 
-def load_bundle(directory: Path, nthread: int = 1) -> ScoringModel:
-    """Load and verify a bundle; raise :class:`ModelIntegrityError` if the booster's checksum does not match."""
-    manifest = read_manifest(directory)
-    model_path = directory / MODEL_FILE
-    actual = sha256_of(model_path)
+def read_manifest(directory: Path) -> Manifest:
+    """The manifest, unverified (for listings and tests; serving goes through :func:`load_bundle`)."""
+    return _parse_manifest((directory / MANIFEST_FILE).read_bytes(), directory)
+
+
+def digest_of_listing(file_digests: Mapping[str, str]) -> str:
+    """The bundle digest from each file's SHA-256: SHA-256 of ``"<hex>  <name>\n"`` lines sorted by name."""
+    listing = "".join(f"{file_digests[name]}  {name}\n" for name in sorted(file_digests))
+    return hashlib.sha256(listing.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class BundleRead:
+    """One read of a bundle directory: the digest over every file, and the bytes of the files that are parsed."""
+
+    digest: str
+    manifest: bytes
+    model: bytes
+
+
+def read_bundle(directory: Path) -> BundleRead:
+    """Hash every file of ``directory`` (reading each once) and keep the manifest's and the booster's bytes.
+
+    A bundle is flat: a subdirectory or anything but a regular file in it is refused."""
+    digests: dict[str, str] = {}
+    kept: dict[str, bytes] = {}
+    for path in sorted(directory.iterdir()):
+        if not path.is_file() or path.is_symlink():
+            raise ModelIntegrityError(f"{path}: a bundle holds regular files only")
+        digest = hashlib.sha256()
+        parts: list[bytes] = []
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+                if path.name in (MANIFEST_FILE, MODEL_FILE):
+                    parts.append(chunk)
+        digests[path.name] = digest.hexdigest()
+        if path.name in (MANIFEST_FILE, MODEL_FILE):
+            kept[path.name] = b"".join(parts)
+    for required in (MANIFEST_FILE, MODEL_FILE):
+        if required not in kept:
+            raise ModelIntegrityError(f"{directory}: no {required}")
+    return BundleRead(digest=digest_of_listing(digests), manifest=kept[MANIFEST_FILE], model=kept[MODEL_FILE])
+
+
+def bundle_digest(directory: Path) -> str:
+    """The digest over every file of the bundle (see the module docstring)."""
+    return read_bundle(directory).digest
+
+
+def load_bundle(
+    directory: Path, nthread: int = 1, expected_digest: str | None = None, digest_source: str = "expected"
+) -> ScoringModel:
+    """Load and verify a bundle, reading each file once.
+
+    With ``expected_digest`` (the registry's record) the digest over every file is compared before anything is
+    parsed; then the booster must match the manifest's checksum. The booster and the manifest are built from the
+    bytes that were hashed, never read again. Raises :class:`ModelIntegrityError` on any mismatch."""
+    read = read_bundle(directory)
+    if expected_digest is not None and not hmac.compare_digest(read.digest, expected_digest):
+        raise ModelIntegrityError(
+            f"{directory}: bundle digest {read.digest} does not match the {digest_source}'s {expected_digest}"
+        )
+    manifest = _parse_manifest(read.manifest, directory)
+    actual = hashlib.sha256(read.model).hexdigest()
     if actual != manifest.sha256:
-        raise ModelIntegrityError(f"{model_path}: sha256 {actual} does not match manifest {manifest.sha256}")
+        raise ModelIntegrityError(
+            f"{directory / MODEL_FILE}: sha256 {actual} does not match manifest {manifest.sha256}"
+        )
     booster = xgb.Booster()
-    booster.load_model(str(model_path))
+    booster.load_model(bytearray(read.model))
     booster.set_param({"nthread": nthread})
     return ScoringModel(booster=booster, manifest=manifest)
 

@@ -10,8 +10,11 @@ In order of precedence (``ServeSettings``):
 
 A registry reference is resolved once, at start-up: the worker serves the version the alias pointed at then (a
 moved alias means a new rollout, not a silent swap). The verified bundle (``ModelRegistry.fetch_bundle``: its
-checksums against the registry's) is downloaded to ``<home>/serving/<name>-v<version>``; workers of one server
-share it under a file lock, and a bundle already there is reused only when it verifies.
+digest over every file against the version's ``bundle_sha256``) is downloaded to ``<home>/serving/<name>-v<version>``;
+workers of one server share it under a file lock, and a bundle already there is reused only when it verifies.
+:func:`resolve_bundle` returns the directory with the digest it must have, and the worker loads it with that digest
+(``load_bundle(..., expected_digest=...)``): checked again before parsing, the model built from the hashed bytes.
+A ``model_dir`` is checked against ``model_digest`` when that is set.
 """
 
 from __future__ import annotations
@@ -80,7 +83,15 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def fetch_from_registry(settings: Settings, reference: RegistryReference) -> Path:
+@dataclass(frozen=True)
+class ResolvedBundle:
+    """A bundle directory and the digest over its files it must have (None: a ``model_dir`` without one)."""
+
+    directory: Path
+    digest: str | None
+
+
+def fetch_from_registry(settings: Settings, reference: RegistryReference) -> ResolvedBundle:
     """The verified bundle of ``reference`` under ``<home>/serving/`` (downloaded unless a verified copy is there)."""
     from service.model import ModelIntegrityError
     from service.registry import ModelRegistry, RegistryError, verify_against_registry
@@ -98,17 +109,22 @@ def fetch_from_registry(settings: Settings, reference: RegistryReference) -> Pat
             except (ModelIntegrityError, OSError, ValueError):
                 pass  # a partial or tampered copy: fetched again below
             else:
-                return dest
+                return ResolvedBundle(dest, ref.bundle_sha256)
         path = registry.fetch_bundle(ref, dest)
     log_event(logger, "model fetched from the registry", reference=str(reference), version=ref.version, dest=str(path))
-    return path
+    return ResolvedBundle(path, ref.bundle_sha256)
 
 
 def resolve_model_dir(settings: Settings) -> Path:
     """The bundle directory to serve (see the module docstring for the order)."""
+    return resolve_bundle(settings).directory
+
+
+def resolve_bundle(settings: Settings) -> ResolvedBundle:
+    """The bundle directory to serve and the digest it must have (see the module docstring for the order)."""
     serve = settings.serve
     if serve.model_dir is not None:
-        return serve.model_dir
+        return ResolvedBundle(serve.model_dir, serve.model_digest)
     reference = registry_reference(serve)
     if reference is None:
         raise ModelUnavailableError(

@@ -6,9 +6,11 @@ Embedded default: a SQLite tracking/registry store (``settings.tracking_uri``) w
 A training run logs params, metrics (test window + each imbalance strategy's validation PR-AUC), the report files
 and the whole bundle directory (``model.ubj``, ``manifest.json``, ``features.sqlite``) as plain artifacts — the
 booster stays in XGBoost's native format; no MLflow model flavour, nothing pickled. A registered version points
-at the run's ``bundle`` artifact directory and carries the checksums, so a download is verified twice: the
-booster against its manifest (:func:`service.model.load_bundle`) and the manifest and feature store against the
-registry's record.
+at the run's ``bundle`` artifact directory and carries the checksums: ``bundle_sha256``, one digest over every file
+of the bundle (:func:`service.model.bundle_digest` — the manifest, so the threshold and the calibration, included),
+is compared before anything of a download is parsed, and the booster and manifest are built from the bytes that
+were hashed (:func:`service.model.load_bundle`). A version registered before that tag existed cannot be verified
+and is refused (:class:`service.model.ModelIntegrityError` naming the fix: register the bundle again).
 
 Aliases: ``champion`` serves, ``challenger`` is the candidate, ``previous`` is the last champion (rollback
 target). Every alias move appends an audit tag (``audit.NNNN`` = JSON who/when/why/what) to the versions it
@@ -36,7 +38,15 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from service.logging import get_logger, log_event
-from service.model import MANIFEST_FILE, ModelIntegrityError, load_bundle, read_manifest, sha256_of
+from service.model import (
+    MANIFEST_FILE,
+    ModelIntegrityError,
+    ScoringModel,
+    digest_of_listing,
+    load_bundle,
+    read_manifest,
+    sha256_of,
+)
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -53,6 +63,8 @@ REPORT_ARTIFACT_PATH: Final[str] = "report"
 FEATURE_STORE_FILE: Final[str] = "features.sqlite"
 
 TAG_SHA256: Final[str] = "sha256"
+#: One digest over every file of the bundle (:func:`service.model.bundle_digest`).
+TAG_BUNDLE_SHA256: Final[str] = "bundle_sha256"
 TAG_FEATURES_SHA256: Final[str] = "features_sha256"
 TAG_MODEL_VERSION: Final[str] = "model_version"
 TAG_THRESHOLD: Final[str] = "threshold"
@@ -100,6 +112,7 @@ class RunInfo:
     model_version: str
     sha256: str
     features_sha256: str | None
+    bundle_sha256: str
     threshold: float
     metrics: Mapping[str, float]
     tags: Mapping[str, str]
@@ -119,6 +132,10 @@ class ModelRef:
     @property
     def sha256(self) -> str | None:
         return self.tags.get(TAG_SHA256)
+
+    @property
+    def bundle_sha256(self) -> str | None:
+        return self.tags.get(TAG_BUNDLE_SHA256)
 
     @property
     def model_version(self) -> str | None:
@@ -207,6 +224,13 @@ def bundle_checksums(bundle_dir: Path) -> tuple[str, str | None]:
     return manifest.sha256, sha256_of(store) if store.exists() else None
 
 
+def uploaded_bundle_digest(layout: Sequence[tuple[Path, str]]) -> str:
+    """The bundle digest of the files uploaded under ``bundle/`` (what a download of the version will hold)."""
+    return digest_of_listing(
+        {path.name: sha256_of(path) for path, artifact_path in layout if artifact_path == BUNDLE_ARTIFACT_PATH}
+    )
+
+
 def artifact_layout(payload: RunPayload) -> list[tuple[Path, str]]:
     """(file, artifact directory) pairs: report files under ``report/``, every other file of the bundle
     directory (``model.ubj``, ``manifest.json``, ``features.sqlite``) under ``bundle/``."""
@@ -223,6 +247,7 @@ def version_tags(run: RunInfo) -> dict[str, str]:
     """Tags of a registered version: checksums, threshold, test metrics, provenance."""
     tags = {
         TAG_SHA256: run.sha256,
+        TAG_BUNDLE_SHA256: run.bundle_sha256,
         TAG_MODEL_VERSION: run.model_version,
         TAG_THRESHOLD: repr(run.threshold),
         TAG_RUN_ID: run.run_id,
@@ -238,11 +263,21 @@ def version_tags(run: RunInfo) -> dict[str, str]:
     return tags
 
 
-def verify_against_registry(bundle_dir: Path, ref: ModelRef) -> None:
-    """Raise :class:`ModelIntegrityError` unless the downloaded bundle is the one the registry recorded: the
-    booster matches its manifest, the manifest's checksum matches the version's tag, and so does the feature
-    store's."""
-    manifest = load_bundle(bundle_dir).manifest
+def verify_against_registry(bundle_dir: Path, ref: ModelRef, nthread: int = 1) -> ScoringModel:
+    """The model of the downloaded bundle if it is the one the registry recorded, else :class:`ModelIntegrityError`.
+
+    The digest over every file is compared with the version's ``bundle_sha256`` tag before anything is parsed
+    (a version without that tag — registered before it existed — is refused); the model is built from the bytes
+    that were hashed; the booster's and the feature store's checksums are checked against their tags as well."""
+    expected = ref.bundle_sha256
+    if expected is None:
+        raise ModelIntegrityError(
+            f"{ref.name} v{ref.version} has no {TAG_BUNDLE_SHA256} tag: it was registered before whole-bundle "
+            "digests, so its manifest (threshold, calibration) cannot be verified; register the bundle again from "
+            "a trusted copy (fraudwatch train --register, or ModelRegistry.log_run + register)"
+        )
+    model = load_bundle(bundle_dir, nthread=nthread, expected_digest=expected, digest_source="registry")
+    manifest = model.manifest
     if ref.sha256 is None:
         raise ModelIntegrityError(f"{ref.name} v{ref.version} has no {TAG_SHA256} tag to verify against")
     if manifest.sha256 != ref.sha256:
@@ -255,6 +290,7 @@ def verify_against_registry(bundle_dir: Path, ref: ModelRef) -> None:
         actual = sha256_of(store) if store.exists() else "missing"
         if actual != expected_store:
             raise ModelIntegrityError(f"{store}: sha256 {actual} does not match registry {expected_store}")
+    return model
 
 
 def _is_not_found(error: MlflowException) -> bool:
@@ -289,14 +325,21 @@ class ModelRegistry:
         """Log one training run; the run is marked FAILED if anything in it fails."""
         sha256, features_sha256 = bundle_checksums(payload.bundle_dir)
         manifest = read_manifest(payload.bundle_dir)
-        tags = {**payload.tags, TAG_SHA256: sha256, TAG_MODEL_VERSION: manifest.version}
+        layout = artifact_layout(payload)
+        bundle_sha256 = uploaded_bundle_digest(layout)
+        tags = {
+            **payload.tags,
+            TAG_SHA256: sha256,
+            TAG_BUNDLE_SHA256: bundle_sha256,
+            TAG_MODEL_VERSION: manifest.version,
+        }
         if features_sha256 is not None:
             tags[TAG_FEATURES_SHA256] = features_sha256
         run = self.client.create_run(self.experiment_id(), run_name=payload.run_name, tags=tags)
         run_id = str(run.info.run_id)
         try:
             self._log_values(run_id, payload.params, payload.metrics)
-            for path, artifact_path in artifact_layout(payload):
+            for path, artifact_path in layout:
                 self.client.log_artifact(run_id, str(path), artifact_path)
         except BaseException:
             self.client.set_terminated(run_id, status="FAILED")
@@ -311,6 +354,7 @@ class ModelRegistry:
             model_version=manifest.version,
             sha256=sha256,
             features_sha256=features_sha256,
+            bundle_sha256=bundle_sha256,
             threshold=manifest.threshold.threshold,
             metrics=finite_metrics(payload.metrics),
             tags=dict(tags),

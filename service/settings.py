@@ -73,6 +73,9 @@ class ServeSettings(BaseModel):
     #: Where the bundle comes from (service/model_source.py): a directory; else a registry URI
     #: (``models:/<name>/<version>`` or ``models:/<name>@<alias>``); else, when set, ``model_name``'s alias.
     model_dir: Path | None = None
+    #: With ``model_dir``: the bundle digest (service.model.bundle_digest) it must have; checked before anything
+    #: is parsed. A registry bundle is always checked against the version's ``bundle_sha256`` tag.
+    model_digest: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     model_uri: str | None = None
     model_alias: str = "champion"
     model_name: str = "refund-fraud"

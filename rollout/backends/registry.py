@@ -24,7 +24,7 @@ import pandas as pd
 from rollout.backends.base import VersionNotFoundError
 from service.evaluate import load_frozen_set, quality_gate
 from service.logging import get_logger, log_event
-from service.model import ModelIntegrityError, load_bundle
+from service.model import ModelIntegrityError, ScoringModel, load_bundle
 from service.registry import (
     CHALLENGER,
     CHAMPION,
@@ -94,6 +94,12 @@ class RegistryModelSource:
                     log_event(logger, "cached bundle stale, fetching again", version=version, dest=str(dest))
             return self._registry.fetch_bundle(ref, dest)
 
+    def load(self, version: str, dest: Path) -> ScoringModel:
+        """The verified model of ``version``: fetched into ``dest``, loaded from the bytes checked against the
+        version's bundle digest."""
+        path = self.fetch(version, dest)
+        return load_bundle(path, expected_digest=self._ref_of(version).bundle_sha256)
+
     # ---- aliases
 
     def ensure_alias(self, alias: str, version: str, reason: str) -> bool:
@@ -138,7 +144,7 @@ class RegressionSetQuality:
     def evaluate(self, version: str) -> Mapping[str, float]:
         if self._meta is None:
             raise QualityUnavailableError("no regression set configured (FW_ROLLOUT_CONTROLLER__QUALITY_SET)")
-        model = load_bundle(self._source.fetch(version, self._bundles / version))
+        model = self._source.load(version, self._bundles / version)
         key = (version, model.manifest.sha256)
         if key not in self._cache:
             if self._frame is None:

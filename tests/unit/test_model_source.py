@@ -3,16 +3,19 @@ on SQLite (the embedded default)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from service.model import MANIFEST_FILE, MODEL_FILE, ModelIntegrityError, load_bundle
+from service.model import MANIFEST_FILE, MODEL_FILE, ModelIntegrityError, bundle_digest, load_bundle
 from service.model_source import (
     ModelUnavailableError,
     RegistryReference,
+    ResolvedBundle,
     parse_model_uri,
     registry_reference,
+    resolve_bundle,
     resolve_model_dir,
 )
 from service.registry import ModelRegistry, RunPayload
@@ -83,3 +86,35 @@ def test_unknown_versions_and_aliases_are_unavailable_naming_the_reference(regis
     for serve in (ServeSettings(model_uri="models:/refund-fraud/99"), ServeSettings(model_alias="nope")):
         with pytest.raises(ModelUnavailableError, match="models:/refund-fraud"):
             resolve_model_dir(settings.model_copy(update={"serve": serve}))
+
+
+def test_a_served_copy_with_a_tampered_threshold_is_fetched_again(registered: tuple[Settings, str]) -> None:
+    """The worker's copy under <home>/serving is checked with the digest over every file: a manifest whose
+    threshold was changed is not reused, and the digest the worker loads with is the registry's."""
+    settings, number = registered
+    configured = settings.model_copy(
+        update={"serve": ServeSettings(model_uri=f"models:/{settings.registered_model_name}/{number}")}
+    )
+    resolved = resolve_bundle(configured)
+    manifest = resolved.directory / MANIFEST_FILE
+    original = manifest.read_bytes()
+    data = json.loads(original)
+    data["threshold"]["threshold"] = 1.0
+    manifest.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(ModelIntegrityError, match="bundle digest"):
+        load_bundle(resolved.directory, expected_digest=resolved.digest)
+    again = resolve_bundle(configured)
+    assert again == resolved
+    assert manifest.read_bytes() == original
+    assert load_bundle(again.directory, expected_digest=again.digest).threshold < 1.0
+
+
+def test_a_model_dir_is_checked_against_its_configured_digest(bundle_dir: Path) -> None:
+    digest = bundle_digest(bundle_dir)
+    resolved = resolve_bundle(
+        Settings.model_validate({"serve": {"model_dir": str(bundle_dir), "model_digest": digest}})
+    )
+    assert resolved == ResolvedBundle(bundle_dir, digest)
+    load_bundle(resolved.directory, expected_digest=resolved.digest)
+    with pytest.raises(ModelIntegrityError, match="bundle digest"):
+        load_bundle(bundle_dir, expected_digest="0" * 64)

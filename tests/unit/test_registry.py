@@ -3,6 +3,7 @@ first initialisation runs its migrations and takes seconds)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -32,6 +33,7 @@ from service.registry import (
     CHAMPION,
     FEATURE_STORE_FILE,
     PREVIOUS,
+    TAG_BUNDLE_SHA256,
     ModelRegistry,
     RegistryNotFoundError,
     RunInfo,
@@ -255,7 +257,7 @@ def test_tampered_booster_is_rejected_and_destination_untouched(registry: ModelR
     data[len(data) // 2] ^= 0xFF
     (stored / "model.ubj").write_bytes(bytes(data))
     dest = tmp_path / "out"
-    with pytest.raises(ModelIntegrityError, match="does not match manifest"):
+    with pytest.raises(ModelIntegrityError, match="bundle digest"):  # the digest over every file, before parsing
         registry.fetch_bundle(registry.resolve("tamper-booster", version), dest)
     assert not dest.exists()
     assert list(tmp_path.glob(".out-*")) == []
@@ -267,7 +269,7 @@ def test_swapped_bundle_with_consistent_manifest_is_rejected(registry: ModelRegi
     make_bundle(other, "tamper-swap", seed=13)  # a different, self-consistent booster + manifest in its place
     for file in ("model.ubj", "manifest.json"):
         shutil.copyfile(other / file, stored / file)
-    with pytest.raises(ModelIntegrityError, match="does not match registry"):
+    with pytest.raises(ModelIntegrityError, match=r"bundle digest .* does not match the registry's"):
         registry.fetch_bundle(registry.resolve("tamper-swap", version), tmp_path / "out")
 
 
@@ -276,5 +278,50 @@ def test_tampered_feature_store_is_rejected(registry: ModelRegistry, tmp_path: P
     with sqlite3.connect(stored / FEATURE_STORE_FILE) as connection:
         connection.execute("UPDATE aggregates SET prior_refunds = 0")
     connection.close()
-    with pytest.raises(ModelIntegrityError, match=FEATURE_STORE_FILE):
+    with pytest.raises(ModelIntegrityError, match="bundle digest"):
         registry.fetch_bundle(registry.resolve("tamper-store", version), tmp_path / "out")
+
+
+def test_a_tampered_manifest_threshold_is_refused_before_it_is_parsed(registry: ModelRegistry, tmp_path: Path) -> None:
+    """Issue 11 (6): the threshold and the calibration live in manifest.json, which the booster and feature-store
+    checksums do not cover. One digest over every file does; the stored copy with its threshold set to 1.0 (and
+    the booster's checksum left consistent) is refused, and nothing lands in the destination."""
+    stored, version = _tampered_version(registry, tmp_path, "tamper-threshold", seed=15)
+    manifest = json.loads((stored / "manifest.json").read_text(encoding="utf-8"))
+    manifest["threshold"]["threshold"] = 1.0
+    (stored / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    load_bundle(stored)  # still self-consistent: only the registry's digest can tell
+    ref = registry.resolve("tamper-threshold", version)
+    dest = tmp_path / "out"
+    with pytest.raises(ModelIntegrityError, match="bundle digest"):
+        registry.fetch_bundle(ref, dest)
+    assert not dest.exists()
+    (stored / "manifest.json").write_text("[" * 4000, encoding="utf-8")  # not even JSON: never parsed
+    with pytest.raises(ModelIntegrityError, match="bundle digest"):
+        load_bundle(stored, expected_digest=ref.bundle_sha256)
+
+
+def test_an_added_file_is_refused(registry: ModelRegistry, tmp_path: Path) -> None:
+    stored, version = _tampered_version(registry, tmp_path, "tamper-extra", seed=16)
+    (stored / f"{FEATURE_STORE_FILE}-journal").write_bytes(b"\0" * 512)
+    with pytest.raises(ModelIntegrityError, match="bundle digest"):
+        registry.fetch_bundle(registry.resolve("tamper-extra", version), tmp_path / "out")
+
+
+def test_the_bundle_digest_is_sha256sum_of_the_listing(registry: ModelRegistry, tmp_path: Path) -> None:
+    """Independent of service.model: the digest an operator computes with ``sha256sum * | sha256sum``."""
+    stored, version = _tampered_version(registry, tmp_path, "digest-listing", seed=17)
+    listing = "".join(
+        f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}\n" for path in sorted(stored.iterdir())
+    )
+    assert registry.resolve("digest-listing", version).bundle_sha256 == hashlib.sha256(listing.encode()).hexdigest()
+    assert sorted(path.name for path in stored.iterdir()) == sorted(["model.ubj", "manifest.json", FEATURE_STORE_FILE])
+
+
+def test_a_version_registered_without_a_bundle_digest_is_refused(registry: ModelRegistry, tmp_path: Path) -> None:
+    """A version registered before whole-bundle digests cannot have its manifest verified: refused, naming why."""
+    _, version = _tampered_version(registry, tmp_path, "legacy", seed=18)
+    registry.client.delete_model_version_tag("legacy", version, TAG_BUNDLE_SHA256)
+    with pytest.raises(ModelIntegrityError, match=r"registered before whole-bundle digests.*register the bundle again"):
+        registry.fetch_bundle(registry.resolve("legacy", version), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
