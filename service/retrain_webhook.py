@@ -6,9 +6,11 @@ nothing of stages — the retrain it starts hands its challenger to delivery thr
 
 Endpoints (OpenAPI 3.1 at ``GET /openapi.json``):
 
-* ``POST /hooks/alertmanager`` — an Alertmanager webhook notification (version 4), bearer token when
-  ``FW_RETRAIN__WEBHOOK__TOKEN_FILE`` is set. Triage (:mod:`service.retrain_triggers`): firing alerts of the trigger
-  layers start one retrain; repeats, other layers, resolved alerts, a running retrain or the cooldown start none.
+* ``POST /hooks/alertmanager`` — an Alertmanager webhook notification (version 4), with the bearer token of
+  ``FW_RETRAIN__WEBHOOK__TOKEN_FILE``. Fail closed: without a token file the receiver refuses to start (exit 1),
+  unless ``FW_RETRAIN__WEBHOOK__INSECURE_NO_AUTH=true`` (local development only) opens it explicitly.
+  Triage (:mod:`service.retrain_triggers`): firing alerts of the trigger layers start one retrain; repeats, other
+  layers, resolved alerts, a running retrain or the cooldown start none.
   ``202`` when a retrain started, ``200`` otherwise (both tell Alertmanager the notification was delivered);
   ``401`` wrong token, ``413`` too large, ``400``/``422`` not a valid payload — each error names the field, and
   Alertmanager does not retry a 4xx.
@@ -148,9 +150,16 @@ def rejection(exc: ValidationError, correlation_id: str) -> Response:
     return error_response(422, "invalid Alertmanager webhook payload", correlation_id, details)
 
 
-def bearer_ok(authorization: str | None, token: str | None) -> bool:
-    """No token configured → open; else a constant-time match of ``Authorization: Bearer <token>``."""
-    return token is None or bearer_matches(authorization, token)
+class NoTokenError(ValueError):
+    """No token file is configured and the insecure development mode is not set."""
+
+
+def bearer_ok(authorization: str | None, token: str | None, insecure_no_auth: bool = False) -> bool:
+    """A constant-time match of ``Authorization: Bearer <token>``; no token configured → refused, unless the
+    explicit insecure development mode is set."""
+    if token is None:
+        return insecure_no_auth
+    return bearer_matches(authorization, token)
 
 
 def openapi_document() -> dict[str, Any]:
@@ -348,7 +357,12 @@ class RetrainService:
     def _read_token(self) -> str | None:
         path = self.config.token_file
         if path is None:
-            log_event(logger, "webhook without authentication (no FW_RETRAIN__WEBHOOK__TOKEN_FILE)")
+            if not self.config.insecure_no_auth:
+                raise NoTokenError(
+                    "no FW_RETRAIN__WEBHOOK__TOKEN_FILE: the retraining webhook does not run unauthenticated (set "
+                    "a token file; FW_RETRAIN__WEBHOOK__INSECURE_NO_AUTH=true opens it, for local development only)"
+                )
+            log_event(logger, "INSECURE: webhook without authentication (FW_RETRAIN__WEBHOOK__INSECURE_NO_AUTH)")
             return None
         token = path.read_text(encoding="utf-8").strip()
         if not token:
@@ -570,7 +584,9 @@ class WebhookApp:
     async def hook(self, request: Request) -> Response:
         correlation_id = correlation_id_from_header(request.headers.get(CORRELATION_HEADER))
         with correlation_scope(correlation_id):
-            if not bearer_ok(request.headers.get("authorization"), self.service.token):
+            if not bearer_ok(
+                request.headers.get("authorization"), self.service.token, self.service.config.insecure_no_auth
+            ):
                 response = error_response(401, "missing or wrong bearer token", correlation_id)
                 response.headers["WWW-Authenticate"] = 'Bearer realm="fraudwatch-retrain"'
                 return self._answer(response)
@@ -641,9 +657,10 @@ def create_app(settings: Settings | None = None, service: RetrainService | None 
 
 EPILOG: Final[str] = """\
 exit codes: 0 stopped normally (SIGTERM/SIGINT: a running retrain is stopped and recorded), 1 failed to start
-(e.g. an empty token file), 2 usage error.
+(no token file configured, or an empty one), 2 usage error.
 
-configuration (prefix FW_RETRAIN__WEBHOOK__): HOST, PORT, TOKEN_FILE, TRIGGER_LAYERS, COOLDOWN_S, DEDUPE_TTL_S,
+configuration (prefix FW_RETRAIN__WEBHOOK__): HOST, PORT, TOKEN_FILE (required; INSECURE_NO_AUTH=true runs without
+one, for local development only), TRIGGER_LAYERS, COOLDOWN_S, DEDUPE_TTL_S,
 STATE_FILE; the retrain itself reads FW_RETRAIN__* (DATA_PATH, WINDOW_DAYS, REGRESSION_SET, HANDOFF, …) and FW_HOME.
 """
 

@@ -134,9 +134,12 @@ class RetrainWebhookSettings(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(8090, ge=1, le=65535)
-    #: The bearer token Alertmanager sends (``http_config.authorization.credentials_file``), read from this file;
-    #: None = no authentication (loopback only; the chart always sets one).
+    #: The bearer token Alertmanager sends (``http_config.authorization.credentials_file``), read from this file.
+    #: Required: without one the receiver refuses to start (the chart always sets one).
     token_file: Path | None = None
+    #: Local development only: accept unauthenticated calls when no ``token_file`` is set. Never in production —
+    #: an alert starts a retrain whose challenger is handed to a rollout.
+    insecure_no_auth: bool = False
     #: Alert ``layer`` labels (deploy/prometheus/rules.yml) whose firing alerts start a retrain.
     trigger_layers: tuple[str, ...] = ("input_drift", "output_drift", "outcome")
     #: Alerts of those layers that never start one: no labels arrive (retraining cannot help), or a candidate is

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -33,7 +34,15 @@ from service.retrain_triggers import (
     remember,
     triage,
 )
-from service.retrain_webhook import HOOK_PATH, RetrainService, WebhookApp, openapi_document, retrain_command
+from service.retrain_webhook import (
+    HOOK_PATH,
+    NoTokenError,
+    RetrainService,
+    WebhookApp,
+    bearer_ok,
+    openapi_document,
+    retrain_command,
+)
 from service.settings import RetrainWebhookSettings, Settings
 from tests.routerkit import metric_value
 
@@ -380,3 +389,31 @@ def test_openapi_describes_the_hook_and_every_reference_resolves(receiver: Recei
         assert ref.removeprefix("#/components/schemas/") in schemas, ref
     assert receiver.client.get("/livez").json() == {"status": "alive"}
     assert receiver.client.get("/readyz").status_code == 200
+
+
+def test_without_a_token_file_the_receiver_refuses_to_start(tmp_path: Path) -> None:
+    """Issue 11 (5): no token file used to mean an open receiver (any caller could start retrains whose challenger
+    is handed to a rollout). Now the real process exits 1 at start-up, naming the setting — it never listens."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("FW_RETRAIN__", "FW_HOME"))}
+    env.update({"FW_HOME": str(tmp_path), "FW_RETRAIN__WEBHOOK__PORT": "1"})  # never bound: it exits first
+    done = subprocess.run(
+        [sys.executable, "-m", "service.retrain_webhook"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1, done.stderr
+    assert "FW_RETRAIN__WEBHOOK__TOKEN_FILE" in done.stderr and "INSECURE_NO_AUTH" in done.stderr
+    with pytest.raises(NoTokenError, match="does not run unauthenticated"):
+        RetrainService(Settings.model_validate({"home": tmp_path}), registry=CollectorRegistry())
+    assert not bearer_ok(None, None) and not bearer_ok("Bearer anything", None)
+
+
+def test_the_insecure_development_mode_must_be_explicit(tmp_path: Path) -> None:
+    settings = Settings.model_validate({"home": tmp_path, "retrain": {"webhook": {"insecure_no_auth": True}}})
+    service = RetrainService(settings, registry=CollectorRegistry())
+    try:
+        with TestClient(WebhookApp(service).app()) as client:
+            answer = client.post(HOOK_PATH, content=b"{not json", headers={"Content-Type": "application/json"})
+        assert answer.status_code == 400, answer.text  # past authentication, refused as a bad body
+    finally:
+        service.close()
+    assert bearer_ok(None, None, insecure_no_auth=True)
+    assert not bearer_ok("Bearer wrong", TOKEN, insecure_no_auth=True)  # a configured token always applies
