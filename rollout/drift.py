@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
-from scipy.stats import beta
 
 
 @dataclass(frozen=True)
@@ -159,18 +158,9 @@ def wilson_interval(successes: float, trials: float, confidence: float) -> Inter
     z2n = z * z / trials
     centre = (p + z2n / 2.0) / (1.0 + z2n)
     half = z * math.sqrt(p * (1.0 - p) / trials + z2n / (4.0 * trials)) / (1.0 + z2n)
-    return Interval(estimate=p, lower=max(0.0, centre - half), upper=min(1.0, centre + half))
-
-
-def clopper_pearson_interval(successes: float, trials: float, confidence: float) -> Interval | None:
-    """Exact (Clopper–Pearson) interval of a binomial proportion; ``None`` without trials."""
-    _check_counts(successes, trials)
-    if trials <= 0:
-        return None
-    alpha = 1.0 - confidence
-    lower = 0.0 if successes <= 0 else float(beta.ppf(alpha / 2.0, successes, trials - successes + 1.0))
-    upper = 1.0 if successes >= trials else float(beta.ppf(1.0 - alpha / 2.0, successes + 1.0, trials - successes))
-    return Interval(estimate=successes / trials, lower=lower, upper=upper)
+    # The interval contains the estimate exactly: at 0 (or all) successes, rounding in centre − half would otherwise
+    # leave a lower bound of ~3e-17 above an estimate of 0.
+    return Interval(estimate=p, lower=max(0.0, min(p, centre - half)), upper=min(1.0, max(p, centre + half)))
 
 
 def _check_counts(successes: float, trials: float) -> None:

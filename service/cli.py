@@ -562,8 +562,9 @@ def _write_summary(path: Path | None, report: RetrainReport) -> None:
 def run_retrain_command(args: argparse.Namespace, settings: Settings, console: Console, operation: str) -> ExitCode:
     """``retrain`` and ``recalibrate``: one request, the configured hand-off, a report table and summary."""
     from service.recalibrate import recalibrate
-    from service.retrain import RetrainKind, RetrainRequest, failed_report, new_retrain_id, retrain, safe_id
+    from service.retrain import RetrainKind, RetrainRequest, failed_report, retrain, safe_id
     from service.retrain_handoff import handoff_for
+    from service.retrain_outcomes import new_retrain_id
 
     kind = RetrainKind(args.trigger)
     retrain_id = safe_id(args.retrain_id) if args.retrain_id else new_retrain_id(f"{kind.value}-{operation}")

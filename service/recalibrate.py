@@ -55,7 +55,6 @@ from service.retrain import (
     InsufficientDataError,
     Observer,
     QuietObserver,
-    RetrainOutcome,
     RetrainReport,
     RetrainRequest,
     apply_shipped,
@@ -70,6 +69,7 @@ from service.retrain import (
     window_tags,
 )
 from service.retrain_handoff import RolloutHandoff
+from service.retrain_outcomes import RetrainOutcome
 from service.settings import Settings
 from service.train import data_fingerprint
 

@@ -24,15 +24,13 @@ The outcome, the window, both gates' values and the hand-off's answer form a :cl
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import time
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -44,6 +42,7 @@ from service.logging import get_logger, log_event
 from service.model import load_bundle
 from service.registry import ModelRef, ModelRegistry, RunInfo, RunPayload, payload_from_result
 from service.retrain_handoff import Candidate, HandoffResult, RolloutHandoff
+from service.retrain_outcomes import MAX_REASON_CHARS, RetrainOutcome
 from service.settings import Settings
 
 logger = get_logger(__name__)
@@ -55,32 +54,12 @@ REGRESSION_PREFIX: Final[str] = "regression_"
 LABEL_COLUMN: Final[str] = "is_fraud"
 TIME_COLUMN: Final[str] = "timestamp"
 _ID_UNSAFE: Final = re.compile(r"[^A-Za-z0-9._:-]+")
-_MAX_REASON: Final[int] = 500
 
 
 class RetrainKind(StrEnum):
     SCHEDULED = "scheduled"
     ALERT = "alert"
     MANUAL = "manual"
-
-
-class RetrainOutcome(StrEnum):
-    """How a retrain (or recalibration) ended; the CLI's exit code and the webhook's run metric follow it."""
-
-    ROLLOUT_STARTED = "rollout_started"
-    REGISTERED = "registered"  # challenger registered, no hand-off asked for
-    ROLLOUT_NOT_STARTED = "rollout_not_started"  # challenger registered; delivery refused or did not answer
-    QUALITY_GATE_FAILED = "quality_gate_failed"
-    NO_IMPROVEMENT = "no_improvement"  # recalibration: the held-out calibration error did not improve
-    INSUFFICIENT_DATA = "insufficient_data"
-    FAILED = "failed"
-
-
-#: Outcomes after which nothing is wrong with the retraining path (a challenger was made, or a recalibration was
-#: rightly not shipped); any other outcome keeps ``FraudwatchRetrainFailed`` firing until a run succeeds.
-SUCCESSFUL_OUTCOMES: Final[frozenset[str]] = frozenset(
-    {RetrainOutcome.ROLLOUT_STARTED.value, RetrainOutcome.REGISTERED.value, RetrainOutcome.NO_IMPROVEMENT.value}
-)
 
 
 class InsufficientDataError(RuntimeError):
@@ -241,15 +220,6 @@ def combined_gate(gates: Mapping[str, GateReport]) -> GateReport:
 # ------------------------------------------------------------------------------------------------ requests and reports
 
 
-def new_retrain_id(kind: str, now: datetime | None = None, salt: str | None = None) -> str:
-    """``<kind>-<UTC time>-<hash>``: safe as a rolloutctl command id, an MLflow tag and a file name (unique: the
-    hash covers a random salt unless one is given)."""
-    at = (now or datetime.now(UTC)).astimezone(UTC)
-    salt = uuid.uuid4().hex if salt is None else salt
-    digest = hashlib.sha256(f"{kind}|{at.isoformat()}|{salt}".encode()).hexdigest()[:8]
-    return f"{kind}-{at.strftime('%Y%m%dT%H%M%SZ')}-{digest}"
-
-
 def safe_id(text: str) -> str:
     """``text`` reduced to the characters a command id allows (``[A-Za-z0-9._:-]``, ≤ 128, alphanumeric start)."""
     cleaned = _ID_UNSAFE.sub("-", text).strip("-._:")[:128]
@@ -361,7 +331,7 @@ def ship(
         "quality_gate": verdict,
         "retrain_id": request.retrain_id,
         "retrain_kind": request.kind.value,
-        "retrain_reason": request.reason[:_MAX_REASON],
+        "retrain_reason": request.reason[:MAX_REASON_CHARS],
     }
     metrics = {**payload.metrics, **{k: v for k, v in gate.values.items() if k.startswith(REGRESSION_PREFIX)}}
     with observer.step("Logging the run to MLflow"):
@@ -372,13 +342,13 @@ def ship(
     model = settings.registered_model_name
     with observer.step("Registering the version as challenger"):
         ref = registry.register(run, model, description=f"{run.model_version}: {request.kind.value} {request.reason}")
-        registry.set_challenger(model, ref.version, f"{request.retrain_id}: {request.reason}"[:_MAX_REASON])
+        registry.set_challenger(model, ref.version, f"{request.retrain_id}: {request.reason}"[:MAX_REASON_CHARS])
         ref = registry.get_version(model, ref.version)
     if handoff is None or not request.start_rollout:
         return Shipped(run, ref, None, RetrainOutcome.REGISTERED)
     candidate = Candidate(name=run.model_version, model=model, number=ref.version)
     with observer.step(f"Starting a rollout of {candidate.name} ({handoff.via})"):
-        result = handoff.start(candidate, request_id=request.retrain_id, reason=request.reason[:_MAX_REASON])
+        result = handoff.start(candidate, request_id=request.retrain_id, reason=request.reason[:MAX_REASON_CHARS])
     outcome = RetrainOutcome.ROLLOUT_STARTED if result.started else RetrainOutcome.ROLLOUT_NOT_STARTED
     return Shipped(run, ref, result, outcome)
 
@@ -471,9 +441,3 @@ def failed_report(request: RetrainRequest, operation: str, error: BaseException)
     return RetrainReport(
         request.retrain_id, request.kind.value, operation, RetrainOutcome.FAILED, request.reason, repr(error)
     )
-
-
-def trigger_reason(alerts: Sequence[Mapping[str, str]]) -> str:
-    """A short audit reason naming the alerts that triggered a retrain."""
-    names = sorted({f"{a.get('alertname', '?')}({a.get('layer', '?')})" for a in alerts})
-    return ("alerts: " + ", ".join(names))[:_MAX_REASON]

@@ -63,7 +63,7 @@ from service.logging import (
     get_logger,
     log_event,
 )
-from service.retrain import SUCCESSFUL_OUTCOMES, RetrainOutcome, new_retrain_id, trigger_reason
+from service.retrain_outcomes import SUCCESSFUL_OUTCOMES, RetrainOutcome, new_retrain_id, trigger_reason
 from service.retrain_triggers import (
     AlertmanagerPayload,
     Decision,

@@ -31,7 +31,8 @@ from service.recalibrate import (
     recalibrate,
 )
 from service.registry import CHALLENGER, CHAMPION, FEATURE_STORE_FILE, ModelRegistry
-from service.retrain import InsufficientDataError, RetrainKind, RetrainOutcome, RetrainRequest, new_retrain_id
+from service.retrain import InsufficientDataError, RetrainKind, RetrainRequest
+from service.retrain_outcomes import RetrainOutcome, new_retrain_id
 from service.settings import Settings
 from tests.retrainkit import FROZEN_SET, RecordingHandoff
 

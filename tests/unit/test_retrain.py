@@ -23,10 +23,8 @@ from service.retrain import (
     InsufficientDataError,
     RegressionSetMissingError,
     RetrainKind,
-    RetrainOutcome,
     RetrainRequest,
     combined_gate,
-    new_retrain_id,
     read_stream,
     retrain,
     safe_id,
@@ -45,6 +43,7 @@ from service.retrain_handoff import (
     rolloutctl_argv,
     rolloutctl_outcome,
 )
+from service.retrain_outcomes import RetrainOutcome, new_retrain_id
 from service.settings import KubeHandoffSettings, RetrainSettings, Settings
 from tests.retrainkit import FROZEN_SET as FROZEN
 from tests.retrainkit import RecordingHandoff

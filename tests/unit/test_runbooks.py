@@ -170,7 +170,7 @@ def test_retraining_page_matches_the_code() -> None:
 
     from service.cli import RETRAIN_EXIT_CODES
     from service.cli import build_parser as fraudwatch_parser
-    from service.retrain import RetrainOutcome
+    from service.retrain_outcomes import RetrainOutcome
     from service.retrain_webhook import WebhookMetrics
 
     text = (RUNBOOKS / "retraining.md").read_text(encoding="utf-8")

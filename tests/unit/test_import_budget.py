@@ -1,0 +1,61 @@
+"""Each console script's entry module, imported in a fresh interpreter, loads only what its job needs.
+
+The router, the controller, ``rolloutctl`` and the retraining webhook carry no training stack: no XGBoost,
+scikit-learn, SciPy, pandas, MLflow, matplotlib or BentoML in their processes (memory per pod, start-up time of
+every CLI call). The time budgets are loose on purpose — about five times what a quiet 2-core machine measures, so a
+busy machine does not fail them — and catch an import of the training stack (seconds) rather than small drift.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAINING_STACK = ("xgboost", "sklearn", "scipy", "pandas", "mlflow", "matplotlib", "bentoml")
+
+# entry module -> (modules it must not load, import-time budget in seconds)
+BUDGETS: dict[str, tuple[tuple[str, ...], float]] = {
+    "rollout.router": (TRAINING_STACK, 6.0),  # fraudwatch-router
+    "rollout.controller": ((*TRAINING_STACK, "kubernetes"), 5.0),  # the controller (kube client only when used)
+    "rollout.cli": ((*TRAINING_STACK, "numpy", "kubernetes"), 3.0),  # rolloutctl, kubectl-modelrollout
+    "service.retrain_webhook": (TRAINING_STACK, 6.0),  # the retraining webhook: retrains run as subprocesses
+}
+
+_PROBE = """
+import json, sys, time
+start = time.perf_counter()
+__import__(sys.argv[1])
+print(json.dumps({"seconds": time.perf_counter() - start, "modules": sorted(sys.modules)}))
+"""
+
+
+def _import_in_fresh_interpreter(module: str) -> dict[str, object]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE, module],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    loaded: dict[str, object] = json.loads(result.stdout.strip().splitlines()[-1])
+    return loaded
+
+
+@pytest.mark.parametrize("module", sorted(BUDGETS))
+def test_entry_module_loads_no_heavy_package(module: str) -> None:
+    forbidden, budget_s = BUDGETS[module]
+    loaded = _import_in_fresh_interpreter(module)
+    top_level = {str(name).split(".")[0] for name in loaded["modules"]}  # type: ignore[attr-defined]
+    assert top_level.isdisjoint(forbidden), f"{module} loads {sorted(top_level & set(forbidden))}"
+    seconds = float(loaded["seconds"])  # type: ignore[arg-type]
+    assert seconds < budget_s, f"importing {module} took {seconds:.2f} s (budget {budget_s} s)"
