@@ -78,6 +78,14 @@ class GateResult(BaseModel):
     #: Several named values (the quality gate's regression-set metrics).
     values: dict[str, float] = Field(default_factory=dict)
     message: str = ""
+    #: Issue 10 evidence: the estimated difference candidate - stable (or the value for an absolute gate), what it
+    #: used (fraud labels for recall, flagged labels for precision, requests for an error rate), the estimated further
+    #: samples to a decision (None when decided or unknown), and the method ("sprt-two-sample", "sprt-paired", ...).
+    #: ``interval`` above is then the interval around ``estimate`` at the gate's confidence.
+    estimate: float | None = None
+    samples: float | None = None
+    samples_needed: float | None = None
+    method: str | None = None
 
 
 class AnalysisReport(BaseModel):
