@@ -85,6 +85,7 @@ from starlette.routing import Route
 from rollout.drift import calibration_bin_of
 from rollout.outcome_settings import OutcomeSettings, get_outcome_settings
 from rollout.routing import ComparisonPair, RoutePlan, comparison_pair
+from service.httputil import read_limited
 from service.logging import get_logger, log_event
 from service.schema import ErrorDetail, ErrorResponse
 
@@ -827,13 +828,15 @@ class OutcomeTracker:
         )
 
     async def feedback_endpoint(self, request: Request) -> Response:
-        body = await request.body()
-        if len(body) > self._settings.max_body_bytes:
+        # Bounded before it is read: a declared Content-Length over the limit, or the streamed bytes passing it,
+        # answer 413 at once — the body is never held beyond the limit.
+        body = await read_limited(request, self._settings.max_body_bytes)
+        if body is None:
             self._metrics.feedback.labels("invalid").inc()
             return _error(413, f"body larger than {self._settings.max_body_bytes} bytes", "body", "too large")
         try:
             payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
             self._metrics.feedback.labels("invalid").inc()
             return _error(400, "body is not valid JSON", "body", "expected a JSON object")
         try:
@@ -872,6 +875,8 @@ def _validation_error(exc: ValidationError) -> JSONResponse:
 
 def _response_of(result: FeedbackResult, feedback: FeedbackRequest) -> JSONResponse:
     cid = result.correlation_id
+    # The 404 and the 409 name only what the caller sent: never the stored label, its source or its time (a label
+    # feed that needs them reads the prediction log; the router's log line below has them for operators).
     if result.status == "unknown":
         return _error(
             404,
@@ -882,12 +887,21 @@ def _response_of(result: FeedbackResult, feedback: FeedbackRequest) -> JSONRespo
         )
     if result.status == "conflict" and result.existing is not None:
         first = result.existing
+        log_event(
+            logger,
+            "conflicting label refused",
+            correlation_id=cid,
+            label=LABEL_NAMES[feedback.label],
+            source=feedback.source,
+            stored_label=LABEL_NAMES[first.label],
+            stored_source=first.source,
+            stored_received_at=first.received_at.isoformat(),
+        )
         return _error(
             409,
-            f"conflicting label for {cid!r}: already labelled {LABEL_NAMES[first.label]!r} by {first.source!r} "
-            f"at {first.received_at.isoformat()}; the first label stands",
+            f"conflicting label for {cid!r}: a different label is already recorded; the first label stands",
             "label",
-            f"conflicts with the stored label {LABEL_NAMES[first.label]!r}",
+            "conflicts with the label already recorded",
             cid,
         )
     return JSONResponse(
