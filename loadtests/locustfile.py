@@ -3,8 +3,9 @@
 Users
     ``RefundUser`` posts refund requests from the seeded synthetic stream (entity keys, retail amounts, item text,
     the seed's request shape) to ``/api/v1/refund-predict`` and remembers each answer's correlation ID with the
-    ground truth. ``LabelUser`` posts those labels to ``/api/v1/feedback`` once their (time-compressed) label delay
-    has passed — chargebacks arrive days later in reality, seconds later here.
+    ground truth. ``LabelUser`` posts those labels to the router's feedback listener (``/api/v1/feedback`` on its
+    control port, with the label feed's bearer token — never the public port) once their (time-compressed) label
+    delay has passed — chargebacks arrive days later in reality, seconds later here.
 
 Environment
     FW_LOAD_DATA: a labelled history file in the synthetic schema (CSV, e.g. the rollout demo's live traffic from
@@ -13,7 +14,9 @@ Environment
     FW_LOAD_LABEL_SECONDS_PER_HOUR (0.02): label-delay compression (0.02 s per real hour → a week in ~3.4 s);
     FW_LOAD_LABEL_SHARE (1.0): share of answered requests that ever get a label;
     FW_LOAD_LABEL_USERS (1): label-feed users (of the -u total), posting due labels in parallel;
-    FW_LOAD_WAIT_MIN / FW_LOAD_WAIT_MAX (0.01 / 0.05 s): think time per refund user.
+    FW_LOAD_WAIT_MIN / FW_LOAD_WAIT_MAX (0.01 / 0.05 s): think time per refund user;
+    FW_LOAD_FEEDBACK_URL (``--host`` by default) and FW_LOAD_FEEDBACK_TOKEN: the router's control listener and the
+    label feed's bearer token (``RouterProcess.control_url`` / ``feedback_token``).
 
 Run, e.g.::
 
@@ -133,6 +136,10 @@ class RefundUser(HttpUser):
                 PENDING.add(correlation_id, label, delay)
 
 
+FEEDBACK_URL = os.environ.get("FW_LOAD_FEEDBACK_URL", "")
+FEEDBACK_HEADERS = {"Authorization": f"Bearer {os.environ.get('FW_LOAD_FEEDBACK_TOKEN', '')}"}
+
+
 class LabelUser(HttpUser):
     """The chargeback / manual-review feed: posts ground truth once it is due."""
 
@@ -148,7 +155,8 @@ class LabelUser(HttpUser):
             return
         correlation_id, label = due
         with self.client.post(
-            "/api/v1/feedback",
+            FEEDBACK_URL.rstrip("/") + "/api/v1/feedback" if FEEDBACK_URL else "/api/v1/feedback",
+            headers=FEEDBACK_HEADERS,
             json={"correlation_id": correlation_id, "label": "fraud" if label else "legit", "source": "chargeback"},
             name="feedback",
             catch_response=True,

@@ -510,6 +510,9 @@ def start_load(run: Run, side: ModelSide) -> None:
         "FW_LOAD_WAIT_MIN": str(s.wait_min_s),
         "FW_LOAD_WAIT_MAX": str(s.wait_max_s),
         "FW_LOAD_LABEL_USERS": str(s.label_users),
+        # labels go to the router's feedback listener with the label feed's token, never the public port
+        "FW_LOAD_FEEDBACK_URL": run.router.control_url,
+        "FW_LOAD_FEEDBACK_TOKEN": run.router.feedback_token,
     }
     argv = [str(BIN / "locust"), "-f", str(s.locustfile), "--headless", "-u", str(s.users), "-r", str(s.spawn_rate),
             "-t", "24h", "--host", run.router.url, "--only-summary", "--loglevel", "WARNING",

@@ -110,6 +110,11 @@ class OutcomeSettings(BaseSettings):
     #: What a label that contradicts the stored one gets: ``reject`` → 409 (the first label stands).
     conflict_policy: Literal["reject"] = "reject"
     max_body_bytes: int = Field(16_384, ge=256)
+    #: ``POST /api/v1/feedback/batch``: body bound (read stops there) and labels per call.
+    max_batch_body_bytes: int = Field(1_048_576, ge=1024)
+    max_batch_labels: int = Field(2_000, ge=1)
+    #: Labels accepted per ``source`` per minute (a fixed window); beyond it 429 / ``over_quota``.
+    feedback_quota_per_minute: int = Field(60_000, ge=1)
     max_correlation_id_chars: int = Field(128, ge=8)
     max_source_chars: int = Field(64, ge=1)
     score_buckets: tuple[float, ...] = DEFAULT_SCORE_BUCKETS

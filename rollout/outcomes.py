@@ -85,7 +85,7 @@ from starlette.routing import Route
 from rollout.drift import calibration_bin_of
 from rollout.outcome_settings import OutcomeSettings, get_outcome_settings
 from rollout.routing import ComparisonPair, RoutePlan, comparison_pair
-from service.httputil import read_limited
+from service.httputil import bearer_matches, read_limited
 from service.logging import get_logger, log_event
 from service.schema import ErrorDetail, ErrorResponse
 
@@ -93,6 +93,7 @@ logger = get_logger(__name__)
 
 Role = Literal["decider", "shadow"]
 FEEDBACK_PATH: Final[str] = "/api/v1/feedback"
+FEEDBACK_BATCH_PATH: Final[str] = "/api/v1/feedback/batch"
 SECONDS_PER_HOUR: Final[float] = 3600.0
 LABEL_NAMES: Final[dict[int, str]] = {1: "fraud", 0: "legit"}
 _LABEL_VALUES: Final[dict[str, int]] = {name: value for value, name in LABEL_NAMES.items()}
@@ -601,7 +602,8 @@ class _OutcomeMetrics:
         )
         self.feedback = Counter(
             "fraudwatch_feedback",
-            "Feedback requests by result (recorded, duplicate, conflict, unknown, invalid, unavailable).",
+            "Feedback labels by result (recorded, duplicate, conflict, unknown, invalid, unauthorized, over_quota, "
+            "unavailable).",
             ["result"],
             registry=registry,
         )
@@ -691,8 +693,15 @@ class OutcomeTracker:
         settings: OutcomeSettings | None = None,
         *,
         registry: CollectorRegistry | None = None,
+        token: str | None = None,
+        insecure_dev: bool = False,
     ) -> None:
+        """``token``: the label sources' bearer token; None refuses every label unless ``insecure_dev``."""
         self._log = log
+        self._token = token
+        self._insecure_dev = insecure_dev
+        self._quota_window = -1
+        self._quota_used: dict[tuple[str, int], int] = {}
         self._settings = settings or log.settings
         self._metrics = _OutcomeMetrics(registry if registry is not None else REGISTRY, self._settings)
         self._prepared: set[tuple[str, Role, str]] = set()
@@ -700,7 +709,11 @@ class OutcomeTracker:
         self._paired_edges = bin_edges(self._settings.paired_score_buckets)
 
     def routes(self) -> list[Route]:
-        return [Route(FEEDBACK_PATH, self.feedback_endpoint, methods=["POST"])]
+        """The feedback routes, for the router's control listener (never its public one)."""
+        return [
+            Route(FEEDBACK_PATH, self.feedback_endpoint, methods=["POST"]),
+            Route(FEEDBACK_BATCH_PATH, self.feedback_batch_endpoint, methods=["POST"]),
+        ]
 
     async def submit(self, feedback: FeedbackRequest, received_at: datetime | None = None) -> FeedbackResult:
         """Store the label (first one wins) and, when it is new, update the outcome metrics of every prediction."""
@@ -827,23 +840,58 @@ class OutcomeTracker:
             received_at=as_utc(row.received_at),
         )
 
-    async def feedback_endpoint(self, request: Request) -> Response:
-        # Bounded before it is read: a declared Content-Length over the limit, or the streamed bytes passing it,
-        # answer 413 at once — the body is never held beyond the limit.
-        body = await read_limited(request, self._settings.max_body_bytes)
+    def _authorized(self, request: Request) -> bool:
+        if self._token is None:
+            return self._insecure_dev
+        return bearer_matches(request.headers.get("authorization"), self._token)
+
+    def _unauthorized(self) -> Response:
+        self._metrics.feedback.labels("unauthorized").inc()
+        response = _error(401, "missing or wrong bearer token", "authorization", "a label source's bearer token")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="fraudwatch-feedback"'
+        return response
+
+    def _over_quota(self, source: str) -> bool:
+        """A fixed one-minute window of labels per ``source`` (``feedback_quota_per_minute``)."""
+        now = time.monotonic()
+        window = int(now // 60.0)
+        key = (source, window)
+        if self._quota_window != window:
+            self._quota_window = window
+            self._quota_used.clear()
+        used = self._quota_used.get(key, 0)
+        if used >= self._settings.feedback_quota_per_minute:
+            return True
+        self._quota_used[key] = used + 1
+        return False
+
+    async def _read_json(self, request: Request, limit: int) -> tuple[object, Response | None]:
+        """The parsed body, or the 4xx to answer: the read stops at ``limit`` bytes, and any body that is not JSON
+        (including one nested too deep for the parser) is a 400."""
+        body = await read_limited(request, limit)
         if body is None:
             self._metrics.feedback.labels("invalid").inc()
-            return _error(413, f"body larger than {self._settings.max_body_bytes} bytes", "body", "too large")
+            return None, _error(413, f"body larger than {limit} bytes", "body", "too large")
         try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
+            return json.loads(body), None
+        except (ValueError, RecursionError):
             self._metrics.feedback.labels("invalid").inc()
-            return _error(400, "body is not valid JSON", "body", "expected a JSON object")
+            return None, _error(400, "body is not valid JSON", "body", "expected a JSON object")
+
+    async def feedback_endpoint(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return self._unauthorized()
+        payload, refused = await self._read_json(request, self._settings.max_body_bytes)
+        if refused is not None:
+            return refused
         try:
             feedback = FeedbackRequest.model_validate(payload, context={"settings": self._settings})
         except ValidationError as exc:
             self._metrics.feedback.labels("invalid").inc()
             return _validation_error(exc)
+        if self._over_quota(feedback.source):
+            self._metrics.feedback.labels("over_quota").inc()
+            return _error(429, f"label quota of source {feedback.source!r} exhausted; retry later", "source", "quota")
         try:
             result = await self.submit(feedback)
         except (OperationalError, InterfaceError) as exc:
@@ -854,6 +902,44 @@ class OutcomeTracker:
                 feedback.correlation_id,
             )  # fmt: skip
         return _response_of(result, feedback)
+
+    async def feedback_batch_endpoint(self, request: Request) -> Response:
+        """Many labels per call, each accepted or refused on its own (``results[i]`` answers ``labels[i]``).
+
+        Retrying a batch counts nothing twice: a label already stored answers ``duplicate`` and changes no metric.
+        """
+        if not self._authorized(request):
+            return self._unauthorized()
+        payload, refused = await self._read_json(request, self._settings.max_batch_body_bytes)
+        if refused is not None:
+            return refused
+        items = payload.get("labels") if isinstance(payload, dict) else None
+        if not isinstance(items, list) or not items:
+            self._metrics.feedback.labels("invalid").inc()
+            return _error(422, "invalid feedback batch: labels", "labels", "a non-empty list of labels")
+        if len(items) > self._settings.max_batch_labels:
+            self._metrics.feedback.labels("invalid").inc()
+            limit = self._settings.max_batch_labels
+            return _error(422, f"invalid feedback batch: at most {limit} labels", "labels", "too many labels")
+        results = [await self._one_of_batch(item) for item in items]
+        return JSONResponse({"results": results}, status_code=200)
+
+    async def _one_of_batch(self, item: object) -> dict[str, Any]:
+        try:
+            feedback = FeedbackRequest.model_validate(item, context={"settings": self._settings})
+        except ValidationError as exc:
+            self._metrics.feedback.labels("invalid").inc()
+            fields = [".".join(str(part) for part in err["loc"]) or "label" for err in exc.errors()]
+            return {"status": "invalid", "fields": fields}
+        if self._over_quota(feedback.source):
+            self._metrics.feedback.labels("over_quota").inc()
+            return {"status": "over_quota", "correlation_id": feedback.correlation_id}
+        try:
+            result = await self.submit(feedback)
+        except (OperationalError, InterfaceError):
+            self._metrics.feedback.labels("unavailable").inc()
+            return {"status": "unavailable", "correlation_id": feedback.correlation_id}
+        return {"status": result.status, "correlation_id": result.correlation_id, "predictions": result.predictions}
 
 
 def _error(status: int, message: str, field: str, detail: str, correlation_id: str | None = None) -> JSONResponse:

@@ -12,8 +12,9 @@ that fails or exceeds ``candidate_timeout_s`` is answered for by stable (``fraud
 stable fails the client gets a 503 naming the cause.
 
 Endpoints: ``POST /api/v1/refund-predict``, ``GET /livez``, ``GET /readyz`` (a table is loaded and its stable
-answered at least once), ``GET /metrics``, ``GET|PUT /admin/routing`` (bearer token), and the outcome tracker's
-``POST /api/v1/feedback``.
+answered at least once), ``GET /metrics`` and ``GET|PUT /admin/routing`` (bearer token). The outcome tracker's
+``POST /api/v1/feedback`` and ``POST /api/v1/feedback/batch`` are on a second listener of the same process
+(``control_port``, bearer ``feedback_token``), never on the public port.
 
 Run: ``python -m rollout.router`` or ``fraudwatch-router`` (settings from ``FW_ROLLOUT_ROUTER__…``, the prediction
 log from ``FW_OUTCOMES__…``). Its routing table comes from ``PUT /admin/routing``, a file
@@ -32,10 +33,11 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any, Final
 
 import uvicorn
@@ -452,30 +454,83 @@ class Router:
         return app
 
 
-def create_app(settings: RolloutSettings | None = None) -> Starlette:
-    """The production app: the file source and the ModelRollout watch (each when configured), the prediction log
-    and the feedback routes on one registry."""
+class FeedbackTokenMissingError(RuntimeError):
+    """No feedback token is configured and ``feedback_insecure_dev`` is not set: the router refuses to start."""
+
+
+@dataclass(frozen=True)
+class RouterApps:
+    """The public scoring app and the control app (the label feed's listener) of one router process."""
+
+    public: Starlette
+    control: Starlette
+
+
+def create_apps(settings: RolloutSettings | None = None) -> RouterApps:
+    """The production apps: the file source and the ModelRollout watch (each when configured), the prediction log
+    and the outcome metrics on one registry; the feedback routes only on the control app, behind its bearer token."""
     rollout_settings = settings or get_rollout_settings()
     router_settings = rollout_settings.router
+    token = router_settings.feedback_secret()
+    if token is None and not router_settings.feedback_insecure_dev:
+        raise FeedbackTokenMissingError(
+            "no feedback token: set FW_ROLLOUT_ROUTER__FEEDBACK_TOKEN_FILE (or __FEEDBACK_TOKEN); "
+            "FW_ROLLOUT_ROUTER__FEEDBACK_INSECURE_DEV=true accepts unauthenticated labels (development only)"
+        )
+    if token is None:
+        log_event(logger, "feedback listener without a token: labels are accepted unauthenticated", logging.WARNING)
     registry = CollectorRegistry()
     log = PredictionLog(get_outcome_settings(), registry=registry)
-    tracker = OutcomeTracker(log, registry=registry)
+    tracker = OutcomeTracker(log, registry=registry, token=token, insecure_dev=router_settings.feedback_insecure_dev)
     sources: list[TableSource] = []
     if router_settings.routing_file is not None:
         sources.append(FileTableSource(router_settings.routing_file, router_settings.poll_interval_s))
     if router_settings.kube.rollout_name is not None:
         sources.append(KubeRolloutTableSource(router_settings.kube))
-    router = Router(
-        router_settings, registry=registry, prediction_log=log, extra_routes=tracker.routes(), sources=sources
-    )
+    router = Router(router_settings, registry=registry, prediction_log=log, sources=sources)
     router.store.add_observer(tracker)  # outcome and paired series of each table's versions start at zero
-    return router.app()
+    control = Starlette(routes=[*tracker.routes(), Route("/livez", router.livez, methods=["GET"])])
+    return RouterApps(public=router.app(), control=control)
+
+
+def control_port_of(settings: RouterSettings) -> int:
+    """The control listener's port: ``control_port``, else the public port + 1."""
+    return settings.control_port if settings.control_port is not None else settings.port + 1
+
+
+class _ControlServer(uvicorn.Server):
+    """The control listener: it leaves signals to the public server, which stops it (see :func:`serve`)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class _PublicServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, companion: uvicorn.Server) -> None:
+        super().__init__(config)
+        self.companion = companion
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        self.companion.should_exit = True
+
+
+async def serve(public: uvicorn.Server, control: uvicorn.Server) -> None:
+    """Both listeners in one event loop; when the public one stops (SIGTERM), so does the control one."""
+    control_task = asyncio.create_task(control.serve())
+    try:
+        await public.serve()
+    finally:
+        control.should_exit = True
+        await control_task
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fraudwatch-router", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", help="bind address (default: FW_ROLLOUT_ROUTER__HOST)")
     parser.add_argument("--port", type=int, help="port (default: FW_ROLLOUT_ROUTER__PORT)")
+    parser.add_argument("--control-port", type=int, help="feedback listener port (FW_ROLLOUT_ROUTER__CONTROL_PORT)")
     parser.add_argument("--routing-file", type=Path, help="routing table file (FW_ROLLOUT_ROUTER__ROUTING_FILE)")
     return parser.parse_args(argv)
 
@@ -485,14 +540,34 @@ def main(argv: Sequence[str] | None = None) -> None:
     base = get_rollout_settings()
     overrides = {
         k: v
-        for k, v in {"host": args.host, "port": args.port, "routing_file": args.routing_file}.items()
+        for k, v in {
+            "host": args.host,
+            "port": args.port,
+            "control_port": args.control_port,
+            "routing_file": args.routing_file,
+        }.items()
         if v is not None
     }
     settings = base.model_copy(update={"router": base.router.model_copy(update=overrides)})
     configure_logging(settings.log_level)
     router_settings = settings.router
-    uvicorn.run(
-        create_app(settings),
+    try:
+        apps = create_apps(settings)
+    except FeedbackTokenMissingError as exc:
+        log_event(logger, "router refuses to start", logging.ERROR, error=str(exc))
+        raise SystemExit(2) from exc
+    control = _ControlServer(
+        uvicorn.Config(
+            apps.control,
+            host=router_settings.control_host or router_settings.host,
+            port=control_port_of(router_settings),
+            access_log=False,
+            log_config=None,
+            lifespan="off",
+        )
+    )
+    public_config = uvicorn.Config(
+        apps.public,
         host=router_settings.host,
         port=router_settings.port,
         access_log=False,
@@ -500,6 +575,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         timeout_graceful_shutdown=int(router_settings.graceful_shutdown_s),
         lifespan="on",
     )
+    asyncio.run(serve(_PublicServer(public_config, control), control))
 
 
 if __name__ == "__main__":

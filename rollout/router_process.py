@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -46,8 +47,11 @@ class RouterProcess:
     settings: RouterSettings = field(default_factory=RouterSettings)
     routing_file: Path | None = None
     admin_token: str | None = None
+    #: The label feed's bearer token on the control listener (generated per process unless given).
+    feedback_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     env: Mapping[str, str] = field(default_factory=dict)
     port: int | None = None
+    control_port: int | None = None
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _log: IO[bytes] | None = field(default=None, init=False, repr=False)
 
@@ -58,6 +62,16 @@ class RouterProcess:
         return f"http://{self.settings.host}:{self.port}"
 
     @property
+    def control_url(self) -> str:
+        """The control listener (``POST /api/v1/feedback[/batch]`` with :attr:`feedback_token`)."""
+        if self.control_port is None:
+            raise RuntimeError("the router has no control port until it is started")
+        return f"http://{self.settings.host}:{self.control_port}"
+
+    def feedback_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.feedback_token}"}
+
+    @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
@@ -65,7 +79,13 @@ class RouterProcess:
         return self._process is not None and self._process.poll() is None
 
     def child_env(self) -> dict[str, str]:
-        env = {**os.environ, f"{_ENV_PREFIX}HOST": self.settings.host, f"{_ENV_PREFIX}PORT": str(self.port)}
+        env = {
+            **os.environ,
+            f"{_ENV_PREFIX}HOST": self.settings.host,
+            f"{_ENV_PREFIX}PORT": str(self.port),
+            f"{_ENV_PREFIX}CONTROL_PORT": str(self.control_port),
+            f"{_ENV_PREFIX}FEEDBACK_TOKEN": self.feedback_token,
+        }
         if self.routing_file is not None:
             env[f"{_ENV_PREFIX}ROUTING_FILE"] = str(self.routing_file)
         if self.admin_token is not None:
@@ -78,6 +98,8 @@ class RouterProcess:
             raise RuntimeError(f"router already started (pid {self._process.pid})")
         if self.port is None:
             self.port = free_port(self.settings.host)
+        if self.control_port is None:
+            self.control_port = free_port(self.settings.host)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         self._process = subprocess.Popen(

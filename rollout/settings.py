@@ -92,6 +92,17 @@ class RouterSettings(BaseModel):
     admin_token: SecretStr | None = None
     #: Alternative to ``admin_token`` for mounted secrets: the token is the file's stripped content.
     admin_token_file: Path | None = None
+    #: The feedback (label) listener: its own port in the router process, never the public one. None → the public
+    #: port + 1. Label feeds reach it with ``feedback_token``; the public port serves no feedback route.
+    control_host: str | None = None
+    control_port: int | None = Field(None, ge=0, le=65535)
+    #: Bearer token of ``POST /api/v1/feedback[/batch]`` on the control listener (or ``feedback_token_file``, a
+    #: mounted Secret). Without one the router refuses to start, unless ``feedback_insecure_dev`` is set.
+    feedback_token: SecretStr | None = None
+    feedback_token_file: Path | None = None
+    #: Development only: run the feedback listener without a token, accepting unauthenticated labels (logged as a
+    #: warning at start). Labels decide rollouts: never in a deployment.
+    feedback_insecure_dev: bool = False
 
     #: The HTTP client library of upstream calls (both pooled, keep-alive, HTTP/1.1); see rollout/upstream.py.
     #: aiohttp by default: half httpx's router CPU per request in benchmarks/router_benchmark.py (0.67 vs 1.32 ms
@@ -150,6 +161,15 @@ class RouterSettings(BaseModel):
             return self.admin_token.get_secret_value()
         if self.admin_token_file is not None:
             token = self.admin_token_file.read_text(encoding="utf-8").strip()
+            return token or None
+        return None
+
+    def feedback_secret(self) -> str | None:
+        """The feedback bearer token (``feedback_token`` first, else the content of ``feedback_token_file``)."""
+        if self.feedback_token is not None and self.feedback_token.get_secret_value():
+            return self.feedback_token.get_secret_value()
+        if self.feedback_token_file is not None:
+            token = self.feedback_token_file.read_text(encoding="utf-8").strip()
             return token or None
         return None
 

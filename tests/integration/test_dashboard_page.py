@@ -3,7 +3,8 @@
 The stack: two real ``bentoml serve`` processes (stable v1, candidate v2 in shadow), the real router in front of
 them with its prediction log, a real Prometheus scraping all three and evaluating deploy/prometheus/rules.yml (plus
 one always-firing alert, so the alerts panel has something real to show). Traffic goes through the router, then a
-label for every request through ``POST /api/v1/feedback``. The page is rendered by the dashboard process and loaded
+label for every request through ``POST /api/v1/feedback`` on the router's control listener. The page is rendered by
+the dashboard process and loaded
 by Debian's ``chromium`` (``--dump-dom`` and ``--screenshot``): the DOM must carry the four layers' panels with the
 numbers this test can compute itself from the answers and the labels it sent (precision, recall, shadow agreement,
 ROC-AUC), and the screenshot must be a real picture of it.
@@ -158,9 +159,12 @@ def _pairs_counted(router_url: str, n: int) -> bool | None:
     return True if metric_value(text, "fraudwatch_shadow_agreement_total") >= n else None
 
 
-def _send_labels(router_url: str, answers: list[Answer]) -> None:
+def _send_labels(router: RouterProcess, answers: list[Answer]) -> None:
+    """Through the router's control listener, with the label feed's token (the public port has no feedback)."""
     pending = list(answers)
-    with httpx.Client(base_url=router_url, timeout=30.0, trust_env=False) as http:
+    with httpx.Client(
+        base_url=router.control_url, headers=router.feedback_headers(), timeout=30.0, trust_env=False
+    ) as http:
 
         def send() -> bool | None:
             nonlocal pending
@@ -248,7 +252,7 @@ def live(bundle_dir: Path, second_bundle: Path, tmp_path_factory: pytest.TempPat
         warm_up = _send_traffic(router.url, [payloads[i] for i in agree + differ])
         wait_for(lambda: _pairs_counted(router.url, len(warm_up)), "the warm-up pairs")
         time.sleep(1.0)  # the prediction log flushes shadow rows every 200 ms
-        _send_labels(router.url, warm_up)
+        _send_labels(router, warm_up)
         v1_name, v2_name = versions
         born = [
             f'count(fraudwatch_outcome_total{{model_version="{v1_name}",role="decider"}}) == 4',
@@ -261,7 +265,7 @@ def live(bundle_dir: Path, second_bundle: Path, tmp_path_factory: pytest.TempPat
         assert [a.v1_prediction for a in answers] == v1_direct
         wait_for(lambda: _pairs_counted(router.url, len(warm_up) + len(answers)), "every shadow call paired")
         time.sleep(1.0)  # the prediction log flushes shadow rows every 200 ms
-        _send_labels(router.url, answers)
+        _send_labels(router, answers)
         v2_predictions = v2_direct
         yield Live(prometheus, router, v1, v2, versions, answers, v2_predictions)
     finally:

@@ -1,5 +1,8 @@
 """The feedback endpoint's input handling, through the real router process (uvicorn) on loopback — issue 11 (4).
 
+The feedback routes live on the router's control listener (``RouterProcess.control_url``) and take the label
+feed's bearer token; these checks run as that authenticated feed.
+
 * The body read is bounded before it is read: a declared ``Content-Length`` over the limit answers 413 with no
   byte of the body sent, and a chunked body answers 413 as soon as the streamed bytes pass the limit — while the
   client still holds the connection open, so a reader that waits for the whole body would never answer.
@@ -54,7 +57,7 @@ def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RouterProcess]:
 
 
 def _connect(router: RouterProcess) -> socket.socket:
-    url = httpx.URL(router.url)
+    url = httpx.URL(router.control_url)
     sock = socket.create_connection((url.host, url.port or 80), timeout=ANSWER_TIMEOUT_S)
     sock.settimeout(ANSWER_TIMEOUT_S)
     return sock
@@ -72,9 +75,11 @@ def _status_line(sock: socket.socket) -> str:
 
 
 def _head(router: RouterProcess, extra: str) -> bytes:
-    url = httpx.URL(router.url)
+    url = httpx.URL(router.control_url)
+    auth = f"Authorization: Bearer {router.feedback_token}\r\n"
     return (
-        f"POST {FEEDBACK_PATH} HTTP/1.1\r\nHost: {url.host}:{url.port}\r\nContent-Type: application/json\r\n{extra}\r\n"
+        f"POST {FEEDBACK_PATH} HTTP/1.1\r\nHost: {url.host}:{url.port}\r\nContent-Type: application/json\r\n"
+        f"{auth}{extra}\r\n"
     ).encode("latin-1")
 
 
@@ -99,10 +104,11 @@ def test_a_streamed_body_is_refused_as_soon_as_it_passes_the_limit(router: Route
 
 
 def test_deeply_nested_json_is_a_400_naming_the_body(router: RouterProcess) -> None:
-    with httpx.Client(base_url=router.url, timeout=ANSWER_TIMEOUT_S, trust_env=False) as client:
+    headers = {"Content-Type": "application/json", **router.feedback_headers()}
+    with httpx.Client(base_url=router.control_url, timeout=ANSWER_TIMEOUT_S, trust_env=False) as client:
         for body in (b"[" * 4000, b"[" * 4000 + b"]" * 4000, b'{"a":' * 2000 + b"1" + b"}" * 2000):
             assert len(body) <= LIMIT
-            response = client.post(FEEDBACK_PATH, content=body, headers={"Content-Type": "application/json"})
+            response = client.post(FEEDBACK_PATH, content=body, headers=headers)
             assert response.status_code == 400, response.text[:200]
             assert response.json()["details"][0]["field"] == "body"
         assert client.get("/livez").status_code == 200

@@ -30,6 +30,9 @@ N_REQUESTS = 1500
 CONCURRENCY = 50
 BACKENDS = ["sqlite", "postgresql"]
 
+TOKEN = "label-feed-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
@@ -117,7 +120,7 @@ def test_every_answered_request_is_written_after_close(dsn: str) -> None:
     async def main() -> int:
         log = PredictionLog(settings, registry=registry)
         await log.start()
-        app = _scoring_app(log, OutcomeTracker(log, registry=registry))
+        app = _scoring_app(log, OutcomeTracker(log, registry=registry, token=TOKEN))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
             answered = await _answer_all(client, ids)
         await log.close()
@@ -139,10 +142,12 @@ def test_labels_join_after_a_restart_and_stay_idempotent(dsn: str) -> None:
         registry = CollectorRegistry()
         log = PredictionLog(settings, registry=registry)
         await log.start()
-        app = _scoring_app(log, OutcomeTracker(log, registry=registry))
+        app = _scoring_app(log, OutcomeTracker(log, registry=registry, token=TOKEN))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
             await _answer_all(client, ["r-91", "r-7"])
-            labelled = await client.post(FEEDBACK_PATH, json={"correlation_id": "r-91", "label": 1, "source": "cb"})
+            labelled = await client.post(
+                FEEDBACK_PATH, json={"correlation_id": "r-91", "label": 1, "source": "cb"}, headers=AUTH
+            )
             assert labelled.status_code == 200
         await log.close()
 
@@ -150,11 +155,17 @@ def test_labels_join_after_a_restart_and_stay_idempotent(dsn: str) -> None:
         registry = CollectorRegistry()
         log = PredictionLog(settings, registry=registry)
         await log.start()
-        app = _scoring_app(log, OutcomeTracker(log, registry=registry))
+        app = _scoring_app(log, OutcomeTracker(log, registry=registry, token=TOKEN))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            again = await client.post(FEEDBACK_PATH, json={"correlation_id": "r-91", "label": "fraud", "source": "x"})
-            conflict = await client.post(FEEDBACK_PATH, json={"correlation_id": "r-91", "label": 0, "source": "x"})
-            fresh = await client.post(FEEDBACK_PATH, json={"correlation_id": "r-7", "label": "fraud", "source": "x"})
+            again = await client.post(
+                FEEDBACK_PATH, json={"correlation_id": "r-91", "label": "fraud", "source": "x"}, headers=AUTH
+            )
+            conflict = await client.post(
+                FEEDBACK_PATH, json={"correlation_id": "r-91", "label": 0, "source": "x"}, headers=AUTH
+            )
+            fresh = await client.post(
+                FEEDBACK_PATH, json={"correlation_id": "r-7", "label": "fraud", "source": "x"}, headers=AUTH
+            )
             assert (again.status_code, conflict.status_code, fresh.status_code) == (200, 409, 200)
             assert again.json()["status"] == "duplicate"
             assert fresh.json()["predictions"] == 2

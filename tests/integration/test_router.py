@@ -7,6 +7,8 @@
    client error and its requests are counted as fallbacks.
 4. A real Prometheus scrapes the router and both services and evaluates deploy/prometheus/rules.yml: the series
    the rollout gates query exist, with the version and role labels they select on.
+5. Labels only from the label source: no feedback route on the public port; the control listener takes labels
+   with the feed's bearer token only, answers malformed bodies with a 4xx, and discloses nothing in a 409.
 """
 
 from __future__ import annotations
@@ -411,6 +413,61 @@ def test_prometheus_sees_the_series_the_gates_query(stack: Stack, client: httpx.
     assert values["decider_p99"] is not None and 0.0 < values["decider_p99"] < 1.0
     assert values["weight"] == 0.0
     assert values["served_v2"] is not None and values["served_v2"] > 0.0
+
+
+# ------------------------------------------------------------------ 5. labels only from the label source
+
+
+def test_labels_are_taken_only_on_the_control_listener_with_the_feed_token(stack: Stack, client: httpx.Client) -> None:
+    put(client, stack.table("stable", candidate=False))
+    cid = f"label-{uuid.uuid4().hex}"
+    scored = client.post(PREDICT, json=SEED, headers={"X-Correlation-ID": cid})
+    assert scored.status_code == 200, scored.text
+    label = {"correlation_id": cid, "label": "fraud", "source": "attacker"}
+    before = metric_value(scrape(stack.router.url), "fraudwatch_outcome_total")
+    # the public port has no feedback route at all
+    assert client.post("/api/v1/feedback", json=label).status_code == 404
+    assert client.post("/api/v1/feedback/batch", json={"labels": [label]}).status_code == 404
+    control = stack.router.control_url
+    with httpx.Client(base_url=control, timeout=HTTP_TIMEOUT_S, trust_env=False) as feed:
+        for headers in ({}, {"Authorization": "Bearer guessed"}, AUTH):  # AUTH is the admin token, not the feed's
+            assert feed.post("/api/v1/feedback", json=label, headers=headers).status_code == 401
+        assert metric_value(scrape(stack.router.url), "fraudwatch_outcome_total") == before
+        assert (
+            feed.post("/api/v1/feedback", content=b"[" * 4000, headers=stack.router.feedback_headers()).status_code
+            == 400
+        )
+        genuine = {**label, "source": "chargeback"}
+
+        def recorded() -> bool:
+            answer = feed.post("/api/v1/feedback", json=genuine, headers=stack.router.feedback_headers())
+            return answer.status_code == 200  # 404 until the prediction log has it
+
+        wait_for(recorded, timeout_s=10.0)
+        conflict = feed.post(
+            "/api/v1/feedback", json={**genuine, "label": "legit"}, headers=stack.router.feedback_headers()
+        )
+        assert conflict.status_code == 409
+        assert "fraud" not in conflict.text and "chargeback" not in conflict.text
+        retried = feed.post(
+            "/api/v1/feedback/batch", json={"labels": [genuine]}, headers=stack.router.feedback_headers()
+        )
+        assert retried.json()["results"][0]["status"] == "duplicate"
+    assert metric_value(scrape(stack.router.url), "fraudwatch_outcome_total") == before + 1
+
+
+def test_the_router_refuses_to_start_without_a_feedback_token(tmp_path: Path) -> None:
+    router = RouterProcess(log_path=tmp_path / "router.log", env={"FW_ROLLOUT_ROUTER__FEEDBACK_TOKEN": ""})
+    router.start()
+    try:
+        deadline = time.monotonic() + 60.0
+        while router.running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not router.running()
+    finally:
+        code = router.stop()
+    assert code == 2
+    assert "no feedback token" in router.log_path.read_text(encoding="utf-8")
 
 
 def test_sigterm_drains_and_flushes_the_prediction_log(stack: Stack, client: httpx.Client) -> None:

@@ -54,7 +54,10 @@ SETTINGS_CLASSES: tuple[type[BaseSettings], ...] = (
 )
 DSN_ENV = f"{OutcomeSettings.model_config.get('env_prefix')}DSN"
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-FIXED_TOKEN = {"router": {"adminToken": {"value": "test-admin-token"}}}
+FEEDBACK_TOKEN_ENV = "FW_ROLLOUT_ROUTER__FEEDBACK_TOKEN_FILE"
+FIXED_TOKEN = {
+    "router": {"adminToken": {"value": "test-admin-token"}, "feedback": {"token": {"value": "test-feedback-token"}}}
+}
 
 #: The values matrix every rendered-object test runs over.
 MATRIX: dict[str, dict[str, Any]] = {
@@ -62,7 +65,10 @@ MATRIX: dict[str, dict[str, Any]] = {
     "monitoring": {"monitoring": {"prometheusOperator": True, "labels": {"release": "kube-prometheus"}}},
     "existing-secrets": {
         "predictionLog": {"existingSecret": "pg-dsn", "existingSecretKey": "url"},
-        "router": {"adminToken": {"existingSecret": "router-admin", "existingSecretKey": "token"}},
+        "router": {
+            "adminToken": {"existingSecret": "router-admin", "existingSecretKey": "token"},
+            "feedback": {"token": {"existingSecret": "label-feed", "existingSecretKey": "bearer"}},
+        },
     },
     "ha-controller": {
         "controller": {
@@ -481,10 +487,12 @@ def router_container(objects: list[dict[str, Any]]) -> Mapping[str, Any]:
     return container
 
 
-def admin_token_source(objects: list[dict[str, Any]]) -> tuple[str, str]:
+def admin_token_source(
+    objects: list[dict[str, Any]], env: str = "FW_ROLLOUT_ROUTER__ADMIN_TOKEN_FILE"
+) -> tuple[str, str]:
     spec = one(objects, "Deployment", "-router")["spec"]["template"]["spec"]
     container = spec["containers"][0]
-    token_path = Path(env_of(container)["FW_ROLLOUT_ROUTER__ADMIN_TOKEN_FILE"]["value"])
+    token_path = Path(env_of(container)[env]["value"])
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(token_path.parent))
     volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
     item = next(i for i in volume["secret"]["items"] if i["path"] == token_path.name)
@@ -497,9 +505,12 @@ def test_created_secrets_are_referenced(rendered: dict[str, list[dict[str, Any]]
 
     dsn_name, dsn_key = secret_ref(router_container(objects), DSN_ENV)
     token_name, token_key = admin_token_source(objects)
+    feed_name, feed_key = admin_token_source(objects, FEEDBACK_TOKEN_ENV)
     assert dsn_key in secrets[dsn_name]["data"]
     assert token_key in secrets[token_name]["data"]
-    assert len(set(secrets)) == 2
+    assert feed_key in secrets[feed_name]["data"]
+    assert len({dsn_name, token_name, feed_name}) == 3
+    assert len(set(secrets)) == 3
 
 
 def test_existing_secrets_are_referenced_not_created(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -508,6 +519,7 @@ def test_existing_secrets_are_referenced_not_created(rendered: dict[str, list[di
     assert find(objects, "Secret") == []
     assert secret_ref(router_container(objects), DSN_ENV) == ("pg-dsn", "url")
     assert admin_token_source(objects) == ("router-admin", "token")
+    assert admin_token_source(objects, FEEDBACK_TOKEN_ENV) == ("label-feed", "bearer")
 
 
 def test_generated_admin_token_is_long_and_given_one_is_kept(helm: Helm, workdir: Path) -> None:
@@ -516,6 +528,32 @@ def test_generated_admin_token_is_long_and_given_one_is_kept(helm: Helm, workdir
 
     assert len(base64.b64decode(generated)) >= 32
     assert base64.b64decode(given).decode() == "test-admin-token"
+
+
+def test_the_feedback_port_has_its_own_service_and_the_public_service_does_not_expose_it(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    for case, objects in rendered.items():
+        container = router_container(objects)
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert int(env_of(container)["FW_ROLLOUT_ROUTER__CONTROL_PORT"]["value"]) == ports["feedback"], case
+        public = one(objects, "Service", "-router")
+        assert [p["targetPort"] for p in public["spec"]["ports"]] == ["http"], case
+        feed = one(objects, "Service", "-router-feedback")
+        assert [p["targetPort"] for p in feed["spec"]["ports"]] == ["feedback"], case
+
+
+def test_by_default_no_peer_may_reach_the_feedback_port(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    policy = one(rendered["defaults"], "NetworkPolicy", "-router")
+    reached = [p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])]
+    assert "feedback" not in reached and "http" in reached
+
+
+def test_generated_feedback_token_is_long_and_given_one_is_kept(helm: Helm, workdir: Path) -> None:
+    generated = one(helm.template({}, workdir), "Secret", "-router-feedback")["data"]["feedback-token"]
+    given = one(helm.template(FIXED_TOKEN, workdir), "Secret", "-router-feedback")["data"]["feedback-token"]
+    assert len(base64.b64decode(generated)) >= 32
+    assert base64.b64decode(given).decode() == "test-feedback-token"
 
 
 # ------------------------------------------------------------------------------------------------ env contract

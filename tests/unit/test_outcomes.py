@@ -21,6 +21,7 @@ from starlette.applications import Starlette
 from rollout.drift import calibration_bin_of
 from rollout.outcome_settings import OutcomeSettings
 from rollout.outcomes import (
+    FEEDBACK_BATCH_PATH,
     FEEDBACK_PATH,
     OutcomeTracker,
     PredictionLog,
@@ -34,6 +35,8 @@ from rollout.prometheus import free_port
 from rollout.routing import RoutePlan, RoutingTable
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
+TOKEN = "label-feed-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 class Harness:
@@ -47,7 +50,11 @@ class Harness:
 
     async def feedback(self, body: Any) -> httpx.Response:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
-        return await self.client.post(FEEDBACK_PATH, content=content, headers={"content-type": "application/json"})
+        headers = {"content-type": "application/json", **AUTH}
+        return await self.client.post(FEEDBACK_PATH, content=content, headers=headers)
+
+    async def batch(self, labels: Any, headers: dict[str, str] | None = None) -> httpx.Response:
+        return await self.client.post(FEEDBACK_BATCH_PATH, json={"labels": labels}, headers=AUTH | (headers or {}))
 
     def value(self, name: str, **labels: str) -> float:
         return self.registry.get_sample_value(name, labels) or 0.0
@@ -67,7 +74,7 @@ def run_with(tmp_path: Path, scenario: Callable[[Harness], Awaitable[None]], **o
         settings = _settings(tmp_path, **overrides)
         log = PredictionLog(settings, registry=registry)
         await log.start()
-        tracker = OutcomeTracker(log, registry=registry)
+        tracker = OutcomeTracker(log, registry=registry, token=TOKEN)
         app = Starlette(routes=tracker.routes())
         transport = httpx.ASGITransport(app=app)
         try:
@@ -198,6 +205,9 @@ def test_same_label_twice_is_counted_once_and_a_conflicting_label_is_refused(tmp
         text = json.dumps(conflict)  # nothing of the stored label: not its verdict, source or time
         assert "fraud" not in text and "chargeback" not in text and re.search(r"\d{4}-\d{2}-\d{2}T", text) is None
         assert conflict["details"][0]["field"] == "label"
+        # nothing about the stored label leaks: not its verdict, its source or its time
+        for secret in ("fraud", "chargeback", "manual", str(T0.year)):
+            assert secret not in other.text
         assert h.outcome("v1", "decider", "tp") == 1
         assert h.outcome("v1", "decider", "fp") == 0
         assert h.value("fraudwatch_feedback_total", result="duplicate") == 1
@@ -270,6 +280,129 @@ def test_malformed_and_oversized_bodies(tmp_path: Path) -> None:
     run_with(tmp_path, scenario, max_body_bytes=1024)
 
 
+def test_deeply_nested_json_is_400_not_a_recursion_error_500(tmp_path: Path) -> None:
+    async def scenario(h: Harness) -> None:
+        for body in (b"[" * 4000, b"[" * 200_000 + b"]" * 200_000, b'{"labels":' + b"[" * 50_000):
+            single = await h.feedback(body)
+            assert single.status_code in (400, 413), single.text
+            batch = await h.client.post(FEEDBACK_BATCH_PATH, content=body, headers=AUTH)
+            assert batch.status_code == 400, batch.text
+
+    run_with(tmp_path, scenario, max_body_bytes=1_000_000)
+
+
+def test_an_oversized_body_without_content_length_is_refused_before_it_is_read_whole(tmp_path: Path) -> None:
+    sent: list[int] = []
+
+    async def chunks() -> Any:
+        for _ in range(1000):  # 64 MiB if it were read whole
+            sent.append(1)
+            yield b" " * 65_536
+
+    async def scenario(h: Harness) -> None:
+        response = await h.client.post(FEEDBACK_PATH, content=chunks(), headers=AUTH)
+        assert response.status_code == 413
+        assert len(sent) < 10  # the read stopped at the limit (16 KiB + one chunk), not after 64 MiB
+
+    run_with(tmp_path, scenario)
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", "Basic " + TOKEN, TOKEN, "Bearer "])
+def test_a_label_without_the_right_bearer_token_is_401_and_counts_nothing(
+    tmp_path: Path, authorization: str | None
+) -> None:
+    async def scenario(h: Harness) -> None:
+        h.log.record(_pred("c-auth", "v1", "decider", score=0.7))
+        headers = {} if authorization is None else {"Authorization": authorization}
+        body = {"correlation_id": "c-auth", "label": "fraud", "source": "attacker"}
+        single = await h.client.post(FEEDBACK_PATH, json=body, headers=headers)
+        batch = await h.client.post(FEEDBACK_BATCH_PATH, json={"labels": [body]}, headers=headers)
+        assert (single.status_code, batch.status_code) == (401, 401)
+        assert "c-auth" not in single.text + batch.text
+        assert h.outcome("v1", "decider", "tp") == 0
+        assert h.value("fraudwatch_feedback_total", result="unauthorized") == 2
+
+    run_with(tmp_path, scenario)
+
+
+def test_a_tracker_without_a_token_refuses_every_label_unless_insecure_dev(tmp_path: Path) -> None:
+    async def main() -> None:
+        log = PredictionLog(_settings(tmp_path), registry=CollectorRegistry())
+        await log.start()
+        log.record(_pred("c-dev", "v1", "decider", score=0.7))
+        body = {"correlation_id": "c-dev", "label": "fraud", "source": "x"}
+        try:
+            for insecure, expected in ((False, 401), (True, 200)):
+                tracker = OutcomeTracker(log, registry=CollectorRegistry(), insecure_dev=insecure)
+                app = Starlette(routes=tracker.routes())
+                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+                    assert (await client.post(FEEDBACK_PATH, json=body)).status_code == expected
+        finally:
+            await log.close()
+
+    asyncio.run(main())
+
+
+def test_a_batch_answers_each_label_on_its_own_and_a_retry_counts_nothing_twice(tmp_path: Path) -> None:
+    async def scenario(h: Harness) -> None:
+        h.log.record(_pred("b-1", "v1", "decider", score=0.7))
+        h.log.record(_pred("b-2", "v1", "decider", score=0.2))
+        labels = [
+            {"correlation_id": "b-1", "label": "fraud", "source": "chargeback"},
+            {"correlation_id": "b-2", "label": "legit", "source": "chargeback"},
+            {"correlation_id": "b-unknown", "label": "legit", "source": "chargeback"},
+            {"correlation_id": "b-1", "label": "maybe", "source": "chargeback"},
+            [1, 2],
+        ]
+        first = await h.batch(labels)
+        assert first.status_code == 200, first.text
+        assert [r["status"] for r in first.json()["results"]] == [
+            "recorded",
+            "recorded",
+            "unknown",
+            "invalid",
+            "invalid",
+        ]
+        assert first.json()["results"][3]["fields"] == ["label"]
+        retry = await h.batch(labels)
+        assert [r["status"] for r in retry.json()["results"]] == [
+            "duplicate",
+            "duplicate",
+            "unknown",
+            "invalid",
+            "invalid",
+        ]
+        assert h.outcome("v1", "decider", "tp") == 1
+        assert h.outcome("v1", "decider", "tn") == 1
+        bad: object
+        for bad in ({"labels": []}, {"labels": "x"}, {"nope": 1}, [1]):
+            response = await h.client.post(FEEDBACK_BATCH_PATH, json=bad, headers=AUTH)
+            assert response.status_code == 422, (bad, response.text)
+            assert response.json()["details"][0]["field"] == "labels"
+        too_many = await h.batch([labels[0]] * 11)
+        assert too_many.status_code == 422
+
+    run_with(tmp_path, scenario, max_batch_labels=10)
+
+
+def test_each_source_has_its_own_quota(tmp_path: Path) -> None:
+    async def scenario(h: Harness) -> None:
+        for i in range(4):
+            h.log.record(_pred(f"q-{i}", "v1", "decider", score=0.7))
+        answers = [
+            (await h.feedback({"correlation_id": f"q-{i}", "label": "fraud", "source": "flood"})).status_code
+            for i in range(3)
+        ]
+        assert answers == [200, 200, 429]
+        other = await h.feedback({"correlation_id": "q-3", "label": "fraud", "source": "chargeback"})
+        assert other.status_code == 200
+        batch = await h.batch([{"correlation_id": "q-2", "label": "fraud", "source": "flood"}])
+        assert batch.json()["results"][0]["status"] == "over_quota"
+        assert h.outcome("v1", "decider", "tp") == 3
+
+    run_with(tmp_path, scenario, feedback_quota_per_minute=2)
+
+
 def test_label_spellings_are_accepted(tmp_path: Path) -> None:
     async def scenario(h: Harness) -> None:
         for i, label in enumerate(["FRAUD", " legit ", 1, 0]):
@@ -310,9 +443,10 @@ def test_feedback_is_503_when_the_prediction_log_database_is_down() -> None:
         port = free_port("127.0.0.1")  # nothing listens there: a real connection refusal
         settings = OutcomeSettings(dsn=f"postgresql+psycopg://fraudwatch@127.0.0.1:{port}/predictions")
         log = PredictionLog(settings, registry=registry)
-        app = Starlette(routes=OutcomeTracker(log, registry=registry).routes())
+        app = Starlette(routes=OutcomeTracker(log, registry=registry, token=TOKEN).routes())
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            response = await client.post(FEEDBACK_PATH, json={"correlation_id": "c", "label": 1, "source": "x"})
+            body = {"correlation_id": "c", "label": 1, "source": "x"}
+            response = await client.post(FEEDBACK_PATH, json=body, headers=AUTH)
         assert response.status_code == 503
         assert "unavailable" in response.json()["error"]
         assert registry.get_sample_value("fraudwatch_feedback_total", {"result": "unavailable"}) == 1

@@ -60,6 +60,19 @@ Names
 /etc/fraudwatch/admin/token
 {{- end }}
 
+{{- define "fraudwatch.feedbackTokenSecret" -}}
+{{- default (include "fraudwatch.componentName" (dict "ctx" . "component" "router-feedback")) .Values.router.feedback.token.existingSecret }}
+{{- end }}
+
+{{- define "fraudwatch.feedbackTokenKey" -}}
+{{- if .Values.router.feedback.token.existingSecret }}{{ .Values.router.feedback.token.existingSecretKey }}{{ else }}feedback-token{{ end }}
+{{- end }}
+
+{{/* Where the router reads the label feed's token (a Secret volume; FW_ROLLOUT_ROUTER__FEEDBACK_TOKEN_FILE). */}}
+{{- define "fraudwatch.feedbackTokenPath" -}}
+/etc/fraudwatch/feedback/token
+{{- end }}
+
 {{- define "fraudwatch.predictionLogKey" -}}
 {{- if .Values.predictionLog.existingSecret }}{{ .Values.predictionLog.existingSecretKey }}{{ else }}dsn{{ end }}
 {{- end }}
