@@ -60,8 +60,7 @@ DEFAULT_SCORE_BUCKETS: tuple[float, ...] = (
 
 #: Score bin upper edges of the paired score table (``fraudwatch_outcome_paired_score_total``, the joint bins of both
 #: versions' scores on the same labelled requests, for a paired AUC difference): a subset of the outcome buckets,
-#: coarser because the table has (edges + 1)² × 2 cells per (pair, stage), all created at zero when the routing
-#: table names the pair (a cell born non-zero would hide its first count from ``increase()``).
+#: coarser because the table has up to (edges + 1)² × 2 cells per (pair, stage).
 DEFAULT_PAIRED_SCORE_BUCKETS: tuple[float, ...] = (
     0.005,
     0.01,

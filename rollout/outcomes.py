@@ -28,7 +28,8 @@ are named after the routing table's stable at prediction time (column ``stable_v
 comparison series are (:func:`rollout.routing.comparison_pair`).
 
 Series are created at zero when a routing table names their (version, role, stage) or (pair, stage) — the tracker
-observes the router's table store — so Prometheus sees the first label as an increase.
+observes the router's table store — so Prometheus sees the first label as an increase (the paired score table's
+cells excepted: see :meth:`OutcomeTracker.prepare_pair`).
 
 ``record`` and the async methods must be called from the event loop's thread.
 """
@@ -706,7 +707,6 @@ class OutcomeTracker:
         self._metrics = _OutcomeMetrics(registry if registry is not None else REGISTRY, self._settings)
         self._prepared: set[tuple[str, Role, str]] = set()
         self._prepared_pairs: set[tuple[str, str, str]] = set()
-        self._paired_edges = bin_edges(self._settings.paired_score_buckets)
 
     def routes(self) -> list[Route]:
         """The feedback routes, for the router's control listener (never its public one)."""
@@ -762,20 +762,19 @@ class OutcomeTracker:
         self._metrics.label_delay.labels(*keys)
 
     def prepare_pair(self, stable: str, candidate: str, stage: str) -> None:
-        """Create the paired tables of a (stable, candidate, stage) at zero: 8 prediction cells and the score bins
-        (scores lie in [0, 1], so the ``+Inf`` row and column are left to appear if ever used)."""
+        """Create the 8 paired prediction cells of a (stable, candidate, stage) at zero. The score table's cells
+        ((edges + 1)² × 2 of them) are created when first counted — at zero they would multiply the router's
+        exposition (scraped every few seconds) by thousands of series per rollout — so ``increase()`` does not see
+        the first count of each score cell: read it with ``(x unless x offset W) or increase(x[W])``, or over the
+        total of the 8 cells."""
         keys = (stable, candidate, stage)
         if keys in self._prepared_pairs:
             return
         self._prepared_pairs.add(keys)
-        finite = self._paired_edges[:-1]
         for label_name in LABEL_NAMES.values():
             for stable_prediction in ("0", "1"):
                 for candidate_prediction in ("0", "1"):
                     self._metrics.paired.labels(*keys, label_name, stable_prediction, candidate_prediction)
-            for stable_le in finite:
-                for candidate_le in finite:
-                    self._metrics.paired_score.labels(*keys, label_name, stable_le, candidate_le)
 
     def observe(self, found: Sequence[PredictionRecord], label: int, observed_at: datetime) -> None:
         """Outcome metrics for a label joined to predictions, each under the stage of its prediction; and the

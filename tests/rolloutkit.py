@@ -93,6 +93,20 @@ def with_threshold(source: Path, directory: Path, version: str, recall: float) -
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
 
+#: A/A candidates (issue 10): each a copy of a version's bundle under a new name — the same booster and threshold,
+#: so every score and decision is the stable's. A rollout of one must be promoted.
+IDENTICAL: dict[str, str] = {"v1": "v1-same", "v2": "v2-same"}
+
+
+def as_version(source: Path, directory: Path, version: str) -> None:
+    """A copy of a bundle under another version name, nothing else changed."""
+    shutil.copytree(source, directory)
+    path = directory / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    manifest["version"] = version
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+
 def write_regression_set(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     data = directory / "regression.csv.gz"
@@ -103,17 +117,19 @@ def write_regression_set(directory: Path) -> Path:
 
 
 def build_models(home: Path) -> Models:
-    """v1, v2 and v3 trained, registered in an MLflow registry under ``home`` (v1 the champion), and the regression
-    set of the quality stage."""
+    """v1, v2 and v3 trained, and the identical copies of v1 and v2, registered in an MLflow registry under ``home``
+    (v1 the champion), and the regression set of the quality stage."""
     settings = Settings.model_validate({"home": home})
     bundles = home / "bundles"
     history = generate(STREAM)
     for version, trees in TREES.items():
         train_bundle(bundles / version, version, history, trees, STREAM.fraud_rate)
     with_threshold(bundles / "v2", bundles / "v3", "v3", BAD_RECALL)
+    for original, copy in IDENTICAL.items():
+        as_version(bundles / original, bundles / copy, copy)
     registry = ModelRegistry(settings)
     numbers = {}
-    for version in ("v1", "v2", "v3"):
+    for version in ("v1", "v2", "v3", *IDENTICAL.values()):
         run = registry.log_run(RunPayload(run_name=f"train-{version}", bundle_dir=bundles / version))
         numbers[version] = registry.register(run).version
     registry.promote(settings.registered_model_name, numbers["v1"], "integration baseline")

@@ -18,6 +18,7 @@ Scenarios, in order (each leaves the stack as the next expects it):
 4. v1 → v2 with Prometheus stopped mid-canary: no promotion, then aborted after the inconclusive timeout.
 5. v1 → v2 with the controller SIGKILLed mid-stage and restarted: same stage and stage clock, the same model
    servers (adopted, not restarted), the rollout carries on; the event log has every transition exactly once.
+6. An identical candidate (the stable's bundle under a new version name) is promoted (issue 10's A/A test).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from rollout.router_process import RouterProcess
 from rollout.state import ControllerState, StateStore
 from tests.rolloutkit import (
     HOST,
+    IDENTICAL,
     POLICY_YAML,
     ROLLOUT_TIMEOUT_S,
     START_TIMEOUT_S,
@@ -334,6 +336,22 @@ def test_a_controller_killed_mid_stage_resumes_where_it_was(stack: Stack) -> Non
     assert [e["seq"] for e in transitions] == list(range(len(final.history)))
     tables = published_tables(stack.workdir / "controller.log")
     assert all(a != b for a, b in itertools.pairwise(tables))  # no table sent twice in a row, kill or not
+
+
+def test_an_identical_candidate_is_promoted(stack: Stack) -> None:
+    """Issue 10's A/A test through the real stack: a new version with the stable's model bits (booster and threshold)
+    under the demo policy, labels flowing. Every gate compares equal things, so it must be promoted — a rollback
+    here is a false rollback."""
+    stable = stack.routing()["stable"]["version"]
+    candidate = IDENTICAL[stable]
+    started = time.monotonic()
+    stack.start(candidate, f"same-{stable}")
+    rollout = stack.finished(f"same-{stable}")
+    stack.timings["identical_promotion_s"] = round(time.monotonic() - started, 1)
+    failed = [f"{g.name}: {g.message}" for t in rollout.history for g in failed_gates(t)]
+    assert rollout.phase == "Promoted", (rollout.history[-1].reason, failed)
+    assert failed == []
+    assert [t.to_stage for t in rollout.history][-1] == "full"
 
 
 def test_prometheus_scrapes_the_controller_and_the_model_servers_it_registered(stack: Stack) -> None:

@@ -624,9 +624,8 @@ def test_a_routing_table_creates_its_stage_series_at_zero(tmp_path: Path) -> Non
             s for m in h.registry.collect() if m.name == "fraudwatch_outcome_paired_score" for s in m.samples
             if s.name.endswith("_total")
         ]  # fmt: skip
-        edges = len(h.log.settings.paired_score_buckets)
-        assert len(cells) == 2 * edges * edges
-        assert all(s.value == 0 for s in [*paired, *cells])
+        assert cells == []  # created when first counted: thousands of zero series would bloat every scrape
+        assert all(s.value == 0 for s in paired)
 
     run_with(tmp_path, scenario)
 
