@@ -9,6 +9,11 @@ The four states are Argo Rollouts' analysis phases:
   straddling the threshold, a ratio to a zero stable value. Never treated as success;
 * **Error** — the measurement itself failed (the provider raised: Prometheus unreachable, a bad query).
 
+Relative Wilson outcome gates ``candidate - stable >= -δ`` (or ``<= δ``) are judged instead by Wald's SPRT on the
+difference with both versions' uncertainty (:mod:`rollout.sequential`; H0 Δ=0 vs H1 Δ=∓2δ, α = the policy's
+``analysis.false_rollback`` Bonferroni-split over those gates' stages, β = ``analysis.false_promotion``): Failed at the
+rollback boundary, Successful at the promotion boundary. Other outcome gates keep the interval rule above.
+
 :func:`analyse` is pure apart from the provider's ``query`` calls; tests pass a provider made of a dict. A
 :class:`GateHistory` per gate (kept by the stage machine) counts consecutive errors and how long a gate has been
 inconclusive, so the machine can tell "wait" from "abort".
@@ -26,6 +31,7 @@ from typing import Literal, Protocol
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from rollout import sequential
 from rollout.drift import parse_le, roc_auc_from_prometheus_buckets, wilson_interval
 from rollout.policy import (
     MIN_LABELS_GATE,
@@ -67,7 +73,8 @@ class GateResult(BaseModel):
     status: GateStatus
     candidate_value: float | None = None
     stable_value: float | None = None
-    #: The candidate's bound that was compared (outcome gates): the pessimistic end of its interval.
+    #: The candidate's bound that was compared (outcome gates): the pessimistic end of its interval (sequential
+    #: gates: stable's estimate plus the pessimistic end of the difference's interval).
     bound: float | None = None
     interval: tuple[float, float] | None = None
     threshold: float | None = None
@@ -460,6 +467,8 @@ def _outcome_result(ctx: _Context, gate: OutcomeGate) -> GateResult:
     if short:
         return GateResult(**base, **counts, status=GateStatus.INCONCLUSIVE, message=short)
     confidence = ctx.policy.confidence(gate)
+    if gate.sequential and isinstance(gate.estimator, WilsonEstimator):
+        return _sequential_result(ctx, gate, gate.estimator, base, counts, minimum)
     candidate = _estimate(ctx, gate, ctx.candidate, confidence)
     stable = _estimate(ctx, gate, ctx.stable, confidence) if cond.relative else None
     if isinstance(candidate, str) or isinstance(stable, str):
@@ -474,6 +483,74 @@ def _outcome_result(ctx: _Context, gate: OutcomeGate) -> GateResult:
     }
     status, message = judge_interval(cond, candidate.low, candidate.high, stable_point)
     return GateResult(**base, **counts, **values, status=status, message=message)
+
+
+def _counts(successes: float | None, trials: float | None) -> tuple[float, float] | str:
+    if successes is None or trials is None:
+        return "no data for successes/trials"
+    # increase() extrapolates each series separately: keep the counts consistent before the binomial maths.
+    trials = max(trials, 0.0)
+    if trials <= 0:
+        return "no trials"
+    return min(max(successes, 0.0), trials), trials
+
+
+def _sequential_result(
+    ctx: _Context,
+    gate: OutcomeGate,
+    est: WilsonEstimator,
+    base: Mapping[str, object],
+    counts: Mapping[str, float | None],
+    minimum: int,
+) -> GateResult:
+    """Wald's SPRT (:mod:`rollout.sequential`) on the two-sample difference of the proportions, with both versions'
+    uncertainty: Failed at the rollback boundary, Successful at the promotion boundary, else Inconclusive."""
+    cond = gate.condition
+    cand = _counts(ctx.value(est.successes, ctx.candidate), ctx.value(est.trials, ctx.candidate))
+    stab = _counts(ctx.value(est.successes, ctx.stable), ctx.value(est.trials, ctx.stable))
+    if isinstance(cand, str) or isinstance(stab, str):
+        reason = cand if isinstance(cand, str) else f"stable: {stab}"
+        return GateResult(**base, **counts, status=GateStatus.INCONCLUSIVE, message=str(reason))
+    difference, variance = sequential.two_sample_difference(cand[0], cand[1], stab[0], stab[1])
+    # ``<= δ`` gates (larger is worse) are the mirror image of ``>= -δ`` ones.
+    sign = 1.0 if cond.wants_high else -1.0
+    alpha, beta = ctx.policy.false_rollback(gate), ctx.policy.false_promotion(gate)
+    test = sequential.sprt_difference(
+        sign * difference,
+        variance,
+        cand[1],
+        abs(cond.threshold),
+        alpha,
+        beta,
+        confidence=ctx.policy.confidence(gate),
+        min_samples=minimum,
+    )
+    low, high = sorted((sign * test.interval[0], sign * test.interval[1]))
+    status = {
+        sequential.Decision.SUCCESSFUL: GateStatus.SUCCESSFUL,
+        sequential.Decision.FAILED: GateStatus.FAILED,
+        sequential.Decision.INCONCLUSIVE: GateStatus.INCONCLUSIVE,
+    }[test.decision]
+    message = (
+        f"{cond.text()}: SPRT H0 Δ=0 vs H1 Δ={-sign * 2 * abs(cond.threshold):.6g}, estimate {difference:.6g}, "
+        f"log LR {test.log_lr:.4g} in ({test.lower:.4g}, {test.upper:.4g}), α={alpha:.4g}, β={beta:.4g}"
+    )
+    return GateResult(
+        **base,
+        **counts,
+        status=status,
+        candidate_value=cand[0] / cand[1],
+        stable_value=stab[0] / stab[1],
+        # The candidate's value at the pessimistic end of the difference's interval (stable's estimate + that end),
+        # in the unit of ``candidate_value``, comparable with ``stable_value`` ± the margin as the interval rule's was.
+        bound=stab[0] / stab[1] + (low if cond.wants_high else high),
+        estimate=difference,
+        interval=(low, high),
+        samples=cand[1],
+        samples_needed=test.samples_needed,
+        method="sprt-two-sample",
+        message=message,
+    )
 
 
 def _too_few_labels(labels: float | None, stable_labels: float | None, minimum: int, relative: bool) -> str:

@@ -394,6 +394,19 @@ class OutcomeGate(_GateBase):
     condition: ConditionField
     #: Two-sided confidence level of the interval; None → the policy's ``analysis.confidence``.
     confidence: float | None = Field(None, gt=0.5, lt=1.0)
+    #: Per-gate α / β of the sequential test (used as given for each stage of this gate, not split); None → the
+    #: policy's ``analysis.false_rollback`` (Bonferroni-split) / ``analysis.false_promotion``.
+    false_rollback: float | None = Field(None, gt=0.0, lt=0.5)
+    false_promotion: float | None = Field(None, gt=0.0, lt=0.5)
+
+    @property
+    def sequential(self) -> bool:
+        """True for gates judged by Wald's SPRT on the difference: Wilson proportions with a relative
+        ``candidate - stable >= -δ`` / ``<= δ`` condition (δ > 0); other gates keep the interval rule."""
+        cond = self.condition
+        if not isinstance(self.estimator, WilsonEstimator) or cond.comparison != "difference":
+            return False
+        return cond.threshold < 0 if cond.wants_high else cond.threshold > 0
 
     @model_validator(mode="after")
     def _relative_needs_version(self) -> OutcomeGate:
@@ -454,6 +467,12 @@ class AnalysisPolicy(BaseModel):
     labels_timeout_s: float = Field(7 * 86400.0, gt=0.0, allow_inf_nan=False)
     #: Two-sided confidence level of outcome bounds.
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    #: Sequential (SPRT) relative outcome gates: α, the probability of rolling back a candidate no worse than stable,
+    #: for the whole rollout (split by Bonferroni over the gate × stage instances that can roll back, see
+    #: :meth:`RolloutPolicy.false_rollback`) …
+    false_rollback: float = Field(0.01, gt=0.0, lt=0.5)
+    #: … and β, the probability of promoting past one gate a candidate worse than stable by twice its margin.
+    false_promotion: float = Field(0.01, gt=0.0, lt=0.5)
 
 
 class SampleQueries(BaseModel):
@@ -537,6 +556,22 @@ class RolloutPolicy(BaseModel):
 
     def confidence(self, gate: OutcomeGate) -> float:
         return gate.confidence if gate.confidence is not None else self.analysis.confidence
+
+    def sequential_instances(self) -> int:
+        """How many (gate, stage) instances of sequential relative outcome gates (each can roll the rollout back)."""
+        return sum(len(g.stages) for g in self.gates if isinstance(g, OutcomeGate) and g.sequential)
+
+    def false_rollback(self, gate: OutcomeGate) -> float:
+        """α of ``gate``'s SPRT in one stage: its own ``false_rollback`` when set, else the policy's
+        ``analysis.false_rollback`` split by Bonferroni over :meth:`sequential_instances`, so the probability that
+        any of them rolls back a candidate no worse than stable stays ≤ ``analysis.false_rollback``."""
+        if gate.false_rollback is not None:
+            return gate.false_rollback
+        return self.analysis.false_rollback / max(self.sequential_instances(), 1)
+
+    def false_promotion(self, gate: OutcomeGate) -> float:
+        """β of ``gate``'s SPRT: promoting past it a candidate worse than stable by twice the gate's margin."""
+        return gate.false_promotion if gate.false_promotion is not None else self.analysis.false_promotion
 
 
 def next_stage(stage: TrafficStage) -> TrafficStage | None:

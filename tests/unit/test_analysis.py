@@ -80,6 +80,13 @@ gates:
     condition: candidate - stable <= 0.02
 """
 POLICY = pol.policy_from_mapping(yaml.safe_load(POLICY_YAML))
+#: The same policy with the recall gate as a ratio (candidate / stable >= 0.9375, i.e. ≥ 0.75 at stable 0.8): a
+#: relative gate that keeps the interval rule (only ``candidate - stable`` Wilson gates are sequential).
+RATIO_POLICY = pol.policy_from_mapping(
+    yaml.safe_load(
+        POLICY_YAML.replace("condition: candidate - stable >= -0.05", "condition: candidate / stable >= 0.9375")
+    )
+)
 
 
 def q(series: str, version: str) -> str:
@@ -123,7 +130,9 @@ def by_name(report: an.AnalysisReport) -> dict[str, an.GateResult]:
 
 def run(stage: pol.TrafficStage, values: Mapping[str, float | None], **kw: object) -> dict[str, an.GateResult]:
     provider = DictProvider(values, kw.pop("vectors", None))  # type: ignore[arg-type]
-    report = an.analyse(POLICY, stage, provider, STABLE, CANDIDATE, NOW, **kw)  # type: ignore[arg-type]
+    policy = kw.pop("policy", POLICY)
+    assert isinstance(policy, pol.RolloutPolicy)
+    report = an.analyse(policy, stage, provider, STABLE, CANDIDATE, NOW, **kw)  # type: ignore[arg-type]
     assert report.stage == stage and report.at == NOW
     return by_name(report)
 
@@ -242,37 +251,76 @@ def test_outcome_gate_needs_labels_for_both_versions() -> None:
     assert run("ab", values)["recall"].status is S.INCONCLUSIVE
 
 
-def test_outcome_gate_compares_the_lower_bound_not_the_point_estimate() -> None:
-    # point estimates: candidate 0.78 vs stable 0.80 → difference -0.02 ≥ -0.05 passes on the point estimate,
-    # but with 50 positives the Wilson lower bound is far below 0.75: not enough evidence yet.
-    few = run("ab", _recall_values(39, 50, 40_000, 50_000))["recall"]
+def test_interval_gate_compares_the_lower_bound_not_the_point_estimate() -> None:
+    # A relative gate that is not sequential (a ratio) keeps the interval rule. Point estimates: candidate 0.78 vs
+    # stable 0.80 → ratio 0.975 ≥ 0.9375 passes on the point estimate, but with 50 positives the Wilson lower bound
+    # is far below 0.75: not enough evidence yet.
+    few = run("ab", _recall_values(39, 50, 40_000, 50_000), policy=RATIO_POLICY)["recall"]
     assert few.candidate_value == pytest.approx(0.78)
-    assert few.candidate_value - few.stable_value >= -0.05  # type: ignore[operator]
-    assert few.status is S.INCONCLUSIVE
+    assert few.candidate_value / few.stable_value >= 0.9375  # type: ignore[operator]
+    assert few.status is S.INCONCLUSIVE and few.method is None
     assert few.bound is not None and few.bound < 0.75
     assert few.interval is not None and few.candidate_value is not None
     assert few.interval[0] == few.bound < few.candidate_value < few.interval[1]
     # same rates with 50 000 positives: the bound is close to the estimate and passes
-    many = run("ab", _recall_values(39_000, 50_000, 40_000, 50_000))["recall"]
+    many = run("ab", _recall_values(39_000, 50_000, 40_000, 50_000), policy=RATIO_POLICY)["recall"]
     assert many.status is S.SUCCESSFUL
     assert many.bound is not None and 0.77 < many.bound < 0.78
 
 
-def test_outcome_gate_fails_only_when_even_the_optimistic_bound_violates() -> None:
-    clear = run("ab", _recall_values(300, 500, 40_000, 50_000))["recall"]  # 0.60 vs 0.80
+def test_interval_gate_fails_only_when_even_the_optimistic_bound_violates() -> None:
+    clear = run("ab", _recall_values(300, 500, 40_000, 50_000), policy=RATIO_POLICY)["recall"]  # 0.60 vs 0.80
     assert clear.status is S.FAILED
-    assert clear.interval is not None and clear.interval[1] - 0.80 < -0.05
-    unclear = run("ab", _recall_values(7, 10, 40_000, 50_000))["recall"]  # 0.70 on ten positives
+    assert clear.interval is not None and clear.interval[1] / 0.80 < 0.9375
+    unclear = run("ab", _recall_values(7, 10, 40_000, 50_000), policy=RATIO_POLICY)["recall"]  # 0.70 on ten
     assert unclear.status is S.INCONCLUSIVE
 
 
 def test_wilson_bound_matches_the_textbook_formula() -> None:
-    result = run("ab", _recall_values(80, 100, 40_000, 50_000))["recall"]
+    result = run("ab", _recall_values(80, 100, 40_000, 50_000), policy=RATIO_POLICY)["recall"]
     z = norm.ppf(0.975)
     p, n = 0.8, 100
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     assert result.bound == pytest.approx(centre - half, rel=1e-9)
+
+
+def test_sequential_gate_uses_both_versions_uncertainty() -> None:
+    # 0.78 on 50 vs 0.80 on 50 000: today's rule compared 0.78's interval with stable's point; the SPRT sees the
+    # difference -0.02 with both variances, far from either boundary.
+    few = run("ab", _recall_values(39, 50, 40_000, 50_000))["recall"]
+    assert few.status is S.INCONCLUSIVE and few.method == "sprt-two-sample"
+    assert few.estimate == pytest.approx(-0.02)
+    assert few.samples == 50 and few.samples_needed is not None and few.samples_needed > 0
+    # Known value of the log LR (Whitehead's score form, H1 Δ = -0.1), with the +1/+1 pseudo-count variance.
+    var = (40 / 52) * (12 / 52) / 52 + (40_001 / 50_002) * (10_001 / 50_002) / 50_002
+    llr = (-0.1 * -0.02 - 0.01 / 2) / var
+    assert f"log LR {llr:.4g}" in few.message
+    assert few.interval == pytest.approx(
+        (-0.02 - norm.ppf(0.975) * math.sqrt(var), -0.02 + norm.ppf(0.975) * math.sqrt(var))
+    )
+    # POLICY has one sequential gate × stage: α = false_rollback = 0.01 unsplit.
+    assert "α=0.01" in few.message
+    assert few.interval is not None and few.bound == pytest.approx(0.8 + few.interval[0])
+    many = run("ab", _recall_values(39_000, 50_000, 40_000, 50_000))["recall"]
+    assert many.status is S.SUCCESSFUL and many.samples_needed is None
+    clear = run("ab", _recall_values(300, 500, 40_000, 50_000))["recall"]  # 0.60 vs 0.80
+    assert clear.status is S.FAILED and clear.interval is not None and clear.interval[1] < -0.05
+    unclear = run("ab", _recall_values(7, 10, 40_000, 50_000))["recall"]  # 0.70 on ten positives
+    assert unclear.status is S.INCONCLUSIVE
+
+
+def test_sequential_gate_min_labels_and_smaller_is_better_mirror() -> None:
+    # A ``<= δ`` sequential gate (a miss rate: larger is worse) is the mirror image of ``>= -δ``.
+    mirrored = pol.policy_from_mapping(
+        yaml.safe_load(
+            POLICY_YAML.replace("condition: candidate - stable >= -0.05", "condition: candidate - stable <= 0.05")
+        )
+    )
+    worse = run("ab", _recall_values(45_000, 50_000, 40_000, 50_000), policy=mirrored)["recall"]  # +0.10
+    assert worse.status is S.FAILED and worse.estimate == pytest.approx(0.1)
+    same = run("ab", _recall_values(40_000, 50_000, 40_000, 50_000), policy=mirrored)["recall"]
+    assert same.status is S.SUCCESSFUL
 
 
 def test_outcome_gate_with_no_trials_is_inconclusive() -> None:

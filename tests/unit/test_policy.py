@@ -473,3 +473,29 @@ def test_default_queries_compute_what_the_analysis_expects(tmp_path: Path) -> No
     path.write_text(yaml.safe_dump(spec, width=10_000), encoding="utf-8")
     result = subprocess.run([str(promtool), "test", "rules", str(path)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_false_rollback_is_bonferroni_split_over_sequential_gate_stages() -> None:
+    default = pol.load_policy()
+    instances = default.sequential_instances()
+    gates = [g for g in default.gates if isinstance(g, pol.OutcomeGate) and g.sequential]
+    assert gates and instances == sum(len(g.stages) for g in gates)
+    assert default.analysis.false_rollback == 0.01 and default.analysis.false_promotion == 0.01
+    for gate in gates:
+        assert default.false_rollback(gate) == pytest.approx(0.01 / instances)
+        assert default.false_promotion(gate) == 0.01
+    # A per-gate override is used as given.
+    overridden = gates[0].model_copy(update={"false_rollback": 0.002, "false_promotion": 0.05})
+    assert default.false_rollback(overridden) == 0.002 and default.false_promotion(overridden) == 0.05
+    # Only Wilson ``candidate - stable`` gates with a real margin are sequential.
+    assert not any(
+        g.sequential for g in default.gates if isinstance(g, pol.OutcomeGate) and g.estimator.method != "wilson"
+    )
+
+
+@pytest.mark.parametrize("bad", [0.0, 0.5, -0.1])
+def test_false_rates_must_be_in_range(bad: float) -> None:
+    with pytest.raises(ValueError, match="false_rollback"):
+        pol.AnalysisPolicy(false_rollback=bad)
+    with pytest.raises(ValueError, match="false_promotion"):
+        pol.AnalysisPolicy(false_promotion=bad)
