@@ -34,3 +34,4 @@ bench: bootstrap
 	$(VENV)/python benchmarks/router_benchmark.py
 	$(VENV)/python benchmarks/revert_benchmark.py --reverts 10 --out var/benchmarks/revert.json
 	$(VENV)/python benchmarks/creditcard_benchmark.py
+	$(VENV)/python benchmarks/gate_error_rates.py

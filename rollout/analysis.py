@@ -523,7 +523,8 @@ def _sequential_result(
         alpha,
         beta,
         confidence=ctx.policy.confidence(gate),
-        min_samples=minimum,
+        # The label minimum (``minimum``, in labels, checked above) is the minimum sample; trials are fraud labels.
+        min_samples=1,
     )
     low, high = sorted((sign * test.interval[0], sign * test.interval[1]))
     status = {
