@@ -28,6 +28,7 @@ from rollout.demo_policy import load_demo_policy
 from rollout.outcome_settings import OutcomeSettings, PrometheusSettings
 from rollout.policy import dumps_policy
 from rollout.prometheus import PrometheusServer
+from rollout.router_process import RouterProcess
 from service.datasets.synthetic import SyntheticConfig, generate
 from service.evaluate import file_sha256
 from service.model import MANIFEST_FILE, load_bundle
@@ -169,12 +170,14 @@ def router_env(workdir: Path) -> dict[str, str]:
     }
 
 
-def start_locust(router_url: str, log: Path) -> subprocess.Popen[bytes]:
-    """locust's CLI in its own process: refund traffic plus delayed fraud labels, for up to half an hour."""
+def start_locust(router: RouterProcess, log: Path) -> subprocess.Popen[bytes]:
+    """locust's CLI in its own process: refund traffic to the router's public port plus delayed fraud labels to its
+    control listener (with the label feed's token), for up to half an hour."""
+    feedback = {"FW_LOAD_FEEDBACK_URL": router.control_url, "FW_LOAD_FEEDBACK_TOKEN": router.feedback_token}
     return subprocess.Popen(
         [str(BIN / "locust"), "-f", "loadtests/locustfile.py", "--headless", "-u", str(LOCUST_USERS), "-r",
-         str(LOCUST_USERS), "-t", "1800s", "--host", router_url, "--only-summary", "--loglevel", "WARNING"],
-        cwd=ROOT, env={**os.environ, **LOAD_ENV}, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+         str(LOCUST_USERS), "-t", "1800s", "--host", router.url, "--only-summary", "--loglevel", "WARNING"],
+        cwd=ROOT, env={**os.environ, **LOAD_ENV, **feedback}, stdout=log.open("ab"), stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
     )  # fmt: skip
 

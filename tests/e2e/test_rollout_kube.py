@@ -260,7 +260,7 @@ def walk(k8s_cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory) ->
         controllers["b"].start()
         built = Walk(k8s_cluster, api, ns, workdir, models, router, controllers)
         wait_for(lambda: built.answer() if router_ready(router.url) else None, "v1 behind the router", START_TIMEOUT_S)
-        locust = start_locust(router.url, workdir / "locust.log")
+        locust = start_locust(router, workdir / "locust.log")
         stack.callback(stop_locust, locust)
         built.timings["stack_ready_s"] = round(time.monotonic() - started, 1)
         try:

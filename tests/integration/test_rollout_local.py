@@ -191,7 +191,7 @@ def stack(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             "the champion behind the router",
             START_TIMEOUT_S,
         )
-        built.locust = start_locust(router.url, workdir / "locust.log")
+        built.locust = start_locust(router, workdir / "locust.log")
         built.timings["stack_ready_s"] = round(time.monotonic() - started, 1)
         yield built
     finally:
