@@ -1,9 +1,11 @@
-"""The rollout demo's child processes: started in their own sessions, stopped with their whole process group.
+"""The rollout demo's child processes: started in their own sessions, stopped with their whole process tree.
 
-:class:`ChildProcess` runs one command with its output in a log file, in its own session (so a terminal's Ctrl-C
-reaches only the demo, which then stops its children in order) and stops it with SIGTERM to its process group,
-SIGKILL after a grace. :func:`stop_recorded_workloads` stops the model servers the controller recorded in its
-``workloads.json`` that outlived it; :func:`signals_ignored` shields a shutdown from a second Ctrl-C.
+:class:`ChildProcess` runs one command with its output in a log file, in its own session (so a terminal's Ctrl-C reaches
+only the demo, which then stops its children in order) and stops it with SIGTERM to its process tree
+(:func:`service.proctree.stop_tree`: the group, descendants and tagged processes — the controller's model-server workers
+open sessions of their own), SIGKILL after a grace. :func:`stop_recorded_workloads` stops the model servers the
+controller recorded in its ``workloads.json`` that outlived it; :func:`signals_ignored` shields a shutdown from a second
+Ctrl-C.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from pathlib import Path
 from typing import IO
 
 from rollout.backends.local import WORKLOADS_FILE, pid_alive, stop_group
+from service import proctree
 from service.logging import get_logger, log_event
+from service.proctree import new_tag, stop_tree, tagged_env
 
 logger = get_logger("rollout.demo")
 
@@ -27,7 +31,7 @@ logger = get_logger("rollout.demo")
 @dataclass
 class ChildProcess:
     """One child in its own session (a terminal's Ctrl-C reaches only the demo, which stops its children in
-    order), output to a log file; stopped with SIGTERM to its process group, SIGKILL after ``stop_timeout_s``."""
+    order), output to a log file; stopped with SIGTERM to its process tree, SIGKILL after ``stop_timeout_s``."""
 
     name: str
     argv: Sequence[str]
@@ -35,6 +39,7 @@ class ChildProcess:
     env: Mapping[str, str]
     stop_timeout_s: float
     cwd: Path | None = None
+    tag: str = field(default_factory=new_tag, init=False)
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _log: IO[bytes] | None = field(default=None, init=False, repr=False)
 
@@ -49,8 +54,8 @@ class ChildProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         self._process = subprocess.Popen(
-            list(self.argv), env=dict(self.env), cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            list(self.argv), env=tagged_env(self.env, self.tag), cwd=self.cwd, stdin=subprocess.DEVNULL,
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         pid = self._process.pid
         log_event(logger, f"{self.name} started", event="demo_child_started", child=self.name, child_pid=pid)
@@ -59,13 +64,8 @@ class ChildProcess:
         process, self._process = self._process, None
         code = None
         if process is not None:
-            signal_group(process.pid, signal.SIGTERM)
-            try:
-                code = process.wait(timeout=self.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                signal_group(process.pid, signal.SIGKILL)
-                code = process.wait()
-            signal_group(process.pid, signal.SIGKILL)  # whatever of its group outlived it
+            stop_tree(process.pid, self.tag, grace_s=self.stop_timeout_s, reap=process.poll)
+            code = process.wait()
             log_event(logger, f"{self.name} stopped", event="demo_child_stopped", child=self.name, returncode=code)
         if self._log is not None:
             self._log.close()
@@ -80,6 +80,7 @@ class ChildProcess:
 
 
 def signal_group(pgid: int, sig: signal.Signals) -> None:
+    """Signal one process group (a short-lived child with no workers; stop others with ``stop_tree``)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
 
@@ -87,19 +88,26 @@ def signal_group(pgid: int, sig: signal.Signals) -> None:
 def stop_recorded_workloads(state_dir: Path, grace_s: float, poll_s: float = 0.1) -> list[int]:
     """Stop every model server the controller recorded that is still alive (its own shutdown normally did)."""
     stopped = []
-    for pid in recorded_workload_pids(state_dir):
-        if pid > 0 and pid_alive(pid):
-            stop_group(pid, grace_s, poll_s)
+    for pid, tag in recorded_workloads(state_dir):
+        if (pid > 0 and pid_alive(pid)) or (tag and proctree.tagged(tag)):
+            stop_group(pid, grace_s, poll_s, tag)
             stopped.append(pid)
     return stopped
 
 
-def recorded_workload_pids(state_dir: Path) -> list[int]:
+def recorded_workloads(state_dir: Path) -> list[tuple[int, str]]:
+    """(pid, process-tree tag) of every model server in the controller's ``workloads.json``."""
     try:
         records = json.loads((state_dir / WORKLOADS_FILE).read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return []
-    return [int(r["pid"]) for r in records if isinstance(r, dict) and "pid" in r] if isinstance(records, list) else []
+    if not isinstance(records, list):
+        return []
+    return [(int(r["pid"]), str(r.get("tag", ""))) for r in records if isinstance(r, dict) and "pid" in r]
+
+
+def recorded_workload_pids(state_dir: Path) -> list[int]:
+    return [pid for pid, _tag in recorded_workloads(state_dir)]
 
 
 @contextlib.contextmanager

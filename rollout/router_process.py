@@ -1,8 +1,9 @@
 """The router as a child process on loopback (``python -m rollout.router``): start, wait until live, stop.
 
-Used by the integration tests, the router benchmark and local runs. The child leads its own session; ``stop``
-sends SIGTERM (the router then finishes in-flight requests, drains shadow work and flushes the prediction log)
-and SIGKILL only after ``process_stop_timeout_s``. Output goes to a log file, never to an unread pipe.
+Used by the integration tests, the router benchmark and local runs. The child leads its own session; ``stop`` sends
+SIGTERM to its whole process tree (:func:`service.proctree.stop_tree`; the router then finishes in-flight requests,
+drains shadow work and flushes the prediction log) and SIGKILL only after ``process_stop_timeout_s``. Output goes to a
+log file, never to an unread pipe.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +24,7 @@ from typing import IO, Final, Self
 import httpx
 
 from rollout.settings import RouterSettings
+from service.proctree import new_tag, stop_tree, tagged_env
 
 LIVE_PATH: Final[str] = "/livez"
 _ENV_PREFIX: Final[str] = "FW_ROLLOUT_ROUTER__"
@@ -52,6 +53,8 @@ class RouterProcess:
     env: Mapping[str, str] = field(default_factory=dict)
     port: int | None = None
     control_port: int | None = None
+    #: The tag of the router's process tree (service.proctree).
+    tag: str = field(default_factory=new_tag, init=False)
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _log: IO[bytes] | None = field(default=None, init=False, repr=False)
 
@@ -104,7 +107,7 @@ class RouterProcess:
         self._log = self.log_path.open("ab")
         self._process = subprocess.Popen(
             [sys.executable, "-m", "rollout.router"],
-            env=self.child_env(),
+            env=tagged_env(self.child_env(), self.tag),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -127,16 +130,12 @@ class RouterProcess:
                 time.sleep(self.settings.process_poll_interval_s)
 
     def stop(self) -> int | None:
-        """SIGTERM the router's process group, wait, SIGKILL what is left; return the exit code."""
+        """SIGTERM the router's process tree, wait, SIGKILL what is left; return the exit code."""
         process, self._process = self._process, None
         code: int | None = None
         if process is not None:
-            _signal_group(process.pid, signal.SIGTERM)
-            try:
-                code = process.wait(timeout=self.settings.process_stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                _signal_group(process.pid, signal.SIGKILL)
-                code = process.wait()
+            stop_tree(process.pid, self.tag, grace_s=self.settings.process_stop_timeout_s, reap=process.poll)
+            code = process.wait()
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -155,8 +154,3 @@ class RouterProcess:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.stop()
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)

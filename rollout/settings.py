@@ -196,6 +196,10 @@ class LocalBackendSettings(BaseModel):
     start_timeout_s: float = Field(180.0, gt=0.0)
     #: Not-ready servers are probed at most this often.
     probe_interval_s: float = Field(0.25, gt=0.0)
+    #: A ready server's ``/readyz`` is probed this often; ``unhealthy_after`` failed probes in a row make it dead
+    #: (stopped with its whole process tree and started again, counted as a restart).
+    health_interval_s: float = Field(1.0, gt=0.0)
+    unhealthy_after: int = Field(3, ge=1)
     #: A server that exited is started again no sooner than this after its last start.
     restart_backoff_s: float = Field(5.0, ge=0.0)
     #: A published table is read back from the routers at least this often (a restarted router gets it again).

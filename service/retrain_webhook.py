@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -63,6 +62,7 @@ from service.logging import (
     get_logger,
     log_event,
 )
+from service.proctree import stop_tree
 from service.retrain_outcomes import SUCCESSFUL_OUTCOMES, RetrainOutcome, new_retrain_id, trigger_reason
 from service.retrain_triggers import (
     AlertmanagerPayload,
@@ -490,7 +490,7 @@ class RetrainService:
         while (pid := live_pid(run)) is not None and self.clock() < deadline:
             time.sleep(_ADOPTED_POLL_S)
         if pid is not None:
-            _stop_pid_group(pid, lambda: _gone_within(run, _STOP_GRACE_S))
+            _stop_pid_group(pid)
             result = {"outcome": RetrainOutcome.FAILED.value, "detail": f"killed after {self.config.run_timeout_s} s"}
         else:
             result = run_result(None, self._summary(run))
@@ -535,38 +535,19 @@ class RetrainService:
         adopted = self._adopted
         if adopted is not None and (pid := live_pid(adopted)) is not None:
             log_event(logger, "stopping the adopted retrain", retrain_pid=pid)
-            _stop_pid_group(pid, lambda: _gone_within(adopted, _STOP_GRACE_S))
+            _stop_pid_group(pid)
         self.wait_idle(_STOP_GRACE_S)
 
 
 def _stop_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to the retrain's process group, SIGKILL after a grace period."""
-
-    def ended() -> bool:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=_STOP_GRACE_S)
-        return process.returncode is not None
-
-    _stop_pid_group(process.pid, ended)
+    """SIGTERM to the retrain's process tree (service.proctree), SIGKILL after a grace period."""
+    stop_tree(process.pid, grace_s=_STOP_GRACE_S, reap=process.poll)
+    process.wait()
 
 
-def _gone_within(run: RunRecord, timeout_s: float) -> bool:
-    """True once ``run``'s process is gone, False if it still runs after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while live_pid(run) is not None:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def _stop_pid_group(pid: int, ended: Callable[[], bool]) -> None:
-    """SIGTERM to process group ``pid``, SIGKILL when ``ended()`` (which waits up to the grace period) says no."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, sig)
-        if ended():
-            return
+def _stop_pid_group(pid: int) -> None:
+    """The same for an adopted retrain (not our child: nothing to reap)."""
+    stop_tree(pid, grace_s=_STOP_GRACE_S)
 
 
 # ------------------------------------------------------------------------------------------------ HTTP

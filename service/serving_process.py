@@ -1,17 +1,17 @@
 """A real ``bentoml serve`` child process on loopback: start, wait until ready, stop — reusable by the demo, the
 CLI and the rollout's local-process backend.
 
-The server runs in its own session (process group), so a Ctrl-C in the terminal reaches only the parent, which
-then stops the whole group in order: SIGTERM, a grace period, SIGKILL. Its output goes to a log file (a pipe
-nobody reads would eventually block it); the log's tail is quoted when the server fails to start.
+The server runs in its own session (process group), so a Ctrl-C in the terminal reaches only the parent, which then
+stops the server's whole process tree in order (SIGTERM, a grace period, SIGKILL) with
+:func:`service.proctree.stop_tree`: BentoML's workers open sessions of their own, so the group alone would leave them
+running; the tree tag in the server's environment finds them even after their arbiter died. Its output goes to a log
+file (a pipe nobody reads would eventually block it); the log's tail is quoted when the server fails to start.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +26,7 @@ import httpx
 
 import service
 from service.logging import get_logger, log_event
+from service.proctree import new_tag, process_tree, stop_tree, tagged_env
 from service.settings import Settings
 
 logger = get_logger(__name__)
@@ -108,6 +109,8 @@ class BentoServer:
     port: int | None = None
     name: str = "bento"
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    #: The tag of the server's process tree (:mod:`service.proctree`), set by :meth:`start`.
+    tag: str = field(default="", init=False)
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _log_handle: IO[bytes] | None = field(default=None, init=False, repr=False)
 
@@ -130,7 +133,14 @@ class BentoServer:
         return self._process.pid if self._process is not None else None
 
     def running(self) -> bool:
+        """True while the server's main process runs (its endpoint may still be dead: probe ``/readyz``)."""
         return self._process is not None and self._process.poll() is None
+
+    def tree(self) -> set[int]:
+        """The live processes of the server: its main process, its workers and whatever they started."""
+        if self._process is None:
+            return set()
+        return process_tree(self._process.pid, self.tag)
 
     def start(self) -> None:
         """Launch the server (returns at once; see :meth:`wait_ready`)."""
@@ -141,10 +151,11 @@ class BentoServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_handle = self.log_path.open("ab")
         command = serve_command(self.settings.process.bento_target, self.host, self.port)
+        self.tag = new_tag()
         self._process = subprocess.Popen(
             command,
             cwd=SOURCE_ROOT,
-            env=server_env(self.model_dir, self.settings, self.extra_env),
+            env=tagged_env(server_env(self.model_dir, self.settings, self.extra_env), self.tag),
             stdin=subprocess.DEVNULL,
             stdout=self._log_handle,
             stderr=subprocess.STDOUT,
@@ -198,12 +209,12 @@ class BentoServer:
         return f"{self.name} at {self.url} {what}; log {self.log_path}:\n{log_tail}"
 
     def stop(self) -> int | None:
-        """Stop the server's process group (SIGTERM, then SIGKILL after ``process.stop_timeout_s``); return its
-        exit code. Safe to call more than once."""
+        """Stop the server's process tree (SIGTERM, then SIGKILL after ``process.stop_timeout_s``); return its main
+        process' exit code. Safe to call more than once."""
         process, self._process = self._process, None
         code: int | None = None
         if process is not None:
-            code = _terminate_group(process, self.settings.process.stop_timeout_s)
+            code = _terminate_tree(process, self.tag, self.settings.process.stop_timeout_s)
             log_event(logger, "server stopped", server=self.name, server_pid=process.pid, exit_code=code)
         if self._log_handle is not None:
             self._log_handle.close()
@@ -225,22 +236,12 @@ class BentoServer:
         self.stop()
 
 
-def _terminate_group(process: subprocess.Popen[bytes], grace_s: float) -> int:
-    """SIGTERM the child's process group (it leads its own session), wait, then SIGKILL what is left."""
-    _signal_group(process.pid, signal.SIGTERM)
-    try:
-        return process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
+def _terminate_tree(process: subprocess.Popen[bytes], tag: str, grace_s: float) -> int:
+    """SIGTERM the child's whole tree (group, descendants, tagged processes), wait, then SIGKILL what is left."""
+    started = time.monotonic()
+    stop_tree(process.pid, tag, grace_s=grace_s, reap=process.poll)
+    if time.monotonic() - started > grace_s:
         log_event(
-            logger, "server ignored SIGTERM, killing", level=logging.WARNING, server_pid=process.pid, grace_s=grace_s
+            logger, "server ignored SIGTERM, killed", level=logging.WARNING, server_pid=process.pid, grace_s=grace_s
         )
-        _signal_group(process.pid, signal.SIGKILL)
-        return process.wait()
-    finally:
-        # Workers that outlived their arbiter would still hold the group; clear them too.
-        _signal_group(process.pid, signal.SIGKILL)
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
+    return process.wait()

@@ -44,6 +44,9 @@ class WorkloadStatus:
     readiness: Readiness
     url: str | None = None
     detail: str = ""
+    #: How often the workload was restarted after a failure (crash, endpoint dead, not ready in time), as far as
+    #: the backend knows (locally: since the controller started; Kubernetes: the pods' container restarts).
+    restarts: int = 0
 
     @property
     def ready(self) -> bool:

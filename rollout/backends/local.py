@@ -8,7 +8,11 @@ endpoint, Prometheus scrape targets in a file-SD file.
     ``workloads.json`` (version, pid, port), so a controller restarted after a kill *adopts* the servers that are
     still alive instead of starting them again — the routers keep pointing at the same URLs. Every change rewrites
     the Prometheus file-SD targets (the model servers plus ``scrape_targets``); Prometheus picks it up without a
-    restart. Stopping happens in a background thread (SIGTERM to the server's process group, then SIGKILL).
+    restart. Stopping happens in a background thread: the server's whole process tree
+    (:func:`service.proctree.stop_tree` — BentoML's workers leave the server's session, so a group signal would
+    leave them serving), SIGTERM then SIGKILL. A server counts as dead when its main process exited *or* its
+    ``/readyz`` stopped answering (``unhealthy_after`` probes in a row, every ``health_interval_s``): its tree is
+    stopped and it is started again, and every such restart is counted (``restarts``, the candidate's evidence).
 
 :class:`AdminRoutingPublisher`
     Publishes the table with ``PUT /admin/routing`` (bearer token) to every router and reads it back with ``GET``.
@@ -21,10 +25,7 @@ endpoint, Prometheus scrape targets in a file-SD file.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -49,6 +50,7 @@ from rollout.inbox import write_atomically
 from rollout.prometheus import ScrapeTarget, render_targets
 from rollout.routing import RoutingTable, VersionEndpoint
 from rollout.settings import LocalBackendSettings
+from service import proctree
 from service.logging import get_logger, log_event
 from service.serving_process import LIVE_PATH, READY_PATH, BentoServer
 from service.settings import Settings
@@ -76,6 +78,8 @@ class WorkloadRecord(BaseModel):
     pid: int
     port: int
     model_dir: Path
+    #: The server's process-tree tag (service.proctree); '' in records written before it existed.
+    tag: str = ""
 
 
 @dataclass
@@ -86,6 +90,8 @@ class _Workload:
     server: BentoServer | None
     ready: bool = False
     last_probe: float = 0.0
+    #: Readiness probes of a ready server that failed in a row.
+    failures: int = 0
 
     @property
     def version(self) -> str:
@@ -93,25 +99,14 @@ class _Workload:
 
 
 def pid_alive(pid: int) -> bool:
-    """True when a process with this pid exists (signal 0 delivers nothing)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """True when a process with this pid exists and is not a zombie."""
+    return proctree.alive(pid)
 
 
-def stop_group(pid: int, grace_s: float, poll_s: float) -> None:
-    """SIGTERM the process group led by ``pid``; SIGKILL it when it is still there after ``grace_s``."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(poll_s)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
+def stop_group(pid: int, grace_s: float, poll_s: float, tag: str = "") -> None:
+    """Stop the process ``pid`` with its whole tree (its group, its descendants, every process carrying ``tag``):
+    SIGTERM, SIGKILL for what is still there after ``grace_s``."""
+    proctree.stop_tree(pid, tag, grace_s=grace_s, poll_s=poll_s)
 
 
 class LocalWorkloads:
@@ -131,6 +126,8 @@ class LocalWorkloads:
         self._models_dir = settings.models_dir if settings.models_dir is not None else state_dir / "models"
         self._workloads: dict[str, _Workload] = {}
         self._last_start: dict[str, float] = {}
+        #: Restarts of each version after it died, stopped answering or was not ready in time (this process' life).
+        self._restarts: dict[str, int] = {}
         self._stopping: list[threading.Thread] = []
         self._http = httpx.Client(timeout=settings.probe_timeout_s, trust_env=False)
         self._adopt()
@@ -154,12 +151,15 @@ class LocalWorkloads:
             records = []
         for record in records:
             url = f"http://{self._serve.process.host}:{record.port}"
-            if pid_alive(record.pid) and self._answers(url + LIVE_PATH):
+            ours = not record.tag or proctree.carries_tag(record.pid, record.tag)  # not a reused pid
+            if not ours:
+                stop_group(0, self._settings.stop_timeout_s, self._settings.probe_interval_s, record.tag)
+            elif pid_alive(record.pid) and self._answers(url + LIVE_PATH):
                 self._workloads[record.version] = _Workload(record, url, time.monotonic(), server=None)
                 log_event(logger, "model server adopted", event="workload_adopted", version=record.version,
                           pid=record.pid, url=url)  # fmt: skip
-            elif pid_alive(record.pid):
-                stop_group(record.pid, self._settings.stop_timeout_s, self._settings.probe_interval_s)
+            else:  # dead or not answering: whatever is left of its tree (workers of a dead server) goes too
+                stop_group(record.pid, self._settings.stop_timeout_s, self._settings.probe_interval_s, record.tag)
         self._save()
 
     def _answers(self, url: str) -> bool:
@@ -175,19 +175,35 @@ class LocalWorkloads:
         workload = self._workloads.get(version)
         if workload is not None and not self._alive(workload):
             log_event(logger, "model server exited", event="workload_exited", version=version, url=workload.url)
-            self._forget(version, stop=True)
+            self._failed(version)
             workload = None
         if workload is None:
-            return self._start(version)
-        return self._probe(workload)
+            return self._with_restarts(self._start(version))
+        return self._with_restarts(self._probe(workload))
+
+    def restarts(self, version: str) -> int:
+        """How often ``version``'s server was restarted after a failure (exited, stopped answering, not ready in
+        time) since this backend started."""
+        return self._restarts.get(version, 0)
+
+    def _with_restarts(self, status: WorkloadStatus) -> WorkloadStatus:
+        return WorkloadStatus(status.version, status.readiness, status.url, status.detail,
+                              restarts=self.restarts(status.version))  # fmt: skip
+
+    def _failed(self, version: str) -> None:
+        """The server failed: stop what is left of its tree, count a restart (the next ensure_running starts it)."""
+        self._forget(version, stop=True)
+        self._restarts[version] = self._restarts.get(version, 0) + 1
 
     def status(self, version: str) -> WorkloadStatus:
         workload = self._workloads.get(version)
+        restarts = self.restarts(version)
         if workload is None:
-            return WorkloadStatus(version, Readiness.STOPPED)
+            return WorkloadStatus(version, Readiness.STOPPED, restarts=restarts)
         if not self._alive(workload):
-            return WorkloadStatus(version, Readiness.FAILED, workload.url, "process exited")
-        return WorkloadStatus(version, Readiness.READY if workload.ready else Readiness.STARTING, workload.url)
+            return WorkloadStatus(version, Readiness.FAILED, workload.url, "process exited", restarts=restarts)
+        readiness = Readiness.READY if workload.ready else Readiness.STARTING
+        return WorkloadStatus(version, readiness, workload.url, restarts=restarts)
 
     def scale_down(self, version: str) -> bool:
         if version not in self._workloads:
@@ -232,12 +248,12 @@ class LocalWorkloads:
         server.start()
         if server.pid is None or server.port is None:
             raise RuntimeError(f"model server of {version} did not start")
-        record = WorkloadRecord(version=version, pid=server.pid, port=server.port, model_dir=model_dir)
+        record = WorkloadRecord(version=version, pid=server.pid, port=server.port, model_dir=model_dir, tag=server.tag)
         self._workloads[version] = _Workload(record, server.url, time.monotonic(), server=server)
         self._save()
         self._write_targets()
         log_event(logger, "model server started", event="workload_started", version=version, url=server.url,
-                  pid=server.pid, log=str(server.log_path))  # fmt: skip
+                  server_pid=server.pid, log=str(server.log_path))  # fmt: skip
         return WorkloadStatus(version, Readiness.STARTING, server.url)
 
     def server_settings(self, version: str) -> Settings:
@@ -248,9 +264,9 @@ class LocalWorkloads:
 
     def _probe(self, workload: _Workload) -> WorkloadStatus:
         version = workload.version
-        if workload.ready:
-            return WorkloadStatus(version, Readiness.READY, workload.url)
         now = time.monotonic()
+        if workload.ready:
+            return self._health(workload, now)
         if now - workload.last_probe >= self._settings.probe_interval_s:
             workload.last_probe = now
             workload.ready = self._answers(workload.url + READY_PATH)
@@ -261,10 +277,28 @@ class LocalWorkloads:
         if now - workload.started > self._settings.start_timeout_s:
             log_event(logger, "model server not ready in time, restarting", event="workload_start_timeout",
                       version=version)  # fmt: skip
-            self._forget(version, stop=True)
+            self._failed(version)
             self._last_start.pop(version, None)
             return WorkloadStatus(version, Readiness.FAILED, workload.url, "not ready in time")
         return WorkloadStatus(version, Readiness.STARTING, workload.url)
+
+    def _health(self, workload: _Workload, now: float) -> WorkloadStatus:
+        """A ready server stays ready while its ``/readyz`` answers: probed every ``health_interval_s``; after
+        ``unhealthy_after`` failures in a row it is dead (its workers died, or hang) and is stopped and restarted."""
+        version = workload.version
+        if now - workload.last_probe < self._settings.health_interval_s:
+            return WorkloadStatus(version, Readiness.READY, workload.url)
+        workload.last_probe = now
+        if self._answers(workload.url + READY_PATH):
+            workload.failures = 0
+            return WorkloadStatus(version, Readiness.READY, workload.url)
+        workload.failures += 1
+        if workload.failures < self._settings.unhealthy_after:
+            return WorkloadStatus(version, Readiness.READY, workload.url)
+        log_event(logger, "model server stopped answering, restarting", event="workload_unhealthy",
+                  version=version, url=workload.url, failures=workload.failures)  # fmt: skip
+        self._failed(version)
+        return WorkloadStatus(version, Readiness.FAILED, workload.url, "endpoint not ready")
 
     def _forget(self, version: str, *, stop: bool) -> None:
         workload = self._workloads.pop(version, None)
@@ -280,7 +314,8 @@ class LocalWorkloads:
         if workload.server is not None:
             workload.server.stop()
         else:
-            stop_group(workload.record.pid, self._settings.stop_timeout_s, self._settings.probe_interval_s)
+            stop_group(workload.record.pid, self._settings.stop_timeout_s, self._settings.probe_interval_s,
+                       workload.record.tag)  # fmt: skip
 
     def targets(self) -> list[ScrapeTarget]:
         """The scrape targets: the static ones and every model server."""

@@ -131,3 +131,34 @@ def test_ctrl_c_in_the_parent_stops_the_server(tmp_path: Path) -> None:
             parent.kill()
     assert not group_alive(int(pid_text))
     assert refused(url)
+
+
+def listening(url: str) -> bool:
+    try:
+        httpx.get(url + "/readyz", timeout=2.0)
+    except httpx.TransportError:
+        return False
+    return True
+
+
+def test_a_server_whose_main_process_was_killed_leaves_no_worker_behind_when_stopped(tmp_path: Path) -> None:
+    """BentoML's workers open sessions of their own: after a SIGKILL of the server's main process a worker is
+    orphaned and still answers on the port; stopping the server reaches it through the process-tree tag."""
+    from service import proctree
+
+    server = BentoServer(model_dir=tmp_path, settings=settings_for(tmp_path, "EchoService"))
+    with server:
+        assert server.pid is not None
+        workers = server.tree() - {server.pid}
+        assert workers, "bentoml serve runs its service in worker processes"
+        assert all(os.getsid(w) != server.pid for w in workers)  # their own sessions: a group signal misses them
+        os.kill(server.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10.0
+        while server.running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not server.running()
+        assert any(proctree.alive(w) for w in workers)  # orphaned, not stopped by the arbiter's death
+        assert listening(server.url)  # … and still answering on the version's port
+    assert not any(proctree.alive(w) for w in workers)
+    assert proctree.tagged(server.tag) == set()
+    assert refused(server.url)

@@ -1,0 +1,97 @@
+"""rollout.backends.local.LocalWorkloads against real ``bentoml serve`` processes: a server whose main process is
+killed is detected as dead, its orphaned workers are stopped (nothing left on its port) and the restart counted.
+
+The model registry is a directory double (``DirSource``): the servers are the minimal test service
+(tests/integration/bento_fixture.py), which loads no bundle."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rollout.backends.base import Readiness, WorkloadStatus
+from rollout.backends.local import LocalWorkloads
+from rollout.settings import LocalBackendSettings
+from service import proctree
+from service.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+TIMEOUT_S = 120.0
+
+
+class DirSource:
+    """Versions are empty directories (the test service needs no bundle); aliases are not used here."""
+
+    def resolve(self, ref: str) -> str:
+        return ref
+
+    def alias_target(self, alias: str) -> str | None:
+        return None
+
+    def fetch(self, version: str, dest: Path) -> Path:
+        dest.mkdir(parents=True, exist_ok=True)
+        return dest
+
+    def ensure_alias(self, alias: str, version: str, reason: str) -> bool:
+        return False
+
+    def clear_alias(self, alias: str, version: str, reason: str) -> bool:
+        return False
+
+
+def refused(url: str) -> bool:
+    try:
+        httpx.get(url + "/readyz", timeout=2.0, trust_env=False)
+    except httpx.ConnectError:
+        return True
+    except httpx.TransportError:
+        return False
+    return False
+
+
+def until(workloads: LocalWorkloads, version: str, wanted: Readiness, restarts: int = 0) -> list[WorkloadStatus]:
+    seen = []
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        status = workloads.ensure_running(version)
+        seen.append(status)
+        if status.readiness is wanted and status.restarts >= restarts:
+            return seen
+        time.sleep(0.1)
+    raise AssertionError(f"{version} never {wanted}: {seen[-3:]}")
+
+
+def test_a_killed_server_is_dead_its_workers_are_stopped_and_the_restart_is_counted(tmp_path: Path) -> None:
+    serve = Settings.model_validate(
+        {"home": tmp_path, "process": {"bento_target": "tests.integration.bento_fixture:EchoService"}}
+    )
+    settings = LocalBackendSettings(restart_backoff_s=0.0, probe_interval_s=0.1, health_interval_s=0.2,
+                                    stop_timeout_s=5.0)  # fmt: skip
+    workloads = LocalWorkloads(settings, serve, DirSource(), tmp_path / "state")
+    try:
+        until(workloads, "v1", Readiness.READY)
+        first = workloads._workloads["v1"]
+        assert first.server is not None and first.server.pid is not None
+        old_url, tag = first.url, first.server.tag
+        workers = first.server.tree() - {first.server.pid}
+        assert workers
+        os.kill(first.server.pid, signal.SIGKILL)  # the worker keeps the port and answers: only the pid is dead
+        seen = until(workloads, "v1", Readiness.READY, restarts=1)
+        assert any(s.readiness is not Readiness.READY for s in seen)  # never reported ready while it was dead
+        assert seen[-1].restarts == 1 and workloads.restarts("v1") == 1
+        assert seen[-1].url != old_url
+        deadline = time.monotonic() + 10.0
+        while proctree.tagged(tag) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proctree.tagged(tag) == set()  # the orphaned workers are gone …
+        assert not any(proctree.alive(w) for w in workers)
+        assert refused(old_url)  # … and nothing listens on the old port
+    finally:
+        workloads.close(stop_servers=True)
+    assert all(proctree.tagged(w.record.tag) == set() for w in workloads._workloads.values())
