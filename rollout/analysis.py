@@ -14,8 +14,8 @@ difference with both versions' uncertainty (:mod:`rollout.sequential`; H0 Δ=0 v
 ``analysis.false_rollback`` Bonferroni-split over those gates' stages, β = ``analysis.false_promotion``): Failed at the
 rollback boundary, Successful at the promotion boundary. Other outcome gates keep the interval rule above.
 
-:func:`analyse` is pure apart from the provider's ``query`` calls; tests pass a provider made of a dict. A
-:class:`GateHistory` per gate (kept by the stage machine) counts consecutive errors and how long a gate has been
+:func:`analyse` is pure apart from the provider's ``query`` calls, all evaluated at the round's instant when the
+provider can be pinned (:func:`pinned`); tests pass a provider made of a dict. A :class:`GateHistory` per gate (kept by the stage machine) counts consecutive errors and how long a gate has been
 inconclusive, so the machine can tell "wait" from "abort".
 """
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from statistics import NormalDist
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
@@ -127,6 +127,18 @@ class VectorQuery(Protocol):
     """Providers that can also return an instant vector: one ``(labels, value)`` pair per series."""
 
     def query_vector(self, promql: str) -> Sequence[tuple[Mapping[str, str], float]]: ...
+
+
+@runtime_checkable
+class PinnableQuery(Protocol):
+    """Providers that can evaluate every query of one analysis round at one instant (Prometheus' ``time=``)."""
+
+    def at(self, instant: datetime) -> MetricsQuery: ...
+
+
+def pinned(provider: MetricsQuery, instant: datetime) -> MetricsQuery:
+    """``provider`` with its queries evaluated at ``instant`` when it can be pinned, else as it is."""
+    return provider.at(instant) if isinstance(provider, PinnableQuery) else provider
 
 
 class MeasurementError(Exception):
@@ -256,12 +268,14 @@ def analyse(
 ) -> AnalysisReport:
     """Measure every gate of ``stage`` (and the stage's request/label minimums) for the (stable, candidate) pair.
 
-    ``{{stage_window}}`` covers ``stage_entered_at`` → ``now`` (the policy's ``window_s`` when not given).
+    ``{{stage_window}}`` covers ``stage_entered_at`` → ``now`` (the policy's ``window_s`` when not given). Every query
+    is evaluated at ``now`` when the provider can be pinned (:class:`PinnableQuery`): a ratio's two counts, or the
+    candidate and its stable, come from the same data, not from instants a scrape apart.
     """
     check_version(stable)
     check_version(candidate)
     window_s = (now - stage_entered_at).total_seconds() if stage_entered_at else policy.analysis.window_s
-    ctx = _Context(policy, stage, provider, stable, candidate, window_s)
+    ctx = _Context(policy, stage, pinned(provider, now), stable, candidate, window_s)
     results = [*_sample_results(ctx), *(_gate_result(ctx, gate) for gate in policy.gates_for(stage))]
     return AnalysisReport(stage=stage, stable=stable, candidate=candidate, at=now, results=tuple(results))
 

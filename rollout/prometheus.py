@@ -8,7 +8,9 @@ and ``--web.listen-address`` on loopback. It waits for
 
 :class:`PrometheusClient` is the ``MetricsProvider``: ``query(promql) -> float | None`` (``None`` when there is
 no evidence — an empty result, NaN or ±Inf, e.g. a ratio over zero requests), ``query_vector(promql) ->
-[(labels, value)]`` and ``is_online()``. Failures are typed: :class:`PrometheusUnavailableError` (cannot reach it,
+[(labels, value)]`` and ``is_online()``; :meth:`PrometheusClient.at` pins every query of one analysis round to one
+evaluation instant (``time=`` of ``/api/v1/query``), so a ratio's numerator and denominator, or a candidate and its
+stable, are read from the same data. Failures are typed: :class:`PrometheusUnavailableError` (cannot reach it,
 it timed out or answered 5xx) and :class:`PrometheusQueryError` (it rejected the query, or a scalar was asked of
 a multi-series result).
 """
@@ -26,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
@@ -270,12 +273,19 @@ class PrometheusClient:
         except httpx.HTTPError:
             return False
 
-    def query(self, promql: str) -> float | None:
+    def at(self, instant: datetime) -> PinnedPrometheus:
+        """This client with every query evaluated at ``instant`` (an aware datetime)."""
+        if instant.tzinfo is None:
+            raise ValueError("the evaluation instant must be timezone-aware")
+        return PinnedPrometheus(self, instant)
+
+    def query(self, promql: str, at: datetime | None = None) -> float | None:
         """One number: a scalar, or the single sample of a vector. ``None`` for an empty vector, NaN or ±Inf.
 
-        Raises :class:`PrometheusQueryError` when the vector has several series (aggregate it first).
+        ``at`` evaluates the query at that instant (Prometheus' own "now" when not given). Raises
+        :class:`PrometheusQueryError` when the vector has several series (aggregate it first).
         """
-        result_type, result = self._instant(promql)
+        result_type, result = self._instant(promql, at)
         if result_type == "scalar":
             return _finite(float(result[1]))
         if result_type != "vector":
@@ -286,18 +296,19 @@ class PrometheusClient:
             raise PrometheusQueryError(f"{promql!r} returned {len(result)} series; aggregate it to one")
         return _finite(float(result[0]["value"][1]))
 
-    def query_vector(self, promql: str) -> list[Sample]:
+    def query_vector(self, promql: str, at: datetime | None = None) -> list[Sample]:
         """Every sample of an instant vector as ``(labels, value)``, NaN values included."""
-        result_type, result = self._instant(promql)
+        result_type, result = self._instant(promql, at)
         if result_type == "scalar":
             return [({}, float(result[1]))]
         if result_type != "vector":
             raise PrometheusQueryError(f"{promql!r} returned a {result_type}, not an instant vector")
         return [(dict(sample["metric"]), float(sample["value"][1])) for sample in result]
 
-    def _instant(self, promql: str) -> tuple[str, Any]:
+    def _instant(self, promql: str, at: datetime | None) -> tuple[str, Any]:
+        params = {"query": promql} if at is None else {"query": promql, "time": f"{at.timestamp():.3f}"}
         try:
-            response = self._http.get("/api/v1/query", params={"query": promql})
+            response = self._http.get("/api/v1/query", params=params)
         except httpx.HTTPError as exc:
             raise PrometheusUnavailableError(f"Prometheus at {self._http.base_url} unreachable: {exc}") from exc
         if response.status_code >= httpx.codes.INTERNAL_SERVER_ERROR:
@@ -311,6 +322,23 @@ class PrometheusClient:
             raise PrometheusQueryError(f"Prometheus rejected {promql!r}: {body.get('error', body)}")
         data = body["data"]
         return str(data["resultType"]), data["result"]
+
+
+@dataclass(frozen=True, slots=True)
+class PinnedPrometheus:
+    """A :class:`PrometheusClient` whose queries are all evaluated at one instant (one analysis round)."""
+
+    client: PrometheusClient
+    instant: datetime
+
+    def query(self, promql: str) -> float | None:
+        return self.client.query(promql, self.instant)
+
+    def query_vector(self, promql: str) -> list[Sample]:
+        return self.client.query_vector(promql, self.instant)
+
+    def is_online(self) -> bool:
+        return self.client.is_online()
 
 
 def _error_of(response: httpx.Response) -> str:

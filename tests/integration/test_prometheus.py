@@ -249,3 +249,29 @@ def test_a_broken_configuration_fails_with_the_log(tmp_path: Path) -> None:
     with pytest.raises(PrometheusUnavailableError, match="exited"):
         server.start()
     server.stop()
+
+
+def test_queries_pinned_to_one_instant_read_the_data_of_that_instant(tmp_path: Path) -> None:
+    """The analysis round's instant (``PrometheusClient.at``): a series that changed since is read as it was then."""
+    registry = CollectorRegistry()
+    exporter = DriftExporter({"v1": REFERENCE})
+    registry.register(exporter)
+    server, port = _start_exporter(registry)
+    series = 'fraudwatch_feature_bin_total{model_version="v1",feature="amount",bin="0"}'
+    try:
+        with PrometheusServer(tmp_path / "prom", [ScrapeTarget(f"{HOST}:{port}", {})], settings=_settings()) as prom:
+            client = prom.client()
+            exporter.publish({("v1", "amount", "0"): 5.0})
+            wait_for(lambda: client.query(series) == 5.0 or None, "the first value scraped")
+            then = datetime.now(UTC)
+            exporter.publish({("v1", "amount", "0"): 9.0})
+            wait_for(lambda: client.query(series) == 9.0 or None, "the second value scraped")
+            pinned = client.at(then)
+            assert pinned.query(series) == 5.0  # as it was at the round's instant, not as it is now
+            assert pinned.query_vector(series)[0][1] == 5.0
+            assert pinned.query("time()") == pytest.approx(then.timestamp(), abs=1e-3)
+            with pytest.raises(ValueError, match="timezone-aware"):
+                client.at(then.replace(tzinfo=None))
+            client.close()
+    finally:
+        server.shutdown()

@@ -492,3 +492,35 @@ def test_history_tracks_how_long_a_gate_is_inconclusive() -> None:
 def test_report_serialises() -> None:
     report = an.analyse(POLICY, "canary", DictProvider({q("errors", CANDIDATE): math.nan}), STABLE, CANDIDATE, NOW)
     assert an.AnalysisReport.model_validate_json(report.model_dump_json()) == report
+
+
+class PinnableProvider(DictProvider):
+    """A provider that can be pinned: every query records the instant it was evaluated at (None: unpinned)."""
+
+    def __init__(self, values: Mapping[str, float | None]) -> None:
+        super().__init__(values)
+        self.instants: list[datetime | None] = []
+        self._instant: datetime | None = None
+
+    def at(self, instant: datetime) -> PinnableProvider:
+        view = PinnableProvider(self.values)
+        view.instants, view._instant, view.asked = self.instants, instant, self.asked
+        return view
+
+    def query(self, promql: str) -> float | None:
+        self.instants.append(self._instant)
+        return super().query(promql)
+
+    def query_vector(self, promql: str) -> Sequence[tuple[Mapping[str, str], float]]:
+        self.instants.append(self._instant)
+        return super().query_vector(promql)
+
+
+def test_every_query_of_one_analysis_is_evaluated_at_the_rounds_instant() -> None:
+    provider = PinnableProvider({})
+    an.analyse(POLICY, "ab", provider, STABLE, CANDIDATE, NOW, stage_entered_at=NOW - timedelta(hours=1))
+    assert len(provider.instants) == len(provider.asked) >= 4 and set(provider.instants) == {NOW}
+    assert isinstance(PrometheusClient("http://127.0.0.1:1").at(NOW), an.PinnableQuery) is False  # a pinned view
+    assert isinstance(PrometheusClient("http://127.0.0.1:1"), an.PinnableQuery)
+    unpinnable = DictProvider({})
+    assert an.pinned(unpinnable, NOW) is unpinnable
