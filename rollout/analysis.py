@@ -15,8 +15,9 @@ difference with both versions' uncertainty (:mod:`rollout.sequential`; H0 Δ=0 v
 rollback boundary, Successful at the promotion boundary. Other outcome gates keep the interval rule above.
 
 :func:`analyse` is pure apart from the provider's ``query`` calls, all evaluated at the round's instant when the
-provider can be pinned (:func:`pinned`); tests pass a provider made of a dict. A :class:`GateHistory` per gate (kept by the stage machine) counts consecutive errors and how long a gate has been
-inconclusive, so the machine can tell "wait" from "abort".
+provider can be pinned (:func:`pinned`); tests pass a provider made of a dict. A :class:`GateHistory` per gate (kept
+by the stage machine) counts consecutive errors and how long a gate has been inconclusive, so the machine can tell
+"wait" from "abort".
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final, Protocol, TypeVar
 
+from rollout import workload_gate
 from rollout.analysis import AnalysisReport, GateResult, GateStatus, analyse, analyse_quality
 from rollout.backends.base import (
     MetricsProvider,
@@ -312,6 +313,7 @@ class Controller:
         self.state = self.store.load() or ControllerState(name=settings.name)
         self.converged = False
         self._last_analysis: datetime | None = None
+        self._candidate: workload_gate.CandidateWatch | None = None
         self._notes: list[tuple[datetime, str | None, str, dict[str, object]]] = []
         self._aliases: dict[tuple[str, str], bool] = {}
         #: Registry calls run here (InlineExecutor: at once, for tests and one-shot use).
@@ -347,6 +349,8 @@ class Controller:
             self._finish_command(pending, result, now)
         outcome = self._act(actions, now)
         self.converged = outcome.converged
+        self._watch_candidate(outcome, now)
+        self.metrics.workloads(self._workload_statuses(outcome))
         if self.observer is not None:
             self.observer.after_reconcile(self, outcome)
         self.metrics.show(self.state.rollout)
@@ -443,8 +447,41 @@ class Controller:
             log_event(
                 logger, "analysis failed", event="analysis_failed", error=f"{type(finished).__name__}: {finished}"
             )
-            return None
-        return finished
+            finished = None
+        return self._with_workload(finished, now)
+
+    def _watch_candidate(self, outcome: ActOutcome, now: datetime) -> None:
+        """Follow the candidate's workload through a traffic stage (restarts, how long not ready)."""
+        rollout = self.state.rollout
+        if rollout is None or rollout.phase != "Progressing" or rollout.stage == QUALITY_STAGE:
+            self._candidate = None
+            return
+        status = outcome.statuses.get(rollout.candidate)
+        self._candidate = workload_gate.observe(self._candidate, rollout.rollout_id, rollout.candidate, status, now)
+
+    def _workload_statuses(self, outcome: ActOutcome) -> dict[str, WorkloadStatus]:
+        """Every running version's status: those the act pass saw, the others (kept for inspection) asked."""
+        statuses = dict(outcome.statuses)
+        with contextlib.suppress(Exception):  # metrics only: a backend hiccup must not fail the reconcile
+            for version in self.backend.workloads.running():
+                if version not in statuses:
+                    statuses[version] = self.backend.workloads.status(version)
+        return statuses
+
+    def _with_workload(self, report: AnalysisReport | None, now: datetime) -> AnalysisReport | None:
+        """``report`` with the ``candidate-workload`` gate; a report of that gate alone when it failed while no
+        measurement came (routing, hence analysis, waits for a ready candidate: a crash loop still ends the rollout)."""
+        rollout = self.state.rollout
+        watch = self._candidate
+        if rollout is None or rollout.phase != "Progressing" or watch is None or watch.rollout_id != rollout.rollout_id:
+            return report
+        gate = workload_gate.judge(watch, self.policy.analysis, now)
+        if report is not None and report.stage != QUALITY_STAGE and report.candidate == rollout.candidate:
+            return report.model_copy(update={"results": (*report.results, gate)})
+        if report is None and gate.status is GateStatus.FAILED:
+            return AnalysisReport(stage=traffic_stage(rollout.stage), stable=rollout.stable,
+                                  candidate=rollout.candidate, at=now, results=(gate,))  # fmt: skip
+        return report
 
     def _analysis_due(self, rollout: RolloutState, now: datetime) -> bool:
         if self.runner.busy():

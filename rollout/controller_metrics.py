@@ -18,6 +18,10 @@ Series (label ``rollout`` = the rollout's name)::
     fraudwatch_rollout_reconcile_duration_seconds{rollout}               histogram
     fraudwatch_rollout_last_successful_reconcile_timestamp_seconds{rollout}
     fraudwatch_rollout_commands_total{rollout, kind, outcome}            outcome = applied | ignored
+    fraudwatch_rollout_workload_ready{rollout, version}                  1 when the version's workload is ready
+    fraudwatch_rollout_workload_restarts{rollout, version}               its restarts after failures, as the backend
+                                                                         counts them (a gauge: the count restarts
+                                                                         with the controller on the local backend)
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Final, Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from rollout.analysis import GateHistory, GateStatus
+from rollout.backends.base import WorkloadStatus
 from rollout.events import reason_code
 from rollout.evidence import gate_evidence
 from rollout.machine import MACHINE_STAGES, RolloutState, Transition
@@ -139,6 +144,19 @@ class ControllerMetrics:
             ["rollout", "kind", "outcome"],
             registry=registry,
         )
+        self.workload_ready = Gauge(
+            "fraudwatch_rollout_workload_ready",
+            "1 when the version's workload is ready to serve.",
+            ["rollout", "version"],
+            registry=registry,
+        )
+        self.workload_restarts = Gauge(
+            "fraudwatch_rollout_workload_restarts",
+            "Restarts of the version's workload after failures (crash, dead endpoint, not ready in time).",
+            ["rollout", "version"],
+            registry=registry,
+        )
+        self._workloads_shown: set[str] = set()
         self._gates_shown: set[str] = set()
         self._info_shown: tuple[str, str, str] | None = None
 
@@ -188,6 +206,16 @@ class ControllerMetrics:
             self.gate_value.remove(self.rollout, gate, value)
         except KeyError:
             return
+
+    def workloads(self, statuses: Mapping[str, WorkloadStatus]) -> None:
+        """The workloads the last act pass saw (versions no longer there lose their series)."""
+        for gone in self._workloads_shown - set(statuses):
+            self.workload_ready.remove(self.rollout, gone)
+            self.workload_restarts.remove(self.rollout, gone)
+        for version, status in statuses.items():
+            self.workload_ready.labels(self.rollout, version).set(1.0 if status.ready else 0.0)
+            self.workload_restarts.labels(self.rollout, version).set(float(status.restarts))
+        self._workloads_shown = set(statuses)
 
     def transitioned(self, transitions: Sequence[Transition]) -> None:
         for t in transitions:

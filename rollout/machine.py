@@ -18,6 +18,9 @@ Rules:
 * manual commands are always honoured where they make sense (promote: to the next or a named later stage, also
   while paused; pause/resume; abort; revert — also after promotion, while the previous version is still warm) and
   are applied once per command id;
+* a Failed ``candidate-workload`` result (the controller's watch of the candidate's restarts and readiness,
+  rollout/workload_gate.py) rolls back any traffic stage, also when it is the report's only result (analysis of the
+  other gates waits for routing, which waits for a ready candidate); it is not needed to promote;
 * pausing stops automatic promotion and the inconclusive timeout; a Failed gate or too many Errors still end the
   rollout (safety does not pause);
 * after ``full`` passes: Promoted — the registry alias moves to the candidate, the previous stable keeps scoring in
@@ -50,6 +53,7 @@ from rollout.analysis import (
 from rollout.policy import (
     PERCENT,
     TRAFFIC_STAGES,
+    WORKLOAD_GATE,
     RolloutPolicy,
     TrafficStage,
     check_version,
@@ -426,13 +430,21 @@ def report_applies(state: RolloutState, report: AnalysisReport) -> bool:
     )
 
 
+def judged_gates(policy: RolloutPolicy, stage: MachineStage) -> tuple[str, ...]:
+    """The names whose Failed result rolls ``stage`` back: its expected gates and, in a traffic stage, the
+    candidate's workload (rollout/workload_gate.py; reported by the controller, not required to promote)."""
+    expected = expected_gates(policy, stage)
+    return expected if stage == QUALITY_STAGE else (*expected, WORKLOAD_GATE)
+
+
 def _observe(policy: RolloutPolicy, state: RolloutState, report: AnalysisReport | None, now: datetime) -> RolloutState:
     expected = expected_gates(policy, state.stage)
+    judged = judged_gates(policy, state.stage)
     usable = report if report is not None and report_applies(state, report) else None
     if usable is not None and (state.last_report_at is None or usable.at > state.last_report_at):
-        state = _count(state, usable, expected)
+        state = _count(state, usable, judged)
     results = usable.results if usable is not None else ()
-    failed = [r for r in results if r.name in expected and r.status is GateStatus.FAILED]
+    failed = [r for r in results if r.name in judged and r.status is GateStatus.FAILED]
     if failed:
         reason = "gate(s) failed: " + ", ".join(f"{r.name} ({r.message})" for r in failed)
         return _transition(state, now, "analysis", reason, phase="RolledBack", gates=results)

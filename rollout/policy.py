@@ -68,6 +68,8 @@ DEFAULT_POLICY_RESOURCE: Final[str] = "default_policy.yaml"
 #: Names of the stage-minimum pseudo-gates that analysis reports beside the policy's gates (layer ``sample``).
 MIN_REQUESTS_GATE: Final[str] = "min-requests"
 MIN_LABELS_GATE: Final[str] = "min-labels"
+#: The candidate's own workload (restarts, readiness) — rollout/workload_gate.py; a health gate of every traffic stage.
+WORKLOAD_GATE: Final[str] = "candidate-workload"
 
 _PLACEHOLDER: Final[re.Pattern[str]] = re.compile(r"\{\{\s*([A-Za-z_]+)\s*\}\}")
 VERSION_PLACEHOLDERS: Final[frozenset[str]] = frozenset({"version", "stable", "candidate"})
@@ -473,6 +475,11 @@ class AnalysisPolicy(BaseModel):
     false_rollback: float = Field(0.01, gt=0.0, lt=0.5)
     #: … and β, the probability of promoting past one gate a candidate worse than stable by twice its margin.
     false_promotion: float = Field(0.01, gt=0.0, lt=0.5)
+    #: The candidate's workload restarted more often than this during the rollout (crashes, a dead endpoint, not ready
+    #: within the start timeout) rolls the rollout back (the ``candidate-workload`` gate) …
+    max_restarts: int = Field(3, ge=0)
+    #: … and so does a candidate not ready for longer than this in a row (routing, hence analysis, waits for it).
+    not_ready_timeout_s: float = Field(600.0, gt=0.0, allow_inf_nan=False)
 
 
 class SampleQueries(BaseModel):
@@ -515,7 +522,7 @@ class RolloutPolicy(BaseModel):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"gate names must be unique: {duplicates}")
-        reserved = sorted({MIN_REQUESTS_GATE, MIN_LABELS_GATE} & set(names))
+        reserved = sorted({MIN_REQUESTS_GATE, MIN_LABELS_GATE, WORKLOAD_GATE} & set(names))
         if reserved:
             raise ValueError(f"gate names {reserved} are reserved for the stage minimums")
         return gates

@@ -116,7 +116,9 @@ class RouterSettings(BaseModel):
     candidate_timeout_s: float = Field(0.25, gt=0.0)
     #: Budget of a deciding call to stable (also the fallback call); past it the client gets a 503.
     stable_timeout_s: float = Field(2.0, gt=0.0)
-    connect_timeout_s: float = Field(0.1, gt=0.0)
+    #: Establishing a connection (capped by the call's budget); loopback and in-cluster connects take well under a
+    #: millisecond, but a busy node's accept queue can hold one for tens of ms: 0.1 s cut healthy calls (issue 12).
+    connect_timeout_s: float = Field(1.0, gt=0.0)
     shadow_timeout_s: float = Field(0.5, gt=0.0)
     #: Connection pool of each upstream (one ``httpx.AsyncClient`` per upstream URL, HTTP/1.1 keep-alive).
     max_connections: int = Field(100, ge=1)

@@ -40,6 +40,9 @@ _OUTCOME_OF: Final[dict[FailureReason, Outcome]] = {
     "status_5xx": "5xx",
     "invalid_response": "error",
 }
+#: A connection not established within ``connect_timeout_s``: a connect failure (the upstream's accept queue is full or
+#: it is gone), not a slow answer — counted under reason="connect", never as a timeout.
+CONNECT_TIMEOUT_DETAIL: Final[str] = "connect timeout"
 _CLIENT_ERROR: Final[int] = 400
 _SERVER_ERROR: Final[int] = 500
 _SUCCESS: Final[int] = 200
@@ -151,6 +154,8 @@ class HttpxTransport:
         try:
             async with asyncio.timeout(budget_s):
                 response = await self._client.post(path, content=body, headers=headers, timeout=self._timeout(budget_s))
+        except httpx.ConnectTimeout:
+            return Failure("connect", detail=CONNECT_TIMEOUT_DETAIL)
         except (TimeoutError, httpx.TimeoutException) as exc:
             return Failure("timeout", detail=type(exc).__name__)
         except httpx.ConnectError as exc:
@@ -203,6 +208,8 @@ class AiohttpTransport:
                 ) as response:
                     content = await response.read()
                     status = response.status
+        except aiohttp.ConnectionTimeoutError:
+            return Failure("connect", detail=CONNECT_TIMEOUT_DETAIL)
         except TimeoutError as exc:
             return Failure("timeout", detail=type(exc).__name__)
         except aiohttp.ClientConnectorError as exc:

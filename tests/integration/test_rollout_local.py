@@ -19,6 +19,8 @@ Scenarios, in order (each leaves the stack as the next expects it):
 5. v1 → v2 with the controller SIGKILLed mid-stage and restarted: same stage and stage clock, the same model
    servers (adopted, not restarted), the rollout carries on; the event log has every transition exactly once.
 6. An identical candidate (the stable's bundle under a new version name) is promoted (issue 10's A/A test).
+7. A candidate whose model server is killed (its whole process tree, SIGKILL) on every start is rolled back by
+   the ``candidate-workload`` gate within the policy's bound, while routing never waited on it (issue 12, point 2).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,9 +45,11 @@ from rollout.backends.local import WORKLOADS_FILE, stop_group
 from rollout.controller import OFFLINE_MESSAGE
 from rollout.events import read_events
 from rollout.inbox import EVENTS_FILE, read_heartbeat
+from rollout.policy import loads_policy
 from rollout.prometheus import PrometheusClient, PrometheusServer, free_port
 from rollout.router_process import RouterProcess
 from rollout.state import ControllerState, StateStore
+from service.proctree import process_tree
 from tests.rolloutkit import (
     HOST,
     IDENTICAL,
@@ -352,6 +358,52 @@ def test_an_identical_candidate_is_promoted(stack: Stack) -> None:
     assert rollout.phase == "Promoted", (rollout.history[-1].reason, failed)
     assert failed == []
     assert [t.to_stage for t in rollout.history][-1] == "full"
+
+
+@contextlib.contextmanager
+def killing_every_start(stack: Stack, version: str) -> Iterator[list[int]]:
+    """SIGKILL every process of ``version``'s model server as soon as the controller records one (a crash loop)."""
+    killed: list[int] = []
+    done = threading.Event()
+
+    def loop() -> None:
+        while not done.wait(0.1):
+            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError, KeyError):
+                for record in json.loads((stack.state_dir / WORKLOADS_FILE).read_text()):
+                    if record["version"] == version and record["pid"] not in killed:
+                        for pid in process_tree(int(record["pid"]), str(record.get("tag", ""))):
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(pid, signal.SIGKILL)
+                        killed.append(int(record["pid"]))
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield killed
+    finally:
+        done.set()
+        thread.join()
+
+
+def test_a_crash_looping_candidate_is_rolled_back_within_the_bound(stack: Stack) -> None:
+    stable = stack.routing()["stable"]["version"]
+    policy = loads_policy(POLICY_YAML).analysis
+    with killing_every_start(stack, "v2") as killed:
+        started = time.monotonic()
+        stack.start("v2", "crash-v2")
+        rollout = stack.finished("crash-v2")
+        took = time.monotonic() - started
+    stack.timings["crash_loop_rollback_s"] = round(took, 1)
+    last = rollout.history[-1]
+    assert last.to_phase == "RolledBack", last.reason
+    assert "candidate-workload" in last.reason, last.reason
+    assert f"restarted {policy.max_restarts + 1} times" in last.reason or "not ready for" in last.reason, last.reason
+    assert len(killed) >= policy.max_restarts or took > policy.not_ready_timeout_s, (killed, took)
+    assert took <= policy.not_ready_timeout_s + START_TIMEOUT_S  # the bound, plus one quality check and reconcile
+    assert stack.routing()["stable"]["version"] == stable and stack.routing()["candidate"] is None
+    assert stack.answer()["model_version"] == stable  # the customers never waited on the candidate
+    metrics = httpx.get(f"http://{HOST}:{stack.controller_port}/metrics", timeout=10, trust_env=False).text
+    assert f'fraudwatch_rollout_workload_ready{{rollout="{NAME}",version="{stable}"}} 1.0' in metrics
 
 
 def test_prometheus_scrapes_the_controller_and_the_model_servers_it_registered(stack: Stack) -> None:

@@ -112,11 +112,18 @@ class MemoryWorkloads:
     world: World
     ready_after: int = 1
     probes: dict[str, int] = field(default_factory=dict)
+    #: Versions that crash on every start (each ensure finds the last start dead and counts a restart).
+    crashing: set[str] = field(default_factory=set)
+    restarts: dict[str, int] = field(default_factory=dict)
 
     def url(self, version: str) -> str:
         return f"http://127.0.0.1:{9000 + int(version.removeprefix('v'))}"
 
     def ensure_running(self, version: str) -> WorkloadStatus:
+        if version in self.crashing:
+            self.restarts[version] = self.restarts.get(version, 0) + int(version in self.probes)
+            self.probes[version] = 0
+            return WorkloadStatus(version, Readiness.FAILED, detail="process exited", restarts=self.restarts[version])
         if version not in self.probes:
             self.world.effect("start", version)
             self.probes[version] = 0
@@ -127,6 +134,8 @@ class MemoryWorkloads:
     def status(self, version: str) -> WorkloadStatus:
         if version not in self.probes:
             return WorkloadStatus(version, Readiness.STOPPED)
+        if version in self.crashing:
+            return WorkloadStatus(version, Readiness.FAILED, detail="process exited", restarts=self.restarts[version])
         ready = self.probes[version] >= self.ready_after
         return WorkloadStatus(version, Readiness.READY if ready else Readiness.STARTING, self.url(version))
 
@@ -246,6 +255,7 @@ class Harness:
     router: MemoryRouter = field(init=False)
     registry: MemoryRegistry = field(init=False)
     prom: CollectorRegistry = field(default_factory=CollectorRegistry)
+    policy: pol.RolloutPolicy = POLICY
     controller: Controller = field(init=False)
 
     def __post_init__(self) -> None:
@@ -260,7 +270,7 @@ class Harness:
         backend = Backend(self.workloads, self.router, self.metrics_values, self.registry, self.quality)
         return Controller(
             settings=SETTINGS,
-            policy=POLICY,
+            policy=self.policy,
             backend=backend,
             state_dir=self.state_dir,
             metrics=ControllerMetrics(self.prom, SETTINGS.name, SETTINGS.reconcile_duration_buckets_s),
@@ -696,3 +706,46 @@ def test_a_routing_command_is_in_force_only_once_the_routers_hold_its_table(harn
     in_force = harness.controller.state.result_of("back")
     assert in_force is not None and in_force.in_force_at == harness.clock.now
     assert published(harness.world)[-1] == ("stable", V1, None, 0, ())
+
+
+# --------------------------------------------------------------------------------------------------- the workload
+
+
+def test_a_crash_looping_candidate_is_rolled_back_within_the_restart_bound(harness: Harness) -> None:
+    harness.workloads.crashing.add(V2)
+    start_rollout(harness)
+    ticks = harness.run_until(lambda: harness.phase() != "Progressing", limit=60)
+
+    last = harness.rollout.history[-1]
+    assert (last.from_stage, last.to_phase, last.trigger) == ("shadow", "RolledBack", "analysis")
+    assert "candidate-workload" in last.reason and "restarted 4 times during the rollout (limit 3)" in last.reason
+    assert ticks <= POLICY.analysis.max_restarts + 3  # one restart per reconcile here, then one reconcile to decide
+    assert all(V2 not in (p[2], *p[4]) for p in published(harness.world))  # never routed, not even in shadow
+    assert harness.sample("fraudwatch_rollout_workload_restarts", version=V2) == 4
+    assert harness.sample("fraudwatch_rollout_workload_ready", version=V2) == 0
+    gate = harness.rollout.gates["candidate-workload"].last
+    assert gate is not None and gate.status.value == "Failed" and gate.candidate_value == 4
+
+
+def test_a_candidate_that_never_becomes_ready_is_rolled_back_after_the_not_ready_timeout(tmp_path: Path) -> None:
+    policy = POLICY.model_copy(update={"analysis": POLICY.analysis.model_copy(update={"not_ready_timeout_s": 30.0})})
+    harness = Harness(tmp_path / "state", policy=policy)
+    harness.workloads.ready_after = 10**6  # the champion too would never be ready: make it ready at once
+    harness.workloads.probes[V1] = 10**6
+    start_rollout(harness)
+    started = harness.clock.now
+    harness.run_until(lambda: harness.phase() != "Progressing", limit=60)
+
+    last = harness.rollout.history[-1]
+    assert last.to_phase == "RolledBack" and "not ready for 3" in last.reason and "(limit 30s)" in last.reason
+    assert 30 < (last.at - started).total_seconds() <= 30 + 2  # the bound plus one reconcile
+    assert harness.sample("fraudwatch_rollout_workload_restarts", version=V2) == 0
+
+
+def test_a_ready_candidate_carries_a_successful_workload_gate_and_is_promoted(harness: Harness) -> None:
+    start_rollout(harness)
+    harness.run_until(lambda: harness.phase() != "Progressing")
+    assert harness.phase() == "Promoted"
+    shadow = next(t for t in harness.rollout.history if t.from_stage == "shadow" and t.to_stage == "canary")
+    workload = next(g for g in shadow.gates if g.name == "candidate-workload")
+    assert workload.status.value == "Successful" and workload.candidate_value == 0
