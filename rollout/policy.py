@@ -44,6 +44,7 @@ from pydantic import (
 )
 
 from rollout.routing import Stage
+from rollout.settings import DEFAULT_LATENCY_BUCKETS_S
 
 #: The traffic stages of a rollout, in order (a subset of the routing table's stages, same names).
 TrafficStage = Literal["shadow", "canary", "ab", "full"]
@@ -308,6 +309,24 @@ class _GateBase(BaseModel):
     description: str = ""
 
 
+#: Histograms whose quantiles (``histogram_quantile`` and the recording rules built on it) cannot exceed their largest
+#: finite bucket: a quantile above it is reported as that bucket's bound. Metric name → that bound (the router's
+#: default buckets; a deployment with other buckets states ``max_value`` on the gate).
+QUANTILE_CEILINGS: Final[dict[str, float]] = {
+    "fraudwatch_router_request_duration_seconds": max(DEFAULT_LATENCY_BUCKETS_S),
+}
+
+
+def quantile_ceiling(query: str) -> tuple[float, str] | None:
+    """The largest value ``query`` can return when it reads a quantile of a known histogram, and that histogram."""
+    if "histogram_quantile" not in query and ":p9" not in query and ":p5" not in query:
+        return None
+    for metric, ceiling in QUANTILE_CEILINGS.items():
+        if metric in query:
+            return ceiling, metric
+    return None
+
+
 class MetricGate(_GateBase):
     """A health or drift gate: one PromQL value per version compared by ``condition``."""
 
@@ -315,10 +334,31 @@ class MetricGate(_GateBase):
     stages: tuple[TrafficStage, ...] = Field(..., min_length=1)
     query: PromQLTemplate
     condition: ConditionField
+    #: The largest value the query can return (a quantile's largest finite bucket); found by itself for the known
+    #: histograms (:data:`QUANTILE_CEILINGS`). An absolute upper-limit condition must be able to fail below it.
+    max_value: float | None = Field(None, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _relative_needs_version(self) -> MetricGate:
         _check_relative(self.name, self.condition, (self.query,))
+        return self
+
+    @model_validator(mode="after")
+    def _can_fail(self) -> MetricGate:
+        """Refuse ``value <= t`` when the query can never exceed t: such a gate passes whatever happens (issue 10:
+        a p99 latency capped at the largest bucket, 1.0 s, recorded as Successful while calls took longer)."""
+        cond = self.condition
+        if cond.relative or cond.wants_high:
+            return self
+        found = (self.max_value, "max_value") if self.max_value is not None else quantile_ceiling(self.query)
+        if found is None:
+            return self
+        ceiling, source = found
+        if cond.holds(ceiling):
+            raise ValueError(
+                f"gate {self.name!r}: its query cannot exceed {ceiling:g} ({source}: the largest finite bucket), so "
+                f"{cond.text()!r} can never fail — use a threshold below {ceiling:g}, or histogram buckets above it"
+            )
         return self
 
 

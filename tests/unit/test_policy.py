@@ -499,3 +499,49 @@ def test_false_rates_must_be_in_range(bad: float) -> None:
         pol.AnalysisPolicy(false_rollback=bad)
     with pytest.raises(ValueError, match="false_promotion"):
         pol.AnalysisPolicy(false_promotion=bad)
+
+
+# ------------------------------------------------------------------------------------------- gates that can fail
+
+P99 = 'max(model_version_role:fraudwatch_router_request_duration_seconds:p99_5m{model_version="{{version}}"})'
+QUANTILE = (
+    "histogram_quantile(0.99, sum by (le) (rate(fraudwatch_router_request_duration_seconds_bucket"
+    '{model_version="{{version}}"}[5m])))'
+)
+
+
+def _latency_gate(condition: str, query: str = P99, **extra: Any) -> dict[str, Any]:
+    return {"name": "latency", "layer": "health", "stages": ["shadow", "canary", "ab", "full"], "query": query,
+            "condition": condition,
+            **extra}  # fmt: skip
+
+
+@pytest.mark.parametrize("query", [P99, QUANTILE])
+@pytest.mark.parametrize("condition", ["value <= 1.0", "value <= 2", "value < 1.5"])
+def test_a_latency_limit_at_or_above_the_largest_bucket_is_refused(query: str, condition: str) -> None:
+    """histogram_quantile reports a quantile beyond the largest finite bucket (1.0 s) as 1.0: ``value <= 1.0`` is
+    Successful whatever the latency (issue 10: 64 of 12,353 calls over 1 s recorded as a pass)."""
+    with pytest.raises(ValidationError, match="can never fail"):
+        pol.policy_from_mapping(_minimal(gates=[_latency_gate(condition, query)]))
+
+
+@pytest.mark.parametrize("condition", ["value <= 0.5", "value < 1.0", "value >= 0.001"])
+def test_a_latency_limit_the_query_can_exceed_is_accepted(condition: str) -> None:
+    assert pol.policy_from_mapping(_minimal(gates=[_latency_gate(condition)])).gates[0].name == "latency"
+
+
+def test_a_stated_max_value_is_checked_for_any_query() -> None:
+    gate = _latency_gate("value <= 5", query='max(my_ratio{model_version="{{version}}"})', max_value=5)
+    with pytest.raises(ValidationError, match=r"cannot exceed 5 \(max_value"):
+        pol.policy_from_mapping(_minimal(gates=[gate]))
+    gate["condition"] = "value <= 4.5"
+    assert pol.policy_from_mapping(_minimal(gates=[gate])).gates[0].max_value == 5.0
+
+
+def test_the_ceiling_is_the_routers_largest_finite_latency_bucket() -> None:
+    from rollout.settings import RouterSettings
+
+    assert pol.QUANTILE_CEILINGS["fraudwatch_router_request_duration_seconds"] == max(
+        RouterSettings().latency_buckets_s
+    )
+    assert pol.quantile_ceiling('sum(fraudwatch_router_request_duration_seconds_count{model_version="v1"})') is None
