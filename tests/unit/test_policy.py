@@ -535,7 +535,8 @@ def test_a_stated_max_value_is_checked_for_any_query() -> None:
     with pytest.raises(ValidationError, match=r"cannot exceed 5 \(max_value"):
         pol.policy_from_mapping(_minimal(gates=[gate]))
     gate["condition"] = "value <= 4.5"
-    assert pol.policy_from_mapping(_minimal(gates=[gate])).gates[0].max_value == 5.0
+    accepted = pol.policy_from_mapping(_minimal(gates=[gate])).gates[0]
+    assert isinstance(accepted, pol.MetricGate) and accepted.max_value == 5.0
 
 
 def test_the_ceiling_is_the_routers_largest_finite_latency_bucket() -> None:
