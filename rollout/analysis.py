@@ -32,7 +32,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from rollout import sequential
+from rollout import confseq, sequential
 from rollout.drift import parse_le, roc_auc_from_prometheus_buckets, wilson_interval
 from rollout.policy import (
     MIN_LABELS_GATE,
@@ -44,6 +44,7 @@ from rollout.policy import (
     NormalEstimator,
     OutcomeGate,
     QualityGate,
+    RateEstimator,
     RenderContext,
     RolloutPolicy,
     TrafficStage,
@@ -327,6 +328,8 @@ def _sample_result(ctx: _Context, name: str, template: str, minimum: int) -> Gat
 
 
 def _metric_result(ctx: _Context, gate: MetricGate) -> GateResult:
+    if gate.estimator is not None:
+        return _rate_result(ctx, gate, gate.estimator)
     cond = gate.condition
     candidate = ctx.value(gate.query, ctx.candidate)
     stable = ctx.value(gate.query, ctx.stable) if cond.relative else None
@@ -337,6 +340,29 @@ def _metric_result(ctx: _Context, gate: MetricGate) -> GateResult:
         return GateResult(**base, **values, status=GateStatus.INCONCLUSIVE, message=lhs)
     status = GateStatus.SUCCESSFUL if cond.holds(lhs) else GateStatus.FAILED
     return GateResult(**base, **values, status=status, message=f"{cond.text()}: lhs = {lhs:.6g}")
+
+
+def _rate_result(ctx: _Context, gate: MetricGate, est: RateEstimator) -> GateResult:
+    """A rate judged by its anytime-valid confidence sequence (rollout/confseq.py) on the stage's own counts."""
+    cond = gate.condition
+    base = {"name": gate.name, "layer": gate.layer, "threshold": cond.threshold, "condition": cond.text(),
+            "method": "confidence-sequence"}  # fmt: skip
+    counts = _counts(ctx.value(est.events, ctx.candidate), ctx.value(est.trials, ctx.candidate))
+    if isinstance(counts, str):
+        return GateResult(**base, status=GateStatus.INCONCLUSIVE, message=counts)
+    events, trials = counts
+    alpha, beta = ctx.policy.false_rollback(gate), ctx.policy.false_promotion(gate)
+    judged = confseq.judge_rate(events, trials, cond.threshold, upper_limit=not cond.wants_high, alpha=alpha,
+                                beta=beta)  # fmt: skip
+    low, high = judged.interval
+    message = (
+        f"{cond.text()}: {events:.0f} of {trials:.0f} ({judged.estimate:.4g}), anytime-valid interval "
+        f"[{low:.4g}, {high:.4g}] (α={alpha:.3g}, β={beta:.3g})"
+    )
+    return GateResult(
+        **base, status=GateStatus(judged.decision), candidate_value=judged.estimate, estimate=judged.estimate,
+        interval=judged.interval, samples=trials, samples_needed=judged.trials_needed, message=message,
+    )  # fmt: skip
 
 
 def lhs_value(cond: Condition, candidate: float | None, stable: float | None) -> float | str:

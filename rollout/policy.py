@@ -327,13 +327,47 @@ def quantile_ceiling(query: str) -> tuple[float, str] | None:
     return None
 
 
+class RateEstimator(BaseModel):
+    """A rate ``events / trials`` over the stage (failed calls of all calls, agreeing pairs of all pairs), judged
+    with an anytime-valid confidence sequence (rollout/confseq.py) instead of a point value: Failed only when the
+    evidence excludes every rate within the limit at level α, Successful when it lies within it at level β."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["confidence_sequence"] = "confidence_sequence"
+    events: PromQLTemplate
+    trials: PromQLTemplate
+
+
 class MetricGate(_GateBase):
-    """A health or drift gate: one PromQL value per version compared by ``condition``."""
+    """A health or drift gate: one PromQL value per version compared by ``condition`` — or, with an ``estimator``,
+    a rate judged on its own sample (``query`` is then the value dashboards show)."""
 
     layer: MetricLayer
     stages: tuple[TrafficStage, ...] = Field(..., min_length=1)
     query: PromQLTemplate
     condition: ConditionField
+    estimator: RateEstimator | None = None
+    #: This gate's α / β when an estimator judges it; else the policy's (α split by Bonferroni).
+    false_rollback: float | None = Field(None, gt=0.0, lt=0.5)
+    false_promotion: float | None = Field(None, gt=0.0, lt=0.5)
+
+    @property
+    def sequential(self) -> bool:
+        return self.estimator is not None
+
+    @model_validator(mode="after")
+    def _rate_is_absolute(self) -> MetricGate:
+        if self.estimator is None:
+            return self
+        cond = self.condition
+        if cond.relative or not 0.0 < cond.threshold < 1.0:
+            raise ValueError(
+                f"gate {self.name!r}: a rate estimator judges an absolute rate limit (value <= t or value >= t with "
+                f"0 < t < 1), not {cond.text()!r}"
+            )
+        return self
+
     #: The largest value the query can return (a quantile's largest finite bucket); found by itself for the known
     #: histograms (:data:`QUANTILE_CEILINGS`). An absolute upper-limit condition must be able to fail below it.
     max_value: float | None = Field(None, allow_inf_nan=False)
@@ -605,10 +639,11 @@ class RolloutPolicy(BaseModel):
         return gate.confidence if gate.confidence is not None else self.analysis.confidence
 
     def sequential_instances(self) -> int:
-        """How many (gate, stage) instances of sequential relative outcome gates (each can roll the rollout back)."""
-        return sum(len(g.stages) for g in self.gates if isinstance(g, OutcomeGate) and g.sequential)
+        """How many (gate, stage) instances of sequential gates — relative outcome gates and rate-estimated metric
+        gates — there are (each can roll the rollout back)."""
+        return sum(len(g.stages) for g in self.gates if isinstance(g, OutcomeGate | MetricGate) and g.sequential)
 
-    def false_rollback(self, gate: OutcomeGate) -> float:
+    def false_rollback(self, gate: OutcomeGate | MetricGate) -> float:
         """α of ``gate``'s SPRT in one stage: its own ``false_rollback`` when set, else the policy's
         ``analysis.false_rollback`` split by Bonferroni over :meth:`sequential_instances`, so the probability that
         any of them rolls back a candidate no worse than stable stays ≤ ``analysis.false_rollback``."""
@@ -616,7 +651,7 @@ class RolloutPolicy(BaseModel):
             return gate.false_rollback
         return self.analysis.false_rollback / max(self.sequential_instances(), 1)
 
-    def false_promotion(self, gate: OutcomeGate) -> float:
+    def false_promotion(self, gate: OutcomeGate | MetricGate) -> float:
         """β of ``gate``'s SPRT: promoting past it a candidate worse than stable by twice the gate's margin."""
         return gate.false_promotion if gate.false_promotion is not None else self.analysis.false_promotion
 

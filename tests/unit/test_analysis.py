@@ -524,3 +524,42 @@ def test_every_query_of_one_analysis_is_evaluated_at_the_rounds_instant() -> Non
     assert isinstance(PrometheusClient("http://127.0.0.1:1"), an.PinnableQuery)
     unpinnable = DictProvider({})
     assert an.pinned(unpinnable, NOW) is unpinnable
+
+
+RATE_POLICY = pol.policy_from_mapping(
+    {
+        **yaml.safe_load(POLICY_YAML),
+        "gates": [
+            {"name": "error-rate", "layer": "health", "stages": ["shadow", "canary", "ab", "full"],
+             "query": 'ratio{model_version="{{version}}"}', "condition": "value <= 0.01",
+             "estimator": {"method": "confidence_sequence", "events": 'errors{model_version="{{version}}"}',
+                           "trials": 'calls{model_version="{{version}}"}'}},
+        ],
+    }
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("errors", "calls", "status"),
+    [(0, 30, S.INCONCLUSIVE), (1, 40, S.INCONCLUSIVE), (0, 3000, S.SUCCESSFUL), (40, 1000, S.FAILED),
+     (None, 100, S.INCONCLUSIVE), (0, 0, S.INCONCLUSIVE)],
+)  # fmt: skip
+def test_a_rate_gate_is_judged_on_its_own_sample_not_a_point_value(
+    errors: float | None, calls: float, status: S
+) -> None:
+    """Two errors in a 5 % canary's few calls are no evidence (issue 10): the confidence sequence decides."""
+    values = {'errors{model_version="v2"}': errors, 'calls{model_version="v2"}': calls}
+    result = run("canary", values, policy=RATE_POLICY)["error-rate"]
+    assert result.status is status, result.message
+    assert result.method == "confidence-sequence" or errors is None or calls == 0
+    if status is S.INCONCLUSIVE and errors == 0 and calls:
+        assert result.samples == calls and result.samples_needed is not None and result.samples_needed > 0
+    if status is S.FAILED:
+        assert result.interval is not None and result.interval[0] > 0.01
+
+
+def test_a_rate_estimator_needs_an_absolute_rate_limit() -> None:
+    data = RATE_POLICY.model_dump(mode="json", exclude_none=True)
+    data["gates"][0]["condition"] = "candidate - stable <= 0.01"
+    with pytest.raises(ValueError, match="absolute rate limit"):
+        pol.policy_from_mapping(data)
