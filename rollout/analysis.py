@@ -345,6 +345,8 @@ def _metric_result(ctx: _Context, gate: MetricGate) -> GateResult:
 def _rate_result(ctx: _Context, gate: MetricGate, est: RateEstimator) -> GateResult:
     """A rate judged by its anytime-valid confidence sequence (rollout/confseq.py) on the stage's own counts."""
     cond = gate.condition
+    if cond.relative:
+        return _rate_difference_result(ctx, gate, est)
     base = {"name": gate.name, "layer": gate.layer, "threshold": cond.threshold, "condition": cond.text(),
             "method": "confidence-sequence"}  # fmt: skip
     counts = _counts(ctx.value(est.events, ctx.candidate), ctx.value(est.trials, ctx.candidate))
@@ -362,6 +364,47 @@ def _rate_result(ctx: _Context, gate: MetricGate, est: RateEstimator) -> GateRes
     return GateResult(
         **base, status=GateStatus(judged.decision), candidate_value=judged.estimate, estimate=judged.estimate,
         interval=judged.interval, samples=trials, samples_needed=judged.trials_needed, message=message,
+    )  # fmt: skip
+
+
+def _rate_difference_result(ctx: _Context, gate: MetricGate, est: RateEstimator) -> GateResult:
+    """Two versions' rates (e.g. the share of requests sent to review) with a margin on their difference: Wald's SPRT
+    on the two-sample difference (H_good Δ=0 vs H_bad Δ=±2δ); ``abs(...) <= δ`` is both one-sided tests at α/2,
+    Failed when either fails, Successful when both pass."""
+    cond = gate.condition
+    base = {"name": gate.name, "layer": gate.layer, "threshold": cond.threshold, "condition": cond.text(),
+            "method": "sprt-two-sample"}  # fmt: skip
+    cand = _counts(ctx.value(est.events, ctx.candidate), ctx.value(est.trials, ctx.candidate))
+    stab = _counts(ctx.value(est.events, ctx.stable), ctx.value(est.trials, ctx.stable))
+    if isinstance(cand, str) or isinstance(stab, str):
+        reason = cand if isinstance(cand, str) else f"stable: {stab}"
+        return GateResult(**base, status=GateStatus.INCONCLUSIVE, message=str(reason))
+    difference, variance = sequential.two_sample_difference(cand[0], cand[1], stab[0], stab[1])
+    margin = abs(cond.threshold)
+    alpha, beta = ctx.policy.false_rollback(gate), ctx.policy.false_promotion(gate)
+    # the directions in which the candidate may not move: up (<= δ), down (>= -δ), or both (abs)
+    signs = (1.0, -1.0) if cond.comparison == "abs_difference" else ((-1.0,) if cond.wants_high else (1.0,))
+    share = alpha / len(signs)
+    tests = [sequential.sprt_difference(-s * difference, variance, cand[1], margin, share, beta) for s in signs]
+    decisions = {t.decision for t in tests}
+    if sequential.Decision.FAILED in decisions:
+        status = GateStatus.FAILED
+    elif decisions == {sequential.Decision.SUCCESSFUL}:
+        status = GateStatus.SUCCESSFUL
+    else:
+        status = GateStatus.INCONCLUSIVE
+    half = (tests[0].interval[1] - tests[0].interval[0]) / 2
+    needed = [t.samples_needed for t in tests if t.decision is sequential.Decision.INCONCLUSIVE and t.samples_needed]
+    message = (
+        f"{cond.text()}: SPRT H0 Δ=0 vs H1 |Δ|={2 * margin:.6g}, estimate {difference:.6g} "
+        f"({cand[0]:.0f}/{cand[1]:.0f} vs {stab[0]:.0f}/{stab[1]:.0f}), log LR "
+        + ", ".join(f"{t.log_lr:.4g}" for t in tests)
+        + f" in ({tests[0].lower:.4g}, {tests[0].upper:.4g}), α={alpha:.4g}, β={beta:.4g}"
+    )
+    return GateResult(
+        **base, status=status, candidate_value=cand[0] / cand[1], stable_value=stab[0] / stab[1],
+        estimate=difference, interval=(difference - half, difference + half), samples=cand[1],
+        samples_needed=max(needed) if needed else None, message=message,
     )  # fmt: skip
 
 

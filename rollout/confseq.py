@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-_BISECTION_STEPS = 80
+_BISECTION_STEPS = 56  # below 1e-16 of the unit interval
 
 
 def log_mixture(events: float, trials: float, p: float, a: float, b: float) -> float:

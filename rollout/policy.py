@@ -24,6 +24,7 @@ version name cannot inject PromQL.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -110,7 +111,9 @@ def template_placeholders(template: str) -> frozenset[str]:
     return frozenset(m.group(1) for m in _PLACEHOLDER.finditer(template))
 
 
+@functools.lru_cache(maxsize=4096)
 def _check_template(template: str) -> str:
+    """``template`` when its placeholders are known and safely placed (cached: every analysis renders each one)."""
     if not template.strip():
         raise ValueError("a PromQL template must not be empty")
     unknown = template_placeholders(template) - VERSION_PLACEHOLDERS - WINDOW_PLACEHOLDERS
@@ -357,14 +360,23 @@ class MetricGate(_GateBase):
         return self.estimator is not None
 
     @model_validator(mode="after")
-    def _rate_is_absolute(self) -> MetricGate:
+    def _rate_condition(self) -> MetricGate:
+        """A rate estimator judges an absolute rate limit (``value <= t`` / ``value >= t``, 0 < t < 1: a confidence
+        sequence) or a margin on the difference of the two versions' rates (``candidate - stable <= δ``,
+        ``candidate - stable >= -δ``, ``abs(candidate - stable) <= δ``: Wald's SPRT on the two-sample difference)."""
         if self.estimator is None:
             return self
         cond = self.condition
-        if cond.relative or not 0.0 < cond.threshold < 1.0:
+        absolute = cond.comparison == "value" and 0.0 < cond.threshold < 1.0
+        margin = (
+            (cond.comparison == "difference" and cond.threshold != 0.0 and (cond.threshold < 0) == cond.wants_high)
+            or (cond.comparison == "abs_difference" and not cond.wants_high and cond.threshold > 0.0)
+        )  # fmt: skip
+        if not (absolute or margin) or abs(cond.threshold) >= 1.0:
             raise ValueError(
                 f"gate {self.name!r}: a rate estimator judges an absolute rate limit (value <= t or value >= t with "
-                f"0 < t < 1), not {cond.text()!r}"
+                f"0 < t < 1) or a margin on the difference (candidate - stable <= δ, candidate - stable >= -δ, "
+                f"abs(candidate - stable) <= δ), not {cond.text()!r}"
             )
         return self
 

@@ -560,6 +560,52 @@ def test_a_rate_gate_is_judged_on_its_own_sample_not_a_point_value(
 
 def test_a_rate_estimator_needs_an_absolute_rate_limit() -> None:
     data = RATE_POLICY.model_dump(mode="json", exclude_none=True)
-    data["gates"][0]["condition"] = "candidate - stable <= 0.01"
+    data["gates"][0]["condition"] = "candidate / stable <= 1.1"
     with pytest.raises(ValueError, match="absolute rate limit"):
+        pol.policy_from_mapping(data)
+
+
+SHIFT_POLICY = pol.policy_from_mapping(
+    {
+        **yaml.safe_load(POLICY_YAML),
+        "gates": [
+            {"name": "decision-rate-shift", "layer": "output_drift", "stages": ["shadow", "canary", "ab", "full"],
+             "query": 'ratio{model_version="{{version}}"}', "condition": "abs(candidate - stable) <= 0.01",
+             "estimator": {"method": "confidence_sequence", "events": 'review{model_version="{{version}}"}',
+                           "trials": 'decisions{model_version="{{version}}"}'}},
+        ],
+    }
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("cand", "stab", "status"),
+    [((5, 200), (540, 20000), S.INCONCLUSIVE),  # a 5 % canary's first calls: 2.5 % vs 2.7 %, too few to say
+     ((27, 1000), (540, 20000), S.SUCCESSFUL),  # the same rate on a thousand calls: no shift of 2 points
+     ((2700, 100000), (54000, 2000000), S.SUCCESSFUL),
+     ((7000, 100000), (54000, 2000000), S.FAILED),  # 7 % vs 2.7 %: up by 4.3 points
+     ((300, 100000), (54000, 2000000), S.FAILED),  # down by 2.4 points: abs() watches both directions
+     ((4, 200), (540, 20000), S.INCONCLUSIVE)],  # 2 % on 200 calls: a 0.7-point point value is no shift either
+)  # fmt: skip
+def test_a_relative_rate_gate_is_wald_s_sprt_on_the_difference_both_ways(
+    cand: tuple[float, float], stab: tuple[float, float], status: S
+) -> None:
+    values = {'review{model_version="v2"}': cand[0], 'decisions{model_version="v2"}': cand[1],
+              'review{model_version="v1"}': stab[0], 'decisions{model_version="v1"}': stab[1]}  # fmt: skip
+    result = run("canary", values, policy=SHIFT_POLICY)["decision-rate-shift"]
+    assert result.status is status, result.message
+    expected = cand[0] / cand[1] - stab[0] / stab[1]
+    assert result.method == "sprt-two-sample" and result.estimate == pytest.approx(expected)
+    assert result.interval is not None and result.interval[0] < expected < result.interval[1]
+
+
+@pytest.mark.parametrize(
+    "condition",
+    ["candidate - stable <= -0.01", "candidate - stable >= 0.02", "candidate / stable <= 1.1",
+     "abs(candidate - stable) >= 0.01"],
+)  # fmt: skip
+def test_a_relative_rate_estimator_needs_a_margin_the_candidate_may_not_exceed(condition: str) -> None:
+    data = SHIFT_POLICY.model_dump(mode="json", exclude_none=True)
+    data["gates"][0]["condition"] = condition
+    with pytest.raises(ValueError, match="margin on the difference"):
         pol.policy_from_mapping(data)

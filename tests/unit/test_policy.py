@@ -479,8 +479,8 @@ def test_false_rollback_is_bonferroni_split_over_sequential_gate_stages() -> Non
     default = pol.load_policy()
     instances = default.sequential_instances()
     gates = [g for g in default.gates if isinstance(g, pol.OutcomeGate | pol.MetricGate) and g.sequential]
-    assert {g.name for g in gates} == {"recall", "precision", "error-rate", "shadow-agreement"}
-    assert instances == sum(len(g.stages) for g in gates) == 10
+    assert {g.name for g in gates} == {"recall", "precision", "error-rate", "shadow-agreement", "decision-rate-shift"}
+    assert instances == sum(len(g.stages) for g in gates) == 13
     assert default.analysis.false_rollback == 0.01 and default.analysis.false_promotion == 0.01
     for gate in gates:
         assert default.false_rollback(gate) == pytest.approx(0.01 / instances)

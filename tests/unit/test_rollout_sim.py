@@ -1,0 +1,60 @@
+"""benchmarks/rollout_sim.py, the simulated world of benchmarks/gate_error_rates.py: it answers every query the shipped
+policies' gates ask (an unanswered one raises), and the real analysis and stage machine it drives promote an
+identical candidate and roll back a broken one."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from rollout import policy as pol
+from rollout.demo_policy import load_demo_policy
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _sim() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("rollout_sim", ROOT / "benchmarks" / "rollout_sim.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["rollout_sim"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+SIM = _sim()
+
+
+def _run(
+    policy: pol.RolloutPolicy, candidate_recall: float, seed: int, rps: float, delay: float, max_s: float
+) -> object:
+    spec = SIM.WorldSpec(fraud_rate=0.05, stable_recall=0.85, candidate_recall=candidate_recall, rps=rps,
+                         label_delay_s=delay)  # fmt: skip
+    return SIM.run_rollout(policy, spec, np.random.default_rng(seed), SIM.score_models(seed), max_s)
+
+
+def test_an_identical_candidate_goes_through_every_stage_of_the_demo_policy() -> None:
+    result = _run(load_demo_policy(), 0.85, seed=1, rps=150, delay=5, max_s=3600)
+    assert (result.phase, result.stage, result.failed_gates) == ("Promoted", "full", ())  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("policy", "rps", "delay"), [(pol.load_policy(), 50, 300), (load_demo_policy(), 150, 5)], ids=["default", "demo"]
+)
+def test_a_candidate_that_misses_most_fraud_is_rolled_back(policy: pol.RolloutPolicy, rps: float, delay: float) -> None:
+    result = _run(policy, 0.3, seed=2, rps=rps, delay=delay, max_s=86400)
+    assert result.phase == "RolledBack"  # type: ignore[attr-defined]
+    assert set(result.failed_gates) & {"recall", "roc-auc", "precision", "decision-rate-shift", "shadow-agreement"}  # type: ignore[attr-defined]
+
+
+def test_every_query_of_the_shipped_policies_is_answered_or_the_simulation_fails_loudly() -> None:
+    provider = SIM.SimProvider()
+    with pytest.raises(KeyError, match="no value"):
+        provider.query("up")
+    for policy in (pol.load_policy(), load_demo_policy()):
+        assert {g.name for g in policy.gates if isinstance(g, pol.MetricGate)} <= set(SIM.METRIC_MODELS)
