@@ -796,6 +796,9 @@ def test_router_role_only_reads_modelrollouts(rendered: dict[str, list[dict[str,
     assert rules_of(rendered["defaults"], "-router") == {
         ("fraudwatch.io", "modelrollouts", v) for v in ("get", "list", "watch")
     }
+    rollout = one(rendered["defaults"], "ModelRollout")["metadata"]["name"]
+    for rule in one(rendered["defaults"], "Role", "-router")["rules"]:
+        assert rule.get("resourceNames") == [rollout], rule  # that one object, not every ModelRollout
 
 
 def test_nothing_cluster_wide_by_default(rendered: dict[str, list[dict[str, Any]]]) -> None:
