@@ -223,7 +223,7 @@ def fill(provider: SimProvider, policy: pol.RolloutPolicy, world: World, stage: 
     """Render every query of ``stage``'s gates for both versions and store the world's answer."""
     stage_window_s = (now - entered).total_seconds()
     ctx = {
-        v: pol.RenderContext(STABLE, CANDIDATE, v, policy.analysis.window_s, stage_window_s)
+        v: pol.RenderContext(STABLE, CANDIDATE, v, policy.analysis.window_s, stage_window_s, stage)
         for v in (STABLE, CANDIDATE)
     }
     values, vectors = provider.values, provider.vectors

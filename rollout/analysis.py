@@ -248,6 +248,7 @@ class _Context:
                 version=version,
                 window_s=self.policy.analysis.window_s,
                 stage_window_s=self.stage_window_s,
+                stage=self.stage,
             ),
         )
 

@@ -76,6 +76,10 @@ WORKLOAD_GATE: Final[str] = "candidate-workload"
 _PLACEHOLDER: Final[re.Pattern[str]] = re.compile(r"\{\{\s*([A-Za-z_]+)\s*\}\}")
 VERSION_PLACEHOLDERS: Final[frozenset[str]] = frozenset({"version", "stable", "candidate"})
 WINDOW_PLACEHOLDERS: Final[frozenset[str]] = frozenset({"window", "stage_window"})
+#: ``{{stage}}``: the traffic stage being measured, for the ``stage`` label of outcome series (the routing stage in
+#: force when each prediction was made): a gate then counts only the predictions of its own stage, whenever their
+#: labels arrive. An exact matcher's whole value, like the versions.
+STAGE_PLACEHOLDERS: Final[frozenset[str]] = frozenset({"stage"})
 _EXACT_MATCHER_PREFIX: Final[str] = '="'
 _MATCHER_QUOTE: Final[str] = '"'
 _NEGATED_REGEX_PREFIX: Final[str] = '~"'
@@ -116,11 +120,11 @@ def _check_template(template: str) -> str:
     """``template`` when its placeholders are known and safely placed (cached: every analysis renders each one)."""
     if not template.strip():
         raise ValueError("a PromQL template must not be empty")
-    unknown = template_placeholders(template) - VERSION_PLACEHOLDERS - WINDOW_PLACEHOLDERS
+    unknown = template_placeholders(template) - VERSION_PLACEHOLDERS - WINDOW_PLACEHOLDERS - STAGE_PLACEHOLDERS
     if unknown:
         raise ValueError(f"unknown placeholder(s) {sorted(unknown)} in {template!r}")
     for match in _PLACEHOLDER.finditer(template):
-        if match.group(1) in VERSION_PLACEHOLDERS:
+        if match.group(1) in VERSION_PLACEHOLDERS | STAGE_PLACEHOLDERS:
             _check_version_position(template, match)
     return template
 
@@ -148,6 +152,8 @@ class RenderContext:
     version: str
     window_s: float
     stage_window_s: float
+    #: The traffic stage measured (``{{stage}}``); a template that names it cannot be rendered without it.
+    stage: str | None = None
 
 
 def prometheus_duration(seconds: float) -> str:
@@ -165,6 +171,10 @@ def render(template: str, context: RenderContext) -> str:
         "stage_window": prometheus_duration(context.stage_window_s),
     }
     _check_template(template)
+    if "stage" in template_placeholders(template):
+        if context.stage not in TRAFFIC_STAGES:
+            raise ValueError(f"{{{{stage}}}} needs the traffic stage measured, got {context.stage!r}: {template!r}")
+        values["stage"] = context.stage
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 

@@ -364,7 +364,8 @@ def test_install_wait_upgrade_and_ownership_of_fields(
 
     controller = f"system:serviceaccount:{namespace}:fw-fraudwatch-controller"
     router = f"system:serviceaccount:{namespace}:fw-fraudwatch-router"
-    assert can(k8s_client, router, "watch", "fraudwatch.io:modelrollouts", namespace)
+    assert can(k8s_client, router, "watch", "fraudwatch.io:modelrollouts", namespace, name=ROLLOUT)
+    assert not can(k8s_client, router, "watch", "fraudwatch.io:modelrollouts", namespace)  # not every ModelRollout
     assert not can(k8s_client, router, "patch", "fraudwatch.io:modelrollouts", namespace)
     assert not can(k8s_client, router, "get", ":secrets", namespace)
     assert can(k8s_client, controller, "patch", "fraudwatch.io:modelrollouts/status", namespace)

@@ -293,7 +293,10 @@ def test_rbac_grants_the_controller_what_it_uses_and_nothing_else(release: Relea
 
 def test_rbac_lets_the_router_only_read_modelrollouts(release: Release) -> None:
     router = user(release.ns, ROUTER_SA)
-    assert all(can(release.api, router, a.verb, a.resource, release.ns) for a in ROUTER_ACCESS)
+    assert all(can(release.api, router, a.verb, a.resource, release.ns, ROLLOUT) for a in ROUTER_ACCESS)
+    # only its own ModelRollout: another one, or every one (a list/watch without the name's field selector), is refused
+    assert not any(can(release.api, router, a.verb, a.resource, release.ns, "another") for a in ROUTER_ACCESS)
+    assert not can(release.api, router, "list", "fraudwatch.io:modelrollouts", release.ns)
     for verb, resource in [
         ("patch", "fraudwatch.io:modelrollouts"), ("update", "fraudwatch.io:modelrollouts/status"),
         ("list", ":secrets"), ("get", ":configmaps"), ("create", "apps:deployments"),

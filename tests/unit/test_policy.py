@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from rollout import policy as pol
+from rollout.demo_policy import load_demo_policy
 from rollout.metrics import RouterMetrics
 from rollout.outcome_settings import OutcomeSettings, PrometheusSettings
 from rollout.outcomes import _OutcomeMetrics
@@ -156,7 +157,9 @@ def test_default_queries_parse_with_promtool(tmp_path: Path) -> None:
     if not promtool.exists():
         pytest.fail(f"{promtool} is missing: install Debian's prometheus package")
     policy = pol.load_policy(None)
-    context = pol.RenderContext(stable="v1", candidate="v2", version="v2", window_s=300, stage_window_s=3600)
+    context = pol.RenderContext(
+        stable="v1", candidate="v2", version="v2", window_s=300, stage_window_s=3600, stage="ab"
+    )
     rules = [
         {"record": f"fw_policy_check:query_{i}", "expr": pol.render(template, context)}
         for i, template in enumerate(_all_templates(policy))
@@ -392,16 +395,18 @@ def test_default_queries_compute_what_the_analysis_expects(tmp_path: Path) -> No
     rng = np.random.default_rng(3)
     minutes, window_min = 120, 60
     policy = pol.load_policy(None)
-    ctx = pol.RenderContext(stable="v1", candidate="v2", version="v2", window_s=300, stage_window_s=window_min * 60)
+    ctx = pol.RenderContext(
+        stable="v1", candidate="v2", version="v2", window_s=300, stage_window_s=window_min * 60, stage="ab"
+    )
     gates = {g.name: g for g in policy.gates}
     series: list[dict[str, str]] = []
     checks: list[tuple[str, float]] = []
 
     cells = {cell: float(rng.integers(1, 20)) for cell in ("tp", "fp", "tn", "fn")}
     for cell, rate in cells.items():
-        series.append(
-            _counter(f'fraudwatch_outcome_total{{model_version="v2",role="decider",outcome="{cell}"}}', rate, minutes)
-        )
+        for stage in ("ab", "canary"):  # canary's predictions, labelled during ab, must not count in ab's gates
+            labels = f'model_version="v2",role="decider",stage="{stage}",outcome="{cell}"'
+            series.append(_counter(f"fraudwatch_outcome_total{{{labels}}}", rate, minutes))
     recall, precision = gates["recall"], gates["precision"]
     assert isinstance(recall, pol.OutcomeGate) and isinstance(recall.estimator, pol.WilsonEstimator)
     assert isinstance(precision, pol.OutcomeGate) and isinstance(precision.estimator, pol.WilsonEstimator)
@@ -418,7 +423,7 @@ def test_default_queries_compute_what_the_analysis_expects(tmp_path: Path) -> No
         count = float(rng.integers(1, 30))
         predicted = round(count * rng.uniform(b / 10, (b + 1) / 10), 3)
         fraud = float(rng.integers(0, int(count) + 1))
-        labels = f'model_version="v2",role="decider",bin="{b}"'
+        labels = f'model_version="v2",role="decider",stage="ab",bin="{b}"'
         series += [
             _counter(f"fraudwatch_calibration_predicted_count{{{labels}}}", count, minutes),
             _counter(f"fraudwatch_calibration_predicted_sum{{{labels}}}", predicted, minutes),
@@ -547,3 +552,29 @@ def test_the_ceiling_is_the_routers_largest_finite_latency_bucket() -> None:
         RouterSettings().latency_buckets_s
     )
     assert pol.quantile_ceiling('sum(fraudwatch_router_request_duration_seconds_count{model_version="v1"})') is None
+
+
+def test_the_stage_placeholder_renders_the_stage_measured_and_only_as_an_exact_matcher() -> None:
+    template = (
+        'sum(increase(fraudwatch_outcome_total{model_version="{{version}}",stage="{{stage}}"}[{{stage_window}}]))'
+    )
+    context = pol.RenderContext(stable="v1", candidate="v2", version="v2", window_s=300, stage_window_s=61, stage="ab")
+    assert pol.render(template, context) == (
+        'sum(increase(fraudwatch_outcome_total{model_version="v2",stage="ab"}[61s]))'
+    )
+    with pytest.raises(ValueError, match="needs the traffic stage"):
+        pol.render(template, pol.RenderContext(stable="v1", candidate="v2", version="v2", window_s=300,
+                                               stage_window_s=61))  # fmt: skip
+    with pytest.raises(ValueError, match="exact label matcher"):
+        pol.policy_from_mapping(_minimal(samples={"requests": 'sum(r{stage=~"{{stage}}"})', "labels": "sum(l)"}))
+
+
+def test_the_shipped_outcome_gates_count_only_their_own_stages_predictions() -> None:
+    for policy in (pol.load_policy(), load_demo_policy()):
+        assert 'stage="{{stage}}"' in policy.samples.labels
+        for gate in policy.gates:
+            if isinstance(gate, pol.OutcomeGate):
+                assert 'stage="{{stage}}"' in gate.labels_query, gate.name
+                est = gate.estimator
+                templates = [getattr(est, f) for f in type(est).model_fields if f != "method"]
+                assert all('stage="{{stage}}"' in t for t in templates), gate.name
