@@ -66,7 +66,8 @@ class ExitCode(IntEnum):
 EPILOG: Final[str] = """\
 exit codes:
   0    success (the controller applied the command; status/history printed)
-  1    failure (unexpected error; the message is printed)
+  1    failure (unexpected error, or the controller could not carry the command out - e.g. its model registry
+       failed; the message is printed)
   2    usage error (bad or missing arguments)
   3    not found (no rollout yet, or NAME is not this controller's rollout)
   4    refused (the controller ignored the command: e.g. a rollout is already in progress, nothing to resume)
@@ -464,7 +465,7 @@ def run_mutation(client: RolloutClient, args: argparse.Namespace, settings: Cont
     if in_force and result.outcome == "applied" and result.in_force_at is None:
         message = f"{command.kind} {command.id} was applied but the routers do not hold it after {timeout:g} s"
         raise CliError(ExitCode.TIMEOUT, f"{message}; rolloutctl status shows what the controller waits for")
-    code = ExitCode.OK if result.outcome == "applied" else ExitCode.REFUSED
+    code = {"applied": ExitCode.OK, "failed": ExitCode.FAILURE}.get(result.outcome, ExitCode.REFUSED)
     return code, result.model_dump(mode="json")
 
 
@@ -662,7 +663,9 @@ def render_result(payload: Mapping[str, Any]) -> None:
     from rich.console import Console
 
     outcome = payload.get("outcome")
-    style = {"applied": "green", "queued": "cyan", "ignored": "bold yellow"}.get(str(outcome), "white")
+    style = {"applied": "green", "queued": "cyan", "ignored": "bold yellow", "failed": "bold red"}.get(
+        str(outcome), "white"
+    )
     detail = f": {payload['detail']}" if payload.get("detail") else ""
     Console().print(f"{payload['kind']} {payload['id']} [{style}]{outcome}[/]{detail}")
 

@@ -369,8 +369,8 @@ class Controller:
             where = pending.handle.name if isinstance(pending.handle, Path) else str(pending.handle)
             self.events.note(now, self._rollout_id(), "unreadable command discarded", file=where,
                              error=pending.command)  # fmt: skip
-        elif result is not None and result.outcome == "ignored":
-            self.events.note(now, self._rollout_id(), f"command {result.kind} ignored: {result.detail}",
+        elif result is not None and result.outcome in ("ignored", "failed"):
+            self.events.note(now, self._rollout_id(), f"command {result.kind} {result.outcome}: {result.detail}",
                              command_id=result.id)  # fmt: skip
         self.commands.done(pending.handle)
 
@@ -399,6 +399,9 @@ class Controller:
             stable = self.backend.source.resolve(command.stable) if command.stable else self._serving_version()
         except VersionNotFoundError as exc:
             return result("ignored", f"not found: {exc}")
+        except Exception as exc:  # the registry failed: this start is done (failed), the commands behind it run
+            self.metrics.failed("observe")
+            return result("failed", f"the model registry failed: {type(exc).__name__}: {exc}")
         if stable is None:
             return result("ignored", "no stable version: no serving alias and no earlier rollout (give --stable)")
         if stable == candidate:

@@ -31,7 +31,9 @@ _COMMAND_SUFFIX: Final[str] = ".json"
 
 #: Commands of the controller itself (``start``) and of the stage machine (the rest).
 InboxKind = Literal["start", "promote", "pause", "resume", "abort", "revert"]
-CommandOutcome = Literal["applied", "ignored"]
+#: applied; ignored (it does not apply now: a rollout in progress, an unknown version); failed (the controller could
+#: not carry it out: the registry failed) — in every case the command is done and the next one runs.
+CommandOutcome = Literal["applied", "ignored", "failed"]
 #: The stages a ``promote`` may skip to (the machine's traffic stages).
 PromoteTarget = Literal["shadow", "canary", "ab", "full"]
 

@@ -692,6 +692,8 @@ def event_reason(transition: Transition) -> tuple[str, Literal["Normal", "Warnin
 def note_reason(text: str) -> str:
     if "ignored" in text:
         return "CommandIgnored"
+    if text.startswith("command ") and " failed: " in text:
+        return "CommandFailed"
     if "discarded" in text:
         return "CommandDiscarded"
     if "started" in text:

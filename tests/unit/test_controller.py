@@ -176,8 +176,12 @@ class MemoryRegistry:
     world: World
     versions: tuple[str, ...] = (V1, V2)
     aliases: dict[str, str] = field(default_factory=lambda: {"champion": V1})
+    #: The registry is down: every resolve raises (not "version not found": an outage).
+    down: bool = False
 
     def resolve(self, ref: str) -> str:
+        if self.down:
+            raise ConnectionError("registry unreachable")
         if ref in self.aliases:
             return self.aliases[ref]
         if ref in self.versions:
@@ -749,3 +753,23 @@ def test_a_ready_candidate_carries_a_successful_workload_gate_and_is_promoted(ha
     shadow = next(t for t in harness.rollout.history if t.from_stage == "shadow" and t.to_stage == "canary")
     workload = next(g for g in shadow.gates if g.name == "candidate-workload")
     assert workload.status.value == "Successful" and workload.candidate_value == 0
+
+
+def test_a_start_the_registry_fails_is_recorded_as_failed_and_the_revert_behind_it_runs(harness: Harness) -> None:
+    """Issue 12, point 6: the retraining hand-off's start during a registry outage must not block a queued revert."""
+    start_rollout(harness)
+    harness.run_until(lambda: harness.phase() == "Promoted")
+    harness.registry.down = True
+    start = harness.command("start", candidate=V1, id="during-outage")
+    revert = harness.command("revert", id="revert-after-it", reason="the on-call reverts")
+    harness.tick(n=3)
+
+    failed = harness.controller.state.result_of(start.id)
+    assert failed is not None and failed.outcome == "failed"
+    assert "registry failed" in failed.detail and "registry unreachable" in failed.detail
+    assert outcome_of(harness, revert.id) == "applied"
+    assert harness.phase() == "RolledBack" and harness.rollout.rollout_id == "r1"
+    assert published(harness.world)[-1] == ("stable", V1, None, 0, ())
+    notes = [e for e in read_events(harness.state_dir / EVENTS_FILE) if e.get("kind") == "note"]
+    assert any("command start failed: the model registry failed" in str(e.get("reason")) for e in notes)
+    assert harness.sample("fraudwatch_rollout_commands_total", kind="start", outcome="failed") == 1
