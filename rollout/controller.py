@@ -49,6 +49,7 @@ from rollout.analysis import AnalysisReport, GateResult, GateStatus, analyse, an
 from rollout.backends.base import (
     MetricsProvider,
     ModelSource,
+    PublishedTable,
     QualityCheck,
     RoutingError,
     RoutingPublisher,
@@ -223,6 +224,8 @@ class ActOutcome:
     routed: bool = False
     statuses: dict[str, WorkloadStatus] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    #: The routers' tables as read back in this pass (read once, and only when a version is to be scaled down).
+    held: tuple[PublishedTable, ...] | None = None
 
 
 # --------------------------------------------------------------------------------------------------- where state,
@@ -594,7 +597,7 @@ class Controller:
             with _logged_failure(self, "act", outcome):
                 for version in self.backend.workloads.running():
                     if version not in wanted:
-                        self.backend.workloads.scale_down(version)
+                        self._scale_down(version, outcome)
         with _logged_failure(self, "act", outcome):
             self._ensure_aliases()
         return outcome
@@ -613,11 +616,22 @@ class Controller:
                 if now < after:
                     wanted.add(version)
                 elif version not in wanted:
-                    self.backend.workloads.scale_down(version)
+                    self._scale_down(version, outcome)
             case MoveAlias(alias=alias, version=version):
                 self._alias(alias, version, ensure=True)
             case RecordEvent():
                 return
+
+    def _scale_down(self, version: str, outcome: ActOutcome) -> None:
+        """Stop ``version`` once no router holds a table that names it (a router still shadowing it would fail
+        every shadow call until its table changes); else keep it for a later pass."""
+        if outcome.held is None:
+            outcome.held = tuple(self.backend.publisher.read())
+        holders = [t.router for t in outcome.held if t.spec is not None and version in t.spec.versions()]
+        if holders:  # not a reason to stop measuring: the routing the state wants is what the routers hold
+            outcome.problems.append(f"scale-down of {version} waits for {', '.join(holders)} to drop it")
+            return
+        self.backend.workloads.scale_down(version)
 
     def _publish(self, action: PublishRouting, outcome: ActOutcome) -> None:
         def status(version: str) -> WorkloadStatus:

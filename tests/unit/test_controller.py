@@ -155,6 +155,8 @@ class MemoryRouter:
     world: World
     table: tuple[RoutingSpec, tuple[tuple[str, str], ...]] | None = None
     generation: int = 0
+    #: A second router that still holds this older table (it has not applied the latest one yet).
+    lagging: tuple[RoutingSpec, tuple[tuple[str, str], ...]] | None = None
 
     def publish(self, spec: RoutingSpec, urls: Mapping[str, str]) -> PublishResult:
         wanted = (spec, tuple(sorted(urls.items())))
@@ -166,9 +168,10 @@ class MemoryRouter:
         return PublishResult("applied", self.generation)
 
     def read(self) -> Sequence[PublishedTable]:
-        if self.table is None:
+        held = self.lagging if self.lagging is not None else self.table
+        if held is None:
             return [PublishedTable("memory", None, 0)]
-        return [PublishedTable("memory", self.table[0], self.generation, dict(self.table[1]))]
+        return [PublishedTable("memory", held[0], self.generation, dict(held[1]))]
 
 
 @dataclass
@@ -773,3 +776,18 @@ def test_a_start_the_registry_fails_is_recorded_as_failed_and_the_revert_behind_
     notes = [e for e in read_events(harness.state_dir / EVENTS_FILE) if e.get("kind") == "note"]
     assert any("command start failed: the model registry failed" in str(e.get("reason")) for e in notes)
     assert harness.sample("fraudwatch_rollout_commands_total", kind="start", outcome="failed") == 1
+
+
+def test_the_previous_version_is_stopped_only_once_no_router_holds_a_table_naming_it(harness: Harness) -> None:
+    """Issue 12, point 3: stopping v1 while a router still shadowed it failed every shadow call until its table
+    changed (1,506 of them after one promotion)."""
+    start_rollout(harness)
+    harness.run_until(lambda: harness.phase() == "Promoted")
+    harness.router.lagging = harness.router.table  # a router still holds the table with v1 in shadow
+    harness.tick(seconds=POLICY.promotion.warm_window_s + 1)
+    harness.tick()
+    assert published(harness.world)[-1] == ("stable", V2, None, 0, ())  # the table without v1 is published …
+    assert ("stop", V1) not in harness.world.effects and V1 in harness.workloads.running()  # … v1 kept meanwhile
+    harness.router.lagging = None  # the router catches up
+    harness.tick()
+    assert ("stop", V1) in harness.world.effects
