@@ -662,6 +662,22 @@ class Controller:
             raise
         outcome.routed = True
         self._mark_in_force()  # at once, not after the slower actions (alias moves) that follow
+        if len(shadow) == len(action.shadow):  # the stage's whole routing, its shadows too
+            self._mark_routed()
+
+    def _mark_routed(self) -> None:
+        """The current stage's routing is held by the routers: its minimum duration counts from now."""
+        rollout = self.state.rollout
+        if rollout is None or rollout.phase != "Progressing" or rollout.stage == QUALITY_STAGE:
+            return
+        if rollout.routed_at is not None and rollout.routed_at >= rollout.stage_entered_at:
+            return
+        routed = rollout.model_copy(update={"routed_at": self.clock()})
+        self.state = self.state.model_copy(update={"rollout": routed})
+        try:
+            self.store.save(self.state)
+        except OSError:
+            self.metrics.failed("persist")
 
     def _mark_in_force(self) -> None:
         """Applied commands whose routing the routers now hold get ``in_force_at`` (``rolloutctl`` waits for it)."""

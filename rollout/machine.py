@@ -14,7 +14,8 @@ Rules:
 
 * a stage is promoted (to the next stage only) when every gate of the stage — and each of its minimums
   (``min-requests`` / ``min-labels``) — is Successful in a report of that stage, the report covers at least the
-  stage's ``min_duration_s``, and the rollout is not paused. Inconclusive or Error never promotes;
+  stage's ``min_duration_s`` counted from when the stage's routing was in force (``routed_at``, set by the
+  controller; stage entry until then), and the rollout is not paused. Inconclusive or Error never promotes;
 * manual commands are always honoured where they make sense (promote: to the next or a named later stage, also
   while paused; pause/resume; abort; revert — also after promotion, while the previous version is still warm) and
   are applied once per command id;
@@ -137,6 +138,9 @@ class RolloutState(BaseModel):
     phase: Phase = "Progressing"
     stage: MachineStage
     stage_entered_at: AwareDatetime
+    #: When the routers first held the current stage's routing (set by the controller; None until then): a stage's
+    #: minimum duration counts from here, not from stage entry (routing can take seconds to be in force).
+    routed_at: AwareDatetime | None = None
     paused: bool = False
     weights: Weights
     #: Per-gate counters of the current stage (reset on every stage change).
@@ -495,7 +499,7 @@ def promotion_blockers(policy: RolloutPolicy, state: RolloutState, report: Analy
     if state.stage == QUALITY_STAGE:
         return blockers
     minimums = policy.stages.of(traffic_stage(state.stage))
-    covered = (report.at - state.stage_entered_at).total_seconds()
+    covered = (report.at - stage_clock_start(state)).total_seconds()
     if covered < minimums.min_duration_s:
         blockers.append(f"stage observed for {covered:.0f}s of {minimums.min_duration_s:.0f}s")
     for name, minimum in required_samples(policy, traffic_stage(state.stage)).items():
@@ -503,6 +507,12 @@ def promotion_blockers(policy: RolloutPolicy, state: RolloutState, report: Analy
         if result is None or result.candidate_value is None or result.candidate_value < minimum:
             blockers.append(f"{name}: below {minimum}")
     return blockers
+
+
+def stage_clock_start(state: RolloutState) -> datetime:
+    """Where the current stage's minimum duration counts from: when its routing was in force, else its entry."""
+    routed = state.routed_at
+    return routed if routed is not None and routed >= state.stage_entered_at else state.stage_entered_at
 
 
 def _promote(state: RolloutState, now: datetime, report: AnalysisReport | None) -> RolloutState:

@@ -791,3 +791,22 @@ def test_the_previous_version_is_stopped_only_once_no_router_holds_a_table_namin
     harness.router.lagging = None  # the router catches up
     harness.tick()
     assert ("stop", V1) in harness.world.effects
+
+
+def test_a_stage_s_minimum_duration_counts_from_when_its_routing_was_in_force(harness: Harness) -> None:
+    """Issue 12, point 7: a shadow stage ran 12.5 s under its 20 s minimum, its clock started before the candidate
+    was ready to be shadowed."""
+    harness.workloads.ready_after = 8  # the candidate needs 8 reconciles (8 s here) before it can be shadowed …
+    harness.workloads.probes[V1] = 100  # … the champion serves already
+    start_rollout(harness)
+    assert harness.rollout.stage == "shadow" and harness.rollout.routed_at is None
+    harness.run_until(lambda: harness.rollout.routed_at is not None)
+    routed = harness.rollout.routed_at
+    assert published(harness.world)[-1] == ("shadow", V1, V2, 0, ())  # the shadow table, once v2 was ready
+    entered = harness.rollout.stage_entered_at
+    assert (routed - entered).total_seconds() >= 7
+    harness.run_until(lambda: harness.rollout.stage != "shadow")
+    left = harness.rollout.history[-1]
+    assert left.from_stage == "shadow" and left.to_stage == "canary"
+    assert (left.at - routed).total_seconds() >= POLICY.stages.shadow.min_duration_s  # not from `entered`
+    assert harness.rollout.routed_at is not None and harness.rollout.routed_at >= left.at  # canary's own clock
