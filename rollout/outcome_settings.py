@@ -106,6 +106,12 @@ class OutcomeSettings(BaseSettings):
     sqlite_busy_timeout_s: float = Field(30.0, gt=0.0)
     #: Connection pool size for server databases.
     pool_size: int = Field(5, ge=1)
+    #: PostgreSQL: how long a connection attempt may take (libpq's connect_timeout, whole seconds) — an unreachable
+    #: database fails the router's start and every write at once, with the reason, instead of hanging.
+    connect_timeout_s: float = Field(5.0, gt=0.0)
+    #: A write that fails with something other than a database outage (a bug, data the driver cannot encode) is
+    #: retried this many times in a row, then its batch is dropped and counted (reason "failed"), not retried for ever.
+    max_unexpected_write_errors: int = Field(5, ge=1)
     #: What a label that contradicts the stored one gets: ``reject`` → 409 (the first label stands).
     conflict_policy: Literal["reject"] = "reject"
     max_body_bytes: int = Field(16_384, ge=256)

@@ -190,7 +190,10 @@ def create_log_engine(settings: OutcomeSettings) -> Engine:
         engine = create_engine(url, connect_args={"timeout": settings.sqlite_busy_timeout_s})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_size=settings.pool_size, pool_pre_ping=True)
+    connect_args: dict[str, Any] = {}
+    if url.get_backend_name() == "postgresql":  # libpq waits for ever by default: fail fast, say why
+        connect_args["connect_timeout"] = max(1, math.ceil(settings.connect_timeout_s))
+    return create_engine(url, pool_size=settings.pool_size, pool_pre_ping=True, connect_args=connect_args)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -280,7 +283,8 @@ class _LogMetrics:
         self.dropped = Counter(
             "fraudwatch_prediction_log_dropped",
             "Prediction rows not written: overflow (buffer full), closed (recorded after close), "
-            "rejected (the database refused the row), lost (still failing at close).",
+            "rejected (the database refused the row), lost (still failing at close), failed (an unexpected write "
+            "error, repeated).",
             ["reason"],
             registry=registry,
         )
@@ -310,6 +314,8 @@ class PredictionLog:
         self._metrics = _LogMetrics(registry if registry is not None else REGISTRY)
         self._buffer: deque[PredictionRecord] = deque()
         self._inflight: list[PredictionRecord] = []
+        #: Unexpected (not outage) write errors in a row.
+        self._unexpected = 0
         self._wake = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -423,11 +429,19 @@ class PredictionLog:
             self._buffer.extendleft(reversed(batch))
             self._metrics.write_errors.inc()
             raise
-        except Exception as exc:  # a bug must not kill the writer: keep the rows, say so, retry later
-            self._buffer.extendleft(reversed(batch))
+        except Exception as exc:  # not a database outage: retried a few times, then the batch is dropped, counted
             self._metrics.write_errors.inc()
+            self._unexpected += 1
+            if self._unexpected >= self._settings.max_unexpected_write_errors:
+                self._unexpected = 0
+                self._metrics.dropped.labels("failed").inc(len(batch))
+                log_event(logger, "prediction log batch dropped after repeated unexpected write errors",
+                          logging.ERROR, rows=len(batch), error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+                return
+            self._buffer.extendleft(reversed(batch))
             logger.exception("prediction log write failed unexpectedly; will retry")
             raise _TransientWriteError(str(exc)) from exc
+        self._unexpected = 0
         self._metrics.flush_seconds.observe(time.perf_counter() - started)
         self._metrics.written.inc(len(batch) - rejected)
         if rejected:

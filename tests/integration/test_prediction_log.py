@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -21,8 +22,16 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from rollout.outcome_settings import OutcomeSettings
-from rollout.outcomes import FEEDBACK_PATH, OutcomeTracker, PredictionLog, PredictionRecord, ensure_schema
+from rollout.outcomes import (
+    FEEDBACK_PATH,
+    OutcomeTracker,
+    PredictionLog,
+    PredictionRecord,
+    create_log_engine,
+    ensure_schema,
+)
 from tests.integration.pg import PostgresServer, running_postgres
+from tests.sockets import unaccepting_listener
 
 pytestmark = pytest.mark.integration
 
@@ -289,3 +298,52 @@ async def _wait_for(condition: Any, timeout_s: float = 10.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.01)
+
+
+def test_an_unreachable_postgresql_fails_fast_with_the_reason() -> None:
+    """Issue 12, point 5: without a connect timeout libpq waits for the kernel's SYN retries (about two minutes) on a
+    database address that does not answer; the log's engine gives up after ``connect_timeout_s``."""
+    with unaccepting_listener() as (host, port):
+        settings = OutcomeSettings(dsn=f"postgresql+psycopg://fw:fw@{host}:{port}/fw", connect_timeout_s=1.0)
+        engine = create_log_engine(settings)
+        started = time.monotonic()
+        with pytest.raises(sa.exc.OperationalError, match="timeout"), engine.connect():
+            pass
+        took = time.monotonic() - started
+        engine.dispose()
+    assert 0.9 <= took < 10.0, took
+
+
+def test_an_unexpected_write_error_drops_its_batch_after_bounded_retries_and_the_writer_goes_on(dsn: str) -> None:
+    """Not a database outage (those are retried while the buffer lasts) but, e.g., a driver bug: retried
+    ``max_unexpected_write_errors`` times, then dropped and counted as "failed" — not retried for ever, blocking every
+    later row. The failure is injected (a wrapped ``_write``): a driver bug cannot be caused on demand."""
+    settings = OutcomeSettings(dsn=dsn, flush_interval_ms=10, retry_backoff_ms=10, max_unexpected_write_errors=3)
+    registry = CollectorRegistry()
+
+    async def main() -> None:
+        log = PredictionLog(settings, registry=registry)
+        await log.start()
+        real_write = log._write
+        calls = {"n": 0}
+
+        def broken(batch: Any) -> int:
+            calls["n"] += 1
+            raise TypeError("cannot adapt type 'Decimal128'")
+
+        log._write = broken  # type: ignore[method-assign]
+        for i in range(5):
+            log.record(_record(f"bad-{i}"))
+        await _wait_for(
+            lambda: registry.get_sample_value("fraudwatch_prediction_log_dropped_total", {"reason": "failed"}) == 5
+        )
+        assert calls["n"] == 3
+        log._write = real_write  # type: ignore[method-assign]
+        for i in range(7):
+            log.record(_record(f"good-{i}"))
+        await _wait_for(lambda: log.pending == 0)
+        await log.close()
+
+    asyncio.run(main())
+    assert _count(dsn, "predictions") == 7
+    assert registry.get_sample_value("fraudwatch_prediction_log_written_total") == 7

@@ -640,6 +640,23 @@ def test_router_env_is_read_by_the_router_settings(helm: Helm, workdir: Path, mo
     assert OutcomeSettings().flush_interval_ms == 50
 
 
+@pytest.mark.parametrize("grace", [30, 10, 120])
+def test_the_routers_whole_shutdown_fits_in_its_grace_period(
+    helm: Helm, workdir: Path, monkeypatch: pytest.MonkeyPatch, grace: int
+) -> None:
+    """Issue 12, point 5: in-flight requests (25 s), the shadow drain (2 s) and the prediction log's close (30 s)
+    added up to 57 s in a 30 s grace period, so a slow close was SIGKILLed and its "lost" rows never counted."""
+    values = {"router": {"terminationGracePeriodSeconds": grace}}
+    for name, entry in env_of(router_container(helm.template(values, workdir))).items():
+        if "value" in entry:
+            monkeypatch.setenv(name, entry["value"])
+    monkeypatch.setenv(DSN_ENV, "sqlite:///unused.db")
+    router, outcomes = RolloutSettings().router, OutcomeSettings()
+    whole = router.graceful_shutdown_s + router.shadow_drain_timeout_s + outcomes.close_timeout_s
+    assert whole < one_deployment_grace(helm, workdir, values) == grace
+    assert min(router.graceful_shutdown_s, outcomes.close_timeout_s) >= 1
+
+
 def one_deployment_grace(helm: Helm, workdir: Path, values: Mapping[str, Any]) -> int:
     deployment = one(helm.template(values, workdir), "Deployment", "-router")
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]

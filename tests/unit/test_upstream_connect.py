@@ -9,8 +9,6 @@ connect timeout (not the call's whole budget) has passed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -19,6 +17,7 @@ import pytest
 
 from rollout.settings import RouterSettings
 from rollout.upstream import CONNECT_TIMEOUT_DETAIL, AiohttpTransport, Failure, HttpxTransport
+from tests.sockets import unaccepting_listener
 
 CONNECT_TIMEOUT_S = 0.2
 BUDGET_S = 2.0
@@ -27,24 +26,8 @@ BUDGET_S = 2.0
 @pytest.fixture
 def unaccepting() -> Iterator[str]:
     """The URL of a listener whose accept queue is full (every further connect hangs in SYN_SENT)."""
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    host, port = server.getsockname()
-    fillers = []
-    for _ in range(4):  # the queue holds backlog + 1; the others stay half-open
-        filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        filler.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            filler.connect((host, port))
-        fillers.append(filler)
-    time.sleep(0.1)
-    try:
+    with unaccepting_listener() as (host, port):
         yield f"http://{host}:{port}"
-    finally:
-        for filler in fillers:
-            filler.close()
-        server.close()
 
 
 @pytest.mark.parametrize("transport_class", [AiohttpTransport, HttpxTransport])

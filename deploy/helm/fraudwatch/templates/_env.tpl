@@ -72,13 +72,20 @@ A component's `settings` map adds variables under its prefix; keys the chart set
 {{- $r := .Values.router }}
 {{- $p := "FW_ROLLOUT_ROUTER__" }}
 {{- $outcomes := "FW_ROLLOUT_OUTCOMES__" }}
+{{- /* SIGTERM → in-flight requests finish (graceful), queued shadow work drains, the prediction log is flushed
+     (close): the three fit in the pod's grace period with 3 s to spare, so nothing answered is lost on a rollout. */}}
+{{- $budget := max 3 (sub (int $r.terminationGracePeriodSeconds) 3) }}
+{{- $drain := 2 }}
+{{- $graceful := max 1 (div (sub $budget $drain) 2) }}
+{{- $close := max 1 (sub (sub $budget $drain) $graceful) }}
 {{- $dsn := dict "secretKeyRef" (dict "name" (include "fraudwatch.predictionLogSecret" .) "key" (include "fraudwatch.predictionLogKey" .)) }}
 {{- $env := list
   (dict "name" "FW_ROLLOUT_LOG_LEVEL" "value" .Values.logLevel)
   (dict "name" "FW_ROLLOUT_HOME" "value" (include "fraudwatch.dataDir" .))
   (dict "name" (print $p "HOST") "value" "0.0.0.0")
   (dict "name" (print $p "PORT") "value" (toString $r.port))
-  (dict "name" (print $p "GRACEFUL_SHUTDOWN_S") "value" (toString (max 1 (sub (int $r.terminationGracePeriodSeconds) 5))))
+  (dict "name" (print $p "GRACEFUL_SHUTDOWN_S") "value" (toString $graceful))
+  (dict "name" (print $p "SHADOW_DRAIN_TIMEOUT_S") "value" (toString $drain))
   (dict "name" (print $p "ADMIN_TOKEN_FILE") "value" (include "fraudwatch.adminTokenPath" .))
   (dict "name" (print $p "CONTROL_PORT") "value" (toString $r.feedback.port))
   (dict "name" (print $p "FEEDBACK_TOKEN_FILE") "value" (include "fraudwatch.feedbackTokenPath" .))
@@ -86,7 +93,7 @@ A component's `settings` map adds variables under its prefix; keys the chart set
   (dict "name" (print $p "KUBE__ROLLOUT_NAME") "value" (include "fraudwatch.rolloutName" .))
 }}
 {{- $routerEnv := include "fraudwatch.env.render" (dict "env" $env "prefix" $p "settings" $r.settings) | fromYamlArray }}
-{{- $logEnv := list (dict "name" (print $outcomes "DSN") "valueFrom" $dsn) }}
+{{- $logEnv := list (dict "name" (print $outcomes "DSN") "valueFrom" $dsn) (dict "name" (print $outcomes "CLOSE_TIMEOUT_S") "value" (toString $close)) }}
 {{- include "fraudwatch.env.render" (dict "env" (concat $routerEnv $logEnv) "prefix" $outcomes "settings" .Values.outcomes.settings "extra" $r.extraEnv) }}
 {{- end }}
 
