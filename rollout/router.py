@@ -91,6 +91,17 @@ def response_fields(stage: Stage, arm: Arm, fallback_from: str | None) -> bytes:
     return (members + "}").encode("utf-8")
 
 
+#: The scoring contract's fields: what a client always gets (rollout.settings.RouterSettings.expose_decision_details).
+PUBLIC_FIELDS: Final[tuple[str, ...]] = ("prediction", "confidence", "decision", "correlation_id")
+
+
+def public_body(body: bytes) -> bytes:
+    """The decider's answer cut to :data:`PUBLIC_FIELDS` (score, threshold and versions stay inside)."""
+    answer = json.loads(body)
+    kept = {name: answer[name] for name in PUBLIC_FIELDS if name in answer}
+    return json.dumps(kept, separators=(",", ":")).encode("utf-8")
+
+
 def splice(body: bytes, fields: bytes) -> bytes:
     """``body`` (a non-empty JSON object, as received) with ``fields`` appended before its closing brace."""
     return body[:-1] + fields
@@ -260,7 +271,11 @@ class Router:
         if isinstance(decided, Failure):
             return self._stable_failed(decided, plan, cid, started)
         answer = decided.answer
-        content = splice(answer.body, self._response_fields(plan.stage, decided.arm, decided.fallback_from))
+        exposed = self.settings.expose_decision_details
+        if exposed:
+            content = splice(answer.body, self._response_fields(plan.stage, decided.arm, decided.fallback_from))
+        else:
+            content = public_body(answer.body)
         self._record(plan, decided, cid, entity, received_at)
         for shadow in route.shadows:
             if shadow.version != decided.endpoint.version:
@@ -299,7 +314,9 @@ class Router:
         return Response(
             content,
             media_type=_JSON,
-            headers={CORRELATION_HEADER: cid, MODEL_VERSION_HEADER: answer.reported_version},
+            headers={CORRELATION_HEADER: cid, MODEL_VERSION_HEADER: answer.reported_version}
+            if exposed
+            else {CORRELATION_HEADER: cid},
         )
 
     async def _decide(

@@ -640,6 +640,13 @@ def test_router_env_is_read_by_the_router_settings(helm: Helm, workdir: Path, mo
     assert OutcomeSettings().flush_interval_ms == 50
 
 
+def test_the_charts_router_answers_with_the_scoring_contract_only(helm: Helm, workdir: Path) -> None:
+    default = env_of(router_container(helm.template({}, workdir)))
+    assert default["FW_ROLLOUT_ROUTER__EXPOSE_DECISION_DETAILS"]["value"] == "false"
+    debugging = env_of(router_container(helm.template({"router": {"exposeDecisionDetails": True}}, workdir)))
+    assert debugging["FW_ROLLOUT_ROUTER__EXPOSE_DECISION_DETAILS"]["value"] == "true"
+
+
 @pytest.mark.parametrize("grace", [30, 10, 120])
 def test_the_routers_whole_shutdown_fits_in_its_grace_period(
     helm: Helm, workdir: Path, monkeypatch: pytest.MonkeyPatch, grace: int

@@ -212,6 +212,19 @@ def test_stable_stage_answers_with_routing_fields_and_propagates_the_correlation
     assert generated.json()["correlation_id"] == new_id
 
 
+def test_without_decision_details_a_client_sees_only_the_scoring_contract(stable: StandIn, candidate: StandIn) -> None:
+    """Issue 11, point 3: score, threshold and the deciding version let a fraudster probe the threshold and tell
+    whether the lenient canary decided for an account; the chart's default answers with the contract only."""
+    with running(Router(router_settings(expose_decision_details=False))) as client:
+        apply(client, table(stable, candidate, "canary", 50.0))
+        answers = [client.post(PREDICT, json={**SEED, "accountId": f"acct-{i}"}) for i in range(20)]
+    assert {a.status_code for a in answers} == {200}
+    assert {tuple(sorted(a.json())) for a in answers} == {("confidence", "correlation_id", "decision", "prediction")}
+    assert all("x-model-version" not in a.headers for a in answers)
+    assert all(a.json()["correlation_id"] == a.headers["x-correlation-id"] for a in answers)
+    assert len(stable.seen) + len(candidate.seen) == 20 and candidate.seen  # both decided, neither shows
+
+
 @pytest.mark.parametrize(("client_library", "batch_max"), [("httpx", 1), ("aiohttp", 1), ("httpx", 8), ("aiohttp", 8)])
 def test_shadow_stage_pairs_answers_and_logs_both_roles(
     stable: StandIn, candidate: StandIn, tmp_path: Path, client_library: str, batch_max: int

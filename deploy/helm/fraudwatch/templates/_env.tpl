@@ -86,6 +86,7 @@ A component's `settings` map adds variables under its prefix; keys the chart set
   (dict "name" (print $p "PORT") "value" (toString $r.port))
   (dict "name" (print $p "GRACEFUL_SHUTDOWN_S") "value" (toString $graceful))
   (dict "name" (print $p "SHADOW_DRAIN_TIMEOUT_S") "value" (toString $drain))
+  (dict "name" (print $p "EXPOSE_DECISION_DETAILS") "value" (toString $r.exposeDecisionDetails))
   (dict "name" (print $p "ADMIN_TOKEN_FILE") "value" (include "fraudwatch.adminTokenPath" .))
   (dict "name" (print $p "CONTROL_PORT") "value" (toString $r.feedback.port))
   (dict "name" (print $p "FEEDBACK_TOKEN_FILE") "value" (include "fraudwatch.feedbackTokenPath" .))
