@@ -526,17 +526,18 @@ def test_every_query_of_one_analysis_is_evaluated_at_the_rounds_instant() -> Non
     assert an.pinned(unpinnable, NOW) is unpinnable
 
 
-RATE_POLICY = pol.policy_from_mapping(
-    {
-        **yaml.safe_load(POLICY_YAML),
-        "gates": [
-            {"name": "error-rate", "layer": "health", "stages": ["shadow", "canary", "ab", "full"],
-             "query": 'ratio{model_version="{{version}}"}', "condition": "value <= 0.01",
-             "estimator": {"method": "confidence_sequence", "events": 'errors{model_version="{{version}}"}',
-                           "trials": 'calls{model_version="{{version}}"}'}},
-        ],
-    }
-)  # fmt: skip
+def rate_gate_policy(name: str, layer: str, condition: str, events: str, trials: str) -> pol.RolloutPolicy:
+    """POLICY_YAML's stages with one rate-estimated gate in every traffic stage."""
+    gate = {
+        "name": name, "layer": layer, "stages": ["shadow", "canary", "ab", "full"],
+        "query": 'ratio{model_version="{{version}}"}', "condition": condition,
+        "estimator": {"method": "confidence_sequence", "events": events + '{model_version="{{version}}"}',
+                      "trials": trials + '{model_version="{{version}}"}'},
+    }  # fmt: skip
+    return pol.policy_from_mapping({**yaml.safe_load(POLICY_YAML), "gates": [gate]})
+
+
+RATE_POLICY = rate_gate_policy("error-rate", "health", "value <= 0.01", "errors", "calls")
 
 
 @pytest.mark.parametrize(
@@ -565,17 +566,9 @@ def test_a_rate_estimator_needs_an_absolute_rate_limit() -> None:
         pol.policy_from_mapping(data)
 
 
-SHIFT_POLICY = pol.policy_from_mapping(
-    {
-        **yaml.safe_load(POLICY_YAML),
-        "gates": [
-            {"name": "decision-rate-shift", "layer": "output_drift", "stages": ["shadow", "canary", "ab", "full"],
-             "query": 'ratio{model_version="{{version}}"}', "condition": "abs(candidate - stable) <= 0.01",
-             "estimator": {"method": "confidence_sequence", "events": 'review{model_version="{{version}}"}',
-                           "trials": 'decisions{model_version="{{version}}"}'}},
-        ],
-    }
-)  # fmt: skip
+SHIFT_POLICY = rate_gate_policy(
+    "decision-rate-shift", "output_drift", "abs(candidate - stable) <= 0.01", "review", "decisions"
+)
 
 
 @pytest.mark.parametrize(
