@@ -58,7 +58,7 @@ from rollout.sources import FileTableSource, KubeRolloutTableSource, TableSource
 from rollout.upstream import Answer, Caller, Failure, Upstreams
 from service.httputil import bearer_matches, read_limited
 from service.logging import CORRELATION_HEADER, configure_logging, correlation_id_from_header, get_logger, log_event
-from service.schema import ErrorDetail, ErrorResponse, RefundRequest
+from service.schema import ErrorDetail, ErrorResponse, RefundRequest, confidence_of, decision_of
 
 logger = get_logger("router")
 
@@ -91,14 +91,16 @@ def response_fields(stage: Stage, arm: Arm, fallback_from: str | None) -> bytes:
     return (members + "}").encode("utf-8")
 
 
-#: The scoring contract's fields: what a client always gets (rollout.settings.RouterSettings.expose_decision_details).
-PUBLIC_FIELDS: Final[tuple[str, ...]] = ("prediction", "confidence", "decision", "correlation_id")
-
-
-def public_body(body: bytes) -> bytes:
-    """The decider's answer cut to :data:`PUBLIC_FIELDS` (score, threshold and versions stay inside)."""
-    answer = json.loads(body)
-    kept = {name: answer[name] for name in PUBLIC_FIELDS if name in answer}
+def public_body(answer: Answer, correlation_id: str) -> bytes:
+    """The decider's answer cut to the scoring contract — what a client always gets (RouterSettings
+    .expose_decision_details): score, threshold and versions stay inside. Built from
+    the fields the router parsed already — the body is not parsed a second time on the response path."""
+    kept = {
+        "prediction": answer.prediction,
+        "confidence": confidence_of(answer.score, answer.prediction),
+        "decision": decision_of(answer.prediction),
+        "correlation_id": correlation_id,
+    }
     return json.dumps(kept, separators=(",", ":")).encode("utf-8")
 
 
@@ -275,7 +277,7 @@ class Router:
         if exposed:
             content = splice(answer.body, self._response_fields(plan.stage, decided.arm, decided.fallback_from))
         else:
-            content = public_body(answer.body)
+            content = public_body(answer, cid)
         self._record(plan, decided, cid, entity, received_at)
         for shadow in route.shadows:
             if shadow.version != decided.endpoint.version:
