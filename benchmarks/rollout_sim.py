@@ -49,6 +49,10 @@ class WorldSpec:
     false_positive_rate: float = 0.01
     error_rate: float = 0.0005
     latency_s: float = 0.03
+    #: Two retrained models disagree on some requests even at equal quality: the share of the frauds stable misses
+    #: that the candidate catches (and of the legitimate requests stable flags that the candidate does not); the
+    #: reverse shares follow from the two versions' recall and false-positive rate.
+    churn: float = 0.2
 
 
 def _score_bins(rng: np.random.Generator, a: float, b: float) -> tuple[np.ndarray, np.ndarray]:
@@ -85,6 +89,62 @@ class Tally:
         return self.counts["tp"] + self.counts["fn"] + self.counts["fp"] + self.counts["tn"]
 
 
+@dataclass
+class PairTally:
+    """The paired tables of the labelled requests both versions scored: decision cells per label
+    (``"fraud:1:0"`` = fraud, stable flagged, candidate did not) and joint score bins (stable bin × candidate bin)."""
+
+    cells: dict[str, float] = field(default_factory=dict)
+    pos: np.ndarray = field(default_factory=lambda: np.zeros((10, 10)))
+    neg: np.ndarray = field(default_factory=lambda: np.zeros((10, 10)))
+
+    def copy(self) -> PairTally:
+        return PairTally(dict(self.cells), self.pos.copy(), self.neg.copy())
+
+    def minus(self, other: PairTally) -> PairTally:
+        keys = set(self.cells) | set(other.cells)
+        cells = {k: self.cells.get(k, 0.0) - other.cells.get(k, 0.0) for k in keys}
+        return PairTally(cells, self.pos - other.pos, self.neg - other.neg)
+
+    def count(self, label: str, stable: str = "*", candidate: str = "*") -> float:
+        return sum(v for k, v in self.cells.items() if _matches(k.split(":"), (label, stable, candidate)))
+
+
+def _matches(key: Sequence[str], pattern: Sequence[str]) -> bool:
+    return all(p in ("*", k) for k, p in zip(key, pattern, strict=True))
+
+
+@dataclass(frozen=True)
+class _Discordance:
+    """One batch of paired requests: both versions' decisions on its frauds and legitimate requests."""
+
+    frauds: int
+    both_caught: int
+    stable_only: int  # frauds only stable caught
+    candidate_only: int  # frauds only the candidate caught
+    legit: int
+    both_flagged: int
+    legit_stable_only: int
+    legit_candidate_only: int
+
+
+def _discordance(rng: np.random.Generator, spec: WorldSpec, n: int) -> _Discordance:
+    """Decisions of two versions on the same ``n`` requests with the spec's recalls, false-positive rate and churn."""
+    frauds = int(rng.binomial(n, spec.fraud_rate))
+    caught_s = int(rng.binomial(frauds, spec.stable_recall))
+    # P(candidate misses | stable caught) so that the candidate's recall is candidate_recall.
+    gained_share = spec.churn
+    lost_share = 1.0 - (spec.candidate_recall - (1.0 - spec.stable_recall) * gained_share) / spec.stable_recall
+    lost = int(rng.binomial(caught_s, min(max(lost_share, 0.0), 1.0)))
+    gained = int(rng.binomial(frauds - caught_s, gained_share))
+    legit = n - frauds
+    fpr = spec.false_positive_rate
+    flagged_s = int(rng.binomial(legit, fpr))
+    unflagged = int(rng.binomial(flagged_s, spec.churn))
+    newly = int(rng.binomial(legit - flagged_s, fpr * spec.churn / (1.0 - fpr)))
+    return _Discordance(frauds, caught_s - lost, lost, gained, legit, flagged_s - unflagged, unflagged, newly)
+
+
 class World:
     """The simulated traffic, labels and counters of one rollout."""
 
@@ -96,9 +156,13 @@ class World:
         self.pending: deque[tuple[float, str, dict[str, float], tuple[Any, Any, Any]]] = deque()
         self.window: deque[tuple[float, dict[str, tuple[float, float]]]] = deque()  # 5-minute (calls, flagged)
         self.stage_start = {STABLE: Tally(), CANDIDATE: Tally()}
+        self.pairs = PairTally()
+        self.pairs_start = PairTally()
+        self.pending_pairs: deque[tuple[float, PairTally]] = deque()
 
     def enter_stage(self) -> None:
         self.stage_start = {v: t.copy() for v, t in self.tally.items()}
+        self.pairs_start = self.pairs.copy()
 
     def serve(self, now_s: float, dt: float, stage: str, weight: float) -> None:
         spec, rng = self.spec, self.rng
@@ -114,19 +178,22 @@ class World:
         seen: dict[str, tuple[float, float]] = {}
         paired = bool(shadow)
         if paired:  # both versions score the same n requests
-            frauds = int(rng.binomial(n, spec.fraud_rate))
-            caught_s = int(rng.binomial(frauds, spec.stable_recall))
-            missed_by_c = int(rng.binomial(caught_s, 1.0 - spec.candidate_recall / spec.stable_recall))
-            legit_flagged = int(rng.binomial(n - frauds, spec.false_positive_rate))
-            caught_by = {STABLE: caught_s, CANDIDATE: caught_s - missed_by_c}
+            d = _discordance(rng, spec, n)
+            caught_by = {STABLE: d.both_caught + d.stable_only, CANDIDATE: d.both_caught + d.candidate_only}
+            flagged_by = {
+                STABLE: d.both_flagged + d.legit_stable_only,
+                CANDIDATE: d.both_flagged + d.legit_candidate_only,
+            }
+            # A version scores the frauds only the other caught like legitimate requests.
+            demoted_by = {STABLE: d.candidate_only, CANDIDATE: d.stable_only}
             for v in (STABLE, CANDIDATE):
-                self._calls(v, n, caught_by[v] + legit_flagged, seen)
-                self._label(
-                    now_s, v, frauds, caught_by[v], n - frauds, legit_flagged, missed_by_c if v == CANDIDATE else 0
-                )
+                self._calls(v, n, caught_by[v] + flagged_by[v], seen)
+                self._label(now_s, v, d.frauds, caught_by[v], d.legit, flagged_by[v], demoted_by[v])
+            disagree = d.stable_only + d.candidate_only + d.legit_stable_only + d.legit_candidate_only
             for v in (STABLE, CANDIDATE):
                 self.tally[v].counts["pairs"] += n
-                self.tally[v].counts["agree"] += n - missed_by_c
+                self.tally[v].counts["agree"] += n - disagree
+            self.pending_pairs.append((now_s + spec.label_delay_s, self._pair_tables(d)))
         else:
             for v, calls in deciding.items():
                 recall = spec.stable_recall if v == STABLE else spec.candidate_recall
@@ -140,6 +207,30 @@ class World:
         while self.window and self.window[0][0] <= now_s - 300.0:
             self.window.popleft()
         self._arrive(now_s)
+
+    def _pair_tables(self, d: _Discordance) -> PairTally:
+        """The paired tables of one batch: decision cells, and joint score bins (concordant requests in the same
+        bin for both versions; a fraud one version missed is scored like a legitimate request by that version)."""
+        rng = self.rng
+        pos_p, _ = self.models["fraud"]
+        neg_p, _ = self.models["legit"]
+        fraud_concordant = d.frauds - d.stable_only - d.candidate_only
+        legit_concordant = d.legit - d.legit_stable_only - d.legit_candidate_only
+        cells = {
+            "fraud:1:1": d.both_caught,
+            "fraud:1:0": d.stable_only,
+            "fraud:0:1": d.candidate_only,
+            "fraud:0:0": fraud_concordant - d.both_caught,
+            "legit:1:1": d.both_flagged,
+            "legit:1:0": d.legit_stable_only,
+            "legit:0:1": d.legit_candidate_only,
+            "legit:0:0": legit_concordant - d.both_flagged,
+        }
+        pos = np.diag(rng.multinomial(fraud_concordant, pos_p)).astype(float)
+        pos += _joint(rng, d.stable_only, pos_p, neg_p) + _joint(rng, d.candidate_only, neg_p, pos_p)
+        neg = np.diag(rng.multinomial(legit_concordant, neg_p)).astype(float)
+        neg += _joint(rng, d.legit_stable_only + d.legit_candidate_only, neg_p, neg_p)
+        return PairTally({k: float(v) for k, v in cells.items()}, pos, neg)
 
     def _calls(self, version: str, calls: int, flagged: int, seen: dict[str, tuple[float, float]]) -> None:
         counts = self.tally[version].counts
@@ -165,6 +256,12 @@ class World:
         self.pending.append((now_s + self.spec.label_delay_s, version, counts, (pos, neg, pred_sum)))
 
     def _arrive(self, now_s: float) -> None:
+        while self.pending_pairs and self.pending_pairs[0][0] <= now_s:
+            _, batch = self.pending_pairs.popleft()
+            for key, value in batch.cells.items():
+                self.pairs.cells[key] = self.pairs.cells.get(key, 0.0) + value
+            self.pairs.pos += batch.pos
+            self.pairs.neg += batch.neg
         while self.pending and self.pending[0][0] <= now_s:
             _, version, counts, (pos, neg, pred_sum) = self.pending.popleft()
             tally = self.tally[version]
@@ -175,6 +272,9 @@ class World:
             tally.pred_sum += pred_sum
             tally.pred_count += pos + neg
             tally.observed += pos
+
+    def pairs_in_stage(self) -> PairTally:
+        return self.pairs.minus(self.pairs_start)
 
     def in_stage(self, version: str) -> Tally:
         return self.tally[version].minus(self.stage_start[version])
@@ -199,6 +299,23 @@ class SimProvider:
 
     def query_vector(self, promql: str) -> Sequence[tuple[Mapping[str, str], float]]:
         return self.vectors.get(promql, [])
+
+
+def _joint(rng: np.random.Generator, n: int, stable_p: np.ndarray, candidate_p: np.ndarray) -> np.ndarray:
+    """``n`` requests whose two scores are drawn independently (stable's bin × candidate's bin)."""
+    table = np.zeros((10, 10))
+    if n > 0:
+        np.add.at(table, (rng.choice(10, n, p=stable_p), rng.choice(10, n, p=candidate_p)), 1.0)
+    return table
+
+
+def _cells(table: np.ndarray) -> list[tuple[dict[str, str], float]]:
+    return [
+        ({"stable_le": f"{BUCKETS[i]:g}", "candidate_le": f"{BUCKETS[j]:g}"}, float(table[i, j]))
+        for i in range(10)
+        for j in range(10)
+        if table[i, j] > 0
+    ]
 
 
 def _cumulative(bins: np.ndarray) -> list[tuple[dict[str, str], float]]:
@@ -252,9 +369,30 @@ def fill(provider: SimProvider, policy: pol.RolloutPolicy, world: World, stage: 
                 if gate.estimator is not None and events_trials is not None:
                     put(gate.estimator.events, v, events_trials[0])
                     put(gate.estimator.trials, v, events_trials[1])
+            elif isinstance(gate, pol.OutcomeGate) and gate.paired:
+                _fill_paired(gate, world.pairs_in_stage(), lambda t, x: put(t, CANDIDATE, x), vectors, ctx[v])
             elif isinstance(gate, pol.OutcomeGate):
                 put(gate.labels_query, v, tally.labels)
                 _fill_outcome(gate, v, tally, put, vectors, ctx[v])
+
+
+#: The class of labelled pairs each shipped paired gate reads (its labels_query counts them).
+PAIRED_CLASS: dict[str, str] = {"recall-paired": "fraud", "false-positive-rate-paired": "legit"}
+
+
+def _fill_paired(gate: pol.OutcomeGate, pairs: PairTally, put: Callable[[str, float | None], None],
+                 vectors: dict[str, list[tuple[dict[str, str], float]]], ctx: pol.RenderContext) -> None:  # fmt: skip
+    est = gate.estimator
+    if isinstance(est, pol.PairedProportionEstimator):
+        label = PAIRED_CLASS[gate.name]
+        put(gate.labels_query, pairs.count(label))
+        put(est.pairs, pairs.count(label))
+        put(est.candidate_only, pairs.count(label, "0", "1"))
+        put(est.stable_only, pairs.count(label, "1", "0"))
+    elif isinstance(est, pol.PairedAUCEstimator):
+        put(gate.labels_query, pairs.count("fraud") + pairs.count("legit"))
+        vectors[pol.render(est.positive_cells, ctx)] = _cells(pairs.pos)
+        vectors[pol.render(est.negative_cells, ctx)] = _cells(pairs.neg)
 
 
 def _fill_outcome(gate: pol.OutcomeGate, version: str, tally: Tally, put: Callable[[str, str, float | None], None],

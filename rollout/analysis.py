@@ -43,6 +43,8 @@ from rollout.policy import (
     MetricGate,
     NormalEstimator,
     OutcomeGate,
+    PairedAUCEstimator,
+    PairedProportionEstimator,
     QualityGate,
     RateEstimator,
     RenderContext,
@@ -228,6 +230,25 @@ def measure_buckets(provider: MetricsQuery, promql: str) -> dict[float, float] |
     if not buckets or not all(math.isfinite(v) for v in buckets.values()):
         return None
     return buckets
+
+
+def measure_cells(provider: MetricsQuery, promql: str) -> sequential.Cells | None:
+    """A joint score table read as an instant vector by (``stable_le``, ``candidate_le``); None when it has no
+    count (or a count is not finite)."""
+    query_vector = getattr(provider, "query_vector", None)
+    if query_vector is None:
+        raise MeasurementError(f"{type(provider).__name__} cannot query vectors (needed for {promql!r})")
+    try:
+        samples: Sequence[tuple[Mapping[str, str], float]] = query_vector(promql)
+        cells: sequential.Cells = {}
+        for labels, value in samples:
+            key = (parse_le(labels["stable_le"]), parse_le(labels["candidate_le"]))
+            cells[key] = cells.get(key, 0.0) + max(float(value), 0.0)
+    except Exception as exc:
+        raise MeasurementError(f"{type(exc).__name__}: {exc}") from exc
+    if not all(math.isfinite(v) for v in cells.values()) or sum(cells.values()) <= 0:
+        return None
+    return cells
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,6 +513,8 @@ def _estimate(ctx: _Context, gate: OutcomeGate, version: str, confidence: float)
             )
         case NormalEstimator():
             return _normal(ctx.value(est.query, version), ctx.value(est.stderr, version), confidence)
+        case PairedProportionEstimator() | PairedAUCEstimator():
+            raise TypeError(f"gate {gate.name!r}: a paired estimator has no per-version estimate")
 
 
 def _wilson(successes: float | None, trials: float | None, confidence: float) -> Estimate | str:
@@ -545,6 +568,8 @@ def _outcome_result(ctx: _Context, gate: OutcomeGate) -> GateResult:
     cond = gate.condition
     minimum = ctx.policy.min_labels(gate, ctx.stage)
     base = {"name": gate.name, "layer": gate.layer, "threshold": cond.threshold, "condition": cond.text()}
+    if gate.paired:
+        return _paired_result(ctx, gate, base, minimum)
     labels = ctx.value(gate.labels_query, ctx.candidate)
     stable_labels = ctx.value(gate.labels_query, ctx.stable) if cond.relative else None
     counts = {"labels": labels, "stable_labels": stable_labels}
@@ -590,25 +615,44 @@ def _sequential_result(
 ) -> GateResult:
     """Wald's SPRT (:mod:`rollout.sequential`) on the two-sample difference of the proportions, with both versions'
     uncertainty: Failed at the rollback boundary, Successful at the promotion boundary, else Inconclusive."""
-    cond = gate.condition
     cand = _counts(ctx.value(est.successes, ctx.candidate), ctx.value(est.trials, ctx.candidate))
     stab = _counts(ctx.value(est.successes, ctx.stable), ctx.value(est.trials, ctx.stable))
     if isinstance(cand, str) or isinstance(stab, str):
         reason = cand if isinstance(cand, str) else f"stable: {stab}"
         return GateResult(**base, **counts, status=GateStatus.INCONCLUSIVE, message=str(reason))
     difference, variance = sequential.two_sample_difference(cand[0], cand[1], stab[0], stab[1])
+    evidence = _Evidence(difference, variance, cand[1], cand[0] / cand[1], stab[0] / stab[1], "sprt-two-sample")
+    return _sprt_result(ctx, gate, base, counts, evidence)
+
+
+@dataclass(frozen=True, slots=True)
+class _Evidence:
+    """A difference candidate - stable with its variance, the sample it used, and the two values (if known)."""
+
+    difference: float
+    variance: float
+    samples: float
+    candidate_value: float | None
+    stable_value: float | None
+    method: str
+
+
+def _sprt_result(
+    ctx: _Context, gate: OutcomeGate, base: Mapping[str, object], counts: Mapping[str, float | None], ev: _Evidence
+) -> GateResult:
+    cond = gate.condition
     # ``<= δ`` gates (larger is worse) are the mirror image of ``>= -δ`` ones.
     sign = 1.0 if cond.wants_high else -1.0
     alpha, beta = ctx.policy.false_rollback(gate), ctx.policy.false_promotion(gate)
     test = sequential.sprt_difference(
-        sign * difference,
-        variance,
-        cand[1],
+        sign * ev.difference,
+        ev.variance,
+        ev.samples,
         abs(cond.threshold),
         alpha,
         beta,
         confidence=ctx.policy.confidence(gate),
-        # The label minimum (``minimum``, in labels, checked above) is the minimum sample; trials are fraud labels.
+        # The label minimum (in labels, checked before) is the minimum sample.
         min_samples=1,
     )
     low, high = sorted((sign * test.interval[0], sign * test.interval[1]))
@@ -618,25 +662,63 @@ def _sequential_result(
         sequential.Decision.INCONCLUSIVE: GateStatus.INCONCLUSIVE,
     }[test.decision]
     message = (
-        f"{cond.text()}: SPRT H0 Δ=0 vs H1 Δ={-sign * 2 * abs(cond.threshold):.6g}, estimate {difference:.6g}, "
+        f"{cond.text()}: SPRT H0 Δ=0 vs H1 Δ={-sign * 2 * abs(cond.threshold):.6g}, estimate {ev.difference:.6g}, "
         f"log LR {test.log_lr:.4g} in ({test.lower:.4g}, {test.upper:.4g}), α={alpha:.4g}, β={beta:.4g}"
     )
+    # The candidate's value at the pessimistic end of the difference's interval (stable's estimate + that end), in
+    # the unit of ``candidate_value``, comparable with ``stable_value`` ± the margin as the interval rule's was.
+    bound = ev.stable_value + (low if cond.wants_high else high) if ev.stable_value is not None else None
     return GateResult(
         **base,
         **counts,
         status=status,
-        candidate_value=cand[0] / cand[1],
-        stable_value=stab[0] / stab[1],
-        # The candidate's value at the pessimistic end of the difference's interval (stable's estimate + that end),
-        # in the unit of ``candidate_value``, comparable with ``stable_value`` ± the margin as the interval rule's was.
-        bound=stab[0] / stab[1] + (low if cond.wants_high else high),
-        estimate=difference,
+        candidate_value=ev.candidate_value,
+        stable_value=ev.stable_value,
+        bound=bound,
+        estimate=ev.difference,
         interval=(low, high),
-        samples=cand[1],
+        samples=ev.samples,
         samples_needed=test.samples_needed,
-        method="sprt-two-sample",
+        method=ev.method,
         message=message,
     )
+
+
+def _paired_result(ctx: _Context, gate: OutcomeGate, base: Mapping[str, object], minimum: int) -> GateResult:
+    """A gate on the requests both versions scored (shadow): one labels count for the pair, then Wald's SPRT on
+    the paired difference (discordant pairs) or DeLong's paired AUC difference."""
+    labels = ctx.value(gate.labels_query, ctx.candidate)
+    counts = {"labels": labels, "stable_labels": labels}
+    if labels is None or labels < minimum:
+        message = f"{labels if labels is not None else 'no'} labelled pairs, needs {minimum}"
+        return GateResult(**base, **counts, status=GateStatus.INCONCLUSIVE, message=message)
+    evidence = _paired_evidence(ctx, gate.estimator)
+    if isinstance(evidence, str):
+        return GateResult(**base, **counts, status=GateStatus.INCONCLUSIVE, message=evidence)
+    return _sprt_result(ctx, gate, base, counts, evidence)
+
+
+def _paired_evidence(ctx: _Context, est: object) -> _Evidence | str:
+    if isinstance(est, PairedProportionEstimator):
+        b, c, n = (ctx.value(t, ctx.candidate) for t in (est.candidate_only, est.stable_only, est.pairs))
+        if b is None or c is None or n is None:
+            return "no data for the paired counts"
+        if n <= 0:
+            return "no labelled pairs"
+        # increase() extrapolates each series separately: keep the discordant counts within the pairs.
+        b, c = max(b, 0.0), max(c, 0.0)
+        if b + c > n:
+            b, c = b * n / (b + c), c * n / (b + c)
+        difference, variance = sequential.paired_difference(b, c, n)
+        return _Evidence(difference, variance, n, None, None, "sprt-paired")
+    if isinstance(est, PairedAUCEstimator):
+        positives = measure_cells(ctx.provider, ctx.render(est.positive_cells, ctx.candidate))
+        negatives = measure_cells(ctx.provider, ctx.render(est.negative_cells, ctx.candidate))
+        if positives is None or negatives is None:
+            return "no paired score table yet (needs both fraud and legit labels)"
+        auc = sequential.paired_auc_difference(positives, negatives)
+        return _Evidence(auc.estimate, auc.variance, auc.positives, auc.candidate_auc, auc.stable_auc, "sprt-delong")
+    raise TypeError(f"not a paired estimator: {type(est).__name__}")
 
 
 def _too_few_labels(labels: float | None, stable_labels: float | None, minimum: int, relative: bool) -> str:

@@ -460,7 +460,41 @@ class NormalEstimator(BaseModel):
     stderr: PromQLTemplate
 
 
-AnyEstimator = WilsonEstimator | HanleyMcNeilEstimator | HistogramAUCEstimator | NormalEstimator
+class PairedProportionEstimator(BaseModel):
+    """A paired difference of proportions (recall on fraud labels, false-positive rate on legit labels) from the
+    labelled requests BOTH versions scored (shadow): ``candidate_only`` = pairs only the candidate counts as a
+    success (e.g. frauds it flagged and stable did not), ``stable_only`` the reverse, ``pairs`` all labelled pairs of
+    the class. Wald's SPRT on (b - c)/n with the paired variance (rollout/sequential.py). Queries name the pair
+    (``{{stable}}`` and ``{{candidate}}``), not ``{{version}}``: each is measured once."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["paired_proportion"] = "paired_proportion"
+    candidate_only: PromQLTemplate
+    stable_only: PromQLTemplate
+    pairs: PromQLTemplate
+
+
+class PairedAUCEstimator(BaseModel):
+    """A paired ROC-AUC difference (DeLong) from the joint score tables of the labelled requests both versions
+    scored: vector queries by (``stable_le``, ``candidate_le``), one for fraud labels, one for legit labels."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["paired_auc"] = "paired_auc"
+    positive_cells: PromQLTemplate
+    negative_cells: PromQLTemplate
+
+
+PairedEstimator = PairedProportionEstimator | PairedAUCEstimator
+AnyEstimator = (
+    WilsonEstimator
+    | HanleyMcNeilEstimator
+    | HistogramAUCEstimator
+    | NormalEstimator
+    | PairedProportionEstimator
+    | PairedAUCEstimator
+)
 Estimator = Annotated[AnyEstimator, Field(discriminator="method")]
 
 
@@ -474,6 +508,10 @@ def estimator_templates(estimator: AnyEstimator) -> tuple[str, ...]:
             return (estimator.positive_buckets, estimator.negative_buckets)
         case NormalEstimator():
             return (estimator.query, estimator.stderr)
+        case PairedProportionEstimator():
+            return (estimator.candidate_only, estimator.stable_only, estimator.pairs)
+        case PairedAUCEstimator():
+            return (estimator.positive_cells, estimator.negative_cells)
 
 
 class OutcomeGate(_GateBase):
@@ -502,15 +540,38 @@ class OutcomeGate(_GateBase):
         """True for gates judged by Wald's SPRT on the difference: Wilson proportions with a relative
         ``candidate - stable >= -δ`` / ``<= δ`` condition (δ > 0); other gates keep the interval rule."""
         cond = self.condition
-        if not isinstance(self.estimator, WilsonEstimator) or cond.comparison != "difference":
+        if not isinstance(self.estimator, WilsonEstimator | PairedEstimator) or cond.comparison != "difference":
             return False
         return cond.threshold < 0 if cond.wants_high else cond.threshold > 0
 
+    @property
+    def paired(self) -> bool:
+        """True for gates judged on the requests both versions scored (shadow): measured once per pair."""
+        return isinstance(self.estimator, PairedEstimator)
+
     @model_validator(mode="after")
     def _relative_needs_version(self) -> OutcomeGate:
+        if self.paired:
+            return self._paired_queries()
         _check_relative(self.name, self.condition, estimator_templates(self.estimator))
         if "version" not in template_placeholders(self.labels_query):
             raise ValueError(f"gate {self.name!r}: labels_query must count labels per {{{{version}}}}")
+        return self
+
+    def _paired_queries(self) -> OutcomeGate:
+        """A paired gate judges a margin on the difference, on queries that name the pair and not one version."""
+        if not self.sequential:
+            raise ValueError(
+                f"gate {self.name!r}: a paired estimator judges a margin on the difference (candidate - stable >= -δ "
+                f"or candidate - stable <= δ with δ > 0), not {self.condition.text()!r}"
+            )
+        for template in (*estimator_templates(self.estimator), self.labels_query):
+            found = template_placeholders(template)
+            if not {"stable", "candidate"} <= found or "version" in found:
+                raise ValueError(
+                    f"gate {self.name!r}: a paired estimator's queries (and labels_query) name the pair with "
+                    f"{{{{stable}}}} and {{{{candidate}}}}, not {{{{version}}}}: {template!r}"
+                )
         return self
 
 

@@ -224,6 +224,32 @@ def failed_gates(transition: Any) -> list[Any]:
     return [g for g in transition.gates if g.status.value == "Failed"]
 
 
+HEALTH_AND_DRIFT_GATES = frozenset(
+    {"error-rate", "latency-p99", "input-psi-max", "score-psi", "decision-rate-shift", "shadow-agreement"}
+)
+
+
+def check_outcome_rollback(rollout: Any) -> str:
+    """The bad candidate was rolled back by an outcome gate alone, after looking normal on health and drift.
+
+    Issue 10: caught in shadow by the paired recall gate when its fraud labels came in time (possibly before every
+    drift gate's evidence minimum was met: none of them failed), else by the two-sample recall gate in A/B or full,
+    after every health and drift gate passed. Returns the name of the recall gate that failed."""
+    assert rollout.phase == "RolledBack", rollout.history[-1].reason
+    last = rollout.history[-1]
+    assert last.trigger == "analysis", last
+    failed = {g.name for g in failed_gates(last)}
+    assert failed and {g.layer for g in failed_gates(last)} == {"outcome"}, failed
+    passed = {g.name for t in rollout.history for g in t.gates if g.status.value == "Successful"}
+    if "recall-paired" in failed:
+        assert last.from_stage == "shadow", last.from_stage
+        assert {"error-rate", "latency-p99"} <= passed, passed
+        return "recall-paired"
+    assert last.from_stage in ("ab", "full") and "recall" in failed, (last.from_stage, failed)
+    assert passed >= HEALTH_AND_DRIFT_GATES, passed
+    return "recall"
+
+
 def published_tables(log: Path) -> list[tuple[Any, ...]]:
     """The tables a controller published, in order (from its JSON log, across restarts)."""
     tables = []

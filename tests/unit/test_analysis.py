@@ -292,8 +292,9 @@ def test_sequential_gate_uses_both_versions_uncertainty() -> None:
     assert few.status is S.INCONCLUSIVE and few.method == "sprt-two-sample"
     assert few.estimate == pytest.approx(-0.02)
     assert few.samples == 50 and few.samples_needed is not None and few.samples_needed > 0
-    # Known value of the log LR (Whitehead's score form, H1 Δ = -0.1), with the +1/+1 pseudo-count variance.
-    var = (40 / 52) * (12 / 52) / 52 + (40_001 / 50_002) * (10_001 / 50_002) / 50_002
+    # Known value of the log LR (Whitehead's score form, H1 Δ = -0.1), with the pooled variance under H0.
+    pooled = 40_039 / 50_050
+    var = pooled * (1 - pooled) * (1 / 50 + 1 / 50_000)
     llr = (-0.1 * -0.02 - 0.01 / 2) / var
     assert f"log LR {llr:.4g}" in few.message
     assert few.interval == pytest.approx(
@@ -602,3 +603,126 @@ def test_a_relative_rate_estimator_needs_a_margin_the_candidate_may_not_exceed(c
     data["gates"][0]["condition"] = condition
     with pytest.raises(ValueError, match="margin on the difference"):
         pol.policy_from_mapping(data)
+
+
+# --------------------------------------------------------------------------------------------------- paired gates
+
+PAIRED_GATES = """
+  - name: recall-paired
+    layer: outcome
+    stages: [shadow]
+    labels_query: frauds{stable="{{stable}}",candidate="{{candidate}}"}
+    min_labels: 30
+    estimator:
+      method: paired_proportion
+      candidate_only: gained{stable="{{stable}}",candidate="{{candidate}}"}
+      stable_only: lost{stable="{{stable}}",candidate="{{candidate}}"}
+      pairs: frauds{stable="{{stable}}",candidate="{{candidate}}"}
+    condition: candidate - stable >= -0.05
+  - name: fpr-paired
+    layer: outcome
+    stages: [shadow]
+    labels_query: legit{stable="{{stable}}",candidate="{{candidate}}"}
+    min_labels: 30
+    estimator:
+      method: paired_proportion
+      candidate_only: newly_flagged{stable="{{stable}}",candidate="{{candidate}}"}
+      stable_only: unflagged{stable="{{stable}}",candidate="{{candidate}}"}
+      pairs: legit{stable="{{stable}}",candidate="{{candidate}}"}
+    condition: candidate - stable <= 0.005
+  - name: auc-paired
+    layer: outcome
+    stages: [shadow]
+    labels_query: frauds{stable="{{stable}}",candidate="{{candidate}}"}
+    min_labels: 30
+    estimator:
+      method: paired_auc
+      positive_cells: pos_cells{stable="{{stable}}",candidate="{{candidate}}"}
+      negative_cells: neg_cells{stable="{{stable}}",candidate="{{candidate}}"}
+    condition: candidate - stable >= -0.02
+"""
+PAIRED_POLICY = pol.policy_from_mapping(yaml.safe_load(POLICY_YAML + PAIRED_GATES))
+
+
+def pq(series: str) -> str:
+    return f'{series}{{stable="{STABLE}",candidate="{CANDIDATE}"}}'
+
+
+def _paired_values(frauds: float, gained: float, lost: float) -> dict[str, float | None]:
+    return {pq("frauds"): frauds, pq("gained"): gained, pq("lost"): lost}
+
+
+@pytest.mark.parametrize(
+    ("frauds", "gained", "lost", "status"),
+    [(20, 0, 9, S.INCONCLUSIVE),  # below the 30 fraud pairs
+     (40, 3, 3, S.INCONCLUSIVE),  # an even trade on 40 frauds says little
+     (2000, 30, 32, S.SUCCESSFUL),  # -0.001 on 2,000 fraud pairs
+     (300, 2, 40, S.FAILED)],  # lost 38 more frauds than it gained: -0.127
+)  # fmt: skip
+def test_paired_recall_gate_is_sprt_on_the_discordant_pairs(frauds: float, gained: float, lost: float,
+                                                             status: S) -> None:  # fmt: skip
+    result = run("shadow", _paired_values(frauds, gained, lost), policy=PAIRED_POLICY)["recall-paired"]
+    assert result.status is status, result.message
+    assert result.labels == frauds
+    if frauds >= 30:
+        assert result.method == "sprt-paired" and result.estimate == pytest.approx((gained - lost) / frauds)
+        assert result.samples == frauds
+        # Known value: H1 Δ = -0.1, variance (b + c + 1)/n², α Bonferroni-split over the policy's 4 sequential
+        # instances (recall in ab + three paired gates).
+        llr = (-0.1 * (gained - lost) / frauds - 0.01 / 2) * frauds**2 / (gained + lost + 1)
+        assert f"log LR {llr:.4g}" in result.message and "α=0.0025" in result.message
+
+
+def test_paired_recall_gate_queries_the_pair_once_and_keeps_counts_consistent() -> None:
+    # increase() extrapolates series separately: discordant counts above the pairs are scaled into them.
+    provider = DictProvider(_paired_values(100, 80, 40))
+    report = an.analyse(PAIRED_POLICY, "shadow", provider, STABLE, CANDIDATE, NOW)
+    result = by_name(report)["recall-paired"]
+    assert result.estimate == pytest.approx((80 - 40) * (100 / 120) / 100)
+    # recall-paired asks its labels_query and pairs, auc-paired its labels_query: once each, not once per version.
+    assert provider.asked.count(pq("frauds")) == 3
+    assert not any("model_version" in a and "frauds" in a for a in provider.asked)
+
+
+def test_paired_fpr_gate_larger_is_worse() -> None:
+    values = {pq("legit"): 20_000, pq("newly_flagged"): 400, pq("unflagged"): 40}  # +1.8 points of FPR
+    worse = run("shadow", values, policy=PAIRED_POLICY)["fpr-paired"]
+    assert worse.status is S.FAILED and worse.estimate == pytest.approx(360 / 20_000)
+    values = {pq("legit"): 20_000, pq("newly_flagged"): 40, pq("unflagged"): 44}
+    assert run("shadow", values, policy=PAIRED_POLICY)["fpr-paired"].status is S.SUCCESSFUL
+
+
+def _cells(table: Mapping[tuple[str, str], float]) -> list[tuple[Mapping[str, str], float]]:
+    return [({"stable_le": s, "candidate_le": c}, v) for (s, c), v in table.items()]
+
+
+def test_paired_auc_gate_reads_the_joint_score_tables() -> None:
+    # The candidate scores 60 of 200 frauds in the lowest bin where stable scored them high: AUC drops.
+    pos = {("0.9", "0.9"): 140.0, ("0.9", "0.1"): 60.0}
+    neg = {("0.1", "0.1"): 5000.0, ("0.5", "0.5"): 500.0}
+    vectors = {pq("pos_cells"): _cells(pos), pq("neg_cells"): _cells(neg)}
+    result = run("shadow", {pq("frauds"): 200}, vectors=vectors, policy=PAIRED_POLICY)["auc-paired"]
+    assert result.method == "sprt-delong" and result.status is S.FAILED, result.message
+    assert result.stable_value == pytest.approx(1.0)
+    # 60 of 200 frauds tied with the 5,000 low negatives and below the 500 mid ones: 0.7 + 0.3 · 0.5 · 5000/5500.
+    assert result.candidate_value == pytest.approx(0.7 + 0.3 * 0.5 * 5000 / 5500)
+    assert result.estimate == pytest.approx(0.3 * 0.5 * 5000 / 5500 - 0.3)
+    same = {pq("pos_cells"): _cells({("0.9", "0.9"): 200.0}), pq("neg_cells"): _cells(neg)}
+    assert run("shadow", {pq("frauds"): 200}, vectors=same, policy=PAIRED_POLICY)["auc-paired"].status is S.SUCCESSFUL
+    empty = run("shadow", {pq("frauds"): 200}, vectors={}, policy=PAIRED_POLICY)["auc-paired"]
+    assert empty.status is S.INCONCLUSIVE and "paired score table" in empty.message
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "match"),
+    [("condition: candidate - stable >= -0.05", "condition: candidate - stable >= 0.05", "margin on the difference"),
+     ("condition: candidate - stable >= -0.05", "condition: value >= 0.8", "margin on the difference"),
+     ('gained{stable="{{stable}}",candidate="{{candidate}}"}', 'gained{model_version="{{version}}"}', "name the pair"),
+     ('labels_query: frauds{stable="{{stable}}",candidate="{{candidate}}"}',
+      'labels_query: frauds{model_version="{{version}}"}', "name the pair")],
+)  # fmt: skip
+def test_paired_gate_validation(old: str, new: str, match: str) -> None:
+    changed = PAIRED_GATES.replace(old, new, 1)
+    assert changed != PAIRED_GATES
+    with pytest.raises(ValueError, match=match):
+        pol.policy_from_mapping(yaml.safe_load(POLICY_YAML + changed))

@@ -384,6 +384,33 @@ def _counter(series: str, per_minute: float, minutes: int) -> dict[str, str]:
     return {"series": series, "values": f"0+{per_minute!r}x{minutes}"}
 
 
+def _promtool_agrees(
+    promtool: Path,
+    path: Path,
+    series: list[dict[str, str]],
+    checks: list[tuple[str, float]],
+    ctx: pol.RenderContext,
+    minutes: int,
+) -> None:
+    """promtool evaluates each rendered template over ``series`` (on top of rules.yml) and finds its expected value."""
+    tests = [
+        {
+            "expr": f"abs(({pol.render(template, ctx)}) - {expected!r}) < bool 1e-9",
+            "eval_time": f"{minutes}m",
+            "exp_samples": [{"labels": "{}", "value": 1}],
+        }
+        for template, expected in checks
+    ]
+    spec = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": tests}],
+    }
+    path.write_text(yaml.safe_dump(spec, width=10_000), encoding="utf-8")
+    result = subprocess.run([str(promtool), "test", "rules", str(path)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_default_queries_compute_what_the_analysis_expects(tmp_path: Path) -> None:
     """promtool evaluates the rendered default queries (on top of rules.yml) over synthetic counters; each value is
     checked against the same number computed in Python (ECE through rollout.drift, independently of PromQL)."""
@@ -461,31 +488,16 @@ def test_default_queries_compute_what_the_analysis_expects(tmp_path: Path) -> No
     assert isinstance(decision, pol.MetricGate) and isinstance(agreement, pol.MetricGate)
     checks += [(decision.query, 0.03), (agreement.query, 0.9)]
 
-    tests = [
-        {
-            "expr": f"abs(({pol.render(template, ctx)}) - {expected!r}) < bool 1e-9",
-            "eval_time": f"{minutes}m",
-            "exp_samples": [{"labels": "{}", "value": 1}],
-        }
-        for template, expected in checks
-    ]
-    spec = {
-        "rule_files": [str(RULES)],
-        "evaluation_interval": "1m",
-        "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": tests}],
-    }
-    path = tmp_path / "policy_test.yml"
-    path.write_text(yaml.safe_dump(spec, width=10_000), encoding="utf-8")
-    result = subprocess.run([str(promtool), "test", "rules", str(path)], capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
+    _promtool_agrees(promtool, tmp_path / "policy_test.yml", series, checks, ctx, minutes)
 
 
 def test_false_rollback_is_bonferroni_split_over_sequential_gate_stages() -> None:
     default = pol.load_policy()
     instances = default.sequential_instances()
     gates = [g for g in default.gates if isinstance(g, pol.OutcomeGate | pol.MetricGate) and g.sequential]
-    assert {g.name for g in gates} == {"recall", "precision", "error-rate", "shadow-agreement", "decision-rate-shift"}
-    assert instances == sum(len(g.stages) for g in gates) == 13
+    assert {g.name for g in gates} == {"recall", "precision", "error-rate", "shadow-agreement", "decision-rate-shift",
+                                       "recall-paired", "false-positive-rate-paired", "roc-auc-paired"}  # fmt: skip
+    assert instances == sum(len(g.stages) for g in gates) == 16
     assert default.analysis.false_rollback == 0.01 and default.analysis.false_promotion == 0.01
     for gate in gates:
         assert default.false_rollback(gate) == pytest.approx(0.01 / instances)
@@ -493,10 +505,55 @@ def test_false_rollback_is_bonferroni_split_over_sequential_gate_stages() -> Non
     # A per-gate override is used as given.
     overridden = gates[0].model_copy(update={"false_rollback": 0.002, "false_promotion": 0.05})
     assert default.false_rollback(overridden) == 0.002 and default.false_promotion(overridden) == 0.05
-    # Only Wilson ``candidate - stable`` gates with a real margin are sequential.
+    # Only Wilson and paired ``candidate - stable`` gates with a real margin are sequential.
     assert not any(
-        g.sequential for g in default.gates if isinstance(g, pol.OutcomeGate) and g.estimator.method != "wilson"
+        g.sequential
+        for g in default.gates
+        if isinstance(g, pol.OutcomeGate) and g.estimator.method not in ("wilson", "paired_proportion", "paired_auc")
     )
+
+
+def test_default_paired_queries_compute_what_the_analysis_expects(tmp_path: Path) -> None:
+    """promtool evaluates the default policy's paired shadow gates over synthetic paired counters: only the shadow
+    stage's predictions of this pair count, and a joint score cell born inside the stage counts whole (its first
+    count is no increase() of a series that did not exist)."""
+    promtool = PrometheusSettings().promtool
+    if not promtool.exists():
+        pytest.fail(f"{promtool} is missing: install Debian's prometheus package")
+    minutes, window_min = 120, 60
+    policy = pol.load_policy(None)
+    gates = {g.name: g for g in policy.gates}
+    ctx = pol.RenderContext("v1", "v2", "v2", 300, window_min * 60, "shadow")
+    rates = {
+        ("fraud", "1", "1"): 5.0, ("fraud", "1", "0"): 1.0, ("fraud", "0", "1"): 0.5, ("fraud", "0", "0"): 2.0,
+        ("legit", "1", "1"): 3.0, ("legit", "1", "0"): 0.25, ("legit", "0", "1"): 0.75, ("legit", "0", "0"): 90.0,
+    }  # fmt: skip
+    series: list[dict[str, str]] = []
+    for (label, sp, cp), rate in rates.items():
+        for stage, pair in (("shadow", 'stable="v1",candidate="v2"'), ("canary", 'stable="v1",candidate="v2"'),
+                            ("shadow", 'stable="v0",candidate="v2"')):  # fmt: skip
+            labels = f'{pair},stage="{stage}",label="{label}",stable_prediction="{sp}",candidate_prediction="{cp}"'
+            series.append(_counter(f"fraudwatch_outcome_paired_total{{{labels}}}", rate, minutes))
+    cell = 'fraudwatch_outcome_paired_score_total{stable="v1",candidate="v2",stage="shadow",label="fraud",'
+    series += [
+        _counter(cell + 'stable_le="0.9",candidate_le="0.9"}', 2.0, minutes),  # counted since before the window
+        {"series": cell + 'stable_le="0.9",candidate_le="0.1"}', "values": "_x90 1+1x30"},  # born at minute 90
+    ]
+    checks: list[tuple[str, float]] = []
+    for name, label in (("recall-paired", "fraud"), ("false-positive-rate-paired", "legit")):
+        gate = gates[name]
+        assert isinstance(gate, pol.OutcomeGate) and isinstance(gate.estimator, pol.PairedProportionEstimator)
+        total = sum(r for (lab, _, _), r in rates.items() if lab == label) * window_min
+        checks += [
+            (gate.labels_query, total),
+            (gate.estimator.pairs, total),
+            (gate.estimator.candidate_only, rates[(label, "0", "1")] * window_min),
+            (gate.estimator.stable_only, rates[(label, "1", "0")] * window_min),
+        ]
+    auc = gates["roc-auc-paired"]
+    assert isinstance(auc, pol.OutcomeGate) and isinstance(auc.estimator, pol.PairedAUCEstimator)
+    checks.append((f"sum({auc.estimator.positive_cells})", 2.0 * window_min + 31))
+    _promtool_agrees(promtool, tmp_path / "paired_test.yml", series, checks, ctx, minutes)
 
 
 @pytest.mark.parametrize("bad", [0.0, 0.5, -0.1])

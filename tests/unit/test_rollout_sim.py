@@ -43,13 +43,30 @@ def test_an_identical_candidate_goes_through_every_stage_of_the_demo_policy() ->
     assert (result.phase, result.stage, result.failed_gates) == ("Promoted", "full", ())  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize(
-    ("policy", "rps", "delay"), [(pol.load_policy(), 50, 300), (load_demo_policy(), 150, 5)], ids=["default", "demo"]
-)
+POLICIES = [
+    pytest.param(pol.load_policy(), 50, 300, id="default"),
+    pytest.param(load_demo_policy(), 150, 5, id="demo"),
+]
+
+
+@pytest.mark.parametrize(("policy", "rps", "delay"), POLICIES)
 def test_a_candidate_that_misses_most_fraud_is_rolled_back(policy: pol.RolloutPolicy, rps: float, delay: float) -> None:
     result = _run(policy, 0.3, seed=2, rps=rps, delay=delay, max_s=86400)
     assert result.phase == "RolledBack"  # type: ignore[attr-defined]
-    assert set(result.failed_gates) & {"recall", "roc-auc", "precision", "decision-rate-shift", "shadow-agreement"}  # type: ignore[attr-defined]
+    caught_by = {"recall", "roc-auc", "precision", "decision-rate-shift", "shadow-agreement", "recall-paired",
+                 "roc-auc-paired", "false-positive-rate-paired"}  # fmt: skip
+    assert set(result.failed_gates) & caught_by  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("policy", "rps", "delay"), POLICIES)
+def test_a_worse_candidate_is_rolled_back_in_shadow_by_a_paired_gate(
+    policy: pol.RolloutPolicy, rps: float, delay: float
+) -> None:
+    """Issue 10: the paired outcome gates judge the requests both versions scored, before any customer sees the
+    candidate's decisions."""
+    result = _run(policy, 0.72, seed=4, rps=rps, delay=delay, max_s=86400)
+    assert (result.phase, result.stage) == ("RolledBack", "shadow")  # type: ignore[attr-defined]
+    assert set(result.failed_gates) <= {"recall-paired", "roc-auc-paired"}  # type: ignore[attr-defined]
 
 
 def test_every_query_of_the_shipped_policies_is_answered_or_the_simulation_fails_loudly() -> None:
