@@ -200,7 +200,7 @@ class Bench:
 
     def table(self) -> dict[str, Any]:
         response = httpx.get(
-            self.router.url + "/admin/routing", headers={"Authorization": f"Bearer {TOKEN}"}, trust_env=False
+            self.router.control_url + "/admin/routing", headers={"Authorization": f"Bearer {TOKEN}"}, trust_env=False
         )
         response.raise_for_status()
         table: dict[str, Any] = response.json()["table"]
@@ -239,7 +239,7 @@ def bench_stack(work: Path) -> Iterator[Bench]:
             f"{prefix}POLICY_FILE": str(policy),
             f"{prefix}PROMETHEUS_URL": f"http://{HOST}:{free_port(HOST)}",
             f"{prefix}METRICS_PORT": "0",
-            f"{prefix}LOCAL__ROUTER_URLS": json.dumps([router.url]),
+            f"{prefix}LOCAL__ROUTER_URLS": json.dumps([router.control_url]),
             f"{prefix}LOCAL__SERVER_ENV": json.dumps({"FW_SERVE__WORKERS": "1", "FW_LOG_LEVEL": "WARNING"}),
         }
         log = (work / "controller.log").open("ab")
@@ -304,7 +304,8 @@ def baseline(bench: Bench, prober: Prober, rounds: int) -> list[float]:
     }
     generation = int(bench.table()["generation"])
     out: list[float] = []
-    with httpx.Client(base_url=bench.router.url, headers={"Authorization": f"Bearer {TOKEN}"}, trust_env=False) as http:
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=bench.router.control_url, headers=admin, trust_env=False) as http:
         for _ in range(rounds):
             for stable in ("v2", "v1"):
                 generation += 1

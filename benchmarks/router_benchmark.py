@@ -300,7 +300,7 @@ class Stack:
         table = RoutingTable.model_validate(data)
         for router in self.routers.values():
             response = httpx.put(
-                router.url + ADMIN_PATH,
+                router.control_url + ADMIN_PATH,
                 content=table.model_dump_json(),
                 headers={"Authorization": f"Bearer {self.token}"},
                 trust_env=False,
@@ -308,7 +308,7 @@ class Stack:
             response.raise_for_status()
 
     def metric(self, library: str, name: str, **labels: str) -> float:
-        text = httpx.get(self.routers[library].url + "/metrics", trust_env=False).text
+        text = httpx.get(self.routers[library].control_url + "/metrics", trust_env=False).text
         return sum(
             s.value
             for family in text_string_to_metric_families(text)

@@ -2,10 +2,10 @@
 
 Users
     ``RefundUser`` posts refund requests from the seeded synthetic stream (entity keys, retail amounts, item text,
-    the seed's request shape) to ``/api/v1/refund-predict`` and remembers each answer's correlation ID with the
-    ground truth. ``LabelUser`` posts those labels to the router's feedback listener (``/api/v1/feedback`` on its
-    control port, with the label feed's bearer token — never the public port) once their (time-compressed) label
-    delay has passed — chargebacks arrive days later in reality, seconds later here.
+    the seed's request shape) to ``/api/v1/refund-predict`` and remembers each answer's ``prediction_id`` (issued by
+    the router) with the ground truth. ``LabelUser`` posts those labels to the router's feedback listener
+    (``/api/v1/feedback`` on its control port, with the label feed's bearer token — never the public port) once their
+    (time-compressed) label delay has passed — chargebacks arrive days later in reality, seconds later here.
 
 Environment
     FW_LOAD_DATA: a labelled history file in the synthetic schema (CSV, e.g. the rollout demo's live traffic from
@@ -66,12 +66,15 @@ class _Stream:
                 )
             )
         )
-        self._rows: Iterator[tuple[dict[str, Any], int, float]] = itertools.cycle(
-            [(_body(row), int(row["is_fraud"]), float(row["label_delay_hours"])) for row in frame.to_dict("records")]
+        self._rows: Iterator[tuple[dict[str, Any], int, float, int]] = itertools.cycle(
+            [
+                (_body(row), int(row["is_fraud"]), float(row["label_delay_hours"]), index)
+                for index, row in enumerate(frame.to_dict("records"))
+            ]
         )
         self._lock = threading.Lock()
 
-    def next(self) -> tuple[dict[str, Any], int, float]:
+    def next(self) -> tuple[dict[str, Any], int, float, int]:
         with self._lock:
             return next(self._rows)
 
@@ -95,21 +98,21 @@ class _PendingLabels:
         self._heap: list[tuple[float, str, int]] = []
         self._lock = threading.Lock()
 
-    def add(self, correlation_id: str, label: int, delay_hours: float) -> None:
+    def add(self, prediction_id: str, label: int, delay_hours: float) -> None:
         with self._lock:
-            heapq.heappush(self._heap, (time.monotonic() + delay_hours * SECONDS_PER_HOUR, correlation_id, label))
+            heapq.heappush(self._heap, (time.monotonic() + delay_hours * SECONDS_PER_HOUR, prediction_id, label))
 
     def pop_due(self) -> tuple[str, int] | None:
         with self._lock:
             if self._heap and self._heap[0][0] <= time.monotonic():
-                _, correlation_id, label = heapq.heappop(self._heap)
-                return correlation_id, label
+                _, prediction_id, label = heapq.heappop(self._heap)
+                return prediction_id, label
         return None
 
 
-def _gets_label(correlation_id: str) -> bool:
-    """Deterministic sampling of which answers ever get a label (FW_LOAD_LABEL_SHARE)."""
-    return LABEL_SHARE >= 1.0 or zlib.crc32(correlation_id.encode()) % 1000 < LABEL_SHARE * 1000
+def _gets_label(row_index: int) -> bool:
+    """Deterministic sampling of which rows of the stream ever get a label (FW_LOAD_LABEL_SHARE)."""
+    return LABEL_SHARE >= 1.0 or zlib.crc32(str(row_index).encode()) % 1000 < LABEL_SHARE * 1000
 
 
 STREAM = _Stream()
@@ -124,16 +127,17 @@ class RefundUser(HttpUser):
 
     @task
     def refund(self) -> None:
-        body, label, delay = STREAM.next()
+        body, label, delay, row_index = STREAM.next()
         with self.client.post(
             "/api/v1/refund-predict", json=body, name="refund-predict", catch_response=True
         ) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
                 return
-            correlation_id = response.json().get("correlation_id")
-            if correlation_id and _gets_label(correlation_id):
-                PENDING.add(correlation_id, label, delay)
+            # the label feed cites the router's prediction ID (the client's correlation ID joins nothing)
+            prediction_id = response.json().get("prediction_id")
+            if prediction_id and _gets_label(row_index):
+                PENDING.add(prediction_id, label, delay)
 
 
 FEEDBACK_URL = os.environ.get("FW_LOAD_FEEDBACK_URL", "")
@@ -153,11 +157,11 @@ class LabelUser(HttpUser):
         if due is None:
             time.sleep(0.05)
             return
-        correlation_id, label = due
+        prediction_id, label = due
         with self.client.post(
             FEEDBACK_URL.rstrip("/") + "/api/v1/feedback" if FEEDBACK_URL else "/api/v1/feedback",
             headers=FEEDBACK_HEADERS,
-            json={"correlation_id": correlation_id, "label": "fraud" if label else "legit", "source": "chargeback"},
+            json={"prediction_id": prediction_id, "label": "fraud" if label else "legit", "source": "chargeback"},
             name="feedback",
             catch_response=True,
         ) as response:

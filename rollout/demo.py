@@ -374,9 +374,9 @@ def controller_env(run: Run, side: ModelSide, policy_path: Path, router: RouterP
         f"{prefix}HOST": s.host,
         f"{prefix}METRICS_PORT": str(port),
         f"{prefix}COMMAND_WAIT_TIMEOUT_S": str(s.command_timeout_s),
-        f"{prefix}LOCAL__ROUTER_URLS": json.dumps([router.url]),
+        f"{prefix}LOCAL__ROUTER_URLS": json.dumps([router.control_url]),  # admin and metrics: the control port
         f"{prefix}LOCAL__PROMETHEUS_TARGETS_FILE": str(run.home / "prometheus" / "targets.json"),
-        f"{prefix}LOCAL__SCRAPE_TARGETS": json.dumps([router.url.removeprefix("http://"), f"{s.host}:{port}"]),
+        f"{prefix}LOCAL__SCRAPE_TARGETS": json.dumps([router.control_url.removeprefix("http://"), f"{s.host}:{port}"]),
         f"{prefix}LOCAL__START_TIMEOUT_S": str(s.server_start_timeout_s),
         f"{prefix}LOCAL__SERVER_ENV": json.dumps(
             {"FW_SERVE__WORKERS": str(s.server_workers), "FW_LOG_LEVEL": "WARNING"}
@@ -595,7 +595,8 @@ def _footer(run: Run) -> str:
 
 def check_outcomes(summaries: Sequence[RolloutSummary], side: ModelSide) -> list[str]:
     """What differs from the designed run: v2 promoted through every stage; v3 rolled back by outcome gates only,
-    recall among them, after its health and drift gates had passed."""
+    a recall gate among them (the paired one in shadow when its fraud labels arrive in time), after its health and
+    drift gates had passed."""
     problems = []
     good = next((r for r in summaries if r.candidate == side.challenger), None)
     bad = next((r for r in summaries if r.candidate == side.bad), None)
@@ -613,11 +614,13 @@ def check_outcomes(summaries: Sequence[RolloutSummary], side: ModelSide) -> list
             problems.append(f"{side.bad} ended {bad.phase} ({bad.ended_by}): {bad.reason}")
         if bad.failed_layers != {"outcome"}:
             problems.append(f"{side.bad} failed gates of {sorted(bad.failed_layers)}, not the outcome layer alone")
-        if "recall" not in {g.get("name") for g in bad.failed_gates}:
-            problems.append(f"{side.bad} was not caught by the recall gate")
+        if not {"recall", "recall-paired"} & {g.get("name") for g in bad.failed_gates}:
+            problems.append(f"{side.bad} was not caught by a recall gate (paired in shadow, or in A/B and full)")
         drift_and_health = {"error-rate", "latency-p99", "input-psi-max", "score-psi", "decision-rate-shift"}
         missing = drift_and_health - set(bad.passed_gates)
-        if missing:
+        # Caught in shadow by a paired gate, v3 may be rolled back before the drift gates' evidence minimums are
+        # met: that none of them failed is checked above (the outcome layer alone failed).
+        if missing and bad.path[-1] != "shadow":
             problems.append(f"{side.bad}'s {', '.join(sorted(missing))} never passed before the rollback")
     return problems
 

@@ -120,7 +120,7 @@ class OutcomeSettings(BaseSettings):
     max_batch_labels: int = Field(2_000, ge=1)
     #: Labels accepted per ``source`` per minute (a fixed window); beyond it 429 / ``over_quota``.
     feedback_quota_per_minute: int = Field(60_000, ge=1)
-    max_correlation_id_chars: int = Field(128, ge=8)
+    max_prediction_id_chars: int = Field(128, ge=8)
     max_source_chars: int = Field(64, ge=1)
     score_buckets: tuple[float, ...] = DEFAULT_SCORE_BUCKETS
     calibration_bins: int = Field(10, ge=2, le=100)

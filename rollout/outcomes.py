@@ -3,7 +3,7 @@
 Data plane::
 
     router ──record()──▶ PredictionLog buffer ──background flush (thread, executemany)──▶ predictions table
-    label source ──POST /api/v1/feedback──▶ OutcomeTracker ──find(correlation_id)──▶ every prediction of that id
+    label source ──POST /api/v1/feedback──▶ OutcomeTracker ──find(prediction_id)──▶ the predictions of that request
                                              ├──▶ labels table (first label wins; the primary key arbitrates)
                                              ├──▶ outcome metrics per (model_version, role, stage)
                                              └──▶ paired tables per (stable, candidate, stage)
@@ -13,7 +13,12 @@ dropped and counted). A background task flushes every ``flush_interval_ms`` or a
 wait, in a worker thread, in one transaction per batch. ``close`` flushes everything recorded before it.
 A prediction still in the buffer (or in the batch being written) is found by the label join.
 
-Label policy: the first label of a correlation ID stands. The same label again → 200 ``duplicate`` (counted once);
+Join key: the router issues an unguessable ``prediction_id`` for each scored request and returns it to the client
+(the label feed cites it); the decider's record and the shadow records of that same request share it, and nothing
+else does. The client's ``X-Correlation-ID`` is stored beside it as a tracing field and joins nothing: a client that
+sends 50 requests under one correlation ID gets 50 prediction IDs, and one label counts for one of them.
+
+Label policy: the first label of a prediction ID stands. The same label again → 200 ``duplicate`` (counted once);
 a different label → 409. Outcome metrics are updated once per label, for every prediction of the ID (the decider
 and each shadow), with that prediction's own decision (taken at its own threshold). A shadow prediction logged
 after its label arrived gets no outcome (labels arrive days later; shadows answer within seconds).
@@ -21,7 +26,7 @@ after its label arrived gets no outcome (labels arrive days later; shadows answe
 ``stage`` on every outcome series is the routing stage in force when the PREDICTION was made (a column of the
 log), not when its label arrived: a gate of stage S counts exactly the predictions made while the arms ran side by
 side in S, whenever their labels come. A request both versions scored (the decider and a shadow of the same
-correlation ID) also counts once, when its label arrives, in the paired tables — both decisions
+prediction ID) also counts once, when its label arrives, in the paired tables — both decisions
 (``fraudwatch_outcome_paired_total``: discordant pairs per label give paired recall, precision and decision-rate
 differences) and both score bins (``fraudwatch_outcome_paired_score_total``: a paired AUC difference). The sides
 are named after the routing table's stable at prediction time (column ``stable_version``), as the shadow
@@ -42,6 +47,7 @@ import contextlib
 import json
 import logging
 import math
+import secrets
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -97,14 +103,24 @@ FEEDBACK_PATH: Final[str] = "/api/v1/feedback"
 FEEDBACK_BATCH_PATH: Final[str] = "/api/v1/feedback/batch"
 SECONDS_PER_HOUR: Final[float] = 3600.0
 LABEL_NAMES: Final[dict[int, str]] = {1: "fraud", 0: "legit"}
+#: The response header (and body member ``prediction_id``) carrying the router's ID of a scored request.
+PREDICTION_ID_HEADER: Final[str] = "X-Prediction-ID"
+#: Bytes of randomness in a prediction ID (``secrets.token_urlsafe``: 22 URL-safe characters).
+PREDICTION_ID_BYTES: Final[int] = 16
 _LABEL_VALUES: Final[dict[str, int]] = {name: value for value, name in LABEL_NAMES.items()}
+
+
+def new_prediction_id() -> str:
+    """An unguessable ID for one scored request: the label join key, issued by the router, never by a client."""
+    return secrets.token_urlsafe(PREDICTION_ID_BYTES)
 
 
 @dataclass(frozen=True)
 class PredictionRecord:
     """One answer of one model version to one request."""
 
-    correlation_id: str
+    #: The router's ID of the request (the label join key): shared by its decider and shadow records only.
+    prediction_id: str
     entity_key: str | None
     ts: datetime
     model_version: str
@@ -117,6 +133,8 @@ class PredictionRecord:
     #: The routing table's stable version when the prediction was made (names the sides of a pair); None in rows
     #: written before the column existed.
     stable_version: str | None = None
+    #: The client's ``X-Correlation-ID`` (tracing only; never a join key); None in rows written before the column.
+    correlation_id: str | None = None
 
 
 # --------------------------------------------------------------------------------------------------- schema
@@ -127,7 +145,7 @@ predictions_table = Table(
     "predictions",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("correlation_id", String, nullable=False),
+    Column("prediction_id", String, nullable=False),
     Column("entity_key", String, nullable=True),
     Column("ts", DateTime(timezone=True), nullable=False),
     Column("model_version", String, nullable=False),
@@ -137,13 +155,14 @@ predictions_table = Table(
     Column("threshold", Float, nullable=False),
     Column("stage", String, nullable=False),
     Column("stable_version", String, nullable=True),
+    Column("correlation_id", String, nullable=True),
 )
-Index("ix_predictions_correlation_id", predictions_table.c.correlation_id)
+prediction_id_index = Index("ix_predictions_prediction_id", predictions_table.c.prediction_id)
 
 labels_table = Table(
     "labels",
     metadata,
-    Column("correlation_id", String, primary_key=True),
+    Column("prediction_id", String, primary_key=True),
     Column("label", SmallInteger, nullable=False),
     Column("source", String, nullable=False),
     Column("observed_at", DateTime(timezone=True), nullable=False),
@@ -160,12 +179,37 @@ def as_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+#: Releases before router-issued prediction IDs joined labels on the client's correlation ID: that column is the
+#: join key of their rows, renamed in place (old labels keep joining their old predictions).
+_RENAMED_JOIN_KEYS: Final[tuple[str, ...]] = ("predictions", "labels")
+_OLD_JOIN_KEY: Final[str] = "correlation_id"
+_OLD_JOIN_INDEX: Final[str] = "ix_predictions_correlation_id"
+
+
+def _rename_old_join_keys(conn: Any) -> list[str]:
+    """``correlation_id`` → ``prediction_id`` in tables of an older release (``ALTER TABLE … RENAME COLUMN``, the
+    same statement on SQLite ≥ 3.25 and PostgreSQL); their old index is replaced by the new one."""
+    renamed: list[str] = []
+    for name in _RENAMED_JOIN_KEYS:
+        present = {column["name"] for column in inspect(conn).get_columns(name)}
+        if "prediction_id" in present or _OLD_JOIN_KEY not in present:
+            continue
+        conn.exec_driver_sql(f'ALTER TABLE {name} RENAME COLUMN "{_OLD_JOIN_KEY}" TO "prediction_id"')
+        renamed.append(f"{name}.{_OLD_JOIN_KEY}->prediction_id")
+    if renamed:
+        conn.exec_driver_sql(f"DROP INDEX IF EXISTS {_OLD_JOIN_INDEX}")
+    prediction_id_index.create(conn, checkfirst=True)
+    return renamed
+
+
 def ensure_schema(engine: Engine) -> list[str]:
-    """Create the tables if needed and add any nullable column a table of an older release lacks (``ALTER TABLE …
-    ADD COLUMN``, the same statement on SQLite and PostgreSQL; old rows read NULL there). Returns the columns added."""
+    """Create the tables if needed, rename an older release's join key (:func:`_rename_old_join_keys`) and add any
+    nullable column a table of an older release lacks (``ALTER TABLE … ADD COLUMN``, the same statement on SQLite
+    and PostgreSQL; old rows read NULL there). Returns the columns renamed and added."""
     metadata.create_all(engine)
     added: list[str] = []
     with engine.begin() as conn:
+        added.extend(_rename_old_join_keys(conn))
         for table in metadata.sorted_tables:
             present = {column["name"] for column in inspect(conn).get_columns(table.name)}
             for column in table.columns:
@@ -205,7 +249,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def _row_of(record: PredictionRecord) -> dict[str, Any]:
     return {
-        "correlation_id": record.correlation_id,
+        "prediction_id": record.prediction_id,
         "entity_key": record.entity_key,
         "ts": as_utc(record.ts),
         "model_version": record.model_version,
@@ -215,6 +259,7 @@ def _row_of(record: PredictionRecord) -> dict[str, Any]:
         "threshold": float(record.threshold),
         "stage": record.stage,
         "stable_version": record.stable_version,
+        "correlation_id": record.correlation_id,
     }
 
 
@@ -231,7 +276,7 @@ def _rows_of(batch: Sequence[PredictionRecord]) -> tuple[list[dict[str, Any]], i
                 logger,
                 "malformed prediction record rejected",
                 logging.ERROR,
-                rejected_correlation_id=str(getattr(record, "correlation_id", None)),
+                rejected_prediction_id=str(getattr(record, "prediction_id", None)),
                 error=str(exc),
             )
     return rows, malformed
@@ -239,7 +284,7 @@ def _rows_of(batch: Sequence[PredictionRecord]) -> tuple[list[dict[str, Any]], i
 
 def _record_of(row: Any) -> PredictionRecord:
     return PredictionRecord(
-        correlation_id=row.correlation_id,
+        prediction_id=row.prediction_id,
         entity_key=row.entity_key,
         ts=as_utc(row.ts),
         model_version=row.model_version,
@@ -249,6 +294,7 @@ def _record_of(row: Any) -> PredictionRecord:
         threshold=float(row.threshold),
         stage=row.stage,
         stable_version=row.stable_version,
+        correlation_id=row.correlation_id,
     )
 
 
@@ -300,7 +346,7 @@ class _LogMetrics:
 
 
 class PredictionLog:
-    """A batched, non-blocking writer of :class:`PredictionRecord` rows, and their lookup by correlation ID."""
+    """A batched, non-blocking writer of :class:`PredictionRecord` rows, and their lookup by prediction ID."""
 
     def __init__(
         self,
@@ -314,6 +360,9 @@ class PredictionLog:
         self._metrics = _LogMetrics(registry if registry is not None else REGISTRY)
         self._buffer: deque[PredictionRecord] = deque()
         self._inflight: list[PredictionRecord] = []
+        #: The records in ``_buffer`` and ``_inflight`` by prediction ID: a label's lookup reads its few records
+        #: in O(1) instead of scanning up to ``buffer_max_rows`` rows on the event loop.
+        self._unwritten: dict[str, list[PredictionRecord]] = {}
         #: Unexpected (not outage) write errors in a row.
         self._unexpected = 0
         self._wake = asyncio.Event()
@@ -352,6 +401,7 @@ class PredictionLog:
             self._metrics.dropped.labels("overflow").inc()
             return
         self._buffer.append(rec)
+        self._unwritten.setdefault(rec.prediction_id, []).append(rec)
         self._metrics.buffered.set(len(self._buffer))
         if len(self._buffer) >= self._settings.flush_max_rows:
             self._wake.set()
@@ -360,14 +410,14 @@ class PredictionLog:
         """Write everything recorded so far; raises when the database cannot be reached (rows stay buffered)."""
         await self._drain()
 
-    async def find(self, correlation_id: str) -> list[PredictionRecord]:
-        """Every prediction of a correlation ID: written ones and those still waiting in memory.
+    async def find(self, prediction_id: str) -> list[PredictionRecord]:
+        """Every prediction of one request (its decider and shadows): written ones and those still in memory.
 
         Memory is read before the database, so a batch that moves from memory to the database in between is
         seen at least once (copies are merged).
         """
-        in_memory = [r for r in (*self._inflight, *self._buffer) if r.correlation_id == correlation_id]
-        stored = await asyncio.to_thread(self._select, correlation_id)
+        in_memory = list(self._unwritten.get(prediction_id, ()))
+        stored = await asyncio.to_thread(self._select, prediction_id)
         return unique_predictions([*stored, *in_memory])
 
     async def close(self) -> None:
@@ -406,6 +456,7 @@ class PredictionLog:
                     self._metrics.dropped.labels("lost").inc(lost)
                     log_event(logger, "prediction log closed with unwritten rows", logging.ERROR, rows=lost)
                     self._buffer.clear()
+                    self._unwritten.clear()
                     return
                 await asyncio.sleep(self._settings.retry_backoff_ms / 1000.0)
 
@@ -437,15 +488,27 @@ class PredictionLog:
                 self._metrics.dropped.labels("failed").inc(len(batch))
                 log_event(logger, "prediction log batch dropped after repeated unexpected write errors",
                           logging.ERROR, rows=len(batch), error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+                self._forget(batch)
                 return
             self._buffer.extendleft(reversed(batch))
             logger.exception("prediction log write failed unexpectedly; will retry")
             raise _TransientWriteError(str(exc)) from exc
         self._unexpected = 0
+        self._forget(batch)
         self._metrics.flush_seconds.observe(time.perf_counter() - started)
         self._metrics.written.inc(len(batch) - rejected)
         if rejected:
             self._metrics.dropped.labels("rejected").inc(rejected)
+
+    def _forget(self, batch: Sequence[PredictionRecord]) -> None:
+        """Drop a batch that left memory (written, or refused for good) from the in-memory index."""
+        for rec in batch:
+            rows = self._unwritten.get(rec.prediction_id)
+            if rows is None:
+                continue
+            rows[:] = [r for r in rows if r is not rec]
+            if not rows:
+                del self._unwritten[rec.prediction_id]
 
     def _write(self, batch: Sequence[PredictionRecord]) -> int:
         """Insert a batch in one transaction; on a data error fall back to one row per transaction.
@@ -481,15 +544,15 @@ class PredictionLog:
                     logger,
                     "prediction row rejected by the database",
                     logging.ERROR,
-                    rejected_correlation_id=row["correlation_id"],
+                    rejected_prediction_id=row["prediction_id"],
                     error=str(exc.orig),
                 )
         return rejected
 
-    def _select(self, correlation_id: str) -> list[PredictionRecord]:
+    def _select(self, prediction_id: str) -> list[PredictionRecord]:
         query = (
             select(predictions_table)
-            .where(predictions_table.c.correlation_id == correlation_id)
+            .where(predictions_table.c.prediction_id == prediction_id)
             .order_by(predictions_table.c.id)
         )
         with self._engine.connect() as conn:
@@ -509,23 +572,23 @@ def _parse_label(value: object) -> int:
 
 
 class FeedbackRequest(BaseModel):
-    """A ground-truth label for one earlier prediction (joined by ``correlation_id``).
+    """A ground-truth label for one earlier prediction (joined by ``prediction_id``).
 
     Length limits come from :class:`OutcomeSettings`, passed as validation context ``{"settings": …}``.
     """
 
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
 
-    correlation_id: str = Field(..., min_length=1)
+    prediction_id: str = Field(..., min_length=1)
     label: Annotated[int, BeforeValidator(_parse_label)]
     source: str = Field(..., min_length=1)
     #: When the truth became known (e.g. the chargeback date); default: when the label was received.
     observed_at: AwareDatetime | None = None
 
-    @field_validator("correlation_id")
+    @field_validator("prediction_id")
     @classmethod
-    def _correlation_id_length(cls, value: str, info: ValidationInfo) -> str:
-        limit = _context_settings(info).max_correlation_id_chars
+    def _prediction_id_length(cls, value: str, info: ValidationInfo) -> str:
+        limit = _context_settings(info).max_prediction_id_chars
         if len(value) > limit:
             raise ValueError(f"must be at most {limit} characters")
         return value
@@ -559,7 +622,7 @@ class StoredLabel:
 @dataclass(frozen=True)
 class FeedbackResult:
     status: FeedbackStatus
-    correlation_id: str
+    prediction_id: str
     predictions: int
     existing: StoredLabel | None = None
 
@@ -658,7 +721,7 @@ class PairedPrediction:
 
 
 def paired_predictions(found: Sequence[PredictionRecord]) -> list[PairedPrediction]:
-    """The (decider, shadow) pairs among the predictions of one correlation ID, made in the same stage.
+    """The (decider, shadow) pairs among the predictions of one prediction ID, made in the same stage.
 
     The sides follow the routing table's stable at prediction time, as the shadow comparison series do; a row
     without ``stable_version`` (written before the column) falls back to the stage: in ``full`` the shadow is the
@@ -733,17 +796,17 @@ class OutcomeTracker:
         """Store the label (first one wins) and, when it is new, update the outcome metrics of every prediction."""
         received = as_utc(received_at or utc_now())
         observed = as_utc(feedback.observed_at or received)
-        cid = feedback.correlation_id
-        found = await self._log.find(cid)
+        pid = feedback.prediction_id
+        found = await self._log.find(pid)
         if not found:
-            return self._counted(FeedbackResult("unknown", cid, 0))
+            return self._counted(FeedbackResult("unknown", pid, 0))
         new = StoredLabel(label=feedback.label, source=feedback.source, observed_at=observed, received_at=received)
-        existing = await asyncio.to_thread(self._store_label, cid, new)
+        existing = await asyncio.to_thread(self._store_label, pid, new)
         if existing is None:
             self.observe(found, feedback.label, observed)
-            return self._counted(FeedbackResult("recorded", cid, len(found)))
+            return self._counted(FeedbackResult("recorded", pid, len(found)))
         status: FeedbackStatus = "duplicate" if existing.label == feedback.label else "conflict"
-        return self._counted(FeedbackResult(status, cid, len(found), existing))
+        return self._counted(FeedbackResult(status, pid, len(found), existing))
 
     # ------------------------------------------------------------------ table store observer
 
@@ -821,13 +884,13 @@ class OutcomeTracker:
         self._metrics.feedback.labels(result.status).inc()
         return result
 
-    def _store_label(self, correlation_id: str, new: StoredLabel) -> StoredLabel | None:
+    def _store_label(self, prediction_id: str, new: StoredLabel) -> StoredLabel | None:
         """Insert the label unless one exists; return the existing one (None when this one was stored)."""
-        existing = self._read_label(correlation_id)
+        existing = self._read_label(prediction_id)
         if existing is not None:
             return existing
         row = {
-            "correlation_id": correlation_id,
+            "prediction_id": prediction_id,
             "label": new.label,
             "source": new.source,
             "observed_at": new.observed_at,
@@ -837,11 +900,11 @@ class OutcomeTracker:
             with self._log.engine.begin() as conn:
                 conn.execute(labels_table.insert(), row)
         except IntegrityError:
-            return self._read_label(correlation_id)
+            return self._read_label(prediction_id)
         return None
 
-    def _read_label(self, correlation_id: str) -> StoredLabel | None:
-        query = select(labels_table).where(labels_table.c.correlation_id == correlation_id)
+    def _read_label(self, prediction_id: str) -> StoredLabel | None:
+        query = select(labels_table).where(labels_table.c.prediction_id == prediction_id)
         with self._log.engine.connect() as conn:
             row = conn.execute(query).first()
         if row is None:
@@ -910,10 +973,7 @@ class OutcomeTracker:
         except (OperationalError, InterfaceError) as exc:
             self._metrics.feedback.labels("unavailable").inc()
             log_event(logger, "feedback join failed: prediction log unavailable", logging.ERROR, error=str(exc.orig))
-            return _error(
-                503, "the prediction log is unavailable; retry later", "correlation_id", "not looked up",
-                feedback.correlation_id,
-            )  # fmt: skip
+            return _error(503, "the prediction log is unavailable; retry later", "prediction_id", "not looked up")
         return _response_of(result, feedback)
 
     async def feedback_batch_endpoint(self, request: Request) -> Response:
@@ -946,19 +1006,17 @@ class OutcomeTracker:
             return {"status": "invalid", "fields": fields}
         if self._over_quota(feedback.source):
             self._metrics.feedback.labels("over_quota").inc()
-            return {"status": "over_quota", "correlation_id": feedback.correlation_id}
+            return {"status": "over_quota", "prediction_id": feedback.prediction_id}
         try:
             result = await self.submit(feedback)
         except (OperationalError, InterfaceError):
             self._metrics.feedback.labels("unavailable").inc()
-            return {"status": "unavailable", "correlation_id": feedback.correlation_id}
-        return {"status": result.status, "correlation_id": result.correlation_id, "predictions": result.predictions}
+            return {"status": "unavailable", "prediction_id": feedback.prediction_id}
+        return {"status": result.status, "prediction_id": result.prediction_id, "predictions": result.predictions}
 
 
-def _error(status: int, message: str, field: str, detail: str, correlation_id: str | None = None) -> JSONResponse:
-    body = ErrorResponse(
-        error=message, details=[ErrorDetail(field=field, message=detail)], correlation_id=correlation_id
-    )
+def _error(status: int, message: str, field: str, detail: str) -> JSONResponse:
+    body = ErrorResponse(error=message, details=[ErrorDetail(field=field, message=detail)])
     return JSONResponse(body.model_dump(), status_code=status)
 
 
@@ -973,23 +1031,22 @@ def _validation_error(exc: ValidationError) -> JSONResponse:
 
 
 def _response_of(result: FeedbackResult, feedback: FeedbackRequest) -> JSONResponse:
-    cid = result.correlation_id
+    pid = result.prediction_id
     # The 404 and the 409 name only what the caller sent: never the stored label, its source or its time (a label
     # feed that needs them reads the prediction log; the router's log line below has them for operators).
     if result.status == "unknown":
         return _error(
             404,
-            f"unknown correlation_id {cid!r}: no prediction was logged under this ID",
-            "correlation_id",
-            "no prediction with this correlation_id",
-            cid,
+            f"unknown prediction_id {pid!r}: no prediction was logged under this ID",
+            "prediction_id",
+            "no prediction with this prediction_id",
         )
     if result.status == "conflict" and result.existing is not None:
         first = result.existing
         log_event(
             logger,
             "conflicting label refused",
-            correlation_id=cid,
+            prediction_id=pid,
             label=LABEL_NAMES[feedback.label],
             source=feedback.source,
             stored_label=LABEL_NAMES[first.label],
@@ -998,15 +1055,14 @@ def _response_of(result: FeedbackResult, feedback: FeedbackRequest) -> JSONRespo
         )
         return _error(
             409,
-            f"conflicting label for {cid!r}: a different label is already recorded; the first label stands",
+            f"conflicting label for {pid!r}: a different label is already recorded; the first label stands",
             "label",
             "conflicts with the label already recorded",
-            cid,
         )
     return JSONResponse(
         {
             "status": result.status,
-            "correlation_id": cid,
+            "prediction_id": pid,
             "label": LABEL_NAMES[feedback.label],
             "predictions": result.predictions,
         },

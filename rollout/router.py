@@ -1,20 +1,23 @@
 """The traffic router: the public scoring API in front of the model services of a rollout (Starlette on uvicorn).
 
 Per request: validate the body with :class:`service.schema.RefundRequest` (a 4xx naming the field, never a 5xx for
-bad input) → pick the route from the routing table (sticky on ``accountId``, else the correlation ID) → forward the
-client's bytes to the deciding model service → answer with its body plus ``stage``, ``role`` and ``routed_to``
-(headers ``X-Correlation-ID``, ``X-Model-Version``) → hand shadow calls to the :class:`~rollout.shadow.ShadowRunner`
-and the decider's prediction to the prediction log, both without waiting.
+bad input) → issue the request's ``prediction_id`` (unguessable, :func:`rollout.outcomes.new_prediction_id`: the one
+key label feeds cite; the client's ``X-Correlation-ID`` is only traced) → pick the route from the routing table
+(sticky on ``accountId``, else on the prediction ID) → forward the client's bytes to the deciding model service →
+answer with the scoring contract plus ``prediction_id`` (headers ``X-Correlation-ID``, ``X-Prediction-ID``; with
+``expose_decision_details`` the model's body plus ``stage``, ``role``, ``routed_to`` and ``X-Model-Version``) → hand
+shadow calls to the :class:`~rollout.shadow.ShadowRunner` and the decider's prediction to the prediction log, both
+without waiting.
 
 Stage → decider: ``stable`` and ``shadow`` → stable (the candidate shadows in ``shadow``); ``canary`` / ``ab`` → the
 sticky split by ``candidate_weight``; ``full`` → the candidate (the previous stable shadows). A deciding candidate
 that fails or exceeds ``candidate_timeout_s`` is answered for by stable (``fraudwatch_router_fallback_total``); when
 stable fails the client gets a 503 naming the cause.
 
-Endpoints: ``POST /api/v1/refund-predict``, ``GET /livez``, ``GET /readyz`` (a table is loaded and its stable
-answered at least once), ``GET /metrics`` and ``GET|PUT /admin/routing`` (bearer token). The outcome tracker's
-``POST /api/v1/feedback`` and ``POST /api/v1/feedback/batch`` are on a second listener of the same process
-(``control_port``, bearer ``feedback_token``), never on the public port.
+Public port: ``POST /api/v1/refund-predict``, ``GET /livez``, ``GET /readyz`` (a table is loaded and its stable
+answered at least once) — the scoring contract and the probes, nothing else. A second listener of the same process
+(``control_port``) serves ``GET /metrics`` (Prometheus), ``GET|PUT /admin/routing`` (bearer ``admin_token``) and
+the outcome tracker's ``POST /api/v1/feedback`` and ``POST /api/v1/feedback/batch`` (bearer ``feedback_token``).
 
 Run: ``python -m rollout.router`` or ``fraudwatch-router`` (settings from ``FW_ROLLOUT_ROUTER__…``, the prediction
 log from ``FW_OUTCOMES__…``). Its routing table comes from ``PUT /admin/routing``, a file
@@ -32,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -50,7 +54,7 @@ from starlette.routing import BaseRoute, Route
 
 from rollout.metrics import RouterMetrics
 from rollout.outcome_settings import get_outcome_settings
-from rollout.outcomes import OutcomeTracker, PredictionLog, PredictionRecord
+from rollout.outcomes import PREDICTION_ID_HEADER, OutcomeTracker, PredictionLog, PredictionRecord, new_prediction_id
 from rollout.routing import Arm, RoutePlan, RoutingTable, Stage, VersionEndpoint
 from rollout.settings import RolloutSettings, RouterSettings, get_rollout_settings
 from rollout.shadow import PredictionSink, ShadowJob, ShadowRunner
@@ -91,7 +95,18 @@ def response_fields(stage: Stage, arm: Arm, fallback_from: str | None) -> bytes:
     return (members + "}").encode("utf-8")
 
 
-def public_body(answer: Answer, correlation_id: str) -> bytes:
+def sticky_key_of(settings: RouterSettings) -> bytes:
+    """The configured sticky key, else a random one for this process (logged: stickiness across router replicas and
+    restarts needs the shared key of the chart's Secret)."""
+    configured = settings.sticky_secret()
+    if configured is not None:
+        return configured.encode("utf-8")
+    log_event(logger, "no sticky key configured: a random key, sticky within this router process only",
+              logging.WARNING, event="sticky_key_random")  # fmt: skip
+    return secrets.token_bytes(32)
+
+
+def public_body(answer: Answer, prediction_id: str, correlation_id: str) -> bytes:
     """The decider's answer cut to the scoring contract — what a client always gets (RouterSettings
     .expose_decision_details): score, threshold and versions stay inside. Built from
     the fields the router parsed already — the body is not parsed a second time on the response path."""
@@ -99,6 +114,7 @@ def public_body(answer: Answer, correlation_id: str) -> bytes:
         "prediction": answer.prediction,
         "confidence": confidence_of(answer.score, answer.prediction),
         "decision": decision_of(answer.prediction),
+        "prediction_id": prediction_id,
         "correlation_id": correlation_id,
     }
     return json.dumps(kept, separators=(",", ":")).encode("utf-8")
@@ -151,7 +167,7 @@ class Router:
         self.metrics = RouterMetrics(
             self.registry, settings.latency_buckets_s, settings.score_delta_buckets, process_metrics=process_metrics
         )
-        self.store = TableStore()
+        self.store = TableStore(sticky_key=sticky_key_of(settings))
         self.store.add_observer(self)
         self.upstreams = Upstreams(settings)
         self.caller = Caller(settings, self.upstreams, self.metrics)
@@ -262,7 +278,10 @@ class Router:
             detail = ErrorDetail(field="routing", message="no routing table loaded yet")
             return self._respond_error(_UNAVAILABLE, "no_routing_table", cid, started, [detail])
         entity = parsed.accountId
-        route = plan.route(entity if entity is not None else cid)
+        pid = new_prediction_id()
+        # Sticky on the account; without one, on the router's own ID (random per request): never on a value the
+        # client chose, such as its correlation ID.
+        route = plan.route(entity if entity is not None else pid)
         headers = {"content-type": _JSON, CORRELATION_HEADER: cid}
         received_at = datetime.now(UTC)
         self._deciding += 1
@@ -275,10 +294,11 @@ class Router:
         answer = decided.answer
         exposed = self.settings.expose_decision_details
         if exposed:
-            content = splice(answer.body, self._response_fields(plan.stage, decided.arm, decided.fallback_from))
+            fields = self._response_fields(plan.stage, decided.arm, decided.fallback_from)
+            content = splice(answer.body, b',"prediction_id":"' + pid.encode("ascii") + b'"' + fields)
         else:
-            content = public_body(answer, cid)
-        self._record(plan, decided, cid, entity, received_at)
+            content = public_body(answer, pid, cid)
+        self._record(plan, decided, pid, cid, entity, received_at)
         for shadow in route.shadows:
             if shadow.version != decided.endpoint.version:
                 self.shadow.submit(
@@ -286,6 +306,7 @@ class Router:
                         endpoint=shadow,
                         body=body,
                         headers=headers,
+                        prediction_id=pid,
                         correlation_id=cid,
                         entity_key=entity,
                         received_at=received_at,
@@ -304,6 +325,7 @@ class Router:
                 "routed",
                 event="decision",
                 correlation_id=cid,
+                prediction_id=pid,
                 stage=plan.stage,
                 generation=plan.table.generation,
                 routed_to=decided.arm,
@@ -316,9 +338,9 @@ class Router:
         return Response(
             content,
             media_type=_JSON,
-            headers={CORRELATION_HEADER: cid, MODEL_VERSION_HEADER: answer.reported_version}
+            headers={CORRELATION_HEADER: cid, PREDICTION_ID_HEADER: pid, MODEL_VERSION_HEADER: answer.reported_version}
             if exposed
-            else {CORRELATION_HEADER: cid},
+            else {CORRELATION_HEADER: cid, PREDICTION_ID_HEADER: pid},
         )
 
     async def _decide(
@@ -356,13 +378,15 @@ class Router:
             self._fields[key] = fields
         return fields
 
-    def _record(self, plan: RoutePlan, decided: Decided, cid: str, entity: str | None, received_at: datetime) -> None:
+    def _record(
+        self, plan: RoutePlan, decided: Decided, pid: str, cid: str, entity: str | None, received_at: datetime
+    ) -> None:
         if self.prediction_log is None:
             return
         answer = decided.answer
         self.prediction_log.record(
             PredictionRecord(
-                correlation_id=cid,
+                prediction_id=pid,
                 entity_key=entity,
                 ts=received_at,
                 model_version=decided.endpoint.version,
@@ -372,6 +396,7 @@ class Router:
                 threshold=answer.threshold,
                 stage=plan.stage,
                 stable_version=plan.table.stable.version,
+                correlation_id=cid,
             )
         )
 
@@ -408,6 +433,13 @@ class Router:
 
     async def livez(self, _request: Request) -> Response:
         return JSONResponse({"status": "alive"})
+
+    async def public_readyz(self, request: Request) -> Response:
+        """The public probe: ready or not, without the stage, the generation or a version (the control listener's
+        ``/readyz`` has them) — a client must not learn that a canary runs."""
+        detailed = await self.readyz(request)
+        status = "ready" if detailed.status_code == 200 else "not ready"
+        return JSONResponse({"status": status}, status_code=detailed.status_code)
 
     async def readyz(self, _request: Request) -> Response:
         plan = self.store.plan
@@ -458,19 +490,35 @@ class Router:
 
     # ------------------------------------------------------------------ application
 
-    def app(self) -> Starlette:
-        routes: list[BaseRoute] = [
+    def public_routes(self) -> list[BaseRoute]:
+        """The public port: the scoring contract and the probes, nothing else."""
+        return [
             Route(self.settings.predict_path, self.predict, methods=["POST"]),
             Route("/livez", self.livez, methods=["GET"]),
-            Route("/readyz", self.readyz, methods=["GET"]),
+            Route("/readyz", self.public_readyz, methods=["GET"]),
+            *self._extra_routes,
+        ]
+
+    def control_routes(self) -> list[BaseRoute]:
+        """The control listener's own routes (besides the label feed's): ``/metrics`` for Prometheus and
+        ``GET|PUT /admin/routing`` (bearer token), never on the public port."""
+        return [
             Route("/metrics", self.metrics_endpoint, methods=["GET"]),
             Route(ADMIN_PATH, self.get_routing, methods=["GET"]),
             Route(ADMIN_PATH, self.put_routing, methods=["PUT"]),
-            *self._extra_routes,
+            Route("/livez", self.livez, methods=["GET"]),
+            Route("/readyz", self.readyz, methods=["GET"]),
         ]
-        app = Starlette(routes=routes, lifespan=self.lifespan)
+
+    def app(self) -> Starlette:
+        """The public app (it owns the router's lifespan: sources, upstream pools, shadow workers, the log)."""
+        app = Starlette(routes=self.public_routes(), lifespan=self.lifespan)
         app.state.router = self
         return app
+
+    def control_app(self, extra_routes: Sequence[BaseRoute] = ()) -> Starlette:
+        """The control listener's app: :meth:`control_routes` and ``extra_routes`` (the label feed's)."""
+        return Starlette(routes=[*extra_routes, *self.control_routes()])
 
 
 class FeedbackTokenMissingError(RuntimeError):
@@ -508,8 +556,7 @@ def create_apps(settings: RolloutSettings | None = None) -> RouterApps:
         sources.append(KubeRolloutTableSource(router_settings.kube))
     router = Router(router_settings, registry=registry, prediction_log=log, sources=sources)
     router.store.add_observer(tracker)  # outcome and paired series of each table's versions start at zero
-    control = Starlette(routes=[*tracker.routes(), Route("/livez", router.livez, methods=["GET"])])
-    return RouterApps(public=router.app(), control=control)
+    return RouterApps(public=router.app(), control=router.control_app(tracker.routes()))
 
 
 def control_port_of(settings: RouterSettings) -> int:

@@ -50,6 +50,8 @@ class RouterProcess:
     admin_token: str | None = None
     #: The label feed's bearer token on the control listener (generated per process unless given).
     feedback_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    #: The secret key of sticky assignment (generated per process unless given; see RouterSettings.sticky_key).
+    sticky_key: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     env: Mapping[str, str] = field(default_factory=dict)
     port: int | None = None
     control_port: int | None = None
@@ -88,6 +90,7 @@ class RouterProcess:
             f"{_ENV_PREFIX}PORT": str(self.port),
             f"{_ENV_PREFIX}CONTROL_PORT": str(self.control_port),
             f"{_ENV_PREFIX}FEEDBACK_TOKEN": self.feedback_token,
+            f"{_ENV_PREFIX}STICKY_KEY": self.sticky_key,
         }
         if self.routing_file is not None:
             env[f"{_ENV_PREFIX}ROUTING_FILE"] = str(self.routing_file)

@@ -18,7 +18,9 @@ shadow, warm for a one-step revert). ``shadow`` lists extra versions that score 
 Sticky assignment: ``blake2b(salt ‖ 0x1f ‖ entity key)`` read as a 64-bit integer is uniform on ``[0, 2**64)``; an
 entity goes to the candidate when that integer is below ``weight / 100 · 2**64``. So an entity keeps its arm for
 the whole stage, raising the weight only adds entities to the candidate (never moves one back), and the salt —
-by default the (stable, candidate) pair — gives each rollout its own, independent choice of entities.
+by default the (stable, candidate) pair — gives each rollout its own, independent choice of entities. The router
+compiles every table with its secret sticky key (:func:`keyed_salt`: the salt is ``blake2b(table salt, key=key)``),
+so the salt is secret too: nobody without the key can compute which accounts reach the candidate.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ _ALL_CANDIDATE_TRAFFIC: Final[frozenset[str]] = frozenset({"full"})
 HASH_SPACE: Final[int] = 1 << 64
 PERCENT: Final[float] = 100.0
 _SALT_SEPARATOR: Final[bytes] = b"\x1f"
+_BLAKE2B_MAX_KEY: Final[int] = 64
+_KEYED_SALT_BYTES: Final[int] = 32
+#: BLAKE2b personalisation of the keyed salt (a key used for nothing else still gets its own domain).
+_SALT_PERSON: Final[bytes] = b"fw-sticky"
 _VERSION_PATTERN: Final[str] = r"^[A-Za-z0-9][A-Za-z0-9._:+@-]*$"
 _MAX_VERSION_CHARS: Final[int] = 128
 _MAX_SALT_CHARS: Final[int] = 256
@@ -173,13 +179,15 @@ class RoutePlan:
     salt: bytes
 
     @classmethod
-    def compile(cls, table: RoutingTable) -> RoutePlan:
+    def compile(cls, table: RoutingTable, key: bytes | None = None) -> RoutePlan:
+        """The plan of ``table``; with ``key`` (the router's secret sticky key) the salt is keyed."""
+        salt = table.effective_salt.encode("utf-8")
         return cls(
             table=table,
             stable_route=_stable_route(table),
             candidate_route=_candidate_route(table),
             cut=weight_cut(table.candidate_weight),
-            salt=table.effective_salt.encode("utf-8"),
+            salt=keyed_salt(key, salt) if key else salt,
         )
 
     @property
@@ -229,6 +237,13 @@ def weight_cut(weight_percent: float) -> int:
     if weight_percent >= PERCENT:
         return HASH_SPACE
     return int(weight_percent / PERCENT * HASH_SPACE)
+
+
+def keyed_salt(key: bytes, salt: bytes) -> bytes:
+    """The per-rollout secret salt: BLAKE2b of the table's salt keyed with the router's sticky key (a key longer
+    than BLAKE2b's 64 bytes is hashed to 64 first)."""
+    mac_key = key if len(key) <= _BLAKE2B_MAX_KEY else hashlib.blake2b(key).digest()
+    return hashlib.blake2b(salt, key=mac_key, digest_size=_KEYED_SALT_BYTES, person=_SALT_PERSON).digest()
 
 
 def hash_point(salt: bytes, key: str) -> int:

@@ -103,6 +103,12 @@ class RouterSettings(BaseModel):
     #: Development only: run the feedback listener without a token, accepting unauthenticated labels (logged as a
     #: warning at start). Labels decide rollouts: never in a deployment.
     feedback_insecure_dev: bool = False
+    #: The key of sticky assignment (or ``sticky_key_file``, a mounted Secret): each table's salt (the version pair,
+    #: or the ModelRollout's ``spec.routingSalt``) is hashed with it (keyed BLAKE2b), so every rollout gets its own
+    #: salt and no client can compute which accounts reach the candidate. Every replica must share it (the chart's
+    #: Secret); unset → a random key per process (logged: stickiness then holds within one router process only).
+    sticky_key: SecretStr | None = None
+    sticky_key_file: Path | None = None
 
     #: The HTTP client library of upstream calls (both pooled, keep-alive, HTTP/1.1); see rollout/upstream.py.
     #: aiohttp by default: half httpx's router CPU per request in benchmarks/router_benchmark.py (0.67 vs 1.32 ms
@@ -144,10 +150,10 @@ class RouterSettings(BaseModel):
     graceful_shutdown_s: float = Field(10.0, ge=0.0)
 
     #: The public answer's fields beyond the scoring contract (``prediction``, ``confidence``, ``decision``,
-    #: ``correlation_id``): ``score``, ``threshold``, ``model_version``, ``stage``, ``role``, ``routed_to`` and the
-    #: ``X-Model-Version`` header. They let a client probe the score and threshold and tell which version decided
-    #: (then pick the more lenient one): on for the embedded demo and tests, off in the chart (values
-    #: ``router.exposeDecisionDetails``).
+    #: ``prediction_id``, ``correlation_id``): ``score``, ``threshold``, ``model_version``, ``stage``, ``role``,
+    #: ``routed_to`` and the ``X-Model-Version`` header. They let a client probe the score and threshold and tell
+    #: which version decided (then pick the more lenient one): on for the embedded demo and tests, off in the chart
+    #: (values ``router.exposeDecisionDetails``).
     expose_decision_details: bool = True
     #: Readiness needs one successful answer from stable; it is probed at this interval until it answers.
     ready_probe_interval_s: float = Field(0.25, gt=0.0)
@@ -165,30 +171,33 @@ class RouterSettings(BaseModel):
 
     def admin_secret(self) -> str | None:
         """The admin bearer token (``admin_token`` first, else the content of ``admin_token_file``), or None."""
-        if self.admin_token is not None and self.admin_token.get_secret_value():
-            return self.admin_token.get_secret_value()
-        if self.admin_token_file is not None:
-            token = self.admin_token_file.read_text(encoding="utf-8").strip()
-            return token or None
-        return None
+        return read_secret(self.admin_token, self.admin_token_file)
 
     def feedback_secret(self) -> str | None:
         """The feedback bearer token (``feedback_token`` first, else the content of ``feedback_token_file``)."""
-        if self.feedback_token is not None and self.feedback_token.get_secret_value():
-            return self.feedback_token.get_secret_value()
-        if self.feedback_token_file is not None:
-            token = self.feedback_token_file.read_text(encoding="utf-8").strip()
-            return token or None
-        return None
+        return read_secret(self.feedback_token, self.feedback_token_file)
+
+    def sticky_secret(self) -> str | None:
+        """The sticky-assignment key (``sticky_key`` first, else the content of ``sticky_key_file``), or None."""
+        return read_secret(self.sticky_key, self.sticky_key_file)
+
+
+def read_secret(value: SecretStr | None, path: Path | None) -> str | None:
+    """A secret given inline (first) or as a mounted file (its stripped content); None when neither is set."""
+    if value is not None and value.get_secret_value():
+        return value.get_secret_value()
+    if path is not None:
+        return path.read_text(encoding="utf-8").strip() or None
+    return None
 
 
 class LocalBackendSettings(BaseModel):
     """The controller's local-process backend: model servers as ``bentoml serve`` children, routers reached through
     their admin endpoint, scrape targets in a Prometheus file-SD file (``FW_ROLLOUT_CONTROLLER__LOCAL__…``)."""
 
-    #: Base URLs of the routers the routing table is published to (``PUT /admin/routing``, bearer token from
-    #: ``router.admin_token`` / ``router.admin_token_file``).
-    router_urls: tuple[str, ...] = ("http://127.0.0.1:8080",)
+    #: Base URLs of the routers' control listeners the routing table is published to (``PUT /admin/routing``,
+    #: bearer token from ``router.admin_token`` / ``router.admin_token_file``; the public port has no admin route).
+    router_urls: tuple[str, ...] = ("http://127.0.0.1:8081",)
     #: Where fetched model bundles live (one directory per version); None → ``<state_dir>/models``.
     models_dir: Path | None = None
     #: The file-SD targets file of a local Prometheus (``PrometheusServer``'s ``targets.json``); None → not managed.

@@ -47,6 +47,8 @@ class ShadowJob:
     endpoint: VersionEndpoint
     body: bytes
     headers: Mapping[str, str]
+    #: The router's ID of the request (the label join key) and the client's tracing ID.
+    prediction_id: str
     correlation_id: str
     entity_key: str | None
     received_at: datetime
@@ -194,7 +196,7 @@ class ShadowRunner:
         if self._sink is not None:
             self._sink.record(
                 PredictionRecord(
-                    correlation_id=job.correlation_id,
+                    prediction_id=job.prediction_id,
                     entity_key=job.entity_key,
                     ts=job.received_at,
                     model_version=job.endpoint.version,
@@ -204,6 +206,7 @@ class ShadowRunner:
                     threshold=shadow.threshold,
                     stage=job.stage,
                     stable_version=job.table_stable_version,
+                    correlation_id=job.correlation_id,
                 )
             )
 

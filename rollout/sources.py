@@ -73,9 +73,11 @@ class Current:
 class TableStore:
     """The router's current routing plan; every accepted table replaces it atomically (one reference swap)."""
 
-    def __init__(self, observers: tuple[StoreObserver, ...] = ()) -> None:
+    def __init__(self, observers: tuple[StoreObserver, ...] = (), sticky_key: bytes | None = None) -> None:
+        """``sticky_key``: the router's secret key of sticky assignment (:func:`rollout.routing.keyed_salt`)."""
         self._current: Current | None = None
         self._observers = list(observers)
+        self._sticky_key = sticky_key
 
     def add_observer(self, observer: StoreObserver) -> None:
         self._observers.append(observer)
@@ -98,7 +100,7 @@ class TableStore:
                 return "stale"
             if table == held.plan.table:
                 return "unchanged"
-        plan = RoutePlan.compile(table)
+        plan = RoutePlan.compile(table, self._sticky_key)
         self._current = Current(plan=plan, source=source)
         for observer in self._observers:
             observer.table_applied(plan, source)

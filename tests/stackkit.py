@@ -117,7 +117,8 @@ class ControllerConfig:
     model_home: Path
     workdir: Path
     prometheus_url: str
-    router_url: str
+    #: The router's control listener (admin and metrics; RouterProcess.control_url).
+    router_control_url: str
     metrics_port: int
     policy_yaml: str
     admin_token: str
@@ -139,7 +140,7 @@ def controller_env(config: ControllerConfig) -> dict[str, str]:
     prefix = "FW_ROLLOUT_CONTROLLER__"
     policy = config.workdir / "policy.yaml"
     policy.write_text(config.policy_yaml)
-    router_address = config.router_url.removeprefix("http://")
+    router_address = config.router_control_url.removeprefix("http://")
     targets = [router_address, f"{HOST}:{config.metrics_port}", *config.extra_scrape_targets]
     env = {
         **os.environ,
@@ -155,7 +156,7 @@ def controller_env(config: ControllerConfig) -> dict[str, str]:
         f"{prefix}PROMETHEUS_URL": config.prometheus_url,
         f"{prefix}METRICS_PORT": str(config.metrics_port),
         f"{prefix}COMMAND_WAIT_TIMEOUT_S": "60",
-        f"{prefix}LOCAL__ROUTER_URLS": json.dumps([config.router_url]),
+        f"{prefix}LOCAL__ROUTER_URLS": json.dumps([config.router_control_url]),
         f"{prefix}LOCAL__PROMETHEUS_TARGETS_FILE": str(config.targets_file),
         f"{prefix}LOCAL__SCRAPE_TARGETS": json.dumps(targets),
         f"{prefix}LOCAL__SERVER_ENV": json.dumps({"FW_SERVE__WORKERS": "1", "FW_LOG_LEVEL": "WARNING"}),

@@ -78,7 +78,7 @@ T = TypeVar("T")
 
 @dataclasses.dataclass(frozen=True)
 class Answer:
-    correlation_id: str
+    prediction_id: str
     label: int
     v1_prediction: int
     v1_score: float
@@ -150,7 +150,7 @@ def _send_traffic(router_url: str, payloads: list[tuple[dict[str, Any], int]]) -
             response = http.post(PREDICT, json=payload)
             assert response.status_code == 200, response.text
             body = response.json()
-            answers.append(Answer(body["correlation_id"], label, body["prediction"], body["score"], payload))
+            answers.append(Answer(body["prediction_id"], label, body["prediction"], body["score"], payload))
     return answers
 
 
@@ -171,7 +171,7 @@ def _send_labels(router: RouterProcess, answers: list[Answer]) -> None:
             retry = []
             for a in pending:
                 response = http.post(
-                    FEEDBACK, json={"correlation_id": a.correlation_id, "label": a.label, "source": "test"}
+                    FEEDBACK, json={"prediction_id": a.prediction_id, "label": a.label, "source": "test"}
                 )
                 if response.status_code == 404:  # not yet flushed to the prediction log
                     retry.append(a)
@@ -231,7 +231,7 @@ def live(bundle_dir: Path, second_bundle: Path, tmp_path_factory: pytest.TempPat
         targets = [
             ScrapeTarget(s.url.removeprefix("http://"), {"component": c}) for s, c in ((v1, "model"), (v2, "model"))
         ]
-        targets.append(ScrapeTarget(router.url.removeprefix("http://"), {"component": "router"}))
+        targets.append(ScrapeTarget(router.control_url.removeprefix("http://"), {"component": "router"}))
         prometheus = PrometheusServer(
             home / "prom", targets, rule_files=[RULES, _smoke_rules(home / "smoke.yml")], settings=settings
         )
@@ -250,7 +250,7 @@ def live(bundle_dir: Path, second_bundle: Path, tmp_path_factory: pytest.TempPat
         agree = [i for i, (a, b) in enumerate(zip(v1_direct, v2_direct, strict=True)) if a == b][:1]
         differ = [i for i, (a, b) in enumerate(zip(v1_direct, v2_direct, strict=True)) if a != b][:1]
         warm_up = _send_traffic(router.url, [payloads[i] for i in agree + differ])
-        wait_for(lambda: _pairs_counted(router.url, len(warm_up)), "the warm-up pairs")
+        wait_for(lambda: _pairs_counted(router.control_url, len(warm_up)), "the warm-up pairs")
         time.sleep(1.0)  # the prediction log flushes shadow rows every 200 ms
         _send_labels(router, warm_up)
         v1_name, v2_name = versions
@@ -263,7 +263,7 @@ def live(bundle_dir: Path, second_bundle: Path, tmp_path_factory: pytest.TempPat
             wait_for(lambda: True if all(client.query(q) for q in born) else None, "the warm-up series scraped")
         answers = _send_traffic(router.url, payloads)
         assert [a.v1_prediction for a in answers] == v1_direct
-        wait_for(lambda: _pairs_counted(router.url, len(warm_up) + len(answers)), "every shadow call paired")
+        wait_for(lambda: _pairs_counted(router.control_url, len(warm_up) + len(answers)), "every shadow call paired")
         time.sleep(1.0)  # the prediction log flushes shadow rows every 200 ms
         _send_labels(router, answers)
         v2_predictions = v2_direct

@@ -1,6 +1,6 @@
 """loadtests/: the locustfile with its traffic shapes, run through locust's CLI against a stub scoring endpoint.
 
-The endpoint is a tiny HTTP server in this process that answers the seed's route with a correlation ID and accepts
+The endpoint is a tiny HTTP server in this process that answers the seed's route with a prediction ID and accepts
 the labels — the shapes are about how many users locust runs when, not about the model. locust writes its user
 count every second to ``_stats_history.csv``; the ramp must climb to the base count and the spike must triple it in
 the middle fifth of the run.
@@ -32,7 +32,8 @@ DURATION_S = 10
 class Stub(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        body = json.dumps({"prediction": 0, "score": 0.01, "correlation_id": uuid.uuid4().hex}).encode()
+        answer = {"prediction": 0, "score": 0.01, "prediction_id": uuid.uuid4().hex, "correlation_id": "trace"}
+        body = json.dumps(answer).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))

@@ -24,6 +24,7 @@ from starlette.routing import Route
 from rollout.outcome_settings import OutcomeSettings
 from rollout.outcomes import (
     FEEDBACK_PATH,
+    FeedbackRequest,
     OutcomeTracker,
     PredictionLog,
     PredictionRecord,
@@ -87,7 +88,7 @@ def _scoring_app(log: PredictionLog, tracker: OutcomeTracker) -> Starlette:
         for version, role, threshold in (("v1", "decider", 0.5), ("v2", "shadow", 0.6)):
             log.record(
                 PredictionRecord(
-                    correlation_id=cid,
+                    prediction_id=cid,
                     entity_key=f"acct-{cid}",
                     ts=now,
                     model_version=version,
@@ -98,7 +99,7 @@ def _scoring_app(log: PredictionLog, tracker: OutcomeTracker) -> Starlette:
                     stage="shadow",
                 )
             )
-        return JSONResponse({"correlation_id": cid, "score": score})
+        return JSONResponse({"prediction_id": cid, "score": score})
 
     return Starlette(routes=[Route("/predict", predict, methods=["POST"]), *tracker.routes()])
 
@@ -155,7 +156,7 @@ def test_labels_join_after_a_restart_and_stay_idempotent(dsn: str) -> None:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
             await _answer_all(client, ["r-91", "r-7"])
             labelled = await client.post(
-                FEEDBACK_PATH, json={"correlation_id": "r-91", "label": 1, "source": "cb"}, headers=AUTH
+                FEEDBACK_PATH, json={"prediction_id": "r-91", "label": 1, "source": "cb"}, headers=AUTH
             )
             assert labelled.status_code == 200
         await log.close()
@@ -167,13 +168,13 @@ def test_labels_join_after_a_restart_and_stay_idempotent(dsn: str) -> None:
         app = _scoring_app(log, OutcomeTracker(log, registry=registry, token=TOKEN))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
             again = await client.post(
-                FEEDBACK_PATH, json={"correlation_id": "r-91", "label": "fraud", "source": "x"}, headers=AUTH
+                FEEDBACK_PATH, json={"prediction_id": "r-91", "label": "fraud", "source": "x"}, headers=AUTH
             )
             conflict = await client.post(
-                FEEDBACK_PATH, json={"correlation_id": "r-91", "label": 0, "source": "x"}, headers=AUTH
+                FEEDBACK_PATH, json={"prediction_id": "r-91", "label": 0, "source": "x"}, headers=AUTH
             )
             fresh = await client.post(
-                FEEDBACK_PATH, json={"correlation_id": "r-7", "label": "fraud", "source": "x"}, headers=AUTH
+                FEEDBACK_PATH, json={"prediction_id": "r-7", "label": "fraud", "source": "x"}, headers=AUTH
             )
             assert (again.status_code, conflict.status_code, fresh.status_code) == (200, 409, 200)
             assert again.json()["status"] == "duplicate"
@@ -193,10 +194,18 @@ def test_labels_join_after_a_restart_and_stay_idempotent(dsn: str) -> None:
 
 
 def test_a_prediction_table_of_the_previous_release_is_migrated_in_place(dsn: str) -> None:
-    """The table as the release before ``stable_version`` created it, with a row: the log adds the column (NULL for
-    the old row), keeps the row, and writes and reads the new column."""
+    """The tables as the release before router-issued prediction IDs and ``stable_version`` created them, with a
+    prediction and its label: the log renames the old join key to ``prediction_id`` (the old label still joins its
+    prediction), adds the new columns (NULL for the old row), and writes and reads them."""
     old = sa.MetaData()
     sa.Table(
+        "labels", old,
+        sa.Column("correlation_id", sa.String, primary_key=True), sa.Column("label", sa.SmallInteger, nullable=False),
+        sa.Column("source", sa.String, nullable=False),
+        sa.Column("observed_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+    )  # fmt: skip
+    old_predictions = sa.Table(
         "predictions", old,
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
         sa.Column("correlation_id", sa.String, nullable=False), sa.Column("entity_key", sa.String, nullable=True),
@@ -205,6 +214,7 @@ def test_a_prediction_table_of_the_previous_release_is_migrated_in_place(dsn: st
         sa.Column("score", sa.Float, nullable=False), sa.Column("prediction", sa.SmallInteger, nullable=False),
         sa.Column("threshold", sa.Float, nullable=False), sa.Column("stage", sa.String, nullable=False),
     )  # fmt: skip
+    sa.Index("ix_predictions_correlation_id", old_predictions.c.correlation_id)
     engine = sa.create_engine(dsn)
     old.create_all(engine)
     with engine.begin() as conn:
@@ -215,24 +225,44 @@ def test_a_prediction_table_of_the_previous_release_is_migrated_in_place(dsn: st
             ),
             {"ts": datetime(2024, 3, 1, tzinfo=UTC)},
         )
+        conn.execute(
+            sa.text("INSERT INTO labels VALUES ('old-1', 1, 'chargeback', :ts, :ts)"),
+            {"ts": datetime(2024, 3, 2, tzinfo=UTC)},
+        )
     engine.dispose()
 
-    async def main() -> tuple[PredictionRecord | None, PredictionRecord | None, list[str]]:
-        log = PredictionLog(OutcomeSettings(dsn=dsn), registry=CollectorRegistry())
+    async def main() -> tuple[PredictionRecord | None, PredictionRecord | None, list[str], str]:
+        registry = CollectorRegistry()
+        log = PredictionLog(OutcomeSettings(dsn=dsn), registry=registry)
         await log.start()
         now = datetime.now(UTC)
-        log.record(PredictionRecord("new-1", None, now, "v2", "shadow", 0.2, 0, 0.5, "shadow", stable_version="v1"))
+        log.record(
+            PredictionRecord(
+                "new-1", None, now, "v2", "shadow", 0.2, 0, 0.5, "shadow", stable_version="v1", correlation_id="t-1"
+            )
+        )
         await log.flush()
         found_old, found_new = await log.find("old-1"), await log.find("new-1")
-        again = await asyncio.to_thread(ensure_schema, log.engine)  # a second start adds nothing
+        relabelled = await OutcomeTracker(log, registry=registry, token=TOKEN).submit(
+            FeedbackRequest(prediction_id="old-1", label=0, source="review")
+        )
+        again = await asyncio.to_thread(ensure_schema, log.engine)  # a second start changes nothing
         await log.close()
-        return (found_old[0] if found_old else None), (found_new[0] if found_new else None), again
+        return (found_old[0] if found_old else None), (found_new[0] if found_new else None), again, relabelled.status
 
-    found_old, found_new, again = asyncio.run(main())
+    found_old, found_new, again, relabelled = asyncio.run(main())
     assert found_old is not None and found_old.stable_version is None and found_old.stage == "full"
-    assert found_new is not None and found_new.stable_version == "v1"
+    assert found_old.prediction_id == "old-1" and found_old.correlation_id is None
+    assert found_new is not None and (found_new.stable_version, found_new.correlation_id) == ("v1", "t-1")
+    assert relabelled == "conflict"  # the old label, stored under the old join key, still stands
     assert again == []
     assert _count(dsn, "predictions") == 2
+    engine = sa.create_engine(dsn)
+    try:
+        indexes = {ix["name"] for ix in sa.inspect(engine).get_indexes("predictions")}
+    finally:
+        engine.dispose()
+    assert indexes == {"ix_predictions_prediction_id"}
 
 
 def test_overflow_is_dropped_and_counted_never_blocking(dsn: str) -> None:

@@ -203,7 +203,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         router.wait_live()
         prometheus.start()
         config = ControllerConfig(
-            name=NAME, model_home=home, workdir=workdir, prometheus_url=prometheus.url, router_url=router.url,
+            name=NAME, model_home=home, workdir=workdir, prometheus_url=prometheus.url,
+            router_control_url=router.control_url,
             metrics_port=free_port(HOST), policy_yaml=POLICY_YAML, admin_token=TOKEN, quality_set=FROZEN_SET,
             start_timeout_s=START_TIMEOUT_S, extra_scrape_targets=[f"{HOST}:{receiver_port}"],
         )  # fmt: skip

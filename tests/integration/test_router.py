@@ -132,9 +132,16 @@ def client(stack: Stack) -> Iterator[httpx.Client]:
         yield http
 
 
-def put(client: httpx.Client, table: RoutingTable) -> None:
-    response = client.put("/admin/routing", content=table.model_dump_json(), headers=AUTH)
+def put(stack: Stack, table: RoutingTable) -> None:
+    """The table through the router's admin endpoint (its control listener: the public port has none)."""
+    response = httpx.put(
+        stack.router.control_url + "/admin/routing", content=table.model_dump_json(), headers=AUTH, trust_env=False
+    )
     assert response.status_code == 200, response.text
+
+
+def control(stack: Stack) -> httpx.Client:
+    return httpx.Client(base_url=stack.router.control_url, timeout=HTTP_TIMEOUT_S, trust_env=False)
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.05) -> float:
@@ -171,16 +178,35 @@ def test_router_becomes_ready_on_the_file_table(stack: Stack, client: httpx.Clie
     assert answer.headers["x-model-version"] == answer.json()["model_version"]
 
 
+def test_the_public_port_serves_the_scoring_contract_and_nothing_else(stack: Stack, client: httpx.Client) -> None:
+    """Issue 11, point 8: /metrics (every version's traffic and outcomes) and /admin/routing used to share the public
+    port. Now they answer 404 there and work on the control listener; the public /readyz says ready or not, without
+    the stage, the generation or a version (the control listener's has them)."""
+    put(stack, stack.table("canary", 5.0))
+    assert client.get("/metrics").status_code == 404
+    assert client.get("/admin/routing", headers=AUTH).status_code == 404
+    assert client.put("/admin/routing", content=stack.table("stable").model_dump_json(), headers=AUTH).status_code in (
+        404,
+        405,
+    )
+    wait_for(lambda: client.get("/readyz").status_code == 200, timeout_s=10.0)
+    assert client.get("/readyz").json() == {"status": "ready"}
+    with control(stack) as admin:
+        assert "fraudwatch_router_requests_total" in admin.get("/metrics").text
+        assert admin.get("/admin/routing", headers=AUTH).json()["table"]["stage"] == "canary"
+        assert admin.get("/readyz").json()["stage"] == "canary"
+
+
 @pytest.mark.parametrize(
     ("stage", "weight"), [("stable", None), ("shadow", None), ("canary", 5.0), ("ab", 50.0), ("full", None)]
 )
 def test_each_stage_routes_as_specified(stack: Stack, client: httpx.Client, stage: str, weight: float | None) -> None:
     v1, v2 = stack.endpoint(stack.v1).version, stack.endpoint(stack.v2).version
     table = stack.table(stage, weight)
-    put(client, table)
-    plan = RoutePlan.compile(table)
+    put(stack, table)
+    plan = RoutePlan.compile(table, stack.router.sticky_key.encode())  # the operator's view: it holds the key
     keys = accounts(60)
-    before_router = scrape(stack.router.url)
+    before_router = scrape(stack.router.control_url)
     before_served = {v1: served(stack.v1, v1), v2: served(stack.v2, v2)}
 
     answers = {k: client.post(PREDICT, json={**SEED, "accountId": k}) for k in keys}
@@ -200,14 +226,14 @@ def test_each_stage_routes_as_specified(stack: Stack, client: httpx.Client, stag
         return metric_value(text, "fraudwatch_router_requests_total", model_version=version, role=role, outcome="2xx")
 
     def settled() -> bool:
-        after = scrape(stack.router.url)
+        after = scrape(stack.router.control_url)
         return (
             counted(v2, "shadow", after) - counted(v2, "shadow", before_router) == shadows_of_v2
             and counted(v1, "shadow", after) - counted(v1, "shadow", before_router) == shadows_of_v1
         )
 
     wait_for(settled, timeout_s=10.0)
-    after_router = scrape(stack.router.url)
+    after_router = scrape(stack.router.control_url)
     assert counted(v1, "decider", after_router) - counted(v1, "decider", before_router) == n_v1
     assert counted(v2, "decider", after_router) - counted(v2, "decider", before_router) == n_v2
     # Each model service saw its deciding and its shadow calls, by its own count.
@@ -217,23 +243,40 @@ def test_each_stage_routes_as_specified(stack: Stack, client: httpx.Client, stag
     assert metric_value(after_router, "fraudwatch_router_routing_info", stage=stage) == 1
 
 
+def test_a_client_cannot_compute_which_accounts_the_candidate_gets(stack: Stack, client: httpx.Client) -> None:
+    """Issue 11, point 3: the salt used to be the version pair, so anyone who knew (or guessed) the version names
+    computed offline which accounts reach the candidate. With the router's secret key the public computation is no
+    better than a coin: at 50/50 it agrees with the real arm for about half of 400 accounts (old code: all 400)."""
+    v2 = stack.endpoint(stack.v2).version
+    table = stack.table("ab", 50.0)
+    put(stack, table)
+    keys = accounts(400)
+    observed = {k: client.post(PREDICT, json={**SEED, "accountId": k}).json()["model_version"] == v2 for k in keys}
+    public, keyed = RoutePlan.compile(table), RoutePlan.compile(table, stack.router.sticky_key.encode())
+    assert observed == {k: keyed.route(k).arm == "candidate" for k in keys}  # sticky under the key
+    agreement = sum(observed[k] == (public.route(k).arm == "candidate") for k in keys) / len(keys)
+    assert 0.35 < agreement < 0.65, agreement  # Binomial(400, 1/2): outside this band with p < 1e-8
+
+
 # ------------------------------------------------------------------ 2. table changes
 
 
 def test_a_file_change_takes_effect_within_a_second(stack: Stack, client: httpx.Client) -> None:
     v2 = stack.endpoint(stack.v2).version
-    put(client, stack.table("shadow"))
+    put(stack, stack.table("shadow"))
     write_table_file(stack.routing_file, stack.table("full"))
     took = wait_for(lambda: client.post(PREDICT, json=SEED).json()["model_version"] == v2, timeout_s=SWITCH_BUDGET_S)
     assert took <= SWITCH_BUDGET_S
-    assert client.get("/admin/routing", headers=AUTH).json()["source"] == "file"
+    with control(stack) as admin:
+        assert admin.get("/admin/routing", headers=AUTH).json()["source"] == "file"
 
 
 def test_an_admin_change_takes_effect_at_once(stack: Stack, client: httpx.Client) -> None:
     v1 = stack.endpoint(stack.v1).version
-    assert client.put("/admin/routing", content=stack.table("stable").model_dump_json()).status_code == 401
+    with control(stack) as admin:
+        assert admin.put("/admin/routing", content=stack.table("stable").model_dump_json()).status_code == 401
     started = time.monotonic()
-    put(client, stack.table("stable"))
+    put(stack, stack.table("stable"))
     answer = client.post(PREDICT, json=SEED)
     assert time.monotonic() - started <= SWITCH_BUDGET_S
     assert answer.json()["model_version"] == v1
@@ -325,12 +368,12 @@ def test_killing_the_shadow_candidate_under_load_costs_no_client_error(
     stack: Stack, client: httpx.Client, restore_v2: None
 ) -> None:
     v1, v2 = stack.endpoint(stack.v1).version, stack.endpoint(stack.v2).version
-    put(client, stack.table("shadow"))
-    before = scrape(stack.router.url)
+    put(stack, stack.table("shadow"))
+    before = scrape(stack.router.control_url)
 
     result = under_load_kill(stack, stack.v2)
 
-    after = scrape(stack.router.url)
+    after = scrape(stack.router.control_url)
     assert len(result.statuses) > LOAD_CONCURRENCY * 10
     assert set(result.statuses) == {200}, collections.Counter(result.statuses)
     assert result.fallbacks == 0
@@ -348,12 +391,12 @@ def test_killing_the_canary_candidate_under_load_falls_back_without_client_error
     stack: Stack, client: httpx.Client, restore_v2: None
 ) -> None:
     v2 = stack.endpoint(stack.v2).version
-    put(client, stack.table("canary", 5.0))
-    before = scrape(stack.router.url)
+    put(stack, stack.table("canary", 5.0))
+    before = scrape(stack.router.control_url)
 
     result = under_load_kill(stack, stack.v2)
 
-    after = scrape(stack.router.url)
+    after = scrape(stack.router.control_url)
     assert set(result.statuses) == {200}, collections.Counter(result.statuses)
     assert result.fallbacks > 0
     fallbacks = metric_value(after, "fraudwatch_router_fallback_total", model_version=v2) - metric_value(
@@ -367,9 +410,9 @@ def test_killing_the_canary_candidate_under_load_falls_back_without_client_error
 
 def test_prometheus_sees_the_series_the_gates_query(stack: Stack, client: httpx.Client, tmp_path: Path) -> None:
     v1, v2 = stack.endpoint(stack.v1).version, stack.endpoint(stack.v2).version
-    put(client, stack.table("shadow"))
+    put(stack, stack.table("shadow"))
     targets = [
-        ScrapeTarget(stack.router.url.removeprefix("http://"), {"component": "router"}),
+        ScrapeTarget(stack.router.control_url.removeprefix("http://"), {"component": "router"}),
         ScrapeTarget(stack.v1.url.removeprefix("http://"), {"component": "model"}),
         ScrapeTarget(stack.v2.url.removeprefix("http://"), {"component": "model"}),
     ]
@@ -419,12 +462,11 @@ def test_prometheus_sees_the_series_the_gates_query(stack: Stack, client: httpx.
 
 
 def test_labels_are_taken_only_on_the_control_listener_with_the_feed_token(stack: Stack, client: httpx.Client) -> None:
-    put(client, stack.table("stable", candidate=False))
-    cid = f"label-{uuid.uuid4().hex}"
-    scored = client.post(PREDICT, json=SEED, headers={"X-Correlation-ID": cid})
+    put(stack, stack.table("stable", candidate=False))
+    scored = client.post(PREDICT, json=SEED, headers={"X-Correlation-ID": f"label-{uuid.uuid4().hex}"})
     assert scored.status_code == 200, scored.text
-    label = {"correlation_id": cid, "label": "fraud", "source": "attacker"}
-    before = metric_value(scrape(stack.router.url), "fraudwatch_outcome_total")
+    label = {"prediction_id": scored.json()["prediction_id"], "label": "fraud", "source": "attacker"}
+    before = metric_value(scrape(stack.router.control_url), "fraudwatch_outcome_total")
     # the public port has no feedback route at all
     assert client.post("/api/v1/feedback", json=label).status_code == 404
     assert client.post("/api/v1/feedback/batch", json={"labels": [label]}).status_code == 404
@@ -432,7 +474,7 @@ def test_labels_are_taken_only_on_the_control_listener_with_the_feed_token(stack
     with httpx.Client(base_url=control, timeout=HTTP_TIMEOUT_S, trust_env=False) as feed:
         for headers in ({}, {"Authorization": "Bearer guessed"}, AUTH):  # AUTH is the admin token, not the feed's
             assert feed.post("/api/v1/feedback", json=label, headers=headers).status_code == 401
-        assert metric_value(scrape(stack.router.url), "fraudwatch_outcome_total") == before
+        assert metric_value(scrape(stack.router.control_url), "fraudwatch_outcome_total") == before
         assert (
             feed.post("/api/v1/feedback", content=b"[" * 4000, headers=stack.router.feedback_headers()).status_code
             == 400
@@ -453,7 +495,41 @@ def test_labels_are_taken_only_on_the_control_listener_with_the_feed_token(stack
             "/api/v1/feedback/batch", json={"labels": [genuine]}, headers=stack.router.feedback_headers()
         )
         assert retried.json()["results"][0]["status"] == "duplicate"
-    assert metric_value(scrape(stack.router.url), "fraudwatch_outcome_total") == before + 1
+    assert metric_value(scrape(stack.router.control_url), "fraudwatch_outcome_total") == before + 1
+
+
+def test_one_label_counts_for_one_request_whatever_correlation_id_the_client_sent(
+    stack: Stack, client: httpx.Client
+) -> None:
+    """Issue 11: the join key is the router's. Fifty requests under one client-chosen correlation ID are fifty
+    predictions with fifty unguessable IDs; a label citing the correlation ID joins nothing (422), and a label citing
+    one prediction ID counts once, not fifty times (the old code counted 50 true positives for one label)."""
+    put(stack, stack.table("stable", candidate=False))
+    cid = f"shared-{uuid.uuid4().hex}"
+    answers = [client.post(PREDICT, json=SEED, headers={"X-Correlation-ID": cid}) for _ in range(50)]
+    assert all(a.status_code == 200 for a in answers), answers[0].text
+    ids = [a.json()["prediction_id"] for a in answers]
+    assert len(set(ids)) == 50 and all(len(i) >= 22 and cid not in i for i in ids)
+    assert [a.headers["x-prediction-id"] for a in answers] == ids
+    assert all(a.headers["x-correlation-id"] == cid for a in answers)
+    assert all(a.json()["correlation_id"] == cid for a in answers)  # still traced, never joined
+    before = metric_value(scrape(stack.router.control_url), "fraudwatch_outcome_total")
+    headers = stack.router.feedback_headers()
+    with httpx.Client(base_url=stack.router.control_url, timeout=HTTP_TIMEOUT_S, trust_env=False) as feed:
+        by_client_id = feed.post(
+            "/api/v1/feedback", json={"correlation_id": cid, "label": "fraud", "source": "cb"}, headers=headers
+        )
+        assert by_client_id.status_code == 422 and by_client_id.json()["details"][0]["field"] == "prediction_id"
+        one = {"prediction_id": ids[17], "label": "fraud", "source": "cb"}
+        results: list[httpx.Response] = []
+
+        def recorded() -> bool:
+            results.append(feed.post("/api/v1/feedback", json=one, headers=headers))
+            return results[-1].status_code == 200  # 404 until the prediction log has it
+
+        wait_for(recorded, timeout_s=10.0)
+    assert results[-1].json()["predictions"] == 1
+    assert metric_value(scrape(stack.router.control_url), "fraudwatch_outcome_total") == before + 1
 
 
 def test_the_router_refuses_to_start_without_a_feedback_token(tmp_path: Path) -> None:
@@ -472,7 +548,7 @@ def test_the_router_refuses_to_start_without_a_feedback_token(tmp_path: Path) ->
 
 def test_sigterm_drains_and_flushes_the_prediction_log(stack: Stack, client: httpx.Client) -> None:
     """Last: stops the module's router. Every decision answered before SIGTERM is in the prediction log."""
-    put(client, stack.table("shadow"))
+    put(stack, stack.table("shadow"))
     sent = [client.post(PREDICT, json=SEED).headers["x-correlation-id"] for _ in range(20)]
     # uvicorn re-raises the SIGTERM it handled once it has shut down gracefully: the exit status is -SIGTERM.
     assert stack.router.stop() in (0, -signal.SIGTERM)

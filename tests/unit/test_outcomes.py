@@ -88,7 +88,7 @@ def run_with(tmp_path: Path, scenario: Callable[[Harness], Awaitable[None]], **o
 
 def _pred(cid: str, version: str, role: str, score: float, threshold: float = 0.5, hours: float = 0.0) -> Any:
     return PredictionRecord(
-        correlation_id=cid,
+        prediction_id=cid,
         entity_key="acct-1",
         ts=T0 + timedelta(hours=hours),
         model_version=version,
@@ -114,10 +114,10 @@ def test_join_updates_outcomes_of_decider_and_shadow_at_their_own_thresholds(tmp
         h.log.record(_pred("c-1", "v2", "shadow", score=0.66, threshold=0.7))
         await h.log.flush()
         response = await h.feedback(
-            {"correlation_id": "c-1", "label": "fraud", "source": "chargeback", "observed_at": observed.isoformat()}
+            {"prediction_id": "c-1", "label": "fraud", "source": "chargeback", "observed_at": observed.isoformat()}
         )
         assert response.status_code == 200, response.text
-        assert response.json() == {"status": "recorded", "correlation_id": "c-1", "label": "fraud", "predictions": 2}
+        assert response.json() == {"status": "recorded", "prediction_id": "c-1", "label": "fraud", "predictions": 2}
 
         assert h.outcome("v1", "decider", "tp") == 1
         assert h.outcome("v2", "shadow", "fn") == 1
@@ -169,7 +169,7 @@ def test_legit_label_counts_false_positive_and_true_negative(tmp_path: Path) -> 
     async def scenario(h: Harness) -> None:
         h.log.record(_pred("c-2", "v1", "decider", score=0.9))
         h.log.record(_pred("c-2", "v2", "shadow", score=0.1))
-        response = await h.feedback({"correlation_id": "c-2", "label": 0, "source": "review"})
+        response = await h.feedback({"prediction_id": "c-2", "label": 0, "source": "review"})
         assert response.status_code == 200, response.text
         assert h.outcome("v1", "decider", "fp") == 1
         assert h.outcome("v2", "shadow", "tn") == 1
@@ -184,7 +184,7 @@ def test_prediction_still_in_the_write_buffer_is_found(tmp_path: Path) -> None:
     async def scenario(h: Harness) -> None:
         h.log.record(_pred("c-buffered", "v1", "decider", score=0.8))
         assert h.log.pending == 1  # the writer sleeps for a minute: the row is only in memory
-        response = await h.feedback({"correlation_id": "c-buffered", "label": "fraud", "source": "chargeback"})
+        response = await h.feedback({"prediction_id": "c-buffered", "label": "fraud", "source": "chargeback"})
         assert response.status_code == 200, response.text
         assert response.json()["predictions"] == 1
         assert h.outcome("v1", "decider", "tp") == 1
@@ -195,9 +195,9 @@ def test_prediction_still_in_the_write_buffer_is_found(tmp_path: Path) -> None:
 def test_same_label_twice_is_counted_once_and_a_conflicting_label_is_refused(tmp_path: Path) -> None:
     async def scenario(h: Harness) -> None:
         h.log.record(_pred("c-3", "v1", "decider", score=0.7))
-        first = await h.feedback({"correlation_id": "c-3", "label": "fraud", "source": "chargeback"})
-        again = await h.feedback({"correlation_id": "c-3", "label": 1, "source": "manual"})
-        other = await h.feedback({"correlation_id": "c-3", "label": "legit", "source": "manual"})
+        first = await h.feedback({"prediction_id": "c-3", "label": "fraud", "source": "chargeback"})
+        again = await h.feedback({"prediction_id": "c-3", "label": 1, "source": "manual"})
+        other = await h.feedback({"prediction_id": "c-3", "label": "legit", "source": "manual"})
         assert (first.status_code, again.status_code, other.status_code) == (200, 200, 409)
         assert again.json()["status"] == "duplicate"
         conflict = other.json()
@@ -220,7 +220,7 @@ def test_concurrent_identical_labels_are_counted_once(tmp_path: Path) -> None:
     async def scenario(h: Harness) -> None:
         h.log.record(_pred("c-race", "v1", "decider", score=0.7))
         await h.log.flush()
-        body = {"correlation_id": "c-race", "label": "fraud", "source": "chargeback"}
+        body = {"prediction_id": "c-race", "label": "fraud", "source": "chargeback"}
         responses = await asyncio.gather(*(h.feedback(body) for _ in range(8)))
         assert sorted(r.json()["status"] for r in responses) == ["duplicate"] * 7 + ["recorded"]
         assert h.outcome("v1", "decider", "tp") == 1
@@ -228,13 +228,13 @@ def test_concurrent_identical_labels_are_counted_once(tmp_path: Path) -> None:
     run_with(tmp_path, scenario)
 
 
-def test_unknown_correlation_id_is_404_with_a_clear_message(tmp_path: Path) -> None:
+def test_unknown_prediction_id_is_404_with_a_clear_message(tmp_path: Path) -> None:
     async def scenario(h: Harness) -> None:
-        response = await h.feedback({"correlation_id": "nope", "label": "fraud", "source": "chargeback"})
+        response = await h.feedback({"prediction_id": "nope", "label": "fraud", "source": "chargeback"})
         assert response.status_code == 404
         body = response.json()
-        assert "unknown correlation_id 'nope'" in body["error"]
-        assert body["details"][0]["field"] == "correlation_id"
+        assert "unknown prediction_id 'nope'" in body["error"]
+        assert body["details"][0]["field"] == "prediction_id"
         assert h.value("fraudwatch_feedback_total", result="unknown") == 1
 
     run_with(tmp_path, scenario)
@@ -243,16 +243,18 @@ def test_unknown_correlation_id_is_404_with_a_clear_message(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"label": "fraud", "source": "x"}, "correlation_id"),
-        ({"correlation_id": "c", "source": "x"}, "label"),
-        ({"correlation_id": "c", "label": "maybe", "source": "x"}, "label"),
-        ({"correlation_id": "c", "label": True, "source": "x"}, "label"),
-        ({"correlation_id": "c", "label": 2, "source": "x"}, "label"),
-        ({"correlation_id": "c", "label": "fraud"}, "source"),
-        ({"correlation_id": "c", "label": "fraud", "source": ""}, "source"),
-        ({"correlation_id": "c", "label": "fraud", "source": "x", "observed_at": "2024-03-01T10:00:00"}, "observed_at"),
-        ({"correlation_id": "c", "label": "fraud", "source": "x", "observed_at": "yesterday"}, "observed_at"),
-        ({"correlation_id": "c" * 200, "label": "fraud", "source": "x"}, "correlation_id"),
+        ({"label": "fraud", "source": "x"}, "prediction_id"),
+        # a feed still citing the client's correlation ID is refused, not joined on it
+        ({"correlation_id": "c", "label": "fraud", "source": "x"}, "prediction_id"),
+        ({"prediction_id": "c", "source": "x"}, "label"),
+        ({"prediction_id": "c", "label": "maybe", "source": "x"}, "label"),
+        ({"prediction_id": "c", "label": True, "source": "x"}, "label"),
+        ({"prediction_id": "c", "label": 2, "source": "x"}, "label"),
+        ({"prediction_id": "c", "label": "fraud"}, "source"),
+        ({"prediction_id": "c", "label": "fraud", "source": ""}, "source"),
+        ({"prediction_id": "c", "label": "fraud", "source": "x", "observed_at": "2024-03-01T10:00:00"}, "observed_at"),
+        ({"prediction_id": "c", "label": "fraud", "source": "x", "observed_at": "yesterday"}, "observed_at"),
+        ({"prediction_id": "c" * 200, "label": "fraud", "source": "x"}, "prediction_id"),
     ],
 )
 def test_invalid_feedback_is_422_naming_the_field(tmp_path: Path, body: dict[str, Any], field: str) -> None:
@@ -274,7 +276,7 @@ def test_malformed_and_oversized_bodies(tmp_path: Path) -> None:
         assert not_json.json()["details"][0]["field"] == "body"
         not_object = await h.feedback([1, 2])
         assert not_object.status_code == 422
-        big = await h.feedback({"correlation_id": "c", "label": "fraud", "source": "x" * 2000})
+        big = await h.feedback({"prediction_id": "c", "label": "fraud", "source": "x" * 2000})
         assert big.status_code == 413
 
     run_with(tmp_path, scenario, max_body_bytes=1024)
@@ -314,7 +316,7 @@ def test_a_label_without_the_right_bearer_token_is_401_and_counts_nothing(
     async def scenario(h: Harness) -> None:
         h.log.record(_pred("c-auth", "v1", "decider", score=0.7))
         headers = {} if authorization is None else {"Authorization": authorization}
-        body = {"correlation_id": "c-auth", "label": "fraud", "source": "attacker"}
+        body = {"prediction_id": "c-auth", "label": "fraud", "source": "attacker"}
         single = await h.client.post(FEEDBACK_PATH, json=body, headers=headers)
         batch = await h.client.post(FEEDBACK_BATCH_PATH, json={"labels": [body]}, headers=headers)
         assert (single.status_code, batch.status_code) == (401, 401)
@@ -330,7 +332,7 @@ def test_a_tracker_without_a_token_refuses_every_label_unless_insecure_dev(tmp_p
         log = PredictionLog(_settings(tmp_path), registry=CollectorRegistry())
         await log.start()
         log.record(_pred("c-dev", "v1", "decider", score=0.7))
-        body = {"correlation_id": "c-dev", "label": "fraud", "source": "x"}
+        body = {"prediction_id": "c-dev", "label": "fraud", "source": "x"}
         try:
             for insecure, expected in ((False, 401), (True, 200)):
                 tracker = OutcomeTracker(log, registry=CollectorRegistry(), insecure_dev=insecure)
@@ -348,10 +350,10 @@ def test_a_batch_answers_each_label_on_its_own_and_a_retry_counts_nothing_twice(
         h.log.record(_pred("b-1", "v1", "decider", score=0.7))
         h.log.record(_pred("b-2", "v1", "decider", score=0.2))
         labels = [
-            {"correlation_id": "b-1", "label": "fraud", "source": "chargeback"},
-            {"correlation_id": "b-2", "label": "legit", "source": "chargeback"},
-            {"correlation_id": "b-unknown", "label": "legit", "source": "chargeback"},
-            {"correlation_id": "b-1", "label": "maybe", "source": "chargeback"},
+            {"prediction_id": "b-1", "label": "fraud", "source": "chargeback"},
+            {"prediction_id": "b-2", "label": "legit", "source": "chargeback"},
+            {"prediction_id": "b-unknown", "label": "legit", "source": "chargeback"},
+            {"prediction_id": "b-1", "label": "maybe", "source": "chargeback"},
             [1, 2],
         ]
         first = await h.batch(labels)
@@ -390,13 +392,13 @@ def test_each_source_has_its_own_quota(tmp_path: Path) -> None:
         for i in range(4):
             h.log.record(_pred(f"q-{i}", "v1", "decider", score=0.7))
         answers = [
-            (await h.feedback({"correlation_id": f"q-{i}", "label": "fraud", "source": "flood"})).status_code
+            (await h.feedback({"prediction_id": f"q-{i}", "label": "fraud", "source": "flood"})).status_code
             for i in range(3)
         ]
         assert answers == [200, 200, 429]
-        other = await h.feedback({"correlation_id": "q-3", "label": "fraud", "source": "chargeback"})
+        other = await h.feedback({"prediction_id": "q-3", "label": "fraud", "source": "chargeback"})
         assert other.status_code == 200
-        batch = await h.batch([{"correlation_id": "q-2", "label": "fraud", "source": "flood"}])
+        batch = await h.batch([{"prediction_id": "q-2", "label": "fraud", "source": "flood"}])
         assert batch.json()["results"][0]["status"] == "over_quota"
         assert h.outcome("v1", "decider", "tp") == 3
 
@@ -407,7 +409,7 @@ def test_label_spellings_are_accepted(tmp_path: Path) -> None:
     async def scenario(h: Harness) -> None:
         for i, label in enumerate(["FRAUD", " legit ", 1, 0]):
             h.log.record(_pred(f"s-{i}", "v1", "decider", score=0.2))
-            response = await h.feedback({"correlation_id": f"s-{i}", "label": label, "source": "x"})
+            response = await h.feedback({"prediction_id": f"s-{i}", "label": label, "source": "x"})
             assert response.status_code == 200, response.text
         assert h.outcome("v1", "decider", "fn") == 2
         assert h.outcome("v1", "decider", "tn") == 2
@@ -445,7 +447,7 @@ def test_feedback_is_503_when_the_prediction_log_database_is_down() -> None:
         log = PredictionLog(settings, registry=registry)
         app = Starlette(routes=OutcomeTracker(log, registry=registry, token=TOKEN).routes())
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            body = {"correlation_id": "c", "label": 1, "source": "x"}
+            body = {"prediction_id": "c", "label": 1, "source": "x"}
             response = await client.post(FEEDBACK_PATH, json=body, headers=AUTH)
         assert response.status_code == 503
         assert "unavailable" in response.json()["error"]
@@ -466,7 +468,7 @@ def test_malformed_records_are_rejected_and_the_rest_written(tmp_path: Path) -> 
         assert registry.get_sample_value("fraudwatch_prediction_log_written_total") == 2
         assert registry.get_sample_value("fraudwatch_prediction_log_dropped_total", {"reason": "rejected"}) == 1
         reopened = PredictionLog(_settings(tmp_path), registry=CollectorRegistry())
-        assert [r.correlation_id for r in await reopened.find("ok-2")] == ["ok-2"]
+        assert [r.prediction_id for r in await reopened.find("ok-2")] == ["ok-2"]
         assert await reopened.find("bad") == []
         await reopened.close()
 
@@ -495,8 +497,8 @@ def test_outcomes_count_under_the_stage_of_the_prediction_not_of_the_label(tmp_p
         # predicted in canary; by the time the label arrives the rollout is in ab (it does not matter)
         h.log.record(_rec("c-s", "v2", "decider", 0.9, "canary", "v1"))
         h.log.record(_rec("c-t", "v1", "decider", 0.1, "ab", "v1"))
-        assert (await h.feedback({"correlation_id": "c-s", "label": "fraud", "source": "cb"})).status_code == 200
-        assert (await h.feedback({"correlation_id": "c-t", "label": "fraud", "source": "cb"})).status_code == 200
+        assert (await h.feedback({"prediction_id": "c-s", "label": "fraud", "source": "cb"})).status_code == 200
+        assert (await h.feedback({"prediction_id": "c-t", "label": "fraud", "source": "cb"})).status_code == 200
         assert h.outcome("v2", "decider", "tp", stage="canary") == 1
         assert h.outcome("v2", "decider", "tp", stage="ab") == 0
         assert h.outcome("v1", "decider", "fn", stage="ab") == 1
@@ -520,7 +522,7 @@ def test_a_labelled_request_both_versions_scored_counts_once_in_the_paired_table
         h.log.record(_rec("c-q", "v1", "decider", 0.3, "shadow", "v1"))
         await h.log.flush()
         for cid in ("c-p", "c-q"):
-            assert (await h.feedback({"correlation_id": cid, "label": "fraud", "source": "cb"})).status_code == 200
+            assert (await h.feedback({"prediction_id": cid, "label": "fraud", "source": "cb"})).status_code == 200
         assert _paired(h, "v1", "v2", "shadow", "fraud", "1", "0") == 1
         cells = [
             _paired(h, "v1", "v2", "shadow", label, sp, cp)
@@ -531,7 +533,7 @@ def test_a_labelled_request_both_versions_scored_counts_once_in_the_paired_table
         assert h.value("fraudwatch_outcome_paired_score_total", **score, stable_le="0.7", candidate_le="0.7") == 1
         assert h.value("fraudwatch_outcome_paired_score_total", **score, stable_le="0.6", candidate_le="0.7") == 0
         # the same label again is a duplicate: nothing is counted twice
-        again = await h.feedback({"correlation_id": "c-p", "label": "fraud", "source": "cb"})
+        again = await h.feedback({"prediction_id": "c-p", "label": "fraud", "source": "cb"})
         assert again.json()["status"] == "duplicate"
         assert _paired(h, "v1", "v2", "shadow", "fraud", "1", "0") == 1
 
@@ -550,7 +552,7 @@ def test_pair_sides_follow_the_table_stable_at_prediction_time(tmp_path: Path) -
         h.log.record(_rec("c-o", "v2", "decider", 0.9, "full", None))
         h.log.record(_rec("c-o", "v1", "shadow", 0.9, "full", None))
         for cid in ("c-f", "c-c", "c-o"):
-            assert (await h.feedback({"correlation_id": cid, "label": "legit", "source": "cb"})).status_code == 200
+            assert (await h.feedback({"prediction_id": cid, "label": "legit", "source": "cb"})).status_code == 200
         assert _paired(h, "v1", "v2", "full", "legit", "0", "1") == 1
         assert _paired(h, "v1", "v2", "canary", "legit", "1", "0") == 1
         assert _paired(h, "v1", "v2", "full", "legit", "1", "1") == 1
@@ -630,28 +632,45 @@ def test_a_routing_table_creates_its_stage_series_at_zero(tmp_path: Path) -> Non
     run_with(tmp_path, scenario)
 
 
-def test_an_old_prediction_table_gains_the_stable_version_column(tmp_path: Path) -> None:
+def test_an_old_prediction_log_is_migrated_to_router_issued_prediction_ids(tmp_path: Path) -> None:
+    """The schema of a release that joined on the client's correlation ID and had no stable_version column: its
+    join key becomes ``prediction_id`` in place (old labels keep joining their old predictions), the tracing
+    column and the stable version are added, and the old index is replaced."""
     path = tmp_path / "log.db"
-    with sqlite3.connect(path) as conn:  # the schema of the previous release, with one row
+    with sqlite3.connect(path) as conn:
         conn.execute(
             "CREATE TABLE predictions (id INTEGER PRIMARY KEY AUTOINCREMENT, correlation_id VARCHAR NOT NULL, "
             "entity_key VARCHAR, ts DATETIME NOT NULL, model_version VARCHAR NOT NULL, role VARCHAR NOT NULL, "
             "score FLOAT NOT NULL, prediction SMALLINT NOT NULL, threshold FLOAT NOT NULL, stage VARCHAR NOT NULL)"
         )
+        conn.execute("CREATE INDEX ix_predictions_correlation_id ON predictions (correlation_id)")
+        conn.execute(
+            "CREATE TABLE labels (correlation_id VARCHAR PRIMARY KEY, label SMALLINT NOT NULL, source VARCHAR NOT NULL,"
+            " observed_at DATETIME NOT NULL, received_at DATETIME NOT NULL)"
+        )
         conn.execute(
             "INSERT INTO predictions (correlation_id, ts, model_version, role, score, prediction, threshold, stage) "
-            "VALUES ('old', '2024-03-01 12:00:00', 'v1', 'decider', 0.9, 1, 0.5, 'full')"
+            "VALUES ('old', '2024-03-01 12:00:00', 'v1', 'decider', 0.9, 1, 0.5, 'full'), "
+            "('old-unlabelled', '2024-03-01 12:00:00', 'v1', 'decider', 0.2, 0, 0.5, 'full')"
         )
+        conn.execute("INSERT INTO labels VALUES ('old', 1, 'chargeback', '2024-03-02 00:00:00', '2024-03-02 00:00:00')")
 
     async def scenario(h: Harness) -> None:
         (old,) = await h.log.find("old")
-        assert old.stable_version is None and old.stage == "full"
-        h.log.record(_rec("new", "v1", "decider", 0.1, "shadow", "v1"))
+        assert (old.prediction_id, old.correlation_id, old.stable_version, old.stage) == ("old", None, None, "full")
+        again = await h.feedback({"prediction_id": "old", "label": "legit", "source": "review"})
+        assert again.status_code == 409  # the old label still stands for its old prediction
+        assert (await h.feedback({"prediction_id": "old-unlabelled", "label": 0, "source": "cb"})).status_code == 200
+        h.log.record(dataclasses.replace(_rec("new", "v1", "decider", 0.1, "shadow", "v1"), correlation_id="trace"))
         await h.log.flush()
         (new,) = await h.log.find("new")
-        assert new.stable_version == "v1"
+        assert (new.stable_version, new.correlation_id) == ("v1", "trace")
 
     run_with(tmp_path, scenario)
     with sqlite3.connect(path) as conn:
         columns = [row[1] for row in conn.execute("PRAGMA table_info(predictions)")]
-    assert columns[-1] == "stable_version"
+        label_columns = [row[1] for row in conn.execute("PRAGMA table_info(labels)")]
+        indexes = {row[1] for row in conn.execute("PRAGMA index_list(predictions)")}
+    assert columns[1] == "prediction_id" and columns[-2:] == ["stable_version", "correlation_id"]
+    assert label_columns[0] == "prediction_id"
+    assert indexes == {"ix_predictions_prediction_id"}

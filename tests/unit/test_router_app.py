@@ -17,6 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import SecretStr
 from sqlalchemy import select
+from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from rollout.outcome_settings import OutcomeSettings
@@ -74,7 +75,11 @@ def table(
 
 @contextmanager
 def running(router: Router) -> Iterator[TestClient]:
-    with TestClient(router.app()) as client:
+    """One in-process client for both of the router's listeners (the public routes and the control routes on one
+    app, with the router's lifespan): these tests are about the handlers; which port serves which route is
+    tested through the real process (tests/integration/test_router.py)."""
+    app = Starlette(routes=[*router.control_routes(), *router.public_routes()], lifespan=router.lifespan)
+    with TestClient(app) as client:
         yield client
 
 
@@ -210,6 +215,8 @@ def test_stable_stage_answers_with_routing_fields_and_propagates_the_correlation
     assert new_id != "req-42"
     assert [cid for cid, _ in stable.seen] == ["req-42", new_id]
     assert generated.json()["correlation_id"] == new_id
+    # the router's own join key: in the body (spliced into the model's answer) and in X-Prediction-ID, per request
+    assert body["prediction_id"] == given.headers["x-prediction-id"] != generated.json()["prediction_id"]
 
 
 def test_without_decision_details_a_client_sees_only_the_scoring_contract(stable: StandIn, candidate: StandIn) -> None:
@@ -219,9 +226,12 @@ def test_without_decision_details_a_client_sees_only_the_scoring_contract(stable
         apply(client, table(stable, candidate, "canary", 50.0))
         answers = [client.post(PREDICT, json={**SEED, "accountId": f"acct-{i}"}) for i in range(20)]
     assert {a.status_code for a in answers} == {200}
-    assert {tuple(sorted(a.json())) for a in answers} == {("confidence", "correlation_id", "decision", "prediction")}
+    assert {tuple(sorted(a.json())) for a in answers} == {
+        ("confidence", "correlation_id", "decision", "prediction", "prediction_id")
+    }
     assert all("x-model-version" not in a.headers for a in answers)
     assert all(a.json()["correlation_id"] == a.headers["x-correlation-id"] for a in answers)
+    assert all(a.json()["prediction_id"] == a.headers["x-prediction-id"] for a in answers)
     assert len(stable.seen) + len(candidate.seen) == 20 and candidate.seen  # both decided, neither shows
 
 
@@ -230,7 +240,7 @@ def test_shadow_stage_pairs_answers_and_logs_both_roles(
     stable: StandIn, candidate: StandIn, tmp_path: Path, client_library: str, batch_max: int
 ) -> None:
     """Single shadow calls (batch max 1) and batched ones (a long linger, so jobs queue up): the same pairs, counts
-    and prediction-log rows, each shadow score under its own request's correlation ID."""
+    and prediction-log rows, each shadow score under its own request's prediction ID (beside its correlation ID)."""
     n = 20
     outcome_settings = OutcomeSettings(dsn=f"sqlite:///{tmp_path / 'predictions.db'}", flush_interval_ms=20)
     settings = router_settings(
@@ -266,9 +276,10 @@ def test_shadow_stage_pairs_answers_and_logs_both_roles(
     )
     rows = logged_rows(outcome_settings)
     assert sorted((r["model_version"], r["role"]) for r in rows) == sorted([("v1", "decider"), ("v2", "shadow")] * n)
-    by_cid = {(r["correlation_id"], r["role"]): r for r in rows}
+    by_cid = {(r["prediction_id"], r["role"]): r for r in rows}
     for answer in answers:
-        cid = answer.headers["x-correlation-id"]
+        cid = answer.headers["x-prediction-id"]
+        assert by_cid[(cid, "shadow")]["correlation_id"] == answer.headers["x-correlation-id"]
         assert by_cid[(cid, "decider")]["score"] == STABLE_SCORE
         assert by_cid[(cid, "shadow")]["score"] == CANDIDATE_SCORE
         assert by_cid[(cid, "shadow")]["stage"] == "shadow"

@@ -16,6 +16,7 @@ from rollout.routing import (
     comparison_pair,
     hash_percent,
     hash_point,
+    keyed_salt,
     weight_cut,
 )
 from rollout.sources import FileTableSource, OfferResult, RefusalReason, TableStore, parse_table, write_table_file
@@ -179,6 +180,34 @@ def test_salt_is_per_rollout_so_rollouts_pick_different_entities() -> None:
         RoutePlan.compile(other_pair.model_copy(update={"salt": table("canary", 1).effective_salt})), keys
     )
     assert pinned == ours
+
+
+def test_the_router_key_makes_each_rollouts_salt_secret() -> None:
+    """Issue 11, point 3: the public salt (the version pair) predicts nothing once the plan is keyed — the keyed
+    choice overlaps the public one on about the weight's share (independent), and another key picks other entities;
+    one key is sticky across recompiles (every replica shares it)."""
+    keys = entities(20_000)
+    canary = table("canary", 10)
+    public = candidate_set(RoutePlan.compile(canary), keys)
+    ours = candidate_set(RoutePlan.compile(canary, b"router-key"), keys)
+    assert ours == candidate_set(RoutePlan.compile(table("canary", 10, generation=9), b"router-key"), keys)
+    assert abs(100.0 * len(ours) / len(keys) - 10.0) <= 1.0
+    other_key = candidate_set(RoutePlan.compile(canary, b"another-key"), keys)
+    for other in (public, other_key):
+        assert len(ours & other) / len(ours) < 0.15  # independent choices overlap on ~10 %; the old code: 100 %
+    store = TableStore(sticky_key=b"router-key")
+    store.offer(canary, "test")
+    assert store.plan is not None and candidate_set(store.plan, keys) == ours
+
+
+def test_keyed_salt_known_values() -> None:
+    """Frozen BLAKE2b-256 values (key, personalisation "fw-sticky"): a change would move every account's arm."""
+    assert keyed_salt(b"key", b"v1->v2").hex() == "1907846574d4c8698e48ec45c8400ea8def80112835cc560594b0841a00e469e"
+    # a key longer than BLAKE2b's 64 bytes is hashed first
+    assert keyed_salt(b"k" * 100, b"v1->v2").hex() == (
+        "f888994502b2b55d055c7ea833315275dc718b9d0443d5f594e92f15b1f186cc"
+    )
+    assert keyed_salt(b"key", b"v1->v3") != keyed_salt(b"key", b"v1->v2") != keyed_salt(b"kez", b"v1->v2")
 
 
 def test_hash_point_is_uniform_in_range_and_weight_cut_is_monotonic() -> None:
