@@ -83,6 +83,8 @@ from rollout.backends.kube_model import (
     event_name,
     event_reason,
     note_reason,
+    pod_restarts,
+    pod_trouble,
     routing_of,
     service_port,
     serving_version,
@@ -138,6 +140,7 @@ REQUIRED_ACCESS: Final[tuple[Access, ...]] = (
     Access("update", "fraudwatch.io:modelrollouts/status", "rollout"),  # the status, with resourceVersion
     *(Access(v, "apps:deployments") for v in ("list", "watch", "create", "patch", "delete")),  # apply = patch
     *(Access(v, ":services") for v in ("list", "watch", "create", "patch", "delete")),
+    *(Access(v, ":pods") for v in ("list", "watch")),  # read only: the model servers' restarts and crash loops
     Access("get", ":configmaps", "configmap"),  # the model-server templates
     Access("watch", ":configmaps", "configmap"),
     Access("create", ":events"),
@@ -181,6 +184,8 @@ class RolloutCache:
         self.rollout.on_change = self._rollout_changed
         self.deployments = Informer(api, deployments_path(self.namespace), "deployments", query=owned, **common)
         self.services = Informer(api, core_path(self.namespace, "services"), "services", query=owned, **common)
+        #: The model servers' pods (read only): container restarts and crash loops are the candidate's evidence.
+        self.pods = Informer(api, core_path(self.namespace, "pods"), "pods", query=owned, **common)
         self.configmap = Informer(
             api, core_path(self.namespace, "configmaps"), "configmap", name=ks.model_server_configmap, **common
         )
@@ -188,7 +193,7 @@ class RolloutCache:
 
     @property
     def informers(self) -> tuple[Informer, ...]:
-        return (self.rollout, self.deployments, self.services, self.configmap)
+        return (self.rollout, self.deployments, self.services, self.pods, self.configmap)
 
     def start(self) -> None:
         for informer in self.informers:
@@ -491,6 +496,9 @@ class KubeWorkloads:
     cache: RolloutCache
     settings: KubeBackendSettings
     applied: int = field(default=0, init=False)
+    #: Per version, the highest restart count seen of each of its pods (by uid): the count survives a pod being
+    #: replaced (a deleted crash-looping pod's restarts still count) and a kubelet that reports less later.
+    _restarts_seen: dict[str, dict[str, int]] = field(default_factory=dict, init=False)
 
     def ensure_running(self, version: str) -> WorkloadStatus:
         obj = self.cache.object()
@@ -522,9 +530,17 @@ class KubeWorkloads:
         name = workload_name(self.cache.name, version)
         deployment = self.cache.deployments.get(name)
         if deployment is None:
+            self._restarts_seen.pop(version, None)
             return WorkloadStatus(version, Readiness.STOPPED)
         readiness, detail = deployment_readiness(deployment)
-        return WorkloadStatus(version, readiness, self.url(version), detail)
+        pods = [p for p in self.cache.pods.items() if (p.get("metadata", {}).get("labels") or {}).get(VERSION_LABEL)
+                == version]  # fmt: skip
+        seen = self._restarts_seen.setdefault(version, {})
+        for uid, count in pod_restarts(pods).items():
+            seen[uid] = max(seen.get(uid, 0), count)
+        trouble = pod_trouble(pods)
+        detail = f"{detail}; {trouble}" if trouble else detail
+        return WorkloadStatus(version, readiness, self.url(version), detail, restarts=sum(seen.values()))
 
     def url(self, version: str) -> str | None:
         override = self.settings.version_urls.get(version)

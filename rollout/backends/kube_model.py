@@ -488,6 +488,41 @@ def deployment_readiness(deployment: Mapping[str, Any]) -> tuple[Readiness, str]
     return Readiness.STARTING, f"{available}/{wanted} available, {updated} updated"
 
 
+#: Container waiting reasons that mean the pod cannot run its model server (reported as the workload's detail).
+TROUBLE_REASONS: Final[frozenset[str]] = frozenset(
+    {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError", "CreateContainerError",
+     "InvalidImageName", "RunContainerError"}
+)  # fmt: skip
+
+
+def _container_statuses(pod: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    status = pod.get("status") or {}
+    return [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
+
+
+def pod_restarts(pods: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """The container restarts of each pod (by uid): what the kubelet counted for its containers and init containers."""
+    return {
+        str(pod.get("metadata", {}).get("uid") or pod.get("metadata", {}).get("name")): sum(
+            int(c.get("restartCount") or 0) for c in _container_statuses(pod)
+        )
+        for pod in pods
+    }
+
+
+def pod_trouble(pods: Sequence[Mapping[str, Any]]) -> str:
+    """Why a pod cannot run (``pod x: CrashLoopBackOff (…)``), from its containers' waiting states; "" if none."""
+    for pod in pods:
+        for container in _container_statuses(pod):
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            reason = str(waiting.get("reason") or "")
+            if reason in TROUBLE_REASONS:
+                message = str(waiting.get("message") or "").strip()
+                name = pod.get("metadata", {}).get("name", "?")
+                return f"pod {name}: {reason}" + (f" ({message[:200]})" if message else "")
+    return ""
+
+
 # --------------------------------------------------------------------------------------------------- the status
 
 

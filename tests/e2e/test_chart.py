@@ -150,6 +150,18 @@ def render(
     return parse_manifests(out)
 
 
+GENERATED_SECRETS = ("router-admin", "router-feedback", "router-sticky")
+
+
+def generated_credentials(k8s_client: Any, namespace: str) -> dict[str, dict[str, str]]:
+    """The data of the Secrets the chart generates (admin and feedback tokens, the sticky key)."""
+    core = k8s.CoreV1Api(k8s_client)
+    return {
+        name: dict(core.read_namespaced_secret(f"{RELEASE}-fraudwatch-{name}", namespace).data)
+        for name in GENERATED_SECRETS
+    }
+
+
 def modelrollouts(k8s_client: Any) -> k8s.CustomObjectsApi:
     return k8s.CustomObjectsApi(k8s_client)
 
@@ -342,8 +354,32 @@ def deployments_ready(k8s_client: Any, namespace: str) -> dict[str, tuple[int, i
     }
 
 
+@pytest.fixture
+def api_server_slice(k8s_client: Any) -> Iterator[str]:
+    """The `kubernetes` EndpointSlice in `default`, as the API server's endpoint reconciler publishes it on a real
+    cluster. This control plane listens on loopback only, which an EndpointSlice may not hold, so its reconciler is
+    off (tests/e2e/cluster.py) and the test publishes a documentation address (TEST-NET-1) in its place."""
+    discovery = k8s.DiscoveryV1Api(k8s_client)
+    address = "192.0.2.10"
+    body = {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+        "metadata": {"name": "kubernetes", "labels": {"kubernetes.io/service-name": "kubernetes"}},
+        "endpoints": [{"addresses": [address]}], "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}],
+    }  # fmt: skip
+    discovery.create_namespaced_endpoint_slice("default", body)
+    try:
+        yield address
+    finally:
+        discovery.delete_namespaced_endpoint_slice("kubernetes", "default")
+
+
 def test_install_wait_upgrade_and_ownership_of_fields(
-    k8s_cluster: ControlPlane, k8s_client: Any, crd: Mapping[str, Any], namespace: str, tmp_path: Path
+    k8s_cluster: ControlPlane,
+    k8s_client: Any,
+    crd: Mapping[str, Any],
+    namespace: str,
+    tmp_path: Path,
+    api_server_slice: str,
 ) -> None:
     """helm install --wait succeeds; RBAC is what the components need; `helm upgrade --set model.version=v2`
     changes the candidate while the controller's status and an operator's pause/command survive."""
@@ -388,11 +424,21 @@ def test_install_wait_upgrade_and_ownership_of_fields(
         GROUP, VERSION, namespace, PLURAL, ROLLOUT, {"spec": {"paused": True, "manualCommand": command}}
     )
 
+    # the API server egress is the `kubernetes` EndpointSlice's addresses, looked up at install (not 0.0.0.0/0)
+    policy = k8s.NetworkingV1Api(k8s_client).read_namespaced_network_policy(
+        f"{RELEASE}-fraudwatch-controller", namespace
+    )
+    blocks = {p.ip_block.cidr for rule in policy.spec.egress for p in (rule.to or []) if p.ip_block is not None}
+    assert blocks == {f"{api_server_slice}/32"}, blocks
+
+    generated = generated_credentials(k8s_client, namespace)
     helm(
         k8s_cluster, "upgrade", RELEASE, str(CHART_DIR), "--namespace", namespace, "--reuse-values",
         "--set", "model.version=v2", "--wait", "--timeout", "180s",
     )  # fmt: skip
 
+    # lookup keeps every generated token and key across the upgrade (a new sticky key would reshuffle accounts)
+    assert generated_credentials(k8s_client, namespace) == generated
     upgraded = get_rollout(k8s_client, namespace)
     assert upgraded["spec"]["candidate"]["version"] == "v2"
     assert upgraded["spec"]["candidate"]["image"].endswith(":v2")

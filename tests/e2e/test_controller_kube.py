@@ -32,11 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from rollout.backends.kube import REQUIRED_ACCESS, ROUTER_ACCESS
 from rollout.backends.kube_api import KubeApi, rollout_path
 from rollout.backends.kube_model import FINALIZER
 from rollout.cli import ExitCode
+from tests.chartkit import DEFAULT_POLICY_FILE
 from tests.e2e.cluster import ControlPlane
 from tests.e2e.kubekit import (
     CONTROLLER_SA,
@@ -303,3 +305,72 @@ def test_rbac_lets_the_router_only_read_modelrollouts(release: Release) -> None:
         ("update", "coordination.k8s.io:leases"), ("create", ":events"),
     ]:  # fmt: skip
         assert not can(release.api, router, verb, resource, release.ns), (verb, resource)
+
+
+# --------------------------------------------------------------------------------------------------- crash loop
+
+
+def crash_loop(release: Release, version: str, restarts: int) -> str:
+    """Write a crash loop into the status of ``version``'s pod, as a kubelet would. kwok runs no container, so a real
+    crash cannot happen here: the test plays the kubelet (the one fake of this test; everything the controller
+    reads — the pod, its watch, the RBAC — is the real API server's)."""
+    pods = release.api.list(
+        f"/api/v1/namespaces/{release.ns}/pods", [("labelSelector", f"fraudwatch.io/version={version}")]
+    )["items"]
+    assert pods, f"no pod of {version}"
+    pod = pods[0]
+    container = pod["spec"]["containers"][0]
+    waiting = {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}
+    status = {
+        "conditions": [{"type": "Ready", "status": "False"}, {"type": "ContainersReady", "status": "False"}],
+        "containerStatuses": [{
+            "name": container["name"], "image": container["image"], "imageID": "", "ready": False, "started": False,
+            "restartCount": restarts, "state": {"waiting": waiting},
+            "lastState": {"terminated": {"exitCode": 137, "reason": "Error"}},
+        }],
+    }  # fmt: skip
+    name = str(pod["metadata"]["name"])
+    release.api.merge_patch(f"/api/v1/namespaces/{release.ns}/pods/{name}/status", {"status": status})
+    return name
+
+
+def rolled_back(release: Release) -> dict[str, Any] | None:
+    status = release.status()
+    return status if status.get("phase") == "RolledBack" else None
+
+
+def test_a_crash_looping_candidate_is_rolled_back_with_the_reason(release: Release) -> None:
+    """Issue 12: on Kubernetes the candidate's pod restarts are evidence. A candidate whose pod crash-loops (5
+    container restarts, over the policy's max_restarts of 3) is rolled back by the candidate-workload gate, with the
+    count and the pod's CrashLoopBackOff in the reason, although Prometheus is unreachable (every other gate is
+    Inconclusive). Before, the kube backend read only the Deployment and never saw a restart."""
+    ensure_rollout(release)
+    # no pre-rollout regression set here: the policy's traffic gates only, so the candidate reaches shadow
+    default_gates = yaml.safe_load(DEFAULT_POLICY_FILE.read_text(encoding="utf-8"))["gates"]
+    traffic_gates = [g for g in default_gates if g["layer"] != "quality"]
+    path = rollout_path(release.ns, ROLLOUT)
+    release.api.merge_patch(path, {"spec": {"policy": {"gates": traffic_gates}}})
+    controller = release.controller("e2e-crash").start()
+    try:
+        serving = wait_until("a settled status", lambda: settled(release), CONVERGE_S)["stableVersion"]
+        candidate = "v11" if serving != "v11" else "v12"
+        helm_upgrade(release.cluster, release.ns, f"model.version={candidate}")
+        wait_until(
+            f"{candidate} in shadow",
+            lambda: (s := rolling_out(release, candidate)) and s.get("stage") == "shadow" and s,
+            CONVERGE_S,
+        )
+        wait_until(f"{candidate}'s pod", lambda: release.api.list(
+            f"/api/v1/namespaces/{release.ns}/pods", [("labelSelector", f"fraudwatch.io/version={candidate}")]
+        )["items"], CONVERGE_S)  # fmt: skip
+        pod = crash_loop(release, candidate, restarts=5)
+        ended = wait_until("the rollback", lambda: rolled_back(release), CONVERGE_S)
+        assert (ended["stableVersion"], ended["candidateVersion"]) == (serving, candidate)
+        failed = [g for g in ended.get("gates", []) if g.get("result") == "Failed"]
+        assert [g["name"] for g in failed] == ["candidate-workload"], ended.get("gates")
+        assert "restarted 5 times" in failed[0]["message"] and f"pod {pod}: CrashLoopBackOff" in failed[0]["message"]
+        wait_until("the restarts gauge", lambda: controller.sample(
+            "fraudwatch_rollout_workload_restarts", {"version": candidate}) == 5, CONVERGE_S)  # fmt: skip
+    finally:
+        assert controller.stop(signal.SIGTERM) == 0, controller.log_tail()
+        release.api.merge_patch(path, {"spec": {"policy": {"gates": None}}})

@@ -10,6 +10,7 @@ impersonates ``system:serviceaccount:<namespace>:<name>``, so RBAC decides exact
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,15 @@ SERVICE_ACCOUNT = "fw-fraudwatch-retraining"
 CANDIDATE = Candidate(name="v8", model="refund-fraud", number="8")
 
 
+ADMISSION_KINDS = ("ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
+
+
 @pytest.fixture
 def installed(
     k8s_cluster: ControlPlane, dynamic: DynamicClient, crd: Mapping[str, Any], namespace: str, tmp_path: Path
-) -> str:
-    """The release's ModelRollout and the retraining RBAC, created from the rendered chart; returns the namespace."""
+) -> Iterator[str]:
+    """The release's ModelRollout, the retraining RBAC and its admission policy (cluster-scoped: removed after the
+    test), created from the rendered chart; yields the namespace."""
     objects = render(k8s_cluster, {"retraining": {"enabled": True}}, tmp_path, namespace)
     wanted = [
         o for o in objects
@@ -44,12 +49,20 @@ def installed(
         or (o["kind"] in ("ServiceAccount", "Role", "RoleBinding") and o["metadata"]["name"] == SERVICE_ACCOUNT)
     ]  # fmt: skip
     assert sorted(o["kind"] for o in wanted) == ["ModelRollout", "Role", "RoleBinding", "ServiceAccount"]
+    admission = [o for o in objects if o["kind"] in ADMISSION_KINDS]
+    assert sorted(o["kind"] for o in admission) == list(ADMISSION_KINDS)
     for obj in wanted:
         dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"]).create(body=obj, namespace=namespace)
     other = next(o for o in wanted if o["kind"] == "ModelRollout")
     other = {**other, "metadata": {"name": "another-model"}}
     dynamic.resources.get(api_version=other["apiVersion"], kind="ModelRollout").create(body=other, namespace=namespace)
-    return namespace
+    for obj in admission:
+        dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"]).create(body=obj)
+    try:
+        yield namespace
+    finally:
+        for obj in reversed(admission):
+            dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"]).delete(name=obj["metadata"]["name"])
 
 
 @pytest.fixture
@@ -121,3 +134,48 @@ def test_the_service_account_can_do_nothing_else(installed: str, as_retraining: 
     with pytest.raises(ApiException) as deletion:
         as_retraining.delete_namespaced_custom_object(GROUP, VERSION, installed, PLURAL, ROLLOUT)
     assert (status.value.status, listing.value.status, deletion.value.status) == (403, 403, 403)
+
+
+def refused(api: k8s.CustomObjectsApi, namespace: str, patch: Mapping[str, Any]) -> str:
+    """The admission message of a merge patch of the release's ModelRollout that the API server refused ("" when
+    it was accepted)."""
+    try:
+        api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, ROLLOUT, patch)
+    except ApiException as exc:
+        assert exc.status in (403, 422), exc
+        return str(exc.body)
+    return ""
+
+
+def test_the_admission_policy_lets_retraining_change_the_candidate_only(
+    k8s_client: Any, installed: str, as_retraining: k8s.CustomObjectsApi
+) -> None:
+    """Issue 11, point 5: RBAC let the retraining ServiceAccount patch the whole ModelRollout — always-true gates in
+    spec.policy, a manual command, any image. The chart's ValidatingAdmissionPolicy, on the real API server, refuses
+    each of those and still admits the hand-off's own patch (the test above runs with it in place)."""
+    before = get_rollout(k8s_client, installed)
+    evil: dict[str, dict[str, Any]] = {
+        "spec.policy": {"spec": {"policy": {"gates": []}}},
+        "spec.manualCommand": {"spec": {"manualCommand": {"id": "x", "kind": "promote"}}},
+        "spec.paused": {"spec": {"paused": True}},
+        "spec.stable": {"spec": {"stable": {**before["spec"]["stable"], "version": "v0"}}},
+        "an image": {"spec": {"candidate": {"version": "v9", "image": "attacker/backdoor:latest"}}},
+        "spec.candidate.replicas": {"spec": {"candidate": {"replicas": 50}}},
+    }
+    # the policy takes effect once the API server has loaded it (its informer): wait for the first refusal
+    deadline = time.monotonic() + 30.0
+    probe = {"spec": {"routingSalt": "probe"}}
+    while not refused(as_retraining, installed, probe) and time.monotonic() < deadline:
+        restore = {"spec": {"routingSalt": before["spec"].get("routingSalt")}}  # None removes it
+        k8s.CustomObjectsApi(k8s_client).patch_namespaced_custom_object(
+            GROUP, VERSION, installed, PLURAL, ROLLOUT, restore
+        )
+        time.sleep(0.5)
+    messages = {what: refused(as_retraining, installed, patch) for what, patch in evil.items()}
+    assert all(messages.values()), {k: v for k, v in messages.items() if not v}
+    assert "not spec.policy" in messages["spec.policy"] and "may not choose an image" in messages["an image"]
+    assert get_rollout(k8s_client, installed)["spec"] == before["spec"]  # nothing of it landed
+
+    result = handoff(installed, as_retraining).start(CANDIDATE, request_id="alert-e2e-4", reason="drift")
+    assert result.outcome is HandoffOutcome.STARTED, result.detail
+    assert get_rollout(k8s_client, installed)["spec"]["candidate"]["version"] == "v8"

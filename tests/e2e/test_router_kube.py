@@ -52,12 +52,12 @@ class Setup:
         return time.monotonic()
 
     def held(self) -> dict[str, Any] | None:
-        response = httpx.get(self.router.url + "/admin/routing", headers={"Authorization": f"Bearer {TOKEN}"},
+        response = httpx.get(self.router.control_url + "/admin/routing", headers={"Authorization": f"Bearer {TOKEN}"},
                              timeout=5, trust_env=False)  # fmt: skip
         return response.json() if response.status_code == 200 else None
 
     def metrics(self) -> str:
-        return httpx.get(self.router.url + "/metrics", timeout=5, trust_env=False).text
+        return httpx.get(self.router.control_url + "/metrics", timeout=5, trust_env=False).text
 
 
 def table(generation: int, weight: int) -> dict[str, Any]:

@@ -55,8 +55,13 @@ SETTINGS_CLASSES: tuple[type[BaseSettings], ...] = (
 DSN_ENV = f"{OutcomeSettings.model_config.get('env_prefix')}DSN"
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 FEEDBACK_TOKEN_ENV = "FW_ROLLOUT_ROUTER__FEEDBACK_TOKEN_FILE"
+STICKY_KEY_ENV = "FW_ROLLOUT_ROUTER__STICKY_KEY_FILE"
 FIXED_TOKEN = {
-    "router": {"adminToken": {"value": "test-admin-token"}, "feedback": {"token": {"value": "test-feedback-token"}}}
+    "router": {
+        "adminToken": {"value": "test-admin-token"},
+        "feedback": {"token": {"value": "test-feedback-token"}},
+        "stickyKey": {"value": "test-sticky-key"},
+    }
 }
 
 #: The values matrix every rendered-object test runs over.
@@ -68,6 +73,7 @@ MATRIX: dict[str, dict[str, Any]] = {
         "router": {
             "adminToken": {"existingSecret": "router-admin", "existingSecretKey": "token"},
             "feedback": {"token": {"existingSecret": "label-feed", "existingSecretKey": "bearer"}},
+            "stickyKey": {"existingSecret": "router-sticky", "existingSecretKey": "key"},
         },
     },
     "ha-controller": {
@@ -286,8 +292,33 @@ def test_object_names_are_unique_dns_labels(rendered: dict[str, list[dict[str, A
         key = (obj["kind"], obj["metadata"]["name"])
         assert key not in seen, f"duplicate {key}"
         seen.add(key)
-        if obj["kind"] not in {"CustomResourceDefinition", "ClusterRole"}:
+        # cluster-scoped objects take DNS subdomain names (dots), and carry the namespace in theirs
+        if obj["kind"] not in {"CustomResourceDefinition", "ClusterRole", *ADMISSION_POLICY_KINDS}:
             assert DNS_LABEL.match(obj["metadata"]["name"]), key
+
+
+ADMISSION_POLICY_KINDS = ("ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
+
+
+def test_the_retraining_admission_policy_binds_to_its_service_account_and_namespace(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """The policy matches exactly the retraining ServiceAccount's updates, in the release namespace only (its
+    behaviour on a real API server: tests/e2e/test_retrain_handoff.py); none without retraining."""
+    assert not [o for o in rendered["defaults"] if o["kind"] in ADMISSION_POLICY_KINDS]
+    objects = rendered["retraining-dashboards-rbac"]
+    policy, binding = (one(objects, kind) for kind in ADMISSION_POLICY_KINDS)
+    account = one(objects, "ServiceAccount", "-retraining")["metadata"]["name"]
+    (condition,) = policy["spec"]["matchConditions"]
+    namespace = one(objects, "ServiceAccount", "-retraining")["metadata"].get("namespace", "fraud")
+    assert condition["expression"] == f'request.userInfo.username == "system:serviceaccount:{namespace}:{account}"'
+    assert policy["spec"]["failurePolicy"] == "Fail" and binding["spec"]["validationActions"] == ["Deny"]
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["matchResources"]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": namespace
+    }
+    guarded = {v["message"].rsplit(" ", 1)[-1] for v in policy["spec"]["validations"]}
+    assert {"spec.policy", "spec.manualCommand", "spec.stable", "spec.paused", "spec.routingSalt"} <= guarded
 
 
 @pytest.mark.parametrize("case", sorted(MATRIX))
@@ -506,11 +537,13 @@ def test_created_secrets_are_referenced(rendered: dict[str, list[dict[str, Any]]
     dsn_name, dsn_key = secret_ref(router_container(objects), DSN_ENV)
     token_name, token_key = admin_token_source(objects)
     feed_name, feed_key = admin_token_source(objects, FEEDBACK_TOKEN_ENV)
+    sticky_name, sticky_key = admin_token_source(objects, STICKY_KEY_ENV)
     assert dsn_key in secrets[dsn_name]["data"]
     assert token_key in secrets[token_name]["data"]
     assert feed_key in secrets[feed_name]["data"]
-    assert len({dsn_name, token_name, feed_name}) == 3
-    assert len(set(secrets)) == 3
+    assert sticky_key in secrets[sticky_name]["data"]
+    assert len({dsn_name, token_name, feed_name, sticky_name}) == 4
+    assert len(set(secrets)) == 4
 
 
 def test_existing_secrets_are_referenced_not_created(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -520,14 +553,26 @@ def test_existing_secrets_are_referenced_not_created(rendered: dict[str, list[di
     assert secret_ref(router_container(objects), DSN_ENV) == ("pg-dsn", "url")
     assert admin_token_source(objects) == ("router-admin", "token")
     assert admin_token_source(objects, FEEDBACK_TOKEN_ENV) == ("label-feed", "bearer")
+    assert admin_token_source(objects, STICKY_KEY_ENV) == ("router-sticky", "key")
 
 
-def test_generated_admin_token_is_long_and_given_one_is_kept(helm: Helm, workdir: Path) -> None:
-    generated = one(helm.template({}, workdir), "Secret", "-router-admin")["data"]["admin-token"]
-    given = one(helm.template(FIXED_TOKEN, workdir), "Secret", "-router-admin")["data"]["admin-token"]
+@pytest.mark.parametrize(
+    ("suffix", "key", "given_value"),
+    [
+        ("-router-admin", "admin-token", "test-admin-token"),
+        ("-router-feedback", "feedback-token", "test-feedback-token"),
+        ("-router-sticky", "sticky-key", "test-sticky-key"),
+    ],
+)
+def test_generated_credentials_are_long_and_given_ones_are_kept(
+    helm: Helm, workdir: Path, suffix: str, key: str, given_value: str
+) -> None:
+    generated = one(helm.template({}, workdir), "Secret", suffix)["data"][key]
+    again = one(helm.template({}, workdir), "Secret", suffix)["data"][key]
+    given = one(helm.template(FIXED_TOKEN, workdir), "Secret", suffix)["data"][key]
 
-    assert len(base64.b64decode(generated)) >= 32
-    assert base64.b64decode(given).decode() == "test-admin-token"
+    assert len(base64.b64decode(generated)) >= 32 and generated != again  # no live Secret to keep: fresh each time
+    assert base64.b64decode(given).decode() == given_value
 
 
 def test_the_feedback_port_has_its_own_service_and_the_public_service_does_not_expose_it(
@@ -536,24 +581,79 @@ def test_the_feedback_port_has_its_own_service_and_the_public_service_does_not_e
     for case, objects in rendered.items():
         container = router_container(objects)
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert int(env_of(container)["FW_ROLLOUT_ROUTER__CONTROL_PORT"]["value"]) == ports["feedback"], case
+        assert int(env_of(container)["FW_ROLLOUT_ROUTER__CONTROL_PORT"]["value"]) == ports["control"], case
         public = one(objects, "Service", "-router")
         assert [p["targetPort"] for p in public["spec"]["ports"]] == ["http"], case
         feed = one(objects, "Service", "-router-feedback")
-        assert [p["targetPort"] for p in feed["spec"]["ports"]] == ["feedback"], case
+        assert [p["targetPort"] for p in feed["spec"]["ports"]] == ["control"], case
 
 
-def test_by_default_no_peer_may_reach_the_feedback_port(rendered: dict[str, list[dict[str, Any]]]) -> None:
+def test_by_default_only_prometheus_may_reach_the_control_port(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The control port (labels, metrics, admin) admits Prometheus and feedbackIngressFrom only (empty by default:
+    no label source until the operator names one); the public port admits clients, not Prometheus."""
     policy = one(rendered["defaults"], "NetworkPolicy", "-router")
-    reached = [p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])]
-    assert "feedback" not in reached and "http" in reached
+    rules = {p["port"]: rule for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
+    assert set(rules) == {"http", "control"}
+    prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                  "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}  # fmt: skip
+    assert rules["control"]["from"] == [prometheus]
+    assert "from" not in rules["http"]  # routerIngressFrom empty: the front door
 
 
-def test_generated_feedback_token_is_long_and_given_one_is_kept(helm: Helm, workdir: Path) -> None:
-    generated = one(helm.template({}, workdir), "Secret", "-router-feedback")["data"]["feedback-token"]
-    given = one(helm.template(FIXED_TOKEN, workdir), "Secret", "-router-feedback")["data"]["feedback-token"]
-    assert len(base64.b64decode(generated)) >= 32
-    assert base64.b64decode(given).decode() == "test-feedback-token"
+def pod_labels(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, str]]]:
+    """(name, pod labels) of every workload the chart renders, and of the model-server pod template."""
+    found = []
+    for obj in objects:
+        kind, name = obj.get("kind"), f"{obj.get('kind')}/{obj['metadata']['name']}"
+        if kind == "Deployment":
+            found.append((name, obj["spec"]["template"]["metadata"]["labels"]))
+        elif kind == "CronJob":
+            found.append((name, obj["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]))
+        elif kind == "ConfigMap" and "pod-template.yaml" in obj.get("data", {}):
+            found.append((name, yaml.safe_load(obj["data"]["pod-template.yaml"])["metadata"]["labels"]))
+    return found
+
+
+def selects(policy: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    wanted = policy["spec"]["podSelector"].get("matchLabels") or {}
+    return all(labels.get(k) == v for k, v in wanted.items())
+
+
+@pytest.mark.parametrize("case", ["defaults", "retraining-dashboards-rbac"])
+def test_every_pod_is_denied_by_default_and_allowed_by_one_policy_of_its_own(
+    rendered: dict[str, list[dict[str, Any]]], case: str
+) -> None:
+    """Issue 11, point 8: a default-deny NetworkPolicy for every pod of the release, and for each pod exactly one
+    allow policy, restricting egress too, whose egress rules each name their ports (no open egress)."""
+    objects = rendered[case]
+    policies = find(objects, "NetworkPolicy")
+    deny = one(objects, "NetworkPolicy", "-default-deny")
+    assert deny["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert "ingress" not in deny["spec"] and "egress" not in deny["spec"]
+    pods = pod_labels(objects)
+    assert len(pods) >= 3
+    for name, labels in pods:
+        assert selects(deny, labels), name
+        allows = [p for p in policies if p is not deny and selects(p, labels)]
+        assert len(allows) == 1, (name, [p["metadata"]["name"] for p in allows])
+        spec = allows[0]["spec"]
+        assert spec["policyTypes"] == ["Ingress", "Egress"], name
+        assert spec.get("egress") and all(rule.get("ports") for rule in spec["egress"]), name
+
+
+def api_server_cidrs(objects: list[dict[str, Any]]) -> set[str]:
+    policy = one(objects, "NetworkPolicy", "-controller")
+    return {
+        peer["ipBlock"]["cidr"] for rule in policy["spec"]["egress"] for peer in rule.get("to", []) if "ipBlock" in peer
+    }
+
+
+def test_api_server_egress_is_the_given_cidrs_else_all_addresses_in_a_dry_render(helm: Helm, workdir: Path) -> None:
+    """Without a cluster (``helm template``) the `kubernetes` Endpoints cannot be looked up: 0.0.0.0/0 on the API
+    server's ports; given CIDRs are used as they are (the lookup on a real API server: tests/e2e/test_chart.py)."""
+    assert api_server_cidrs(helm.template({}, workdir)) == {"0.0.0.0/0"}
+    given = {"networkPolicy": {"apiServer": {"cidrs": ["10.0.0.1/32", "10.0.0.2/32"]}}}
+    assert api_server_cidrs(helm.template(given, workdir)) == {"10.0.0.1/32", "10.0.0.2/32"}
 
 
 # ------------------------------------------------------------------------------------------------ env contract
@@ -809,11 +909,14 @@ def test_controller_role_is_least_privilege(rendered: dict[str, list[dict[str, A
         *(("", "services", v) for v in write),
         ("", "configmaps", "get"),
         ("", "configmaps", "watch"),
+        ("", "pods", "list"),  # read only: the model servers' restarts (issue 12)
+        ("", "pods", "watch"),
         *(("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")),
         *((g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")),
     }
     assert granted == expected
-    assert not [r for r in granted if r[1] in {"secrets", "pods", "*"} or r[2] == "*"]
+    assert not [r for r in granted if r[1] in {"secrets", "*"} or r[2] == "*"]
+    assert {r[2] for r in granted if r[1] == "pods"} == {"list", "watch"}  # pods: read only, never create/exec
 
 
 def test_router_role_only_reads_modelrollouts(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -893,7 +996,7 @@ def test_controller_and_router_egress_reach_the_api_server(rendered: dict[str, l
 
 # ------------------------------------------------------------------------------------------------ monitoring
 
-OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+OPERATOR_KINDS = {"PodMonitor", "PrometheusRule"}
 
 
 def test_operator_objects_only_when_the_api_is_served_or_forced(helm: Helm, workdir: Path) -> None:
@@ -921,13 +1024,12 @@ def test_prometheus_rule_carries_the_one_rules_file(rendered: dict[str, list[dic
 def test_monitors_select_the_pods_that_serve_metrics(rendered: dict[str, list[dict[str, Any]]]) -> None:
     objects = rendered["monitoring"]
     template, _ = model_server_template(objects)
-    router_service = one(objects, "Service", "-router")
+    router_pod = one(objects, "Deployment", "-router")["spec"]["template"]
     controller_pod = one(objects, "Deployment", "-controller")["spec"]["template"]
-    monitor = one(objects, "ServiceMonitor", "-router")
-
-    assert labels_match(monitor["spec"]["selector"]["matchLabels"], router_service["metadata"]["labels"])
-    assert monitor["spec"]["endpoints"][0]["port"] == router_service["spec"]["ports"][0]["name"]
-    for suffix, pod in (("-controller", controller_pod), ("-model-server", template)):
+    # the routers' metrics are scraped on their control port: the public Service does not expose /metrics
+    assert one(objects, "PodMonitor", "-router")["spec"]["podMetricsEndpoints"][0]["port"] == "control"
+    assert [p["targetPort"] for p in one(objects, "Service", "-router")["spec"]["ports"]] == ["http"]
+    for suffix, pod in (("-router", router_pod), ("-controller", controller_pod), ("-model-server", template)):
         podmonitor = one(objects, "PodMonitor", suffix)
         assert labels_match(podmonitor["spec"]["selector"]["matchLabels"], pod["metadata"]["labels"])
         port_names = {p["name"] for c in pod["spec"]["containers"] for p in c["ports"]}

@@ -32,6 +32,8 @@ from rollout.backends.kube_model import (
     event_name,
     event_reason,
     history_rows,
+    pod_restarts,
+    pod_trouble,
     spec_commands,
     workload_name,
 )
@@ -176,6 +178,29 @@ def test_a_version_spec_is_immutable_once_recorded() -> None:
 def test_deployment_readiness(status: dict[str, Any], readiness: Readiness) -> None:
     deployment = {"metadata": {"generation": 2}, "spec": {"replicas": 2}, "status": status}
     assert deployment_readiness(deployment)[0] is readiness
+
+
+def pod(uid: str, *containers: dict[str, Any], init: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+    status = {"containerStatuses": list(containers), "initContainerStatuses": list(init)}
+    return {"metadata": {"uid": uid, "name": f"pod-{uid}"}, "status": status}
+
+
+def test_pod_restarts_count_every_container_of_every_pod() -> None:
+    pods = [
+        pod("a", {"restartCount": 4}, {"restartCount": 1}, init=({"restartCount": 2},)),
+        pod("b", {"restartCount": 0}),
+        {"metadata": {"uid": "c"}, "status": {}},  # scheduled, no container status yet
+    ]
+    assert pod_restarts(pods) == {"a": 7, "b": 0, "c": 0}
+
+
+def test_pod_trouble_names_the_first_pod_that_cannot_run() -> None:
+    crashing = {"restartCount": 5, "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}}}
+    starting = {"restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}}
+    assert pod_trouble([pod("a", starting)]) == ""
+    assert pod_trouble([pod("a", starting), pod("b", crashing)]) == "pod pod-b: CrashLoopBackOff (back-off 40s)"
+    pull = {"state": {"waiting": {"reason": "ImagePullBackOff"}}}
+    assert pod_trouble([pod("c", init=(pull,))]) == "pod pod-c: ImagePullBackOff"
 
 
 # --------------------------------------------------------------------------------------------------- commands

@@ -90,6 +90,7 @@ A component's `settings` map adds variables under its prefix; keys the chart set
   (dict "name" (print $p "ADMIN_TOKEN_FILE") "value" (include "fraudwatch.adminTokenPath" .))
   (dict "name" (print $p "CONTROL_PORT") "value" (toString $r.feedback.port))
   (dict "name" (print $p "FEEDBACK_TOKEN_FILE") "value" (include "fraudwatch.feedbackTokenPath" .))
+  (dict "name" (print $p "STICKY_KEY_FILE") "value" (include "fraudwatch.stickyKeyPath" .))
   (dict "name" (print $p "KUBE__NAMESPACE") "valueFrom" (include "fraudwatch.env.fieldRef" "metadata.namespace" | fromYaml))
   (dict "name" (print $p "KUBE__ROLLOUT_NAME") "value" (include "fraudwatch.rolloutName" .))
 }}

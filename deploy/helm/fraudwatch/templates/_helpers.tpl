@@ -73,6 +73,45 @@ Names
 /etc/fraudwatch/feedback/token
 {{- end }}
 
+{{- define "fraudwatch.stickyKeySecret" -}}
+{{- default (include "fraudwatch.componentName" (dict "ctx" . "component" "router-sticky")) .Values.router.stickyKey.existingSecret }}
+{{- end }}
+
+{{- define "fraudwatch.stickyKeyKey" -}}
+{{- if .Values.router.stickyKey.existingSecret }}{{ .Values.router.stickyKey.existingSecretKey }}{{ else }}sticky-key{{ end }}
+{{- end }}
+
+{{/* Where the router reads its sticky-assignment key (a Secret volume; FW_ROLLOUT_ROUTER__STICKY_KEY_FILE). */}}
+{{- define "fraudwatch.stickyKeyPath" -}}
+/etc/fraudwatch/sticky/key
+{{- end }}
+
+{{/*
+A Secret holding one generated credential: (dict "ctx" $ "name" … "key" … "value" … "labels" (dict "ctx" $ "component"
+…)). An empty value is generated once (randAlphaNum 48); an upgrade keeps the live Secret's value (lookup; it is
+empty in `helm template`, so a dry render shows a fresh one).
+*/}}
+{{- define "fraudwatch.generatedSecret" -}}
+{{- $value := .value }}
+{{- if not $value }}
+{{- $live := lookup "v1" "Secret" .ctx.Release.Namespace .name }}
+{{- if and $live $live.data (index $live.data .key) }}
+{{- $value = index $live.data .key | b64dec }}
+{{- else }}
+{{- $value = randAlphaNum 48 }}
+{{- end }}
+{{- end -}}
+apiVersion: v1
+kind: Secret
+metadata:
+  name: {{ .name }}
+  labels:
+    {{- include "fraudwatch.labels" .labels | nindent 4 }}
+type: Opaque
+data:
+  {{ .key }}: {{ $value | b64enc | quote }}
+{{- end }}
+
 {{- define "fraudwatch.predictionLogKey" -}}
 {{- if .Values.predictionLog.existingSecret }}{{ .Values.predictionLog.existingSecretKey }}{{ else }}dsn{{ end }}
 {{- end }}
@@ -217,8 +256,17 @@ NetworkPolicy peers
     {{- end }}
 {{- end }}
 {{- define "fraudwatch.np.apiServerEgress" -}}
+{{- $cidrs := .Values.networkPolicy.apiServer.cidrs }}
+{{- if not $cidrs }}
+{{- $slice := lookup "discovery.k8s.io/v1" "EndpointSlice" "default" "kubernetes" }}
+{{- range ($slice.endpoints | default list) }}
+{{- range (.addresses | default list) }}
+{{- $cidrs = append $cidrs (printf "%s/32" .) }}
+{{- end }}
+{{- end }}
+{{- end }}
 - to:
-    {{- range .Values.networkPolicy.apiServer.cidrs }}
+    {{- range ($cidrs | default (list "0.0.0.0/0")) }}
     - ipBlock:
         cidr: {{ . }}
     {{- end }}
