@@ -10,7 +10,9 @@ shadow calls to the :class:`~rollout.shadow.ShadowRunner` and the decider's pred
 without waiting.
 
 Stage → decider: ``stable`` and ``shadow`` → stable (the candidate shadows in ``shadow``); ``canary`` / ``ab`` → the
-sticky split by ``candidate_weight``; ``full`` → the candidate (the previous stable shadows). A deciding candidate
+sticky split by ``candidate_weight``; ``full`` → the candidate. Whatever the candidate decides, stable scores in
+shadow too (the control shadow: paired evidence on the candidate's own requests; in ``full`` the warm previous
+version). A deciding candidate
 that fails or exceeds ``candidate_timeout_s`` is answered for by stable (``fraudwatch_router_fallback_total``); when
 stable fails the client gets a 503 naming the cause.
 

@@ -9,8 +9,11 @@ A :class:`RoutingTable` says which model version decides for whom during a rollo
 
 Stages: ``stable`` (stable decides; the candidate, if named, only stays warm), ``shadow`` (stable decides, the
 candidate scores the same request off the response path), ``canary`` / ``ab`` (a sticky split by
-``candidate_weight`` percent), ``full`` (the candidate decides for everyone; the previous stable keeps scoring in
-shadow, warm for a one-step revert). ``shadow`` lists extra versions that score every request in shadow.
+``candidate_weight`` percent), ``full`` (the candidate decides for everyone). Whenever the candidate decides, the
+stable scores the same request in shadow (the *control shadow*): every candidate decision has its stable twin, so
+the decision-rate shift and the outcome gates can be judged paired on exactly the candidate's traffic in every
+stage, not by comparing two different sets of accounts; in ``full`` it also keeps the previous stable warm for a
+one-step revert. ``shadow`` lists extra versions that score every request in shadow.
 
 :meth:`RoutePlan.compile` turns a table into the routes of its arms once, when the table changes; per request only
 :meth:`RoutePlan.route` runs: one keyed hash and an integer comparison.
@@ -216,12 +219,11 @@ def _stable_route(table: RoutingTable) -> Route:
 def _candidate_route(table: RoutingTable) -> Route | None:
     if table.candidate is None or table.stage in _NO_CANDIDATE_TRAFFIC:
         return None
-    implicit = (table.stable,) if table.stage == "full" else ()
     return Route(
         arm="candidate",
         decider=table.candidate,
         fallback=table.stable,
-        shadows=shadows_for(table.candidate, (*implicit, *table.shadow)),
+        shadows=shadows_for(table.candidate, (table.stable, *table.shadow)),  # the control shadow
     )
 
 

@@ -220,7 +220,8 @@ def test_each_stage_routes_as_specified(stack: Stack, client: httpx.Client, stag
     if stage in ("canary", "ab"):
         assert 0 < n_v2 < len(keys)  # 60 fresh accounts: both arms are used (P(no candidate at 5 %) ≈ 4.6 %)
     shadows_of_v2 = len(keys) if stage == "shadow" else 0
-    shadows_of_v1 = len(keys) if stage == "full" else 0
+    # the control shadow: stable scores every request the candidate decides (canary, A/B and full)
+    shadows_of_v1 = n_v2
 
     def counted(version: str, role: str, text: str) -> float:
         return metric_value(text, "fraudwatch_router_requests_total", model_version=version, role=role, outcome="2xx")

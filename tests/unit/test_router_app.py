@@ -232,7 +232,8 @@ def test_without_decision_details_a_client_sees_only_the_scoring_contract(stable
     assert all("x-model-version" not in a.headers for a in answers)
     assert all(a.json()["correlation_id"] == a.headers["x-correlation-id"] for a in answers)
     assert all(a.json()["prediction_id"] == a.headers["x-prediction-id"] for a in answers)
-    assert len(stable.seen) + len(candidate.seen) == 20 and candidate.seen  # both decided, neither shows
+    # both decided, neither shows (stable also scores the candidate's requests in shadow, off the response path)
+    assert candidate.seen and len(stable.seen) >= 20 - len(candidate.seen)
 
 
 @pytest.mark.parametrize(("client_library", "batch_max"), [("httpx", 1), ("aiohttp", 1), ("httpx", 8), ("aiohttp", 8)])

@@ -135,7 +135,8 @@ def test_split_stages_have_both_arms_with_stable_as_fallback(stage: str) -> None
     assert stable_routes
     assert candidate_routes
     assert all(r.decider == V1 and r.fallback is None and r.shadows == (V3,) for r in stable_routes)
-    assert all(r.decider == V2 and r.fallback == V1 and r.shadows == (V3,) for r in candidate_routes)
+    # the control shadow: stable scores every request the candidate decides (paired evidence in canary and A/B)
+    assert all(r.decider == V2 and r.fallback == V1 and r.shadows == (V1, V3) for r in candidate_routes)
 
 
 def test_a_shadow_naming_the_decider_is_not_called_twice() -> None:
