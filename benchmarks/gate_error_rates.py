@@ -8,8 +8,9 @@ judged by the real ``rollout.analysis.analyse`` at the policy's analysis interva
 ``rollout.machine.step``: every gate of every stage together. Beside each case, for the recall gate alone:
 
 * ``baseline_today`` — the rule before issue 10, a faithful copy: the candidate's Wilson interval against stable's
-  point estimate, decided at the first look past the label minimum;
-* ``fixed_horizon`` — one look at the fixed sample size of a one-sided z-test with the same α, β (the best possible
+  point estimate, decided at the first look past that policy's label minimum (all labels, as it counted them);
+* ``fixed_horizon`` — one look at the fixed sample size of the one-sided pooled two-proportion z-test of Δ=0
+  against Δ=-2δ with the same α and β (its size from the variances under each hypothesis; the best possible
   without peeking).
 
 Prints one JSON object whose ``cases`` list has, per case, ``policy``, ``case``, ``fraud_rate``, ``promoted``,
@@ -49,6 +50,8 @@ from rollout.drift import wilson_interval
 STABLE, CANDIDATE = "v1", "v2"
 STEP = 50
 STABLE_RECALL = 0.85
+#: The label minimum of the recall gate before issue 10, in labels of any class (default and demo policies).
+TODAY_MIN_LABELS: dict[str, int] = {"default": 200, "demo": 100}
 
 
 class SimProvider:
@@ -85,6 +88,16 @@ def _baseline_today(
     return "Inconclusive"
 
 
+def fixed_horizon_frauds(p: float, margin: float, alpha: float, beta: float) -> float:
+    """Fraud labels per arm of the one-sided pooled two-proportion z-test of Δ=0 against Δ=-2δ at (α, β):
+    n = (z₁₋α·√(2·p̄(1-p̄)) + z₁₋β·√(p₀(1-p₀) + p₁(1-p₁)))² / (2δ)², p̄ the pooled rate under H1 (Fleiss)."""
+    z = NormalDist().inv_cdf
+    p1 = p - 2 * margin
+    pooled = (p + p1) / 2
+    spread = z(1 - alpha) * math.sqrt(2 * pooled * (1 - pooled)) + z(1 - beta) * math.sqrt(p * (1 - p) + p1 * (1 - p1))
+    return spread**2 / (2 * margin) ** 2
+
+
 def simulate(
     policy_name: str,
     policy: pol.RolloutPolicy,
@@ -97,6 +110,7 @@ def simulate(
 ) -> dict[str, float]:
     rng = random.Random(seed)
     provider = SimProvider()
+    world = "demo" if policy.analysis.interval_s < 5 else "default"
     ctx = an._Context(policy, "ab", provider, STABLE, CANDIDATE, policy.analysis.window_s)
     est = gate.estimator
     assert isinstance(est, pol.WilsonEstimator)
@@ -105,12 +119,9 @@ def simulate(
         for v in (STABLE, CANDIDATE)
     }
     margin = abs(gate.condition.threshold)
-    minimum = policy.min_labels(gate, "ab")
     alpha, beta = policy.false_rollback(gate), policy.false_promotion(gate)
     z = NormalDist().inv_cdf
-    # Fixed horizon: fraud labels per arm for a one-sided z-test of Δ=0 vs Δ=-2δ at (α, β).
-    p = STABLE_RECALL
-    horizon_frauds = (z(1 - alpha) + z(1 - beta)) ** 2 * 2 * p * (1 - p) / (2 * margin) ** 2
+    horizon_frauds = fixed_horizon_frauds(STABLE_RECALL, margin, alpha, beta)
     outcomes = {"Successful": 0, "Failed": 0, "Inconclusive": 0}
     labels_used: list[float] = []
     for _ in range(reps):
@@ -124,21 +135,21 @@ def simulate(
                 counts[v][2] += frauds
             (lc, tpc, nc), (_ls, tps, ns) = counts[CANDIDATE], counts[STABLE]
             if policy_name == "sequential_recall_gate":
-                for v, (lq, sq, tq) in queries.items():
-                    provider.values.update({lq: counts[v][0], sq: counts[v][1], tq: counts[v][2]})
+                for v, (lq, sq, tq) in queries.items():  # the gate's label minimum counts fraud labels
+                    provider.values.update({lq: counts[v][2], sq: counts[v][1], tq: counts[v][2]})
                 # The real gate code (analyse() minus the other gates, which have no data here).
                 decision = an._outcome_result(ctx, gate).status.value
             elif policy_name == "baseline_today":
+                minimum = TODAY_MIN_LABELS[world]
                 decision = _baseline_today(tpc, nc, tps, ns, margin, policy.confidence(gate), minimum, lc)
-            else:
-                if min(nc, ns) >= horizon_frauds:
-                    diff = tpc / nc - tps / ns
-                    se = math.sqrt((tpc / nc) * (1 - tpc / nc) / nc + (tps / ns) * (1 - tps / ns) / ns) or 1e-12
-                    decision = "Failed" if diff / se < -z(1 - alpha) else "Successful"
+            elif min(nc, ns) >= horizon_frauds:
+                pooled = (tpc + tps) / (nc + ns)
+                se = math.sqrt(pooled * (1 - pooled) * (1 / nc + 1 / ns)) or 1e-12
+                decision = "Failed" if (tpc / nc - tps / ns) / se < -z(1 - alpha) else "Successful"
             if decision in ("Successful", "Failed"):
                 break
         outcomes[decision] += 1
-        labels_used.append(counts[CANDIDATE][0])
+        labels_used.append(counts[CANDIDATE][2])
     return {
         "promoted": outcomes["Successful"] / reps,
         "rolled_back": outcomes["Failed"] / reps,
@@ -236,7 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = {
         "benchmark": "gate_error_rates",
         "what": "whole rollouts (every gate of every stage) through rollout.analysis.analyse and rollout.machine.step; "
-        "baseline_today and fixed_horizon: the recall gate alone, labels in steps of 50 per version per look",
+        "sequential_recall_gate, baseline_today and fixed_horizon: the A/B recall gate alone, labels in steps of 50 "
+        "per version per look; median_labels: all the candidate's labels (whole rollouts) or its fraud labels "
+        "(the recall gate alone: the fixed horizon's unit)",
         "stable_recall": STABLE_RECALL,
         "worlds": {name: dict(zip(("rps", "label_delay_s", "max_s"), WORLDS[name], strict=True)) for name in names},
         "false_rollback": {name: policies[name].analysis.false_rollback for name in names},

@@ -1,17 +1,20 @@
 """A simulated world for whole rollouts through the real policy, analysis and stage-machine code.
 
 Every look (the policy's ``analysis.interval_s``) the world serves ``rps`` requests routed as the rollout's stage says
-(shadow: stable decides, the candidate scores the same requests; canary and A/B: split by weight; full: the
-candidate decides, the previous version scores in shadow), and every request is labelled ``label_delay_s`` later.
+(shadow: stable decides, the candidate scores the same requests; canary and A/B: split by weight, stable scoring the
+candidate's requests too as their control shadow; full: the candidate decides, the previous version scores in
+shadow), and every request is labelled ``label_delay_s`` later.
 A :class:`SimProvider` answers each query the policy's gates render with what Prometheus would return for those
 counts; the real :func:`rollout.analysis.analyse` judges them and the real :func:`rollout.machine.step` decides.
 
 What the world models, per version: calls and errors (rate ``error_rate``), decisions (recall at its threshold and a
 false-positive rate), labels (fraud with ``fraud_rate``) joined as tp/fn/fp/tn with score histograms for AUC and
-calibration, shadow pairs with their agreement, and the PSI of six input features and the score against the
+calibration (of all a version's predictions, and of its deciding ones alone), shadow pairs with their agreement and
+decision cells, and the PSI of six input features and the score against the
 training reference (≈ χ²₉/n on the 5-minute window's n requests, the sampling noise of a 10-bin PSI when nothing
 drifted). A worse candidate misses a share of the frauds stable catches (its recall lower by that much, those
-frauds scored like legitimate requests). Latency is constant (not the subject here).
+frauds scored like legitimate requests). Latency is a constant p99 with a small share of slow calls (not the subject
+here).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ BUCKETS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))
 FEATURES = 6
 PSI_BINS = 10
 _MINIMUM = re.compile(r">=\s*(\d+(?:\.\d+)?)\s*$")
-_FIELDS = ("calls", "errors", "flagged", "pairs", "agree", "tp", "fn", "fp", "tn")
+_FIELDS = ("calls", "errors", "slow", "flagged", "pairs", "agree", "tp", "fn", "fp", "tn")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class WorldSpec:
     false_positive_rate: float = 0.01
     error_rate: float = 0.0005
     latency_s: float = 0.03
+    #: Calls slower than the latency gate's limit (its tail: a healthy service, well within 1 %).
+    slow_rate: float = 0.001
     #: Two retrained models disagree on some requests even at equal quality: the share of the frauds stable misses
     #: that the candidate catches (and of the legitimate requests stable flags that the candidate does not); the
     #: reverse shares follow from the two versions' recall and false-positive rate.
@@ -153,60 +158,71 @@ class World:
     ) -> None:
         self.spec, self.rng, self.models = spec, rng, score_models
         self.tally = {STABLE: Tally(), CANDIDATE: Tally()}
-        self.pending: deque[tuple[float, str, dict[str, float], tuple[Any, Any, Any]]] = deque()
+        #: The predictions each version made as the decider (the arm's own decisions).
+        self.decided = {STABLE: Tally(), CANDIDATE: Tally()}
+        self.pending: deque[tuple[float, str, bool, dict[str, float], tuple[Any, Any, Any]]] = deque()
         self.window: deque[tuple[float, dict[str, tuple[float, float]]]] = deque()  # 5-minute (calls, flagged)
         self.stage_start = {STABLE: Tally(), CANDIDATE: Tally()}
+        self.decided_start = {STABLE: Tally(), CANDIDATE: Tally()}
         self.pairs = PairTally()
         self.pairs_start = PairTally()
         self.pending_pairs: deque[tuple[float, PairTally]] = deque()
+        #: Both versions' decisions on every pair (unlabelled; counted at once): "stable:candidate" → requests.
+        self.decision_pairs: dict[str, float] = dict.fromkeys(("0:0", "0:1", "1:0", "1:1"), 0.0)
+        self.decision_pairs_start = dict(self.decision_pairs)
 
     def enter_stage(self) -> None:
         self.stage_start = {v: t.copy() for v, t in self.tally.items()}
+        self.decided_start = {v: t.copy() for v, t in self.decided.items()}
         self.pairs_start = self.pairs.copy()
+        self.decision_pairs_start = dict(self.decision_pairs)
 
     def serve(self, now_s: float, dt: float, stage: str, weight: float) -> None:
         spec, rng = self.spec, self.rng
         n = int(rng.poisson(spec.rps * dt))
-        if stage == "shadow":
-            deciding = {STABLE: n}
-            shadow = {CANDIDATE: n}
-        elif stage == "full":
-            deciding, shadow = {CANDIDATE: n}, {STABLE: n}
-        else:
-            cand = int(rng.binomial(n, weight / 100.0))
-            deciding, shadow = {STABLE: n - cand, CANDIDATE: cand}, {}
         seen: dict[str, tuple[float, float]] = {}
-        paired = bool(shadow)
-        if paired:  # both versions score the same n requests
-            d = _discordance(rng, spec, n)
-            caught_by = {STABLE: d.both_caught + d.stable_only, CANDIDATE: d.both_caught + d.candidate_only}
-            flagged_by = {
-                STABLE: d.both_flagged + d.legit_stable_only,
-                CANDIDATE: d.both_flagged + d.legit_candidate_only,
-            }
-            # A version scores the frauds only the other caught like legitimate requests.
-            demoted_by = {STABLE: d.candidate_only, CANDIDATE: d.stable_only}
-            for v in (STABLE, CANDIDATE):
-                self._calls(v, n, caught_by[v] + flagged_by[v], seen)
-                self._label(now_s, v, d.frauds, caught_by[v], d.legit, flagged_by[v], demoted_by[v])
-            disagree = d.stable_only + d.candidate_only + d.legit_stable_only + d.legit_candidate_only
-            for v in (STABLE, CANDIDATE):
-                self.tally[v].counts["pairs"] += n
-                self.tally[v].counts["agree"] += n - disagree
-            self.pending_pairs.append((now_s + spec.label_delay_s, self._pair_tables(d)))
-        else:
-            for v, calls in deciding.items():
-                recall = spec.stable_recall if v == STABLE else spec.candidate_recall
-                frauds = int(rng.binomial(calls, spec.fraud_rate))
-                caught = int(rng.binomial(frauds, recall))
-                legit_flagged = int(rng.binomial(calls - frauds, spec.false_positive_rate))
-                self._calls(v, calls, caught + legit_flagged, seen)
-                demoted = 0 if v == STABLE else int(rng.binomial(frauds, 1.0 - recall / spec.stable_recall))
-                self._label(now_s, v, frauds, caught, calls - frauds, legit_flagged, demoted)
+        if stage == "shadow":
+            self._paired(now_s, n, STABLE, seen)
+        elif stage == "full":
+            self._paired(now_s, n, CANDIDATE, seen)
+        else:  # the candidate's arm is paired (stable's control shadow); stable's own arm is not
+            cand = int(rng.binomial(n, weight / 100.0))
+            self._paired(now_s, cand, CANDIDATE, seen)
+            self._alone(now_s, n - cand, seen)
         self.window.append((now_s, seen))
         while self.window and self.window[0][0] <= now_s - 300.0:
             self.window.popleft()
         self._arrive(now_s)
+
+    def _paired(self, now_s: float, n: int, decider: str, seen: dict[str, tuple[float, float]]) -> None:
+        """``n`` requests both versions score; ``decider`` answers them."""
+        d = _discordance(self.rng, self.spec, n)
+        caught_by = {STABLE: d.both_caught + d.stable_only, CANDIDATE: d.both_caught + d.candidate_only}
+        flagged_by = {STABLE: d.both_flagged + d.legit_stable_only, CANDIDATE: d.both_flagged + d.legit_candidate_only}
+        # A version scores the frauds only the other caught like legitimate requests.
+        demoted_by = {STABLE: d.candidate_only, CANDIDATE: d.stable_only}
+        for v in (STABLE, CANDIDATE):
+            self._calls(v, n, caught_by[v] + flagged_by[v], seen)
+            self._label(now_s, v, v == decider, d.frauds, caught_by[v], d.legit, flagged_by[v], demoted_by[v])
+        disagree = d.stable_only + d.candidate_only + d.legit_stable_only + d.legit_candidate_only
+        for v in (STABLE, CANDIDATE):
+            self.tally[v].counts["pairs"] += n
+            self.tally[v].counts["agree"] += n - disagree
+        cells = {"1:1": d.both_caught + d.both_flagged, "1:0": d.stable_only + d.legit_stable_only,
+                 "0:1": d.candidate_only + d.legit_candidate_only}  # fmt: skip
+        cells["0:0"] = n - sum(cells.values())
+        for key, value in cells.items():
+            self.decision_pairs[key] += value
+        self.pending_pairs.append((now_s + self.spec.label_delay_s, self._pair_tables(d)))
+
+    def _alone(self, now_s: float, calls: int, seen: dict[str, tuple[float, float]]) -> None:
+        """``calls`` requests stable decides alone (its arm of a split)."""
+        spec, rng = self.spec, self.rng
+        frauds = int(rng.binomial(calls, spec.fraud_rate))
+        caught = int(rng.binomial(frauds, spec.stable_recall))
+        legit_flagged = int(rng.binomial(calls - frauds, spec.false_positive_rate))
+        self._calls(STABLE, calls, caught + legit_flagged, seen)
+        self._label(now_s, STABLE, True, frauds, caught, calls - frauds, legit_flagged, 0)
 
     def _pair_tables(self, d: _Discordance) -> PairTally:
         """The paired tables of one batch: decision cells, and joint score bins (concordant requests in the same
@@ -236,12 +252,21 @@ class World:
         counts = self.tally[version].counts
         counts["calls"] += calls
         counts["errors"] += int(self.rng.binomial(calls, self.spec.error_rate))
+        counts["slow"] += int(self.rng.binomial(calls, self.spec.slow_rate))
         counts["flagged"] += flagged
         prior = seen.get(version, (0.0, 0.0))
         seen[version] = (prior[0] + calls, prior[1] + flagged)
 
     def _label(
-        self, now_s: float, version: str, frauds: int, caught: int, legit: int, flagged: int, demoted: int
+        self,
+        now_s: float,
+        version: str,
+        decider: bool,
+        frauds: int,
+        caught: int,
+        legit: int,
+        flagged: int,
+        demoted: int,
     ) -> None:
         """Queue the labels of these requests; ``demoted`` frauds (missed by a worse candidate) score like legit."""
         rng = self.rng
@@ -253,7 +278,7 @@ class World:
         neg = rng.multinomial(legit, neg_p)
         counts: dict[str, float] = {"tp": caught, "fn": frauds - caught, "fp": flagged, "tn": legit - flagged}
         pred_sum = scored_as_fraud * pos_mean + (scored_as_legit + neg) * neg_mean
-        self.pending.append((now_s + self.spec.label_delay_s, version, counts, (pos, neg, pred_sum)))
+        self.pending.append((now_s + self.spec.label_delay_s, version, decider, counts, (pos, neg, pred_sum)))
 
     def _arrive(self, now_s: float) -> None:
         while self.pending_pairs and self.pending_pairs[0][0] <= now_s:
@@ -263,21 +288,27 @@ class World:
             self.pairs.pos += batch.pos
             self.pairs.neg += batch.neg
         while self.pending and self.pending[0][0] <= now_s:
-            _, version, counts, (pos, neg, pred_sum) = self.pending.popleft()
-            tally = self.tally[version]
-            for key, value in counts.items():
-                tally.counts[key] += value
-            tally.pos_bins += pos
-            tally.neg_bins += neg
-            tally.pred_sum += pred_sum
-            tally.pred_count += pos + neg
-            tally.observed += pos
+            _, version, decider, counts, (pos, neg, pred_sum) = self.pending.popleft()
+            for tally in (self.tally[version], self.decided[version]) if decider else (self.tally[version],):
+                for key, value in counts.items():
+                    tally.counts[key] += value
+                tally.pos_bins += pos
+                tally.neg_bins += neg
+                tally.pred_sum += pred_sum
+                tally.pred_count += pos + neg
+                tally.observed += pos
 
     def pairs_in_stage(self) -> PairTally:
         return self.pairs.minus(self.pairs_start)
 
     def in_stage(self, version: str) -> Tally:
         return self.tally[version].minus(self.stage_start[version])
+
+    def decided_in_stage(self, version: str) -> Tally:
+        return self.decided[version].minus(self.decided_start[version])
+
+    def decision_pairs_in_stage(self) -> dict[str, float]:
+        return {k: v - self.decision_pairs_start[k] for k, v in self.decision_pairs.items()}
 
     def recent(self, version: str) -> tuple[float, float]:
         calls = sum(seen.get(version, (0.0, 0.0))[0] for _, seen in self.window)
@@ -366,14 +397,20 @@ def fill(provider: SimProvider, policy: pol.RolloutPolicy, world: World, stage: 
                 if point is not None and recent_calls < _minimum(gate.query):
                     point = None
                 put(gate.query, v, point)
-                if gate.estimator is not None and events_trials is not None:
+                if isinstance(gate.estimator, pol.PairedProportionEstimator):
+                    cells = world.decision_pairs_in_stage()
+                    put(gate.estimator.pairs, CANDIDATE, sum(cells.values()))
+                    put(gate.estimator.candidate_only, CANDIDATE, cells["0:1"])
+                    put(gate.estimator.stable_only, CANDIDATE, cells["1:0"])
+                elif gate.estimator is not None and events_trials is not None:
                     put(gate.estimator.events, v, events_trials[0])
                     put(gate.estimator.trials, v, events_trials[1])
             elif isinstance(gate, pol.OutcomeGate) and gate.paired:
                 _fill_paired(gate, world.pairs_in_stage(), lambda t, x: put(t, CANDIDATE, x), vectors, ctx[v])
             elif isinstance(gate, pol.OutcomeGate):
-                put(gate.labels_query, v, tally.labels)
-                _fill_outcome(gate, v, tally, put, vectors, ctx[v])
+                # A gate of the arms' own decisions (role decider) counts the deciding predictions only.
+                own = world.decided_in_stage(v) if 'role="decider"' in gate.labels_query else tally
+                _fill_outcome(gate, v, own, put, vectors, ctx[v])
 
 
 #: The class of labelled pairs each shipped paired gate reads (its labels_query counts them).
@@ -398,6 +435,7 @@ def _fill_paired(gate: pol.OutcomeGate, pairs: PairTally, put: Callable[[str, fl
 def _fill_outcome(gate: pol.OutcomeGate, version: str, tally: Tally, put: Callable[[str, str, float | None], None],
                   vectors: dict[str, list[tuple[dict[str, str], float]]], ctx: pol.RenderContext) -> None:  # fmt: skip
     c, est = tally.counts, gate.estimator
+    put(gate.labels_query, version, _labels_counted(gate.labels_query, c))
     if isinstance(est, pol.WilsonEstimator):
         successes, trials = (c["tp"], c["tp"] + c["fn"]) if gate.name == "recall" else (c["tp"], c["tp"] + c["fp"])
         put(est.successes, version, successes)
@@ -417,6 +455,13 @@ def _fill_outcome(gate: pol.OutcomeGate, version: str, tally: Tally, put: Callab
         put(est.stderr, version, float(math.sqrt(max(var.sum(), 0.0)) / total))
 
 
+def _labels_counted(labels_query: str, c: Mapping[str, float]) -> float:
+    """What a gate's ``labels_query`` counts: the cells its ``outcome=~"…"`` matcher names, else every label."""
+    found = re.search(r'outcome=~"([a-z|]+)"', labels_query)
+    cells = found.group(1).split("|") if found else ["tp", "fn", "fp", "tn"]
+    return sum(c[cell] for cell in cells)
+
+
 MetricModel = Callable[
     [dict[str, float], float, float, np.random.Generator, WorldSpec], tuple[float | None, tuple[float, float] | None]
 ]
@@ -429,7 +474,7 @@ def _error_rate(c: dict[str, float], calls: float, flagged: float, rng: np.rando
 
 def _latency(c: dict[str, float], calls: float, flagged: float, rng: np.random.Generator,
              spec: WorldSpec) -> tuple[float | None, tuple[float, float] | None]:  # fmt: skip
-    return (spec.latency_s if calls else None), None
+    return (spec.latency_s if calls else None), (c["slow"], c["calls"])
 
 
 def _input_psi(c: dict[str, float], calls: float, flagged: float, rng: np.random.Generator,
@@ -454,7 +499,7 @@ def _agreement(c: dict[str, float], calls: float, flagged: float, rng: np.random
 
 METRIC_MODELS: dict[str, MetricModel] = {
     "error-rate": _error_rate,
-    "latency-p99": _latency,
+    "latency": _latency,
     "input-psi-max": _input_psi,
     "score-psi": _score_psi,
     "decision-rate-shift": _decision_rate,

@@ -97,6 +97,8 @@ class GateResult(BaseModel):
     samples: float | None = None
     samples_needed: float | None = None
     method: str | None = None
+    #: What ``samples`` count (the gate's ``unit``: "fraud labels", "paired requests", …); None → not stated.
+    unit: str | None = None
 
 
 class AnalysisReport(BaseModel):
@@ -306,9 +308,8 @@ def analyse(
 
 def _gate_result(ctx: _Context, gate: MetricGate | OutcomeGate) -> GateResult:
     try:
-        if isinstance(gate, MetricGate):
-            return _metric_result(ctx, gate)
-        return _outcome_result(ctx, gate)
+        result = _metric_result(ctx, gate) if isinstance(gate, MetricGate) else _outcome_result(ctx, gate)
+        return result.model_copy(update={"unit": gate.unit}) if gate.unit else result
     except MeasurementError as exc:
         return GateResult(
             name=gate.name,
@@ -364,9 +365,16 @@ def _metric_result(ctx: _Context, gate: MetricGate) -> GateResult:
     return GateResult(**base, **values, status=status, message=f"{cond.text()}: lhs = {lhs:.6g}")
 
 
-def _rate_result(ctx: _Context, gate: MetricGate, est: RateEstimator) -> GateResult:
-    """A rate judged by its anytime-valid confidence sequence (rollout/confseq.py) on the stage's own counts."""
+def _rate_result(ctx: _Context, gate: MetricGate, est: RateEstimator | PairedProportionEstimator) -> GateResult:
+    """A rate judged on its own sample: by its anytime-valid confidence sequence (rollout/confseq.py) against an
+    absolute limit, or by Wald's SPRT on the difference of the two versions' rates (:func:`_rate_difference_result`)."""
     cond = gate.condition
+    if isinstance(est, PairedProportionEstimator):
+        base = {"name": gate.name, "layer": gate.layer, "threshold": cond.threshold, "condition": cond.text()}
+        evidence = _paired_evidence(ctx, est)
+        if isinstance(evidence, str):
+            return GateResult(**base, method="sprt-paired", status=GateStatus.INCONCLUSIVE, message=evidence)
+        return _margin_sprt_result(ctx, gate, base, evidence, "")
     if cond.relative:
         return _rate_difference_result(ctx, gate, est)
     base = {"name": gate.name, "layer": gate.layer, "threshold": cond.threshold, "condition": cond.text(),
@@ -390,24 +398,36 @@ def _rate_result(ctx: _Context, gate: MetricGate, est: RateEstimator) -> GateRes
 
 
 def _rate_difference_result(ctx: _Context, gate: MetricGate, est: RateEstimator) -> GateResult:
-    """Two versions' rates (e.g. the share of requests sent to review) with a margin on their difference: Wald's SPRT
-    on the two-sample difference (H_good Δ=0 vs H_bad Δ=±2δ); ``abs(...) <= δ`` is both one-sided tests at α/2,
-    Failed when either fails, Successful when both pass."""
+    """Two versions' rates (e.g. the share of requests sent to review) with a margin on their difference, from each
+    version's own counts: Wald's SPRT on the two-sample difference (:func:`_margin_sprt_result`)."""
     cond = gate.condition
-    base = {"name": gate.name, "layer": gate.layer, "threshold": cond.threshold, "condition": cond.text(),
-            "method": "sprt-two-sample"}  # fmt: skip
+    base = {"name": gate.name, "layer": gate.layer, "threshold": cond.threshold, "condition": cond.text()}
     cand = _counts(ctx.value(est.events, ctx.candidate), ctx.value(est.trials, ctx.candidate))
     stab = _counts(ctx.value(est.events, ctx.stable), ctx.value(est.trials, ctx.stable))
     if isinstance(cand, str) or isinstance(stab, str):
         reason = cand if isinstance(cand, str) else f"stable: {stab}"
-        return GateResult(**base, status=GateStatus.INCONCLUSIVE, message=str(reason))
+        return GateResult(**base, method="sprt-two-sample", status=GateStatus.INCONCLUSIVE, message=str(reason))
     difference, variance = sequential.two_sample_difference(cand[0], cand[1], stab[0], stab[1])
+    evidence = _Evidence(difference, variance, cand[1], cand[0] / cand[1], stab[0] / stab[1], "sprt-two-sample")
+    counts = f" ({cand[0]:.0f}/{cand[1]:.0f} vs {stab[0]:.0f}/{stab[1]:.0f})"
+    return _margin_sprt_result(ctx, gate, base, evidence, counts)
+
+
+def _margin_sprt_result(
+    ctx: _Context, gate: MetricGate, base: Mapping[str, object], ev: _Evidence, counts: str
+) -> GateResult:
+    """Wald's SPRT of a margin on the difference (H_good Δ=0 vs H_bad Δ=±2δ); ``abs(...) <= δ`` is both one-sided
+    tests at α/2, Failed when either fails, Successful when both pass."""
+    cond = gate.condition
     margin = abs(cond.threshold)
     alpha, beta = ctx.policy.false_rollback(gate), ctx.policy.false_promotion(gate)
     # the directions in which the candidate may not move: up (<= δ), down (>= -δ), or both (abs)
     signs = (1.0, -1.0) if cond.comparison == "abs_difference" else ((-1.0,) if cond.wants_high else (1.0,))
     share = alpha / len(signs)
-    tests = [sequential.sprt_difference(-s * difference, variance, cand[1], margin, share, beta) for s in signs]
+    tests = [
+        sequential.sprt_difference(-sign * ev.difference, ev.variance, ev.samples, margin, share, beta)
+        for sign in signs
+    ]
     decisions = {t.decision for t in tests}
     if sequential.Decision.FAILED in decisions:
         status = GateStatus.FAILED
@@ -418,15 +438,14 @@ def _rate_difference_result(ctx: _Context, gate: MetricGate, est: RateEstimator)
     half = (tests[0].interval[1] - tests[0].interval[0]) / 2
     needed = [t.samples_needed for t in tests if t.decision is sequential.Decision.INCONCLUSIVE and t.samples_needed]
     message = (
-        f"{cond.text()}: SPRT H0 Δ=0 vs H1 |Δ|={2 * margin:.6g}, estimate {difference:.6g} "
-        f"({cand[0]:.0f}/{cand[1]:.0f} vs {stab[0]:.0f}/{stab[1]:.0f}), log LR "
+        f"{cond.text()}: SPRT H0 Δ=0 vs H1 |Δ|={2 * margin:.6g}, estimate {ev.difference:.6g}{counts}, log LR "
         + ", ".join(f"{t.log_lr:.4g}" for t in tests)
         + f" in ({tests[0].lower:.4g}, {tests[0].upper:.4g}), α={alpha:.4g}, β={beta:.4g}"
     )
     return GateResult(
-        **base, status=status, candidate_value=cand[0] / cand[1], stable_value=stab[0] / stab[1],
-        estimate=difference, interval=(difference - half, difference + half), samples=cand[1],
-        samples_needed=max(needed) if needed else None, message=message,
+        **base, status=status, candidate_value=ev.candidate_value, stable_value=ev.stable_value,
+        estimate=ev.difference, interval=(ev.difference - half, ev.difference + half), samples=ev.samples,
+        samples_needed=max(needed) if needed else None, method=ev.method, message=message,
     )  # fmt: skip
 
 
@@ -575,10 +594,13 @@ def _outcome_result(ctx: _Context, gate: OutcomeGate) -> GateResult:
     counts = {"labels": labels, "stable_labels": stable_labels}
     short = _too_few_labels(labels, stable_labels, minimum, cond.relative)
     if short:
-        return GateResult(**base, **counts, status=GateStatus.INCONCLUSIVE, message=short)
+        return GateResult(**base, **counts, **_short_of(labels, minimum), status=GateStatus.INCONCLUSIVE,
+                          message=short)  # fmt: skip
     confidence = ctx.policy.confidence(gate)
     if gate.sequential and isinstance(gate.estimator, WilsonEstimator):
         return _sequential_result(ctx, gate, gate.estimator, base, counts, minimum)
+    if gate.sequential:
+        return _normal_sequential_result(ctx, gate, base, counts)
     candidate = _estimate(ctx, gate, ctx.candidate, confidence)
     stable = _estimate(ctx, gate, ctx.stable, confidence) if cond.relative else None
     if isinstance(candidate, str) or isinstance(stable, str):
@@ -622,6 +644,58 @@ def _sequential_result(
         return GateResult(**base, **counts, status=GateStatus.INCONCLUSIVE, message=str(reason))
     difference, variance = sequential.two_sample_difference(cand[0], cand[1], stab[0], stab[1])
     evidence = _Evidence(difference, variance, cand[1], cand[0] / cand[1], stab[0] / stab[1], "sprt-two-sample")
+    return _sprt_result(ctx, gate, base, counts, evidence)
+
+
+def _value_and_variance(ctx: _Context, gate: OutcomeGate, version: str) -> tuple[float, float] | str:
+    """One version's estimate and its variance (AUC: Hanley–McNeil, floored at (m + n)/(m·n)² as DeLong's paired
+    variance is, so an AUC of 1 keeps a positive variance; a normal estimate: its stated standard error)."""
+    est = gate.estimator
+    if isinstance(est, NormalEstimator):
+        value, stderr = ctx.value(est.query, version), ctx.value(est.stderr, version)
+        if value is None or stderr is None:
+            return "no data for the estimate or its standard error"
+        if stderr < 0:
+            return "negative standard error"
+        return value, stderr * stderr
+    if isinstance(est, HistogramAUCEstimator):
+        positive, negative = ctx.buckets(est.positive_buckets, version), ctx.buckets(est.negative_buckets, version)
+        if positive is None or negative is None:
+            return "no data for the fraud or the legit score histogram"
+        try:
+            auc = roc_auc_from_prometheus_buckets(positive, negative)
+        except ValueError as exc:
+            return f"histograms unusable: {exc}"
+        m, n = max(positive.values()), max(negative.values())
+    elif isinstance(est, HanleyMcNeilEstimator):
+        auc, m, n = (ctx.value(t, version) for t in (est.query, est.positives, est.negatives))  # type: ignore[assignment]
+        if auc is None or m is None or n is None:
+            return "no data for the AUC or the class counts"
+    else:
+        raise TypeError(f"gate {gate.name!r}: no normal estimate for {type(est).__name__}")
+    stderr = hanley_mcneil_stderr(min(max(auc, 0.0), 1.0), m, n) if auc is not None else None
+    if auc is None or stderr is None:
+        return "one class has no labels"
+    return auc, max(stderr * stderr, (m + n) / (m * n) ** 2)
+
+
+def _normal_sequential_result(
+    ctx: _Context, gate: OutcomeGate, base: Mapping[str, object], counts: Mapping[str, float | None]
+) -> GateResult:
+    """Wald's SPRT on the difference of two independent normal estimates (an AUC, a calibration error): variance
+    the sum of the two versions' variances. Where the versions' samples overlap (stable's control shadow of the
+    candidate's requests) they are positively correlated and this variance is larger than the true one: the test
+    is then conservative (slower, never more error-prone)."""
+    cand = _value_and_variance(ctx, gate, ctx.candidate)
+    stab = _value_and_variance(ctx, gate, ctx.stable)
+    if isinstance(cand, str) or isinstance(stab, str):
+        reason = cand if isinstance(cand, str) else f"stable: {stab}"
+        return GateResult(**base, **counts, status=GateStatus.INCONCLUSIVE, message=str(reason))
+    variance = cand[1] + stab[1]
+    if variance <= 0:
+        return GateResult(**base, **counts, status=GateStatus.INCONCLUSIVE, message="zero variance: no evidence yet")
+    samples = counts.get("labels") or 0.0
+    evidence = _Evidence(cand[0] - stab[0], variance, samples, cand[0], stab[0], "sprt-normal")
     return _sprt_result(ctx, gate, base, counts, evidence)
 
 
@@ -691,7 +765,8 @@ def _paired_result(ctx: _Context, gate: OutcomeGate, base: Mapping[str, object],
     counts = {"labels": labels, "stable_labels": labels}
     if labels is None or labels < minimum:
         message = f"{labels if labels is not None else 'no'} labelled pairs, needs {minimum}"
-        return GateResult(**base, **counts, status=GateStatus.INCONCLUSIVE, message=message)
+        return GateResult(**base, **counts, **_short_of(labels, minimum), status=GateStatus.INCONCLUSIVE,
+                          message=message)  # fmt: skip
     evidence = _paired_evidence(ctx, gate.estimator)
     if isinstance(evidence, str):
         return GateResult(**base, **counts, status=GateStatus.INCONCLUSIVE, message=evidence)
@@ -719,6 +794,12 @@ def _paired_evidence(ctx: _Context, est: object) -> _Evidence | str:
         auc = sequential.paired_auc_difference(positives, negatives)
         return _Evidence(auc.estimate, auc.variance, auc.positives, auc.candidate_auc, auc.stable_auc, "sprt-delong")
     raise TypeError(f"not a paired estimator: {type(est).__name__}")
+
+
+def _short_of(labels: float | None, minimum: int) -> dict[str, float]:
+    """A gate held back by its label minimum: the labels it has and how many more it needs before it is judged."""
+    have = max(labels or 0.0, 0.0)
+    return {"samples": have, "samples_needed": max(float(minimum) - have, 0.0)}
 
 
 def _too_few_labels(labels: float | None, stable_labels: float | None, minimum: int, relative: bool) -> str:

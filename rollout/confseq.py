@@ -47,19 +47,33 @@ def prior_for(threshold: float) -> tuple[float, float]:
 
 def interval(events: float, trials: float, alpha: float, a: float = 1.0, b: float = 1.0) -> tuple[float, float]:
     """The (1 - α) anytime-valid interval for the rate after ``events`` in ``trials``."""
+    return lower_end(events, trials, alpha, a, b), upper_end(events, trials, alpha, a, b)
+
+
+def lower_end(events: float, trials: float, alpha: float, a: float = 1.0, b: float = 1.0) -> float:
+    """The lower end of :func:`interval` alone (one root to find, not two)."""
+    return _end(events, trials, alpha, a, b, lower=True)
+
+
+def upper_end(events: float, trials: float, alpha: float, a: float = 1.0, b: float = 1.0) -> float:
+    """The upper end of :func:`interval` alone."""
+    return _end(events, trials, alpha, a, b, lower=False)
+
+
+def _end(events: float, trials: float, alpha: float, a: float, b: float, *, lower: bool) -> float:
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     if trials < 0 or events < 0 or events > trials:
         raise ValueError(f"need 0 <= events <= trials, got {events} of {trials}")
     if trials == 0:
-        return 0.0, 1.0
+        return 0.0 if lower else 1.0
     level = math.log(1.0 / alpha)
     centre = min(max(events / trials, 1e-12), 1.0 - 1e-12)
     if log_mixture(events, trials, centre, a, b) >= level:  # cannot happen for a proper mixture; be safe
-        return centre, centre
-    low = 0.0 if events == 0 else _edge(events, trials, level, a, b, 0.0, centre)
-    high = 1.0 if events == trials else _edge(events, trials, level, a, b, 1.0, centre)
-    return low, high
+        return centre
+    if lower:
+        return 0.0 if events == 0 else _edge(events, trials, level, a, b, 0.0, centre)
+    return 1.0 if events == trials else _edge(events, trials, level, a, b, 1.0, centre)
 
 
 def _edge(events: float, trials: float, level: float, a: float, b: float, outside: float, inside: float) -> float:
@@ -117,7 +131,7 @@ def judge_rate(
         decision = "Inconclusive"
     if not detail:
         return RateJudgement(decision, estimate, (math.nan, math.nan), trials, None)
-    bounds = (interval(events, trials, alpha, a, b)[0], interval(events, trials, beta, a, b)[1])
+    bounds = (lower_end(events, trials, alpha, a, b), upper_end(events, trials, beta, a, b))
     needed = None if decision != "Inconclusive" else _trials_needed(estimate, trials, threshold, alpha, beta, a, b)
     return RateJudgement(decision, estimate, bounds, trials, needed)
 

@@ -616,7 +616,7 @@ def check_outcomes(summaries: Sequence[RolloutSummary], side: ModelSide) -> list
             problems.append(f"{side.bad} failed gates of {sorted(bad.failed_layers)}, not the outcome layer alone")
         if not {"recall", "recall-paired"} & {g.get("name") for g in bad.failed_gates}:
             problems.append(f"{side.bad} was not caught by a recall gate (paired in shadow, or in A/B and full)")
-        drift_and_health = {"error-rate", "latency-p99", "input-psi-max", "score-psi", "decision-rate-shift"}
+        drift_and_health = {"error-rate", "latency", "input-psi-max", "score-psi", "decision-rate-shift"}
         missing = drift_and_health - set(bad.passed_gates)
         # Caught in shadow by a paired gate, v3 may be rolled back before the drift gates' evidence minimums are
         # met: that none of them failed is checked above (the outcome layer alone failed).

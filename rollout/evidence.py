@@ -13,8 +13,9 @@ import math
 from collections.abc import Mapping
 from typing import Any, Final
 
-#: What a gate's samples are, by a word of its name: recall counts fraud labels, precision the labels of flagged
-#: requests; other outcome gates count labels, health and drift gates requests.
+#: What a gate's samples are when its result does not say (the gate's ``unit``; results saved by an older
+#: controller): by a word of its name — recall counts fraud labels, precision the labels of flagged requests; other
+#: outcome gates count labels, health and drift gates requests.
 _UNIT_BY_WORD: Final[tuple[tuple[str, str], ...]] = (
     ("recall", "fraud labels"),
     ("precision", "flagged labels"),
@@ -62,7 +63,7 @@ def gate_evidence(result: Any) -> dict[str, Any]:
         "samples": _number(get("samples")) if get("samples") is not None else _number(get("labels")),
         "samples_needed": _number(get("samples_needed")),
         "method": str(method) if method else None,
-        "unit": sample_unit(name, str(layer) if layer is not None else None),
+        "unit": str(get("unit") or sample_unit(name, str(layer) if layer is not None else None)),
         "relative": get("stable_value", get("stable")) is not None,
     }
     status = get("status", get("verdict"))

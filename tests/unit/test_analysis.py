@@ -300,8 +300,9 @@ def test_sequential_gate_uses_both_versions_uncertainty() -> None:
     assert few.interval == pytest.approx(
         (-0.02 - norm.ppf(0.975) * math.sqrt(var), -0.02 + norm.ppf(0.975) * math.sqrt(var))
     )
-    # POLICY has one sequential gate × stage: α = false_rollback = 0.01 unsplit.
-    assert "α=0.01" in few.message
+    # α = false_rollback 0.01 split over POLICY's sequential gate × stage instances (recall, auc and ece)
+    recall_gate = next(g for g in POLICY.gates if isinstance(g, pol.OutcomeGate) and g.name == "recall")
+    assert f"α={POLICY.false_rollback(recall_gate):.4g}" in few.message
     assert few.interval is not None and few.bound == pytest.approx(0.8 + few.interval[0])
     many = run("ab", _recall_values(39_000, 50_000, 40_000, 50_000))["recall"]
     assert many.status is S.SUCCESSFUL and many.samples_needed is None
@@ -366,15 +367,22 @@ def test_histogram_auc_without_vector_support_is_an_error() -> None:
     assert by_name(report)["auc"].status is S.ERROR
 
 
-def test_normal_estimator_uses_the_upper_bound_for_a_ceiling() -> None:
+def test_normal_estimator_margin_is_sprt_on_the_difference_of_two_normals() -> None:
+    """Issue 10: a relative normal gate (a calibration error, ``candidate - stable <= 0.02``) is Wald's SPRT on the
+    difference with both versions' standard errors, not the candidate's interval against stable's point."""
     values = {q("errors", CANDIDATE): 0.0, q("n", CANDIDATE): 5000, q("n", STABLE): 5000}
     values |= {q("ece", STABLE): 0.02, q("ece", CANDIDATE): 0.03, q("ece_se", STABLE): 0.001}
-    values[q("ece_se", CANDIDATE)] = 0.002  # upper bound 0.0339: within stable + 0.02
-    assert run("full", values)["ece"].status is S.SUCCESSFUL
-    values[q("ece_se", CANDIDATE)] = 0.01  # upper bound 0.0496 > 0.04, lower bound 0.0104 < 0.04
+    values[q("ece_se", CANDIDATE)] = 0.002  # Δ 0.01 ± 0.0022: far from H1 Δ = 0.04
+    tight = run("full", values)["ece"]
+    assert tight.status is S.SUCCESSFUL and tight.method == "sprt-normal"
+    assert tight.estimate == pytest.approx(0.01) and (tight.candidate_value, tight.stable_value) == (0.03, 0.02)
+    # Known value (mirrored ``<= δ`` gate: H1 Δ = +0.04): log LR = (0.04·0.01 - 0.04²/2) / (0.002² + 0.001²) = -80
+    assert "log LR -80 " in tight.message
+    values[q("ece_se", CANDIDATE)] = 0.01  # log LR = -0.0004 / 1.01e-4 = -3.96: between the boundaries
     wide = run("full", values)["ece"]
-    assert wide.status is S.INCONCLUSIVE and wide.bound == pytest.approx(0.03 + norm.ppf(0.975) * 0.01)
-    values[q("ece", CANDIDATE)] = 0.09  # even the lower bound 0.07 exceeds 0.04
+    assert wide.status is S.INCONCLUSIVE
+    assert wide.bound == pytest.approx(0.02 + 0.01 + norm.ppf(0.975) * math.sqrt(0.01**2 + 0.001**2))
+    values[q("ece", CANDIDATE)] = 0.09  # Δ 0.07: log LR = (0.0028 - 0.0008) / 1.01e-4 = 19.8
     assert run("full", values)["ece"].status is S.FAILED
 
 
@@ -667,10 +675,11 @@ def test_paired_recall_gate_is_sprt_on_the_discordant_pairs(frauds: float, gaine
     if frauds >= 30:
         assert result.method == "sprt-paired" and result.estimate == pytest.approx((gained - lost) / frauds)
         assert result.samples == frauds
-        # Known value: H1 Δ = -0.1, variance (b + c + 1)/n², α Bonferroni-split over the policy's 4 sequential
-        # instances (recall in ab + three paired gates).
+        # Known value: H1 Δ = -0.1, variance (b + c + 1)/n², α Bonferroni-split over the policy's sequential
+        # instances (recall, auc and ece in ab/full + the three paired gates).
         llr = (-0.1 * (gained - lost) / frauds - 0.01 / 2) * frauds**2 / (gained + lost + 1)
-        assert f"log LR {llr:.4g}" in result.message and "α=0.0025" in result.message
+        alpha = 0.01 / PAIRED_POLICY.sequential_instances()
+        assert f"log LR {llr:.4g}" in result.message and f"α={alpha:.4g}" in result.message
 
 
 def test_paired_recall_gate_queries_the_pair_once_and_keeps_counts_consistent() -> None:
@@ -726,3 +735,64 @@ def test_paired_gate_validation(old: str, new: str, match: str) -> None:
     assert changed != PAIRED_GATES
     with pytest.raises(ValueError, match=match):
         pol.policy_from_mapping(yaml.safe_load(POLICY_YAML + changed))
+
+
+PAIRED_SHIFT_GATE = """
+  - name: review-shift-paired
+    layer: output_drift
+    stages: [canary]
+    query: review{model_version="{{version}}"}
+    estimator:
+      method: paired_proportion
+      candidate_only: only_candidate_flagged{stable="{{stable}}",candidate="{{candidate}}"}
+      stable_only: only_stable_flagged{stable="{{stable}}",candidate="{{candidate}}"}
+      pairs: pairs{stable="{{stable}}",candidate="{{candidate}}"}
+    condition: abs(candidate - stable) <= 0.01
+"""
+PAIRED_SHIFT_POLICY = pol.policy_from_mapping(yaml.safe_load(POLICY_YAML + PAIRED_SHIFT_GATE))
+
+
+def _shift_values(pairs: float, only_candidate: float, only_stable: float) -> dict[str, float | None]:
+    return {
+        pq("pairs"): pairs,
+        pq("only_candidate_flagged"): only_candidate,
+        pq("only_stable_flagged"): only_stable,
+        **{q(name, v): 0.0 for name in ("review", "p99") for v in (STABLE, CANDIDATE)},
+    }
+
+
+@pytest.mark.parametrize(
+    ("pairs", "only_candidate", "only_stable", "status"),
+    [(200, 3, 2, S.INCONCLUSIVE),  # +0.005 on 200 pairs: says little either way
+     (20_000, 40, 35, S.SUCCESSFUL),  # +0.00025 on 20,000 pairs: well within ±0.01
+     (2_000, 70, 10, S.FAILED),  # +0.03: the candidate sends 3 more points to review
+     (2_000, 10, 70, S.FAILED)],  # -0.03: abs() fails in both directions
+)  # fmt: skip
+def test_paired_decision_rate_shift_is_sprt_on_the_discordant_pairs(
+    pairs: float, only_candidate: float, only_stable: float, status: S
+) -> None:
+    """Issue 10: the decision-rate shift judged on the requests both versions scored (McNemar's variance), two
+    one-sided SPRTs at α/2 for ``abs() <= δ`` — not two different sets of accounts compared as if independent."""
+    result = run("canary", _shift_values(pairs, only_candidate, only_stable), policy=PAIRED_SHIFT_POLICY)[
+        "review-shift-paired"
+    ]
+    assert result.status is status, result.message
+    assert result.method == "sprt-paired" and result.samples == pairs
+    assert result.estimate == pytest.approx((only_candidate - only_stable) / pairs)
+    # Known value of the upward test's log LR (H1 Δ = +0.02, variance (b + c + 1)/n²), α/2 each way.
+    b, c = only_candidate, only_stable
+    llr_up = (0.02 * (b - c) / pairs - 0.02**2 / 2) * pairs**2 / (b + c + 1)
+    gate = next(
+        g for g in PAIRED_SHIFT_POLICY.gates if isinstance(g, pol.MetricGate) and g.name == "review-shift-paired"
+    )
+    assert f"{llr_up:.4g}" in result.message and f"α={PAIRED_SHIFT_POLICY.false_rollback(gate):.4g}" in result.message
+
+
+def test_a_paired_metric_gate_must_judge_a_margin_on_the_pair() -> None:
+    absolute = PAIRED_SHIFT_GATE.replace("abs(candidate - stable) <= 0.01", "value <= 0.1")
+    with pytest.raises(ValueError, match="paired estimator judges a margin"):
+        pol.policy_from_mapping(yaml.safe_load(POLICY_YAML + absolute))
+    per_version = PAIRED_SHIFT_GATE.replace('pairs{stable="{{stable}}",candidate="{{candidate}}"}',
+                                            'pairs{model_version="{{version}}"}')  # fmt: skip
+    with pytest.raises(ValueError, match="name the pair"):
+        pol.policy_from_mapping(yaml.safe_load(POLICY_YAML + per_version))

@@ -48,6 +48,9 @@ def _minimal(**changes: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------- default
 
 
+DEFAULT_POLICY_TEXT = (Path(pol.__file__).parent / "default_policy.yaml").read_text(encoding="utf-8")
+
+
 def test_default_policy_covers_every_layer_and_stage() -> None:
     policy = pol.load_policy(None)
     layers = {g.layer for g in policy.gates}
@@ -57,8 +60,8 @@ def test_default_policy_covers_every_layer_and_stage() -> None:
     assert policy.stages.canary.weight == pol.DEFAULT_CANARY_WEIGHT
     assert policy.stages.ab.weight == pol.DEFAULT_AB_WEIGHT
     names = {g.name for g in policy.gates}
-    assert {"recall", "precision", "roc-auc", "calibration-error"} <= names
-    assert {"error-rate", "latency-p99", "input-psi-max", "score-psi", "decision-rate-shift"} <= names
+    assert {"recall", "precision", "roc-auc-paired", "calibration-error"} <= names
+    assert {"error-rate", "latency", "input-psi-max", "score-psi", "decision-rate-shift"} <= names
     assert "shadow-agreement" in {g.name for g in policy.gates_for("shadow")}
     assert [g.name for g in policy.quality_gates()] == ["regression-set"]
 
@@ -434,12 +437,17 @@ def test_default_queries_compute_what_the_analysis_expects(tmp_path: Path) -> No
         for stage in ("ab", "canary"):  # canary's predictions, labelled during ab, must not count in ab's gates
             labels = f'model_version="v2",role="decider",stage="{stage}",outcome="{cell}"'
             series.append(_counter(f"fraudwatch_outcome_total{{{labels}}}", rate, minutes))
+        # v2 as stable's control shadow would not count in the arms' own recall and precision (role decider)
+        shadow = f'model_version="v2",role="shadow",stage="ab",outcome="{cell}"'
+        series.append(_counter(f"fraudwatch_outcome_total{{{shadow}}}", 100.0, minutes))
     recall, precision = gates["recall"], gates["precision"]
     assert isinstance(recall, pol.OutcomeGate) and isinstance(recall.estimator, pol.WilsonEstimator)
     assert isinstance(precision, pol.OutcomeGate) and isinstance(precision.estimator, pol.WilsonEstimator)
     checks += [
-        (recall.labels_query, sum(cells.values()) * window_min),
-        (policy.samples.labels, sum(cells.values()) * window_min),
+        # each gate's label minimum counts the labels its estimate uses: frauds for recall, flagged for precision
+        (recall.labels_query, (cells["tp"] + cells["fn"]) * window_min),
+        (precision.labels_query, (cells["tp"] + cells["fp"]) * window_min),
+        (policy.samples.labels, (sum(cells.values()) + 4 * 100.0) * window_min),
         (recall.estimator.successes, cells["tp"] * window_min),
         (recall.estimator.trials, (cells["tp"] + cells["fn"]) * window_min),
         (precision.estimator.trials, (cells["tp"] + cells["fp"]) * window_min),
@@ -488,7 +496,34 @@ def test_default_queries_compute_what_the_analysis_expects(tmp_path: Path) -> No
     assert isinstance(decision, pol.MetricGate) and isinstance(agreement, pol.MetricGate)
     checks += [(decision.query, 0.03), (agreement.query, 0.9)]
 
+    # the latency gate's share of calls slower than its limit (0.1 s), from the router's histogram, both roles
+    for role, (fast, total) in {"decider": (98.0, 100.0), "shadow": (45.0, 50.0)}.items():
+        for le, count in (("0.05", fast / 2), ("0.1", fast), ("+Inf", total)):
+            labels = f'model_version="v2",role="{role}",le="{le}"'
+            series.append(_counter(f"fraudwatch_router_request_duration_seconds_bucket{{{labels}}}", count, minutes))
+        labels = f'model_version="v2",role="{role}"'
+        series.append(_counter(f"fraudwatch_router_request_duration_seconds_count{{{labels}}}", total, minutes))
+    latency = gates["latency"]
+    assert isinstance(latency, pol.MetricGate) and isinstance(latency.estimator, pol.RateEstimator)
+    checks += [(latency.estimator.events, 7.0 * window_min), (latency.estimator.trials, 150.0 * window_min)]
+
     _promtool_agrees(promtool, tmp_path / "policy_test.yml", series, checks, ctx, minutes)
+
+
+def test_a_latency_share_must_read_a_bucket_the_router_has() -> None:
+    """A limit between buckets (le="0.3") matches no series: the share of slow calls would be no data for ever."""
+    gate = {
+        "name": "slow-share", "layer": "health", "stages": ["canary"], "query": P99, "condition": "value <= 0.01",
+        "estimator": {
+            "method": "confidence_sequence",
+            "events": 'sum(fraudwatch_router_request_duration_seconds_bucket{model_version="{{version}}",le="0.3"})',
+            "trials": 'sum(fraudwatch_router_request_duration_seconds_count{model_version="{{version}}"})',
+        },
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="no bucket of the router's latency histogram"):
+        pol.MetricGate.model_validate(gate)
+    gate["estimator"]["events"] = gate["estimator"]["events"].replace('le="0.3"', 'le="0.25"')  # type: ignore[index]
+    assert pol.MetricGate.model_validate(gate).sequential
 
 
 def test_false_rollback_is_bonferroni_split_over_sequential_gate_stages() -> None:
@@ -496,8 +531,11 @@ def test_false_rollback_is_bonferroni_split_over_sequential_gate_stages() -> Non
     instances = default.sequential_instances()
     gates = [g for g in default.gates if isinstance(g, pol.OutcomeGate | pol.MetricGate) and g.sequential]
     assert {g.name for g in gates} == {"recall", "precision", "error-rate", "shadow-agreement", "decision-rate-shift",
-                                       "recall-paired", "false-positive-rate-paired", "roc-auc-paired"}  # fmt: skip
-    assert instances == sum(len(g.stages) for g in gates) == 16
+                                       "recall-paired", "false-positive-rate-paired", "roc-auc-paired",
+                                       "calibration-error", "latency"}  # fmt: skip
+    assert instances == sum(len(g.stages) for g in gates) == 26
+    # the shipped policy states its error rates (not only the defaults of AnalysisPolicy)
+    assert "false_rollback: 0.01" in DEFAULT_POLICY_TEXT and "false_promotion: 0.01" in DEFAULT_POLICY_TEXT
     assert default.analysis.false_rollback == 0.01 and default.analysis.false_promotion == 0.01
     for gate in gates:
         assert default.false_rollback(gate) == pytest.approx(0.01 / instances)
@@ -505,18 +543,15 @@ def test_false_rollback_is_bonferroni_split_over_sequential_gate_stages() -> Non
     # A per-gate override is used as given.
     overridden = gates[0].model_copy(update={"false_rollback": 0.002, "false_promotion": 0.05})
     assert default.false_rollback(overridden) == 0.002 and default.false_promotion(overridden) == 0.05
-    # Only Wilson and paired ``candidate - stable`` gates with a real margin are sequential.
-    assert not any(
-        g.sequential
-        for g in default.gates
-        if isinstance(g, pol.OutcomeGate) and g.estimator.method not in ("wilson", "paired_proportion", "paired_auc")
-    )
+    # Every outcome gate of the default policy has a ``candidate - stable`` margin: none is left to the
+    # fixed-confidence interval rule (issue 10: that rule's error rates grow with the number of looks).
+    assert all(g.sequential for g in default.gates if isinstance(g, pol.OutcomeGate))
 
 
 def test_default_paired_queries_compute_what_the_analysis_expects(tmp_path: Path) -> None:
-    """promtool evaluates the default policy's paired shadow gates over synthetic paired counters: only the shadow
-    stage's predictions of this pair count, and a joint score cell born inside the stage counts whole (its first
-    count is no increase() of a series that did not exist)."""
+    """promtool evaluates the default policy's paired gates (outcomes and the decision-rate shift) over synthetic
+    paired counters: only the shadow stage's predictions of this pair count, and a joint score cell born inside the
+    stage counts whole (its first count is no increase() of a series that did not exist)."""
     promtool = PrometheusSettings().promtool
     if not promtool.exists():
         pytest.fail(f"{promtool} is missing: install Debian's prometheus package")
@@ -553,6 +588,20 @@ def test_default_paired_queries_compute_what_the_analysis_expects(tmp_path: Path
     auc = gates["roc-auc-paired"]
     assert isinstance(auc, pol.OutcomeGate) and isinstance(auc.estimator, pol.PairedAUCEstimator)
     checks.append((f"sum({auc.estimator.positive_cells})", 2.0 * window_min + 31))
+    # the decision-rate shift reads the router's unlabelled pairs (every pair, at once) of this stage and pair
+    decisions = {("1", "1"): 4.0, ("1", "0"): 0.5, ("0", "1"): 1.5, ("0", "0"): 60.0}
+    for (sp, cp), rate in decisions.items():
+        for stage, pair in (("shadow", 'stable="v1",candidate="v2"'), ("canary", 'stable="v1",candidate="v2"'),
+                            ("shadow", 'stable="v0",candidate="v2"')):  # fmt: skip
+            labels = f'{pair},stage="{stage}",stable_prediction="{sp}",candidate_prediction="{cp}"'
+            series.append(_counter(f"fraudwatch_shadow_pairs_total{{{labels}}}", rate, minutes))
+    shift = gates["decision-rate-shift"]
+    assert isinstance(shift, pol.MetricGate) and isinstance(shift.estimator, pol.PairedProportionEstimator)
+    checks += [
+        (shift.estimator.pairs, sum(decisions.values()) * window_min),
+        (shift.estimator.candidate_only, decisions[("0", "1")] * window_min),
+        (shift.estimator.stable_only, decisions[("1", "0")] * window_min),
+    ]
     _promtool_agrees(promtool, tmp_path / "paired_test.yml", series, checks, ctx, minutes)
 
 

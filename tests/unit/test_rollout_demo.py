@@ -49,9 +49,10 @@ def test_the_demo_policy_watches_every_layer_and_starts_with_the_regression_set(
     assert layers == {"quality", "health", "input_drift", "output_drift", "outcome"}
     assert [g.name for g in policy.quality_gates()] == ["regression-set"]
     outcome = [g for g in policy.gates if g.layer == "outcome"]
-    assert {g.name for g in outcome} >= {"recall", "precision", "roc-auc"}
+    assert {g.name for g in outcome} >= {"recall", "precision", "recall-paired", "roc-auc-paired"}
     assert all(g.min_labels is not None and g.min_labels > 0 for g in outcome)  # a label minimum …
-    assert policy.analysis.confidence < 1.0  # … and a confidence bound, not a point estimate
+    assert all(g.sequential for g in outcome)  # … and a sequential test with declared error rates, not a point
+    assert policy.analysis.false_rollback <= 0.01 and policy.analysis.false_promotion <= 0.01
     assert 1 <= policy.stages.canary.weight <= 5 and policy.stages.ab.weight == 50
 
 

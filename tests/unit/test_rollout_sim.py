@@ -75,3 +75,35 @@ def test_every_query_of_the_shipped_policies_is_answered_or_the_simulation_fails
         provider.query("up")
     for policy in (pol.load_policy(), load_demo_policy()):
         assert {g.name for g in policy.gates if isinstance(g, pol.MetricGate)} <= set(SIM.METRIC_MODELS)
+
+
+def _gate_error_rates() -> ModuleType:
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # gate_error_rates imports rollout_sim as its sibling
+    try:
+        spec = importlib.util.spec_from_file_location("gate_error_rates", ROOT / "benchmarks" / "gate_error_rates.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+@pytest.mark.parametrize(("p", "margin", "alpha", "beta"), [(0.85, 0.05, 0.05, 0.1), (0.6, 0.1, 0.01, 0.05)])
+def test_the_fixed_horizon_has_the_size_and_power_it_is_sized_for(p: float, margin: float, alpha: float,
+                                                                  beta: float) -> None:  # fmt: skip
+    """The benchmark's fixed-horizon comparison is only fair if that test really has (α, β): simulated at its own
+    sample size, the pooled one-sided z-test rejects Δ=0 about α of the time and keeps Δ=-2δ about β of the time."""
+    n = int(np.ceil(_gate_error_rates().fixed_horizon_frauds(p, margin, alpha, beta)))
+    rng = np.random.default_rng(11)
+    reps = 40_000
+    z = -np.quantile(rng.standard_normal(2_000_000), alpha)  # z_{1-α}, independently of the module's NormalDist
+
+    def rejects(candidate: float) -> float:
+        c, s = rng.binomial(n, candidate, reps), rng.binomial(n, p, reps)
+        pooled = (c + s) / (2 * n)
+        se = np.sqrt(pooled * (1 - pooled) * 2 / n)
+        return float(np.mean((c - s) / n / se < -z))
+
+    assert rejects(p) == pytest.approx(alpha, abs=4 * np.sqrt(alpha * (1 - alpha) / reps) + 0.003)
+    assert 1 - rejects(p - 2 * margin) == pytest.approx(beta, abs=4 * np.sqrt(beta * (1 - beta) / reps) + 0.01)
