@@ -35,6 +35,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict
+from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
@@ -207,13 +208,40 @@ def _whole_rollouts(
     }
 
 
+def _rate(row: Mapping[str, object]) -> str:
+    return f"{float(row['rolled_back']):.2f} / {float(row['promoted']):.2f} · {float(row['median_labels']):.0f}"  # type: ignore[arg-type]
+
+
+def markdown_table(report: Mapping[str, object]) -> str:
+    """The README's table of a saved report: per case the whole-rollout shares and what rolled it back, then the
+    recall gate alone (sequential, the rule before, the fixed horizon) as rolled back / promoted · median labels."""
+    lines = [
+        "| policy | case | fraud | promoted | rolled back | undecided | median hours "
+        "| rolled back by (stage:gate, count) | recall SPRT | rule before | fixed horizon |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for case in report["cases"]:  # type: ignore[attr-defined]
+        by = ", ".join(f"{gate} {count}" for gate, count in case["rolled_back_by"].items()) or "—"
+        lines.append(
+            f"| {case['policy']} | {case['case']} | {case['fraud_rate']:.0%} | {case['promoted']:.3f} "
+            f"| {case['rolled_back']:.3f} | {case['undecided']:.3f} | {case['median_hours']} | {by} "
+            f"| {_rate(case['sequential_recall_gate'])} | {_rate(case['baseline_today'])} "
+            f"| {_rate(case['fixed_horizon'])} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="the default policy at fraud rate 2 %% only, 300 rollouts per case")  # fmt: skip
     parser.add_argument("--reps", type=int, default=None, help="whole rollouts per case (default 200, quick 300)")
     parser.add_argument("--seed", type=int, default=20260101)
+    parser.add_argument("--markdown", metavar="REPORT.json", help="print the README table of a saved report and exit")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown_table(json.loads(Path(args.markdown).read_text(encoding="utf-8"))))
+        return 0
     reps = args.reps or (300 if args.quick else 200)
     margin_reps = args.reps or (100 if args.quick else 200)
     policies = _policies()

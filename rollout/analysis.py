@@ -515,25 +515,54 @@ def hanley_mcneil_stderr(auc: float, positives: float, negatives: float) -> floa
 
 
 def _estimate(ctx: _Context, gate: OutcomeGate, version: str, confidence: float) -> Estimate | str:
+    if isinstance(gate.estimator, WilsonEstimator):
+        est = gate.estimator
+        return _wilson(ctx.value(est.successes, version), ctx.value(est.trials, version), confidence)
+    normal = _normal_estimate(ctx, gate, version)
+    if isinstance(normal, str):
+        return normal
+    half = z_score(confidence) * normal.stderr
+    low, high = normal.value - half, normal.value + half
+    return (
+        Estimate(normal.value, max(0.0, low), min(1.0, high)) if normal.bounded else Estimate(normal.value, low, high)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Normal:
+    """One version's estimate with its standard error (an AUC, a calibration error, any stated estimate)."""
+
+    value: float
+    stderr: float
+    #: The smallest variance the estimate may claim (an AUC: (m + n)/(m·n)², as DeLong's paired variance is
+    #: floored, so an AUC of 1 keeps a positive variance); 0 for a stated standard error.
+    floor: float = 0.0
+    #: An AUC: its interval is clipped to [0, 1].
+    bounded: bool = False
+
+    @property
+    def variance(self) -> float:
+        return max(self.stderr * self.stderr, self.floor)
+
+
+def _normal_estimate(ctx: _Context, gate: OutcomeGate, version: str) -> _Normal | str:
     est = gate.estimator
     match est:
-        case WilsonEstimator():
-            return _wilson(ctx.value(est.successes, version), ctx.value(est.trials, version), confidence)
         case HanleyMcNeilEstimator():
-            return _hanley_mcneil(
+            values = (
                 ctx.value(est.query, version),
                 ctx.value(est.positives, version),
                 ctx.value(est.negatives, version),
-                confidence,
             )
+            return _hanley_mcneil(*values)
         case HistogramAUCEstimator():
             return _histogram_auc(
-                ctx.buckets(est.positive_buckets, version), ctx.buckets(est.negative_buckets, version), confidence
+                ctx.buckets(est.positive_buckets, version), ctx.buckets(est.negative_buckets, version)
             )
         case NormalEstimator():
-            return _normal(ctx.value(est.query, version), ctx.value(est.stderr, version), confidence)
-        case PairedProportionEstimator() | PairedAUCEstimator():
-            raise TypeError(f"gate {gate.name!r}: a paired estimator has no per-version estimate")
+            return _normal(ctx.value(est.query, version), ctx.value(est.stderr, version))
+        case _:
+            raise TypeError(f"gate {gate.name!r}: {type(est).__name__} has no normal per-version estimate")
 
 
 def _wilson(successes: float | None, trials: float | None, confidence: float) -> Estimate | str:
@@ -548,21 +577,17 @@ def _wilson(successes: float | None, trials: float | None, confidence: float) ->
     return Estimate(interval.estimate, interval.lower, interval.upper)
 
 
-def _hanley_mcneil(
-    auc: float | None, positives: float | None, negatives: float | None, confidence: float
-) -> Estimate | str:
+def _hanley_mcneil(auc: float | None, positives: float | None, negatives: float | None) -> _Normal | str:
     if auc is None or positives is None or negatives is None:
         return "no data for the AUC or the class counts"
     stderr = hanley_mcneil_stderr(min(max(auc, 0.0), 1.0), positives, negatives)
     if stderr is None:
         return "one class has no labels"
-    half = z_score(confidence) * stderr
-    return Estimate(auc, max(0.0, auc - half), min(1.0, auc + half))
+    floor = (positives + negatives) / (positives * negatives) ** 2
+    return _Normal(auc, stderr, floor, bounded=True)
 
 
-def _histogram_auc(
-    positive: dict[float, float] | None, negative: dict[float, float] | None, confidence: float
-) -> Estimate | str:
+def _histogram_auc(positive: dict[float, float] | None, negative: dict[float, float] | None) -> _Normal | str:
     if positive is None or negative is None:
         return "no data for the fraud or the legit score histogram"
     try:
@@ -571,16 +596,15 @@ def _histogram_auc(
         return f"histograms unusable: {exc}"
     if auc is None:
         return "one class has no labels"
-    return _hanley_mcneil(auc, max(positive.values()), max(negative.values()), confidence)
+    return _hanley_mcneil(auc, max(positive.values()), max(negative.values()))
 
 
-def _normal(value: float | None, stderr: float | None, confidence: float) -> Estimate | str:
+def _normal(value: float | None, stderr: float | None) -> _Normal | str:
     if value is None or stderr is None:
         return "no data for the estimate or its standard error"
     if stderr < 0:
         return "negative standard error"
-    half = z_score(confidence) * stderr
-    return Estimate(value, value - half, value + half)
+    return _Normal(value, stderr)
 
 
 def _outcome_result(ctx: _Context, gate: OutcomeGate) -> GateResult:
@@ -647,38 +671,6 @@ def _sequential_result(
     return _sprt_result(ctx, gate, base, counts, evidence)
 
 
-def _value_and_variance(ctx: _Context, gate: OutcomeGate, version: str) -> tuple[float, float] | str:
-    """One version's estimate and its variance (AUC: Hanley–McNeil, floored at (m + n)/(m·n)² as DeLong's paired
-    variance is, so an AUC of 1 keeps a positive variance; a normal estimate: its stated standard error)."""
-    est = gate.estimator
-    if isinstance(est, NormalEstimator):
-        value, stderr = ctx.value(est.query, version), ctx.value(est.stderr, version)
-        if value is None or stderr is None:
-            return "no data for the estimate or its standard error"
-        if stderr < 0:
-            return "negative standard error"
-        return value, stderr * stderr
-    if isinstance(est, HistogramAUCEstimator):
-        positive, negative = ctx.buckets(est.positive_buckets, version), ctx.buckets(est.negative_buckets, version)
-        if positive is None or negative is None:
-            return "no data for the fraud or the legit score histogram"
-        try:
-            auc = roc_auc_from_prometheus_buckets(positive, negative)
-        except ValueError as exc:
-            return f"histograms unusable: {exc}"
-        m, n = max(positive.values()), max(negative.values())
-    elif isinstance(est, HanleyMcNeilEstimator):
-        auc, m, n = (ctx.value(t, version) for t in (est.query, est.positives, est.negatives))  # type: ignore[assignment]
-        if auc is None or m is None or n is None:
-            return "no data for the AUC or the class counts"
-    else:
-        raise TypeError(f"gate {gate.name!r}: no normal estimate for {type(est).__name__}")
-    stderr = hanley_mcneil_stderr(min(max(auc, 0.0), 1.0), m, n) if auc is not None else None
-    if auc is None or stderr is None:
-        return "one class has no labels"
-    return auc, max(stderr * stderr, (m + n) / (m * n) ** 2)
-
-
 def _normal_sequential_result(
     ctx: _Context, gate: OutcomeGate, base: Mapping[str, object], counts: Mapping[str, float | None]
 ) -> GateResult:
@@ -686,16 +678,16 @@ def _normal_sequential_result(
     the sum of the two versions' variances. Where the versions' samples overlap (stable's control shadow of the
     candidate's requests) they are positively correlated and this variance is larger than the true one: the test
     is then conservative (slower, never more error-prone)."""
-    cand = _value_and_variance(ctx, gate, ctx.candidate)
-    stab = _value_and_variance(ctx, gate, ctx.stable)
+    cand = _normal_estimate(ctx, gate, ctx.candidate)
+    stab = _normal_estimate(ctx, gate, ctx.stable)
     if isinstance(cand, str) or isinstance(stab, str):
         reason = cand if isinstance(cand, str) else f"stable: {stab}"
         return GateResult(**base, **counts, status=GateStatus.INCONCLUSIVE, message=str(reason))
-    variance = cand[1] + stab[1]
+    variance = cand.variance + stab.variance
     if variance <= 0:
         return GateResult(**base, **counts, status=GateStatus.INCONCLUSIVE, message="zero variance: no evidence yet")
     samples = counts.get("labels") or 0.0
-    evidence = _Evidence(cand[0] - stab[0], variance, samples, cand[0], stab[0], "sprt-normal")
+    evidence = _Evidence(cand.value - stab.value, variance, samples, cand.value, stab.value, "sprt-normal")
     return _sprt_result(ctx, gate, base, counts, evidence)
 
 

@@ -184,7 +184,8 @@ def test_v2_is_promoted_through_every_stage(demo: Finished) -> None:
     assert (good["stable"], good["phase"], good["ended_by"]) == ("v1", "Promoted", "analysis/gates_passed")
     assert [s["stage"] for s in good["stages"]] == ["quality", "shadow", "canary", "ab", "full"]
     assert all(s["seconds"] >= 3.0 for s in good["stages"][1:])  # the scaled stage minimum
-    assert HEALTH_AND_DRIFT | {"recall", "precision", "roc-auc", "regression-set"} <= set(good["passed_gates"])
+    outcome = {g.name for g in load_demo_policy().gates if g.layer == "outcome"}  # every outcome gate, paired too
+    assert HEALTH_AND_DRIFT | outcome | {"regression-set"} <= set(good["passed_gates"])
     assert "demo-v2: Progressing/full → Promoted/full" in demo.output
 
 
