@@ -227,7 +227,7 @@ def ensure_schema(engine: Engine) -> list[str]:
 
 def create_log_engine(settings: OutcomeSettings) -> Engine:
     """An engine for the DSN: SQLite in WAL mode with a busy timeout, or a pooled server database."""
-    url = make_url(settings.dsn)
+    url = make_url(settings.database_url())
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)

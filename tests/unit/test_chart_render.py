@@ -53,6 +53,7 @@ SETTINGS_CLASSES: tuple[type[BaseSettings], ...] = (
     Settings,
 )
 DSN_ENV = f"{OutcomeSettings.model_config.get('env_prefix')}DSN"
+DSN_FILE_ENV = f"{DSN_ENV}_FILE"
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 FEEDBACK_TOKEN_ENV = "FW_ROLLOUT_ROUTER__FEEDBACK_TOKEN_FILE"
 STICKY_KEY_ENV = "FW_ROLLOUT_ROUTER__STICKY_KEY_FILE"
@@ -398,6 +399,7 @@ def test_chart_refuses_kubernetes_below_its_floor(helm: Helm, workdir: Path) -> 
         ({"router": {"settings": {"port": 9999}}}, "FW_ROLLOUT_ROUTER__PORT"),
         ({"controller": {"settings": {"kube": {"namespace": "x"}}}}, "FW_ROLLOUT_CONTROLLER__KUBE"),
         ({"outcomes": {"settings": {"dsn": "sqlite://"}}}, "FW_ROLLOUT_OUTCOMES__DSN"),
+        ({"outcomes": {"settings": {"dsn_file": "/tmp/dsn"}}}, "FW_ROLLOUT_OUTCOMES__DSN_FILE"),
         ({"modelServer": {"settings": {"model_uri": "models:/x/1"}}}, "FW_SERVE__MODEL_URI"),
     ],
 )
@@ -506,11 +508,6 @@ def test_rollout_can_be_left_to_another_tool(helm: Helm, workdir: Path) -> None:
 # ------------------------------------------------------------------------------------------------ secrets
 
 
-def secret_ref(container: Mapping[str, Any], env_name: str) -> tuple[str, str]:
-    ref = env_of(container)[env_name]["valueFrom"]["secretKeyRef"]
-    return ref["name"], ref["key"]
-
-
 def router_container(objects: list[dict[str, Any]]) -> Mapping[str, Any]:
     deployment = one(objects, "Deployment", "-router")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
@@ -518,9 +515,7 @@ def router_container(objects: list[dict[str, Any]]) -> Mapping[str, Any]:
     return container
 
 
-def admin_token_source(
-    objects: list[dict[str, Any]], env: str = "FW_ROLLOUT_ROUTER__ADMIN_TOKEN_FILE"
-) -> tuple[str, str]:
+def mounted_secret(objects: list[dict[str, Any]], env: str = "FW_ROLLOUT_ROUTER__ADMIN_TOKEN_FILE") -> tuple[str, str]:
     spec = one(objects, "Deployment", "-router")["spec"]["template"]["spec"]
     container = spec["containers"][0]
     token_path = Path(env_of(container)[env]["value"])
@@ -534,10 +529,10 @@ def test_created_secrets_are_referenced(rendered: dict[str, list[dict[str, Any]]
     objects = rendered["defaults"]
     secrets = {s["metadata"]["name"]: s for s in find(objects, "Secret")}
 
-    dsn_name, dsn_key = secret_ref(router_container(objects), DSN_ENV)
-    token_name, token_key = admin_token_source(objects)
-    feed_name, feed_key = admin_token_source(objects, FEEDBACK_TOKEN_ENV)
-    sticky_name, sticky_key = admin_token_source(objects, STICKY_KEY_ENV)
+    dsn_name, dsn_key = mounted_secret(objects, DSN_FILE_ENV)
+    token_name, token_key = mounted_secret(objects)
+    feed_name, feed_key = mounted_secret(objects, FEEDBACK_TOKEN_ENV)
+    sticky_name, sticky_key = mounted_secret(objects, STICKY_KEY_ENV)
     assert dsn_key in secrets[dsn_name]["data"]
     assert token_key in secrets[token_name]["data"]
     assert feed_key in secrets[feed_name]["data"]
@@ -550,10 +545,28 @@ def test_existing_secrets_are_referenced_not_created(rendered: dict[str, list[di
     objects = rendered["existing-secrets"]
 
     assert find(objects, "Secret") == []
-    assert secret_ref(router_container(objects), DSN_ENV) == ("pg-dsn", "url")
-    assert admin_token_source(objects) == ("router-admin", "token")
-    assert admin_token_source(objects, FEEDBACK_TOKEN_ENV) == ("label-feed", "bearer")
-    assert admin_token_source(objects, STICKY_KEY_ENV) == ("router-sticky", "key")
+    assert mounted_secret(objects, DSN_FILE_ENV) == ("pg-dsn", "url")
+    assert mounted_secret(objects) == ("router-admin", "token")
+    assert mounted_secret(objects, FEEDBACK_TOKEN_ENV) == ("label-feed", "bearer")
+    assert mounted_secret(objects, STICKY_KEY_ENV) == ("router-sticky", "key")
+
+
+@pytest.mark.parametrize("case", sorted(MATRIX))
+def test_the_dsn_is_a_mounted_secret_file_never_an_env_variable(
+    rendered: dict[str, list[dict[str, Any]]], case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DSN carries the database password: the router reads it from the prediction-log Secret mounted as a
+    volume (read back through OutcomeSettings here), no variable holds it (``kubectl describe`` would show it)."""
+    container = router_container(rendered[case])
+    env = env_of(container)
+    assert DSN_ENV not in env and not any("secretKeyRef" in e.get("valueFrom", {}) for e in env.values())
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(Path(env[DSN_FILE_ENV]["value"]).parent))
+    assert mount.get("readOnly") is True
+    # the kubelet's file, here: the settings read whatever the Secret's key holds
+    secret = tmp_path / Path(env[DSN_FILE_ENV]["value"]).name
+    secret.write_text("postgresql+psycopg://fw:pw@db:5432/fw\n", encoding="utf-8")
+    monkeypatch.setenv(DSN_FILE_ENV, str(secret))
+    assert OutcomeSettings().database_url() == "postgresql+psycopg://fw:pw@db:5432/fw"
 
 
 @pytest.mark.parametrize(
@@ -729,7 +742,6 @@ def test_router_env_is_read_by_the_router_settings(helm: Helm, workdir: Path, mo
             monkeypatch.setenv(name, entry["value"])
         elif entry["valueFrom"].get("fieldRef", {}).get("fieldPath") == "metadata.namespace":
             monkeypatch.setenv(name, "fraud")
-    monkeypatch.setenv(DSN_ENV, "sqlite:///unused.db")
 
     router = RolloutSettings().router
     assert (router.host, router.port, router.candidate_timeout_s) == ("0.0.0.0", 8181, 0.3)
@@ -757,7 +769,6 @@ def test_the_routers_whole_shutdown_fits_in_its_grace_period(
     for name, entry in env_of(router_container(helm.template(values, workdir))).items():
         if "value" in entry:
             monkeypatch.setenv(name, entry["value"])
-    monkeypatch.setenv(DSN_ENV, "sqlite:///unused.db")
     router, outcomes = RolloutSettings().router, OutcomeSettings()
     whole = router.graceful_shutdown_s + router.shadow_drain_timeout_s + outcomes.close_timeout_s
     assert whole < one_deployment_grace(helm, workdir, values) == grace

@@ -674,3 +674,28 @@ def test_an_old_prediction_log_is_migrated_to_router_issued_prediction_ids(tmp_p
     assert columns[1] == "prediction_id" and columns[-2:] == ["stable_version", "correlation_id"]
     assert label_columns[0] == "prediction_id"
     assert indexes == {"ix_predictions_prediction_id"}
+
+
+def test_the_dsn_is_read_from_a_mounted_secret_file_and_never_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chart mounts the prediction-log Secret as a file (FW_ROLLOUT_OUTCOMES__DSN_FILE): the DSN and its password
+    are in no environment variable and no settings repr, and the log writes to the database the file names."""
+    database = tmp_path / "from-secret.db"
+    secret = tmp_path / "dsn"
+    secret.write_text(f"sqlite:///{database}\n", encoding="utf-8")
+    monkeypatch.setenv("FW_ROLLOUT_OUTCOMES__DSN_FILE", str(secret))
+
+    settings = OutcomeSettings()
+    log = PredictionLog(settings, registry=CollectorRegistry())
+    log.record(_pred("p-1", "v1", "decider", 0.9))
+    asyncio.run(log.close())
+
+    assert settings.database_url() == f"sqlite:///{database}"
+    with sqlite3.connect(database) as conn:
+        assert conn.execute("SELECT prediction_id FROM predictions").fetchall() == [("p-1",)]
+    with_password = OutcomeSettings(dsn="postgresql+psycopg://fw:hunter2@db:5432/fw", dsn_file=None)
+    assert "hunter2" not in repr(with_password) and "hunter2" in with_password.database_url()
+    assert OutcomeSettings(dsn_file=None).database_url() == "sqlite:///var/predictions.db"
+    with pytest.raises(ValidationError, match="dsn or dsn_file"):
+        OutcomeSettings(dsn="sqlite://")  # the env's dsn_file and an inline dsn: which database is meant?

@@ -7,10 +7,11 @@ tests/unit/test_chart_render.py checks each name against those classes.
 A component's `settings` map adds variables under its prefix; keys the chart sets here are refused.
 ========================================================================================================= */}}
 
-{{/* (dict "env" (list (dict "name" … "value" …) …) "prefix" "FW_…__" "settings" map "extra" list) → YAML list */}}
+{{/* (dict "env" (list (dict "name" … "value" …) …) "prefix" "FW_…__" "settings" map "extra" list
+"reserved" list) → YAML list; "reserved": more settings keys the chart owns without setting them. */}}
 {{- define "fraudwatch.env.render" -}}
 {{- $env := .env }}
-{{- $reserved := list }}
+{{- $reserved := .reserved | default list }}
 {{- range .env }}
 {{- if hasPrefix $.prefix .name }}
 {{- $key := trimPrefix $.prefix .name | lower }}
@@ -78,7 +79,6 @@ A component's `settings` map adds variables under its prefix; keys the chart set
 {{- $drain := 2 }}
 {{- $graceful := max 1 (div (sub $budget $drain) 2) }}
 {{- $close := max 1 (sub (sub $budget $drain) $graceful) }}
-{{- $dsn := dict "secretKeyRef" (dict "name" (include "fraudwatch.predictionLogSecret" .) "key" (include "fraudwatch.predictionLogKey" .)) }}
 {{- $env := list
   (dict "name" "FW_ROLLOUT_LOG_LEVEL" "value" .Values.logLevel)
   (dict "name" "FW_ROLLOUT_HOME" "value" (include "fraudwatch.dataDir" .))
@@ -95,8 +95,9 @@ A component's `settings` map adds variables under its prefix; keys the chart set
   (dict "name" (print $p "KUBE__ROLLOUT_NAME") "value" (include "fraudwatch.rolloutName" .))
 }}
 {{- $routerEnv := include "fraudwatch.env.render" (dict "env" $env "prefix" $p "settings" $r.settings) | fromYamlArray }}
-{{- $logEnv := list (dict "name" (print $outcomes "DSN") "valueFrom" $dsn) (dict "name" (print $outcomes "CLOSE_TIMEOUT_S") "value" (toString $close)) }}
-{{- include "fraudwatch.env.render" (dict "env" (concat $routerEnv $logEnv) "prefix" $outcomes "settings" .Values.outcomes.settings "extra" $r.extraEnv) }}
+{{- /* The DSN (it may carry the database password) is a file of the mounted Secret, never an env variable. */}}
+{{- $logEnv := list (dict "name" (print $outcomes "DSN_FILE") "value" (include "fraudwatch.predictionLogPath" .)) (dict "name" (print $outcomes "CLOSE_TIMEOUT_S") "value" (toString $close)) }}
+{{- include "fraudwatch.env.render" (dict "env" (concat $routerEnv $logEnv) "prefix" $outcomes "settings" .Values.outcomes.settings "extra" $r.extraEnv "reserved" (list "dsn")) }}
 {{- end }}
 
 {{/* The model servers (service/settings.py: Settings, ServeSettings); the controller adds the version's env. */}}

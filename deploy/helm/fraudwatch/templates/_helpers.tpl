@@ -47,6 +47,11 @@ Names
 {{- default (include "fraudwatch.componentName" (dict "ctx" . "component" "prediction-log")) .Values.predictionLog.existingSecret }}
 {{- end }}
 
+{{/* Where the router reads the prediction log's DSN (a Secret volume; FW_ROLLOUT_OUTCOMES__DSN_FILE). */}}
+{{- define "fraudwatch.predictionLogPath" -}}
+/etc/fraudwatch/prediction-log/dsn
+{{- end }}
+
 {{- define "fraudwatch.adminTokenSecret" -}}
 {{- default (include "fraudwatch.componentName" (dict "ctx" . "component" "router-admin")) .Values.router.adminToken.existingSecret }}
 {{- end }}
