@@ -588,6 +588,63 @@ def test_generated_credentials_are_long_and_given_ones_are_kept(
     assert base64.b64decode(given).decode() == given_value
 
 
+SEED = "a-seed-of-at-least-32-characters-for-tests"
+WITH_WEBHOOK = {"retraining": {"enabled": True, "webhook": {"enabled": True}}}
+
+
+def generated_credentials(objects: list[dict[str, Any]]) -> dict[str, str]:
+    """Secret name/key → the decoded value of every Secret the chart generates."""
+    return {
+        f"{s['metadata']['name']}/{key}": base64.b64decode(value).decode()
+        for s in find(objects, "Secret")
+        if not s["metadata"]["name"].endswith("-prediction-log")
+        for key, value in s["data"].items()
+    }
+
+
+def router_checksum(objects: list[dict[str, Any]]) -> str:
+    annotations = one(objects, "Deployment", "-router")["spec"]["template"]["metadata"]["annotations"]
+    return str(annotations["checksum/secrets"])
+
+
+def test_a_seed_makes_generated_credentials_identical_on_every_render(helm: Helm, workdir: Path) -> None:
+    """GitOps tools render with ``helm template`` (no lookup): without a seed every sync would rotate the tokens.
+    With ``secrets.seed`` two renders give byte-identical Secrets and pod checksum annotations; the seed, the
+    release and the namespace each change every credential, and no two credentials of a release are equal."""
+    values = merged(WITH_WEBHOOK, {"secrets": {"seed": SEED}})
+    first, second = helm.template(values, workdir), helm.template(values, workdir)
+    credentials = generated_credentials(first)
+
+    assert len(credentials) == 4  # admin, feedback, sticky, retraining webhook
+    assert find(first, "Secret") == find(second, "Secret")
+    assert router_checksum(first) == router_checksum(second)
+    assert len(set(credentials.values())) == 4 and all(len(v) >= 32 for v in credentials.values())
+    assert not any(SEED in yaml.safe_dump(obj) for obj in first)
+    for other in (
+        helm.template(merged(values, {"secrets": {"seed": SEED + "x"}}), workdir),
+        helm.template(values, workdir, release="other"),
+        helm.template(values, workdir, namespace="elsewhere"),
+    ):
+        assert set(generated_credentials(other).values()).isdisjoint(credentials.values())
+        assert router_checksum(other) != router_checksum(first)
+    given = helm.template(merged(values, FIXED_TOKEN), workdir)
+    assert generated_credentials(given)["fw-fraudwatch-router-admin/admin-token"] == "test-admin-token"
+
+
+def test_without_a_seed_a_dry_render_generates_fresh_credentials(helm: Helm, workdir: Path) -> None:
+    """No seed: random once and kept by lookup on a cluster (tests/e2e/test_chart.py); a dry render cannot look up,
+    so two renders differ (why GitOps users must set secrets.seed or existingSecrets)."""
+    first = generated_credentials(helm.template(WITH_WEBHOOK, workdir))
+    second = generated_credentials(helm.template(WITH_WEBHOOK, workdir))
+    assert first.keys() == second.keys() and all(first[k] != second[k] for k in first)
+
+
+@pytest.mark.parametrize("seed", ["short", "x" * 31])
+def test_a_short_seed_is_refused(helm: Helm, workdir: Path, seed: str) -> None:
+    error = helm.template_error({"secrets": {"seed": seed}}, workdir)
+    assert "values don't meet the specifications of the schema" in error and "/secrets/seed" in error
+
+
 def test_the_feedback_port_has_its_own_service_and_the_public_service_does_not_expose_it(
     rendered: dict[str, list[dict[str, Any]]],
 ) -> None:

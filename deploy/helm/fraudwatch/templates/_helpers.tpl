@@ -93,19 +93,30 @@ Names
 
 {{/*
 A Secret holding one generated credential: (dict "ctx" $ "name" … "key" … "value" … "labels" (dict "ctx" $ "component"
-…)). An empty value is generated once (randAlphaNum 48); an upgrade keeps the live Secret's value (lookup; it is
-empty in `helm template`, so a dry render shows a fresh one).
+…)). A given value is used as it is. Else, with `secrets.seed`, the value is derived from the seed, the namespace, the
+Secret's name and key — the same on every render (GitOps tools that render with `helm template` see no change) and
+unguessable without the seed: sha256(seed ‖ sha256(seed ‖ label)), nested so that no output helps compute another.
+Without a seed it is generated once (randAlphaNum 48) and an upgrade keeps the live Secret's value (lookup; empty in
+`helm template`, so every dry render shows a fresh one).
 */}}
-{{- define "fraudwatch.generatedSecret" -}}
-{{- $value := .value }}
-{{- if not $value }}
+{{- define "fraudwatch.generatedValue" -}}
+{{- $seed := .ctx.Values.secrets.seed }}
+{{- if .value }}
+{{- .value }}
+{{- else if $seed }}
+{{- $label := printf "fraudwatch-credential/v1\n%s\n%s\n%s" .ctx.Release.Namespace .name .key }}
+{{- sha256sum (printf "%s\n%s" $seed (sha256sum (printf "%s\n%s" $seed $label))) }}
+{{- else }}
 {{- $live := lookup "v1" "Secret" .ctx.Release.Namespace .name }}
 {{- if and $live $live.data (index $live.data .key) }}
-{{- $value = index $live.data .key | b64dec }}
+{{- index $live.data .key | b64dec }}
 {{- else }}
-{{- $value = randAlphaNum 48 }}
+{{- randAlphaNum 48 }}
 {{- end }}
-{{- end -}}
+{{- end }}
+{{- end }}
+
+{{- define "fraudwatch.generatedSecret" -}}
 apiVersion: v1
 kind: Secret
 metadata:
@@ -114,7 +125,7 @@ metadata:
     {{- include "fraudwatch.labels" .labels | nindent 4 }}
 type: Opaque
 data:
-  {{ .key }}: {{ $value | b64enc | quote }}
+  {{ .key }}: {{ include "fraudwatch.generatedValue" . | b64enc | quote }}
 {{- end }}
 
 {{- define "fraudwatch.predictionLogKey" -}}
