@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic_settings import BaseSettings
 
+from rollout.backends.kube import REQUIRED_ACCESS
 from rollout.outcome_settings import DriftSettings, OutcomeSettings, PrometheusSettings
 from rollout.policy import CANARY_WEIGHT_MAX, CANARY_WEIGHT_MIN, load_policy, policy_from_mapping
 from rollout.router import Router
@@ -966,25 +967,42 @@ def rules_of(objects: list[dict[str, Any]], name_suffix: str) -> set[tuple[str, 
     }
 
 
-def test_controller_role_is_least_privilege(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    granted = rules_of(rendered["defaults"], "-controller")
-    write = {"create", "get", "list", "watch", "update", "patch", "delete"}
-    expected = {
-        *(("fraudwatch.io", "modelrollouts", v) for v in ("get", "list", "watch", "update", "patch")),
-        *(("fraudwatch.io", "modelrollouts/status", v) for v in ("update", "patch")),
-        ("fraudwatch.io", "modelrollouts/finalizers", "update"),
-        *(("apps", "deployments", v) for v in write),
-        *(("", "services", v) for v in write),
-        ("", "configmaps", "get"),
-        ("", "configmaps", "watch"),
-        ("", "pods", "list"),  # read only: the model servers' restarts (issue 12)
-        ("", "pods", "watch"),
-        *(("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")),
-        *((g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")),
+def named_rules_of(objects: list[dict[str, Any]], name_suffix: str) -> set[tuple[str, str, str, str | None]]:
+    """(apiGroup, resource, verb, resourceName or None) of every grant of the Role, one row per name."""
+    role = one(objects, "Role", name_suffix)
+    return {
+        (group, resource, verb, name)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+        for name in (rule.get("resourceNames") or [None])
     }
-    assert granted == expected
+
+
+def test_controller_role_grants_exactly_the_backends_requests_on_named_objects(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """Issue 11: the Role is REQUIRED_ACCESS, verb for verb, and every request that names an object (the release's
+    ModelRollout, its status and finalizers, the templates ConfigMap, the Lease) is limited to that name."""
+    objects = rendered["defaults"]
+    names = {
+        "rollout": one(objects, "ModelRollout")["metadata"]["name"],
+        "configmap": one(objects, "ConfigMap", "-model-server")["metadata"]["name"],
+        "lease": env_of(one(objects, "Deployment", "-controller")["spec"]["template"]["spec"]["containers"][0])[
+            "FW_ROLLOUT_CONTROLLER__KUBE__LEASE_NAME"
+        ]["value"],
+    }
+    required = set()
+    for access in REQUIRED_ACCESS:
+        group, _, resource = access.resource.partition(":")
+        required.add((group, resource, access.verb, names[access.name] if access.name else None))
+
+    assert named_rules_of(objects, "-controller") == required
+    granted = rules_of(objects, "-controller")
     assert not [r for r in granted if r[1] in {"secrets", "*"} or r[2] == "*"]
     assert {r[2] for r in granted if r[1] == "pods"} == {"list", "watch"}  # pods: read only, never create/exec
+    assert {r[2] for r in granted if r[1] == "modelrollouts"} == {"get", "watch", "patch"}  # no list, no update
 
 
 def test_router_role_only_reads_modelrollouts(rendered: dict[str, list[dict[str, Any]]]) -> None:
