@@ -810,6 +810,32 @@ def test_router_env_is_read_by_the_router_settings(helm: Helm, workdir: Path, mo
     assert OutcomeSettings().flush_interval_ms == 50
 
 
+def test_label_sources_each_get_their_token_from_a_mounted_secret(
+    helm: Helm, workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """router.feedback.sourcesSecret (source name → token) is mounted as a directory and the single token keeps
+    working under router.feedback.token.source; read back through RouterSettings from files laid out as the
+    kubelet would."""
+    values = {"router": {"feedback": {"token": {"source": "bank-feed"}, "sourcesSecret": "label-sources"}}}
+    objects = helm.template(values, workdir)
+    spec = one(objects, "Deployment", "-router")["spec"]["template"]["spec"]
+    env = env_of(spec["containers"][0])
+    directory = env["FW_ROLLOUT_ROUTER__FEEDBACK_TOKENS_DIR"]["value"]
+    mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["mountPath"] == directory)
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"] == {"secretName": "label-sources", "defaultMode": 0o440} and mount["readOnly"] is True
+    assert "FW_ROLLOUT_ROUTER__FEEDBACK_TOKENS_DIR" not in env_of(router_container(helm.template({}, workdir)))
+    local = tmp_path / "feedback-sources"
+    local.mkdir()
+    (local / "chargeback").write_text("t-cb", encoding="utf-8")
+    monkeypatch.setenv("FW_ROLLOUT_ROUTER__FEEDBACK_SOURCE", env["FW_ROLLOUT_ROUTER__FEEDBACK_SOURCE"]["value"])
+    monkeypatch.setenv("FW_ROLLOUT_ROUTER__FEEDBACK_TOKEN", "t-single")
+    monkeypatch.setenv("FW_ROLLOUT_ROUTER__FEEDBACK_TOKENS_DIR", str(local))
+    assert RolloutSettings().router.feedback_credentials() == {"bank-feed": "t-single", "chargeback": "t-cb"}
+    refused = {"router": {"feedback": {"token": {"source": "bad name"}}}}
+    assert "/router/feedback/token/source" in helm.template_error(refused, workdir)
+
+
 def test_the_charts_router_answers_with_the_scoring_contract_only(helm: Helm, workdir: Path) -> None:
     default = env_of(router_container(helm.template({}, workdir)))
     assert default["FW_ROLLOUT_ROUTER__EXPOSE_DECISION_DETAILS"]["value"] == "false"

@@ -90,11 +90,15 @@ A component's `settings` map adds variables under its prefix; keys the chart set
   (dict "name" (print $p "ADMIN_TOKEN_FILE") "value" (include "fraudwatch.adminTokenPath" .))
   (dict "name" (print $p "CONTROL_PORT") "value" (toString $r.feedback.port))
   (dict "name" (print $p "FEEDBACK_TOKEN_FILE") "value" (include "fraudwatch.feedbackTokenPath" .))
+  (dict "name" (print $p "FEEDBACK_SOURCE") "value" $r.feedback.token.source)
   (dict "name" (print $p "STICKY_KEY_FILE") "value" (include "fraudwatch.stickyKeyPath" .))
   (dict "name" (print $p "KUBE__NAMESPACE") "valueFrom" (include "fraudwatch.env.fieldRef" "metadata.namespace" | fromYaml))
   (dict "name" (print $p "KUBE__ROLLOUT_NAME") "value" (include "fraudwatch.rolloutName" .))
 }}
-{{- $routerEnv := include "fraudwatch.env.render" (dict "env" $env "prefix" $p "settings" $r.settings) | fromYamlArray }}
+{{- if $r.feedback.sourcesSecret }}
+{{- $env = append $env (dict "name" (print $p "FEEDBACK_TOKENS_DIR") "value" (include "fraudwatch.feedbackSourcesPath" .)) }}
+{{- end }}
+{{- $routerEnv := include "fraudwatch.env.render" (dict "env" $env "prefix" $p "settings" $r.settings "reserved" (list "feedback_tokens_dir")) | fromYamlArray }}
 {{- /* The DSN (it may carry the database password) is a file of the mounted Secret, never an env variable. */}}
 {{- $logEnv := list (dict "name" (print $outcomes "DSN_FILE") "value" (include "fraudwatch.predictionLogPath" .)) (dict "name" (print $outcomes "CLOSE_TIMEOUT_S") "value" (toString $close)) }}
 {{- include "fraudwatch.env.render" (dict "env" (concat $routerEnv $logEnv) "prefix" $outcomes "settings" .Values.outcomes.settings "extra" $r.extraEnv "reserved" (list "dsn")) }}

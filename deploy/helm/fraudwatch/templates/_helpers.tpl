@@ -78,6 +78,12 @@ Names
 /etc/fraudwatch/feedback/token
 {{- end }}
 
+{{/* Where the router reads one token per label source (router.feedback.sourcesSecret as a volume, a file per key;
+FW_ROLLOUT_ROUTER__FEEDBACK_TOKENS_DIR). */}}
+{{- define "fraudwatch.feedbackSourcesPath" -}}
+/etc/fraudwatch/feedback-sources
+{{- end }}
+
 {{- define "fraudwatch.stickyKeySecret" -}}
 {{- default (include "fraudwatch.componentName" (dict "ctx" . "component" "router-sticky")) .Values.router.stickyKey.existingSecret }}
 {{- end }}
