@@ -164,9 +164,9 @@ class RouterSettings(BaseModel):
     #: The public answer's fields beyond the scoring contract (``prediction``, ``confidence``, ``decision``,
     #: ``prediction_id``, ``correlation_id``): ``score``, ``threshold``, ``model_version``, ``stage``, ``role``,
     #: ``routed_to`` and the ``X-Model-Version`` header. They let a client probe the score and threshold and tell
-    #: which version decided (then pick the more lenient one): on for the embedded demo and tests, off in the chart
-    #: (values ``router.exposeDecisionDetails``).
-    expose_decision_details: bool = True
+    #: which version decided (then pick the more lenient one): off by default (and in the chart, values
+    #: ``router.exposeDecisionDetails``); the demo, tests and benchmarks turn it on explicitly (RouterProcess).
+    expose_decision_details: bool = False
     #: Readiness needs one successful answer from stable; it is probed at this interval until it answers.
     ready_probe_interval_s: float = Field(0.25, gt=0.0)
     max_body_bytes: int = Field(65_536, ge=1024)

@@ -198,6 +198,32 @@ def test_the_public_port_serves_the_scoring_contract_and_nothing_else(stack: Sta
         assert admin.get("/readyz").json()["stage"] == "canary"
 
 
+def test_a_router_with_default_settings_answers_with_the_scoring_contract_only(stack: Stack, tmp_path: Path) -> None:
+    """Issue 11: the router's own default exposed score, threshold, model_version, stage and routed_to (only the
+    chart turned them off). A router process started without FW_ROLLOUT_ROUTER__EXPOSE_DECISION_DETAILS answers
+    with the contract and the router's IDs, nothing a client could probe the threshold or the deciding version with."""
+    routing_file = tmp_path / "routing.json"
+    table = {"generation": 1, "stage": "stable", "stable": stack.endpoint(stack.v1).model_dump()}
+    write_table_file(routing_file, RoutingTable.model_validate(table))
+    router = RouterProcess(
+        log_path=tmp_path / "router.log",
+        routing_file=routing_file,
+        expose_decision_details=None,  # the router's default
+        env={DSN_ENV: f"sqlite:///{tmp_path / 'predictions.db'}", "FW_ROLLOUT_ROUTER__LOG_DECISIONS": "false"},
+    )
+    router.start()
+    try:
+        router.wait_live()
+        with httpx.Client(base_url=router.url, timeout=HTTP_TIMEOUT_S, trust_env=False) as client:
+            wait_for(lambda: client.get("/readyz").status_code == 200, timeout_s=10.0)
+            answer = client.post(PREDICT, json=SEED)
+    finally:
+        router.stop()
+    assert answer.status_code == 200, answer.text
+    assert sorted(answer.json()) == ["confidence", "correlation_id", "decision", "prediction", "prediction_id"]
+    assert "x-model-version" not in answer.headers
+
+
 @pytest.mark.parametrize(
     ("stage", "weight"), [("stable", None), ("shadow", None), ("canary", 5.0), ("ab", 50.0), ("full", None)]
 )
