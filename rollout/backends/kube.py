@@ -632,6 +632,9 @@ class KubeModelSource:
             )
         return self.registry.fetch(version, dest)
 
+    def bundle_digest(self, version: str) -> str | None:
+        return self.registry.bundle_digest(version) if self.registry is not None else None
+
     def ensure_alias(self, alias: str, version: str, reason: str) -> bool:
         return self.registry.ensure_alias(alias, version, reason) if self.registry is not None else False
 
