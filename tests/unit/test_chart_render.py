@@ -31,6 +31,7 @@ from service.settings import Settings
 from tests.chartkit import (
     CHART_DIR,
     DEFAULT_POLICY_FILE,
+    DRY_RENDER_VALUES,
     RULES_FILE,
     STANDARD_LABELS,
     Helm,
@@ -42,7 +43,6 @@ from tests.chartkit import (
     one,
     openapi_to_draft7,
     pod_specs,
-    values_file,
     values_schema,
 )
 
@@ -112,7 +112,7 @@ def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
         binary = locate_helm()
     except HelmNotFoundError as exc:
         pytest.fail(str(exc), pytrace=False)
-    return Helm.isolated(binary, tmp_path_factory.mktemp("helm-home"))
+    return Helm.isolated(binary, tmp_path_factory.mktemp("helm-home")).with_base(DRY_RENDER_VALUES)
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +270,7 @@ def test_helm_is_version_3(helm: Helm) -> None:
 
 @pytest.mark.parametrize("case", sorted(MATRIX))
 def test_lint_strict(helm: Helm, workdir: Path, case: str) -> None:
-    result = helm.run("lint", "--strict", str(CHART_DIR), "-f", str(values_file(MATRIX[case], workdir)))
+    result = helm.run("lint", "--strict", str(CHART_DIR), *helm.values_args(MATRIX[case], workdir))
 
     assert "0 chart(s) failed" in result.stdout
 
@@ -724,12 +724,24 @@ def api_server_cidrs(objects: list[dict[str, Any]]) -> set[str]:
     }
 
 
-def test_api_server_egress_is_the_given_cidrs_else_all_addresses_in_a_dry_render(helm: Helm, workdir: Path) -> None:
-    """Without a cluster (``helm template``) the `kubernetes` Endpoints cannot be looked up: 0.0.0.0/0 on the API
-    server's ports; given CIDRs are used as they are (the lookup on a real API server: tests/e2e/test_chart.py)."""
-    assert api_server_cidrs(helm.template({}, workdir)) == {"0.0.0.0/0"}
+def test_api_server_egress_is_the_given_cidrs_and_a_dry_render_without_them_fails(
+    helm: Helm, workdir: Path, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    """Issue 11: without a cluster (``helm template``, what GitOps tools run) the `kubernetes` EndpointSlice cannot be
+    looked up, and the chart fell back to 0.0.0.0/0 on the API server's ports for every pod. Now such a render fails
+    naming the value to set; given CIDRs are used as they are (the lookup on a real API server: tests/e2e/
+    test_chart.py); without egress rules nothing is needed."""
+    bare = helm.with_base({})
+    error = bare.template_error({}, workdir)
+    assert "networkPolicy.apiServer.cidrs" in error and "0.0.0.0/0" not in error
     given = {"networkPolicy": {"apiServer": {"cidrs": ["10.0.0.1/32", "10.0.0.2/32"]}}}
-    assert api_server_cidrs(helm.template(given, workdir)) == {"10.0.0.1/32", "10.0.0.2/32"}
+    assert api_server_cidrs(bare.template(given, workdir)) == {"10.0.0.1/32", "10.0.0.2/32"}
+    without_egress = bare.template({"networkPolicy": {"egress": False}}, workdir)
+    assert all(
+        "egress" not in p["spec"] for p in find(without_egress, "NetworkPolicy") if "deny" not in p["metadata"]["name"]
+    )
+    for case, objects in rendered.items():
+        assert "0.0.0.0/0" not in yaml.safe_dump_all(objects), case
 
 
 # ------------------------------------------------------------------------------------------------ env contract

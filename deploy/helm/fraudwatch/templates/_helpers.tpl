@@ -277,6 +277,10 @@ NetworkPolicy peers
       protocol: TCP
     {{- end }}
 {{- end }}
+{{/* Egress to the API server: networkPolicy.apiServer.cidrs, else the `kubernetes` EndpointSlice's addresses (one
+/32 each, looked up at install/upgrade). Neither (a dry render — `helm template`, what GitOps tools run — or a cluster
+that publishes no slice) fails the render: the old fallback, 0.0.0.0/0 on the API server's ports, let every pod of
+the release reach any address on 443/6443. */}}
 {{- define "fraudwatch.np.apiServerEgress" -}}
 {{- $cidrs := .Values.networkPolicy.apiServer.cidrs }}
 {{- if not $cidrs }}
@@ -287,8 +291,11 @@ NetworkPolicy peers
 {{- end }}
 {{- end }}
 {{- end }}
+{{- if not $cidrs }}
+{{- fail "networkPolicy.apiServer.cidrs is empty and the `kubernetes` EndpointSlice could not be looked up (helm template, a GitOps render, or a cluster without it): set networkPolicy.apiServer.cidrs to the API server's addresses (kubectl get endpointslice kubernetes -n default), or networkPolicy.egress=false" }}
+{{- end }}
 - to:
-    {{- range ($cidrs | default (list "0.0.0.0/0")) }}
+    {{- range $cidrs }}
     - ipBlock:
         cidr: {{ . }}
     {{- end }}
