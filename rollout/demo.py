@@ -419,6 +419,8 @@ def start_stack(run: Run, side: ModelSide) -> None:
     router = RouterProcess(
         log_path=run.logs / "router.log",
         admin_token=token,
+        # the demo explains itself: each answer names its deciding version, stage and score (off in production)
+        expose_decision_details=True,
         env={
             dsn_env: f"sqlite:///{run.home / 'predictions.db'}",
             "FW_ROLLOUT_ROUTER__HOST": s.host,

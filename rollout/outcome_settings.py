@@ -1,7 +1,8 @@
 """Settings of the prediction log, the label join, the outcome metrics, drift maths and the Prometheus process.
 
 Each group reads the environment under the rollout side's prefix with its own group name, exactly as a nested
-group of :class:`rollout.settings.RolloutSettings` would: ``FW_ROLLOUT_OUTCOMES__DSN=postgresql+psycopg://…``,
+group of :class:`rollout.settings.RolloutSettings` would: ``FW_ROLLOUT_OUTCOMES__DSN_FILE=/etc/…/dsn`` (or
+``FW_ROLLOUT_OUTCOMES__DSN=postgresql+psycopg://…``),
 ``FW_ROLLOUT_OUTCOMES__FLUSH_INTERVAL_MS=100``, ``FW_ROLLOUT_DRIFT__PSI_EPSILON=1e-4``,
 ``FW_ROLLOUT_PROMETHEUS__SCRAPE_INTERVAL_S=1``. Nothing in the logic hard-codes these values.
 """
@@ -13,8 +14,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rollout.settings import read_secret
 
 #: Score buckets of the outcome histograms: fine near 0 (where most legitimate traffic sits and where the
 #: decision thresholds of a rare-event model live), coarser above. 36 buckets; ROC-AUC from them is within a
@@ -80,6 +83,9 @@ DEFAULT_PAIRED_SCORE_BUCKETS: tuple[float, ...] = (
     1.0,
 )
 
+#: The prediction log of the embedded default (SQLite under the working directory's var/).
+DEFAULT_DSN = "sqlite:///var/predictions.db"
+
 #: Label delay buckets in hours: one hour to eight weeks.
 DEFAULT_LABEL_DELAY_HOURS: tuple[float, ...] = (1, 6, 12, 24, 48, 72, 120, 168, 336, 504, 720, 1008, 1344)
 
@@ -89,9 +95,13 @@ class OutcomeSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FW_ROLLOUT_OUTCOMES__", env_nested_delimiter="__", extra="ignore")
 
-    #: SQLAlchemy URL of the prediction log. SQLite (WAL mode) is the embedded default; deployments use
-    #: ``postgresql+psycopg://user:pass@host:5432/db``.
-    dsn: str = "sqlite:///var/predictions.db"
+    #: SQLAlchemy URL of the prediction log (it may carry the database password: a secret, never logged).
+    #: SQLite (WAL mode, :data:`DEFAULT_DSN`) is the embedded default; deployments use
+    #: ``postgresql+psycopg://user:pass@host:5432/db`` through ``dsn_file``.
+    dsn: SecretStr | None = None
+    #: Alternative to ``dsn`` for a mounted Secret: the DSN is the file's stripped content (the chart's way, so the
+    #: password is in no environment variable). Setting both is refused.
+    dsn_file: Path | None = None
     #: Rows kept in memory waiting to be written; beyond this ``record`` drops the row and counts it.
     buffer_max_rows: int = Field(100_000, ge=1)
     #: The writer flushes at least this often …
@@ -127,6 +137,16 @@ class OutcomeSettings(BaseSettings):
     label_delay_buckets_hours: tuple[float, ...] = DEFAULT_LABEL_DELAY_HOURS
     #: Must be a subset of ``score_buckets`` (a paired bin is then a union of outcome-histogram bins).
     paired_score_buckets: tuple[float, ...] = DEFAULT_PAIRED_SCORE_BUCKETS
+
+    def database_url(self) -> str:
+        """The prediction log's DSN: ``dsn``, else the content of ``dsn_file``, else :data:`DEFAULT_DSN`."""
+        return read_secret(self.dsn, self.dsn_file) or DEFAULT_DSN
+
+    @model_validator(mode="after")
+    def _one_dsn_source(self) -> OutcomeSettings:
+        if self.dsn is not None and self.dsn_file is not None:
+            raise ValueError("set dsn or dsn_file, not both")
+        return self
 
     @field_validator("score_buckets", "label_delay_buckets_hours", "paired_score_buckets")
     @classmethod

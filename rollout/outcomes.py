@@ -18,6 +18,10 @@ Join key: the router issues an unguessable ``prediction_id`` for each scored req
 else does. The client's ``X-Correlation-ID`` is stored beside it as a tracing field and joins nothing: a client that
 sends 50 requests under one correlation ID gets 50 prediction IDs, and one label counts for one of them.
 
+Label sources: each has its own bearer token (source → token); a label's ``source`` is the one its token
+authenticates (the body may omit it; naming another is a 403 naming ``source``), quotas count per authenticated
+source, and the stored label carries it — a source cannot post, or exhaust the quota, under another's name.
+
 Label policy: the first label of a prediction ID stands. The same label again → 200 ``duplicate`` (counted once);
 a different label → 409. Outcome metrics are updated once per label, for every prediction of the ID (the decider
 and each shadow), with that prediction's own decision (taken at its own threshold). A shadow prediction logged
@@ -50,7 +54,7 @@ import math
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -107,6 +111,10 @@ LABEL_NAMES: Final[dict[int, str]] = {1: "fraud", 0: "legit"}
 PREDICTION_ID_HEADER: Final[str] = "X-Prediction-ID"
 #: Bytes of randomness in a prediction ID (``secrets.token_urlsafe``: 22 URL-safe characters).
 PREDICTION_ID_BYTES: Final[int] = 16
+#: An insecure development tracker (no tokens) takes each label's own source, or this one when it names none.
+INSECURE_SOURCE: Final[str] = "unauthenticated"
+#: What :meth:`OutcomeTracker._authenticated_source` answers for such a tracker (not a source name: it has a space).
+ANY_SOURCE: Final[str] = "any source"
 _LABEL_VALUES: Final[dict[str, int]] = {name: value for value, name in LABEL_NAMES.items()}
 
 
@@ -227,7 +235,7 @@ def ensure_schema(engine: Engine) -> list[str]:
 
 def create_log_engine(settings: OutcomeSettings) -> Engine:
     """An engine for the DSN: SQLite in WAL mode with a busy timeout, or a pooled server database."""
-    url = make_url(settings.dsn)
+    url = make_url(settings.database_url())
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
@@ -581,7 +589,9 @@ class FeedbackRequest(BaseModel):
 
     prediction_id: str = Field(..., min_length=1)
     label: Annotated[int, BeforeValidator(_parse_label)]
-    source: str = Field(..., min_length=1)
+    #: The label source. On the wire optional: the router binds it to the source the bearer token authenticates
+    #: (a body naming another source is refused); a label is stored under the authenticated source only.
+    source: str | None = Field(None, min_length=1)
     #: When the truth became known (e.g. the chargeback date); default: when the label was received.
     observed_at: AwareDatetime | None = None
 
@@ -595,9 +605,9 @@ class FeedbackRequest(BaseModel):
 
     @field_validator("source")
     @classmethod
-    def _source_length(cls, value: str, info: ValidationInfo) -> str:
+    def _source_length(cls, value: str | None, info: ValidationInfo) -> str | None:
         limit = _context_settings(info).max_source_chars
-        if len(value) > limit:
+        if value is not None and len(value) > limit:
             raise ValueError(f"must be at most {limit} characters")
         return value
 
@@ -680,8 +690,8 @@ class _OutcomeMetrics:
         )
         self.feedback = Counter(
             "fraudwatch_feedback",
-            "Feedback labels by result (recorded, duplicate, conflict, unknown, invalid, unauthorized, over_quota, "
-            "unavailable).",
+            "Feedback labels by result (recorded, duplicate, conflict, unknown, invalid, unauthorized, forbidden, "
+            "over_quota, unavailable).",
             ["result"],
             registry=registry,
         )
@@ -771,12 +781,14 @@ class OutcomeTracker:
         settings: OutcomeSettings | None = None,
         *,
         registry: CollectorRegistry | None = None,
-        token: str | None = None,
+        tokens: Mapping[str, str] | None = None,
         insecure_dev: bool = False,
     ) -> None:
-        """``token``: the label sources' bearer token; None refuses every label unless ``insecure_dev``."""
+        """``tokens``: each label source's bearer token (source → token, e.g.
+        :meth:`rollout.settings.RouterSettings.feedback_credentials`); none refuses every label unless
+        ``insecure_dev``, which takes the body's ``source`` (else :data:`INSECURE_SOURCE`) unauthenticated."""
         self._log = log
-        self._token = token
+        self._tokens = dict(tokens or {})
         self._insecure_dev = insecure_dev
         self._quota_window = -1
         self._quota_used: dict[tuple[str, int], int] = {}
@@ -793,7 +805,10 @@ class OutcomeTracker:
         ]
 
     async def submit(self, feedback: FeedbackRequest, received_at: datetime | None = None) -> FeedbackResult:
-        """Store the label (first one wins) and, when it is new, update the outcome metrics of every prediction."""
+        """Store the label (first one wins) and, when it is new, update the outcome metrics of every prediction.
+        ``feedback.source`` must be set (the endpoints set it to the authenticated source)."""
+        if feedback.source is None:
+            raise ValueError("a label is submitted with its (authenticated) source")
         received = as_utc(received_at or utc_now())
         observed = as_utc(feedback.observed_at or received)
         pid = feedback.prediction_id
@@ -916,10 +931,31 @@ class OutcomeTracker:
             received_at=as_utc(row.received_at),
         )
 
-    def _authorized(self, request: Request) -> bool:
-        if self._token is None:
-            return self._insecure_dev
-        return bearer_matches(request.headers.get("authorization"), self._token)
+    def _authenticated_source(self, request: Request) -> str | None:
+        """The label source whose token the request carries (every token is compared, in constant time each);
+        :data:`ANY_SOURCE` for an insecure development tracker without tokens; None → 401."""
+        if not self._tokens:
+            return ANY_SOURCE if self._insecure_dev else None
+        authorization = request.headers.get("authorization")
+        matched = [source for source, token in self._tokens.items() if bearer_matches(authorization, token)]
+        return matched[0] if matched else None
+
+    def _bind(self, feedback: FeedbackRequest, source: str) -> FeedbackRequest | None:
+        """The label under its authenticated source, or None when the body names another source."""
+        if source == ANY_SOURCE:
+            return feedback if feedback.source is not None else feedback.model_copy(update={"source": INSECURE_SOURCE})
+        if feedback.source is not None and feedback.source != source:
+            return None
+        return feedback.model_copy(update={"source": source})
+
+    def _wrong_source(self, feedback: FeedbackRequest) -> Response:
+        self._metrics.feedback.labels("forbidden").inc()
+        return _error(
+            403,
+            f"source {feedback.source!r} is not the label source this token authenticates",
+            "source",
+            "omit it, or name the source of the bearer token",
+        )
 
     def _unauthorized(self) -> Response:
         self._metrics.feedback.labels("unauthorized").inc()
@@ -927,11 +963,11 @@ class OutcomeTracker:
         response.headers["WWW-Authenticate"] = 'Bearer realm="fraudwatch-feedback"'
         return response
 
-    def _over_quota(self, source: str) -> bool:
+    def _over_quota(self, source: str | None) -> bool:
         """A fixed one-minute window of labels per ``source`` (``feedback_quota_per_minute``)."""
         now = time.monotonic()
         window = int(now // 60.0)
-        key = (source, window)
+        key = (source or INSECURE_SOURCE, window)
         if self._quota_window != window:
             self._quota_window = window
             self._quota_used.clear()
@@ -955,16 +991,20 @@ class OutcomeTracker:
             return None, _error(400, "body is not valid JSON", "body", "expected a JSON object")
 
     async def feedback_endpoint(self, request: Request) -> Response:
-        if not self._authorized(request):
+        source = self._authenticated_source(request)
+        if source is None:
             return self._unauthorized()
         payload, refused = await self._read_json(request, self._settings.max_body_bytes)
         if refused is not None:
             return refused
         try:
-            feedback = FeedbackRequest.model_validate(payload, context={"settings": self._settings})
+            parsed = FeedbackRequest.model_validate(payload, context={"settings": self._settings})
         except ValidationError as exc:
             self._metrics.feedback.labels("invalid").inc()
             return _validation_error(exc)
+        feedback = self._bind(parsed, source)
+        if feedback is None:
+            return self._wrong_source(parsed)
         if self._over_quota(feedback.source):
             self._metrics.feedback.labels("over_quota").inc()
             return _error(429, f"label quota of source {feedback.source!r} exhausted; retry later", "source", "quota")
@@ -981,7 +1021,8 @@ class OutcomeTracker:
 
         Retrying a batch counts nothing twice: a label already stored answers ``duplicate`` and changes no metric.
         """
-        if not self._authorized(request):
+        source = self._authenticated_source(request)
+        if source is None:
             return self._unauthorized()
         payload, refused = await self._read_json(request, self._settings.max_batch_body_bytes)
         if refused is not None:
@@ -994,16 +1035,20 @@ class OutcomeTracker:
             self._metrics.feedback.labels("invalid").inc()
             limit = self._settings.max_batch_labels
             return _error(422, f"invalid feedback batch: at most {limit} labels", "labels", "too many labels")
-        results = [await self._one_of_batch(item) for item in items]
+        results = [await self._one_of_batch(item, source) for item in items]
         return JSONResponse({"results": results}, status_code=200)
 
-    async def _one_of_batch(self, item: object) -> dict[str, Any]:
+    async def _one_of_batch(self, item: object, source: str) -> dict[str, Any]:
         try:
-            feedback = FeedbackRequest.model_validate(item, context={"settings": self._settings})
+            parsed = FeedbackRequest.model_validate(item, context={"settings": self._settings})
         except ValidationError as exc:
             self._metrics.feedback.labels("invalid").inc()
             fields = [".".join(str(part) for part in err["loc"]) or "label" for err in exc.errors()]
             return {"status": "invalid", "fields": fields}
+        feedback = self._bind(parsed, source)
+        if feedback is None:
+            self._metrics.feedback.labels("forbidden").inc()
+            return {"status": "forbidden", "prediction_id": parsed.prediction_id, "fields": ["source"]}
         if self._over_quota(feedback.source):
             self._metrics.feedback.labels("over_quota").inc()
             return {"status": "over_quota", "prediction_id": feedback.prediction_id}

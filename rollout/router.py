@@ -19,7 +19,8 @@ stable fails the client gets a 503 naming the cause.
 Public port: ``POST /api/v1/refund-predict``, ``GET /livez``, ``GET /readyz`` (a table is loaded and its stable
 answered at least once) — the scoring contract and the probes, nothing else. A second listener of the same process
 (``control_port``) serves ``GET /metrics`` (Prometheus), ``GET|PUT /admin/routing`` (bearer ``admin_token``) and
-the outcome tracker's ``POST /api/v1/feedback`` and ``POST /api/v1/feedback/batch`` (bearer ``feedback_token``).
+the outcome tracker's ``POST /api/v1/feedback`` and ``POST /api/v1/feedback/batch`` (a bearer token per label source:
+``feedback_token`` as ``feedback_source``, and ``feedback_tokens_dir``; a label's source is the one its token names).
 
 Run: ``python -m rollout.router`` or ``fraudwatch-router`` (settings from ``FW_ROLLOUT_ROUTER__…``, the prediction
 log from ``FW_OUTCOMES__…``). Its routing table comes from ``PUT /admin/routing``, a file
@@ -58,7 +59,7 @@ from rollout.metrics import RouterMetrics
 from rollout.outcome_settings import get_outcome_settings
 from rollout.outcomes import PREDICTION_ID_HEADER, OutcomeTracker, PredictionLog, PredictionRecord, new_prediction_id
 from rollout.routing import Arm, RoutePlan, RoutingTable, Stage, VersionEndpoint
-from rollout.settings import RolloutSettings, RouterSettings, get_rollout_settings
+from rollout.settings import FeedbackCredentialsError, RolloutSettings, RouterSettings, get_rollout_settings
 from rollout.shadow import PredictionSink, ShadowJob, ShadowRunner
 from rollout.sources import FileTableSource, KubeRolloutTableSource, TableSource, TableStore
 from rollout.upstream import Answer, Caller, Failure, Upstreams
@@ -524,7 +525,8 @@ class Router:
 
 
 class FeedbackTokenMissingError(RuntimeError):
-    """No feedback token is configured and ``feedback_insecure_dev`` is not set: the router refuses to start."""
+    """No feedback token is configured and ``feedback_insecure_dev`` is not set, or the label sources' tokens are
+    inconsistent: the router refuses to start."""
 
 
 @dataclass(frozen=True)
@@ -540,17 +542,25 @@ def create_apps(settings: RolloutSettings | None = None) -> RouterApps:
     and the outcome metrics on one registry; the feedback routes only on the control app, behind its bearer token."""
     rollout_settings = settings or get_rollout_settings()
     router_settings = rollout_settings.router
-    token = router_settings.feedback_secret()
-    if token is None and not router_settings.feedback_insecure_dev:
+    try:
+        credentials = router_settings.feedback_credentials()
+    except (FeedbackCredentialsError, OSError) as exc:
+        raise FeedbackTokenMissingError(f"label sources' tokens: {exc}") from exc
+    if not credentials and not router_settings.feedback_insecure_dev:
         raise FeedbackTokenMissingError(
-            "no feedback token: set FW_ROLLOUT_ROUTER__FEEDBACK_TOKEN_FILE (or __FEEDBACK_TOKEN); "
+            "no feedback token: set FW_ROLLOUT_ROUTER__FEEDBACK_TOKEN_FILE (or __FEEDBACK_TOKEN) or "
+            "__FEEDBACK_TOKENS_DIR (one token file per label source); "
             "FW_ROLLOUT_ROUTER__FEEDBACK_INSECURE_DEV=true accepts unauthenticated labels (development only)"
         )
-    if token is None:
+    if credentials:
+        log_event(logger, "feedback listener", label_sources=sorted(credentials))
+    else:
         log_event(logger, "feedback listener without a token: labels are accepted unauthenticated", logging.WARNING)
     registry = CollectorRegistry()
     log = PredictionLog(get_outcome_settings(), registry=registry)
-    tracker = OutcomeTracker(log, registry=registry, token=token, insecure_dev=router_settings.feedback_insecure_dev)
+    tracker = OutcomeTracker(
+        log, registry=registry, tokens=credentials, insecure_dev=router_settings.feedback_insecure_dev
+    )
     sources: list[TableSource] = []
     if router_settings.routing_file is not None:
         sources.append(FileTableSource(router_settings.routing_file, router_settings.poll_interval_s))

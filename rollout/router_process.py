@@ -52,6 +52,9 @@ class RouterProcess:
     feedback_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     #: The secret key of sticky assignment (generated per process unless given; see RouterSettings.sticky_key).
     sticky_key: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
+    #: ``FW_ROLLOUT_ROUTER__EXPOSE_DECISION_DETAILS`` of the child: on for the demo, tests and benchmarks, which read
+    #: the deciding version and score from each answer; None leaves the router's default (off: the contract only).
+    expose_decision_details: bool | None = True
     env: Mapping[str, str] = field(default_factory=dict)
     port: int | None = None
     control_port: int | None = None
@@ -92,6 +95,8 @@ class RouterProcess:
             f"{_ENV_PREFIX}FEEDBACK_TOKEN": self.feedback_token,
             f"{_ENV_PREFIX}STICKY_KEY": self.sticky_key,
         }
+        if self.expose_decision_details is not None:
+            env[f"{_ENV_PREFIX}EXPOSE_DECISION_DETAILS"] = str(self.expose_decision_details).lower()
         if self.routing_file is not None:
             env[f"{_ENV_PREFIX}ROUTING_FILE"] = str(self.routing_file)
         if self.admin_token is not None:

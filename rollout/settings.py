@@ -10,9 +10,10 @@ stays additive: adding a group or a field never changes an existing one.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -61,6 +62,10 @@ DEFAULT_SCORE_DELTA_BUCKETS: tuple[float, ...] = (
 )
 
 
+#: A label source's name: the ``source`` of its labels, the key of its token in a Secret (a file name).
+SOURCE_NAME_PATTERN: Final[str] = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
 class RouterKubeSettings(BaseModel):
     """The router's Kubernetes table source (``FW_ROLLOUT_ROUTER__KUBE__…``): it watches one ModelRollout and applies
     its ``status.routing``. Off while ``rollout_name`` is unset."""
@@ -97,9 +102,16 @@ class RouterSettings(BaseModel):
     control_host: str | None = None
     control_port: int | None = Field(None, ge=0, le=65535)
     #: Bearer token of ``POST /api/v1/feedback[/batch]`` on the control listener (or ``feedback_token_file``, a
-    #: mounted Secret). Without one the router refuses to start, unless ``feedback_insecure_dev`` is set.
+    #: mounted Secret): the token of the label source ``feedback_source``. Without any token (this or
+    #: ``feedback_tokens_dir``) the router refuses to start, unless ``feedback_insecure_dev`` is set.
     feedback_token: SecretStr | None = None
     feedback_token_file: Path | None = None
+    #: The label source that ``feedback_token`` authenticates: its labels are stored and rate-limited under this name.
+    feedback_source: str = Field("default", pattern=SOURCE_NAME_PATTERN)
+    #: One token per label source: a directory (a Kubernetes Secret mounted as a volume, one key per source) whose
+    #: every file is named after a source and holds that source's token. A label's ``source`` is the one its token
+    #: authenticates (a body naming another is refused with 403), and each source has its own quota.
+    feedback_tokens_dir: Path | None = None
     #: Development only: run the feedback listener without a token, accepting unauthenticated labels (logged as a
     #: warning at start). Labels decide rollouts: never in a deployment.
     feedback_insecure_dev: bool = False
@@ -152,9 +164,9 @@ class RouterSettings(BaseModel):
     #: The public answer's fields beyond the scoring contract (``prediction``, ``confidence``, ``decision``,
     #: ``prediction_id``, ``correlation_id``): ``score``, ``threshold``, ``model_version``, ``stage``, ``role``,
     #: ``routed_to`` and the ``X-Model-Version`` header. They let a client probe the score and threshold and tell
-    #: which version decided (then pick the more lenient one): on for the embedded demo and tests, off in the chart
-    #: (values ``router.exposeDecisionDetails``).
-    expose_decision_details: bool = True
+    #: which version decided (then pick the more lenient one): off by default (and in the chart, values
+    #: ``router.exposeDecisionDetails``); the demo, tests and benchmarks turn it on explicitly (RouterProcess).
+    expose_decision_details: bool = False
     #: Readiness needs one successful answer from stable; it is probed at this interval until it answers.
     ready_probe_interval_s: float = Field(0.25, gt=0.0)
     max_body_bytes: int = Field(65_536, ge=1024)
@@ -177,9 +189,53 @@ class RouterSettings(BaseModel):
         """The feedback bearer token (``feedback_token`` first, else the content of ``feedback_token_file``)."""
         return read_secret(self.feedback_token, self.feedback_token_file)
 
+    def feedback_credentials(self) -> dict[str, str]:
+        """Label source → its bearer token: ``feedback_token`` (or its file) as ``feedback_source``, and one per file
+        of ``feedback_tokens_dir``. Empty when none is configured. Raises :class:`FeedbackCredentialsError` for a
+        source named twice, two sources sharing a token, a bad file name or an empty token file."""
+        credentials: dict[str, str] = {}
+        single = self.feedback_secret()
+        if single is not None:
+            credentials[self.feedback_source] = single
+        if self.feedback_tokens_dir is not None:
+            for source, token in read_token_dir(self.feedback_tokens_dir).items():
+                if source in credentials:
+                    raise FeedbackCredentialsError(
+                        f"label source {source!r} has a token in {self.feedback_tokens_dir} and is feedback_source"
+                    )
+                credentials[source] = token
+        if len(set(credentials.values())) != len(credentials):
+            raise FeedbackCredentialsError("two label sources share one token: each source needs its own")
+        return credentials
+
     def sticky_secret(self) -> str | None:
         """The sticky-assignment key (``sticky_key`` first, else the content of ``sticky_key_file``), or None."""
         return read_secret(self.sticky_key, self.sticky_key_file)
+
+
+class FeedbackCredentialsError(ValueError):
+    """The label sources' tokens are inconsistent (the router refuses to start, naming the problem)."""
+
+
+def read_token_dir(directory: Path) -> dict[str, str]:
+    """Source → token from a directory of token files (a mounted Secret: one file per key). Hidden entries (the
+    kubelet's ``..data`` links) are skipped; every other entry must be a file named like a source with a token."""
+    tokens: dict[str, str] = {}
+    if not directory.is_dir():
+        raise FeedbackCredentialsError(f"feedback_tokens_dir {directory} is not a directory")
+    for entry in sorted(directory.iterdir()):
+        if entry.name.startswith(".") or entry.is_dir():
+            continue
+        if re.fullmatch(SOURCE_NAME_PATTERN, entry.name) is None:
+            raise FeedbackCredentialsError(
+                f"{entry}: a label source's name is 1-64 letters, digits, '.', '_' or '-' (starting with a letter or"
+                " digit)"
+            )
+        token = entry.read_text(encoding="utf-8").strip()
+        if not token:
+            raise FeedbackCredentialsError(f"{entry}: the token of label source {entry.name!r} is empty")
+        tokens[entry.name] = token
+    return tokens
 
 
 def read_secret(value: SecretStr | None, path: Path | None) -> str | None:

@@ -34,9 +34,13 @@ Measured with ``benchmarks/serving_benchmark.py`` on the 2-core machine while ot
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import json
 import logging
+import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
@@ -50,6 +54,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ValidationError
 
+from service import proctree
 from service.features import DEFAULT_AGGREGATES, EntityAggregates, feature_matrix
 from service.featurestore import FALLBACK_REASONS, BudgetedLookup, SQLiteFeatureStore, budget_seconds, open_store
 from service.logging import (
@@ -82,6 +87,8 @@ PREDICT_ENDPOINT: Final[str] = "refund_predict"
 BATCH_ENDPOINT: Final[str] = "refund_predict_batch"
 #: Fallback reason when the bundle ships no feature store but a request names an entity.
 UNAVAILABLE: Final[str] = "unavailable"
+#: Under ``settings.home``: each worker's private copy of the verified feature store (see :func:`verified_copy_dir`).
+VERIFIED_DIR: Final[str] = "verified"
 
 LOGGER = get_logger("bento")
 _REQUEST_START: ContextVar[float | None] = ContextVar("fraudwatch_request_start", default=None)
@@ -342,15 +349,36 @@ def make_batcher(predict: Callable[[FloatArray], ScoreArray], settings: Settings
     return batched
 
 
+def verified_copy_dir(settings: Settings) -> Path:
+    """A new directory only this worker can read (``<home>/verified/pid-<pid>-…``, removed at exit), for the copy of
+    the feature store made from the bytes the bundle digest covers. Directories of workers that are gone are removed
+    first (a SIGKILLed worker leaves its copy)."""
+    base = settings.home / VERIFIED_DIR
+    base.mkdir(parents=True, exist_ok=True)
+    for stale in base.glob("pid-*"):
+        pid = stale.name.split("-")[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not proctree.alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    private = Path(tempfile.mkdtemp(prefix=f"pid-{os.getpid()}-", dir=base))
+    atexit.register(shutil.rmtree, private, True)
+    return private
+
+
 def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
-    """Resolve, verify (checksum) and warm up the bundle; open its feature store if it ships one."""
+    """Resolve, verify (the digest over every file) and warm up the bundle; open its feature store if it ships one —
+    the private copy written from the hashed bytes, never the bundle's file, which could change after the check."""
     resolved = wait_for_bundle(settings)
     directory = resolved.directory
-    model = load_bundle(directory, nthread=1, expected_digest=resolved.digest)
+    private = verified_copy_dir(settings)
+    try:
+        model = load_bundle(directory, nthread=1, expected_digest=resolved.digest, copy_to=private)
+    except BaseException:
+        shutil.rmtree(private, ignore_errors=True)
+        raise
     bound = metrics.bind(
         model.manifest, endpoints=(PREDICT_ENDPOINT, BATCH_ENDPOINT), fallback_reasons=(*FALLBACK_REASONS, UNAVAILABLE)
     )
-    store = open_store(directory)
+    store = open_store(private)
     lookup = (
         None
         if store is None

@@ -11,7 +11,8 @@ The bundle digest (:func:`bundle_digest`) covers every file of the directory —
 and the calibration too: the SHA-256 of the ``sha256sum``-style listing ``"<sha256 of file>  <name>\n"`` of all
 files sorted by name (``cd bundle && sha256sum * | sha256sum`` in the C locale). The registry records it when a
 version is registered; :func:`load_bundle` with ``expected_digest`` reads every file once, compares the digest
-before anything is parsed, and builds the booster and the manifest from the very bytes that were hashed.
+before anything is parsed, and builds the booster and the manifest from the very bytes that were hashed (a serving
+worker also copies the feature store from those bytes into a private directory and opens that copy).
 
 Calibration is stored as data (isotonic breakpoints or Platt coefficients) and applied with numpy, so loading
 a model never executes stored code.
@@ -19,14 +20,16 @@ a model never executes stored code.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -221,9 +224,18 @@ class BundleRead:
     model: bytes
 
 
-def read_bundle(directory: Path) -> BundleRead:
+def _private_copy(copy_to: Path | None, name: str) -> contextlib.AbstractContextManager[IO[bytes] | None]:
+    """A new file ``copy_to/name`` only the owner can read (never an existing one: O_EXCL), or nothing."""
+    if copy_to is None:
+        return contextlib.nullcontext()
+    return os.fdopen(os.open(copy_to / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+
+
+def read_bundle(directory: Path, copy_to: Path | None = None) -> BundleRead:
     """Hash every file of ``directory`` (reading each once) and keep the manifest's and the booster's bytes.
 
+    With ``copy_to`` (a private directory) every other file — the feature store — is written there from the very
+    chunks that are hashed: the copy holds the bytes the digest covers, whatever happens to ``directory`` later.
     A bundle is flat: a subdirectory or anything but a regular file in it is refused."""
     digests: dict[str, str] = {}
     kept: dict[str, bytes] = {}
@@ -232,11 +244,14 @@ def read_bundle(directory: Path) -> BundleRead:
             raise ModelIntegrityError(f"{path}: a bundle holds regular files only")
         digest = hashlib.sha256()
         parts: list[bytes] = []
-        with path.open("rb") as handle:
+        keep = path.name in (MANIFEST_FILE, MODEL_FILE)
+        with path.open("rb") as handle, _private_copy(None if keep else copy_to, path.name) as sink:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
-                if path.name in (MANIFEST_FILE, MODEL_FILE):
+                if keep:
                     parts.append(chunk)
+                elif sink is not None:
+                    sink.write(chunk)
         digests[path.name] = digest.hexdigest()
         if path.name in (MANIFEST_FILE, MODEL_FILE):
             kept[path.name] = b"".join(parts)
@@ -252,14 +267,20 @@ def bundle_digest(directory: Path) -> str:
 
 
 def load_bundle(
-    directory: Path, nthread: int = 1, expected_digest: str | None = None, digest_source: str = "expected"
+    directory: Path,
+    nthread: int = 1,
+    expected_digest: str | None = None,
+    digest_source: str = "expected",
+    copy_to: Path | None = None,
 ) -> ScoringModel:
     """Load and verify a bundle, reading each file once.
 
     With ``expected_digest`` (the registry's record) the digest over every file is compared before anything is
     parsed; then the booster must match the manifest's checksum. The booster and the manifest are built from the
-    bytes that were hashed, never read again. Raises :class:`ModelIntegrityError` on any mismatch."""
-    read = read_bundle(directory)
+    bytes that were hashed, never read again; with ``copy_to`` the other files (the feature store) are copied there
+    from those bytes (:func:`read_bundle`), to be opened instead of the bundle's. Raises
+    :class:`ModelIntegrityError` on any mismatch (the copy is then of unverified bytes: discard it)."""
+    read = read_bundle(directory, copy_to)
     if expected_digest is not None and not hmac.compare_digest(read.digest, expected_digest):
         raise ModelIntegrityError(
             f"{directory}: bundle digest {read.digest} does not match the {digest_source}'s {expected_digest}"

@@ -33,6 +33,7 @@ logger = get_logger(__name__)
 
 #: The service reads its model directory from this variable (``ServeSettings.model_dir``).
 MODEL_DIR_ENV: Final[str] = "FW_SERVE__MODEL_DIR"
+MODEL_DIGEST_ENV: Final[str] = "FW_SERVE__MODEL_DIGEST"
 READY_PATH: Final[str] = "/readyz"
 LIVE_PATH: Final[str] = "/livez"
 #: The directory holding the ``service`` package: ``bentoml serve --working-dir``.
@@ -67,10 +68,16 @@ def serve_command(target: str, host: str, port: int) -> list[str]:
     ]
 
 
-def server_env(model_dir: Path | None, settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def server_env(
+    model_dir: Path | None,
+    settings: Settings,
+    extra: Mapping[str, str] | None = None,
+    model_digest: str | None = None,
+) -> dict[str, str]:
     """The child's environment: ours, plus the model directory (None: the service resolves its model from the
-    registry settings in ``extra``, see service/model_source.py), a BentoML home under ``settings.home`` and no
-    usage tracking (the machine may have no internet)."""
+    registry settings in ``extra``, see service/model_source.py) and the digest it must have (``model_digest``:
+    the workers refuse a bundle that does not match it), a BentoML home under ``settings.home`` and no usage
+    tracking (the machine may have no internet)."""
     env = dict(os.environ)
     env.update(
         {
@@ -83,6 +90,10 @@ def server_env(model_dir: Path | None, settings: Settings, extra: Mapping[str, s
         env[MODEL_DIR_ENV] = str(model_dir.resolve())
     else:
         env.pop(MODEL_DIR_ENV, None)
+    if model_digest is not None:
+        env[MODEL_DIGEST_ENV] = model_digest
+    else:
+        env.pop(MODEL_DIGEST_ENV, None)
     env.update(extra or {})
     return env
 
@@ -107,6 +118,8 @@ class BentoServer:
     model_dir: Path | None
     settings: Settings
     port: int | None = None
+    #: The digest over every file ``model_dir`` must have (``FW_SERVE__MODEL_DIGEST``); None → not checked.
+    model_digest: str | None = None
     name: str = "bento"
     extra_env: Mapping[str, str] = field(default_factory=dict)
     #: The tag of the server's process tree (:mod:`service.proctree`), set by :meth:`start`.
@@ -155,7 +168,7 @@ class BentoServer:
         self._process = subprocess.Popen(
             command,
             cwd=SOURCE_ROOT,
-            env=tagged_env(server_env(self.model_dir, self.settings, self.extra_env), self.tag),
+            env=tagged_env(server_env(self.model_dir, self.settings, self.extra_env, self.model_digest), self.tag),
             stdin=subprocess.DEVNULL,
             stdout=self._log_handle,
             stderr=subprocess.STDOUT,

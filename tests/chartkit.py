@@ -6,6 +6,7 @@ from ``FW_HELM`` or ``PATH``. A missing helm is a failure with the command to ru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -13,9 +14,9 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import yaml
 
@@ -84,12 +85,28 @@ def locate_helm() -> Path:
     raise HelmNotFoundError(HELM_HINT)
 
 
+#: A dry render has no cluster to look the API server's addresses up in, and the chart refuses to guess them
+#: (networkPolicy.apiServer.cidrs; a GitOps pipeline must set them too): the tests' renders name a documentation
+#: address (TEST-NET-1).
+DRY_RENDER_VALUES: Final[Mapping[str, Any]] = {"networkPolicy": {"apiServer": {"cidrs": ["192.0.2.1/32"]}}}
+
+
 @dataclass(frozen=True)
 class Helm:
-    """A helm binary run with a private HOME (no user repositories, plugins or kube contexts)."""
+    """A helm binary run with a private HOME (no user repositories, plugins or kube contexts); ``base`` values are
+    given before each call's own (``-f base -f values``: helm merges them, the call's win)."""
 
     binary: Path
     env: Mapping[str, str]
+    base: Mapping[str, Any] = field(default_factory=dict)
+
+    def with_base(self, base: Mapping[str, Any]) -> Helm:
+        return dataclasses.replace(self, base=base)
+
+    def values_args(self, values: Mapping[str, Any], workdir: Path) -> list[str]:
+        """``-f`` arguments: the base values (when any), then ``values``."""
+        files = [values_file(self.base, workdir)] if self.base else []
+        return [arg for path in (*files, values_file(values, workdir)) for arg in ("-f", str(path))]
 
     @classmethod
     def isolated(cls, binary: Path, home: Path, extra_env: Mapping[str, str] | None = None) -> Helm:
@@ -127,15 +144,14 @@ class Helm:
             "--namespace",
             namespace,
             "--include-crds",
-            "-f",
-            str(values_file(values, workdir)),
+            *self.values_args(values, workdir),
             *args,
         )
         return parse_manifests(rendered.stdout)
 
     def template_error(self, values: Mapping[str, Any], workdir: Path, *args: str) -> str:
         """helm's error output for values it must refuse (fails when helm renders them)."""
-        result = self.run("template", "fw", str(CHART_DIR), "-f", str(values_file(values, workdir)), *args, check=False)
+        result = self.run("template", "fw", str(CHART_DIR), *self.values_args(values, workdir), *args, check=False)
         assert result.returncode != 0, f"helm rendered values it should refuse: {dict(values)}"
         return result.stderr
 

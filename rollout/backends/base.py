@@ -158,6 +158,11 @@ class ModelSource(Protocol):
         """The version's verified bundle in ``dest`` (downloaded when not there yet); returns the directory."""
         ...
 
+    def bundle_digest(self, version: str) -> str | None:
+        """The registry's digest over every file of the version's bundle (``bundle_sha256``): a model server started
+        on the fetched directory checks it again before it parses anything. None when the source records none."""
+        ...
+
     def ensure_alias(self, alias: str, version: str, reason: str) -> bool:
         """Point ``alias`` at ``version`` (audited); True when it moved, False when it already pointed there."""
         ...

@@ -138,6 +138,9 @@ REQUIRED_ACCESS: Final[tuple[Access, ...]] = (
     Access("watch", "fraudwatch.io:modelrollouts", "rollout"),  # … and its watch (fieldSelector metadata.name)
     Access("patch", "fraudwatch.io:modelrollouts", "rollout"),  # the finalizer
     Access("update", "fraudwatch.io:modelrollouts/status", "rollout"),  # the status, with resourceVersion
+    # Not a request: the API server's check (OwnerReferencesPermissionEnforcement) of the owner references with
+    # blockOwnerDeletion on every Deployment and Service the controller creates.
+    Access("update", "fraudwatch.io:modelrollouts/finalizers", "rollout"),
     *(Access(v, "apps:deployments") for v in ("list", "watch", "create", "patch", "delete")),  # apply = patch
     *(Access(v, ":services") for v in ("list", "watch", "create", "patch", "delete")),
     *(Access(v, ":pods") for v in ("list", "watch")),  # read only: the model servers' restarts and crash loops
@@ -628,6 +631,9 @@ class KubeModelSource:
                 f"no model registry configured to fetch {version} (controller.kube.use_registry)"
             )
         return self.registry.fetch(version, dest)
+
+    def bundle_digest(self, version: str) -> str | None:
+        return self.registry.bundle_digest(version) if self.registry is not None else None
 
     def ensure_alias(self, alias: str, version: str, reason: str) -> bool:
         return self.registry.ensure_alias(alias, version, reason) if self.registry is not None else False

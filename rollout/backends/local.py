@@ -241,6 +241,9 @@ class LocalWorkloads:
         model_dir = self._source.fetch(version, self._models_dir / version)
         server = BentoServer(
             model_dir=model_dir,
+            # the registry's digest: the workers check the bundle against it again before parsing it, so bytes
+            # changed on disk after this fetch verified them are refused, not served
+            model_digest=self._source.bundle_digest(version),
             settings=self.server_settings(version),
             name=f"model-{version}",
             extra_env=dict(self._settings.server_env),

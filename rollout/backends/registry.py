@@ -94,6 +94,9 @@ class RegistryModelSource:
                     log_event(logger, "cached bundle stale, fetching again", version=version, dest=str(dest))
             return self._registry.fetch_bundle(ref, dest)
 
+    def bundle_digest(self, version: str) -> str | None:
+        return self._ref_of(version).bundle_sha256
+
     def load(self, version: str, dest: Path) -> ScoringModel:
         """The verified model of ``version``: fetched into ``dest``, loaded from the bytes checked against the
         version's bundle digest."""

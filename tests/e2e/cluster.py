@@ -696,6 +696,9 @@ class ControlPlane:
                 f"--service-account-signing-key-file={pki.service_account_key}",
                 f"--service-cluster-ip-range={settings.service_cidr}",
                 "--authorization-mode=Node,RBAC",
+                # As hardened clusters (OpenShift) run it: an owner reference with blockOwnerDeletion needs `update` on
+                # the owner's finalizers, so the controller's Role is tested with that check on.
+                "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
                 f"--requestheader-client-ca-file={pki.front_proxy_ca.cert}",
                 f"--requestheader-allowed-names={FRONT_PROXY_USER}",
                 "--requestheader-username-headers=X-Remote-User",

@@ -286,6 +286,14 @@ def test_rbac_grants_the_controller_what_it_uses_and_nothing_else(release: Relea
         ("create", "fraudwatch.io:modelrollouts", None), ("delete", "fraudwatch.io:modelrollouts", ROLLOUT),
         ("get", ":configmaps", "some-other-config"), ("update", "coordination.k8s.io:leases", "someone-elses"),
         ("create", "rbac.authorization.k8s.io:roles", None), ("create", "apps:daemonsets", None),
+        # only the release's ModelRollout (issue 11): not another one, not every one, and never its spec by update
+        ("list", "fraudwatch.io:modelrollouts", None), ("watch", "fraudwatch.io:modelrollouts", None),
+        *((a.verb, a.resource, "another") for a in REQUIRED_ACCESS if a.name == "rollout"),
+        ("update", "fraudwatch.io:modelrollouts", ROLLOUT), ("patch", "fraudwatch.io:modelrollouts/status", ROLLOUT),
+        # no verb the backend does not use
+        ("get", "apps:deployments", "anything"), ("update", "apps:deployments", "anything"),
+        ("get", ":services", "anything"), ("update", ":services", "anything"),
+        ("patch", ":events", None), ("create", "events.k8s.io:events", None),
     ]  # fmt: skip
     allowed = [r for r in refused if can(release.api, controller, r[0], r[1], release.ns, r[2])]
     assert allowed == []

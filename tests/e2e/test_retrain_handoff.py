@@ -10,6 +10,7 @@ impersonates ``system:serviceaccount:<namespace>:<name>``, so RBAC decides exact
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -24,7 +25,19 @@ from kubernetes.dynamic import DynamicClient
 from service.retrain_handoff import ANNOTATION_REQUEST, Candidate, HandoffOutcome, ModelRolloutPatchHandoff
 from service.settings import KubeHandoffSettings
 from tests.e2e.cluster import ControlPlane
-from tests.e2e.test_chart import GROUP, PLURAL, ROLLOUT, VERSION, crd, dynamic, get_rollout, namespace, render
+from tests.e2e.test_chart import (
+    CRD_NAME,
+    GROUP,
+    PLURAL,
+    ROLLOUT,
+    VERSION,
+    crd,
+    dynamic,
+    get_rollout,
+    namespace,
+    render,
+    wait_established,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -34,6 +47,26 @@ CANDIDATE = Candidate(name="v8", model="refund-fraud", number="8")
 
 
 ADMISSION_KINDS = ("ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
+#: A spec field the CRD gains in this test only: one the admission policy has never heard of.
+LATER_FIELD = "laterField"
+
+
+@pytest.fixture
+def crd_with_a_later_field(
+    k8s_cluster: ControlPlane, k8s_client: Any, dynamic: DynamicClient, crd: Mapping[str, Any]
+) -> Iterator[None]:
+    """The chart's CRD with one more spec property (as a later release of the CRD would add), restored after."""
+    later = copy.deepcopy(dict(crd))
+    for version in later["spec"]["versions"]:
+        version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][LATER_FIELD] = {"type": "string"}
+    resource = dynamic.resources.get(api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition")
+    resource.server_side_apply(body=later, name=CRD_NAME, field_manager="fraudwatch-e2e", force_conflicts=True)
+    wait_established(k8s_cluster, k8s_client, CRD_NAME)
+    try:
+        yield
+    finally:
+        resource.server_side_apply(body=dict(crd), name=CRD_NAME, field_manager="fraudwatch-e2e", force_conflicts=True)
+        wait_established(k8s_cluster, k8s_client, CRD_NAME)
 
 
 @pytest.fixture
@@ -147,12 +180,29 @@ def refused(api: k8s.CustomObjectsApi, namespace: str, patch: Mapping[str, Any])
     return ""
 
 
+def wait_until_stored(k8s_client: Any, namespace: str, field: str, timeout_s: float = 30.0) -> None:
+    """The API server stores ``spec.<field>`` (a schema change reaches its decoders a moment after Established):
+    set it as the admin until it sticks, then remove it again."""
+    admin = k8s.CustomObjectsApi(k8s_client)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        admin.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, ROLLOUT, {"spec": {field: "probe"}})
+        if field in get_rollout(k8s_client, namespace)["spec"]:
+            break
+        assert time.monotonic() < deadline, f"spec.{field} is pruned: the CRD change did not take effect"
+        time.sleep(0.5)
+    admin.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, ROLLOUT, {"spec": {field: None}})
+
+
 def test_the_admission_policy_lets_retraining_change_the_candidate_only(
-    k8s_client: Any, installed: str, as_retraining: k8s.CustomObjectsApi
+    k8s_client: Any, installed: str, as_retraining: k8s.CustomObjectsApi, crd_with_a_later_field: None
 ) -> None:
     """Issue 11, point 5: RBAC let the retraining ServiceAccount patch the whole ModelRollout — always-true gates in
     spec.policy, a manual command, any image. The chart's ValidatingAdmissionPolicy, on the real API server, refuses
-    each of those and still admits the hand-off's own patch (the test above runs with it in place)."""
+    each of those and still admits the hand-off's own patch (the test above runs with it in place). It is an
+    allowlist (issue 11, audit point 7): a spec field the CRD gained after the policy was written, another field of
+    spec.candidate, an annotation, a label or a finalizer are refused too, though the policy names none of them."""
+    wait_until_stored(k8s_client, installed, LATER_FIELD)
     before = get_rollout(k8s_client, installed)
     evil: dict[str, dict[str, Any]] = {
         "spec.policy": {"spec": {"policy": {"gates": []}}},
@@ -161,6 +211,11 @@ def test_the_admission_policy_lets_retraining_change_the_candidate_only(
         "spec.stable": {"spec": {"stable": {**before["spec"]["stable"], "version": "v0"}}},
         "an image": {"spec": {"candidate": {"version": "v9", "image": "attacker/backdoor:latest"}}},
         "spec.candidate.replicas": {"spec": {"candidate": {"replicas": 50}}},
+        "spec.candidate.imagePullPolicy": {"spec": {"candidate": {"imagePullPolicy": "Never"}}},
+        f"spec.{LATER_FIELD}": {"spec": {LATER_FIELD: "on"}},
+        "an annotation": {"metadata": {"annotations": {"fraudwatch.io/skip-gates": "true"}}},
+        "a label": {"metadata": {"labels": {"fraudwatch.io/tier": "free"}}},
+        "a finalizer": {"metadata": {"finalizers": ["attacker.example/keep"]}},
     }
     # the policy takes effect once the API server has loaded it (its informer): wait for the first refusal
     deadline = time.monotonic() + 30.0
@@ -174,8 +229,17 @@ def test_the_admission_policy_lets_retraining_change_the_candidate_only(
     messages = {what: refused(as_retraining, installed, patch) for what, patch in evil.items()}
     assert all(messages.values()), {k: v for k, v in messages.items() if not v}
     assert "not spec.policy" in messages["spec.policy"] and "may not choose an image" in messages["an image"]
-    assert get_rollout(k8s_client, installed)["spec"] == before["spec"]  # nothing of it landed
+    assert f"not spec.{LATER_FIELD}" in messages[f"spec.{LATER_FIELD}"]
+    assert "not spec.candidate.imagePullPolicy" in messages["spec.candidate.imagePullPolicy"]
+    assert "fraudwatch.io/skip-gates" in messages["an annotation"]
+    assert "metadata.finalizers" in messages["a finalizer"] and "metadata.labels" in messages["a label"]
+    after = get_rollout(k8s_client, installed)
+    assert after["spec"] == before["spec"]  # nothing of it landed
+    for key in ("annotations", "labels", "finalizers"):
+        assert after["metadata"].get(key) == before["metadata"].get(key), key
 
     result = handoff(installed, as_retraining).start(CANDIDATE, request_id="alert-e2e-4", reason="drift")
     assert result.outcome is HandoffOutcome.STARTED, result.detail
-    assert get_rollout(k8s_client, installed)["spec"]["candidate"]["version"] == "v8"
+    landed = get_rollout(k8s_client, installed)
+    assert landed["spec"]["candidate"]["version"] == "v8"
+    assert landed["metadata"]["annotations"][ANNOTATION_REQUEST] == "alert-e2e-4"  # the hand-off's own annotations

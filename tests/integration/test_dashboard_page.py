@@ -170,9 +170,7 @@ def _send_labels(router: RouterProcess, answers: list[Answer]) -> None:
             nonlocal pending
             retry = []
             for a in pending:
-                response = http.post(
-                    FEEDBACK, json={"prediction_id": a.prediction_id, "label": a.label, "source": "test"}
-                )
+                response = http.post(FEEDBACK, json={"prediction_id": a.prediction_id, "label": a.label})
                 if response.status_code == 404:  # not yet flushed to the prediction log
                     retry.append(a)
                 else:

@@ -1,13 +1,18 @@
 """rollout.backends.local.LocalWorkloads against real ``bentoml serve`` processes: a server whose main process is
-killed is detected as dead, its orphaned workers are stopped (nothing left on its port) and the restart counted.
+killed is detected as dead, its orphaned workers are stopped (nothing left on its port) and the restart counted; a
+bundle changed on disk after the registry check is refused by the real scoring service's workers.
 
-The model registry is a directory double (``DirSource``): the servers are the minimal test service
-(tests/integration/bento_fixture.py), which loads no bundle."""
+The model registry is a directory double (``DirSource``; ``CheckedSource`` for the real service): the first servers
+are the minimal test service (tests/integration/bento_fixture.py), which loads no bundle."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -18,6 +23,8 @@ from rollout.backends.base import Readiness, WorkloadStatus
 from rollout.backends.local import LocalWorkloads
 from rollout.settings import LocalBackendSettings
 from service import proctree
+from service.featurestore import STORE_FILE, TABLE
+from service.model import MANIFEST_FILE, bundle_digest
 from service.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -37,6 +44,9 @@ class DirSource:
     def fetch(self, version: str, dest: Path) -> Path:
         dest.mkdir(parents=True, exist_ok=True)
         return dest
+
+    def bundle_digest(self, version: str) -> str | None:
+        return None
 
     def ensure_alias(self, alias: str, version: str, reason: str) -> bool:
         return False
@@ -95,3 +105,67 @@ def test_a_killed_server_is_dead_its_workers_are_stopped_and_the_restart_is_coun
     finally:
         workloads.close(stop_servers=True)
     assert all(proctree.tagged(w.record.tag) == set() for w in workloads._workloads.values())
+
+
+class CheckedSource(DirSource):
+    """A registry double over one trusted bundle: ``fetch`` copies it (what the registry check verified), then
+    ``change_after_check`` writes one file of the copy — the write of someone who can reach the models directory
+    between the controller's check and the workers' load. That window cannot be hit on demand with real processes,
+    so the double makes the write (the one fake of this test); the digest is the trusted bundle's, as the registry
+    records it."""
+
+    def __init__(self, trusted: Path, change_after_check: str | None) -> None:
+        self.trusted = trusted
+        self.change_after_check = change_after_check
+
+    def fetch(self, version: str, dest: Path) -> Path:
+        shutil.copytree(self.trusted, dest)
+        if self.change_after_check == MANIFEST_FILE:  # approve everything
+            manifest = json.loads((dest / MANIFEST_FILE).read_text(encoding="utf-8"))
+            manifest["threshold"]["threshold"] = 1.0
+            (dest / MANIFEST_FILE).write_text(json.dumps(manifest), encoding="utf-8")
+        elif self.change_after_check == STORE_FILE:  # make every account look long-standing and clean
+            with contextlib.closing(sqlite3.connect(dest / STORE_FILE)) as conn, conn:
+                conn.execute(f"UPDATE {TABLE} SET prior_refunds = 0")
+        return dest
+
+    def bundle_digest(self, version: str) -> str | None:
+        return bundle_digest(self.trusted)
+
+
+def probe(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=2.0, trust_env=False).status_code
+    except httpx.TransportError:
+        return None
+
+
+@pytest.mark.parametrize("changed", [MANIFEST_FILE, STORE_FILE, None])
+def test_a_bundle_changed_after_the_registry_check_is_refused_by_the_model_server(
+    bundle_dir: Path, tmp_path: Path, changed: str | None
+) -> None:
+    """Issue 11: the local backend started ``bentoml serve`` on the fetched directory without the registry's digest,
+    so a threshold or feature store rewritten after the fetch was served. The workers now get the digest
+    (FW_SERVE__MODEL_DIGEST) and refuse such a bundle before parsing it: dead (/livez 503), never ready; the
+    unchanged bundle is served."""
+    serve = Settings.model_validate({"home": tmp_path / "home"})  # the real service.bento:RefundFraudService
+    settings = LocalBackendSettings(server_env={"FW_SERVE__WORKERS": "1"}, start_timeout_s=TIMEOUT_S)
+    workloads = LocalWorkloads(settings, serve, CheckedSource(bundle_dir, changed), tmp_path / "state")
+    try:
+        if changed is None:
+            assert until(workloads, "v1", Readiness.READY)[-1].readiness is Readiness.READY
+            return
+        url = workloads.ensure_running("v1").url
+        assert url is not None
+        deadline = time.monotonic() + TIMEOUT_S
+        while probe(url + "/livez") != httpx.codes.SERVICE_UNAVAILABLE and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert probe(url + "/livez") == httpx.codes.SERVICE_UNAVAILABLE
+        assert probe(url + "/readyz") == httpx.codes.SERVICE_UNAVAILABLE
+        assert workloads.ensure_running("v1").readiness is not Readiness.READY
+        server = workloads._workloads["v1"].server
+        assert server is not None
+        log = server.log_path.read_text(encoding="utf-8", errors="replace")
+        assert "bundle digest" in log and "does not match" in log
+    finally:
+        workloads.close(stop_servers=True)

@@ -41,6 +41,7 @@ CONCURRENCY = 50
 BACKENDS = ["sqlite", "postgresql"]
 
 TOKEN = "label-feed-token"
+SOURCE = "chargeback"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -130,7 +131,7 @@ def test_every_answered_request_is_written_after_close(dsn: str) -> None:
     async def main() -> int:
         log = PredictionLog(settings, registry=registry)
         await log.start()
-        app = _scoring_app(log, OutcomeTracker(log, registry=registry, token=TOKEN))
+        app = _scoring_app(log, OutcomeTracker(log, registry=registry, tokens={SOURCE: TOKEN}))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
             answered = await _answer_all(client, ids)
         await log.close()
@@ -152,12 +153,10 @@ def test_labels_join_after_a_restart_and_stay_idempotent(dsn: str) -> None:
         registry = CollectorRegistry()
         log = PredictionLog(settings, registry=registry)
         await log.start()
-        app = _scoring_app(log, OutcomeTracker(log, registry=registry, token=TOKEN))
+        app = _scoring_app(log, OutcomeTracker(log, registry=registry, tokens={SOURCE: TOKEN}))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
             await _answer_all(client, ["r-91", "r-7"])
-            labelled = await client.post(
-                FEEDBACK_PATH, json={"prediction_id": "r-91", "label": 1, "source": "cb"}, headers=AUTH
-            )
+            labelled = await client.post(FEEDBACK_PATH, json={"prediction_id": "r-91", "label": 1}, headers=AUTH)
             assert labelled.status_code == 200
         await log.close()
 
@@ -165,17 +164,11 @@ def test_labels_join_after_a_restart_and_stay_idempotent(dsn: str) -> None:
         registry = CollectorRegistry()
         log = PredictionLog(settings, registry=registry)
         await log.start()
-        app = _scoring_app(log, OutcomeTracker(log, registry=registry, token=TOKEN))
+        app = _scoring_app(log, OutcomeTracker(log, registry=registry, tokens={SOURCE: TOKEN}))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            again = await client.post(
-                FEEDBACK_PATH, json={"prediction_id": "r-91", "label": "fraud", "source": "x"}, headers=AUTH
-            )
-            conflict = await client.post(
-                FEEDBACK_PATH, json={"prediction_id": "r-91", "label": 0, "source": "x"}, headers=AUTH
-            )
-            fresh = await client.post(
-                FEEDBACK_PATH, json={"prediction_id": "r-7", "label": "fraud", "source": "x"}, headers=AUTH
-            )
+            again = await client.post(FEEDBACK_PATH, json={"prediction_id": "r-91", "label": "fraud"}, headers=AUTH)
+            conflict = await client.post(FEEDBACK_PATH, json={"prediction_id": "r-91", "label": 0}, headers=AUTH)
+            fresh = await client.post(FEEDBACK_PATH, json={"prediction_id": "r-7", "label": "fraud"}, headers=AUTH)
             assert (again.status_code, conflict.status_code, fresh.status_code) == (200, 409, 200)
             assert again.json()["status"] == "duplicate"
             assert fresh.json()["predictions"] == 2
@@ -243,7 +236,7 @@ def test_a_prediction_table_of_the_previous_release_is_migrated_in_place(dsn: st
         )
         await log.flush()
         found_old, found_new = await log.find("old-1"), await log.find("new-1")
-        relabelled = await OutcomeTracker(log, registry=registry, token=TOKEN).submit(
+        relabelled = await OutcomeTracker(log, registry=registry, tokens={SOURCE: TOKEN}).submit(
             FeedbackRequest(prediction_id="old-1", label=0, source="review")
         )
         again = await asyncio.to_thread(ensure_schema, log.engine)  # a second start changes nothing

@@ -18,6 +18,7 @@ import collections
 import contextlib
 import dataclasses
 import os
+import secrets
 import signal
 import sqlite3
 import threading
@@ -195,6 +196,32 @@ def test_the_public_port_serves_the_scoring_contract_and_nothing_else(stack: Sta
         assert "fraudwatch_router_requests_total" in admin.get("/metrics").text
         assert admin.get("/admin/routing", headers=AUTH).json()["table"]["stage"] == "canary"
         assert admin.get("/readyz").json()["stage"] == "canary"
+
+
+def test_a_router_with_default_settings_answers_with_the_scoring_contract_only(stack: Stack, tmp_path: Path) -> None:
+    """Issue 11: the router's own default exposed score, threshold, model_version, stage and routed_to (only the
+    chart turned them off). A router process started without FW_ROLLOUT_ROUTER__EXPOSE_DECISION_DETAILS answers
+    with the contract and the router's IDs, nothing a client could probe the threshold or the deciding version with."""
+    routing_file = tmp_path / "routing.json"
+    table = {"generation": 1, "stage": "stable", "stable": stack.endpoint(stack.v1).model_dump()}
+    write_table_file(routing_file, RoutingTable.model_validate(table))
+    router = RouterProcess(
+        log_path=tmp_path / "router.log",
+        routing_file=routing_file,
+        expose_decision_details=None,  # the router's default
+        env={DSN_ENV: f"sqlite:///{tmp_path / 'predictions.db'}", "FW_ROLLOUT_ROUTER__LOG_DECISIONS": "false"},
+    )
+    router.start()
+    try:
+        router.wait_live()
+        with httpx.Client(base_url=router.url, timeout=HTTP_TIMEOUT_S, trust_env=False) as client:
+            wait_for(lambda: client.get("/readyz").status_code == 200, timeout_s=10.0)
+            answer = client.post(PREDICT, json=SEED)
+    finally:
+        router.stop()
+    assert answer.status_code == 200, answer.text
+    assert sorted(answer.json()) == ["confidence", "correlation_id", "decision", "prediction", "prediction_id"]
+    assert "x-model-version" not in answer.headers
 
 
 @pytest.mark.parametrize(
@@ -466,7 +493,7 @@ def test_labels_are_taken_only_on_the_control_listener_with_the_feed_token(stack
     put(stack, stack.table("stable", candidate=False))
     scored = client.post(PREDICT, json=SEED, headers={"X-Correlation-ID": f"label-{uuid.uuid4().hex}"})
     assert scored.status_code == 200, scored.text
-    label = {"prediction_id": scored.json()["prediction_id"], "label": "fraud", "source": "attacker"}
+    label = {"prediction_id": scored.json()["prediction_id"], "label": "fraud"}
     before = metric_value(scrape(stack.router.control_url), "fraudwatch_outcome_total")
     # the public port has no feedback route at all
     assert client.post("/api/v1/feedback", json=label).status_code == 404
@@ -480,7 +507,7 @@ def test_labels_are_taken_only_on_the_control_listener_with_the_feed_token(stack
             feed.post("/api/v1/feedback", content=b"[" * 4000, headers=stack.router.feedback_headers()).status_code
             == 400
         )
-        genuine = {**label, "source": "chargeback"}
+        genuine = label  # the feed's token authenticates its source ("default"): the body need not name it
 
         def recorded() -> bool:
             answer = feed.post("/api/v1/feedback", json=genuine, headers=stack.router.feedback_headers())
@@ -491,7 +518,7 @@ def test_labels_are_taken_only_on_the_control_listener_with_the_feed_token(stack
             "/api/v1/feedback", json={**genuine, "label": "legit"}, headers=stack.router.feedback_headers()
         )
         assert conflict.status_code == 409
-        assert "fraud" not in conflict.text and "chargeback" not in conflict.text
+        assert "fraud" not in conflict.text and "default" not in conflict.text
         retried = feed.post(
             "/api/v1/feedback/batch", json={"labels": [genuine]}, headers=stack.router.feedback_headers()
         )
@@ -517,11 +544,9 @@ def test_one_label_counts_for_one_request_whatever_correlation_id_the_client_sen
     before = metric_value(scrape(stack.router.control_url), "fraudwatch_outcome_total")
     headers = stack.router.feedback_headers()
     with httpx.Client(base_url=stack.router.control_url, timeout=HTTP_TIMEOUT_S, trust_env=False) as feed:
-        by_client_id = feed.post(
-            "/api/v1/feedback", json={"correlation_id": cid, "label": "fraud", "source": "cb"}, headers=headers
-        )
+        by_client_id = feed.post("/api/v1/feedback", json={"correlation_id": cid, "label": "fraud"}, headers=headers)
         assert by_client_id.status_code == 422 and by_client_id.json()["details"][0]["field"] == "prediction_id"
-        one = {"prediction_id": ids[17], "label": "fraud", "source": "cb"}
+        one = {"prediction_id": ids[17], "label": "fraud"}
         results: list[httpx.Response] = []
 
         def recorded() -> bool:
@@ -531,6 +556,87 @@ def test_one_label_counts_for_one_request_whatever_correlation_id_the_client_sen
         wait_for(recorded, timeout_s=10.0)
     assert results[-1].json()["predictions"] == 1
     assert metric_value(scrape(stack.router.control_url), "fraudwatch_outcome_total") == before + 1
+
+
+QUOTA_WINDOW_S = 60.0
+
+
+def outside_a_quota_windows_end(margin_s: float = 15.0) -> None:
+    """Sleep into the next fixed quota window when this one ends within ``margin_s``: the router counts quotas per
+    ``time.monotonic() // 60`` (CLOCK_MONOTONIC is one clock for every process of this machine), so a check of
+    "the third label is over the quota" must not straddle two windows."""
+    left = QUOTA_WINDOW_S - time.monotonic() % QUOTA_WINDOW_S
+    if left < margin_s:
+        time.sleep(left + 0.1)
+
+
+def test_each_label_source_has_its_own_token_its_own_name_and_its_own_quota(stack: Stack, tmp_path: Path) -> None:
+    """Issue 11: quotas and the stored label trusted the body's unauthenticated ``source``, so one feed could post
+    under another's name and spend its quota. A router with one token per source (a directory, as a Secret mounted
+    as a volume — the kubelet's hidden ``..data`` entries included) and its single token as source "default":
+    a body naming another source than its token's is a 403 naming ``source`` and counts nothing; each source's
+    quota counts its own labels; each label is stored under the source its token authenticates."""
+    tokens_dir = tmp_path / "feedback-tokens"
+    (tokens_dir / "..data").mkdir(parents=True)
+    tokens = {"chargeback": secrets.token_urlsafe(24), "manual-review": secrets.token_urlsafe(24)}
+    for source, token in tokens.items():
+        (tokens_dir / source).write_text(token + "\n", encoding="utf-8")
+    routing_file, db = tmp_path / "routing.json", tmp_path / "predictions.db"
+    table = {"generation": 1, "stage": "stable", "stable": stack.endpoint(stack.v1).model_dump()}
+    write_table_file(routing_file, RoutingTable.model_validate(table))
+    router = RouterProcess(
+        log_path=tmp_path / "router.log",
+        routing_file=routing_file,
+        env={
+            DSN_ENV: f"sqlite:///{db}",
+            "FW_ROLLOUT_ROUTER__LOG_DECISIONS": "false",
+            "FW_ROLLOUT_ROUTER__FEEDBACK_TOKENS_DIR": str(tokens_dir),
+            "FW_ROLLOUT_OUTCOMES__FEEDBACK_QUOTA_PER_MINUTE": "2",
+        },
+    )
+    router.start()
+    try:
+        router.wait_live()
+        with httpx.Client(base_url=router.url, timeout=HTTP_TIMEOUT_S, trust_env=False) as client:
+            wait_for(lambda: client.get("/readyz").status_code == 200, timeout_s=10.0)
+            ids = [client.post(PREDICT, json=SEED).json()["prediction_id"] for _ in range(4)]
+
+        def logged() -> bool:
+            with contextlib.closing(sqlite3.connect(db)) as conn:
+                return bool(conn.execute("SELECT count(*) FROM predictions").fetchone()[0] == len(ids))
+
+        wait_for(logged, timeout_s=10.0)
+        outside_a_quota_windows_end()
+        with httpx.Client(base_url=router.control_url, timeout=HTTP_TIMEOUT_S, trust_env=False) as feed:
+
+            def post(token: str, body: dict[str, Any], path: str = "/api/v1/feedback") -> httpx.Response:
+                return feed.post(path, json=body, headers={"Authorization": f"Bearer {token}"})
+
+            impostor = post(
+                tokens["chargeback"], {"prediction_id": ids[0], "label": "legit", "source": "manual-review"}
+            )
+            assert impostor.status_code == 403, impostor.text
+            assert impostor.json()["details"][0]["field"] == "source"
+            own = [
+                post(tokens["chargeback"], {"prediction_id": ids[0], "label": "fraud"}),
+                post(tokens["chargeback"], {"prediction_id": ids[1], "label": "fraud", "source": "chargeback"}),
+                post(tokens["chargeback"], {"prediction_id": ids[2], "label": "fraud"}),
+            ]
+            assert [r.status_code for r in own] == [200, 200, 429]
+            assert post(tokens["manual-review"], {"prediction_id": ids[2], "label": "legit"}).status_code == 200
+            assert post(router.feedback_token, {"prediction_id": ids[3], "label": "legit"}).status_code == 200
+            as_default = [{"prediction_id": ids[3], "label": "legit", "source": "default"}]
+            batch = post(tokens["manual-review"], {"labels": as_default}, "/api/v1/feedback/batch")
+            assert batch.json()["results"][0] == {"status": "forbidden", "prediction_id": ids[3], "fields": ["source"]}
+            exposition = scrape(router.control_url)
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            stored = dict(conn.execute("SELECT prediction_id, source FROM labels").fetchall())
+    finally:
+        router.stop()
+    assert stored == {ids[0]: "chargeback", ids[1]: "chargeback", ids[2]: "manual-review", ids[3]: "default"}
+    assert metric_value(exposition, "fraudwatch_feedback_total", result="forbidden") == 2
+    assert metric_value(exposition, "fraudwatch_feedback_total", result="over_quota") == 1
+    assert metric_value(exposition, "fraudwatch_outcome_total") == 4  # one per stored label: none of the refused
 
 
 def test_the_router_refuses_to_start_without_a_feedback_token(tmp_path: Path) -> None:

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +17,9 @@ from service import aggregates
 from service.bento import DirectPredictor, Runtime, choose_predictor, load_runtime, probe_rows
 from service.datasets.synthetic import SyntheticConfig, generate
 from service.features import DEFAULT_AGGREGATES, feature_matrix
+from service.featurestore import STORE_FILE, TABLE
 from service.metrics import SCORE_FEATURE, Metrics, trained_timestamp
-from service.model import ScoringModel, load_bundle
+from service.model import ScoringModel, bundle_digest, load_bundle
 from service.schema import RefundRequest
 from service.settings import Settings
 
@@ -132,3 +136,27 @@ def test_the_model_trained_gauge_carries_the_bundle_time(bundle_dir: Path, model
     served = registry.get_sample_value("fraudwatch_model_trained_timestamp_seconds", labels)
     assert served == trained_timestamp(model.manifest.created_at) and served is not None and served > 1.7e9
     runtime.close()
+
+
+def test_the_feature_store_served_is_a_private_copy_of_the_verified_bytes(bundle_dir: Path, tmp_path: Path) -> None:
+    """Issue 11: load_runtime hashed the bundle, then opened features.sqlite from the bundle directory, so a write
+    after the check (or any later one) was served. The worker now opens a copy written from the hashed bytes, in a
+    directory only it can read: changing the bundle's store afterwards changes nothing it serves."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, bundle)
+    serve = {"model_dir": bundle, "model_digest": bundle_digest(bundle)}
+    settings = Settings.model_validate({"home": tmp_path / "home", "serve": serve})
+    runtime = load_runtime(settings, Metrics(registry=CollectorRegistry()))
+    assert runtime.store is not None
+    with contextlib.closing(sqlite3.connect(bundle / STORE_FILE)) as conn:
+        (account,) = conn.execute(f"SELECT account_id FROM {TABLE} LIMIT 1").fetchone()
+    served = runtime.store.lookup(account)
+    assert served is not None
+
+    with contextlib.closing(sqlite3.connect(bundle / STORE_FILE)) as conn, conn:
+        conn.execute(f"UPDATE {TABLE} SET prior_refunds = prior_refunds + 1000")
+
+    assert runtime.store.lookup(account) == served
+    private = runtime.store.path.parent
+    assert bundle not in runtime.store.path.parents and private.stat().st_mode & 0o777 == 0o700
+    runtime.store.close()

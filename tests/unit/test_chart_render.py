@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic_settings import BaseSettings
 
+from rollout.backends.kube import REQUIRED_ACCESS
 from rollout.outcome_settings import DriftSettings, OutcomeSettings, PrometheusSettings
 from rollout.policy import CANARY_WEIGHT_MAX, CANARY_WEIGHT_MIN, load_policy, policy_from_mapping
 from rollout.router import Router
@@ -30,6 +31,7 @@ from service.settings import Settings
 from tests.chartkit import (
     CHART_DIR,
     DEFAULT_POLICY_FILE,
+    DRY_RENDER_VALUES,
     RULES_FILE,
     STANDARD_LABELS,
     Helm,
@@ -41,7 +43,6 @@ from tests.chartkit import (
     one,
     openapi_to_draft7,
     pod_specs,
-    values_file,
     values_schema,
 )
 
@@ -53,6 +54,7 @@ SETTINGS_CLASSES: tuple[type[BaseSettings], ...] = (
     Settings,
 )
 DSN_ENV = f"{OutcomeSettings.model_config.get('env_prefix')}DSN"
+DSN_FILE_ENV = f"{DSN_ENV}_FILE"
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 FEEDBACK_TOKEN_ENV = "FW_ROLLOUT_ROUTER__FEEDBACK_TOKEN_FILE"
 STICKY_KEY_ENV = "FW_ROLLOUT_ROUTER__STICKY_KEY_FILE"
@@ -110,7 +112,7 @@ def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
         binary = locate_helm()
     except HelmNotFoundError as exc:
         pytest.fail(str(exc), pytrace=False)
-    return Helm.isolated(binary, tmp_path_factory.mktemp("helm-home"))
+    return Helm.isolated(binary, tmp_path_factory.mktemp("helm-home")).with_base(DRY_RENDER_VALUES)
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +270,7 @@ def test_helm_is_version_3(helm: Helm) -> None:
 
 @pytest.mark.parametrize("case", sorted(MATRIX))
 def test_lint_strict(helm: Helm, workdir: Path, case: str) -> None:
-    result = helm.run("lint", "--strict", str(CHART_DIR), "-f", str(values_file(MATRIX[case], workdir)))
+    result = helm.run("lint", "--strict", str(CHART_DIR), *helm.values_args(MATRIX[case], workdir))
 
     assert "0 chart(s) failed" in result.stdout
 
@@ -317,8 +319,13 @@ def test_the_retraining_admission_policy_binds_to_its_service_account_and_namesp
     assert binding["spec"]["matchResources"]["namespaceSelector"]["matchLabels"] == {
         "kubernetes.io/metadata.name": namespace
     }
-    guarded = {v["message"].rsplit(" ", 1)[-1] for v in policy["spec"]["validations"]}
-    assert {"spec.policy", "spec.manualCommand", "spec.stable", "spec.paused", "spec.routingSalt"} <= guarded
+    # an allowlist: spec and spec.candidate compared over their keys, only these candidate fields may change (the
+    # behaviour, with a field the CRD gains later, on a real API server: tests/e2e/test_retrain_handoff.py)
+    variables = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}
+    assert yaml.safe_load(variables["candidateKeys"]) == ["version", "modelUri", "registryAlias", "image"]
+    expressions = " ".join(v["expression"] for v in policy["spec"]["validations"])
+    assert "size(variables.changedSpec) == 0" in expressions and "size(variables.changedCandidate) == 0" in expressions
+    assert "object.spec." not in expressions  # no field named one by one
 
 
 @pytest.mark.parametrize("case", sorted(MATRIX))
@@ -398,6 +405,7 @@ def test_chart_refuses_kubernetes_below_its_floor(helm: Helm, workdir: Path) -> 
         ({"router": {"settings": {"port": 9999}}}, "FW_ROLLOUT_ROUTER__PORT"),
         ({"controller": {"settings": {"kube": {"namespace": "x"}}}}, "FW_ROLLOUT_CONTROLLER__KUBE"),
         ({"outcomes": {"settings": {"dsn": "sqlite://"}}}, "FW_ROLLOUT_OUTCOMES__DSN"),
+        ({"outcomes": {"settings": {"dsn_file": "/tmp/dsn"}}}, "FW_ROLLOUT_OUTCOMES__DSN_FILE"),
         ({"modelServer": {"settings": {"model_uri": "models:/x/1"}}}, "FW_SERVE__MODEL_URI"),
     ],
 )
@@ -506,11 +514,6 @@ def test_rollout_can_be_left_to_another_tool(helm: Helm, workdir: Path) -> None:
 # ------------------------------------------------------------------------------------------------ secrets
 
 
-def secret_ref(container: Mapping[str, Any], env_name: str) -> tuple[str, str]:
-    ref = env_of(container)[env_name]["valueFrom"]["secretKeyRef"]
-    return ref["name"], ref["key"]
-
-
 def router_container(objects: list[dict[str, Any]]) -> Mapping[str, Any]:
     deployment = one(objects, "Deployment", "-router")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
@@ -518,9 +521,7 @@ def router_container(objects: list[dict[str, Any]]) -> Mapping[str, Any]:
     return container
 
 
-def admin_token_source(
-    objects: list[dict[str, Any]], env: str = "FW_ROLLOUT_ROUTER__ADMIN_TOKEN_FILE"
-) -> tuple[str, str]:
+def mounted_secret(objects: list[dict[str, Any]], env: str = "FW_ROLLOUT_ROUTER__ADMIN_TOKEN_FILE") -> tuple[str, str]:
     spec = one(objects, "Deployment", "-router")["spec"]["template"]["spec"]
     container = spec["containers"][0]
     token_path = Path(env_of(container)[env]["value"])
@@ -534,10 +535,10 @@ def test_created_secrets_are_referenced(rendered: dict[str, list[dict[str, Any]]
     objects = rendered["defaults"]
     secrets = {s["metadata"]["name"]: s for s in find(objects, "Secret")}
 
-    dsn_name, dsn_key = secret_ref(router_container(objects), DSN_ENV)
-    token_name, token_key = admin_token_source(objects)
-    feed_name, feed_key = admin_token_source(objects, FEEDBACK_TOKEN_ENV)
-    sticky_name, sticky_key = admin_token_source(objects, STICKY_KEY_ENV)
+    dsn_name, dsn_key = mounted_secret(objects, DSN_FILE_ENV)
+    token_name, token_key = mounted_secret(objects)
+    feed_name, feed_key = mounted_secret(objects, FEEDBACK_TOKEN_ENV)
+    sticky_name, sticky_key = mounted_secret(objects, STICKY_KEY_ENV)
     assert dsn_key in secrets[dsn_name]["data"]
     assert token_key in secrets[token_name]["data"]
     assert feed_key in secrets[feed_name]["data"]
@@ -550,10 +551,28 @@ def test_existing_secrets_are_referenced_not_created(rendered: dict[str, list[di
     objects = rendered["existing-secrets"]
 
     assert find(objects, "Secret") == []
-    assert secret_ref(router_container(objects), DSN_ENV) == ("pg-dsn", "url")
-    assert admin_token_source(objects) == ("router-admin", "token")
-    assert admin_token_source(objects, FEEDBACK_TOKEN_ENV) == ("label-feed", "bearer")
-    assert admin_token_source(objects, STICKY_KEY_ENV) == ("router-sticky", "key")
+    assert mounted_secret(objects, DSN_FILE_ENV) == ("pg-dsn", "url")
+    assert mounted_secret(objects) == ("router-admin", "token")
+    assert mounted_secret(objects, FEEDBACK_TOKEN_ENV) == ("label-feed", "bearer")
+    assert mounted_secret(objects, STICKY_KEY_ENV) == ("router-sticky", "key")
+
+
+@pytest.mark.parametrize("case", sorted(MATRIX))
+def test_the_dsn_is_a_mounted_secret_file_never_an_env_variable(
+    rendered: dict[str, list[dict[str, Any]]], case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DSN carries the database password: the router reads it from the prediction-log Secret mounted as a
+    volume (read back through OutcomeSettings here), no variable holds it (``kubectl describe`` would show it)."""
+    container = router_container(rendered[case])
+    env = env_of(container)
+    assert DSN_ENV not in env and not any("secretKeyRef" in e.get("valueFrom", {}) for e in env.values())
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(Path(env[DSN_FILE_ENV]["value"]).parent))
+    assert mount.get("readOnly") is True
+    # the kubelet's file, here: the settings read whatever the Secret's key holds
+    secret = tmp_path / Path(env[DSN_FILE_ENV]["value"]).name
+    secret.write_text("postgresql+psycopg://fw:pw@db:5432/fw\n", encoding="utf-8")
+    monkeypatch.setenv(DSN_FILE_ENV, str(secret))
+    assert OutcomeSettings().database_url() == "postgresql+psycopg://fw:pw@db:5432/fw"
 
 
 @pytest.mark.parametrize(
@@ -573,6 +592,63 @@ def test_generated_credentials_are_long_and_given_ones_are_kept(
 
     assert len(base64.b64decode(generated)) >= 32 and generated != again  # no live Secret to keep: fresh each time
     assert base64.b64decode(given).decode() == given_value
+
+
+SEED = "a-seed-of-at-least-32-characters-for-tests"
+WITH_WEBHOOK = {"retraining": {"enabled": True, "webhook": {"enabled": True}}}
+
+
+def generated_credentials(objects: list[dict[str, Any]]) -> dict[str, str]:
+    """Secret name/key → the decoded value of every Secret the chart generates."""
+    return {
+        f"{s['metadata']['name']}/{key}": base64.b64decode(value).decode()
+        for s in find(objects, "Secret")
+        if not s["metadata"]["name"].endswith("-prediction-log")
+        for key, value in s["data"].items()
+    }
+
+
+def router_checksum(objects: list[dict[str, Any]]) -> str:
+    annotations = one(objects, "Deployment", "-router")["spec"]["template"]["metadata"]["annotations"]
+    return str(annotations["checksum/secrets"])
+
+
+def test_a_seed_makes_generated_credentials_identical_on_every_render(helm: Helm, workdir: Path) -> None:
+    """GitOps tools render with ``helm template`` (no lookup): without a seed every sync would rotate the tokens.
+    With ``secrets.seed`` two renders give byte-identical Secrets and pod checksum annotations; the seed, the
+    release and the namespace each change every credential, and no two credentials of a release are equal."""
+    values = merged(WITH_WEBHOOK, {"secrets": {"seed": SEED}})
+    first, second = helm.template(values, workdir), helm.template(values, workdir)
+    credentials = generated_credentials(first)
+
+    assert len(credentials) == 4  # admin, feedback, sticky, retraining webhook
+    assert find(first, "Secret") == find(second, "Secret")
+    assert router_checksum(first) == router_checksum(second)
+    assert len(set(credentials.values())) == 4 and all(len(v) >= 32 for v in credentials.values())
+    assert not any(SEED in yaml.safe_dump(obj) for obj in first)
+    for other in (
+        helm.template(merged(values, {"secrets": {"seed": SEED + "x"}}), workdir),
+        helm.template(values, workdir, release="other"),
+        helm.template(values, workdir, namespace="elsewhere"),
+    ):
+        assert set(generated_credentials(other).values()).isdisjoint(credentials.values())
+        assert router_checksum(other) != router_checksum(first)
+    given = helm.template(merged(values, FIXED_TOKEN), workdir)
+    assert generated_credentials(given)["fw-fraudwatch-router-admin/admin-token"] == "test-admin-token"
+
+
+def test_without_a_seed_a_dry_render_generates_fresh_credentials(helm: Helm, workdir: Path) -> None:
+    """No seed: random once and kept by lookup on a cluster (tests/e2e/test_chart.py); a dry render cannot look up,
+    so two renders differ (why GitOps users must set secrets.seed or existingSecrets)."""
+    first = generated_credentials(helm.template(WITH_WEBHOOK, workdir))
+    second = generated_credentials(helm.template(WITH_WEBHOOK, workdir))
+    assert first.keys() == second.keys() and all(first[k] != second[k] for k in first)
+
+
+@pytest.mark.parametrize("seed", ["short", "x" * 31])
+def test_a_short_seed_is_refused(helm: Helm, workdir: Path, seed: str) -> None:
+    error = helm.template_error({"secrets": {"seed": seed}}, workdir)
+    assert "values don't meet the specifications of the schema" in error and "/secrets/seed" in error
 
 
 def test_the_feedback_port_has_its_own_service_and_the_public_service_does_not_expose_it(
@@ -648,12 +724,24 @@ def api_server_cidrs(objects: list[dict[str, Any]]) -> set[str]:
     }
 
 
-def test_api_server_egress_is_the_given_cidrs_else_all_addresses_in_a_dry_render(helm: Helm, workdir: Path) -> None:
-    """Without a cluster (``helm template``) the `kubernetes` Endpoints cannot be looked up: 0.0.0.0/0 on the API
-    server's ports; given CIDRs are used as they are (the lookup on a real API server: tests/e2e/test_chart.py)."""
-    assert api_server_cidrs(helm.template({}, workdir)) == {"0.0.0.0/0"}
+def test_api_server_egress_is_the_given_cidrs_and_a_dry_render_without_them_fails(
+    helm: Helm, workdir: Path, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    """Issue 11: without a cluster (``helm template``, what GitOps tools run) the `kubernetes` EndpointSlice cannot be
+    looked up, and the chart fell back to 0.0.0.0/0 on the API server's ports for every pod. Now such a render fails
+    naming the value to set; given CIDRs are used as they are (the lookup on a real API server: tests/e2e/
+    test_chart.py); without egress rules nothing is needed."""
+    bare = helm.with_base({})
+    error = bare.template_error({}, workdir)
+    assert "networkPolicy.apiServer.cidrs" in error and "0.0.0.0/0" not in error
     given = {"networkPolicy": {"apiServer": {"cidrs": ["10.0.0.1/32", "10.0.0.2/32"]}}}
-    assert api_server_cidrs(helm.template(given, workdir)) == {"10.0.0.1/32", "10.0.0.2/32"}
+    assert api_server_cidrs(bare.template(given, workdir)) == {"10.0.0.1/32", "10.0.0.2/32"}
+    without_egress = bare.template({"networkPolicy": {"egress": False}}, workdir)
+    assert all(
+        "egress" not in p["spec"] for p in find(without_egress, "NetworkPolicy") if "deny" not in p["metadata"]["name"]
+    )
+    for case, objects in rendered.items():
+        assert "0.0.0.0/0" not in yaml.safe_dump_all(objects), case
 
 
 # ------------------------------------------------------------------------------------------------ env contract
@@ -729,7 +817,6 @@ def test_router_env_is_read_by_the_router_settings(helm: Helm, workdir: Path, mo
             monkeypatch.setenv(name, entry["value"])
         elif entry["valueFrom"].get("fieldRef", {}).get("fieldPath") == "metadata.namespace":
             monkeypatch.setenv(name, "fraud")
-    monkeypatch.setenv(DSN_ENV, "sqlite:///unused.db")
 
     router = RolloutSettings().router
     assert (router.host, router.port, router.candidate_timeout_s) == ("0.0.0.0", 8181, 0.3)
@@ -738,6 +825,32 @@ def test_router_env_is_read_by_the_router_settings(helm: Helm, workdir: Path, mo
     assert router.admin_token_file is not None and router.admin_token_file.is_absolute()
     assert router.graceful_shutdown_s < one_deployment_grace(helm, workdir, values)
     assert OutcomeSettings().flush_interval_ms == 50
+
+
+def test_label_sources_each_get_their_token_from_a_mounted_secret(
+    helm: Helm, workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """router.feedback.sourcesSecret (source name → token) is mounted as a directory and the single token keeps
+    working under router.feedback.token.source; read back through RouterSettings from files laid out as the
+    kubelet would."""
+    values = {"router": {"feedback": {"token": {"source": "bank-feed"}, "sourcesSecret": "label-sources"}}}
+    objects = helm.template(values, workdir)
+    spec = one(objects, "Deployment", "-router")["spec"]["template"]["spec"]
+    env = env_of(spec["containers"][0])
+    directory = env["FW_ROLLOUT_ROUTER__FEEDBACK_TOKENS_DIR"]["value"]
+    mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["mountPath"] == directory)
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"] == {"secretName": "label-sources", "defaultMode": 0o440} and mount["readOnly"] is True
+    assert "FW_ROLLOUT_ROUTER__FEEDBACK_TOKENS_DIR" not in env_of(router_container(helm.template({}, workdir)))
+    local = tmp_path / "feedback-sources"
+    local.mkdir()
+    (local / "chargeback").write_text("t-cb", encoding="utf-8")
+    monkeypatch.setenv("FW_ROLLOUT_ROUTER__FEEDBACK_SOURCE", env["FW_ROLLOUT_ROUTER__FEEDBACK_SOURCE"]["value"])
+    monkeypatch.setenv("FW_ROLLOUT_ROUTER__FEEDBACK_TOKEN", "t-single")
+    monkeypatch.setenv("FW_ROLLOUT_ROUTER__FEEDBACK_TOKENS_DIR", str(local))
+    assert RolloutSettings().router.feedback_credentials() == {"bank-feed": "t-single", "chargeback": "t-cb"}
+    refused = {"router": {"feedback": {"token": {"source": "bad name"}}}}
+    assert "/router/feedback/token/source" in helm.template_error(refused, workdir)
 
 
 def test_the_charts_router_answers_with_the_scoring_contract_only(helm: Helm, workdir: Path) -> None:
@@ -757,7 +870,6 @@ def test_the_routers_whole_shutdown_fits_in_its_grace_period(
     for name, entry in env_of(router_container(helm.template(values, workdir))).items():
         if "value" in entry:
             monkeypatch.setenv(name, entry["value"])
-    monkeypatch.setenv(DSN_ENV, "sqlite:///unused.db")
     router, outcomes = RolloutSettings().router, OutcomeSettings()
     whole = router.graceful_shutdown_s + router.shadow_drain_timeout_s + outcomes.close_timeout_s
     assert whole < one_deployment_grace(helm, workdir, values) == grace
@@ -898,25 +1010,42 @@ def rules_of(objects: list[dict[str, Any]], name_suffix: str) -> set[tuple[str, 
     }
 
 
-def test_controller_role_is_least_privilege(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    granted = rules_of(rendered["defaults"], "-controller")
-    write = {"create", "get", "list", "watch", "update", "patch", "delete"}
-    expected = {
-        *(("fraudwatch.io", "modelrollouts", v) for v in ("get", "list", "watch", "update", "patch")),
-        *(("fraudwatch.io", "modelrollouts/status", v) for v in ("update", "patch")),
-        ("fraudwatch.io", "modelrollouts/finalizers", "update"),
-        *(("apps", "deployments", v) for v in write),
-        *(("", "services", v) for v in write),
-        ("", "configmaps", "get"),
-        ("", "configmaps", "watch"),
-        ("", "pods", "list"),  # read only: the model servers' restarts (issue 12)
-        ("", "pods", "watch"),
-        *(("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")),
-        *((g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")),
+def named_rules_of(objects: list[dict[str, Any]], name_suffix: str) -> set[tuple[str, str, str, str | None]]:
+    """(apiGroup, resource, verb, resourceName or None) of every grant of the Role, one row per name."""
+    role = one(objects, "Role", name_suffix)
+    return {
+        (group, resource, verb, name)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+        for name in (rule.get("resourceNames") or [None])
     }
-    assert granted == expected
+
+
+def test_controller_role_grants_exactly_the_backends_requests_on_named_objects(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """Issue 11: the Role is REQUIRED_ACCESS, verb for verb, and every request that names an object (the release's
+    ModelRollout, its status and finalizers, the templates ConfigMap, the Lease) is limited to that name."""
+    objects = rendered["defaults"]
+    names = {
+        "rollout": one(objects, "ModelRollout")["metadata"]["name"],
+        "configmap": one(objects, "ConfigMap", "-model-server")["metadata"]["name"],
+        "lease": env_of(one(objects, "Deployment", "-controller")["spec"]["template"]["spec"]["containers"][0])[
+            "FW_ROLLOUT_CONTROLLER__KUBE__LEASE_NAME"
+        ]["value"],
+    }
+    required = set()
+    for access in REQUIRED_ACCESS:
+        group, _, resource = access.resource.partition(":")
+        required.add((group, resource, access.verb, names[access.name] if access.name else None))
+
+    assert named_rules_of(objects, "-controller") == required
+    granted = rules_of(objects, "-controller")
     assert not [r for r in granted if r[1] in {"secrets", "*"} or r[2] == "*"]
     assert {r[2] for r in granted if r[1] == "pods"} == {"list", "watch"}  # pods: read only, never create/exec
+    assert {r[2] for r in granted if r[1] == "modelrollouts"} == {"get", "watch", "patch"}  # no list, no update
 
 
 def test_router_role_only_reads_modelrollouts(rendered: dict[str, list[dict[str, Any]]]) -> None:

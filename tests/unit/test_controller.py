@@ -197,6 +197,9 @@ class MemoryRegistry:
     def fetch(self, version: str, dest: Path) -> Path:
         return dest
 
+    def bundle_digest(self, version: str) -> str | None:
+        return None
+
     def ensure_alias(self, alias: str, version: str, reason: str) -> bool:
         if self.aliases.get(alias) == version:
             return False

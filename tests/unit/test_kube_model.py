@@ -43,7 +43,7 @@ from rollout.machine import Transition
 from rollout.policy import load_policy
 from rollout.routing import RoutingTable
 from rollout.state import ControllerState
-from tests.chartkit import Helm, HelmNotFoundError, locate_helm, one
+from tests.chartkit import DRY_RENDER_VALUES, Helm, HelmNotFoundError, locate_helm, one
 from tests.unit.test_controller import POLICY, Harness, start_rollout
 
 NOW = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)
@@ -74,7 +74,7 @@ def obj(spec: dict[str, Any] | None = None, status: dict[str, Any] | None = None
 @pytest.fixture(scope="module")
 def templates(tmp_path_factory: pytest.TempPathFactory) -> Templates:
     try:
-        helm = Helm.isolated(locate_helm(), tmp_path_factory.mktemp("helm"))
+        helm = Helm.isolated(locate_helm(), tmp_path_factory.mktemp("helm")).with_base(DRY_RENDER_VALUES)
     except HelmNotFoundError as exc:
         pytest.fail(str(exc), pytrace=False)
     objects = helm.template({}, tmp_path_factory.mktemp("values"))

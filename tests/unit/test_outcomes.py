@@ -36,6 +36,10 @@ from rollout.routing import RoutePlan, RoutingTable
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 TOKEN = "label-feed-token"
+#: The label source TOKEN authenticates, and a second source with its own token.
+SOURCE = "chargeback"
+FLOOD_TOKEN = "flood-feed-token"
+FLOOD_AUTH = {"Authorization": f"Bearer {FLOOD_TOKEN}"}
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -74,7 +78,7 @@ def run_with(tmp_path: Path, scenario: Callable[[Harness], Awaitable[None]], **o
         settings = _settings(tmp_path, **overrides)
         log = PredictionLog(settings, registry=registry)
         await log.start()
-        tracker = OutcomeTracker(log, registry=registry, token=TOKEN)
+        tracker = OutcomeTracker(log, registry=registry, tokens={SOURCE: TOKEN, "flood": FLOOD_TOKEN})
         app = Starlette(routes=tracker.routes())
         transport = httpx.ASGITransport(app=app)
         try:
@@ -169,7 +173,7 @@ def test_legit_label_counts_false_positive_and_true_negative(tmp_path: Path) -> 
     async def scenario(h: Harness) -> None:
         h.log.record(_pred("c-2", "v1", "decider", score=0.9))
         h.log.record(_pred("c-2", "v2", "shadow", score=0.1))
-        response = await h.feedback({"prediction_id": "c-2", "label": 0, "source": "review"})
+        response = await h.feedback({"prediction_id": "c-2", "label": 0})
         assert response.status_code == 200, response.text
         assert h.outcome("v1", "decider", "fp") == 1
         assert h.outcome("v2", "shadow", "tn") == 1
@@ -196,8 +200,8 @@ def test_same_label_twice_is_counted_once_and_a_conflicting_label_is_refused(tmp
     async def scenario(h: Harness) -> None:
         h.log.record(_pred("c-3", "v1", "decider", score=0.7))
         first = await h.feedback({"prediction_id": "c-3", "label": "fraud", "source": "chargeback"})
-        again = await h.feedback({"prediction_id": "c-3", "label": 1, "source": "manual"})
-        other = await h.feedback({"prediction_id": "c-3", "label": "legit", "source": "manual"})
+        again = await h.feedback({"prediction_id": "c-3", "label": 1})
+        other = await h.feedback({"prediction_id": "c-3", "label": "legit"})
         assert (first.status_code, again.status_code, other.status_code) == (200, 200, 409)
         assert again.json()["status"] == "duplicate"
         conflict = other.json()
@@ -243,18 +247,18 @@ def test_unknown_prediction_id_is_404_with_a_clear_message(tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"label": "fraud", "source": "x"}, "prediction_id"),
+        ({"label": "fraud"}, "prediction_id"),
         # a feed still citing the client's correlation ID is refused, not joined on it
-        ({"correlation_id": "c", "label": "fraud", "source": "x"}, "prediction_id"),
-        ({"prediction_id": "c", "source": "x"}, "label"),
-        ({"prediction_id": "c", "label": "maybe", "source": "x"}, "label"),
-        ({"prediction_id": "c", "label": True, "source": "x"}, "label"),
-        ({"prediction_id": "c", "label": 2, "source": "x"}, "label"),
-        ({"prediction_id": "c", "label": "fraud"}, "source"),
+        ({"correlation_id": "c", "label": "fraud"}, "prediction_id"),
+        ({"prediction_id": "c"}, "label"),
+        ({"prediction_id": "c", "label": "maybe"}, "label"),
+        ({"prediction_id": "c", "label": True}, "label"),
+        ({"prediction_id": "c", "label": 2}, "label"),
+        ({"prediction_id": "c", "label": "fraud", "source": "s" * 65}, "source"),
         ({"prediction_id": "c", "label": "fraud", "source": ""}, "source"),
-        ({"prediction_id": "c", "label": "fraud", "source": "x", "observed_at": "2024-03-01T10:00:00"}, "observed_at"),
-        ({"prediction_id": "c", "label": "fraud", "source": "x", "observed_at": "yesterday"}, "observed_at"),
-        ({"prediction_id": "c" * 200, "label": "fraud", "source": "x"}, "prediction_id"),
+        ({"prediction_id": "c", "label": "fraud", "observed_at": "2024-03-01T10:00:00"}, "observed_at"),
+        ({"prediction_id": "c", "label": "fraud", "observed_at": "yesterday"}, "observed_at"),
+        ({"prediction_id": "c" * 200, "label": "fraud"}, "prediction_id"),
     ],
 )
 def test_invalid_feedback_is_422_naming_the_field(tmp_path: Path, body: dict[str, Any], field: str) -> None:
@@ -332,7 +336,7 @@ def test_a_tracker_without_a_token_refuses_every_label_unless_insecure_dev(tmp_p
         log = PredictionLog(_settings(tmp_path), registry=CollectorRegistry())
         await log.start()
         log.record(_pred("c-dev", "v1", "decider", score=0.7))
-        body = {"prediction_id": "c-dev", "label": "fraud", "source": "x"}
+        body = {"prediction_id": "c-dev", "label": "fraud"}
         try:
             for insecure, expected in ((False, 401), (True, 200)):
                 tracker = OutcomeTracker(log, registry=CollectorRegistry(), insecure_dev=insecure)
@@ -387,29 +391,60 @@ def test_a_batch_answers_each_label_on_its_own_and_a_retry_counts_nothing_twice(
     run_with(tmp_path, scenario, max_batch_labels=10)
 
 
-def test_each_source_has_its_own_quota(tmp_path: Path) -> None:
+def test_each_source_has_its_own_quota_keyed_on_its_token_not_on_the_body(tmp_path: Path) -> None:
     async def scenario(h: Harness) -> None:
         for i in range(4):
             h.log.record(_pred(f"q-{i}", "v1", "decider", score=0.7))
-        answers = [
-            (await h.feedback({"prediction_id": f"q-{i}", "label": "fraud", "source": "flood"})).status_code
+        flood = [
+            (await h.client.post(FEEDBACK_PATH, json={"prediction_id": f"q-{i}", "label": 1}, headers=FLOOD_AUTH))
             for i in range(3)
         ]
-        assert answers == [200, 200, 429]
-        other = await h.feedback({"prediction_id": "q-3", "label": "fraud", "source": "chargeback"})
+        assert [r.status_code for r in flood] == [200, 200, 429]
+        assert flood[2].json()["details"][0]["field"] == "source"
+        # the flooding source cannot spend another's quota by naming it: that is refused, not counted
+        disguised = {"prediction_id": "q-2", "label": 1, "source": SOURCE}
+        assert (await h.client.post(FEEDBACK_PATH, json=disguised, headers=FLOOD_AUTH)).status_code == 403
+        other = await h.feedback({"prediction_id": "q-3", "label": "fraud", "source": SOURCE})
         assert other.status_code == 200
-        batch = await h.batch([{"prediction_id": "q-2", "label": "fraud", "source": "flood"}])
+        batch = await h.batch([{"prediction_id": "q-2", "label": "fraud"}], headers=FLOOD_AUTH)
         assert batch.json()["results"][0]["status"] == "over_quota"
         assert h.outcome("v1", "decider", "tp") == 3
 
     run_with(tmp_path, scenario, feedback_quota_per_minute=2)
 
 
+def test_a_label_is_stored_under_the_source_its_token_authenticates(tmp_path: Path) -> None:
+    """Issue 11: the body's ``source`` was unauthenticated (quotas and the stored label trusted it). A body naming
+    another source than its token's is a 403 naming ``source`` (a batch item: ``forbidden``) and counts nothing; a
+    body without one is stored under the token's source."""
+
+    async def scenario(h: Harness) -> None:
+        for pid in ("a-1", "a-2", "a-3"):
+            h.log.record(_pred(pid, "v1", "decider", score=0.7))
+        await h.log.flush()
+        impostor = {"prediction_id": "a-1", "label": "legit", "source": SOURCE}
+        refused = await h.client.post(FEEDBACK_PATH, json=impostor, headers=FLOOD_AUTH)
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["details"][0]["field"] == "source"
+        batch = await h.batch([impostor, {"prediction_id": "a-2", "label": "fraud"}], headers=FLOOD_AUTH)
+        assert [r["status"] for r in batch.json()["results"]] == ["forbidden", "recorded"]
+        assert batch.json()["results"][0]["fields"] == ["source"]
+        own = await h.feedback({"prediction_id": "a-3", "label": "fraud", "source": SOURCE})
+        assert own.status_code == 200
+        assert h.outcome("v1", "decider", "fp") + h.outcome("v1", "decider", "tn") == 0  # the impostor's "legit"
+        assert h.value("fraudwatch_feedback_total", result="forbidden") == 2
+
+    run_with(tmp_path, scenario)
+    with sqlite3.connect(tmp_path / "log.db") as conn:
+        stored = dict(conn.execute("SELECT prediction_id, source FROM labels").fetchall())
+    assert stored == {"a-2": "flood", "a-3": SOURCE}
+
+
 def test_label_spellings_are_accepted(tmp_path: Path) -> None:
     async def scenario(h: Harness) -> None:
         for i, label in enumerate(["FRAUD", " legit ", 1, 0]):
             h.log.record(_pred(f"s-{i}", "v1", "decider", score=0.2))
-            response = await h.feedback({"prediction_id": f"s-{i}", "label": label, "source": "x"})
+            response = await h.feedback({"prediction_id": f"s-{i}", "label": label})
             assert response.status_code == 200, response.text
         assert h.outcome("v1", "decider", "fn") == 2
         assert h.outcome("v1", "decider", "tn") == 2
@@ -445,9 +480,9 @@ def test_feedback_is_503_when_the_prediction_log_database_is_down() -> None:
         port = free_port("127.0.0.1")  # nothing listens there: a real connection refusal
         settings = OutcomeSettings(dsn=f"postgresql+psycopg://fraudwatch@127.0.0.1:{port}/predictions")
         log = PredictionLog(settings, registry=registry)
-        app = Starlette(routes=OutcomeTracker(log, registry=registry, token=TOKEN).routes())
+        app = Starlette(routes=OutcomeTracker(log, registry=registry, tokens={SOURCE: TOKEN}).routes())
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            body = {"prediction_id": "c", "label": 1, "source": "x"}
+            body = {"prediction_id": "c", "label": 1}
             response = await client.post(FEEDBACK_PATH, json=body, headers=AUTH)
         assert response.status_code == 503
         assert "unavailable" in response.json()["error"]
@@ -497,8 +532,8 @@ def test_outcomes_count_under_the_stage_of_the_prediction_not_of_the_label(tmp_p
         # predicted in canary; by the time the label arrives the rollout is in ab (it does not matter)
         h.log.record(_rec("c-s", "v2", "decider", 0.9, "canary", "v1"))
         h.log.record(_rec("c-t", "v1", "decider", 0.1, "ab", "v1"))
-        assert (await h.feedback({"prediction_id": "c-s", "label": "fraud", "source": "cb"})).status_code == 200
-        assert (await h.feedback({"prediction_id": "c-t", "label": "fraud", "source": "cb"})).status_code == 200
+        assert (await h.feedback({"prediction_id": "c-s", "label": "fraud"})).status_code == 200
+        assert (await h.feedback({"prediction_id": "c-t", "label": "fraud"})).status_code == 200
         assert h.outcome("v2", "decider", "tp", stage="canary") == 1
         assert h.outcome("v2", "decider", "tp", stage="ab") == 0
         assert h.outcome("v1", "decider", "fn", stage="ab") == 1
@@ -522,7 +557,7 @@ def test_a_labelled_request_both_versions_scored_counts_once_in_the_paired_table
         h.log.record(_rec("c-q", "v1", "decider", 0.3, "shadow", "v1"))
         await h.log.flush()
         for cid in ("c-p", "c-q"):
-            assert (await h.feedback({"prediction_id": cid, "label": "fraud", "source": "cb"})).status_code == 200
+            assert (await h.feedback({"prediction_id": cid, "label": "fraud"})).status_code == 200
         assert _paired(h, "v1", "v2", "shadow", "fraud", "1", "0") == 1
         cells = [
             _paired(h, "v1", "v2", "shadow", label, sp, cp)
@@ -533,7 +568,7 @@ def test_a_labelled_request_both_versions_scored_counts_once_in_the_paired_table
         assert h.value("fraudwatch_outcome_paired_score_total", **score, stable_le="0.7", candidate_le="0.7") == 1
         assert h.value("fraudwatch_outcome_paired_score_total", **score, stable_le="0.6", candidate_le="0.7") == 0
         # the same label again is a duplicate: nothing is counted twice
-        again = await h.feedback({"prediction_id": "c-p", "label": "fraud", "source": "cb"})
+        again = await h.feedback({"prediction_id": "c-p", "label": "fraud"})
         assert again.json()["status"] == "duplicate"
         assert _paired(h, "v1", "v2", "shadow", "fraud", "1", "0") == 1
 
@@ -552,7 +587,7 @@ def test_pair_sides_follow_the_table_stable_at_prediction_time(tmp_path: Path) -
         h.log.record(_rec("c-o", "v2", "decider", 0.9, "full", None))
         h.log.record(_rec("c-o", "v1", "shadow", 0.9, "full", None))
         for cid in ("c-f", "c-c", "c-o"):
-            assert (await h.feedback({"prediction_id": cid, "label": "legit", "source": "cb"})).status_code == 200
+            assert (await h.feedback({"prediction_id": cid, "label": "legit"})).status_code == 200
         assert _paired(h, "v1", "v2", "full", "legit", "0", "1") == 1
         assert _paired(h, "v1", "v2", "canary", "legit", "1", "0") == 1
         assert _paired(h, "v1", "v2", "full", "legit", "1", "1") == 1
@@ -658,9 +693,9 @@ def test_an_old_prediction_log_is_migrated_to_router_issued_prediction_ids(tmp_p
     async def scenario(h: Harness) -> None:
         (old,) = await h.log.find("old")
         assert (old.prediction_id, old.correlation_id, old.stable_version, old.stage) == ("old", None, None, "full")
-        again = await h.feedback({"prediction_id": "old", "label": "legit", "source": "review"})
+        again = await h.feedback({"prediction_id": "old", "label": "legit"})
         assert again.status_code == 409  # the old label still stands for its old prediction
-        assert (await h.feedback({"prediction_id": "old-unlabelled", "label": 0, "source": "cb"})).status_code == 200
+        assert (await h.feedback({"prediction_id": "old-unlabelled", "label": 0})).status_code == 200
         h.log.record(dataclasses.replace(_rec("new", "v1", "decider", 0.1, "shadow", "v1"), correlation_id="trace"))
         await h.log.flush()
         (new,) = await h.log.find("new")
@@ -674,3 +709,28 @@ def test_an_old_prediction_log_is_migrated_to_router_issued_prediction_ids(tmp_p
     assert columns[1] == "prediction_id" and columns[-2:] == ["stable_version", "correlation_id"]
     assert label_columns[0] == "prediction_id"
     assert indexes == {"ix_predictions_prediction_id"}
+
+
+def test_the_dsn_is_read_from_a_mounted_secret_file_and_never_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chart mounts the prediction-log Secret as a file (FW_ROLLOUT_OUTCOMES__DSN_FILE): the DSN and its password
+    are in no environment variable and no settings repr, and the log writes to the database the file names."""
+    database = tmp_path / "from-secret.db"
+    secret = tmp_path / "dsn"
+    secret.write_text(f"sqlite:///{database}\n", encoding="utf-8")
+    monkeypatch.setenv("FW_ROLLOUT_OUTCOMES__DSN_FILE", str(secret))
+
+    settings = OutcomeSettings()
+    log = PredictionLog(settings, registry=CollectorRegistry())
+    log.record(_pred("p-1", "v1", "decider", 0.9))
+    asyncio.run(log.close())
+
+    assert settings.database_url() == f"sqlite:///{database}"
+    with sqlite3.connect(database) as conn:
+        assert conn.execute("SELECT prediction_id FROM predictions").fetchall() == [("p-1",)]
+    with_password = OutcomeSettings(dsn="postgresql+psycopg://fw:hunter2@db:5432/fw", dsn_file=None)
+    assert "hunter2" not in repr(with_password) and "hunter2" in with_password.database_url()
+    assert OutcomeSettings(dsn_file=None).database_url() == "sqlite:///var/predictions.db"
+    with pytest.raises(ValidationError, match="dsn or dsn_file"):
+        OutcomeSettings(dsn="sqlite://")  # the env's dsn_file and an inline dsn: which database is meant?

@@ -22,7 +22,7 @@ from starlette.testclient import TestClient
 
 from rollout.outcome_settings import OutcomeSettings
 from rollout.outcomes import PredictionLog, create_log_engine, predictions_table
-from rollout.router import Router
+from rollout.router import FeedbackTokenMissingError, Router, create_apps
 from rollout.routing import RoutingTable, VersionEndpoint
 from rollout.settings import RolloutSettings, RouterSettings
 from rollout.sources import FileTableSource, write_table_file
@@ -48,18 +48,21 @@ def candidate() -> Iterator[StandIn]:
         yield server
 
 
+BASE_SETTINGS: dict[str, Any] = {
+    "admin_token": SecretStr(TOKEN),
+    # Generous budgets: the machine running the tests may be busy; "slow" stand-ins sleep well past them.
+    "candidate_timeout_s": 0.5,
+    "stable_timeout_s": 2.0,
+    "shadow_timeout_s": 1.0,
+    "ready_probe_interval_s": 0.05,
+    "shadow_drain_timeout_s": 2.0,
+    "log_decisions": False,
+}
+
+
 def router_settings(**overrides: Any) -> RouterSettings:
-    base: dict[str, Any] = {
-        "admin_token": SecretStr(TOKEN),
-        # Generous budgets: the machine running the tests may be busy; "slow" stand-ins sleep well past them.
-        "candidate_timeout_s": 0.5,
-        "stable_timeout_s": 2.0,
-        "shadow_timeout_s": 1.0,
-        "ready_probe_interval_s": 0.05,
-        "shadow_drain_timeout_s": 2.0,
-        "log_decisions": False,
-    }
-    return RouterSettings(**{**base, **overrides})
+    """The tests' router: with the decision details they read (the router's default is the contract only)."""
+    return RouterSettings(**{**BASE_SETTINGS, "expose_decision_details": True, **overrides})
 
 
 def table(
@@ -221,8 +224,9 @@ def test_stable_stage_answers_with_routing_fields_and_propagates_the_correlation
 
 def test_without_decision_details_a_client_sees_only_the_scoring_contract(stable: StandIn, candidate: StandIn) -> None:
     """Issue 11, point 3: score, threshold and the deciding version let a fraudster probe the threshold and tell
-    whether the lenient canary decided for an account; the chart's default answers with the contract only."""
-    with running(Router(router_settings(expose_decision_details=False))) as client:
+    whether the lenient canary decided for an account; a router with default settings answers with the contract only
+    (the default used to expose them)."""
+    with running(Router(RouterSettings(**BASE_SETTINGS))) as client:  # expose_decision_details left at its default
         apply(client, table(stable, candidate, "canary", 50.0))
         answers = [client.post(PREDICT, json={**SEED, "accountId": f"acct-{i}"}) for i in range(20)]
     assert {a.status_code for a in answers} == {200}
@@ -477,3 +481,48 @@ def test_router_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPat
     settings = RolloutSettings().router
     assert (settings.candidate_timeout_s, settings.shadow_queue_size) == (0.3, 7)
     assert settings.admin_secret() == "from-file"
+
+
+def token_dir(tmp_path: Path, tokens: dict[str, str]) -> Path:
+    """A mounted Secret as the kubelet lays it out: one file per key, plus its hidden ``..data`` directory."""
+    directory = tmp_path / "feedback-tokens"
+    (directory / "..data").mkdir(parents=True)
+    for name, token in tokens.items():
+        (directory / name).write_text(f"{token}\n", encoding="utf-8")
+    return directory
+
+
+def test_each_label_source_has_a_token_and_the_single_token_is_its_configured_source(tmp_path: Path) -> None:
+    directory = token_dir(tmp_path, {"chargeback": "t-cb", "manual-review": "t-mr"})
+    settings = RouterSettings(feedback_token=SecretStr("t-single"), feedback_tokens_dir=directory)
+    assert settings.feedback_credentials() == {"default": "t-single", "chargeback": "t-cb", "manual-review": "t-mr"}
+    named = RouterSettings(feedback_token=SecretStr("t-single"), feedback_source="bank-feed")
+    assert named.feedback_credentials() == {"bank-feed": "t-single"}
+    assert RouterSettings().feedback_credentials() == {}
+
+
+@pytest.mark.parametrize(
+    ("tokens", "single", "complaint"),
+    [
+        ({"chargeback": "same", "review": "same"}, None, "share one token"),
+        ({"chargeback": "t-cb"}, "t-cb", "share one token"),
+        ({"default": "t-d"}, "t-single", "'default' has a token"),
+        ({"chargeback": "  "}, None, "is empty"),
+        ({"bad name": "t"}, None, "label source's name"),
+        ({"x" * 65: "t"}, None, "label source's name"),
+    ],
+)
+def test_inconsistent_label_source_tokens_keep_the_router_from_starting(
+    tmp_path: Path, tokens: dict[str, str], single: str | None, complaint: str
+) -> None:
+    router = RouterSettings(
+        feedback_token=SecretStr(single) if single else None, feedback_tokens_dir=token_dir(tmp_path, tokens)
+    )
+    with pytest.raises(FeedbackTokenMissingError, match=complaint):
+        create_apps(RolloutSettings(router=router))
+
+
+def test_a_missing_token_directory_keeps_the_router_from_starting(tmp_path: Path) -> None:
+    router = RouterSettings(feedback_token=SecretStr("t"), feedback_tokens_dir=tmp_path / "absent")
+    with pytest.raises(FeedbackTokenMissingError, match="not a directory"):
+        create_apps(RolloutSettings(router=router))

@@ -7,10 +7,11 @@ tests/unit/test_chart_render.py checks each name against those classes.
 A component's `settings` map adds variables under its prefix; keys the chart sets here are refused.
 ========================================================================================================= */}}
 
-{{/* (dict "env" (list (dict "name" … "value" …) …) "prefix" "FW_…__" "settings" map "extra" list) → YAML list */}}
+{{/* (dict "env" (list (dict "name" … "value" …) …) "prefix" "FW_…__" "settings" map "extra" list
+"reserved" list) → YAML list; "reserved": more settings keys the chart owns without setting them. */}}
 {{- define "fraudwatch.env.render" -}}
 {{- $env := .env }}
-{{- $reserved := list }}
+{{- $reserved := .reserved | default list }}
 {{- range .env }}
 {{- if hasPrefix $.prefix .name }}
 {{- $key := trimPrefix $.prefix .name | lower }}
@@ -78,7 +79,6 @@ A component's `settings` map adds variables under its prefix; keys the chart set
 {{- $drain := 2 }}
 {{- $graceful := max 1 (div (sub $budget $drain) 2) }}
 {{- $close := max 1 (sub (sub $budget $drain) $graceful) }}
-{{- $dsn := dict "secretKeyRef" (dict "name" (include "fraudwatch.predictionLogSecret" .) "key" (include "fraudwatch.predictionLogKey" .)) }}
 {{- $env := list
   (dict "name" "FW_ROLLOUT_LOG_LEVEL" "value" .Values.logLevel)
   (dict "name" "FW_ROLLOUT_HOME" "value" (include "fraudwatch.dataDir" .))
@@ -90,13 +90,18 @@ A component's `settings` map adds variables under its prefix; keys the chart set
   (dict "name" (print $p "ADMIN_TOKEN_FILE") "value" (include "fraudwatch.adminTokenPath" .))
   (dict "name" (print $p "CONTROL_PORT") "value" (toString $r.feedback.port))
   (dict "name" (print $p "FEEDBACK_TOKEN_FILE") "value" (include "fraudwatch.feedbackTokenPath" .))
+  (dict "name" (print $p "FEEDBACK_SOURCE") "value" $r.feedback.token.source)
   (dict "name" (print $p "STICKY_KEY_FILE") "value" (include "fraudwatch.stickyKeyPath" .))
   (dict "name" (print $p "KUBE__NAMESPACE") "valueFrom" (include "fraudwatch.env.fieldRef" "metadata.namespace" | fromYaml))
   (dict "name" (print $p "KUBE__ROLLOUT_NAME") "value" (include "fraudwatch.rolloutName" .))
 }}
-{{- $routerEnv := include "fraudwatch.env.render" (dict "env" $env "prefix" $p "settings" $r.settings) | fromYamlArray }}
-{{- $logEnv := list (dict "name" (print $outcomes "DSN") "valueFrom" $dsn) (dict "name" (print $outcomes "CLOSE_TIMEOUT_S") "value" (toString $close)) }}
-{{- include "fraudwatch.env.render" (dict "env" (concat $routerEnv $logEnv) "prefix" $outcomes "settings" .Values.outcomes.settings "extra" $r.extraEnv) }}
+{{- if $r.feedback.sourcesSecret }}
+{{- $env = append $env (dict "name" (print $p "FEEDBACK_TOKENS_DIR") "value" (include "fraudwatch.feedbackSourcesPath" .)) }}
+{{- end }}
+{{- $routerEnv := include "fraudwatch.env.render" (dict "env" $env "prefix" $p "settings" $r.settings "reserved" (list "feedback_tokens_dir")) | fromYamlArray }}
+{{- /* The DSN (it may carry the database password) is a file of the mounted Secret, never an env variable. */}}
+{{- $logEnv := list (dict "name" (print $outcomes "DSN_FILE") "value" (include "fraudwatch.predictionLogPath" .)) (dict "name" (print $outcomes "CLOSE_TIMEOUT_S") "value" (toString $close)) }}
+{{- include "fraudwatch.env.render" (dict "env" (concat $routerEnv $logEnv) "prefix" $outcomes "settings" .Values.outcomes.settings "extra" $r.extraEnv "reserved" (list "dsn")) }}
 {{- end }}
 
 {{/* The model servers (service/settings.py: Settings, ServeSettings); the controller adds the version's env. */}}

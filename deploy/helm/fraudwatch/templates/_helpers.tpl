@@ -47,6 +47,11 @@ Names
 {{- default (include "fraudwatch.componentName" (dict "ctx" . "component" "prediction-log")) .Values.predictionLog.existingSecret }}
 {{- end }}
 
+{{/* Where the router reads the prediction log's DSN (a Secret volume; FW_ROLLOUT_OUTCOMES__DSN_FILE). */}}
+{{- define "fraudwatch.predictionLogPath" -}}
+/etc/fraudwatch/prediction-log/dsn
+{{- end }}
+
 {{- define "fraudwatch.adminTokenSecret" -}}
 {{- default (include "fraudwatch.componentName" (dict "ctx" . "component" "router-admin")) .Values.router.adminToken.existingSecret }}
 {{- end }}
@@ -73,6 +78,12 @@ Names
 /etc/fraudwatch/feedback/token
 {{- end }}
 
+{{/* Where the router reads one token per label source (router.feedback.sourcesSecret as a volume, a file per key;
+FW_ROLLOUT_ROUTER__FEEDBACK_TOKENS_DIR). */}}
+{{- define "fraudwatch.feedbackSourcesPath" -}}
+/etc/fraudwatch/feedback-sources
+{{- end }}
+
 {{- define "fraudwatch.stickyKeySecret" -}}
 {{- default (include "fraudwatch.componentName" (dict "ctx" . "component" "router-sticky")) .Values.router.stickyKey.existingSecret }}
 {{- end }}
@@ -88,19 +99,30 @@ Names
 
 {{/*
 A Secret holding one generated credential: (dict "ctx" $ "name" … "key" … "value" … "labels" (dict "ctx" $ "component"
-…)). An empty value is generated once (randAlphaNum 48); an upgrade keeps the live Secret's value (lookup; it is
-empty in `helm template`, so a dry render shows a fresh one).
+…)). A given value is used as it is. Else, with `secrets.seed`, the value is derived from the seed, the namespace, the
+Secret's name and key — the same on every render (GitOps tools that render with `helm template` see no change) and
+unguessable without the seed: sha256(seed ‖ sha256(seed ‖ label)), nested so that no output helps compute another.
+Without a seed it is generated once (randAlphaNum 48) and an upgrade keeps the live Secret's value (lookup; empty in
+`helm template`, so every dry render shows a fresh one).
 */}}
-{{- define "fraudwatch.generatedSecret" -}}
-{{- $value := .value }}
-{{- if not $value }}
+{{- define "fraudwatch.generatedValue" -}}
+{{- $seed := .ctx.Values.secrets.seed }}
+{{- if .value }}
+{{- .value }}
+{{- else if $seed }}
+{{- $label := printf "fraudwatch-credential/v1\n%s\n%s\n%s" .ctx.Release.Namespace .name .key }}
+{{- sha256sum (printf "%s\n%s" $seed (sha256sum (printf "%s\n%s" $seed $label))) }}
+{{- else }}
 {{- $live := lookup "v1" "Secret" .ctx.Release.Namespace .name }}
 {{- if and $live $live.data (index $live.data .key) }}
-{{- $value = index $live.data .key | b64dec }}
+{{- index $live.data .key | b64dec }}
 {{- else }}
-{{- $value = randAlphaNum 48 }}
+{{- randAlphaNum 48 }}
 {{- end }}
-{{- end -}}
+{{- end }}
+{{- end }}
+
+{{- define "fraudwatch.generatedSecret" -}}
 apiVersion: v1
 kind: Secret
 metadata:
@@ -109,7 +131,7 @@ metadata:
     {{- include "fraudwatch.labels" .labels | nindent 4 }}
 type: Opaque
 data:
-  {{ .key }}: {{ $value | b64enc | quote }}
+  {{ .key }}: {{ include "fraudwatch.generatedValue" . | b64enc | quote }}
 {{- end }}
 
 {{- define "fraudwatch.predictionLogKey" -}}
@@ -255,6 +277,10 @@ NetworkPolicy peers
       protocol: TCP
     {{- end }}
 {{- end }}
+{{/* Egress to the API server: networkPolicy.apiServer.cidrs, else the `kubernetes` EndpointSlice's addresses (one
+/32 each, looked up at install/upgrade). Neither (a dry render — `helm template`, what GitOps tools run — or a cluster
+that publishes no slice) fails the render: the old fallback, 0.0.0.0/0 on the API server's ports, let every pod of
+the release reach any address on 443/6443. */}}
 {{- define "fraudwatch.np.apiServerEgress" -}}
 {{- $cidrs := .Values.networkPolicy.apiServer.cidrs }}
 {{- if not $cidrs }}
@@ -265,8 +291,11 @@ NetworkPolicy peers
 {{- end }}
 {{- end }}
 {{- end }}
+{{- if not $cidrs }}
+{{- fail "networkPolicy.apiServer.cidrs is empty and the `kubernetes` EndpointSlice could not be looked up (helm template, a GitOps render, or a cluster without it): set networkPolicy.apiServer.cidrs to the API server's addresses (kubectl get endpointslice kubernetes -n default), or networkPolicy.egress=false" }}
+{{- end }}
 - to:
-    {{- range ($cidrs | default (list "0.0.0.0/0")) }}
+    {{- range $cidrs }}
     - ipBlock:
         cidr: {{ . }}
     {{- end }}
