@@ -427,7 +427,9 @@ def _fill_paired(gate: pol.OutcomeGate, pairs: PairTally, put: Callable[[str, fl
         put(est.candidate_only, pairs.count(label, "0", "1"))
         put(est.stable_only, pairs.count(label, "1", "0"))
     elif isinstance(est, pol.PairedAUCEstimator):
-        put(gate.labels_query, pairs.count("fraud") + pairs.count("legit"))
+        # what its labels_query counts: the pairs of the label it names (the shipped gates: fraud), else all
+        named = re.search(r'label="(fraud|legit)"', gate.labels_query)
+        put(gate.labels_query, pairs.count(named.group(1)) if named else pairs.count("fraud") + pairs.count("legit"))
         vectors[pol.render(est.positive_cells, ctx)] = _cells(pairs.pos)
         vectors[pol.render(est.negative_cells, ctx)] = _cells(pairs.neg)
 

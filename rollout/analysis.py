@@ -783,6 +783,10 @@ def _paired_evidence(ctx: _Context, est: object) -> _Evidence | str:
         negatives = measure_cells(ctx.provider, ctx.render(est.negative_cells, ctx.candidate))
         if positives is None or negatives is None:
             return "no paired score table yet (needs both fraud and legit labels)"
+        m, n = sum(positives.values()), sum(negatives.values())
+        if m < est.min_positives or n < est.min_negatives:
+            return (f"{m:.0f} fraud and {n:.0f} legit pairs in the score tables, needs {est.min_positives} and "
+                    f"{est.min_negatives}")  # fmt: skip
         auc = sequential.paired_auc_difference(positives, negatives)
         return _Evidence(auc.estimate, auc.variance, auc.positives, auc.candidate_auc, auc.stable_auc, "sprt-delong")
     raise TypeError(f"not a paired estimator: {type(est).__name__}")

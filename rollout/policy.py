@@ -389,6 +389,11 @@ class PairedAUCEstimator(BaseModel):
     method: Literal["paired_auc"] = "paired_auc"
     positive_cells: PromQLTemplate
     negative_cells: PromQLTemplate
+    #: DeLong's variance is an asymptotic estimate: below this many labelled frauds or legit requests in the tables
+    #: the gate is Inconclusive, whatever its labels_query counts (one fraud among 138 legit gave an "AUC
+    #: difference" of -0.63 with a tiny variance).
+    min_positives: int = Field(10, ge=2)
+    min_negatives: int = Field(10, ge=2)
 
 
 MetricEstimator = Annotated[RateEstimator | PairedProportionEstimator, Field(discriminator="method")]

@@ -720,6 +720,11 @@ def test_paired_auc_gate_reads_the_joint_score_tables() -> None:
     assert run("shadow", {pq("frauds"): 200}, vectors=same, policy=PAIRED_POLICY)["auc-paired"].status is S.SUCCESSFUL
     empty = run("shadow", {pq("frauds"): 200}, vectors={}, policy=PAIRED_POLICY)["auc-paired"]
     assert empty.status is S.INCONCLUSIVE and "paired score table" in empty.message
+    # One fraud whose two scores differ, whatever the labels_query counted: no AUC difference to judge (it was a
+    # "-0.63" with DeLong's tiny variance and a false rollback in the simulation).
+    lone = {pq("pos_cells"): _cells({("0.9", "0.1"): 1.0}), pq("neg_cells"): _cells({("0.5", "0.5"): 138.0})}
+    few = run("shadow", {pq("frauds"): 200}, vectors=lone, policy=PAIRED_POLICY)["auc-paired"]
+    assert few.status is S.INCONCLUSIVE and "1 fraud and 138 legit pairs" in few.message, few.message
 
 
 @pytest.mark.parametrize(

@@ -682,5 +682,5 @@ def test_the_shipped_outcome_gates_count_only_their_own_stages_predictions() -> 
             if isinstance(gate, pol.OutcomeGate):
                 assert 'stage="{{stage}}"' in gate.labels_query, gate.name
                 est = gate.estimator
-                templates = [getattr(est, f) for f in type(est).model_fields if f != "method"]
+                templates = pol.estimator_templates(est)
                 assert all('stage="{{stage}}"' in t for t in templates), gate.name
