@@ -82,6 +82,7 @@ from rollout.machine import (
     Transition,
     expected_gates,
     initial_state,
+    stage_clock_start,
     step,
     traffic_stage,
 )
@@ -499,7 +500,7 @@ class Controller:
 
     def _job(self, rollout: RolloutState) -> Callable[[], AnalysisReport]:
         policy, stage, stable, candidate = self.policy, rollout.stage, rollout.stable, rollout.candidate
-        entered = rollout.stage_entered_at
+        entered = stage_clock_start(rollout)  # {{stage_window}}: since the stage's routing was in force
         backend, clock = self.backend, self.clock
         if stage == QUALITY_STAGE:
             return lambda: analyse_quality(
