@@ -157,7 +157,7 @@ class LocalWorkloads:
             elif pid_alive(record.pid) and self._answers(url + LIVE_PATH):
                 self._workloads[record.version] = _Workload(record, url, time.monotonic(), server=None)
                 log_event(logger, "model server adopted", event="workload_adopted", version=record.version,
-                          pid=record.pid, url=url)  # fmt: skip
+                          server_pid=record.pid, url=url)  # fmt: skip
             else:  # dead or not answering: whatever is left of its tree (workers of a dead server) goes too
                 stop_group(record.pid, self._settings.stop_timeout_s, self._settings.probe_interval_s, record.tag)
         self._save()
