@@ -95,3 +95,40 @@ def test_a_killed_server_is_dead_its_workers_are_stopped_and_the_restart_is_coun
     finally:
         workloads.close(stop_servers=True)
     assert all(proctree.tagged(w.record.tag) == set() for w in workloads._workloads.values())
+
+
+def test_a_server_whose_endpoint_hangs_while_its_pids_live_is_dead_restarted_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The endpoint-dead-but-pid-alive path: every process of the server is SIGSTOPped (a hung server: its pids
+    exist, its port accepts nothing it answers). Detected by the readiness probes, its tree stopped (SIGCONT after
+    SIGTERM, so stopped processes get the TERM at once), a new server started, the restart counted."""
+    serve = Settings.model_validate(
+        {"home": tmp_path, "process": {"bento_target": "tests.integration.bento_fixture:EchoService"}}
+    )
+    settings = LocalBackendSettings(restart_backoff_s=0.0, probe_interval_s=0.1, health_interval_s=0.2,
+                                    probe_timeout_s=0.3, unhealthy_after=3, stop_timeout_s=5.0)  # fmt: skip
+    workloads = LocalWorkloads(settings, serve, DirSource(), tmp_path / "state")
+    try:
+        until(workloads, "v1", Readiness.READY)
+        first = workloads._workloads["v1"]
+        assert first.server is not None and first.server.pid is not None
+        old_url, tag = first.url, first.server.tag
+        frozen = first.server.tree()
+        assert len(frozen) >= 2  # the server and its worker(s)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        assert all(proctree.alive(pid) for pid in frozen)  # the pids live: only the endpoint says it is dead
+        seen = until(workloads, "v1", Readiness.READY, restarts=1)
+        assert any(s.readiness is Readiness.FAILED and s.detail == "endpoint not ready" for s in seen)
+        assert seen[-1].restarts == 1 and workloads.restarts("v1") == 1
+        assert seen[-1].url != old_url
+        deadline = time.monotonic() + 10.0
+        while (proctree.tagged(tag) or any(proctree.alive(p) for p in frozen)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proctree.tagged(tag) == set() and not any(proctree.alive(p) for p in frozen)
+        assert refused(old_url)
+        # it acted on SIGTERM (continued), instead of sitting out the grace period frozen until SIGKILL
+        assert not [r for r in caplog.records if "ignored SIGTERM" in r.getMessage()]
+    finally:
+        workloads.close(stop_servers=True)
