@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from pydantic_settings import BaseSettings
 
 from rollout.outcome_settings import DriftSettings, OutcomeSettings, PrometheusSettings
+from rollout.outcomes import mark_dir_of
 from rollout.policy import CANARY_WEIGHT_MAX, CANARY_WEIGHT_MIN, load_policy, policy_from_mapping
 from rollout.router import Router
 from rollout.settings import RolloutSettings
@@ -762,6 +763,25 @@ def test_the_routers_whole_shutdown_fits_in_its_grace_period(
     whole = router.graceful_shutdown_s + router.shadow_drain_timeout_s + outcomes.close_timeout_s
     assert whole < one_deployment_grace(helm, workdir, values) == grace
     assert min(router.graceful_shutdown_s, outcomes.close_timeout_s) >= 1
+
+
+def test_the_router_keeps_its_prediction_log_marks_on_the_pods_data_volume(
+    helm: Helm, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12, point 5: what a SIGKILLed router never wrote is counted by the container started after it — its
+    marks must live on a volume that outlives the container (the pod's data emptyDir), not on the read-only root."""
+    container = router_container(helm.template({}, workdir))
+    marks = env_of(container)["FW_ROLLOUT_OUTCOMES__MARK_DIR"]["value"]
+    monkeypatch.setenv("FW_ROLLOUT_OUTCOMES__MARK_DIR", marks)
+    monkeypatch.setenv(DSN_ENV, "postgresql+psycopg://fw@db/fw")
+    assert mark_dir_of(OutcomeSettings()) == Path(marks)
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert Path(marks).is_relative_to(mounts["data"])
+    volumes = {
+        v["name"]: v
+        for v in one(helm.template({}, workdir), "Deployment", "-router")["spec"]["template"]["spec"]["volumes"]
+    }
+    assert "emptyDir" in volumes["data"]
 
 
 def one_deployment_grace(helm: Helm, workdir: Path, values: Mapping[str, Any]) -> int:

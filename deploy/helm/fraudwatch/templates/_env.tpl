@@ -95,7 +95,10 @@ A component's `settings` map adds variables under its prefix; keys the chart set
   (dict "name" (print $p "KUBE__ROLLOUT_NAME") "value" (include "fraudwatch.rolloutName" .))
 }}
 {{- $routerEnv := include "fraudwatch.env.render" (dict "env" $env "prefix" $p "settings" $r.settings) | fromYamlArray }}
-{{- $logEnv := list (dict "name" (print $outcomes "DSN") "valueFrom" $dsn) (dict "name" (print $outcomes "CLOSE_TIMEOUT_S") "value" (toString $close)) }}
+{{- /* The prediction log's durable marks on the pod's data emptyDir: it outlives container restarts, so what a killed
+     router never wrote is counted (dropped{reason="killed"}) by the container started after it. */}}
+{{- $marks := print (include "fraudwatch.dataDir" .) "/prediction-log-marks" }}
+{{- $logEnv := list (dict "name" (print $outcomes "DSN") "valueFrom" $dsn) (dict "name" (print $outcomes "CLOSE_TIMEOUT_S") "value" (toString $close)) (dict "name" (print $outcomes "MARK_DIR") "value" $marks) }}
 {{- include "fraudwatch.env.render" (dict "env" (concat $routerEnv $logEnv) "prefix" $outcomes "settings" .Values.outcomes.settings "extra" $r.extraEnv) }}
 {{- end }}
 
