@@ -81,6 +81,7 @@ from tests.rolloutkit import (
     wait_for,
 )
 from tests.routerkit import metric_value
+from tests.sockets import connection_refused
 from tests.stackkit import ControllerConfig, rolloutctl, start_controller, stop_process
 from tests.stackkit import controller_env as kit_controller_env
 
@@ -423,9 +424,10 @@ def test_a_registry_outage_fails_a_start_and_the_revert_queued_behind_it_runs(st
 
 
 @contextlib.contextmanager
-def killing_main_pids(stack: Stack, version: str) -> Iterator[list[dict[str, Any]]]:
-    """SIGKILL the recorded bentoml main process — and only it — of every model server of ``version`` as soon as
-    the controller records one (its workers, each in a session of its own, are left for the controller to find)."""
+def killing_each_start(stack: Stack, version: str, *, whole_tree: bool) -> Iterator[list[dict[str, Any]]]:
+    """SIGKILL each model server of ``version`` as soon as the controller records one (a crash loop): its whole
+    process tree, or only its recorded bentoml main process (its workers, each in a session of its own, are left
+    for the controller to find). Yields the records killed."""
     killed: list[dict[str, Any]] = []
     done = threading.Event()
 
@@ -433,10 +435,13 @@ def killing_main_pids(stack: Stack, version: str) -> Iterator[list[dict[str, Any
         while not done.wait(0.05):
             with contextlib.suppress(FileNotFoundError, json.JSONDecodeError, KeyError):
                 for record in json.loads((stack.state_dir / WORKLOADS_FILE).read_text()):
-                    if record["version"] == version and record["pid"] not in {k["pid"] for k in killed}:
+                    if record["version"] != version or record["pid"] in {k["pid"] for k in killed}:
+                        continue
+                    pid = int(record["pid"])
+                    for target in process_tree(pid, str(record.get("tag", ""))) if whole_tree else {pid}:
                         with contextlib.suppress(ProcessLookupError):
-                            os.kill(int(record["pid"]), signal.SIGKILL)
-                        killed.append(record)
+                            os.kill(target, signal.SIGKILL)
+                    killed.append(record)
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
@@ -452,16 +457,6 @@ def router_counter(stack: Stack, name: str, **labels: str) -> float:
     return metric_value(
         httpx.get(stack.router.control_url + "/metrics", timeout=10, trust_env=False).text, name, **labels
     )
-
-
-def refused(url: str) -> bool:
-    try:
-        httpx.get(url + "/readyz", timeout=2.0, trust_env=False)
-    except httpx.ConnectError:
-        return True
-    except httpx.TransportError:
-        return False
-    return False
 
 
 def workload_of(stack: Stack, version: str) -> dict[str, Any]:
@@ -501,11 +496,11 @@ def test_a_candidate_whose_main_process_is_killed_mid_stage_is_restarted_counted
     assert workers  # BentoML's worker(s), in sessions of their own
     old_url = f"http://{HOST}:{first['port']}"
 
-    with killing_main_pids(stack, "v2") as killed:
+    with killing_each_start(stack, "v2", whole_tree=False) as killed:
         wait_for(lambda: any(k["pid"] == first["pid"] for k in killed), "the first kill", 10)
         wait_for(lambda: not tagged(first["tag"]) and not any(alive(w) for w in workers),
                  "the killed server's workers stopped", 60)  # fmt: skip
-        assert refused(old_url)  # nothing answers on the old port any more
+        assert connection_refused(old_url)  # nothing answers on the old port any more
         counted = wait_for(lambda: (w := workload_of(stack, "v2"))["restarts"] > before["restarts"] and w,
                            "the restart in rolloutctl status", 30)  # fmt: skip
         assert counted["role"] == "candidate"
@@ -519,40 +514,15 @@ def test_a_candidate_whose_main_process_is_killed_mid_stage_is_restarted_counted
     assert len(killed) >= bound + 1
     for record in killed:  # no server of any kill left a worker behind
         wait_for(lambda r=record: not tagged(r["tag"]), f"server {record['pid']}'s tree gone", 60)  # type: ignore[misc]
-        assert refused(f"http://{HOST}:{record['port']}")
+        assert connection_refused(f"http://{HOST}:{record['port']}")
     assert stack.routing()["stable"]["version"] == stable and stack.routing()["candidate"] is None
     assert stack.answer()["model_version"] == stable
-
-
-@contextlib.contextmanager
-def killing_every_start(stack: Stack, version: str) -> Iterator[list[int]]:
-    """SIGKILL every process of ``version``'s model server as soon as the controller records one (a crash loop)."""
-    killed: list[int] = []
-    done = threading.Event()
-
-    def loop() -> None:
-        while not done.wait(0.1):
-            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError, KeyError):
-                for record in json.loads((stack.state_dir / WORKLOADS_FILE).read_text()):
-                    if record["version"] == version and record["pid"] not in killed:
-                        for pid in process_tree(int(record["pid"]), str(record.get("tag", ""))):
-                            with contextlib.suppress(ProcessLookupError):
-                                os.kill(pid, signal.SIGKILL)
-                        killed.append(int(record["pid"]))
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    try:
-        yield killed
-    finally:
-        done.set()
-        thread.join()
 
 
 def test_a_crash_looping_candidate_is_rolled_back_within_the_bound(stack: Stack) -> None:
     stable = stack.routing()["stable"]["version"]
     policy = loads_policy(LOCAL_POLICY_YAML).analysis
-    with killing_every_start(stack, "v2") as killed:
+    with killing_each_start(stack, "v2", whole_tree=True) as killed:
         started = time.monotonic()
         stack.start("v2", "crash-v2")
         rollout = stack.finished("crash-v2")
