@@ -590,15 +590,20 @@ def test_the_feedback_port_has_its_own_service_and_the_public_service_does_not_e
 
 
 def test_by_default_only_prometheus_may_reach_the_control_port(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    """The control port (labels, metrics, admin) admits Prometheus and feedbackIngressFrom only (empty by default:
-    no label source until the operator names one); the public port admits clients, not Prometheus."""
+    """The control port (labels, metrics, admin) admits Prometheus, this release's controller (it reads each
+    replica's table) and feedbackIngressFrom only (empty by default: no label source until the operator names one);
+    the public port admits clients, not Prometheus."""
     policy = one(rendered["defaults"], "NetworkPolicy", "-router")
-    rules = {p["port"]: rule for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
-    assert set(rules) == {"http", "control"}
+    peers: dict[str, list[Any]] = {}
+    for rule in policy["spec"]["ingress"]:
+        for port in rule.get("ports", []):
+            peers.setdefault(port["port"], []).extend(rule.get("from", ["anyone"]))
+    assert set(peers) == {"http", "control"}
     prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
                   "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}  # fmt: skip
-    assert rules["control"]["from"] == [prometheus]
-    assert "from" not in rules["http"]  # routerIngressFrom empty: the front door
+    controller = one(rendered["defaults"], "Deployment", "-controller")["spec"]["selector"]["matchLabels"]
+    assert peers["control"] == [prometheus, {"podSelector": {"matchLabels": controller}}]
+    assert peers["http"] == ["anyone"]  # routerIngressFrom empty: the front door
 
 
 def pod_labels(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, str]]]:
@@ -819,12 +824,12 @@ def test_controller_replicas_lease_and_spread(rendered: dict[str, list[dict[str,
 def test_the_regression_set_can_be_mounted_into_the_controller(rendered: dict[str, list[dict[str, Any]]]) -> None:
     pod = one(rendered["ha-controller"], "Deployment", "-controller")["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    assert {v["name"] for v in pod["volumes"]} == {"tmp", "data", "regression"}
+    assert {v["name"] for v in pod["volumes"]} == {"tmp", "data", "admin-token", "regression"}
     mount = next(m for m in container["volumeMounts"] if m["name"] == "regression")
     quality_set = env_of(container)["FW_ROLLOUT_CONTROLLER__QUALITY_SET"]["value"]
     assert quality_set.startswith(mount["mountPath"] + "/")
     default = one(rendered["defaults"], "Deployment", "-controller")["spec"]["template"]["spec"]
-    assert {v["name"] for v in default["volumes"]} == {"tmp", "data"}
+    assert {v["name"] for v in default["volumes"]} == {"tmp", "data", "admin-token"}
 
 
 def test_router_has_service_hpa_and_pdb_on_its_pods(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -933,10 +938,37 @@ def test_controller_role_is_least_privilege(rendered: dict[str, list[dict[str, A
         ("", "pods", "watch"),
         *(("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")),
         *((g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")),
+        ("discovery.k8s.io", "endpointslices", "list"),  # the router replicas confirm a scale-down (issue 12)
     }
     assert granted == expected
     assert not [r for r in granted if r[1] in {"secrets", "*"} or r[2] == "*"]
     assert {r[2] for r in granted if r[1] == "pods"} == {"list", "watch"}  # pods: read only, never create/exec
+
+
+def test_the_controller_can_read_each_router_replica_s_table(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Issue 12, point 3 on Kubernetes: the controller finds the router replicas through the control Service's
+    EndpointSlices and asks each for its table on the control port with the admin token — the Service and port it
+    names exist, the token file is mounted, and its NetworkPolicy lets it reach that port."""
+    objects = rendered["defaults"]
+    controller = one(objects, "Deployment", "-controller")["spec"]["template"]["spec"]
+    env = env_of(controller["containers"][0])
+    service = one(objects, "Service", env["FW_ROLLOUT_CONTROLLER__KUBE__ROUTER_SERVICE"]["value"])
+    port_name = env["FW_ROLLOUT_CONTROLLER__KUBE__ROUTER_PORT_NAME"]["value"]
+    [port] = [p for p in service["spec"]["ports"] if p["name"] == port_name]
+    router = one(objects, "Deployment", "-router")["spec"]["template"]["spec"]["containers"][0]
+    control = next(p for p in router["ports"] if p["name"] == port["targetPort"])
+    token = env["FW_ROLLOUT_ROUTER__ADMIN_TOKEN_FILE"]["value"]
+    mounts = {m["name"]: m["mountPath"] for m in controller["containers"][0]["volumeMounts"]}
+    assert token.startswith(mounts["admin-token"] + "/")
+    assert token == env_of(router)["FW_ROLLOUT_ROUTER__ADMIN_TOKEN_FILE"]["value"]
+    egress = one(objects, "NetworkPolicy", "-controller")["spec"].get("egress")
+    if egress is not None:  # egress enforced: the routers' control port must be allowed
+        router_labels = one(objects, "Deployment", "-router")["spec"]["selector"]["matchLabels"]
+        assert any(
+            {"podSelector": {"matchLabels": router_labels}} in rule.get("to", [])
+            and {"port": control["containerPort"], "protocol": "TCP"} in rule.get("ports", [])
+            for rule in egress
+        )
 
 
 def test_router_role_only_reads_modelrollouts(rendered: dict[str, list[dict[str, Any]]]) -> None:

@@ -58,6 +58,9 @@ A component's `settings` map adds variables under its prefix; keys the chart set
   (dict "name" (print $kube "RENEW_DEADLINE_S") "value" (toString $le.renewDeadlineSeconds))
   (dict "name" (print $kube "RETRY_PERIOD_S") "value" (toString $le.retryPeriodSeconds))
   (dict "name" (print $kube "IDENTITY") "valueFrom" (include "fraudwatch.env.fieldRef" "metadata.name" | fromYaml))
+  (dict "name" (print $kube "ROUTER_SERVICE") "value" (include "fraudwatch.componentName" (dict "ctx" . "component" "router-feedback")))
+  (dict "name" (print $kube "ROUTER_PORT_NAME") "value" "feedback")
+  (dict "name" "FW_ROLLOUT_ROUTER__ADMIN_TOKEN_FILE" "value" (include "fraudwatch.adminTokenPath" .))
 }}
 {{- /* With a model registry: aliases move with the rollout and the quality stage can fetch bundles. */}}
 {{- with .Values.mlflow.trackingUri }}
