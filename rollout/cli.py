@@ -491,8 +491,9 @@ def status_view(snapshot: Snapshot, now: datetime, stale_after_s: float) -> dict
             controller["leader"] = beat.identity
     state = snapshot.state
     rollout = state.rollout if state is not None else None
+    workloads = workloads_view(state)
     if state is None or rollout is None:
-        return {"rollout": None, "controller": controller}
+        return {"rollout": None, "controller": controller, "workloads": workloads}
     policy = snapshot.policy
     names = list(dict.fromkeys([*expected_gates(policy, rollout.stage), *rollout.gates]))
     transition = rollout.history[-1] if rollout.history else None
@@ -547,7 +548,23 @@ def status_view(snapshot: Snapshot, now: datetime, stale_after_s: float) -> dict
         },
         "gates": gates,
         "controller": controller,
+        "workloads": workloads,
     }
+
+
+def workloads_view(state: ControllerState | None) -> list[dict[str, Any]]:
+    """Each running version's workload as the controller last saw it: its role in the rollout, readiness, restarts."""
+    if state is None:
+        return []
+    rollout = state.rollout
+    roles = {} if rollout is None else {rollout.stable: "stable", rollout.candidate: "candidate"}
+    if rollout is not None and rollout.phase == "Promoted":
+        roles = {rollout.candidate: "stable", rollout.stable: "previous"}
+    return [
+        {"version": w.version, "role": roles.get(w.version, "serving" if rollout is None else "other"),
+         "readiness": w.readiness.value, "restarts": w.restarts, "detail": w.detail, "url": w.url}
+        for w in state.workloads
+    ]  # fmt: skip
 
 
 def history_report(rollout: RolloutState) -> AnalysisReport | None:
@@ -611,6 +628,7 @@ def render_status(view: Mapping[str, Any]) -> None:
     rollout = view["rollout"]
     if rollout is None:
         console.print(f"No rollout yet. Controller: {alive}")
+        _print_workloads(console, view["workloads"])
         return
     phase_style = _PHASE_STYLE.get(rollout["phase"], "white")
     paused = " [yellow](paused)[/]" if rollout["paused"] else ""
@@ -624,6 +642,7 @@ def render_status(view: Mapping[str, Any]) -> None:
     if rollout["last_transition"]:
         console.print(f"  last transition  {rollout['last_transition']['at']}: {rollout['last_transition']['reason']}")
     console.print(f"  controller  {alive}")
+    _print_workloads(console, view["workloads"])
     table = Table(title=f"gates of {rollout['stage']}", show_lines=False)
     for column in ("gate", "verdict", "candidate", "stable", "evidence", "threshold", "condition", "detail"):
         table.add_column(column, overflow="fold")
@@ -640,6 +659,27 @@ def render_status(view: Mapping[str, Any]) -> None:
     console.print(table)
     if rollout["blockers"]:
         console.print("  not promoted yet: " + "; ".join(rollout["blockers"]))
+
+
+_READINESS_STYLE: Final[dict[str, str]] = {
+    "ready": "green",
+    "starting": "yellow",
+    "failed": "bold red",
+    "stopped": "dim",
+}
+
+
+def _print_workloads(console: Any, workloads: Sequence[Mapping[str, Any]]) -> None:
+    """One line per running version: ``workloads  v1 (stable) ready, 0 restarts · v2 (candidate) failed, 3 …``."""
+    if not workloads:
+        return
+    parts = []
+    for w in workloads:
+        style = _READINESS_STYLE.get(w["readiness"], "white")
+        detail = f" ({w['detail']})" if w["detail"] and w["detail"] != w["readiness"] else ""
+        restarts = "1 restart" if w["restarts"] == 1 else f"{w['restarts']} restarts"
+        parts.append(f"{w['version']} ({w['role']}) [{style}]{w['readiness']}[/]{detail}, {restarts}")
+    console.print("  workloads  " + " · ".join(parts))
 
 
 def render_history(events: Sequence[Mapping[str, Any]]) -> None:

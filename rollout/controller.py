@@ -36,7 +36,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -82,12 +82,13 @@ from rollout.machine import (
     Transition,
     expected_gates,
     initial_state,
+    stage_clock_start,
     step,
     traffic_stage,
 )
 from rollout.policy import MIN_LABELS_GATE, MIN_REQUESTS_GATE, RolloutPolicy, load_policy
 from rollout.settings import ControllerSettings, RolloutSettings, get_rollout_settings
-from rollout.state import ControllerState, StateStore, manual_command
+from rollout.state import ControllerState, StateStore, manual_command, workload_views
 from service.logging import configure_logging, get_logger, log_event
 
 logger = get_logger("controller")
@@ -353,7 +354,9 @@ class Controller:
         outcome = self._act(actions, now)
         self.converged = outcome.converged
         self._watch_candidate(outcome, now)
-        self.metrics.workloads(self._workload_statuses(outcome))
+        statuses = self._workload_statuses(outcome)
+        self.metrics.workloads(statuses)
+        self._record_workloads(statuses)
         if self.observer is not None:
             self.observer.after_reconcile(self, outcome)
         self.metrics.show(self.state.rollout)
@@ -474,6 +477,18 @@ class Controller:
                     statuses[version] = self.backend.workloads.status(version)
         return statuses
 
+    def _record_workloads(self, statuses: Mapping[str, WorkloadStatus]) -> None:
+        """Save the running versions' readiness and restarts when they changed (``rolloutctl status`` reads them from
+        the state, also before any analysis report exists)."""
+        views = workload_views(statuses)
+        if views == self.state.workloads:
+            return
+        self.state = self.state.model_copy(update={"workloads": views})
+        try:
+            self.store.save(self.state)
+        except OSError:
+            self.metrics.failed("persist")
+
     def _with_workload(self, report: AnalysisReport | None, now: datetime) -> AnalysisReport | None:
         """``report`` with the ``candidate-workload`` gate; a report of that gate alone when it failed while no
         measurement came (routing, hence analysis, waits for a ready candidate: a crash loop still ends the rollout)."""
@@ -499,7 +514,7 @@ class Controller:
 
     def _job(self, rollout: RolloutState) -> Callable[[], AnalysisReport]:
         policy, stage, stable, candidate = self.policy, rollout.stage, rollout.stable, rollout.candidate
-        entered = rollout.stage_entered_at
+        entered = stage_clock_start(rollout)  # {{stage_window}}: since the stage's routing was in force
         backend, clock = self.backend, self.clock
         if stage == QUALITY_STAGE:
             return lambda: analyse_quality(

@@ -119,6 +119,11 @@ class OutcomeSettings(BaseSettings):
     #: PostgreSQL: how long a connection attempt may take (libpq's connect_timeout, whole seconds) — an unreachable
     #: database fails the router's start and every write at once, with the reason, instead of hanging.
     connect_timeout_s: float = Field(5.0, gt=0.0)
+    #: Where each router's prediction log keeps its durable mark (rollout/prediction_marks.py): the rows a killed
+    #: router accepted and never wrote are counted (dropped{reason="killed"}) by the next log started on the same
+    #: directory. Default: ``<database>.marks`` beside a SQLite file; none for a server database unless set (the
+    #: chart sets an emptyDir, which outlives container restarts).
+    mark_dir: Path | None = None
     #: A write that fails with something other than a database outage (a bug, data the driver cannot encode) is
     #: retried this many times in a row, then its batch is dropped and counted (reason "failed"), not retried for ever.
     max_unexpected_write_errors: int = Field(5, ge=1)

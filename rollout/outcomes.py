@@ -95,6 +95,7 @@ from starlette.routing import Route
 
 from rollout.drift import calibration_bin_of
 from rollout.outcome_settings import OutcomeSettings, get_outcome_settings
+from rollout.prediction_marks import OrphanMark, RunMark, claim_orphans
 from rollout.routing import ComparisonPair, RoutePlan, comparison_pair
 from service.httputil import bearer_matches, read_limited
 from service.logging import get_logger, log_event
@@ -248,6 +249,16 @@ def create_log_engine(settings: OutcomeSettings) -> Engine:
     return create_engine(url, pool_size=settings.pool_size, pool_pre_ping=True, connect_args=connect_args)
 
 
+def mark_dir_of(settings: OutcomeSettings) -> Path | None:
+    """Where the log's durable marks live: ``mark_dir``, else ``<database file>.marks`` for a SQLite file, else none."""
+    if settings.mark_dir is not None:
+        return settings.mark_dir
+    url = make_url(settings.database_url())
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        return Path(url.database).with_name(Path(url.database).name + ".marks")
+    return None
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -325,6 +336,10 @@ def unique_predictions(records: Iterable[PredictionRecord]) -> list[PredictionRe
 # --------------------------------------------------------------------------------------------------- the log
 
 
+class PredictionLogUnavailableError(RuntimeError):
+    """The prediction log's database cannot be reached (the router refuses to start, naming it)."""
+
+
 class _TransientWriteError(RuntimeError):
     """The database could not be reached or was busy; the batch stays buffered and is retried."""
 
@@ -338,10 +353,12 @@ class _LogMetrics:
             "fraudwatch_prediction_log_dropped",
             "Prediction rows not written: overflow (buffer full), closed (recorded after close), "
             "rejected (the database refused the row), lost (still failing at close), failed (an unexpected write "
-            "error, repeated).",
+            "error, repeated), killed (accepted by a router process that was killed before writing them, counted "
+            "by the next one started on its mark directory).",
             ["reason"],
             registry=registry,
         )
+        self.dropped.labels("killed")  # exists at zero: a kill counted at the next start shows as an increase
         self.write_errors = Counter(
             "fraudwatch_prediction_log_write_errors", "Failed batch writes (retried).", registry=registry
         )
@@ -373,6 +390,8 @@ class PredictionLog:
         self._unwritten: dict[str, list[PredictionRecord]] = {}
         #: Unexpected (not outage) write errors in a row.
         self._unexpected = 0
+        #: This process' durable mark (rows accepted / settled), once started with a mark directory.
+        self._mark: RunMark | None = None
         self._wake = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -388,17 +407,53 @@ class PredictionLog:
     def settings(self) -> OutcomeSettings:
         return self._settings
 
+    def check_reachable(self) -> None:
+        """Connect once (within ``connect_timeout_s`` for PostgreSQL); :class:`PredictionLogUnavailableError` names
+        the database (password hidden) and the driver's reason when that fails."""
+        try:
+            with self._engine.connect():
+                pass
+        except (OperationalError, InterfaceError) as exc:
+            where = self._engine.url.render_as_string(hide_password=True)
+            raise PredictionLogUnavailableError(f"prediction log database {where} unreachable: {exc.orig}") from exc
+
     @property
     def pending(self) -> int:
         """Rows recorded but not yet written (buffered or being written)."""
         return len(self._buffer) + len(self._inflight)
 
     async def start(self) -> None:
-        """Create the tables if needed and start the background writer."""
+        """Create the tables if needed, count what killed logs on the same mark directory lost, take a mark of this
+        process' own and start the background writer."""
         await asyncio.to_thread(ensure_schema, self._engine)
+        await asyncio.to_thread(self._take_mark)
         self._started = True
         self._task = asyncio.create_task(self._run(), name="prediction-log-writer")
         log_event(logger, "prediction log started", backend=self._engine.url.get_backend_name())
+
+    def _take_mark(self) -> None:
+        directory = mark_dir_of(self._settings)
+        if directory is None:
+            return
+        try:
+            orphans = claim_orphans(directory)
+            self._mark = RunMark.create(directory)
+        except OSError as exc:  # the log works without it; what a kill loses would go uncounted
+            log_event(logger, "prediction log runs without a durable mark", logging.WARNING, mark_dir=str(directory),
+                      error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+            return
+        for orphan in orphans:
+            self._count_killed(orphan)
+
+    def _count_killed(self, orphan: OrphanMark) -> None:
+        if orphan.lost:
+            self._metrics.dropped.labels("killed").inc(orphan.lost)
+        log_event(
+            logger, "prediction log rows lost by a killed router" if orphan.lost else "prediction log mark claimed",
+            logging.ERROR if orphan.lost else logging.INFO, event="prediction_log_killed_rows", rows=orphan.lost,
+            recorded=orphan.recorded, settled=orphan.settled, killed_pid=orphan.pid,
+            killed_started_at=datetime.fromtimestamp(orphan.started_at, UTC).isoformat(), mark=str(orphan.path),
+        )  # fmt: skip
 
     def record(self, rec: PredictionRecord) -> None:
         """Queue one prediction for writing; never blocks. Dropped (and counted) when the buffer is full."""
@@ -408,6 +463,8 @@ class PredictionLog:
         if len(self._buffer) >= self._settings.buffer_max_rows:
             self._metrics.dropped.labels("overflow").inc()
             return
+        if self._mark is not None:
+            self._mark.record()
         self._buffer.append(rec)
         self._unwritten.setdefault(rec.prediction_id, []).append(rec)
         self._metrics.buffered.set(len(self._buffer))
@@ -441,6 +498,9 @@ class PredictionLog:
             await asyncio.to_thread(ensure_schema, self._engine)
         await self._drain_until(time.monotonic() + self._settings.close_timeout_s)
         await asyncio.to_thread(self._engine.dispose)
+        mark, self._mark = self._mark, None
+        if mark is not None:  # kept (for the next start to count) only if something is still unaccounted for
+            mark.close(remove=mark.recorded == mark.settled)
         log_event(logger, "prediction log closed")
 
     async def _run(self) -> None:
@@ -462,6 +522,7 @@ class PredictionLog:
                 if time.monotonic() >= deadline:
                     lost = len(self._buffer)
                     self._metrics.dropped.labels("lost").inc(lost)
+                    self._settle(lost)
                     log_event(logger, "prediction log closed with unwritten rows", logging.ERROR, rows=lost)
                     self._buffer.clear()
                     self._unwritten.clear()
@@ -494,6 +555,7 @@ class PredictionLog:
             if self._unexpected >= self._settings.max_unexpected_write_errors:
                 self._unexpected = 0
                 self._metrics.dropped.labels("failed").inc(len(batch))
+                self._settle(len(batch))
                 log_event(logger, "prediction log batch dropped after repeated unexpected write errors",
                           logging.ERROR, rows=len(batch), error=f"{type(exc).__name__}: {exc}")  # fmt: skip
                 self._forget(batch)
@@ -507,6 +569,10 @@ class PredictionLog:
         self._metrics.written.inc(len(batch) - rejected)
         if rejected:
             self._metrics.dropped.labels("rejected").inc(rejected)
+
+    def _settle(self, rows: int) -> None:
+        if self._mark is not None:
+            self._mark.settle(rows)
 
     def _forget(self, batch: Sequence[PredictionRecord]) -> None:
         """Drop a batch that left memory (written, or refused for good) from the in-memory index."""
@@ -523,10 +589,12 @@ class PredictionLog:
         Returns how many rows the database refused."""
         rows, malformed = _rows_of(batch)
         if not rows:
+            self._settle(malformed)
             return malformed
         try:
             with self._engine.begin() as conn:
                 conn.execute(predictions_table.insert(), rows)
+            self._settle(len(batch))  # at once after the commit: a kill between the two over-counts this batch
             return malformed
         except (OperationalError, InterfaceError) as exc:
             log_event(
@@ -536,7 +604,9 @@ class PredictionLog:
         except DBAPIError as exc:
             if exc.connection_invalidated:
                 raise _TransientWriteError(str(exc)) from exc
-            return malformed + self._write_rows_one_by_one(rows)
+            rejected = self._write_rows_one_by_one(rows)
+            self._settle(len(batch))
+            return malformed + rejected
 
     def _write_rows_one_by_one(self, rows: Sequence[dict[str, Any]]) -> int:
         rejected = 0

@@ -28,7 +28,12 @@ log from ``FW_OUTCOMES__…``). Its routing table comes from ``PUT /admin/routin
 (``FW_ROLLOUT_ROUTER__KUBE__ROLLOUT_NAME`` / ``__NAMESPACE``; rollout/sources.py).
 
 SIGTERM: uvicorn stops accepting and finishes in-flight requests, then queued shadow work gets
-``shadow_drain_timeout_s`` (the rest is dropped and counted), then the prediction log is flushed.
+``shadow_drain_timeout_s`` (the rest is dropped and counted), then the prediction log is flushed. A SIGKILL's loss
+is counted by the next router on the same mark directory (rollout/prediction_marks.py).
+
+Exit codes: 2 a setting refused (no feedback token), 4 the prediction log's database unreachable at start (one JSON
+line naming it, within ``FW_ROLLOUT_OUTCOMES__CONNECT_TIMEOUT_S`` for PostgreSQL), 3 another startup failure
+(uvicorn's).
 """
 
 from __future__ import annotations
@@ -57,7 +62,14 @@ from starlette.routing import BaseRoute, Route
 
 from rollout.metrics import RouterMetrics
 from rollout.outcome_settings import get_outcome_settings
-from rollout.outcomes import PREDICTION_ID_HEADER, OutcomeTracker, PredictionLog, PredictionRecord, new_prediction_id
+from rollout.outcomes import (
+    PREDICTION_ID_HEADER,
+    OutcomeTracker,
+    PredictionLog,
+    PredictionLogUnavailableError,
+    PredictionRecord,
+    new_prediction_id,
+)
 from rollout.routing import Arm, RoutePlan, RoutingTable, Stage, VersionEndpoint
 from rollout.settings import FeedbackCredentialsError, RolloutSettings, RouterSettings, get_rollout_settings
 from rollout.shadow import PredictionSink, ShadowJob, ShadowRunner
@@ -70,6 +82,10 @@ from service.schema import ErrorDetail, ErrorResponse, RefundRequest, confidence
 logger = get_logger("router")
 
 ADMIN_PATH: Final[str] = "/admin/routing"
+#: Exit codes of ``python -m rollout.router`` (besides uvicorn's own): a setting refused (no feedback token), and
+#: the prediction log's database unreachable at start.
+EXIT_REFUSED: Final[int] = 2
+EXIT_DATABASE_UNREACHABLE: Final[int] = 4
 MODEL_VERSION_HEADER: Final[str] = "X-Model-Version"
 ADMIN_SOURCE: Final[str] = "admin"
 _JSON: Final[str] = "application/json"
@@ -535,6 +551,7 @@ class RouterApps:
 
     public: Starlette
     control: Starlette
+    prediction_log: PredictionLog
 
 
 def create_apps(settings: RolloutSettings | None = None) -> RouterApps:
@@ -568,7 +585,7 @@ def create_apps(settings: RolloutSettings | None = None) -> RouterApps:
         sources.append(KubeRolloutTableSource(router_settings.kube))
     router = Router(router_settings, registry=registry, prediction_log=log, sources=sources)
     router.store.add_observer(tracker)  # outcome and paired series of each table's versions start at zero
-    return RouterApps(public=router.app(), control=router.control_app(tracker.routes()))
+    return RouterApps(public=router.app(), control=router.control_app(tracker.routes()), prediction_log=log)
 
 
 def control_port_of(settings: RouterSettings) -> int:
@@ -633,7 +650,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         apps = create_apps(settings)
     except FeedbackTokenMissingError as exc:
         log_event(logger, "router refuses to start", logging.ERROR, error=str(exc))
-        raise SystemExit(2) from exc
+        raise SystemExit(EXIT_REFUSED) from exc
+    try:  # before listening: an unreachable database is one clear line and an exit, not a startup traceback
+        apps.prediction_log.check_reachable()
+    except PredictionLogUnavailableError as exc:
+        log_event(logger, "router refuses to start", logging.ERROR, event="prediction_log_unreachable", error=str(exc))
+        raise SystemExit(EXIT_DATABASE_UNREACHABLE) from exc
     control = _ControlServer(
         uvicorn.Config(
             apps.control,

@@ -324,6 +324,18 @@ class KubeBackendSettings(BaseModel):
     #: … unless the version is listed here (version → base URL). The seam of the end-to-end tests, whose fake
     #: (kwok) pods run no process: the versions are served by real local ``bentoml serve`` processes.
     version_urls: dict[str, str] = Field(default_factory=dict)
+    #: A version dropped from the routing table is scaled down only once every router replica confirms it holds a
+    #: table without it: each serving endpoint of this Service (the routers' control Service, found through its
+    #: EndpointSlices) is asked ``GET /admin/routing`` on the port named ``router_port_name``, with the router
+    #: admin token (``FW_ROLLOUT_ROUTER__ADMIN_TOKEN_FILE``). Empty → only the controller's own ``status.routing``
+    #: is read (no replica confirms; the chart sets it).
+    router_service: str = Field("", max_length=253)
+    router_port_name: str = Field("feedback", min_length=1, max_length=63)
+    #: Budget of one router's answer; a replica that does not answer holds the scale-down back (retried).
+    router_timeout_s: float = Field(2.0, gt=0.0)
+    #: … unless the router pod is listed here (pod name → base URL of its control listener): the seam of the
+    #: end-to-end tests, whose fake (kwok) router pods run no process.
+    router_urls: dict[str, str] = Field(default_factory=dict)
     #: Registry aliases, bundles (the quality stage) through the MLflow registry (``FW_MLFLOW_TRACKING_URI``);
     #: False → versions are only what the ModelRollout names and aliases are not moved.
     use_registry: bool = False

@@ -3,7 +3,7 @@
 Layout of the state directory (``FW_ROLLOUT_CONTROLLER__STATE_DIR``, default ``<home>/rollout``)::
 
     state.json        the controller's whole state (this module): the current rollout (the stage machine's
-                      RolloutState), finished rollouts, command results
+                      RolloutState), finished rollouts, command results, the running versions' workloads
     events.jsonl      append-only transition log (rollout.events)
     inbox/            one JSON file per operator command (rollout.inbox), written by rolloutctl
     controller.json   the running controller's pid, metrics URL and heartbeat (rollout.inbox)
@@ -17,11 +17,13 @@ half of one. A file with another ``schema_version`` is refused (:class:`StateErr
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
+from rollout.backends.base import Readiness, WorkloadStatus
 from rollout.inbox import STATE_FILE, CommandResult, InboxCommand, write_atomically
 from rollout.machine import CommandKind, ManualCommand, Phase, RolloutState
 
@@ -53,6 +55,30 @@ class RolloutSummary(BaseModel):
     finished_at: AwareDatetime | None
 
 
+class WorkloadView(BaseModel):
+    """A running version's workload as the controller last saw it (``rolloutctl status`` shows it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: str
+    readiness: Readiness
+    #: Restarts after a failure as the backend counts them (locally since the controller started; Kubernetes: the
+    #: pods' container restarts).
+    restarts: int = 0
+    detail: str = ""
+    url: str | None = None
+
+    @classmethod
+    def of(cls, status: WorkloadStatus) -> WorkloadView:
+        return cls(version=status.version, readiness=status.readiness, restarts=status.restarts, detail=status.detail,
+                   url=status.url)  # fmt: skip
+
+
+def workload_views(statuses: Mapping[str, WorkloadStatus]) -> tuple[WorkloadView, ...]:
+    """The statuses as saved: one view per version, in version order."""
+    return tuple(WorkloadView.of(statuses[v]) for v in sorted(statuses))
+
+
 class ControllerState(BaseModel):
     """Everything the controller must remember across a restart."""
 
@@ -65,6 +91,8 @@ class ControllerState(BaseModel):
     rollout_started_at: AwareDatetime | None = None
     past: tuple[RolloutSummary, ...] = ()
     command_results: tuple[CommandResult, ...] = ()
+    #: Every running version's workload (readiness, restarts) after the last act pass.
+    workloads: tuple[WorkloadView, ...] = ()
 
     def result_of(self, command_id: str) -> CommandResult | None:
         return next((r for r in self.command_results if r.id == command_id), None)

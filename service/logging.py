@@ -9,7 +9,8 @@ Usage::
         log_event(logger, "decision", score=0.12, decision="approve")
 
 Every line carries ``ts``, ``level``, ``logger``, ``pid``, ``message``, the current ``correlation_id`` (from a context
-variable, so it follows a request through ``await`` and into ``asyncio.to_thread``) and the event's fields.
+variable, so it follows a request through ``await`` and into ``asyncio.to_thread``) and the event's fields; a field
+named like one of those keys is written as ``field_<name>`` (the child's ``pid`` never hides the logging process').
 """
 
 from __future__ import annotations
@@ -62,8 +63,25 @@ def correlation_scope(correlation_id: str) -> Iterator[str]:
         CORRELATION_ID.reset(token)
 
 
+#: A field that collides with a reserved key is written under this prefix (``pid`` → ``field_pid``).
+COLLISION_PREFIX: Final[str] = "field_"
+
+
+def merge_fields(payload: dict[str, Any], fields: Mapping[str, Any]) -> None:
+    """Add ``fields`` to ``payload`` without overwriting what the formatter wrote: a field named like a key already
+    in ``payload`` (the process' ``pid``, the request's ``correlation_id``, …) is written as ``field_<name>`` unless
+    it carries the same value."""
+    for key, value in fields.items():
+        if key not in payload:
+            payload[key] = value
+        elif payload[key] != value:
+            payload[COLLISION_PREFIX + key] = value
+
+
 class JsonFormatter(logging.Formatter):
-    """Formats a record as one compact JSON object; structured fields come from :func:`log_event`."""
+    """Formats a record as one compact JSON object; structured fields come from :func:`log_event` and never
+    overwrite the formatter's own keys (``ts``, ``level``, ``logger``, ``pid``, ``message``, ``correlation_id``,
+    ``exc_info``: a colliding field is renamed, see :func:`merge_fields`)."""
 
     def format(self, record: logging.LogRecord) -> str:
         payload: dict[str, Any] = {
@@ -76,11 +94,11 @@ class JsonFormatter(logging.Formatter):
         correlation_id = CORRELATION_ID.get()
         if correlation_id is not None:
             payload["correlation_id"] = correlation_id
-        fields = getattr(record, _FIELDS_ATTR, None)
-        if isinstance(fields, Mapping):
-            payload.update(fields)
         if record.exc_info:
             payload["exc_info"] = self.formatException(record.exc_info)
+        fields = getattr(record, _FIELDS_ATTR, None)
+        if isinstance(fields, Mapping):
+            merge_fields(payload, fields)
         return json.dumps(payload, default=str, separators=(",", ":"), allow_nan=False)
 
 

@@ -11,9 +11,10 @@ the arbiter's children. Two handles are combined so nothing escapes:
 * the **tree** of ``/proc`` parent links, walked recursively from the root: what is still attached is found even
   when it cleared its environment.
 
-:func:`stop_tree` SIGTERMs all of them, waits for the grace period (rescanning: a process forked meanwhile is
-caught too), SIGKILLs what is left and returns once none is alive. Zombies count as gone (they hold no port, no
-memory). Linux only (``/proc``); elsewhere only the root's process group is signalled.
+:func:`stop_tree` SIGTERMs all of them (then SIGCONTs them, so a stopped process acts on it at once), waits for
+the grace period (rescanning: a process forked meanwhile is caught too), SIGKILLs what is left and returns once
+none is alive. Zombies count as gone (they hold no port, no memory). Linux only (``/proc``); elsewhere only the
+root's process group is signalled.
 """
 
 from __future__ import annotations
@@ -137,6 +138,15 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
+def _terminate(pgid: int, pids: Iterable[int]) -> None:
+    """SIGTERM, then SIGCONT: a stopped process (SIGSTOP, a debugger's, a hung server frozen on purpose) only acts
+    on its pending SIGTERM once continued — without this it would sit out the whole grace period."""
+    _signal_group(pgid, signal.SIGTERM)
+    _signal(pids, signal.SIGTERM)
+    _signal_group(pgid, signal.SIGCONT)
+    _signal(pids, signal.SIGCONT)
+
+
 def stop_tree(
     pid: int,
     tag: str = "",
@@ -150,15 +160,14 @@ def stop_tree(
     waiting so a child of ours does not linger as a zombie. Returns every pid that was signalled."""
     members = process_tree(pid, tag)
     signalled = set(members)
-    _signal_group(pid, signal.SIGTERM)
-    _signal(members, signal.SIGTERM)
+    _terminate(pid, members)
     deadline = time.monotonic() + grace_s
     while members and time.monotonic() < deadline:
         time.sleep(poll_s)
         if reap is not None:
             reap()
         fresh = process_tree(pid, tag) - signalled  # forked meanwhile (e.g. a worker restarted by its arbiter)
-        _signal(fresh, signal.SIGTERM)
+        _terminate(0, fresh)
         signalled |= fresh
         members = {p for p in members | fresh if alive(p)}
     for _ in range(_KILL_ROUNDS):

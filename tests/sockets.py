@@ -7,6 +7,8 @@ import socket
 import time
 from collections.abc import Iterator
 
+import httpx
+
 
 @contextlib.contextmanager
 def unaccepting_listener(host: str = "127.0.0.1") -> Iterator[tuple[str, int]]:
@@ -31,3 +33,15 @@ def unaccepting_listener(host: str = "127.0.0.1") -> Iterator[tuple[str, int]]:
         for filler in fillers:
             filler.close()
         server.close()
+
+
+def connection_refused(url: str) -> bool:
+    """True when nothing listens at ``url`` any more (a connect is refused); False when something answers or the
+    connection fails otherwise."""
+    try:
+        httpx.get(url + "/readyz", timeout=2.0, trust_env=False)
+    except httpx.ConnectError:
+        return True
+    except httpx.TransportError:
+        return False
+    return False

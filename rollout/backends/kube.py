@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+import httpx
 from prometheus_client import CollectorRegistry, Gauge
 
 from rollout.backends.base import (
@@ -69,10 +70,12 @@ from rollout.backends.kube_model import (
     FINALIZER,
     MODEL_SERVER,
     ROLLOUT_LABEL,
+    SERVICE_NAME_LABEL,
     SPEC_HASH_ANNOTATION,
     VERSION_LABEL,
     ContractError,
     RolloutObject,
+    RouterEndpoint,
     StatusInputs,
     Templates,
     annotation,
@@ -85,6 +88,7 @@ from rollout.backends.kube_model import (
     note_reason,
     pod_restarts,
     pod_trouble,
+    router_endpoints,
     routing_of,
     service_port,
     serving_version,
@@ -92,7 +96,7 @@ from rollout.backends.kube_model import (
     state_of,
     workload_name,
 )
-from rollout.backends.local import same_routing, spec_of, table_of
+from rollout.backends.local import held_table, published_table, same_routing, table_of
 from rollout.controller import ActOutcome, Backend, Controller, ThreadRunner
 from rollout.controller_metrics import ControllerMetrics
 from rollout.events import transition_event
@@ -147,6 +151,7 @@ REQUIRED_ACCESS: Final[tuple[Access, ...]] = (
     Access("get", ":configmaps", "configmap"),  # the model-server templates
     Access("watch", ":configmaps", "configmap"),
     Access("create", ":events"),
+    Access("list", "discovery.k8s.io:endpointslices"),  # the router replicas, whose tables confirm a scale-down
     Access("create", "coordination.k8s.io:leases"),
     Access("get", "coordination.k8s.io:leases", "lease"),
     Access("update", "coordination.k8s.io:leases", "lease"),
@@ -323,10 +328,45 @@ class StatusStateStore:
 
 
 @dataclass
+class RouterReplicas:
+    """The tables the router replicas hold, each read from the replica itself: the serving endpoints of the routers'
+    control Service (its EndpointSlices, listed when asked) and ``GET /admin/routing`` on each one's control port
+    with the admin token. A replica that cannot be read raises :class:`RoutingError` (what it holds is unknown)."""
+
+    def __init__(self, api: KubeApi, settings: KubeBackendSettings, token: str | None) -> None:
+        self.api = api
+        self.settings = settings
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(timeout=settings.router_timeout_s, headers=headers, trust_env=False)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def endpoints(self) -> list[RouterEndpoint]:
+        ks = self.settings
+        path = f"/apis/discovery.k8s.io/v1/namespaces/{ks.namespace}/endpointslices"
+        query = (("labelSelector", label_selector({SERVICE_NAME_LABEL: ks.router_service})),)
+        try:
+            slices = self.api.list(path, query).get("items") or []
+        except KubeError as exc:
+            raise RoutingError(f"the router replicas of Service {ks.router_service} not listed: {exc}") from exc
+        return router_endpoints(slices, ks.router_port_name)
+
+    def read(self) -> list[PublishedTable]:
+        tables = []
+        for endpoint in self.endpoints():
+            url = self.settings.router_urls.get(endpoint.name, endpoint.url)
+            tables.append(published_table(f"router {endpoint.name}", held_table(self._http, url)))
+        return tables
+
+
+@dataclass
 class StatusRoutingPublisher:
-    """:class:`~rollout.backends.base.RoutingPublisher`: ``status.routing``, one generation more per change."""
+    """:class:`~rollout.backends.base.RoutingPublisher`: ``status.routing``, one generation more per change; read back
+    with every router replica's own table (``replicas``: a version is scaled down only once they all dropped it)."""
 
     writer: StatusWriter
+    replicas: RouterReplicas | None = None
 
     def publish(self, spec: RoutingSpec, urls: Mapping[str, str]) -> PublishResult:
         held = self.writer.routing
@@ -355,12 +395,8 @@ class StatusRoutingPublisher:
         return PublishResult("applied", generation, {PUBLISHER: "applied"})
 
     def read(self) -> Sequence[PublishedTable]:
-        table = self.writer.routing
-        if table is None:
-            return [PublishedTable(PUBLISHER, None, 0)]
-        return [
-            PublishedTable(PUBLISHER, spec_of(table), table.generation, {e.version: e.url for e in table.endpoints()})
-        ]
+        own = published_table(PUBLISHER, self.writer.routing)
+        return [own, *(self.replicas.read() if self.replicas is not None else ())]
 
 
 # --------------------------------------------------------------------------------------------------- commands
@@ -864,9 +900,12 @@ class KubeRuntime:
         writer = StatusWriter(self.api, self.cache, self.ks, policy, self.clock)
         writer.routing = routing_of(obj.status)
         prometheus = PrometheusClient(self.cs.prometheus_url)
+        replicas = (
+            RouterReplicas(self.api, self.ks, self.settings.router.admin_secret()) if self.ks.router_service else None
+        )
         backend = Backend(
             workloads=KubeWorkloads(self.api, self.cache, self.ks),
-            publisher=StatusRoutingPublisher(writer),
+            publisher=StatusRoutingPublisher(writer, replicas),
             metrics=prometheus,
             source=KubeModelSource(self.cache, state, lambda: policy().promotion.alias, self.model_registry),
             quality=self.quality if self.quality is not None else NoQuality(),
@@ -888,6 +927,8 @@ class KubeRuntime:
         )
         built.append(controller)
         closers: list[Callable[[], None]] = [runner.close, lambda: background.shutdown(wait=True), prometheus.close]
+        if replicas is not None:
+            closers.append(replicas.close)
         log_event(logger, "reconciling", event="session_started", name=obj.name, uid=obj.uid, identity=self.identity,
                   rollout_id=controller.state.rollout.rollout_id if controller.state.rollout else None)  # fmt: skip
         return Session(obj.uid, controller, threading.Event(), closers)

@@ -714,6 +714,44 @@ def routing_of(status: Mapping[str, Any]) -> RoutingTable | None:
         return None
 
 
+#: The label an EndpointSlice carries with the name of its Service.
+SERVICE_NAME_LABEL: Final[str] = "kubernetes.io/service-name"
+
+
+@dataclass(frozen=True, slots=True)
+class RouterEndpoint:
+    """One router replica behind the router control Service: its pod (or address) and where its control port is."""
+
+    name: str
+    address: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self.port}"
+
+
+def router_endpoints(slices: Sequence[Mapping[str, Any]], port_name: str) -> list[RouterEndpoint]:
+    """The router replicas that may route right now, from the control Service's EndpointSlices: every endpoint
+    that is serving (ready, or terminating but still draining its requests — its shadow calls too), one per pod.
+    A condition left out counts as true (the API's convention)."""
+    found: dict[str, RouterEndpoint] = {}
+    for piece in slices:
+        port = next((p.get("port") for p in piece.get("ports") or [] if p.get("name") == port_name), None)
+        if not isinstance(port, int):
+            continue
+        for endpoint in piece.get("endpoints") or []:
+            conditions = endpoint.get("conditions") or {}
+            serving = conditions.get("serving", conditions.get("ready", True))
+            addresses = endpoint.get("addresses") or []
+            if serving is False or not addresses:
+                continue
+            name = str((endpoint.get("targetRef") or {}).get("name") or addresses[0])
+            found.setdefault(name, RouterEndpoint(name, str(addresses[0]), port))
+    return sorted(found.values(), key=lambda e: e.name)
+
+
 def event_reason(transition: Transition) -> tuple[str, Literal["Normal", "Warning"]]:
     """A Kubernetes Event's reason (CamelCase) and type for a transition."""
     if transition.to_phase != transition.from_phase:

@@ -157,7 +157,7 @@ class LocalWorkloads:
             elif pid_alive(record.pid) and self._answers(url + LIVE_PATH):
                 self._workloads[record.version] = _Workload(record, url, time.monotonic(), server=None)
                 log_event(logger, "model server adopted", event="workload_adopted", version=record.version,
-                          pid=record.pid, url=url)  # fmt: skip
+                          server_pid=record.pid, url=url)  # fmt: skip
             else:  # dead or not answering: whatever is left of its tree (workers of a dead server) goes too
                 stop_group(record.pid, self._settings.stop_timeout_s, self._settings.probe_interval_s, record.tag)
         self._save()
@@ -378,6 +378,31 @@ def same_routing(a: RoutingTable, b: RoutingTable) -> bool:
     return a.model_dump(exclude={"generation"}) == b.model_dump(exclude={"generation"})
 
 
+def held_table(client: httpx.Client, router: str) -> RoutingTable | None:
+    """The table a router holds (``GET /admin/routing`` with the client's bearer token), None when it holds none;
+    :class:`RoutingError` when it cannot be read."""
+    try:
+        response = client.get(router + ADMIN_PATH)
+    except httpx.HTTPError as exc:
+        raise RoutingError(f"router {router} unreachable: {exc}") from exc
+    if response.status_code == _NOT_FOUND:
+        return None
+    if response.status_code != _HTTP_OK:
+        raise RoutingError(f"router {router} answered {response.status_code}: {response.text[:300]}")
+    try:
+        body: dict[str, Any] = response.json()
+        return RoutingTable.model_validate(body["table"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RoutingError(f"router {router} answered an unreadable table: {exc}") from exc
+
+
+def published_table(router: str, table: RoutingTable | None) -> PublishedTable:
+    """A held table as the controller compares it (None: the router holds no table)."""
+    if table is None:
+        return PublishedTable(router, None, 0)
+    return PublishedTable(router, spec_of(table), table.generation, {e.version: e.url for e in table.endpoints()})
+
+
 @dataclass
 class AdminRoutingPublisher:
     """:class:`~rollout.backends.base.RoutingPublisher` through each router's ``/admin/routing``."""
@@ -432,24 +457,7 @@ class AdminRoutingPublisher:
         return "applied"
 
     def _get(self, router: str) -> RoutingTable | None:
-        try:
-            response = self._http.get(router + ADMIN_PATH)
-        except httpx.HTTPError as exc:
-            raise RoutingError(f"router {router} unreachable: {exc}") from exc
-        if response.status_code == _NOT_FOUND:
-            return None
-        if response.status_code != _HTTP_OK:
-            raise RoutingError(f"router {router} answered {response.status_code}: {response.text[:300]}")
-        body: dict[str, Any] = response.json()
-        return RoutingTable.model_validate(body["table"])
+        return held_table(self._http, router)
 
     def read(self) -> list[PublishedTable]:
-        tables = []
-        for router in self.router_urls:
-            table = self._get(router)
-            if table is None:
-                tables.append(PublishedTable(router, None, 0))
-            else:
-                urls = {e.version: e.url for e in table.endpoints()}
-                tables.append(PublishedTable(router, spec_of(table), table.generation, urls))
-        return tables
+        return [published_table(router, self._get(router)) for router in self.router_urls]

@@ -25,7 +25,9 @@ from rollout.settings import LocalBackendSettings
 from service import proctree
 from service.featurestore import STORE_FILE, TABLE
 from service.model import MANIFEST_FILE, bundle_digest
+from service.serving_process import BentoServer
 from service.settings import Settings
+from tests.sockets import connection_refused
 
 pytestmark = pytest.mark.integration
 
@@ -55,16 +57,6 @@ class DirSource:
         return False
 
 
-def refused(url: str) -> bool:
-    try:
-        httpx.get(url + "/readyz", timeout=2.0, trust_env=False)
-    except httpx.ConnectError:
-        return True
-    except httpx.TransportError:
-        return False
-    return False
-
-
 def until(workloads: LocalWorkloads, version: str, wanted: Readiness, restarts: int = 0) -> list[WorkloadStatus]:
     seen = []
     deadline = time.monotonic() + TIMEOUT_S
@@ -77,21 +69,32 @@ def until(workloads: LocalWorkloads, version: str, wanted: Readiness, restarts: 
     raise AssertionError(f"{version} never {wanted}: {seen[-3:]}")
 
 
-def test_a_killed_server_is_dead_its_workers_are_stopped_and_the_restart_is_counted(tmp_path: Path) -> None:
+def workloads_with_a_ready_server(tmp_path: Path, **settings: float) -> tuple[LocalWorkloads, BentoServer]:
+    """A LocalWorkloads (fast probes, restarts and stops, plus ``settings``) whose v1 server is ready."""
     serve = Settings.model_validate(
         {"home": tmp_path, "process": {"bento_target": "tests.integration.bento_fixture:EchoService"}}
     )
-    settings = LocalBackendSettings(restart_backoff_s=0.0, probe_interval_s=0.1, health_interval_s=0.2,
-                                    stop_timeout_s=5.0)  # fmt: skip
-    workloads = LocalWorkloads(settings, serve, DirSource(), tmp_path / "state")
+    fast = {"restart_backoff_s": 0.0, "probe_interval_s": 0.1, "health_interval_s": 0.2, "stop_timeout_s": 5.0}
+    workloads = LocalWorkloads(LocalBackendSettings.model_validate({**fast, **settings}), serve, DirSource(),
+                               tmp_path / "state")  # fmt: skip
     try:
         until(workloads, "v1", Readiness.READY)
-        first = workloads._workloads["v1"]
-        assert first.server is not None and first.server.pid is not None
-        old_url, tag = first.url, first.server.tag
-        workers = first.server.tree() - {first.server.pid}
+    except BaseException:
+        workloads.close(stop_servers=True)
+        raise
+    server = workloads._workloads["v1"].server
+    assert server is not None and server.pid is not None
+    return workloads, server
+
+
+def test_a_killed_server_is_dead_its_workers_are_stopped_and_the_restart_is_counted(tmp_path: Path) -> None:
+    workloads, server = workloads_with_a_ready_server(tmp_path)
+    assert server.pid is not None
+    try:
+        old_url, tag = workloads._workloads["v1"].url, server.tag
+        workers = server.tree() - {server.pid}
         assert workers
-        os.kill(first.server.pid, signal.SIGKILL)  # the worker keeps the port and answers: only the pid is dead
+        os.kill(server.pid, signal.SIGKILL)  # the worker keeps the port and answers: only the pid is dead
         seen = until(workloads, "v1", Readiness.READY, restarts=1)
         assert any(s.readiness is not Readiness.READY for s in seen)  # never reported ready while it was dead
         assert seen[-1].restarts == 1 and workloads.restarts("v1") == 1
@@ -101,7 +104,7 @@ def test_a_killed_server_is_dead_its_workers_are_stopped_and_the_restart_is_coun
             time.sleep(0.05)
         assert proctree.tagged(tag) == set()  # the orphaned workers are gone …
         assert not any(proctree.alive(w) for w in workers)
-        assert refused(old_url)  # … and nothing listens on the old port
+        assert connection_refused(old_url)  # … and nothing listens on the old port
     finally:
         workloads.close(stop_servers=True)
     assert all(proctree.tagged(w.record.tag) == set() for w in workloads._workloads.values())
@@ -167,5 +170,34 @@ def test_a_bundle_changed_after_the_registry_check_is_refused_by_the_model_serve
         assert server is not None
         log = server.log_path.read_text(encoding="utf-8", errors="replace")
         assert "bundle digest" in log and "does not match" in log
+    finally:
+        workloads.close(stop_servers=True)
+
+
+def test_a_server_whose_endpoint_hangs_while_its_pids_live_is_dead_restarted_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The endpoint-dead-but-pid-alive path: every process of the server is SIGSTOPped (a hung server: its pids
+    exist, its port accepts nothing it answers). Detected by the readiness probes, its tree stopped (SIGCONT after
+    SIGTERM, so stopped processes get the TERM at once), a new server started, the restart counted."""
+    workloads, server = workloads_with_a_ready_server(tmp_path, probe_timeout_s=0.3, unhealthy_after=3)
+    try:
+        old_url, tag = workloads._workloads["v1"].url, server.tag
+        frozen = server.tree()
+        assert len(frozen) >= 2  # the server and its worker(s)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        assert all(proctree.alive(pid) for pid in frozen)  # the pids live: only the endpoint says it is dead
+        seen = until(workloads, "v1", Readiness.READY, restarts=1)
+        assert any(s.readiness is Readiness.FAILED and s.detail == "endpoint not ready" for s in seen)
+        assert seen[-1].restarts == 1 and workloads.restarts("v1") == 1
+        assert seen[-1].url != old_url
+        deadline = time.monotonic() + 10.0
+        while (proctree.tagged(tag) or any(proctree.alive(p) for p in frozen)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proctree.tagged(tag) == set() and not any(proctree.alive(p) for p in frozen)
+        assert connection_refused(old_url)
+        # it acted on SIGTERM (continued), instead of sitting out the grace period frozen until SIGKILL
+        assert not [r for r in caplog.records if "ignored SIGTERM" in r.getMessage()]
     finally:
         workloads.close(stop_servers=True)

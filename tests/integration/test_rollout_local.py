@@ -19,8 +19,15 @@ Scenarios, in order (each leaves the stack as the next expects it):
 5. v1 → v2 with the controller SIGKILLed mid-stage and restarted: same stage and stage clock, the same model
    servers (adopted, not restarted), the rollout carries on; the event log has every transition exactly once.
 6. An identical candidate (the stable's bundle under a new version name) is promoted (issue 10's A/A test).
-7. A candidate whose model server is killed (its whole process tree, SIGKILL) on every start is rolled back by
+7. A registry outage (its SQLite store locked) while ``rolloutctl start`` runs: the start fails (exit 1, the reason
+   printed) and the ``rolloutctl revert`` queued behind it is applied (issue 12, point 6).
+8. The candidate's bentoml main process alone is SIGKILLed mid-canary (its workers, in sessions of their own, keep
+   the port): the workers are stopped, the old port refuses, the restart is counted (``rolloutctl status``), and
+   with every later start killed the same way the ``candidate-workload`` gate rolls back past the restart bound.
+9. A candidate whose model server is killed (its whole process tree, SIGKILL) on every start is rolled back by
    the ``candidate-workload`` gate within the policy's bound, while routing never waited on it (issue 12, point 2).
+10. No shadow call fails, and none is dropped, across a promotion and the old version's scale-down at the end of
+    its warm window (issue 12, point 3).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import itertools
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -44,13 +52,14 @@ import pytest
 from rollout.backends.local import WORKLOADS_FILE, stop_group
 from rollout.controller import OFFLINE_MESSAGE
 from rollout.events import read_events
-from rollout.inbox import EVENTS_FILE, read_heartbeat
-from rollout.policy import OutcomeGate, loads_policy
+from rollout.inbox import EVENTS_FILE, CommandInbox, read_heartbeat
+from rollout.policy import OutcomeGate, dumps_policy, loads_policy
 from rollout.prometheus import PrometheusClient, PrometheusServer, free_port
 from rollout.router_process import RouterProcess
 from rollout.state import ControllerState, StateStore
-from service.proctree import process_tree
+from service.proctree import alive, process_tree, tagged
 from tests.rolloutkit import (
+    BIN,
     HOST,
     IDENTICAL,
     POLICY_YAML,
@@ -71,6 +80,8 @@ from tests.rolloutkit import (
     stop_locust,
     wait_for,
 )
+from tests.routerkit import metric_value
+from tests.sockets import connection_refused
 from tests.stackkit import ControllerConfig, rolloutctl, start_controller, stop_process
 from tests.stackkit import controller_env as kit_controller_env
 
@@ -78,6 +89,19 @@ pytestmark = pytest.mark.integration
 
 TOKEN = "rollout-integration-token"
 NAME = "it"
+#: The previous version stays warm this long after a promotion: long enough for the revert scenarios right after one
+#: (the registry-outage one holds SQLite's lock for its 20 s busy timeout), short enough to watch it end.
+WARM_WINDOW_S = 75.0
+
+
+def local_policy_yaml() -> str:
+    """The shared time-compressed policy with this module's warm window."""
+    policy = loads_policy(POLICY_YAML)
+    promotion = policy.promotion.model_copy(update={"warm_window_s": WARM_WINDOW_S})
+    return dumps_policy(policy.model_copy(update={"promotion": promotion}))
+
+
+LOCAL_POLICY_YAML = local_policy_yaml()
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +199,7 @@ def controller_env(
     config = ControllerConfig(
         name=NAME, model_home=models.home, workdir=workdir, prometheus_url=prometheus.url,
         router_control_url=router.control_url,
-        metrics_port=port, policy_yaml=POLICY_YAML, admin_token=TOKEN, quality_set=models.regression_meta,
+        metrics_port=port, policy_yaml=LOCAL_POLICY_YAML, admin_token=TOKEN, quality_set=models.regression_meta,
         start_timeout_s=START_TIMEOUT_S,
     )  # fmt: skip
     return kit_controller_env(config)
@@ -356,20 +380,77 @@ def test_an_identical_candidate_is_promoted(stack: Stack) -> None:
 
 
 @contextlib.contextmanager
-def killing_every_start(stack: Stack, version: str) -> Iterator[list[int]]:
-    """SIGKILL every process of ``version``'s model server as soon as the controller records one (a crash loop)."""
-    killed: list[int] = []
+def registry_locked(models: Models) -> Iterator[None]:
+    """A registry outage: another connection holds an exclusive lock on the registry's SQLite store, so every
+    registry call fails with 'database is locked' once SQLite's busy timeout (MLflow's 20 s) has passed."""
+    db = sqlite3.connect(models.home / "mlflow.db", isolation_level=None, timeout=60)
+    try:
+        db.execute("BEGIN EXCLUSIVE")
+        yield
+        db.execute("ROLLBACK")
+    finally:
+        db.close()
+
+
+def rolloutctl_async(stack: Stack, *args: str) -> subprocess.Popen[str]:
+    """``rolloutctl`` (its console script) running in the background."""
+    return subprocess.Popen(
+        [str(BIN / "rolloutctl"), "--json", *args], env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def test_a_registry_outage_fails_a_start_and_the_revert_queued_behind_it_runs(stack: Stack) -> None:
+    """Issue 12, point 6, through the real processes: the retraining hand-off's ``start`` arriving during a registry
+    outage must not block the on-call's ``revert`` queued behind it, and the failed start exits non-zero with the
+    reason (the command line's contract)."""
+    rollout = stack.rollout()
+    assert rollout.phase == "Promoted", rollout.history[-1].reason  # the identical candidate's, just before
+    previous, current = rollout.stable, rollout.candidate
+    candidate = "v2" if previous != "v2" else "v1"
+    with registry_locked(stack.models):
+        start = rolloutctl_async(stack, "start", "--candidate", candidate, "--id", "start-in-outage")
+        inbox = CommandInbox(stack.state_dir)
+        queued = lambda: any(not isinstance(c, str) and c.id == "start-in-outage" for _, c in inbox.pending())  # noqa: E731
+        wait_for(queued, "the start in the inbox", 30)
+        revert = rolloutctl_async(stack, "revert", "--id", "revert-behind", "--reason", "on-call reverts")
+        start_out, start_err = start.communicate(timeout=120)
+        revert_out, revert_err = revert.communicate(timeout=120)
+
+    assert start.returncode == 1, start_out + start_err
+    failed = json.loads(start_out)
+    assert (failed["kind"], failed["outcome"]) == ("start", "failed")
+    assert "the model registry failed" in failed["detail"] and "database is locked" in failed["detail"]
+    assert revert.returncode == 0, revert_out + revert_err
+    assert json.loads(revert_out)["outcome"] == "applied"
+    assert stack.answer()["model_version"] == previous
+    table = stack.routing()
+    assert (table["stable"]["version"], table["candidate"]) == (previous, None)
+    assert stack.rollout().phase == "RolledBack" and stack.rollout().candidate == current
+    notes = [e for e in read_events(stack.state_dir / EVENTS_FILE) if e.get("kind") == "note"]
+    assert any("command start failed: the model registry failed" in str(e.get("reason")) for e in notes)
+    assert stack.state().result_of("start-in-outage").outcome == "failed"  # type: ignore[union-attr]
+
+
+@contextlib.contextmanager
+def killing_each_start(stack: Stack, version: str, *, whole_tree: bool) -> Iterator[list[dict[str, Any]]]:
+    """SIGKILL each model server of ``version`` as soon as the controller records one (a crash loop): its whole
+    process tree, or only its recorded bentoml main process (its workers, each in a session of its own, are left
+    for the controller to find). Yields the records killed."""
+    killed: list[dict[str, Any]] = []
     done = threading.Event()
 
     def loop() -> None:
-        while not done.wait(0.1):
+        while not done.wait(0.05):
             with contextlib.suppress(FileNotFoundError, json.JSONDecodeError, KeyError):
                 for record in json.loads((stack.state_dir / WORKLOADS_FILE).read_text()):
-                    if record["version"] == version and record["pid"] not in killed:
-                        for pid in process_tree(int(record["pid"]), str(record.get("tag", ""))):
-                            with contextlib.suppress(ProcessLookupError):
-                                os.kill(pid, signal.SIGKILL)
-                        killed.append(int(record["pid"]))
+                    if record["version"] != version or record["pid"] in {k["pid"] for k in killed}:
+                        continue
+                    pid = int(record["pid"])
+                    for target in process_tree(pid, str(record.get("tag", ""))) if whole_tree else {pid}:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(target, signal.SIGKILL)
+                    killed.append(record)
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
@@ -380,10 +461,77 @@ def killing_every_start(stack: Stack, version: str) -> Iterator[list[int]]:
         thread.join()
 
 
+def router_counter(stack: Stack, name: str, **labels: str) -> float:
+    """The sum of the router's samples of ``name`` (a counter's ``_total``) whose labels include ``labels``."""
+    return metric_value(
+        httpx.get(stack.router.control_url + "/metrics", timeout=10, trust_env=False).text, name, **labels
+    )
+
+
+def workload_of(stack: Stack, version: str) -> dict[str, Any]:
+    """``version``'s workload as the real ``rolloutctl status --json`` shows it."""
+    done = stack.ctl("--json", "status")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return next(w for w in json.loads(done.stdout)["workloads"] if w["version"] == version)
+
+
+def test_a_candidate_whose_main_process_is_killed_mid_stage_is_restarted_counted_and_rolled_back(stack: Stack) -> None:
+    """Issue 12, point 1: killing only the recorded main pid of the candidate's server left its workers serving the
+    old port, and the candidate was promoted. Held in canary (paused) while it decides for its share, its main pid
+    is SIGKILLed, then every later start's too (a crash loop that leaves workers behind each time)."""
+    stable = stack.routing()["stable"]["version"]
+    bound = loads_policy(LOCAL_POLICY_YAML).analysis.max_restarts
+    stack.start("v2", "killed-v2")
+    stack.at_stage("killed-v2", "canary")
+    paused = stack.ctl("pause", "--reason", "hold canary for the kill")
+    assert paused.returncode == 0, paused.stdout + paused.stderr
+
+    def measured_ready() -> bool:
+        gate = stack.rollout().gates.get("candidate-workload")
+        table = stack.routing()
+        routed = table["candidate"] is not None and table["candidate"]["version"] == "v2" and table["stage"] == "canary"
+        return routed and gate is not None and gate.last is not None and gate.last.status.value == "Successful"
+
+    wait_for(measured_ready, "the canary routed and the candidate's workload judged ready", 60)
+    decided = router_counter(stack, "fraudwatch_router_requests_total", model_version="v2", role="decider",
+                             stage="canary", outcome="2xx")  # fmt: skip
+    wait_for(lambda: router_counter(stack, "fraudwatch_router_requests_total", model_version="v2", role="decider",
+                                    stage="canary", outcome="2xx") >= decided + 100,
+             "the candidate deciding 100 more canary calls", 120)  # fmt: skip
+    before = workload_of(stack, "v2")
+    assert (before["role"], before["readiness"]) == ("candidate", "ready")
+    [first] = [r for r in json.loads((stack.state_dir / WORKLOADS_FILE).read_text()) if r["version"] == "v2"]
+    workers = process_tree(int(first["pid"]), first["tag"]) - {int(first["pid"])}
+    assert workers  # BentoML's worker(s), in sessions of their own
+    old_url = f"http://{HOST}:{first['port']}"
+
+    with killing_each_start(stack, "v2", whole_tree=False) as killed:
+        wait_for(lambda: any(k["pid"] == first["pid"] for k in killed), "the first kill", 10)
+        wait_for(lambda: not tagged(first["tag"]) and not any(alive(w) for w in workers),
+                 "the killed server's workers stopped", 60)  # fmt: skip
+        assert connection_refused(old_url)  # nothing answers on the old port any more
+        counted = wait_for(lambda: (w := workload_of(stack, "v2"))["restarts"] > before["restarts"] and w,
+                           "the restart in rolloutctl status", 30)  # fmt: skip
+        assert counted["role"] == "candidate"
+        rollout = stack.finished("killed-v2")
+
+    last = rollout.history[-1]
+    assert last.to_phase == "RolledBack", last.reason
+    assert "candidate-workload" in last.reason and f"restarted {bound + 1} times" in last.reason, last.reason
+    gate = next(g for g in last.gates if g.name == "candidate-workload")
+    assert gate.status.value == "Failed" and gate.candidate_value == bound + 1
+    assert len(killed) >= bound + 1
+    for record in killed:  # no server of any kill left a worker behind
+        wait_for(lambda r=record: not tagged(r["tag"]), f"server {record['pid']}'s tree gone", 60)  # type: ignore[misc]
+        assert connection_refused(f"http://{HOST}:{record['port']}")
+    assert stack.routing()["stable"]["version"] == stable and stack.routing()["candidate"] is None
+    assert stack.answer()["model_version"] == stable
+
+
 def test_a_crash_looping_candidate_is_rolled_back_within_the_bound(stack: Stack) -> None:
     stable = stack.routing()["stable"]["version"]
-    policy = loads_policy(POLICY_YAML).analysis
-    with killing_every_start(stack, "v2") as killed:
+    policy = loads_policy(LOCAL_POLICY_YAML).analysis
+    with killing_each_start(stack, "v2", whole_tree=True) as killed:
         started = time.monotonic()
         stack.start("v2", "crash-v2")
         rollout = stack.finished("crash-v2")
@@ -413,3 +561,22 @@ def test_prometheus_scrapes_the_controller_and_the_model_servers_it_registered(s
     metrics = httpx.get(f"http://{HOST}:{stack.controller_port}/metrics", timeout=10, trust_env=False).text
     assert 'fraudwatch_rollout_transitions_total{from="Progressing/canary",reason="gates_passed"' in metrics
     assert "fraudwatch_rollout_reconcile_duration_seconds_bucket" in metrics
+
+
+def test_no_shadow_call_fails_across_a_promotion_and_the_old_version_s_scale_down(stack: Stack) -> None:
+    """Issue 12, point 3: the previous version was stopped 21 s before the routers stopped shadowing it (1,506 failed
+    shadow calls). Across a whole promotion and the end of the old version's warm window no shadow call fails and
+    none is dropped; the old version is stopped only once the table without it is in force."""
+    stable = stack.routing()["stable"]["version"]
+    candidate = IDENTICAL[stable]
+    errors = router_counter(stack, "fraudwatch_router_upstream_errors_total", role="shadow")
+    drops = router_counter(stack, "fraudwatch_shadow_dropped_total")
+    stack.start(candidate, f"handover-{stable}")
+    rollout = stack.finished(f"handover-{stable}")
+    assert rollout.phase == "Promoted", rollout.history[-1].reason
+    assert [e["version"] for e in stack.routing()["shadow"]] == [stable]  # warm, shadowing the new stable
+    wait_for(lambda: stable not in stack.workloads(), f"{stable} scaled down after its warm window", WARM_WINDOW_S + 60)
+    assert stack.routing()["shadow"] == []
+    time.sleep(3.0)  # calls in flight when it stopped have failed by now, if any did
+    assert router_counter(stack, "fraudwatch_router_upstream_errors_total", role="shadow") == errors
+    assert router_counter(stack, "fraudwatch_shadow_dropped_total") == drops

@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings
 
 from rollout.backends.kube import REQUIRED_ACCESS
 from rollout.outcome_settings import DriftSettings, OutcomeSettings, PrometheusSettings
+from rollout.outcomes import mark_dir_of
 from rollout.policy import CANARY_WEIGHT_MAX, CANARY_WEIGHT_MIN, load_policy, policy_from_mapping
 from rollout.router import Router
 from rollout.settings import RolloutSettings
@@ -665,15 +666,20 @@ def test_the_feedback_port_has_its_own_service_and_the_public_service_does_not_e
 
 
 def test_by_default_only_prometheus_may_reach_the_control_port(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    """The control port (labels, metrics, admin) admits Prometheus and feedbackIngressFrom only (empty by default:
-    no label source until the operator names one); the public port admits clients, not Prometheus."""
+    """The control port (labels, metrics, admin) admits Prometheus, this release's controller (it reads each
+    replica's table) and feedbackIngressFrom only (empty by default: no label source until the operator names one);
+    the public port admits clients, not Prometheus."""
     policy = one(rendered["defaults"], "NetworkPolicy", "-router")
-    rules = {p["port"]: rule for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
-    assert set(rules) == {"http", "control"}
+    peers: dict[str, list[Any]] = {}
+    for rule in policy["spec"]["ingress"]:
+        for port in rule.get("ports", []):
+            peers.setdefault(port["port"], []).extend(rule.get("from", ["anyone"]))
+    assert set(peers) == {"http", "control"}
     prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
                   "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}  # fmt: skip
-    assert rules["control"]["from"] == [prometheus]
-    assert "from" not in rules["http"]  # routerIngressFrom empty: the front door
+    controller = one(rendered["defaults"], "Deployment", "-controller")["spec"]["selector"]["matchLabels"]
+    assert peers["control"] == [prometheus, {"podSelector": {"matchLabels": controller}}]
+    assert peers["http"] == ["anyone"]  # routerIngressFrom empty: the front door
 
 
 def pod_labels(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, str]]]:
@@ -876,6 +882,25 @@ def test_the_routers_whole_shutdown_fits_in_its_grace_period(
     assert min(router.graceful_shutdown_s, outcomes.close_timeout_s) >= 1
 
 
+def test_the_router_keeps_its_prediction_log_marks_on_the_pods_data_volume(
+    helm: Helm, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12, point 5: what a SIGKILLed router never wrote is counted by the container started after it — its
+    marks must live on a volume that outlives the container (the pod's data emptyDir), not on the read-only root."""
+    container = router_container(helm.template({}, workdir))
+    marks = env_of(container)["FW_ROLLOUT_OUTCOMES__MARK_DIR"]["value"]
+    monkeypatch.setenv("FW_ROLLOUT_OUTCOMES__MARK_DIR", marks)
+    monkeypatch.setenv(DSN_ENV, "postgresql+psycopg://fw@db/fw")
+    assert mark_dir_of(OutcomeSettings()) == Path(marks)
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert Path(marks).is_relative_to(mounts["data"])
+    volumes = {
+        v["name"]: v
+        for v in one(helm.template({}, workdir), "Deployment", "-router")["spec"]["template"]["spec"]["volumes"]
+    }
+    assert "emptyDir" in volumes["data"]
+
+
 def one_deployment_grace(helm: Helm, workdir: Path, values: Mapping[str, Any]) -> int:
     deployment = one(helm.template(values, workdir), "Deployment", "-router")
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
@@ -911,12 +936,12 @@ def test_controller_replicas_lease_and_spread(rendered: dict[str, list[dict[str,
 def test_the_regression_set_can_be_mounted_into_the_controller(rendered: dict[str, list[dict[str, Any]]]) -> None:
     pod = one(rendered["ha-controller"], "Deployment", "-controller")["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    assert {v["name"] for v in pod["volumes"]} == {"tmp", "data", "regression"}
+    assert {v["name"] for v in pod["volumes"]} == {"tmp", "data", "admin-token", "regression"}
     mount = next(m for m in container["volumeMounts"] if m["name"] == "regression")
     quality_set = env_of(container)["FW_ROLLOUT_CONTROLLER__QUALITY_SET"]["value"]
     assert quality_set.startswith(mount["mountPath"] + "/")
     default = one(rendered["defaults"], "Deployment", "-controller")["spec"]["template"]["spec"]
-    assert {v["name"] for v in default["volumes"]} == {"tmp", "data"}
+    assert {v["name"] for v in default["volumes"]} == {"tmp", "data", "admin-token"}
 
 
 def test_router_has_service_hpa_and_pdb_on_its_pods(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -1046,6 +1071,32 @@ def test_controller_role_grants_exactly_the_backends_requests_on_named_objects(
     assert not [r for r in granted if r[1] in {"secrets", "*"} or r[2] == "*"]
     assert {r[2] for r in granted if r[1] == "pods"} == {"list", "watch"}  # pods: read only, never create/exec
     assert {r[2] for r in granted if r[1] == "modelrollouts"} == {"get", "watch", "patch"}  # no list, no update
+
+
+def test_the_controller_can_read_each_router_replica_s_table(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Issue 12, point 3 on Kubernetes: the controller finds the router replicas through the control Service's
+    EndpointSlices and asks each for its table on the control port with the admin token — the Service and port it
+    names exist, the token file is mounted, and its NetworkPolicy lets it reach that port."""
+    objects = rendered["defaults"]
+    controller = one(objects, "Deployment", "-controller")["spec"]["template"]["spec"]
+    env = env_of(controller["containers"][0])
+    service = one(objects, "Service", env["FW_ROLLOUT_CONTROLLER__KUBE__ROUTER_SERVICE"]["value"])
+    port_name = env["FW_ROLLOUT_CONTROLLER__KUBE__ROUTER_PORT_NAME"]["value"]
+    [port] = [p for p in service["spec"]["ports"] if p["name"] == port_name]
+    router = one(objects, "Deployment", "-router")["spec"]["template"]["spec"]["containers"][0]
+    control = next(p for p in router["ports"] if p["name"] == port["targetPort"])
+    token = env["FW_ROLLOUT_ROUTER__ADMIN_TOKEN_FILE"]["value"]
+    mounts = {m["name"]: m["mountPath"] for m in controller["containers"][0]["volumeMounts"]}
+    assert token.startswith(mounts["admin-token"] + "/")
+    assert token == env_of(router)["FW_ROLLOUT_ROUTER__ADMIN_TOKEN_FILE"]["value"]
+    egress = one(objects, "NetworkPolicy", "-controller")["spec"].get("egress")
+    if egress is not None:  # egress enforced: the routers' control port must be allowed
+        router_labels = one(objects, "Deployment", "-router")["spec"]["selector"]["matchLabels"]
+        assert any(
+            {"podSelector": {"matchLabels": router_labels}} in rule.get("to", [])
+            and {"port": control["containerPort"], "protocol": "TCP"} in rule.get("ports", [])
+            for rule in egress
+        )
 
 
 def test_router_role_only_reads_modelrollouts(rendered: dict[str, list[dict[str, Any]]]) -> None:

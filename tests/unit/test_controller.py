@@ -813,3 +813,35 @@ def test_a_stage_s_minimum_duration_counts_from_when_its_routing_was_in_force(ha
     assert left.from_stage == "shadow" and left.to_stage == "canary"
     assert (left.at - routed).total_seconds() >= POLICY.stages.shadow.min_duration_s  # not from `entered`
     assert harness.rollout.routed_at is not None and harness.rollout.routed_at >= left.at  # canary's own clock
+
+
+@dataclass
+class RecordingMetrics(DictMetrics):
+    """DictMetrics that remembers every query it was asked, in order."""
+
+    asked: list[str] = field(default_factory=list)
+
+    def query(self, promql: str) -> float | None:
+        self.asked.append(promql)
+        return super().query(promql)
+
+
+def test_the_stage_window_of_the_queries_starts_when_the_stage_s_routing_was_in_force(tmp_path: Path) -> None:
+    """Issue 12, point 7: ``{{stage_window}}`` covered the time before the stage's routing took effect (the
+    candidate not yet shadowed), so a stage's counts included calls made under the previous table."""
+    errors = 'errors{model_version="{{version}}"}'
+    windowed = POLICY_YAML.replace(errors, errors + "[{{stage_window}}]")
+    policy = pol.policy_from_mapping(yaml.safe_load(windowed))
+    harness = Harness(tmp_path / "state", policy=policy, metrics_values=RecordingMetrics())
+    harness.workloads.ready_after = 8  # the candidate needs 8 reconciles (8 s) before it can be shadowed
+    harness.workloads.probes[V1] = 100
+    start_rollout(harness)
+    harness.run_until(lambda: harness.rollout.routed_at is not None)
+    recorder = harness.metrics_values
+    assert isinstance(recorder, RecordingMetrics)
+    harness.run_until(lambda: any("errors{" in q for q in recorder.asked))
+    routed, entered = harness.rollout.routed_at, harness.rollout.stage_entered_at
+    first = next(q for q in recorder.asked if q.startswith('errors{model_version="v2"}'))
+    window_s = float(first.rsplit("[", 1)[1].removesuffix("s]"))
+    assert (routed - entered).total_seconds() >= 7
+    assert window_s == pytest.approx((harness.clock.now - routed).total_seconds(), abs=1)  # not since `entered`

@@ -34,6 +34,7 @@ from rollout.backends.kube_model import (
     history_rows,
     pod_restarts,
     pod_trouble,
+    router_endpoints,
     spec_commands,
     workload_name,
 )
@@ -436,3 +437,31 @@ def test_event_reasons_of_transitions(tmp_path: Path) -> None:
 )
 def test_lease_decisions(spec: dict[str, Any], observed_at: float, now: float, decision: str) -> None:
     assert decide(spec, "me", observed_at, now, 15.0) == decision
+
+
+def test_the_router_replicas_are_every_serving_endpoint_of_the_control_service_once() -> None:
+    """Issue 12: the replicas that must confirm a table before a scale-down — ready or still draining (serving while
+    terminating), not those that serve nothing; a pod in two slices counts once; a slice without the port is not a
+    router's."""
+
+    def endpoint(name: str, address: str, **conditions: bool) -> dict[str, Any]:
+        return {"addresses": [address], "conditions": conditions, "targetRef": {"kind": "Pod", "name": name}}
+
+    slices = [
+        {"ports": [{"name": "feedback", "port": 8081}],
+         "endpoints": [endpoint("r-a", "10.0.0.1", ready=True, serving=True),
+                       endpoint("r-b", "10.0.0.2", ready=False, serving=True, terminating=True),  # draining
+                       endpoint("r-c", "10.0.0.3", ready=False, serving=False),  # serves nothing
+                       {"addresses": ["10.0.0.4"]}]},  # no conditions (true), no targetRef (named by address)
+        {"ports": [{"name": "feedback", "port": 8081}], "endpoints": [endpoint("r-a", "10.0.0.1", ready=True)]},
+        {"ports": [{"name": "http", "port": 8080}], "endpoints": [endpoint("r-d", "10.0.0.5", ready=True)]},
+        {"ports": [{"name": "feedback", "port": 8081}], "endpoints": [endpoint("r-e", "fd00::7", ready=True)]},
+    ]  # fmt: skip
+    found = router_endpoints(slices, "feedback")
+    assert [(e.name, e.url) for e in found] == [
+        ("10.0.0.4", "http://10.0.0.4:8081"),
+        ("r-a", "http://10.0.0.1:8081"),
+        ("r-b", "http://10.0.0.2:8081"),
+        ("r-e", "http://[fd00::7]:8081"),
+    ]
+    assert router_endpoints([], "feedback") == []

@@ -90,3 +90,17 @@ def test_a_zombie_is_not_alive() -> None:
     assert child.poll() == 0
     assert not proctree.alive(child.pid)
     assert not proctree.alive(0)
+
+
+def test_a_stopped_process_acts_on_sigterm_at_once_instead_of_being_killed_after_the_grace_period() -> None:
+    """A SIGSTOPped process (a hung server frozen, a debugger's) holds its SIGTERM pending until continued: stop_tree
+    continues it, so it ends by SIGTERM, not by the SIGKILL after ``grace_s``."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    try:
+        os.kill(child.pid, signal.SIGSTOP)
+        proctree.stop_tree(child.pid, grace_s=30.0, reap=child.poll)
+        assert child.wait(timeout=5) == -signal.SIGTERM
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()

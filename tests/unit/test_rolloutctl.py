@@ -105,7 +105,7 @@ def test_the_kubectl_plugin_takes_the_rollout_name() -> None:
 
 def test_status_without_a_rollout_exits_not_found(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert ctl(state_dir, "--json", "status") == ExitCode.NOT_FOUND
-    assert json_out(capsys) == {"rollout": None, "controller": {"running": False}}
+    assert json_out(capsys) == {"rollout": None, "controller": {"running": False}, "workloads": []}
 
 
 def test_a_command_without_a_rollout_is_not_queued(state_dir: Path) -> None:
@@ -200,6 +200,37 @@ def test_status_shows_every_gate_with_value_threshold_and_verdict(
     table = capsys.readouterr().out
     for text in ("canary", "errors", "Successful", "0.01", "v1 95 %", "v2 5 %", "time in stage"):
         assert text in table
+
+
+def test_status_shows_each_running_version_s_readiness_and_restarts_before_any_analysis(
+    state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 12: restarts were visible only in the candidate-workload gate's row, once a report existed; a crash
+    loop's restarts show from the first restart, while no gate has been measured (routing waits for the candidate)."""
+    harness = Harness(state_dir)
+    harness.workloads.crashing.add(V2)
+    harness.tick(n=2)
+    assert ctl(state_dir, "--json", "status") == ExitCode.NOT_FOUND  # no rollout yet: the serving version shows
+    assert [(w["version"], w["role"], w["readiness"]) for w in json_out(capsys)["workloads"]] == [
+        (V1, "serving", "ready")
+    ]
+    harness.command("start", candidate=V2, id="r1")
+    harness.tick(n=3)
+    assert harness.phase() == "Progressing" and not harness.rollout.gates  # nothing measured yet
+
+    assert ctl(state_dir, "--json", "status") == ExitCode.OK
+    view = json_out(capsys)
+    assert {g["verdict"] for g in view["gates"]} == {"not measured"}
+    workloads = {w["version"]: w for w in view["workloads"]}
+    assert (workloads[V1]["role"], workloads[V1]["readiness"], workloads[V1]["restarts"]) == ("stable", "ready", 0)
+    candidate = workloads[V2]
+    assert (candidate["role"], candidate["readiness"], candidate["detail"]) == ("candidate", "failed", "process exited")
+    assert candidate["restarts"] == harness.workloads.restarts[V2] >= 2
+
+    assert ctl(state_dir, "status") == ExitCode.OK
+    out = capsys.readouterr().out
+    assert f"{V1} (stable) ready, 0 restarts" in out
+    assert f"{V2} (candidate) failed (process exited), {candidate['restarts']} restarts" in out
 
 
 def test_revert_and_the_kubectl_plugin(running: Harness, state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

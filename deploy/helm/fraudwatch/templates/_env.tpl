@@ -59,6 +59,9 @@ A component's `settings` map adds variables under its prefix; keys the chart set
   (dict "name" (print $kube "RENEW_DEADLINE_S") "value" (toString $le.renewDeadlineSeconds))
   (dict "name" (print $kube "RETRY_PERIOD_S") "value" (toString $le.retryPeriodSeconds))
   (dict "name" (print $kube "IDENTITY") "valueFrom" (include "fraudwatch.env.fieldRef" "metadata.name" | fromYaml))
+  (dict "name" (print $kube "ROUTER_SERVICE") "value" (include "fraudwatch.componentName" (dict "ctx" . "component" "router-feedback")))
+  (dict "name" (print $kube "ROUTER_PORT_NAME") "value" "feedback")
+  (dict "name" "FW_ROLLOUT_ROUTER__ADMIN_TOKEN_FILE" "value" (include "fraudwatch.adminTokenPath" .))
 }}
 {{- /* With a model registry: aliases move with the rollout and the quality stage can fetch bundles. */}}
 {{- with .Values.mlflow.trackingUri }}
@@ -99,8 +102,11 @@ A component's `settings` map adds variables under its prefix; keys the chart set
 {{- $env = append $env (dict "name" (print $p "FEEDBACK_TOKENS_DIR") "value" (include "fraudwatch.feedbackSourcesPath" .)) }}
 {{- end }}
 {{- $routerEnv := include "fraudwatch.env.render" (dict "env" $env "prefix" $p "settings" $r.settings "reserved" (list "feedback_tokens_dir")) | fromYamlArray }}
-{{- /* The DSN (it may carry the database password) is a file of the mounted Secret, never an env variable. */}}
-{{- $logEnv := list (dict "name" (print $outcomes "DSN_FILE") "value" (include "fraudwatch.predictionLogPath" .)) (dict "name" (print $outcomes "CLOSE_TIMEOUT_S") "value" (toString $close)) }}
+{{- /* The DSN (it may carry the database password) is a file of the mounted Secret, never an env variable. The
+     prediction log's durable marks on the pod's data emptyDir: it outlives container restarts, so what a killed
+     router never wrote is counted (dropped{reason="killed"}) by the container started after it. */}}
+{{- $marks := print (include "fraudwatch.dataDir" .) "/prediction-log-marks" }}
+{{- $logEnv := list (dict "name" (print $outcomes "DSN_FILE") "value" (include "fraudwatch.predictionLogPath" .)) (dict "name" (print $outcomes "CLOSE_TIMEOUT_S") "value" (toString $close)) (dict "name" (print $outcomes "MARK_DIR") "value" $marks) }}
 {{- include "fraudwatch.env.render" (dict "env" (concat $routerEnv $logEnv) "prefix" $outcomes "settings" .Values.outcomes.settings "extra" $r.extraEnv "reserved" (list "dsn")) }}
 {{- end }}
 
