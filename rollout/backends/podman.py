@@ -30,7 +30,7 @@ from typing import Any, Final
 
 import httpx
 
-from rollout.backends.base import ModelSource, Readiness, WorkloadStatus
+from rollout.backends.base import ModelSource
 from rollout.backends.local import LocalWorkloads, WorkloadRecord, _Workload
 from rollout.prometheus import free_port
 from rollout.settings import LocalBackendSettings, PodmanBackendSettings
@@ -193,26 +193,17 @@ class PodmanWorkloads(LocalWorkloads):
     def _alive(self, workload: _Workload) -> bool:
         return self._api.running(workload.record.tag)
 
-    def _start(self, version: str) -> WorkloadStatus:
-        now = time.monotonic()
-        last = self._last_start.get(version)
-        if last is not None and now - last < self._settings.restart_backoff_s:
-            return WorkloadStatus(version, Readiness.FAILED, detail="exited; waiting to start it again")
-        self._last_start[version] = now
-        model_dir = readable(self._source.fetch(version, self._models_dir / version))
+    def _launch(self, version: str, model_dir: Path) -> _Workload:
         name = self._name(version)
         self._api.remove(name, 0)  # what is left of an exited one
         port = free_port(self._podman.host_ip)
-        spec = container_spec(self._podman, name=name, rollout=self._rollout, version=version, model_dir=model_dir,
-                              host_port=port)  # fmt: skip
+        spec = container_spec(self._podman, name=name, rollout=self._rollout, version=version,
+                              model_dir=readable(model_dir), host_port=port)  # fmt: skip
         ident = self._api.run(spec)
-        record = WorkloadRecord(version=version, pid=0, port=port, model_dir=model_dir, tag=name)
-        self._workloads[version] = _Workload(record, self._url(port), time.monotonic(), server=None)
-        self._save()
-        self._write_targets()
         log_event(logger, "model server container started", event="workload_started", version=version,
                   url=self._url(port), container=name, id=ident[:12], image=self._podman.image)  # fmt: skip
-        return WorkloadStatus(version, Readiness.STARTING, self._url(port))
+        record = WorkloadRecord(version=version, pid=0, port=port, model_dir=model_dir, tag=name)
+        return _Workload(record, self._url(port), time.monotonic(), server=None)
 
     def _stop(self, workload: _Workload) -> None:
         self._api.remove(workload.record.tag, self._settings.stop_timeout_s)

@@ -182,6 +182,23 @@ def controller_env(
     return kit_controller_env(config)
 
 
+def serve_traffic(stack: Stack, started: float) -> None:
+    """Start the controller, wait until the champion answers through the router, start locust."""
+    stack.start_controller()
+    wait_for(
+        lambda: stack.answer() if router_ready(stack.router.url) else None,
+        "the champion behind the router",
+        START_TIMEOUT_S,
+    )
+    stack.locust = start_locust(stack.router, stack.workdir / "locust.log")
+    stack.timings["stack_ready_s"] = round(time.monotonic() - started, 1)
+
+
+def stop_traffic(stack: Stack) -> None:
+    stop_locust(stack.locust)
+    stack.stop_controller()
+
+
 @pytest.fixture(scope="module")
 def stack(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("rollout-local")
@@ -194,18 +211,10 @@ def stack(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     prometheus.start()
     built = Stack(models, workdir, prometheus, router, port, controller_env(models, workdir, prometheus, router, port))
     try:
-        built.start_controller()
-        wait_for(
-            lambda: built.answer() if router_ready(router.url) else None,
-            "the champion behind the router",
-            START_TIMEOUT_S,
-        )
-        built.locust = start_locust(router, workdir / "locust.log")
-        built.timings["stack_ready_s"] = round(time.monotonic() - started, 1)
+        serve_traffic(built, started)
         yield built
     finally:
-        stop_locust(built.locust)
-        built.stop_controller()
+        stop_traffic(built)
         with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
             for pid in built.workloads().values():  # a failed test may leave servers a kill orphaned
                 stop_group(pid, grace_s=10.0, poll_s=0.1)

@@ -49,9 +49,6 @@ from tests.rolloutkit import (
     Models,
     build_models,
     prometheus_server,
-    router_ready,
-    start_locust,
-    stop_locust,
     wait_for,
 )
 from tests.stackkit import ControllerConfig
@@ -227,17 +224,10 @@ def stack(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                               controller_run=run, controller_image=built["retraining"], mounts=mounts)  # fmt: skip
     try:
         wait_for(lambda: router_live(router.url) or None, "the router container live", 120)  # not ready: no table
-        built_stack.start_controller()
-        wait_for(
-            lambda: built_stack.answer() if router_ready(router.url) else None,
-            "the champion behind the router", START_TIMEOUT_S,
-        )  # fmt: skip
-        built_stack.locust = start_locust(router, workdir / "locust.log")
-        built_stack.timings["stack_ready_s"] = round(time.monotonic() - started, 1)
+        local_walk.serve_traffic(built_stack, started)
         yield built_stack
     finally:
-        stop_locust(built_stack.locust)
-        built_stack.stop_controller()
+        local_walk.stop_traffic(built_stack)
         for found in json.loads(subprocess.run(
             ["podman", "ps", "-a", "--format", "json", "--filter", f"label=io.fraudwatch.rollout={NAME}"],
             capture_output=True, text=True, timeout=60, check=False).stdout or "[]"):  # fmt: skip
