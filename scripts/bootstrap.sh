@@ -38,7 +38,7 @@ if [ "$profile" = test ]; then
   command -v amtool >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
   # the images (scripts/images.sh) and the rollout walked from them (tests/integration/test_rollout_podman.py)
-  for tool in podman buildah runc debootstrap; do command -v "$tool" >/dev/null 2>&1 || need_apt+=("$tool"); done
+  for tool in podman buildah runc debootstrap containerd; do command -v "$tool" >/dev/null 2>&1 || need_apt+=("$tool"); done
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

@@ -16,7 +16,8 @@
 # /var/lib/fraudwatch (FW_HOME, FW_ROLLOUT_HOME; the model server's BENTOML_HOME is /var/lib/fraudwatch/bentoml).
 # Python byte-code is compiled at build time (PYTHONDONTWRITEBYTECODE at run time); pip is removed.
 #
-# Usage: scripts/images.sh [component...]   (default: all four) — prints "<component> <image>" per line on stdout,
+# Usage: scripts/images.sh [component...]   (default: all four; `pause`: a pod sandbox image for a kubelet's
+#                                             containerd) — prints "<component> <image>" per line on stdout,
 #                                             everything else on stderr
 # Environment: FW_IMAGES_CACHE (cache root), FW_DEBIAN_MIRROR (default: the first deb.debian.org-style URI of
 #              /etc/apt/sources.list.d/*.sources, else http://deb.debian.org/debian)
@@ -189,10 +190,23 @@ component_image() {
   echo "$image"
 }
 
+# --- the pod sandbox ("pause") image a kubelet's containerd needs (tests/e2e/test_kubelet_pods.py): the base, asleep --
+pause_image() {
+  local base="$1" image ctr
+  image="localhost/fraudwatch/pause:$( (echo "$base"; echo "sleep infinity v1") | key)"
+  if ! exists "$image"; then
+    ctr="$(buildah from "$base")"
+    buildah config --user 65535:65535 --entrypoint '[]' --cmd '["sleep", "infinity"]' "$ctr"
+    buildah commit --quiet --rm "$ctr" "$image" >/dev/null
+  fi
+  echo "$image"
+}
+
 components=("$@")
 [ ${#components[@]} -gt 0 ] || components=(serve router controller retraining)
 base="$(base_image)"
 for component in "${components[@]}"; do
+  if [ "$component" = pause ]; then echo "pause $(pause_image "$base")"; continue; fi
   case "$component" in serve | router | controller | retraining) ;; *) die "unknown component: $component" ;; esac
   deps="$(deps_image "$component" "$base")"
   echo "$component $(component_image "$component" "$deps")"
