@@ -823,7 +823,10 @@ def build_local(
     admin-endpoint routing, MLflow, real Prometheus."""
     from prometheus_client import CollectorRegistry
 
+    from rollout.backends.base import require_registry_stack
     from rollout.backends.local import AdminRoutingPublisher, LocalWorkloads
+
+    require_registry_stack()
     from rollout.backends.registry import RegistryModelSource, RegressionSetQuality
     from rollout.prometheus import PrometheusClient
     from service.settings import get_settings

@@ -52,3 +52,16 @@ def test_a_fetched_bundle_is_made_readable_by_the_servers_uid(tmp_path: Path) ->
     (bundle / "features.sqlite").chmod(0o600)
     readable(bundle)
     assert (bundle.stat().st_mode & 0o777, (bundle / "features.sqlite").stat().st_mode & 0o777) == (0o755, 0o644)
+
+
+def test_a_registry_backed_controller_without_the_model_stack_says_what_to_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    from rollout.backends import base
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(base.RegistryUnavailableError, match=r"missing here: mlflow .*retraining image"):
+        base.require_registry_stack()
