@@ -1,5 +1,5 @@
 # The two set-up commands of the README. Both install what they need first (scripts/bootstrap.sh is idempotent).
-.PHONY: demo quickstart test lint bootstrap bootstrap-demo bench
+.PHONY: demo quickstart test lint audit bootstrap bootstrap-demo bench
 
 VENV := .venv/bin
 
@@ -22,10 +22,14 @@ quickstart: bootstrap-demo
 lint: bootstrap
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
-	$(VENV)/mypy service rollout tests benchmarks loadtests
+	$(VENV)/mypy service rollout tests benchmarks loadtests scripts
 
-## test: lint, then every test layer (unit, integration, quality, e2e)
-test: lint
+## audit: the images' locks (locks/*.txt) against the advisories PyPI publishes (part of test; ~10 s)
+audit: bootstrap
+	$(VENV)/python scripts/audit.py
+
+## test: lint, the dependency audit, then every test layer (unit, integration, quality, e2e)
+test: lint audit
 	$(VENV)/pytest -p no:cacheprovider
 
 ## bench: the benchmarks (not tests): JSON figures under var/benchmarks/

@@ -834,10 +834,14 @@ class LocalRuntime:
 def build_local(
     settings: RolloutSettings, *, stop_workloads_on_exit: bool, registry_metrics: object | None = None
 ) -> LocalRuntime:
-    """The local backend's controller: bentoml serve children, admin-endpoint routing, MLflow, real Prometheus."""
+    """The local backend's controller: bentoml serve children (the podman backend: model-server containers),
+    admin-endpoint routing, MLflow, real Prometheus."""
     from prometheus_client import CollectorRegistry
 
+    from rollout.backends.base import require_registry_stack
     from rollout.backends.local import AdminRoutingPublisher, LocalWorkloads
+
+    require_registry_stack()
     from rollout.backends.registry import RegistryModelSource, RegressionSetQuality
     from rollout.prometheus import PrometheusClient
     from service.settings import get_settings
@@ -848,7 +852,13 @@ def build_local(
     serve = get_settings()
     source = RegistryModelSource(serve)
     models_dir = cs.local.models_dir if cs.local.models_dir is not None else state_dir / "models"
-    workloads = LocalWorkloads(cs.local, serve, source, state_dir)
+    workloads: LocalWorkloads
+    if cs.backend == "podman":
+        from rollout.backends.podman import PodmanWorkloads
+
+        workloads = PodmanWorkloads(cs.local, cs.podman, serve, source, state_dir, cs.name)
+    else:
+        workloads = LocalWorkloads(cs.local, serve, source, state_dir)
     publisher = AdminRoutingPublisher(
         cs.local.router_urls,
         settings.router.admin_secret(),

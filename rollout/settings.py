@@ -351,10 +351,44 @@ class KubeBackendSettings(BaseModel):
         return self
 
 
+class PodmanBackendSettings(BaseModel):
+    """The controller's podman backend (``FW_ROLLOUT_CONTROLLER__PODMAN__…``): the local backend's routing, registry
+    and Prometheus file SD, with each model version in a container of the model-server image started through the
+    libpod REST API, with the chart's security context and environment (rollout/backends/podman.py). Fetched
+    bundles (``local.models_dir``) are bind-mounted read-only: that directory must have the same path for the
+    controller and for podman (the controller in a container mounts it at its host path)."""
+
+    #: The libpod API socket (``podman system service unix://…``). Access to it is root on that host: for a
+    #: single-machine deployment or a test, never shared.
+    socket: Path = Path("/run/podman/podman.sock")
+    #: The model-server image (scripts/images.sh serve).
+    image: str = Field("localhost/fraudwatch/refund-fraud-model:latest", min_length=1)
+    #: The address the containers' ports are published on; the routers and Prometheus reach them there.
+    host_ip: str = "127.0.0.1"
+    #: The model server's port inside the container (the chart's modelServer.port).
+    container_port: int = Field(3000, ge=1, le=65535)
+    #: The chart's security context: modelServer.runAsUser / runAsGroup, read-only root, no capabilities.
+    user: str = Field("1034:1034", pattern=r"^[1-9][0-9]*:[0-9]+$")
+    #: The chart's writable emptyDirs: /tmp and the data dir (FW_HOME).
+    scratch_dirs: tuple[str, ...] = ("/tmp", "/var/lib/fraudwatch")  # noqa: S108 - paths inside the container
+    #: Where a version's bundle is mounted (``FW_SERVE__MODEL_DIR``): ``<models_mount>/<version>``.
+    models_mount: str = "/models"
+    #: The chart's model-server environment (``fraudwatch.env.modelServer``) besides what the controller sets per
+    #: version (FW_SERVE__MODEL_DIR, FW_SERVE__MODEL_VERSION).
+    env: dict[str, str] = Field(default_factory=dict)
+    #: Open-file and process limits of each container (runc applies the rlimits it is given).
+    nofile: int = Field(1024, ge=64)
+    nproc: int = Field(1024, ge=64)
+    #: Budget of one libpod API call (a container create or start takes a second or two on a busy machine).
+    api_timeout_s: float = Field(60.0, gt=0.0)
+    #: Prefix of the containers' names: ``<prefix>-<rollout>-<version>``.
+    name_prefix: str = Field("fw", pattern=r"^[a-z0-9][a-z0-9-]*$")
+
+
 class ControllerSettings(BaseModel):
     """The rollout controller (``FW_ROLLOUT_CONTROLLER__…``): its files, loop timings, metrics port, backend."""
 
-    backend: Literal["local", "kube"] = "local"
+    backend: Literal["local", "podman", "kube"] = "local"
     #: The rollout's name (``kubectl modelrollout status NAME``; a label of the controller's metrics).
     name: str = Field("fraudwatch", min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     #: The rollout policy (YAML); None → the packaged default policy.
@@ -388,6 +422,7 @@ class ControllerSettings(BaseModel):
     error_backoff_s: float = Field(1.0, ge=0.0)
     reconcile_duration_buckets_s: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
     local: LocalBackendSettings = LocalBackendSettings()
+    podman: PodmanBackendSettings = PodmanBackendSettings()
     kube: KubeBackendSettings = KubeBackendSettings()
 
     def resolved_state_dir(self, home: Path) -> Path:

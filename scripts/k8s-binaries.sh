@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds, once, the binaries of fraudwatch's end-to-end Kubernetes control plane from Go modules (no Docker, no
 # release tarballs: only the Go toolchain and the Go module proxy):
-#   kube-apiserver, kube-controller-manager, kube-scheduler (+ kubectl)  k8s.io/kubernetes, latest patch of 1.36
+#   kube-apiserver, kube-controller-manager, kube-scheduler, kubelet     k8s.io/kubernetes, latest patch of 1.36
+#   (+ kubectl)                                                          (kubelet: with Debian's containerd + runc)
 #   etcd                                                                 go.etcd.io/etcd/server/v3, latest 3.6.x
 #   helm                                                                 helm.sh/helm/v3, latest patch of 3.21
 #   kwok (+ its stage definitions)                                       sigs.k8s.io/kwok v0.8.0
@@ -50,7 +51,7 @@ command -v go >/dev/null 2>&1 || die "the Go toolchain (go) is not on PATH"
 export GOWORK=off GOFLAGS="${GOFLAGS:-} -p=$JOBS" CGO_ENABLED=0
 GO=(nice -n 19 go)
 
-k8s_binaries=(kube-apiserver kube-controller-manager kube-scheduler)
+k8s_binaries=(kube-apiserver kube-controller-manager kube-scheduler kubelet)
 [ "$WITH_KUBECTL" = "1" ] && k8s_binaries+=(kubectl)
 
 # --- version resolution ---------------------------------------------------------------------------------------

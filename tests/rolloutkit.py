@@ -19,7 +19,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import numpy as np
@@ -28,7 +28,6 @@ from rollout.demo_policy import load_demo_policy
 from rollout.outcome_settings import OutcomeSettings, PrometheusSettings
 from rollout.policy import dumps_policy
 from rollout.prometheus import PrometheusServer
-from rollout.router_process import RouterProcess
 from service.datasets.synthetic import SyntheticConfig, generate
 from service.evaluate import file_sha256
 from service.model import MANIFEST_FILE, load_bundle
@@ -170,7 +169,20 @@ def router_env(workdir: Path) -> dict[str, str]:
     }
 
 
-def start_locust(router: RouterProcess, log: Path) -> subprocess.Popen[bytes]:
+class RouterEndpoints(Protocol):
+    """A router's public and control URLs and its label feed's token (a RouterProcess, or a router container)."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def control_url(self) -> str: ...
+
+    @property
+    def feedback_token(self) -> str: ...
+
+
+def start_locust(router: RouterEndpoints, log: Path) -> subprocess.Popen[bytes]:
     """locust's CLI in its own process: refund traffic to the router's public port plus delayed fraud labels to its
     control listener (with the label feed's token), for up to half an hour."""
     feedback = {"FW_LOAD_FEEDBACK_URL": router.control_url, "FW_LOAD_FEEDBACK_TOKEN": router.feedback_token}

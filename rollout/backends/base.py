@@ -18,6 +18,7 @@ tests.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -178,3 +179,22 @@ class QualityCheck(Protocol):
     def evaluate(self, version: str) -> Mapping[str, float]:
         """Metric name → value (``pr_auc``, ``recall``, …) of ``version`` on the regression set."""
         ...
+
+
+class RegistryUnavailableError(RuntimeError):
+    """The MLflow registry backend was asked for but the model stack is not installed."""
+
+
+#: What rollout.backends.registry imports (the quality stage scores bundles): pyproject's [train] extra.
+REGISTRY_STACK: tuple[str, ...] = ("mlflow", "pandas", "xgboost", "sklearn")
+
+
+def require_registry_stack() -> None:
+    """Refuse, naming what is missing, when the registry backend cannot be imported here (the controller image
+    carries no model stack: a registry-backed controller runs from the retraining image)."""
+    missing = [module for module in REGISTRY_STACK if importlib.util.find_spec(module) is None]
+    if missing:
+        raise RegistryUnavailableError(
+            f"the MLflow registry (aliases, the quality stage) needs fraudwatch[train]; missing here: "
+            f"{', '.join(missing)} — run the controller from the retraining image (scripts/images.sh retraining)"
+        )

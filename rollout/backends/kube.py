@@ -53,6 +53,7 @@ from rollout.backends.base import (
     RoutingSpec,
     VersionNotFoundError,
     WorkloadStatus,
+    require_registry_stack,
 )
 from rollout.backends.kube_api import (
     Informer,
@@ -939,6 +940,7 @@ def model_registry_of(settings: RolloutSettings) -> tuple[ModelSource | None, Qu
     cs = settings.controller
     if not cs.kube.use_registry:
         return None, None
+    require_registry_stack()
     from rollout.backends.registry import RegistryModelSource, RegressionSetQuality
     from service.settings import get_settings
 

@@ -239,6 +239,15 @@ class LocalWorkloads:
             return WorkloadStatus(version, Readiness.FAILED, detail="exited; waiting to start it again")
         self._last_start[version] = now
         model_dir = self._source.fetch(version, self._models_dir / version)
+        workload = self._launch(version, model_dir)
+        self._workloads[version] = workload
+        self._save()
+        self._write_targets()
+        return WorkloadStatus(version, Readiness.STARTING, workload.url)
+
+    def _launch(self, version: str, model_dir: Path) -> _Workload:
+        """Start ``version``'s server on its fetched bundle (a ``bentoml serve`` child here; a container in the
+        podman backend) without waiting for it."""
         server = BentoServer(
             model_dir=model_dir,
             # the registry's digest: the workers check the bundle against it again before parsing it, so bytes
@@ -252,12 +261,9 @@ class LocalWorkloads:
         if server.pid is None or server.port is None:
             raise RuntimeError(f"model server of {version} did not start")
         record = WorkloadRecord(version=version, pid=server.pid, port=server.port, model_dir=model_dir, tag=server.tag)
-        self._workloads[version] = _Workload(record, server.url, time.monotonic(), server=server)
-        self._save()
-        self._write_targets()
         log_event(logger, "model server started", event="workload_started", version=version, url=server.url,
                   server_pid=server.pid, log=str(server.log_path))  # fmt: skip
-        return WorkloadStatus(version, Readiness.STARTING, server.url)
+        return _Workload(record, server.url, time.monotonic(), server=server)
 
     def server_settings(self, version: str) -> Settings:
         """The model side's settings with a home of the version's own: BentoML keeps its Prometheus multiprocess

@@ -66,6 +66,7 @@ from tests.rolloutkit import (
     ROLLOUT_TIMEOUT_S,
     START_TIMEOUT_S,
     Models,
+    RouterEndpoints,
     aliases_if,
     answer,
     build_models,
@@ -117,7 +118,7 @@ class Stack:
     models: Models
     workdir: Path
     prometheus: PrometheusServer
-    router: RouterProcess
+    router: RouterEndpoints
     controller_port: int
     env: dict[str, str]
     controller: subprocess.Popen[bytes] | None = None
@@ -194,7 +195,7 @@ class Stack:
 
 
 def controller_env(
-    models: Models, workdir: Path, prometheus: PrometheusServer, router: RouterProcess, port: int
+    models: Models, workdir: Path, prometheus: PrometheusServer, router: RouterEndpoints, port: int
 ) -> dict[str, str]:
     config = ControllerConfig(
         name=NAME, model_home=models.home, workdir=workdir, prometheus_url=prometheus.url,
@@ -203,6 +204,23 @@ def controller_env(
         start_timeout_s=START_TIMEOUT_S,
     )  # fmt: skip
     return kit_controller_env(config)
+
+
+def serve_traffic(stack: Stack, started: float) -> None:
+    """Start the controller, wait until the champion answers through the router, start locust."""
+    stack.start_controller()
+    wait_for(
+        lambda: stack.answer() if router_ready(stack.router.url) else None,
+        "the champion behind the router",
+        START_TIMEOUT_S,
+    )
+    stack.locust = start_locust(stack.router, stack.workdir / "locust.log")
+    stack.timings["stack_ready_s"] = round(time.monotonic() - started, 1)
+
+
+def stop_traffic(stack: Stack) -> None:
+    stop_locust(stack.locust)
+    stack.stop_controller()
 
 
 @pytest.fixture(scope="module")
@@ -217,18 +235,10 @@ def stack(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     prometheus.start()
     built = Stack(models, workdir, prometheus, router, port, controller_env(models, workdir, prometheus, router, port))
     try:
-        built.start_controller()
-        wait_for(
-            lambda: built.answer() if router_ready(router.url) else None,
-            "the champion behind the router",
-            START_TIMEOUT_S,
-        )
-        built.locust = start_locust(router, workdir / "locust.log")
-        built.timings["stack_ready_s"] = round(time.monotonic() - started, 1)
+        serve_traffic(built, started)
         yield built
     finally:
-        stop_locust(built.locust)
-        built.stop_controller()
+        stop_traffic(built)
         with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
             for pid in built.workloads().values():  # a failed test may leave servers a kill orphaned
                 stop_group(pid, grace_s=10.0, poll_s=0.1)
