@@ -122,7 +122,7 @@ class RouterSettings(BaseModel):
     sticky_key: SecretStr | None = None
     sticky_key_file: Path | None = None
 
-    #: The HTTP client library of upstream calls (both pooled, keep-alive, HTTP/1.1); see rollout/upstream.py.
+    #: The HTTP client library of upstream calls (both pooled, keep-alive, HTTP/1.1); see rollout/router/upstream.py.
     #: aiohttp by default: half httpx's router CPU per request in benchmarks/router_benchmark.py (0.67 vs 1.32 ms
     #: at concurrency 1, 2026-12-01), which is what keeps the router's added p50 inside its 1 ms budget.
     upstream_client: Literal["httpx", "aiohttp"] = "aiohttp"
@@ -174,7 +174,7 @@ class RouterSettings(BaseModel):
     #: One structured JSON log line per routing decision.
     log_decisions: bool = True
     latency_buckets_s: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS_S
-    #: Running the router as a child process (rollout.router_process): readiness deadline, poll, SIGTERM grace.
+    #: Running the router as a child process (rollout.router.process): readiness deadline, poll, SIGTERM grace.
     process_start_timeout_s: float = Field(60.0, gt=0.0)
     process_poll_interval_s: float = Field(0.05, gt=0.0)
     process_stop_timeout_s: float = Field(20.0, gt=0.0)

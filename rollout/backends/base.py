@@ -1,6 +1,6 @@
 """The narrow interfaces between the rollout controller and the world it acts on (one implementation per backend).
 
-The controller decides with :mod:`rollout.machine` and acts only through these protocols:
+The controller decides with :mod:`rollout.core.machine` and acts only through these protocols:
 
 * :class:`Workloads` — make a model version run and report whether it is ready; stop it;
 * :class:`RoutingPublisher` — publish ``{stable, candidate, stage, weight, shadow}`` to every router and read it back;
@@ -10,9 +10,11 @@ The controller decides with :mod:`rollout.machine` and acts only through these p
 
 Every method is level-triggered: it makes the world match the argument and may be called again with the same
 argument at no cost (a second ``ensure_running`` of a running version starts nothing; a second ``publish`` of the
-table the routers hold changes nothing). Implementations: :mod:`rollout.backends.local` (child processes on
-loopback), :mod:`rollout.backends.kube` (Deployments + Services owned by a ModelRollout, its ``status.routing``),
-:mod:`rollout.backends.registry` (MLflow through :mod:`service.registry`) and the in-memory doubles of the unit
+table the routers hold changes nothing). Implementations: :mod:`rollout.backends.local.workloads` (child processes on
+loopback), :mod:`rollout.backends.kube.runtime` (Deployments + Services owned by a ModelRollout, its
+``status.routing``),
+:mod:`rollout.backends.registry` (MLflow through :mod:`service.artifacts.registry`) and the in-memory doubles of the
+unit
 tests.
 """
 
@@ -25,7 +27,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal, Protocol
 
-from rollout.routing import Stage
+from rollout.core.routing import Stage
 
 
 class Readiness(StrEnum):

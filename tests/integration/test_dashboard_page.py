@@ -30,16 +30,16 @@ import yaml
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from rollout import dashboard as dash
-from rollout.outcome_settings import OutcomeSettings, PrometheusSettings
-from rollout.prometheus import PrometheusClient, PrometheusServer, ScrapeTarget, free_port
-from rollout.router_process import RouterProcess
-from rollout.routing import RoutingTable, VersionEndpoint
-from rollout.sources import write_table_file
-from service.datasets.synthetic import generate
-from service.features import DRIFT_FEATURES
-from service.model import read_manifest
-from service.serving_process import BentoServer
+from rollout.backends.prometheus import PrometheusClient, PrometheusServer, ScrapeTarget, free_port
+from rollout.core.routing import RoutingTable, VersionEndpoint
+from rollout.dashboard import app as dash
+from rollout.router.outcomes.settings import OutcomeSettings, PrometheusSettings
+from rollout.router.process import RouterProcess
+from rollout.router.table_sources import write_table_file
+from service.artifacts.bundle import read_manifest
+from service.data.features import DRIFT_FEATURES
+from service.data.synthetic import generate
+from service.serving.process import BentoServer
 from tests.conftest import SMALL_DATA, build_small_bundle
 from tests.integration.conftest import scoring_server
 from tests.routerkit import metric_value

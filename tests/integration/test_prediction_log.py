@@ -21,8 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from rollout.outcome_settings import OutcomeSettings
-from rollout.outcomes import (
+from rollout.router.outcomes.prediction_log import (
     FEEDBACK_PATH,
     FeedbackRequest,
     OutcomeTracker,
@@ -31,6 +30,7 @@ from rollout.outcomes import (
     create_log_engine,
     ensure_schema,
 )
+from rollout.router.outcomes.settings import OutcomeSettings
 from tests.integration.pg import PostgresServer, running_postgres
 from tests.sockets import unaccepting_listener
 

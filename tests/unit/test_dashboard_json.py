@@ -1,4 +1,4 @@
-"""deploy/grafana/fraudwatch-dashboard.json and the page renderer of rollout/dashboard.py.
+"""deploy/grafana/fraudwatch-dashboard.json and the page renderer of rollout/dashboard/app.py.
 
 The JSON is checked as a file (valid, one row per monitoring layer plus the rollout, the datasource as a template
 variable, a sane grid), every panel's PromQL is parsed by the real promtool and may only read series that the
@@ -24,13 +24,13 @@ import yaml
 from prometheus_client import CollectorRegistry
 from sklearn.metrics import roc_auc_score
 
-from rollout import dashboard as dash
-from rollout.controller_metrics import ControllerMetrics
-from rollout.metrics import RouterMetrics
-from rollout.outcome_settings import OutcomeSettings, PrometheusSettings
-from rollout.outcomes import LABEL_NAMES, _LogMetrics, _OutcomeMetrics
-from service.metrics import Metrics
-from service.retrain_webhook import WebhookMetrics
+from rollout.controller.metrics import ControllerMetrics
+from rollout.dashboard import app as dash
+from rollout.router.metrics import RouterMetrics
+from rollout.router.outcomes.prediction_log import LABEL_NAMES, _LogMetrics, _OutcomeMetrics
+from rollout.router.outcomes.settings import OutcomeSettings, PrometheusSettings
+from service.retraining.webhook import WebhookMetrics
+from service.serving.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "fraudwatch-dashboard.json"

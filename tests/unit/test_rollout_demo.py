@@ -1,4 +1,4 @@
-"""rollout.demo, rollout.demo_policy and rollout.demo_processes: the policy and its time scale, settings, the run
+"""rollout.demo.main, rollout.demo.policy and rollout.demo.processes: the policy and its time scale, settings, the run
 directory, the hand-off, locust's stats, and stopping children (real short-lived processes: a stop must leave
 nothing behind)."""
 
@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from rollout.backends.local import pid_alive
-from rollout.demo import (
+from rollout.backends.local.workloads import pid_alive
+from rollout.core.policy import TRAFFIC_STAGES, dumps_policy, load_policy, loads_policy
+from rollout.demo.main import (
     MARKER_FILE,
     DemoError,
     ExitCode,
@@ -32,10 +33,9 @@ from rollout.demo import (
     settings_from,
     shares_of,
 )
-from rollout.demo import DemoSettings as RolloutDemoSettings
-from rollout.demo_policy import load_demo_policy, time_scaled
-from rollout.demo_processes import ChildProcess, stop_recorded_workloads
-from rollout.policy import TRAFFIC_STAGES, dumps_policy, load_policy, loads_policy
+from rollout.demo.main import DemoSettings as RolloutDemoSettings
+from rollout.demo.policy import load_demo_policy, time_scaled
+from rollout.demo.processes import ChildProcess, stop_recorded_workloads
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,7 +71,7 @@ def test_time_scale_changes_the_stage_minimums_and_nothing_else() -> None:
 
 
 def test_the_packaged_demo_policy_is_the_file_in_the_source_tree() -> None:
-    assert load_demo_policy() == load_policy(ROOT / "rollout" / "demo_policy.yaml")
+    assert load_demo_policy() == load_policy(ROOT / "rollout" / "demo" / "demo_policy.yaml")
 
 
 # --------------------------------------------------------------------------------------------------- CLI, settings
