@@ -33,15 +33,12 @@ from rollout.backends.local.inbox import (
     EVENTS_FILE,
     STATE_FILE,
     CommandInbox,
-    CommandResult,
     Heartbeat,
-    InboxCommand,
-    InboxKind,
     heartbeat_age_s,
-    new_command_id,
     read_command_result,
     read_heartbeat,
 )
+from rollout.core.commands import CommandResult, InboxCommand, InboxKind, new_command_id
 from rollout.settings import ControllerSettings, RolloutSettings
 
 if TYPE_CHECKING:
@@ -169,8 +166,9 @@ class LocalClient:
         return self.inbox.withdraw(command_id)
 
     def snapshot(self) -> Snapshot:
+        from rollout.backends.local.state import StateStore
         from rollout.core.policy import load_policy
-        from rollout.core.state import StateError, StateStore
+        from rollout.core.state import StateError
 
         try:
             state = StateStore(self.state_dir).load()
@@ -179,7 +177,7 @@ class LocalClient:
         return Snapshot(state, read_heartbeat(self.state_dir), load_policy(self.settings.policy_file))
 
     def events(self) -> Iterator[dict[str, Any]]:
-        from rollout.core.events import read_events
+        from rollout.backends.local.events import read_events
 
         return read_events(self.state_dir / EVENTS_FILE)
 

@@ -22,7 +22,7 @@ Without a rollout the controller keeps the serving alias' version (``champion``)
 
 Where the state, the commands and the events live is the caller's choice (:class:`StateStorage`,
 :class:`CommandSource`, :class:`EventSink`): files in the state directory on the local backend; the ModelRollout
-custom resource on Kubernetes (:mod:`rollout.backends.kube.runtime`: its status, ``spec.manualCommand`` /
+custom resource on Kubernetes (:mod:`rollout.backends.kube`: its status, ``spec.manualCommand`` /
 ``spec.candidate``,
 Kubernetes Events). The loop is the same.
 
@@ -31,190 +31,61 @@ Run: ``python -m rollout.controller`` (settings from ``FW_ROLLOUT_…``, the mod
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-from types import FrameType
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Protocol
 
 from rollout.backends.base import (
-    MetricsProvider,
-    ModelSource,
+    Backend,
+    CommandSource,
+    EventSink,
     PublishedTable,
-    QualityCheck,
     RoutingError,
-    RoutingPublisher,
     RoutingSpec,
+    StateStorage,
     VersionNotFoundError,
-    Workloads,
-    WorkloadStatus,
 )
-from rollout.backends.local.inbox import (
-    EVENTS_FILE,
-    CommandInbox,
-    CommandResult,
-    Heartbeat,
-    InboxCommand,
-    write_heartbeat,
-)
+from rollout.backends.local.events import EventLog
+from rollout.backends.local.inbox import EVENTS_FILE, CommandInbox
+from rollout.backends.local.state import StateStore
 from rollout.controller.metrics import ControllerMetrics, ReconcileStep
+from rollout.controller.runners import AnalysisRunner, InlineExecutor, InlineRunner, offline_report
 from rollout.core import workload_gate
-from rollout.core.analysis import AnalysisReport, GateResult, GateStatus, analyse, analyse_quality
-from rollout.core.events import EventLog
+from rollout.core.analysis import AnalysisReport, GateStatus, analyse, analyse_quality
+from rollout.core.commands import CommandResult, InboxCommand
 from rollout.core.machine import (
     QUALITY_STAGE,
     Action,
     EnsureRunning,
     KeepWarm,
-    MachineStage,
     MoveAlias,
     PublishRouting,
     RecordEvent,
     RolloutState,
     ScaleDown,
     Transition,
-    expected_gates,
     initial_state,
     stage_clock_start,
     step,
     traffic_stage,
 )
-from rollout.core.policy import MIN_LABELS_GATE, MIN_REQUESTS_GATE, RolloutPolicy, load_policy
-from rollout.core.state import ControllerState, StateStore, manual_command, workload_views
-from rollout.settings import ControllerSettings, RolloutSettings, get_rollout_settings
-from service.common.logging import configure_logging, get_logger, log_event
+from rollout.core.policy import RolloutPolicy
+from rollout.core.state import ControllerState, manual_command, workload_views
+from rollout.core.workloads import WorkloadStatus
+from rollout.settings import ControllerSettings
+from service.common.clock import Clock, utc_now
+from service.common.logging import get_logger, log_event
 
 logger = get_logger("controller")
 
-Clock = Callable[[], datetime]
-T = TypeVar("T")
-OFFLINE_MESSAGE: Final[str] = "metrics provider offline: no evidence"
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-# --------------------------------------------------------------------------------------------------- analysis
-
-
-class AnalysisRunner(Protocol):
-    """Runs one analysis job at a time; its report is collected by a later (or the same) reconcile."""
-
-    def submit(self, job: Callable[[], AnalysisReport]) -> None: ...
-
-    def busy(self) -> bool: ...
-
-    def collect(self) -> AnalysisReport | BaseException | None:
-        """The finished job's report (or exception), once; None when nothing finished since the last collect."""
-        ...
-
-    def close(self) -> None: ...
-
-
-class InlineRunner:
-    """Runs the job at submission (tests, one-shot reconciles): its report is collected by the same reconcile."""
-
-    def __init__(self) -> None:
-        self._done: AnalysisReport | BaseException | None = None
-
-    def submit(self, job: Callable[[], AnalysisReport]) -> None:
-        try:
-            self._done = job()
-        except Exception as exc:
-            self._done = exc
-
-    def busy(self) -> bool:
-        return False
-
-    def collect(self) -> AnalysisReport | BaseException | None:
-        done, self._done = self._done, None
-        return done
-
-    def close(self) -> None:
-        return None
-
-
-class ThreadRunner:
-    """Runs the job in one background thread, so the loop keeps serving commands while Prometheus answers."""
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="analysis")
-        self._future: Future[AnalysisReport] | None = None
-
-    def submit(self, job: Callable[[], AnalysisReport]) -> None:
-        if self.busy():
-            return
-        self._future = self._pool.submit(job)
-
-    def busy(self) -> bool:
-        return self._future is not None and not self._future.done()
-
-    def ready(self) -> bool:
-        return self._future is not None and self._future.done()
-
-    def collect(self) -> AnalysisReport | BaseException | None:
-        future = self._future
-        if future is None or not future.done():
-            return None
-        self._future = None
-        error = future.exception()
-        return error if error is not None else future.result()
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-class InlineExecutor(Executor):
-    """An executor that runs each job at submission and returns its finished future."""
-
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        future: Future[T] = Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except Exception as exc:
-            future.set_exception(exc)
-        return future
-
-
-def offline_report(
-    policy: RolloutPolicy, stage: MachineStage, stable: str, candidate: str, now: datetime
-) -> AnalysisReport:
-    """Every expected gate Inconclusive: the metrics store is down, so there is no evidence (never a pass; the
-    inconclusive timeout ends the rollout if it stays down)."""
-    layers = {g.name: g.layer for g in policy.gates}
-    results = tuple(
-        GateResult(
-            name=name,
-            layer="sample" if name in (MIN_REQUESTS_GATE, MIN_LABELS_GATE) else layers[name],
-            status=GateStatus.INCONCLUSIVE,
-            message=OFFLINE_MESSAGE,
-        )
-        for name in expected_gates(policy, stage)
-    )
-    return AnalysisReport(stage=stage, stable=stable, candidate=candidate, at=now, results=results)
-
 
 # --------------------------------------------------------------------------------------------------- controller
-
-
-@dataclass
-class Backend:
-    """What the controller acts on and measures with."""
-
-    workloads: Workloads
-    publisher: RoutingPublisher
-    metrics: MetricsProvider
-    source: ModelSource
-    quality: QualityCheck
 
 
 @dataclass
@@ -232,42 +103,7 @@ class ActOutcome:
 
 # --------------------------------------------------------------------------------------------------- where state,
 # commands and events live: files locally (rollout.core.state, rollout.backends.local.inbox, rollout.core.events),
-# the ModelRollout on Kubernetes (rollout.backends.kube.runtime)
-
-
-class StateStorage(Protocol):
-    """The controller's durable state (``state.json`` locally, the ModelRollout's status on Kubernetes)."""
-
-    def load(self) -> ControllerState | None: ...
-
-    def save(self, state: ControllerState, /) -> None:
-        """Make ``state`` durable before anything is acted upon; raise ``OSError`` when it could not be saved."""
-        ...
-
-
-class CommandSource(Protocol):
-    """Operator commands, each applied once per id (an inbox of files locally, ``spec`` on Kubernetes).
-
-    ``pending`` yields ``(handle, command)`` in the order they must be applied (``command`` is the error text of
-    an unreadable one); ``done(handle)`` is called once the command's result is saved."""
-
-    def pending(self) -> Sequence[tuple[Any, InboxCommand | str]]: ...
-
-    def done(self, handle: Any, /) -> None: ...
-
-    def has_pending(self) -> bool:
-        """Something to react to right now (the loop reconciles at once instead of waiting for its interval)."""
-        ...
-
-
-class EventSink(Protocol):
-    """Where transitions (exactly once, derived from the saved state) and notes are recorded."""
-
-    def sync(self, rollout: RolloutState, /) -> list[Transition]:
-        """Record the rollout's transitions not recorded yet; return them."""
-        ...
-
-    def note(self, at: datetime, rollout_id: str | None, reason: str, **fields: object) -> None: ...
+# the ModelRollout on Kubernetes (rollout.backends.kube)
 
 
 class ReconcileObserver(Protocol):
@@ -810,170 +646,3 @@ def _last_reason(rollout: RolloutState | None) -> str:
     if rollout is None or not rollout.history:
         return "started"
     return rollout.history[-1].reason
-
-
-# --------------------------------------------------------------------------------------------------- wiring
-
-
-def controller_state_dir(settings: RolloutSettings) -> Path:
-    return settings.controller.resolved_state_dir(settings.home)
-
-
-@dataclass
-class LocalRuntime:
-    """A controller on the local backend, with what must be closed after it."""
-
-    controller: Controller
-    closers: list[Callable[[], None]]
-
-    def close(self) -> None:
-        for close in reversed(self.closers):
-            with contextlib.suppress(Exception):
-                close()
-
-
-def build_local(
-    settings: RolloutSettings, *, stop_workloads_on_exit: bool, registry_metrics: object | None = None
-) -> LocalRuntime:
-    """The local backend's controller: bentoml serve children (the podman backend: model-server containers),
-    admin-endpoint routing, MLflow, real Prometheus."""
-    from prometheus_client import CollectorRegistry
-
-    from rollout.backends.base import require_registry_stack
-    from rollout.backends.local.workloads import AdminRoutingPublisher, LocalWorkloads
-
-    require_registry_stack()
-    from rollout.backends.prometheus import PrometheusClient
-    from rollout.backends.registry import RegistryModelSource, RegressionSetQuality
-    from service.settings import get_settings
-
-    cs = settings.controller
-    state_dir = controller_state_dir(settings)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    serve = get_settings()
-    source = RegistryModelSource(serve)
-    models_dir = cs.local.models_dir if cs.local.models_dir is not None else state_dir / "models"
-    workloads: LocalWorkloads
-    if cs.backend == "podman":
-        from rollout.backends.podman import PodmanWorkloads
-
-        workloads = PodmanWorkloads(cs.local, cs.podman, serve, source, state_dir, cs.name)
-    else:
-        workloads = LocalWorkloads(cs.local, serve, source, state_dir)
-    publisher = AdminRoutingPublisher(
-        cs.local.router_urls,
-        settings.router.admin_secret(),
-        cs.local.admin_timeout_s,
-        cs.local.routing_resync_interval_s,
-    )
-    prometheus = PrometheusClient(cs.prometheus_url)
-    backend = Backend(
-        workloads=workloads,
-        publisher=publisher,
-        metrics=prometheus,
-        source=source,
-        quality=RegressionSetQuality(source, cs.quality_set, models_dir),
-    )
-    registry = registry_metrics if isinstance(registry_metrics, CollectorRegistry) else CollectorRegistry()
-    metrics = ControllerMetrics(registry, cs.name, cs.reconcile_duration_buckets_s)
-    runner = ThreadRunner()
-    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry")
-    controller = Controller(
-        settings=cs,
-        policy=load_policy(cs.policy_file),
-        backend=backend,
-        state_dir=state_dir,
-        metrics=metrics,
-        runner=runner,
-        background=background,
-    )
-    closers: list[Callable[[], None]] = [
-        lambda: workloads.close(stop_servers=stop_workloads_on_exit),
-        publisher.close,
-        prometheus.close,
-        runner.close,
-        lambda: background.shutdown(wait=True),
-    ]
-    return LocalRuntime(controller, closers)
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m rollout.controller",
-        description="The fraudwatch rollout controller (settings from FW_ROLLOUT_… and FW_…).",
-    )
-    parser.add_argument(
-        "--stop-workloads-on-exit",
-        action="store_true",
-        help="stop the model servers when the controller exits (default: leave them serving; a restart adopts them)",
-    )
-    return parser.parse_args(argv)
-
-
-def stop_on_signals() -> threading.Event:
-    """An event set by SIGTERM or SIGINT (the loop then finishes its reconcile and stops)."""
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log_event(logger, "controller stopping", event="controller_stopping", signal=signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return stop
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from prometheus_client import CollectorRegistry, start_http_server
-
-    args = _parse_args(argv)
-    settings = get_rollout_settings()
-    configure_logging(settings.log_level)
-    cs = settings.controller
-    registry = CollectorRegistry()
-    http_server, _thread = start_http_server(cs.metrics_port, addr=cs.host, registry=registry)
-    metrics_url = f"http://{cs.host}:{http_server.server_port}/metrics"
-    if cs.backend == "kube":
-        return _main_kube(settings, registry, http_server)
-    runtime = build_local(settings, stop_workloads_on_exit=args.stop_workloads_on_exit, registry_metrics=registry)
-    stop = stop_on_signals()
-    started_at = utc_now()
-    state_dir = controller_state_dir(settings)
-
-    def heartbeat() -> None:
-        write_heartbeat(
-            state_dir,
-            Heartbeat(pid=os.getpid(), name=cs.name, backend=cs.backend, started_at=started_at, heartbeat_at=utc_now(),
-                      metrics_url=metrics_url),
-        )  # fmt: skip
-
-    log_event(logger, "controller started", event="controller_started", name=cs.name, state_dir=str(state_dir),
-              metrics_url=metrics_url, prometheus=cs.prometheus_url, routers=list(cs.local.router_urls))  # fmt: skip
-    try:
-        runtime.controller.run(stop, heartbeat)
-    finally:
-        runtime.close()
-        http_server.shutdown()
-        log_event(logger, "controller stopped", event="controller_stopped")
-    return 0
-
-
-def _main_kube(settings: RolloutSettings, registry: Any, http_server: Any) -> int:
-    """The Kubernetes backend (rollout.backends.kube.runtime): the ModelRollout ``controller.name`` in
-    ``controller.kube.namespace``; exit code ``controller.kube.lost_leadership_exit_code`` when the Lease was lost."""
-    from rollout.backends.kube.api import KubeUnavailableError
-    from rollout.backends.kube.runtime import run_controller
-
-    stop = stop_on_signals()
-    try:
-        return run_controller(settings, registry, stop)
-    except KubeUnavailableError as exc:
-        log_event(logger, "no Kubernetes configuration", event="controller_backend_unavailable", error=str(exc))
-        return 2
-    finally:
-        http_server.shutdown()
-        log_event(logger, "controller stopped", event="controller_stopped")
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -32,11 +32,11 @@ from typing import Final, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from rollout.backends.base import WorkloadStatus
 from rollout.core.analysis import GateHistory, GateStatus
 from rollout.core.events import reason_code
 from rollout.core.evidence import gate_evidence
 from rollout.core.machine import MACHINE_STAGES, RolloutState, Transition
+from rollout.core.workloads import WorkloadStatus
 
 PHASES: Final[tuple[str, ...]] = ("Progressing", "Promoted", "RolledBack", "Aborted")
 RESULTS: Final[tuple[str, ...]] = tuple(s.value for s in GateStatus)

@@ -44,8 +44,8 @@ from pydantic import (
     model_validator,
 )
 
+from rollout.core.buckets import DEFAULT_LATENCY_BUCKETS_S
 from rollout.core.routing import Stage
-from rollout.settings import DEFAULT_LATENCY_BUCKETS_S
 
 #: The traffic stages of a rollout, in order (a subset of the routing table's stages, same names).
 TrafficStage = Literal["shadow", "canary", "ab", "full"]

@@ -1,31 +1,22 @@
-"""The controller's persistent state: one schema-versioned JSON file, written atomically, read at start-up.
+"""The controller's durable state as data: the current rollout, finished rollouts, command results and the running
+versions' workloads, one schema-versioned JSON document.
 
-Layout of the state directory (``FW_ROLLOUT_CONTROLLER__STATE_DIR``, default ``<home>/rollout``)::
-
-    state.json        the controller's whole state (this module): the current rollout (the stage machine's
-                      RolloutState), finished rollouts, command results, the running versions' workloads
-    events.jsonl      append-only transition log (rollout.core.events)
-    inbox/            one JSON file per operator command (rollout.backends.local.inbox), written by rolloutctl
-    controller.json   the running controller's pid, metrics URL and heartbeat (rollout.backends.local.inbox)
-    workloads.json    the local backend's model servers (rollout.backends.local.workloads)
-
-Only the controller writes ``state.json``. Every write goes through a temporary file in the same directory,
-fsync and rename, so a reader — or a controller restarted after a kill — sees the old file or the new one, never
-half of one. A file with another ``schema_version`` is refused (:class:`StateError`), never guessed at.
+Where it is kept is a backend's :class:`~rollout.backends.base.StateStorage`: ``state.json`` locally
+(:mod:`rollout.backends.local.state`), ``status.state`` of the ModelRollout on Kubernetes. A document with another
+``schema_version`` is refused (:class:`StateError`), never guessed at.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Final
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
-from rollout.backends.base import Readiness, WorkloadStatus
-from rollout.backends.local.inbox import STATE_FILE, CommandResult, InboxCommand, write_atomically
+from rollout.core.commands import CommandResult, InboxCommand
 from rollout.core.machine import CommandKind, ManualCommand, Phase, RolloutState
+from rollout.core.workloads import Readiness, WorkloadStatus
 
 SCHEMA_VERSION: Final[int] = 1
 
@@ -135,21 +126,3 @@ def loads_state(text: str) -> ControllerState:
         return ControllerState.model_validate(raw)
     except ValidationError as exc:
         raise StateError(f"invalid state file: {exc}") from exc
-
-
-class StateStore:
-    """``state.json`` in the state directory."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.path = directory / STATE_FILE
-
-    def load(self) -> ControllerState | None:
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
-        return loads_state(text)
-
-    def save(self, state: ControllerState) -> None:
-        write_atomically(self.path, dumps_state(state))

@@ -21,9 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from rollout.backends.base import WorkloadStatus
 from rollout.core.analysis import GateResult, GateStatus
 from rollout.core.policy import WORKLOAD_GATE, AnalysisPolicy
+from rollout.core.workloads import WorkloadStatus
 
 __all__ = ["WORKLOAD_GATE", "CandidateWatch", "judge", "observe"]
 

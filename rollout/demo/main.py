@@ -46,12 +46,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from rich.console import Console
 from rich.live import Live
 
+from rollout.backends.local.events import read_events
 from rollout.backends.local.inbox import EVENTS_FILE
+from rollout.backends.local.state import StateStore
 from rollout.backends.prometheus import PrometheusServer, free_port
-from rollout.core.events import read_events
 from rollout.core.machine import RolloutState
 from rollout.core.policy import RolloutPolicy, dump_policy, load_policy
-from rollout.core.state import ControllerState, StateError, StateStore
+from rollout.core.state import ControllerState, StateError
 from rollout.demo.policy import load_demo_policy, time_scaled
 from rollout.demo.processes import (
     ChildProcess,

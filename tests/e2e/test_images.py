@@ -25,7 +25,7 @@ IMAGES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
               ("sklearn", "pandas", "matplotlib", "kubernetes")),
     "router": ("10001:10001", ("rollout.router.app", "rollout.backends.kube.api", "kubernetes", "psycopg"),
                MODEL_STACK),
-    "controller": ("10001:10001", ("rollout.controller.loop", "rollout.backends.kube.runtime", "rollout.cli.main",
+    "controller": ("10001:10001", ("rollout.controller.loop", "rollout.controller.kube", "rollout.cli.main",
                                    "kubernetes"), MODEL_STACK),
     "retraining": ("10001:10001", ("service.cli.main", "service.retraining.job", "service.retraining.webhook",
                                    "service.retraining.handoff", "rollout.backends.registry",

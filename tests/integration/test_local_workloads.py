@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rollout.backends.base import Readiness, WorkloadStatus
 from rollout.backends.local.workloads import LocalWorkloads
+from rollout.core.workloads import Readiness, WorkloadStatus
 from rollout.settings import LocalBackendSettings
 from service.artifacts.bundle import MANIFEST_FILE, bundle_digest
 from service.common import processes as proctree

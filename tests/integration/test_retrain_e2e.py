@@ -39,9 +39,9 @@ import httpx
 import pandas as pd
 import pytest
 
+from rollout.backends.local.state import StateStore
 from rollout.backends.local.workloads import WORKLOADS_FILE, stop_group
 from rollout.backends.prometheus import PrometheusClient, PrometheusServer, free_port
-from rollout.core.state import StateStore
 from rollout.router.outcomes.settings import OutcomeSettings, PrometheusSettings
 from rollout.router.process import RouterProcess
 from service.artifacts.registry import CHALLENGER, CHAMPION, ModelRegistry, RunPayload

@@ -49,13 +49,14 @@ from typing import Any
 import httpx
 import pytest
 
+from rollout.backends.local.events import read_events
 from rollout.backends.local.inbox import EVENTS_FILE, CommandInbox, read_heartbeat
+from rollout.backends.local.state import StateStore
 from rollout.backends.local.workloads import WORKLOADS_FILE, stop_group
 from rollout.backends.prometheus import PrometheusClient, PrometheusServer, free_port
-from rollout.controller.loop import OFFLINE_MESSAGE
-from rollout.core.events import read_events
+from rollout.controller.runners import OFFLINE_MESSAGE
 from rollout.core.policy import OutcomeGate, dumps_policy, loads_policy
-from rollout.core.state import ControllerState, StateStore
+from rollout.core.state import ControllerState
 from rollout.router.process import RouterProcess
 from service.common.processes import alive, process_tree, tagged
 from tests.rolloutkit import (

@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic_settings import BaseSettings
 
-from rollout.backends.kube.runtime import REQUIRED_ACCESS
+from rollout.backends.kube.access import REQUIRED_ACCESS
 from rollout.core.policy import CANARY_WEIGHT_MAX, CANARY_WEIGHT_MIN, load_policy, policy_from_mapping
 from rollout.router.app import Router
 from rollout.router.outcomes.prediction_log import mark_dir_of

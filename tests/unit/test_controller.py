@@ -21,20 +21,17 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from rollout.backends.base import (
-    PublishedTable,
-    PublishResult,
-    Readiness,
-    RoutingSpec,
-    VersionNotFoundError,
-    WorkloadStatus,
-)
-from rollout.backends.local.inbox import EVENTS_FILE, STATE_FILE, CommandInbox, InboxCommand
-from rollout.controller.loop import Backend, Controller, InlineRunner
+from rollout.backends.base import Backend, PublishedTable, PublishResult, RoutingSpec, VersionNotFoundError
+from rollout.backends.local.events import read_events
+from rollout.backends.local.inbox import EVENTS_FILE, STATE_FILE, CommandInbox
+from rollout.backends.local.state import StateStore
+from rollout.controller.loop import Controller
 from rollout.controller.metrics import ControllerMetrics
+from rollout.controller.runners import InlineRunner
 from rollout.core import policy as pol
-from rollout.core.events import read_events
-from rollout.core.state import SCHEMA_VERSION, StateError, StateStore, loads_state
+from rollout.core.commands import InboxCommand
+from rollout.core.state import SCHEMA_VERSION, StateError, loads_state
+from rollout.core.workloads import Readiness, WorkloadStatus
 from rollout.settings import ControllerSettings
 
 T0 = datetime(2025, 5, 1, 9, 0, tzinfo=UTC)

@@ -28,7 +28,7 @@ BUDGETS: dict[str, tuple[tuple[str, ...], float]] = {
     "rollout.router.app": (TRAINING_STACK, 6.0),  # fraudwatch-router
     # the controller (kube client only when used), and its Kubernetes backend (the chart's controller)
     "rollout.controller.loop": ((*TRAINING_STACK, "kubernetes"), 5.0),
-    "rollout.backends.kube.runtime": (TRAINING_STACK, 6.0),
+    "rollout.controller.kube": (TRAINING_STACK, 6.0),
     "rollout.cli.main": ((*TRAINING_STACK, "numpy", "kubernetes"), 3.0),  # rolloutctl, kubectl-modelrollout
     "service.retraining.webhook": (TRAINING_STACK, 6.0),  # the retraining webhook: retrains in subprocesses
     "service.cli.main": (TRAINING_STACK, 3.0),  # fraudwatch (retrain, train, …): each command imports its own

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from rollout.backends.base import Readiness
 from rollout.backends.kube.lease import decide
 from rollout.backends.kube.resource import (
     MODEL_ALIAS_ENV,
@@ -38,12 +37,13 @@ from rollout.backends.kube.resource import (
     spec_commands,
     workload_name,
 )
-from rollout.backends.local.inbox import InboxCommand
+from rollout.core.commands import InboxCommand
 from rollout.core.events import reason_code
 from rollout.core.machine import Transition
 from rollout.core.policy import load_policy
 from rollout.core.routing import RoutingTable
 from rollout.core.state import ControllerState
+from rollout.core.workloads import Readiness
 from tests.chartkit import DRY_RENDER_VALUES, Helm, HelmNotFoundError, locate_helm, one
 from tests.unit.test_controller import POLICY, Harness, start_rollout
 

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from rollout.backends.local.inbox import InboxCommand
+from rollout.core.commands import InboxCommand
 from service.artifacts.registry import CHALLENGER, ModelRegistry
 from service.cli.main import ExitCode, main
 from service.data.synthetic import SyntheticConfig, generate

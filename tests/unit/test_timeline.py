@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from rollout.backends.local.events import read_events
 from rollout.backends.local.inbox import EVENTS_FILE
-from rollout.core.events import read_events
-from rollout.core.state import StateStore
+from rollout.backends.local.state import StateStore
 from rollout.demo.main import ModelSide, check_outcomes
 from rollout.demo.timeline import (
     GateSampler,

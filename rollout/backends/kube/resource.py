@@ -1,8 +1,8 @@
 """The ModelRollout custom resource as data, and the pure functions the Kubernetes backend is made of.
 
-No I/O here (rollout/backends/kube/runtime.py does the calls): reading the object (:class:`RolloutObject`), the version
-specs it names, the commands its spec asks for (:func:`spec_commands`), the policy it carries merged over the
-controller's (:func:`effective_policy`), the model-server Deployment and Service of a version built from the
+No I/O here (the other modules of rollout/backends/kube/ do the calls): reading the object (:class:`RolloutObject`),
+the version specs it names, the commands its spec asks for (:func:`spec_commands`), the policy it carries merged over
+the controller's (:func:`effective_policy`), the model-server Deployment and Service of a version built from the
 chart's templates (:func:`build_workload`), a Deployment's readiness (:func:`deployment_readiness`), and the status
 the controller writes (:func:`compose_status`: the durable state, the routing table and the summary people read).
 
@@ -25,15 +25,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
 
-from rollout.backends.base import Readiness
 from rollout.backends.kube.api import API_VERSION, KIND
-from rollout.backends.local.inbox import InboxCommand
 from rollout.core.analysis import GateResult
+from rollout.core.commands import InboxCommand
 from rollout.core.events import SUPERSEDE_PREFIX
 from rollout.core.machine import RolloutState, Transition, warm_until
 from rollout.core.policy import RolloutPolicy, policy_from_mapping
 from rollout.core.routing import RoutingTable
 from rollout.core.state import ControllerState, StateError, loads_state
+from rollout.core.workloads import Readiness
 
 Json = dict[str, Any]
 

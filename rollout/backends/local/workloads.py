@@ -1,5 +1,5 @@
-"""The local backend: model versions as real ``bentoml serve`` child processes, routers reached through their admin
-endpoint, Prometheus scrape targets in a file-SD file.
+"""The local backend's workloads: model versions as real ``bentoml serve`` child processes, their Prometheus scrape
+targets in a file-SD file.
 
 :class:`LocalWorkloads`
     One :class:`service.serving.process.BentoServer` per version, on its own free port, serving the version's
@@ -13,14 +13,6 @@ endpoint, Prometheus scrape targets in a file-SD file.
     leave them serving), SIGTERM then SIGKILL. A server counts as dead when its main process exited *or* its
     ``/readyz`` stopped answering (``unhealthy_after`` probes in a row, every ``health_interval_s``): its tree is
     stopped and it is started again, and every such restart is counted (``restarts``, the candidate's evidence).
-
-:class:`AdminRoutingPublisher`
-    Publishes the table with ``PUT /admin/routing`` (bearer token) to every router and reads it back with ``GET``.
-    Chosen over the file source because the router applies a PUT before it answers (a change is in force within
-    one round trip, a few milliseconds, instead of up to one poll interval) and the answer confirms it. The
-    generation is one above the highest the routers hold (a restarted controller continues the sequence; a router
-    refuses an older one). A table the routers already hold is not sent again; it is read back every
-    ``routing_resync_interval_s`` so a restarted router gets it again.
 """
 
 from __future__ import annotations
@@ -28,27 +20,17 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from rollout.backends.base import (
-    ModelSource,
-    PublishedTable,
-    PublishOutcome,
-    PublishResult,
-    Readiness,
-    RoutingError,
-    RoutingSpec,
-    WorkloadStatus,
-)
+from rollout.backends.base import ModelSource
 from rollout.backends.local.inbox import write_atomically
 from rollout.backends.prometheus import ScrapeTarget, render_targets
-from rollout.core.routing import RoutingTable, VersionEndpoint
+from rollout.core.workloads import Readiness, WorkloadStatus
 from rollout.settings import LocalBackendSettings
 from service.common import processes as proctree
 from service.common.logging import get_logger, log_event
@@ -58,12 +40,8 @@ from service.settings import Settings
 logger = get_logger(__name__)
 
 WORKLOADS_FILE: Final[str] = "workloads.json"
-ADMIN_PATH: Final[str] = "/admin/routing"
 MODEL_SERVER_COMPONENT: Final[str] = "model-server"
 STATIC_COMPONENT: Final[str] = "static"
-_HTTP_OK: Final[int] = 200
-_NOT_FOUND: Final[int] = 404
-_CONFLICT: Final[int] = 409
 
 
 # --------------------------------------------------------------------------------------------------- workloads
@@ -164,7 +142,7 @@ class LocalWorkloads:
 
     def _answers(self, url: str) -> bool:
         try:
-            return self._http.get(url).status_code == _HTTP_OK
+            return self._http.get(url).status_code == httpx.codes.OK
         except httpx.HTTPError:
             return False
 
@@ -348,122 +326,3 @@ class LocalWorkloads:
         except FileNotFoundError:
             pass
         write_atomically(path, text)
-
-
-# --------------------------------------------------------------------------------------------------- routing
-
-
-def table_of(spec: RoutingSpec, urls: Mapping[str, str], generation: int) -> RoutingTable:
-    """The routing table of ``spec`` with its endpoints' URLs (``KeyError`` when a version has no URL)."""
-
-    def endpoint(version: str) -> VersionEndpoint:
-        return VersionEndpoint(version=version, url=urls[version])
-
-    return RoutingTable(
-        generation=generation,
-        stage=spec.stage,
-        stable=endpoint(spec.stable),
-        candidate=endpoint(spec.candidate) if spec.candidate is not None else None,
-        candidate_weight=float(spec.candidate_weight),
-        shadow=tuple(endpoint(v) for v in spec.shadow),
-    )
-
-
-def spec_of(table: RoutingTable) -> RoutingSpec:
-    return RoutingSpec(
-        stage=table.stage,
-        stable=table.stable.version,
-        candidate=table.candidate.version if table.candidate is not None else None,
-        candidate_weight=round(table.candidate_weight),
-        shadow=tuple(e.version for e in table.shadow),
-    )
-
-
-def same_routing(a: RoutingTable, b: RoutingTable) -> bool:
-    """True when two tables route identically (everything but the generation is equal)."""
-    return a.model_dump(exclude={"generation"}) == b.model_dump(exclude={"generation"})
-
-
-def held_table(client: httpx.Client, router: str) -> RoutingTable | None:
-    """The table a router holds (``GET /admin/routing`` with the client's bearer token), None when it holds none;
-    :class:`RoutingError` when it cannot be read."""
-    try:
-        response = client.get(router + ADMIN_PATH)
-    except httpx.HTTPError as exc:
-        raise RoutingError(f"router {router} unreachable: {exc}") from exc
-    if response.status_code == _NOT_FOUND:
-        return None
-    if response.status_code != _HTTP_OK:
-        raise RoutingError(f"router {router} answered {response.status_code}: {response.text[:300]}")
-    try:
-        body: dict[str, Any] = response.json()
-        return RoutingTable.model_validate(body["table"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise RoutingError(f"router {router} answered an unreadable table: {exc}") from exc
-
-
-def published_table(router: str, table: RoutingTable | None) -> PublishedTable:
-    """A held table as the controller compares it (None: the router holds no table)."""
-    if table is None:
-        return PublishedTable(router, None, 0)
-    return PublishedTable(router, spec_of(table), table.generation, {e.version: e.url for e in table.endpoints()})
-
-
-@dataclass
-class AdminRoutingPublisher:
-    """:class:`~rollout.backends.base.RoutingPublisher` through each router's ``/admin/routing``."""
-
-    router_urls: Sequence[str]
-    token: str | None
-    timeout_s: float
-    resync_interval_s: float
-    _http: httpx.Client = field(init=False, repr=False)
-    _generation: int = field(default=0, init=False)
-    _held: RoutingTable | None = field(default=None, init=False)
-    _verified_at: float = field(default=-1e18, init=False)
-
-    def __post_init__(self) -> None:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        self._http = httpx.Client(timeout=self.timeout_s, headers=headers, trust_env=False)
-
-    def close(self) -> None:
-        self._http.close()
-
-    def publish(self, spec: RoutingSpec, urls: Mapping[str, str]) -> PublishResult:
-        desired = table_of(spec, urls, self._generation)
-        fresh = time.monotonic() - self._verified_at < self.resync_interval_s
-        if fresh and self._held is not None and same_routing(self._held, desired):
-            return PublishResult("unchanged", self._generation)
-        outcomes = {router: self._publish_to(router, desired) for router in self.router_urls}
-        self._held = desired
-        self._verified_at = time.monotonic()
-        outcome: PublishOutcome = "applied" if "applied" in outcomes.values() else "unchanged"
-        return PublishResult(outcome, self._generation, outcomes)
-
-    def _publish_to(self, router: str, desired: RoutingTable, retried: bool = False) -> PublishOutcome:
-        current = self._get(router)
-        if current is not None:
-            self._generation = max(self._generation, current.generation)
-            if same_routing(current, desired):
-                return "unchanged"
-        self._generation += 1
-        table = desired.model_copy(update={"generation": self._generation})
-        try:
-            response = self._http.put(router + ADMIN_PATH, content=table.model_dump_json())
-        except httpx.HTTPError as exc:
-            raise RoutingError(f"router {router} unreachable: {exc}") from exc
-        if response.status_code == _CONFLICT and not retried:
-            return self._publish_to(router, desired, retried=True)
-        if response.status_code != _HTTP_OK:
-            raise RoutingError(f"router {router} refused the table ({response.status_code}): {response.text[:300]}")
-        log_event(logger, "routing table published", event="routing_published", router=router,
-                  generation=self._generation, stage=table.stage, stable=table.stable.version,
-                  candidate=table.candidate.version if table.candidate else None,
-                  candidate_weight=table.candidate_weight, shadow=[e.version for e in table.shadow])  # fmt: skip
-        return "applied"
-
-    def _get(self, router: str) -> RoutingTable | None:
-        return held_table(self._http, router)
-
-    def read(self) -> list[PublishedTable]:
-        return [published_table(router, self._get(router)) for router in self.router_urls]

@@ -98,6 +98,7 @@ from rollout.core.routing import ComparisonPair, RoutePlan, comparison_pair
 from rollout.router.outcomes.marks import OrphanMark, RunMark, claim_orphans
 from rollout.router.outcomes.settings import OutcomeSettings, get_outcome_settings
 from service.api.schema import ErrorDetail, ErrorResponse
+from service.common.clock import utc_now
 from service.common.http import bearer_matches, read_limited
 from service.common.logging import get_logger, log_event
 
@@ -177,10 +178,6 @@ labels_table = Table(
     Column("observed_at", DateTime(timezone=True), nullable=False),
     Column("received_at", DateTime(timezone=True), nullable=False),
 )
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def as_utc(value: datetime) -> datetime:
