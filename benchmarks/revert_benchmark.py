@@ -52,8 +52,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from rollout.backends.local.inbox import STATE_FILE  # noqa: E402
+from rollout.backends.local.prometheus import free_port  # noqa: E402
 from rollout.backends.local.workloads import WORKLOADS_FILE, stop_group  # noqa: E402
-from rollout.backends.prometheus import free_port  # noqa: E402
 from rollout.cli.main import main as rolloutctl  # noqa: E402
 from rollout.core.routing import RoutingTable, VersionEndpoint  # noqa: E402
 from rollout.router.outcomes.settings import OutcomeSettings  # noqa: E402

@@ -24,10 +24,11 @@ from typing import Any, Protocol
 import httpx
 import numpy as np
 
-from rollout.backends.prometheus import PrometheusServer
+from rollout.backends.local.prometheus import PrometheusServer
 from rollout.core.policy import dumps_policy
 from rollout.demo.policy import load_demo_policy
-from rollout.router.outcomes.settings import OutcomeSettings, PrometheusSettings
+from rollout.router.outcomes.settings import OutcomeSettings
+from rollout.settings import PrometheusSettings
 from service.artifacts.bundle import MANIFEST_FILE, load_bundle
 from service.artifacts.registry import ModelRegistry, RunPayload
 from service.data.synthetic import SyntheticConfig, generate

@@ -64,9 +64,9 @@ from starlette.routing import BaseRoute, Route
 
 from rollout.core.routing import Arm, RoutePlan, RoutingTable, Stage, VersionEndpoint
 from rollout.router.metrics import RouterMetrics
+from rollout.router.outcomes.feedback import OutcomeTracker
 from rollout.router.outcomes.prediction_log import (
     PREDICTION_ID_HEADER,
-    OutcomeTracker,
     PredictionLog,
     PredictionLogUnavailableError,
     PredictionRecord,

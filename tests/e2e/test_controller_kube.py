@@ -37,7 +37,7 @@ import yaml
 from rollout.backends.kube.access import REQUIRED_ACCESS, ROUTER_ACCESS
 from rollout.backends.kube.api import KubeApi, rollout_path
 from rollout.backends.kube.resource import FINALIZER
-from rollout.cli.main import ExitCode
+from rollout.cli.errors import ExitCode
 from tests.chartkit import DEFAULT_POLICY_FILE
 from tests.e2e.cluster import ControlPlane
 from tests.e2e.kubekit import (

@@ -50,7 +50,7 @@ import yaml
 
 from rollout.backends.kube.api import Informer, KubeApi, rollout_path
 from rollout.backends.kube.resource import event_name, state_of
-from rollout.backends.prometheus import ScrapeTarget
+from rollout.backends.local.prometheus import ScrapeTarget
 from rollout.core.machine import RolloutState
 from rollout.router.process import RouterProcess
 from service.serving.process import BentoServer

@@ -30,12 +30,14 @@ import yaml
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from rollout.backends.prometheus import PrometheusClient, PrometheusServer, ScrapeTarget, free_port
+from rollout.backends.local.prometheus import PrometheusServer, ScrapeTarget, free_port
+from rollout.backends.prometheus import PrometheusClient
 from rollout.core.routing import RoutingTable, VersionEndpoint
-from rollout.dashboard import app as dash
-from rollout.router.outcomes.settings import OutcomeSettings, PrometheusSettings
+from rollout.dashboard import panels
+from rollout.router.outcomes.settings import OutcomeSettings
 from rollout.router.process import RouterProcess
 from rollout.router.table_sources import write_table_file
+from rollout.settings import PrometheusSettings
 from service.artifacts.bundle import read_manifest
 from service.data.features import DRIFT_FEATURES
 from service.data.synthetic import generate
@@ -388,8 +390,8 @@ def _value(dom: _Panels, panel: str, series: str) -> float:
 
 def test_the_page_has_the_four_layers_the_rollout_and_the_alerts(dom: _Panels) -> None:
     sections = [html.unescape(s).strip() for s in dom.sections]
-    assert sections == [s.title for s in dash.SECTIONS]
-    for section in dash.SECTIONS:
+    assert sections == [s.title for s in panels.SECTIONS]
+    for section in panels.SECTIONS:
         for panel in section.panels:
             assert html.unescape(dom.panels[panel.key]["title"]) == panel.title
 

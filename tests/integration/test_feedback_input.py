@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from rollout.core.routing import RoutingTable
-from rollout.router.outcomes.prediction_log import FEEDBACK_PATH
+from rollout.router.outcomes.feedback import FEEDBACK_PATH
 from rollout.router.outcomes.settings import OutcomeSettings
 from rollout.router.process import RouterProcess
 from rollout.router.table_sources import write_table_file

@@ -39,11 +39,13 @@ import httpx
 import pandas as pd
 import pytest
 
+from rollout.backends.local.prometheus import PrometheusServer, free_port
 from rollout.backends.local.state import StateStore
 from rollout.backends.local.workloads import WORKLOADS_FILE, stop_group
-from rollout.backends.prometheus import PrometheusClient, PrometheusServer, free_port
-from rollout.router.outcomes.settings import OutcomeSettings, PrometheusSettings
+from rollout.backends.prometheus import PrometheusClient
+from rollout.router.outcomes.settings import OutcomeSettings
 from rollout.router.process import RouterProcess
+from rollout.settings import PrometheusSettings
 from service.artifacts.registry import CHALLENGER, CHAMPION, ModelRegistry, RunPayload
 from service.data.synthetic import SyntheticConfig, generate
 from service.settings import Settings

@@ -51,9 +51,10 @@ import pytest
 
 from rollout.backends.local.events import read_events
 from rollout.backends.local.inbox import EVENTS_FILE, CommandInbox, read_heartbeat
+from rollout.backends.local.prometheus import PrometheusServer, free_port
 from rollout.backends.local.state import StateStore
 from rollout.backends.local.workloads import WORKLOADS_FILE, stop_group
-from rollout.backends.prometheus import PrometheusClient, PrometheusServer, free_port
+from rollout.backends.prometheus import PrometheusClient
 from rollout.controller.runners import OFFLINE_MESSAGE
 from rollout.core.policy import OutcomeGate, dumps_policy, loads_policy
 from rollout.core.state import ControllerState

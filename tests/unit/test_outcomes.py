@@ -18,20 +18,19 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 from starlette.applications import Starlette
 
-from rollout.backends.prometheus import free_port
+from rollout.backends.local.prometheus import free_port
 from rollout.core.drift import calibration_bin_of
 from rollout.core.routing import RoutePlan, RoutingTable
-from rollout.router.outcomes.prediction_log import (
+from rollout.router.outcomes.feedback import (
     FEEDBACK_BATCH_PATH,
     FEEDBACK_PATH,
     OutcomeTracker,
-    PredictionLog,
-    PredictionRecord,
     bin_edges,
     confusion_cell,
     paired_predictions,
     score_bin,
 )
+from rollout.router.outcomes.prediction_log import PredictionLog, PredictionRecord
 from rollout.router.outcomes.settings import OutcomeSettings
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)

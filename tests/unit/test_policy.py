@@ -20,8 +20,9 @@ from rollout.core import policy as pol
 from rollout.core.routing import STAGES, VersionEndpoint
 from rollout.demo.policy import load_demo_policy
 from rollout.router.metrics import RouterMetrics
-from rollout.router.outcomes.prediction_log import _OutcomeMetrics
-from rollout.router.outcomes.settings import OutcomeSettings, PrometheusSettings
+from rollout.router.outcomes.feedback import _OutcomeMetrics
+from rollout.router.outcomes.settings import OutcomeSettings
+from rollout.settings import PrometheusSettings
 from service.serving.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,25 +17,14 @@ import pytest
 from rich.console import Console
 
 from rollout.backends.local.workloads import pid_alive
+from rollout.backends.prometheus import RangeSeries
 from rollout.core.policy import TRAFFIC_STAGES, dumps_policy, load_policy, loads_policy
-from rollout.demo.main import (
-    MARKER_FILE,
-    DemoError,
-    ExitCode,
-    Outcome,
-    Run,
-    build_parser,
-    hold,
-    load_model_side,
-    locust_stats,
-    main,
-    prepare_home,
-    settings_from,
-    shares_of,
-)
-from rollout.demo.main import DemoSettings as RolloutDemoSettings
+from rollout.demo.main import Outcome, build_parser, hold, locust_stats, main, settings_from, shares_of
 from rollout.demo.policy import load_demo_policy, time_scaled
 from rollout.demo.processes import ChildProcess, stop_recorded_workloads
+from rollout.demo.settings import DemoError, ExitCode
+from rollout.demo.settings import DemoSettings as RolloutDemoSettings
+from rollout.demo.stack import MARKER_FILE, Run, load_model_side, prepare_home
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -141,9 +130,9 @@ def test_the_model_sides_json_is_validated(tmp_path: Path) -> None:
 
 
 def test_measured_shares_are_each_versions_part_of_the_deciding_calls() -> None:
-    result = [
-        {"metric": {"model_version": "v1"}, "values": [[100.0, "30"], [102.0, "15"], [104.0, "0"]]},
-        {"metric": {"model_version": "v2"}, "values": [[102.0, "15"], [104.0, "0"]]},
+    result: list[RangeSeries] = [
+        ({"model_version": "v1"}, [(100.0, 30.0), (102.0, 15.0), (104.0, 0.0)]),
+        ({"model_version": "v2"}, [(102.0, 15.0), (104.0, 0.0)]),
     ]
     shares = {(s.seconds, s.version): s.share for s in shares_of(result, origin=90.0)}
     assert shares == {(10.0, "v1"): 100.0, (12.0, "v1"): 50.0, (12.0, "v2"): 50.0}  # no calls at 104: no share

@@ -17,7 +17,8 @@ import pytest
 
 from rollout.backends.local.inbox import CommandInbox
 from rollout.backends.local.state import StateStore
-from rollout.cli.main import ExitCode, build_parser, kubectl_main, main
+from rollout.cli.errors import ExitCode
+from rollout.cli.main import build_parser, kubectl_main, main
 from rollout.core.evidence import gate_evidence
 from tests.unit.test_controller import POLICY_YAML, SETTINGS, V1, V2, Harness
 

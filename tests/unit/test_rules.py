@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from rollout.core import drift
-from rollout.router.outcomes.settings import DriftSettings, PrometheusSettings
+from rollout.router.outcomes.settings import DriftSettings
+from rollout.settings import PrometheusSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"

@@ -18,7 +18,8 @@ from rich.console import Console
 from rollout.backends.local.events import read_events
 from rollout.backends.local.inbox import EVENTS_FILE
 from rollout.backends.local.state import StateStore
-from rollout.demo.main import ModelSide, check_outcomes
+from rollout.demo.main import check_outcomes
+from rollout.demo.stack import ModelSide
 from rollout.demo.timeline import (
     GateSampler,
     Timeline,

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from rollout.backends.base import ModelSource
 from rollout.backends.local.inbox import write_atomically
-from rollout.backends.prometheus import ScrapeTarget, render_targets
+from rollout.backends.local.prometheus import ScrapeTarget, render_targets
 from rollout.core.workloads import Readiness, WorkloadStatus
 from rollout.settings import LocalBackendSettings
 from service.common import processes as proctree

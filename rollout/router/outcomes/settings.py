@@ -179,26 +179,6 @@ class DriftSettings(BaseSettings):
     confidence_level: float = Field(0.95, gt=0.5, lt=1.0)
 
 
-class PrometheusSettings(BaseSettings):
-    """A local Prometheus process (tests, the local backend) and the query client."""
-
-    model_config = SettingsConfigDict(env_prefix="FW_ROLLOUT_PROMETHEUS__", extra="ignore")
-
-    binary: Path = Path("/usr/bin/prometheus")
-    promtool: Path = Path("/usr/bin/promtool")
-    rules_file: Path = Path("deploy/prometheus/rules.yml")
-    listen_host: str = "127.0.0.1"
-    scrape_interval_s: float = Field(15.0, gt=0.0)
-    evaluation_interval_s: float = Field(15.0, gt=0.0)
-    scrape_timeout_s: float = Field(5.0, gt=0.0)
-    ready_timeout_s: float = Field(30.0, gt=0.0)
-    stop_timeout_s: float = Field(10.0, gt=0.0)
-    poll_interval_s: float = Field(0.1, gt=0.0)
-    query_timeout_s: float = Field(5.0, gt=0.0)
-    #: Retention of the local TSDB.
-    retention: str = "1d"
-
-
 @lru_cache(maxsize=1)
 def get_outcome_settings() -> OutcomeSettings:
     return OutcomeSettings()
@@ -207,8 +187,3 @@ def get_outcome_settings() -> OutcomeSettings:
 @lru_cache(maxsize=1)
 def get_drift_settings() -> DriftSettings:
     return DriftSettings()
-
-
-@lru_cache(maxsize=1)
-def get_prometheus_settings() -> PrometheusSettings:
-    return PrometheusSettings()
