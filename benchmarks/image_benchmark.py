@@ -41,7 +41,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rollout.backends.local.prometheus import free_port  # noqa: E402
+from service.common.processes import free_port  # noqa: E402
 from service.data.synthetic import SyntheticConfig, generate  # noqa: E402
 from tests.podkit import RLIMITS, RUNTIME, images, rm  # noqa: E402
 from tests.stackkit import train_bundle  # noqa: E402

@@ -52,13 +52,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from rollout.backends.local.inbox import STATE_FILE  # noqa: E402
-from rollout.backends.local.prometheus import free_port  # noqa: E402
-from rollout.backends.local.workloads import WORKLOADS_FILE, stop_group  # noqa: E402
+from rollout.backends.local.workloads import WORKLOADS_FILE  # noqa: E402
 from rollout.cli.main import main as rolloutctl  # noqa: E402
 from rollout.core.routing import RoutingTable, VersionEndpoint  # noqa: E402
 from rollout.router.outcomes.settings import OutcomeSettings  # noqa: E402
 from rollout.router.process import RouterProcess  # noqa: E402
 from rollout.settings import ControllerSettings  # noqa: E402
+from service.common.processes import free_port, stop_tree  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 HOST: Final[str] = "127.0.0.1"
@@ -107,7 +107,7 @@ def summary(seconds: Sequence[float]) -> dict[str, float | int]:
 def prepare_registry(home: Path, rows: int) -> None:
     """v1 and v2 trained on differently seeded synthetic data, registered; v1 is the champion."""
     from service.data.synthetic import SyntheticConfig, generate
-    from service.demo.versions import track_and_register, train_version
+    from service.training.pipeline import track_and_register, train_version
 
     settings = Settings.model_validate(
         {
@@ -255,7 +255,7 @@ def bench_stack(work: Path) -> Iterator[Bench]:
             bench.controller.wait(timeout=60)
         with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
             for record in json.loads((bench.state_dir / WORKLOADS_FILE).read_text()):
-                stop_group(int(record["pid"]), grace_s=20.0, poll_s=0.1)
+                stop_tree(int(record["pid"]), grace_s=20.0, poll_s=0.1)
         router.stop()
 
 

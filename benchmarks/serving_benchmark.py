@@ -45,7 +45,8 @@ ROOT: Final[Path] = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from service.serving.process import BentoServer, free_port, server_env  # noqa: E402
+from service.common.processes import free_port  # noqa: E402
+from service.serving.process import BentoServer, server_env  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 PREDICT_PATH: Final[str] = "/api/v1/refund-predict"

@@ -31,10 +31,10 @@ from typing import Any, Final
 import httpx
 
 from rollout.backends.base import ModelSource
-from rollout.backends.local.prometheus import free_port
 from rollout.backends.local.workloads import LocalWorkloads, WorkloadRecord, _Workload
 from rollout.settings import LocalBackendSettings, PodmanBackendSettings
 from service.common.logging import get_logger, log_event
+from service.common.processes import free_port
 from service.settings import Settings
 
 logger = get_logger(__name__)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,10 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from rollout.backends.local.workloads import WORKLOADS_FILE, pid_alive, stop_group
-from service.common import processes as proctree
+from rollout.backends.local.workloads import WORKLOADS_FILE
 from service.common.logging import get_logger, log_event
-from service.common.processes import new_tag, stop_tree, tagged_env
+from service.common.processes import alive, new_tag, stop_tree, tagged, tagged_env
 
 logger = get_logger("rollout.demo")
 
@@ -80,18 +78,12 @@ class ChildProcess:
             return ""
 
 
-def signal_group(pgid: int, sig: signal.Signals) -> None:
-    """Signal one process group (a short-lived child with no workers; stop others with ``stop_tree``)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
 def stop_recorded_workloads(state_dir: Path, grace_s: float, poll_s: float = 0.1) -> list[int]:
     """Stop every model server the controller recorded that is still alive (its own shutdown normally did)."""
     stopped = []
     for pid, tag in recorded_workloads(state_dir):
-        if (pid > 0 and pid_alive(pid)) or (tag and proctree.tagged(tag)):
-            stop_group(pid, grace_s, poll_s, tag)
+        if (pid > 0 and alive(pid)) or (tag and tagged(tag)):
+            stop_tree(pid, tag, grace_s=grace_s, poll_s=poll_s)
             stopped.append(pid)
     return stopped
 

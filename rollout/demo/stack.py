@@ -22,15 +22,10 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 
-from rollout.backends.local.prometheus import PrometheusServer, free_port
+from rollout.backends.local.prometheus import PrometheusServer
 from rollout.core.policy import RolloutPolicy, dump_policy, load_policy
 from rollout.demo.policy import load_demo_policy, time_scaled
-from rollout.demo.processes import (
-    ChildProcess,
-    recorded_workload_pids,
-    signal_group,
-    stop_recorded_workloads,
-)
+from rollout.demo.processes import ChildProcess, recorded_workload_pids, stop_recorded_workloads
 from rollout.demo.settings import DemoError, DemoSettings, ExitCode
 from rollout.demo.timeline import (
     GateSampler,
@@ -39,6 +34,7 @@ from rollout.demo.timeline import (
 from rollout.router.outcomes.settings import OutcomeSettings
 from rollout.router.process import RouterProcess
 from rollout.settings import PrometheusSettings
+from service.common.processes import free_port, signal_group
 
 BIN: Final[Path] = Path(sys.executable).parent
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import IO, Final, Self
 import httpx
 
 from rollout.settings import RouterSettings
-from service.common.processes import new_tag, stop_tree, tagged_env
+from service.common.processes import free_port, new_tag, stop_tree, tagged_env
 
 LIVE_PATH: Final[str] = "/livez"
 _ENV_PREFIX: Final[str] = "FW_ROLLOUT_ROUTER__"
@@ -33,12 +32,6 @@ _ENV_PREFIX: Final[str] = "FW_ROLLOUT_ROUTER__"
 
 class RouterStartError(RuntimeError):
     """The router exited or did not answer ``/livez`` before its deadline."""
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

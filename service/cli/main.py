@@ -35,9 +35,11 @@ from service.settings import Settings
 
 if TYPE_CHECKING:
     from service.artifacts.registry import ModelRef
-    from service.demo.versions import DemoSummary, DemoVersions, Registration, Scored, TrainedVersion
+    from service.demo.quickstart import DemoSummary, Scored
+    from service.demo.versions import DemoVersions
     from service.retraining.job import RetrainReport
     from service.serving.process import BentoServer
+    from service.training.pipeline import Registration, TrainedVersion
 
 logger = get_logger(__name__)
 
@@ -438,7 +440,7 @@ def _num_text(text: str | None) -> str:
 
 def cmd_generate(args: argparse.Namespace, settings: Settings, console: Console) -> ExitCode:
     from service.data.synthetic import generate
-    from service.demo.versions import dataset_config, write_frame
+    from service.training.pipeline import dataset_config, write_frame
 
     config = dataset_config(settings, drift=args.drift, seed=args.seed, n_requests=args.n_requests)
     with RichObserver(console) as observer, observer.step(f"Generating {config.n_requests:,} requests"):
@@ -453,7 +455,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings, console: Console) ->
     if args.data is not None and not args.data.is_file():
         raise FileNotFoundError(f"no data file {args.data}")
     from service.data.synthetic import generate
-    from service.demo.versions import dataset_config, read_frame, track_and_register, train_version
+    from service.training.pipeline import dataset_config, read_frame, track_and_register, train_version
 
     register = args.register or args.alias is not None
     out_dir = args.out_dir or settings.artifacts_dir / args.version_name
@@ -481,7 +483,7 @@ def cmd_registry(args: argparse.Namespace, settings: Settings, console: Console)
     if args.action == "alias" and args.alias in RESERVED_ALIASES:
         raise UsageError(f"alias {args.alias!r} is moved by 'registry promote' / 'registry rollback'")
     from service.artifacts.registry import ModelRegistry
-    from service.demo.versions import apply_alias, serving_dir
+    from service.training.pipeline import apply_alias, serving_dir
 
     registry = ModelRegistry(settings)
     name = args.name or settings.registered_model_name
@@ -604,7 +606,7 @@ def cmd_recalibrate(args: argparse.Namespace, settings: Settings, console: Conso
 def cmd_score(args: argparse.Namespace, settings: Settings, console: Console) -> ExitCode:
     import httpx
 
-    from service.demo.versions import PREDICT_ROUTE
+    from service.demo.quickstart import PREDICT_ROUTE
 
     url = args.url.rstrip("/") + PREDICT_ROUTE
     response = httpx.post(url, json=args.body, timeout=settings.process.http_timeout_s)
@@ -613,7 +615,7 @@ def cmd_score(args: argparse.Namespace, settings: Settings, console: Console) ->
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings, console: Console) -> ExitCode:
-    from service.demo.versions import run_demo
+    from service.demo.quickstart import run_demo
 
     with RichObserver(console) as observer:
         summary = run_demo(settings, observer, drift=args.drift, reason=args.reason)
@@ -664,8 +666,8 @@ def exit_code_for(error: BaseException) -> ExitCode:
     """The documented exit code of an error raised by a command."""
     from service.artifacts.bundle import ModelIntegrityError
     from service.artifacts.registry import RegistryNotFoundError
-    from service.demo.versions import QualityGateFailedError
     from service.retraining.job import RegressionSetMissingError
+    from service.training.pipeline import QualityGateFailedError
 
     if isinstance(error, KeyboardInterrupt):
         return ExitCode.INTERRUPTED

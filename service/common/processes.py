@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -131,7 +132,9 @@ def _signal(pids: Iterable[int], sig: signal.Signals) -> None:
             os.kill(pid, sig)
 
 
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
+def signal_group(pgid: int, sig: signal.Signals) -> None:
+    """Signal one process group (not this process's own): a short-lived child with no workers; stop others with
+    :func:`stop_tree`."""
     if pgid <= 0 or pgid == os.getpgrp():
         return
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -141,9 +144,9 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 def _terminate(pgid: int, pids: Iterable[int]) -> None:
     """SIGTERM, then SIGCONT: a stopped process (SIGSTOP, a debugger's, a hung server frozen on purpose) only acts
     on its pending SIGTERM once continued — without this it would sit out the whole grace period."""
-    _signal_group(pgid, signal.SIGTERM)
+    signal_group(pgid, signal.SIGTERM)
     _signal(pids, signal.SIGTERM)
-    _signal_group(pgid, signal.SIGCONT)
+    signal_group(pgid, signal.SIGCONT)
     _signal(pids, signal.SIGCONT)
 
 
@@ -174,7 +177,7 @@ def stop_tree(
         members = process_tree(pid, tag) | {p for p in signalled if alive(p) and (carries_tag(p, tag) or p == pid)}
         if reap is not None:
             reap()
-        _signal_group(pid, signal.SIGKILL)
+        signal_group(pid, signal.SIGKILL)
         if not members:
             break
         signalled |= members
@@ -183,3 +186,10 @@ def stop_tree(
     if reap is not None:
         reap()
     return signalled
+
+
+def free_port(host: str) -> int:
+    """A TCP port that was free on ``host`` a moment ago (bind to port 0, read it back, release it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

@@ -7,7 +7,7 @@ One path for every trigger — the weekly schedule (the chart's CronJob, or cron
    directory of them) cut to its last ``window_days`` days, up to its newest labelled row; rows without a label yet
    are left out (a refund is only known to be legitimate once its chargeback window has passed); too few rows or
    frauds → ``insufficient_data``, nothing trained;
-2. **train** — the training pipeline (:func:`service.demo.versions.train_version`: time-ordered split, imbalance
+2. **train** — the training pipeline (:func:`service.training.pipeline.train_version`: time-ordered split, imbalance
    strategies, calibration, threshold, bundle + feature store) and its test-window floors;
 3. **regression set** — the bundle scored on the frozen labelled set (``FW_RETRAIN__REGRESSION_SET``, e.g.
    tests/quality/data/frozen_synthetic.json) with :func:`service.training.evaluate.quality_gate` and the
@@ -378,7 +378,7 @@ def retrain(
 ) -> RetrainReport:
     """Train on the latest window and ship the result (see the module docstring). Expected endings (too little
     data, a failed gate, a hand-off that did not start) are the report's outcome; anything else raises."""
-    from service.demo.versions import train_version
+    from service.training.pipeline import train_version
 
     regression_set(settings)
     observer = observer or QuietObserver()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import httpx
 
 import service
 from service.common.logging import get_logger, log_event
-from service.common.processes import new_tag, process_tree, stop_tree, tagged_env
+from service.common.processes import free_port, new_tag, process_tree, stop_tree, tagged_env
 from service.settings import Settings
 
 logger = get_logger(__name__)
@@ -43,13 +42,6 @@ SOURCE_ROOT: Final[Path] = Path(service.__file__).resolve().parent.parent
 
 class ServerStartError(RuntimeError):
     """The server exited or did not become ready before its deadline."""
-
-
-def free_port(host: str) -> int:
-    """A TCP port that was free on ``host`` a moment ago (bind to port 0, read it back, release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def serve_command(target: str, host: str, port: int) -> list[str]:

@@ -31,7 +31,7 @@ import httpx
 import pytest
 import yaml
 
-from rollout.backends.local.prometheus import free_port
+from service.common.processes import free_port
 from service.data.synthetic import SyntheticConfig, generate
 from tests.chartkit import Helm, locate_helm, one
 from tests.e2e.cluster import ClusterSettings, locate_binaries

@@ -30,7 +30,7 @@ import yaml
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from rollout.backends.local.prometheus import PrometheusServer, ScrapeTarget, free_port
+from rollout.backends.local.prometheus import PrometheusServer, ScrapeTarget
 from rollout.backends.prometheus import PrometheusClient
 from rollout.core.routing import RoutingTable, VersionEndpoint
 from rollout.dashboard import panels
@@ -39,6 +39,7 @@ from rollout.router.process import RouterProcess
 from rollout.router.table_sources import write_table_file
 from rollout.settings import PrometheusSettings
 from service.artifacts.bundle import read_manifest
+from service.common.processes import free_port
 from service.data.features import DRIFT_FEATURES
 from service.data.synthetic import generate
 from service.serving.process import BentoServer

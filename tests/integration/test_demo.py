@@ -17,7 +17,7 @@ import pytest
 
 from service.artifacts.bundle import load_bundle
 from service.artifacts.registry import CHAMPION, ModelRegistry
-from service.demo.versions import SEED_LABEL, SEED_REQUEST
+from service.demo.quickstart import SEED_LABEL, SEED_REQUEST
 from service.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -25,13 +25,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from sklearn.metrics import roc_auc_score
 
-from rollout.backends.local.prometheus import PrometheusServer, ScrapeTarget, free_port
+from rollout.backends.local.prometheus import PrometheusServer, ScrapeTarget
 from rollout.backends.prometheus import PrometheusClient, PrometheusQueryError, PrometheusUnavailableError
 from rollout.core import drift
 from rollout.router.outcomes.feedback import OutcomeTracker
 from rollout.router.outcomes.prediction_log import PredictionLog, PredictionRecord
 from rollout.router.outcomes.settings import DriftSettings, OutcomeSettings
 from rollout.settings import PrometheusSettings
+from service.common.processes import free_port
 from service.data.features import DRIFT_FEATURES
 from service.data.synthetic import generate
 from service.serving.process import BentoServer

@@ -39,14 +39,15 @@ import httpx
 import pandas as pd
 import pytest
 
-from rollout.backends.local.prometheus import PrometheusServer, free_port
+from rollout.backends.local.prometheus import PrometheusServer
 from rollout.backends.local.state import StateStore
-from rollout.backends.local.workloads import WORKLOADS_FILE, stop_group
+from rollout.backends.local.workloads import WORKLOADS_FILE
 from rollout.backends.prometheus import PrometheusClient
 from rollout.router.outcomes.settings import OutcomeSettings
 from rollout.router.process import RouterProcess
 from rollout.settings import PrometheusSettings
 from service.artifacts.registry import CHALLENGER, CHAMPION, ModelRegistry, RunPayload
+from service.common.processes import free_port, stop_tree
 from service.data.synthetic import SyntheticConfig, generate
 from service.settings import Settings
 from tests.alertkit import AlertmanagerServer, fast_routing, fast_rules
@@ -245,7 +246,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stop_process(processes.get("controller"))
         with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
             for record in json.loads((workdir / "rollout" / WORKLOADS_FILE).read_text()):
-                stop_group(record["pid"], grace_s=10.0, poll_s=0.1)  # servers a failed test may leave behind
+                stop_tree(record["pid"], grace_s=10.0, poll_s=0.1)  # servers a failed test may leave behind
         router.stop()
         if prometheus is not None:
             prometheus.stop()

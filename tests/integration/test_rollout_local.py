@@ -51,15 +51,15 @@ import pytest
 
 from rollout.backends.local.events import read_events
 from rollout.backends.local.inbox import EVENTS_FILE, CommandInbox, read_heartbeat
-from rollout.backends.local.prometheus import PrometheusServer, free_port
+from rollout.backends.local.prometheus import PrometheusServer
 from rollout.backends.local.state import StateStore
-from rollout.backends.local.workloads import WORKLOADS_FILE, stop_group
+from rollout.backends.local.workloads import WORKLOADS_FILE
 from rollout.backends.prometheus import PrometheusClient
 from rollout.controller.runners import OFFLINE_MESSAGE
 from rollout.core.policy import OutcomeGate, dumps_policy, loads_policy
 from rollout.core.state import ControllerState
 from rollout.router.process import RouterProcess
-from service.common.processes import alive, process_tree, tagged
+from service.common.processes import alive, free_port, process_tree, stop_tree, tagged
 from tests.rolloutkit import (
     BIN,
     HOST,
@@ -243,7 +243,7 @@ def stack(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         stop_traffic(built)
         with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
             for pid in built.workloads().values():  # a failed test may leave servers a kill orphaned
-                stop_group(pid, grace_s=10.0, poll_s=0.1)
+                stop_tree(pid, grace_s=10.0, poll_s=0.1)
         router.stop()
         prometheus.stop()
         print(f"\nrollout integration timings: {json.dumps(built.timings)}")

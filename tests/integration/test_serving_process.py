@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.serving.process import BentoServer, ServerStartError, free_port
+from service.common.processes import free_port
+from service.serving.process import BentoServer, ServerStartError
 from service.settings import Settings
 
 pytestmark = pytest.mark.integration

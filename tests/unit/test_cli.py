@@ -13,9 +13,10 @@ import pytest
 from service.artifacts.bundle import ModelIntegrityError
 from service.artifacts.registry import RegistryNotFoundError
 from service.cli.main import EPILOG, ExitCode, build_parser, exit_code_for, main
-from service.demo.versions import PREDICT_ROUTE, QualityGateFailedError
-from service.serving.process import free_port
+from service.common.processes import free_port
+from service.demo.quickstart import PREDICT_ROUTE
 from service.training.evaluate import GateReport
+from service.training.pipeline import QualityGateFailedError
 
 FRAUDWATCH = Path(sys.executable).parent / "fraudwatch"
 

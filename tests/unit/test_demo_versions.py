@@ -1,5 +1,6 @@
-"""service.demo.versions's rollout-demo half: the settings, the cut in time, the feature store as of the cut, the frozen
-regression set, and the deliberately bad version (a real bundle: the session's small model)."""
+"""service.demo.versions (the rollout demo's model side) and service.training.pipeline.store_as_of: the settings, the
+cut in time, the feature store as of the cut, the frozen regression set, and the deliberately bad version (a real
+bundle: the session's small model)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,12 @@ from service.demo.versions import (
     cut_at,
     degraded_copy,
     regression_config,
-    store_as_of,
     stream_config,
     threshold_for_recall,
     write_frozen_set,
 )
 from service.training.evaluate import frame_features, load_frozen_set, time_ordered
+from service.training.pipeline import store_as_of
 from tests.conftest import SMALL_DATA
 
 SMALL = DemoDataSettings(n_requests=4_000, n_accounts=6_000, days=30, regression_rows=1_000)

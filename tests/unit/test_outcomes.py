@@ -18,7 +18,6 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 from starlette.applications import Starlette
 
-from rollout.backends.local.prometheus import free_port
 from rollout.core.drift import calibration_bin_of
 from rollout.core.routing import RoutePlan, RoutingTable
 from rollout.router.outcomes.feedback import (
@@ -32,6 +31,7 @@ from rollout.router.outcomes.feedback import (
 )
 from rollout.router.outcomes.prediction_log import PredictionLog, PredictionRecord
 from rollout.router.outcomes.settings import OutcomeSettings
+from service.common.processes import free_port
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 TOKEN = "label-feed-token"

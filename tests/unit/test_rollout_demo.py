@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from rollout.backends.local.workloads import pid_alive
 from rollout.backends.prometheus import RangeSeries
 from rollout.core.policy import TRAFFIC_STAGES, dumps_policy, load_policy, loads_policy
 from rollout.demo.main import Outcome, build_parser, hold, locust_stats, main, settings_from, shares_of
@@ -25,6 +24,7 @@ from rollout.demo.processes import ChildProcess, stop_recorded_workloads
 from rollout.demo.settings import DemoError, ExitCode
 from rollout.demo.settings import DemoSettings as RolloutDemoSettings
 from rollout.demo.stack import MARKER_FILE, Run, load_model_side, prepare_home
+from service.common.processes import alive
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -175,9 +175,9 @@ def test_a_child_that_ignores_sigterm_is_killed_with_its_group(tmp_path: Path) -
     assert time.monotonic() - started < 5
     assert not child.running()
     deadline = time.monotonic() + 5
-    while pid_alive(grandchild) and time.monotonic() < deadline:
+    while alive(grandchild) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not pid_alive(grandchild)
+    assert not alive(grandchild)
     child.stop()  # idempotent
 
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Final
@@ -23,29 +21,13 @@ from typing import Final
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
 from rollout.core.commands import CommandResult, InboxCommand
+from service.common.files import write_atomically
 
 STATE_FILE: Final[str] = "state.json"
 EVENTS_FILE: Final[str] = "events.jsonl"
 INBOX_DIR: Final[str] = "inbox"
 HEARTBEAT_FILE: Final[str] = "controller.json"
 _COMMAND_SUFFIX: Final[str] = ".json"
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory, fsync'd, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 # --------------------------------------------------------------------------------------------------- commands

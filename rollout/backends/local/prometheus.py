@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
-import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +24,8 @@ import yaml
 
 from rollout.backends.prometheus import PrometheusClient, PrometheusUnavailableError
 from rollout.settings import PrometheusSettings, get_prometheus_settings
+from service.common.files import write_atomically
+from service.common.processes import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +52,6 @@ class ScrapeTarget:
 
     address: str
     labels: Mapping[str, str] = field(default_factory=dict)
-
-
-def free_port(host: str) -> int:
-    """A currently free TCP port on ``host`` (bind to port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def duration(seconds: float) -> str:
@@ -99,13 +91,6 @@ def render_config(
 def render_targets(targets: Sequence[ScrapeTarget]) -> list[dict[str, Any]]:
     """The file-SD document: one target group per target."""
     return [{"targets": [t.address], "labels": dict(t.labels)} for t in targets]
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    Path(tmp).replace(path)
 
 
 class PrometheusServer:
@@ -150,7 +135,7 @@ class PrometheusServer:
         """Replace the scrape targets (file SD: picked up without a restart)."""
         self._targets = list(targets)
         self._workdir.mkdir(parents=True, exist_ok=True)
-        _write_atomically(self._workdir / TARGETS_FILE, json.dumps(render_targets(self._targets), indent=2))
+        write_atomically(self._workdir / TARGETS_FILE, json.dumps(render_targets(self._targets), indent=2))
 
     def start(self) -> None:
         """Write the configuration, start the process and wait until ``/-/ready`` answers 200."""

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rollout.backends.local.inbox import STATE_FILE, write_atomically
+from rollout.backends.local.inbox import STATE_FILE
 from rollout.core.state import ControllerState, dumps_state, loads_state
+from service.common.files import write_atomically
 
 
 class StateStore:

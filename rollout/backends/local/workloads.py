@@ -28,11 +28,11 @@ import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from rollout.backends.base import ModelSource
-from rollout.backends.local.inbox import write_atomically
 from rollout.backends.local.prometheus import ScrapeTarget, render_targets
 from rollout.core.workloads import Readiness, WorkloadStatus
 from rollout.settings import LocalBackendSettings
-from service.common import processes as proctree
+from service.common import processes
+from service.common.files import write_atomically
 from service.common.logging import get_logger, log_event
 from service.serving.process import LIVE_PATH, READY_PATH, BentoServer
 from service.settings import Settings
@@ -74,17 +74,6 @@ class _Workload:
     @property
     def version(self) -> str:
         return self.record.version
-
-
-def pid_alive(pid: int) -> bool:
-    """True when a process with this pid exists and is not a zombie."""
-    return proctree.alive(pid)
-
-
-def stop_group(pid: int, grace_s: float, poll_s: float, tag: str = "") -> None:
-    """Stop the process ``pid`` with its whole tree (its group, its descendants, every process carrying ``tag``):
-    SIGTERM, SIGKILL for what is still there after ``grace_s``."""
-    proctree.stop_tree(pid, tag, grace_s=grace_s, poll_s=poll_s)
 
 
 class LocalWorkloads:
@@ -129,15 +118,22 @@ class LocalWorkloads:
             records = []
         for record in records:
             url = f"http://{self._serve.process.host}:{record.port}"
-            ours = not record.tag or proctree.carries_tag(record.pid, record.tag)  # not a reused pid
+            ours = not record.tag or processes.carries_tag(record.pid, record.tag)  # not a reused pid
             if not ours:
-                stop_group(0, self._settings.stop_timeout_s, self._settings.probe_interval_s, record.tag)
-            elif pid_alive(record.pid) and self._answers(url + LIVE_PATH):
+                processes.stop_tree(
+                    0, record.tag, grace_s=self._settings.stop_timeout_s, poll_s=self._settings.probe_interval_s
+                )
+            elif processes.alive(record.pid) and self._answers(url + LIVE_PATH):
                 self._workloads[record.version] = _Workload(record, url, time.monotonic(), server=None)
                 log_event(logger, "model server adopted", event="workload_adopted", version=record.version,
                           server_pid=record.pid, url=url)  # fmt: skip
             else:  # dead or not answering: whatever is left of its tree (workers of a dead server) goes too
-                stop_group(record.pid, self._settings.stop_timeout_s, self._settings.probe_interval_s, record.tag)
+                processes.stop_tree(
+                    record.pid,
+                    record.tag,
+                    grace_s=self._settings.stop_timeout_s,
+                    poll_s=self._settings.probe_interval_s,
+                )
         self._save()
 
     def _answers(self, url: str) -> bool:
@@ -208,7 +204,7 @@ class LocalWorkloads:
     def _alive(self, workload: _Workload) -> bool:
         if workload.server is not None:
             return workload.server.running()
-        return pid_alive(workload.record.pid)
+        return processes.alive(workload.record.pid)
 
     def _start(self, version: str) -> WorkloadStatus:
         now = time.monotonic()
@@ -301,8 +297,8 @@ class LocalWorkloads:
         if workload.server is not None:
             workload.server.stop()
         else:
-            stop_group(workload.record.pid, self._settings.stop_timeout_s, self._settings.probe_interval_s,
-                       workload.record.tag)  # fmt: skip
+            processes.stop_tree(workload.record.pid, workload.record.tag, grace_s=self._settings.stop_timeout_s,
+                                poll_s=self._settings.probe_interval_s)  # fmt: skip
 
     def targets(self) -> list[ScrapeTarget]:
         """The scrape targets: the static ones and every model server."""
