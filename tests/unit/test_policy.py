@@ -563,8 +563,10 @@ def test_false_rollback_is_bonferroni_split_over_sequential_gate_stages() -> Non
     gates = [g for g in default.gates if isinstance(g, pol.OutcomeGate | pol.MetricGate) and g.sequential]
     assert {g.name for g in gates} == {"recall", "precision", "error-rate", "shadow-agreement", "decision-rate-shift",
                                        "recall-paired", "false-positive-rate-paired", "roc-auc-paired",
-                                       "calibration-error", "latency"}  # fmt: skip
-    assert instances == sum(len(g.stages) for g in gates) == 26
+                                       "calibration-error", "latency", "input-psi-max", "score-psi"}  # fmt: skip
+    assert instances == sum(len(g.stages) for g in gates) == 34
+    # every gate of the default policy judges its own sample with declared error rates: none compares a point value
+    assert all(g.sequential for g in default.gates if isinstance(g, pol.MetricGate | pol.OutcomeGate))
     # the shipped policy states its error rates (not only the defaults of AnalysisPolicy)
     assert "false_rollback: 0.01" in DEFAULT_POLICY_TEXT and "false_promotion: 0.01" in DEFAULT_POLICY_TEXT
     assert default.analysis.false_rollback == 0.01 and default.analysis.false_promotion == 0.01
