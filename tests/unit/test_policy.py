@@ -504,6 +504,22 @@ def test_default_queries_compute_what_the_analysis_expects(tmp_path: Path) -> No
     assert isinstance(latency, pol.MetricGate) and isinstance(latency.estimator, pol.RateEstimator)
     checks += [(latency.estimator.events, 7.0 * window_min), (latency.estimator.trials, 150.0 * window_min)]
 
+    # the drift gates read each feature's bins over the stage window and the version's reference fractions
+    for feature, per_bin in (("amount", 2.0), ("score", 5.0)):
+        for b in range(10):
+            labels = f'model_version="v2",feature="{feature}",bin="{b}"'
+            series.append(_counter(f"fraudwatch_feature_bin_total{{{labels}}}", per_bin, minutes))
+            series.append({"series": f"fraudwatch_reference_bin_fraction{{{labels}}}", "values": f"0.1x{minutes}"})
+    input_psi, score_psi = gates["input-psi-max"], gates["score-psi"]
+    assert isinstance(input_psi, pol.MetricGate) and isinstance(input_psi.estimator, pol.PsiEstimator)
+    assert isinstance(score_psi, pol.MetricGate) and isinstance(score_psi.estimator, pol.PsiEstimator)
+    checks += [
+        (f"sum({input_psi.estimator.counts})", 10 * 2.0 * window_min),  # amount's bins, not the score's
+        (f"count({input_psi.estimator.reference})", 10.0),
+        (f"sum({score_psi.estimator.counts})", 10 * 5.0 * window_min),
+        (f"sum({score_psi.estimator.reference})", 1.0),
+    ]
+
     _promtool_agrees(promtool, tmp_path / "policy_test.yml", series, checks, ctx, minutes)
 
 
