@@ -276,3 +276,17 @@ def test_a_drifted_distribution_is_covered_by_the_bias_corrected_normal_interval
         assert est is not None
         covered += abs(est.corrected - true) <= z * est.stderr
     assert covered / reps == pytest.approx(0.95, abs=0.02)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=10_000), min_size=2, max_size=20).filter(lambda c: sum(c) > 0))
+def test_psi_estimate_invariants(counts: list[int]) -> None:
+    """For any counts: the PSI and its stderr are non-negative, the bias positive and shrinking as 1/n, the
+    corrected PSI never negative nor above the observed one."""
+    reference = [1.0 / len(counts)] * len(counts)
+    est = drift.psi_estimate(reference, [float(c) for c in counts], 1e-4)
+    assert est is not None
+    assert est.value >= -1e-12 and est.stderr >= 0.0 and est.bias > 0.0
+    assert 0.0 <= est.corrected <= max(est.value, 0.0)
+    doubled = drift.psi_estimate(reference, [2.0 * c for c in counts], 1e-4)
+    assert doubled is not None and doubled.value == pytest.approx(est.value)
+    assert doubled.bias == pytest.approx(est.bias / 2) and doubled.stderr == pytest.approx(est.stderr / math.sqrt(2))
