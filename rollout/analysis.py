@@ -494,16 +494,18 @@ class _PsiBounds:
 
 def _psi_bounds(cand: drift.PsiEstimate, stab: drift.PsiEstimate | None, z_low: float, z_high: float,
                 alpha: float, beta: float) -> tuple[float, float, float]:  # fmt: skip
-    """(estimate, lower, upper) of the candidate's bias-corrected PSI, or of its excess over stable's: the normal
-    part from the standard errors, plus the χ² noise of an unchanged distribution — above its mean up to its
-    α-quantile, below it down to 0 (at most the bias) — on whichever side moves that bound outward."""
+    """(estimate, lower, upper) of the candidate's bias-corrected PSI, or of its excess over stable's. Each bound is
+    the wider of the two regimes' (their noise is one and the same, seen two ways): the normal one from the
+    delta-method standard errors (drifted distributions), and the χ² noise of an unchanged distribution — above its
+    mean up to its quantile, below it down to 0 (at most the bias) — where the gradient, hence the standard error,
+    vanishes."""
     value = cand.corrected - (stab.corrected if stab is not None else 0.0)
     spread = math.sqrt(cand.stderr**2 + (stab.stderr**2 if stab is not None else 0.0))
-    cand_noise = max(drift.psi_noise_quantile(cand.bins, cand.n, alpha) - cand.bias, 0.0)
-    stab_noise = stab.bias if stab is not None else 0.0
-    low = value - z_low * spread - cand_noise - stab_noise
+    cand_up = max(drift.psi_noise_quantile(cand.bins, cand.n, alpha) - cand.bias, 0.0)
+    stab_down = stab.bias if stab is not None else 0.0
+    low = value - max(z_low * spread, cand_up + stab_down)
     stab_up = max(drift.psi_noise_quantile(stab.bins, stab.n, beta) - stab.bias, 0.0) if stab is not None else 0.0
-    high = value + z_high * spread + cand.bias + stab_up
+    high = value + max(z_high * spread, cand.bias + stab_up)
     return value, low, high
 
 
