@@ -38,9 +38,9 @@ from rollout.backends.kube.access import REQUIRED_ACCESS, ROUTER_ACCESS
 from rollout.backends.kube.api import KubeApi, rollout_path
 from rollout.backends.kube.resource import FINALIZER
 from rollout.cli.errors import ExitCode
-from tests.chartkit import DEFAULT_POLICY_FILE
-from tests.e2e.cluster import ControlPlane
-from tests.e2e.kubekit import (
+from tests.kits.chart import DEFAULT_POLICY_FILE
+from tests.kits.cluster import ControlPlane
+from tests.kits.kube import (
     CONTROLLER_SA,
     LEASE,
     MODEL_SERVER_CONFIGMAP,

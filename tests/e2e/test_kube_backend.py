@@ -34,8 +34,9 @@ from rollout.backends.kube.workloads import KubeWorkloads
 from rollout.core.policy import load_policy
 from rollout.core.workloads import Readiness
 from rollout.settings import ControllerSettings, KubeBackendSettings
-from tests.e2e.cluster import ControlPlane
-from tests.e2e.kubekit import (
+from tests.kits.cluster import ControlPlane
+from tests.kits.doubles import Harness, start_rollout
+from tests.kits.kube import (
     MODEL_SERVER_CONFIGMAP,
     admin_api,
     apply_model_server_objects,
@@ -47,7 +48,6 @@ from tests.e2e.kubekit import (
     version_spec,
     wait_until,
 )
-from tests.unit.test_controller import Harness, start_rollout
 
 pytestmark = pytest.mark.e2e
 

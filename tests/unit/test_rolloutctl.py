@@ -1,7 +1,7 @@
 """rolloutctl / kubectl-modelrollout: argument parsing, exit codes, and the commands against a running controller.
 
 The controller here is the real reconcile loop (rollout.controller.loop.Controller.run in a thread) on the in-memory
-world of tests/unit/test_controller.py (pure-logic doubles of processes, routers and the registry); the CLI is the
+world of tests/kits/doubles.py (pure-logic doubles of processes, routers and the registry); the CLI is the
 real one, called in-process, talking to it only through the state directory.
 """
 
@@ -20,7 +20,7 @@ from rollout.backends.local.state import StateStore
 from rollout.cli.errors import ExitCode
 from rollout.cli.main import build_parser, kubectl_main, main
 from rollout.core.evidence import gate_evidence
-from tests.unit.test_controller import POLICY_YAML, SETTINGS, V1, V2, Harness
+from tests.kits.doubles import POLICY_YAML, SETTINGS, V1, V2, Harness
 
 NAME = SETTINGS.name
 
