@@ -33,6 +33,7 @@ import numpy as np
 from rollout.core import analysis as an
 from rollout.core import policy as pol
 from rollout.core.machine import QUALITY_STAGE, RolloutState, initial_state, step, traffic_stage
+from rollout.core.routing import TrafficStage
 
 STABLE, CANDIDATE = "v1", "v2"
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -367,7 +368,7 @@ def _minimum(query: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def fill(provider: SimProvider, policy: pol.RolloutPolicy, world: World, stage: pol.TrafficStage, now: datetime,
+def fill(provider: SimProvider, policy: pol.RolloutPolicy, world: World, stage: TrafficStage, now: datetime,
          entered: datetime) -> None:  # fmt: skip
     """Render every query of ``stage``'s gates for both versions and store the world's answer."""
     stage_window_s = (now - entered).total_seconds()

@@ -50,14 +50,12 @@ from rollout.core.policy import (
     RateEstimator,
     RenderContext,
     RolloutPolicy,
-    TrafficStage,
     WilsonEstimator,
     check_version,
     render,
 )
+from rollout.core.routing import MachineStage, TrafficStage
 
-#: The pre-rollout stage (the model-quality regression set) followed by the traffic stages.
-AnalysisStage = Literal["quality", "shadow", "canary", "ab", "full"]
 ResultLayer = Literal["health", "input_drift", "output_drift", "outcome", "quality", "sample"]
 
 
@@ -107,7 +105,7 @@ class AnalysisReport(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    stage: AnalysisStage
+    stage: MachineStage
     stable: str
     candidate: str
     at: AwareDatetime

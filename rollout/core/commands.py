@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
+from rollout.core.routing import TrafficStage
+
 #: Commands of the controller itself (``start``) and of the stage machine (the rest).
 InboxKind = Literal["start", "promote", "pause", "resume", "abort", "revert"]
 
@@ -15,10 +17,6 @@ InboxKind = Literal["start", "promote", "pause", "resume", "abort", "revert"]
 #: applied; ignored (it does not apply now: a rollout in progress, an unknown version); failed (the controller could
 #: not carry it out: the registry failed) — in every case the command is done and the next one runs.
 CommandOutcome = Literal["applied", "ignored", "failed"]
-
-
-#: The stages a ``promote`` may skip to (the machine's traffic stages).
-PromoteTarget = Literal["shadow", "canary", "ab", "full"]
 
 
 class InboxCommand(BaseModel):
@@ -35,7 +33,7 @@ class InboxCommand(BaseModel):
     candidate: str | None = None
     stable: str | None = None
     #: ``promote``: the stage to skip to.
-    to: PromoteTarget | None = None
+    to: TrafficStage | None = None  # the stage a ``promote`` skips to
 
     @model_validator(mode="after")
     def _fields_match_kind(self) -> InboxCommand:

@@ -45,10 +45,8 @@ from pydantic import (
 )
 
 from rollout.core.buckets import DEFAULT_LATENCY_BUCKETS_S
-from rollout.core.routing import Stage
+from rollout.core.routing import Stage, TrafficStage
 
-#: The traffic stages of a rollout, in order (a subset of the routing table's stages, same names).
-TrafficStage = Literal["shadow", "canary", "ab", "full"]
 TRAFFIC_STAGES: Final[tuple[TrafficStage, ...]] = get_args(TrafficStage)
 #: Layers of the gates that watch a stage; ``quality`` is the pre-rollout gate.
 MetricLayer = Literal["health", "input_drift", "output_drift"]

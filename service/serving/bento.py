@@ -54,6 +54,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ValidationError
 
+from service.api.errors import error_body, validation_details
 from service.api.schema import (
     BatchRequest,
     BatchResponse,
@@ -431,24 +432,14 @@ class Rejection:
     reason: str
 
 
-def field_path(loc: Sequence[int | str]) -> str:
-    """pydantic's error location as a dotted path: ``("requests", 3, "ipAccounts")`` → ``requests.3.ipAccounts``."""
-    return ".".join(str(part) for part in loc) or "body"
-
-
 def rejection_of(exc: ValidationError, correlation_id: str) -> Rejection:
     """400 for a body that is not JSON, else 422 with one detail per invalid field."""
     errors = exc.errors(include_url=False, include_input=False, include_context=False)
     invalid_json = [error for error in errors if error["type"] == "json_invalid"]
     if invalid_json:
         details = [ErrorDetail(field="body", message=str(invalid_json[0]["msg"]))]
-        return Rejection(
-            400, ErrorResponse(error="invalid_json", details=details, correlation_id=correlation_id), "invalid_json"
-        )
-    details = [ErrorDetail(field=field_path(error["loc"]), message=str(error["msg"])) for error in errors]
-    return Rejection(
-        422, ErrorResponse(error="validation_error", details=details, correlation_id=correlation_id), "validation"
-    )
+        return Rejection(400, error_body("invalid_json", correlation_id, details), "invalid_json")
+    return Rejection(422, error_body("validation_error", correlation_id, validation_details(exc)), "validation")
 
 
 def _parse(model: type[M], body: bytes, correlation_id: str) -> M | Rejection:
@@ -470,22 +461,17 @@ def validate_batch(body: bytes, settings: Settings, correlation_id: str) -> Batc
     if n_items <= limit:
         return parsed
     detail = ErrorDetail(field="requests", message=f"at most {limit} requests per batch, got {n_items}")
-    error = ErrorResponse(error="validation_error", details=[detail], correlation_id=correlation_id)
-    return Rejection(422, error, "batch_too_large")
+    return Rejection(422, error_body("validation_error", correlation_id, [detail]), "batch_too_large")
 
 
 def too_large(limit: int, correlation_id: str) -> Rejection:
     detail = ErrorDetail(field="body", message=f"request body larger than {limit} bytes")
-    return Rejection(
-        413,
-        ErrorResponse(error="payload_too_large", details=[detail], correlation_id=correlation_id),
-        "payload_too_large",
-    )
+    return Rejection(413, error_body("payload_too_large", correlation_id, [detail]), "payload_too_large")
 
 
 def not_loaded(state: ServingState, correlation_id: str) -> Rejection:
     error = "model_unavailable" if state.failure is not None else "model_not_ready"
-    return Rejection(503, ErrorResponse(error=error, correlation_id=correlation_id), error)
+    return Rejection(503, error_body(error, correlation_id), error)
 
 
 def error_reason(status: int) -> str | None:
@@ -596,7 +582,7 @@ class RequestGuard:
             response = await route.answer(runtime, parsed, correlation_id)
         except Exception:
             LOGGER.exception("scoring failed")
-            error = ErrorResponse(error="internal_error", correlation_id=correlation_id)
+            error = error_body("internal_error", correlation_id)
             await _send_json(send, 500, error.model_dump_json().encode("utf-8"), correlation_id)
             return "internal"
         await _send_json(send, 200, response.model_dump_json().encode("utf-8"), correlation_id)

@@ -27,8 +27,9 @@ import httpx
 import yaml
 
 from rollout.backends.kube.api import KubeApi, KubeError, core_path, rollout_path
+from service.common.processes import free_port
 from tests.kits.chart import CHART_DIR, CRD_FILE, DRY_RENDER_VALUES, parse_manifests, values_file
-from tests.kits.cluster import ControlPlane, free_port
+from tests.kits.cluster import ControlPlane
 
 T = TypeVar("T")
 HOST = "127.0.0.1"

@@ -19,6 +19,7 @@ from rollout.core import analysis as an
 from rollout.core import drift
 from rollout.core import policy as pol
 from rollout.core.analysis import GateStatus as S
+from rollout.core.routing import TrafficStage
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 STABLE, CANDIDATE = "v1", "v2"
@@ -130,7 +131,7 @@ def by_name(report: an.AnalysisReport) -> dict[str, an.GateResult]:
     return {r.name: r for r in report.results}
 
 
-def run(stage: pol.TrafficStage, values: Mapping[str, float | None], **kw: object) -> dict[str, an.GateResult]:
+def run(stage: TrafficStage, values: Mapping[str, float | None], **kw: object) -> dict[str, an.GateResult]:
     provider = DictProvider(values, kw.pop("vectors", None))  # type: ignore[arg-type]
     policy = kw.pop("policy", POLICY)
     assert isinstance(policy, pol.RolloutPolicy)
