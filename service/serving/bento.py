@@ -16,20 +16,8 @@
 * Entity aggregates come from the bundle's feature store within ``serve.feature_store_timeout_ms``;
   adaptive batching (BentoML's CorkDispatcher over float32 feature rows) is optional (``serve.adaptive_batching``).
 
-Measured with ``benchmarks/serving_benchmark.py`` on the 2-core machine while other jobs kept its load average at
-10-14 (so absolute latencies are inflated; the variants were interleaved so the noise hit all alike):
-
-* adaptive batching off: it never improved p50 at concurrency 1, and under load BentoML's dispatcher cancels
-  requests that wait past ``batch_max_latency_ms`` (503s: 49 % of requests at c=4, ≈ 99 % at c≥16 in one run);
-* single-row prediction: the direct C call below (≈ 55 µs CPU) instead of ``inplace_predict`` (≈ 180-250 µs);
-  BentoML's OpenTelemetry middleware kept off the scoring routes (≈ 15 % of a request's CPU);
-* 2 workers (``FW_SERVE__WORKERS=2``) beat 1 on p50/p99 at c=4 and on peak throughput (≥ the single-process
-  baseline's); the default stays 1 worker because several services share this machine in the demo and tests;
-* the gap to the bare Starlette baseline (≈ 1.6× its CPU per request through the API method) was BentoML's own
-  per-request machinery (routing, API-method wrapper with ``inspect.signature`` per call, a second JSON parse,
-  serde): answering in the guard (``dispatch = direct``) cut the server CPU per request from 0.76-0.87 ms to
-  0.52-0.66 ms (baseline 0.48-0.60 ms) and 2-worker peak throughput from 1657 to 2563 rps (baseline 1942 rps;
-  one worker: 1271 → 1775 rps), 2026-12-01, load average ≈ 2.
+Why these defaults (adaptive batching off, the direct C call, one worker, ``dispatch = direct``): the figures of
+``benchmarks/serving_benchmark.py`` in docs/architecture.md, "Serving: what was measured".
 """
 
 from __future__ import annotations
