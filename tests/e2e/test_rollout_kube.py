@@ -2,7 +2,7 @@
 
 On the session's control plane (etcd, kube-apiserver, controller manager, scheduler, kwok):
 
-* ``helm install --wait`` of the chart with the time-compressed policy of tests/rolloutkit.py in ``spec.policy``;
+* ``helm install --wait`` of the chart with the time-compressed policy of tests/kits/rollout.py in ``spec.policy``;
 * two controller processes (``python -m rollout.controller``, backend kube, as the chart's controller
   ServiceAccount) with Lease leader election: one leads, the other stands by;
 * the router process (as the router ServiceAccount) watching the ModelRollout's ``status.routing``;
@@ -48,14 +48,14 @@ import httpx
 import pytest
 import yaml
 
-from rollout.backends.kube_api import Informer, KubeApi, rollout_path
-from rollout.backends.kube_model import event_name, state_of
-from rollout.machine import RolloutState
-from rollout.prometheus import ScrapeTarget
-from rollout.router_process import RouterProcess
-from service.serving_process import BentoServer
-from tests.e2e.cluster import ControlPlane
-from tests.e2e.kubekit import (
+from rollout.backends.kube.api import Informer, KubeApi, rollout_path
+from rollout.backends.kube.resource import event_name, state_of
+from rollout.backends.local.prometheus import ScrapeTarget
+from rollout.core.machine import RolloutState
+from rollout.router.process import RouterProcess
+from service.serving.process import BentoServer
+from tests.kits.cluster import ControlPlane
+from tests.kits.kube import (
     CONTROLLER_SA,
     ROLLOUT,
     ROUTER_SA,
@@ -71,7 +71,7 @@ from tests.e2e.kubekit import (
     owned,
     service_account_kubeconfig,
 )
-from tests.rolloutkit import (
+from tests.kits.rollout import (
     POLICY_YAML,
     ROLLOUT_TIMEOUT_S,
     START_TIMEOUT_S,

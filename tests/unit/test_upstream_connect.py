@@ -15,9 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from rollout.router.upstream import CONNECT_TIMEOUT_DETAIL, AiohttpTransport, Failure, HttpxTransport
 from rollout.settings import RouterSettings
-from rollout.upstream import CONNECT_TIMEOUT_DETAIL, AiohttpTransport, Failure, HttpxTransport
-from tests.sockets import unaccepting_listener
+from tests.kits.sockets import unaccepting_listener
 
 CONNECT_TIMEOUT_S = 0.2
 BUDGET_S = 2.0
