@@ -62,15 +62,17 @@ configuration: FW_ROLLOUT_HOME (state under <home>/rollout), FW_ROLLOUT_CONTROLL
   -n/--namespace (default: the context's namespace)
 
 on Kubernetes a rollout starts when the ModelRollout's spec.candidate changes (helm upgrade --set
-  model.version=…), not with `start`; promote/pause/resume/abort/revert patch spec.manualCommand (one slot:
+  model.version=…), not with `start`; retry/promote/pause/resume/abort/revert patch spec.manualCommand (one slot:
   wait for a command to be applied before sending the next - the CLI does). In CI:
   helm upgrade … --set model.version=v7 && kubectl modelrollout status NAME --watch --timeout 2h
 """
-MUTATIONS: Final[tuple[InboxKind, ...]] = ("start", "promote", "pause", "resume", "abort", "revert")
+MUTATIONS: Final[tuple[InboxKind, ...]] = ("start", "retry", "promote", "pause", "resume", "abort", "revert")
 PROMOTE_TARGETS: Final[tuple[str, ...]] = ("shadow", "canary", "ab", "full")
 HISTORY_LIMIT: Final[int] = 50
 _HELP: Final[dict[str, str]] = {
     "start": "Start a rollout of a candidate version against the version serving now.",
+    "retry": "Roll the candidate that was rolled back or aborted out again (a new rollout from its first stage, "
+    "against the version serving now; on Kubernetes without changing spec.candidate).",
     "status": "Show the rollout: stage, weights, every gate with its value, threshold and verdict, time in stage.",
     "promote": "Promote to the next stage now (or --to a later one; from full: finish the rollout).",
     "pause": "Hold the current stage (no automatic promotion; a failed gate still rolls back).",
@@ -89,7 +91,8 @@ STATUS_HELP: Final[str] = (
     "-w/--watch: wait until it ends (one line per change), exit with its code, 5 after --timeout."
 )
 COMMANDS: Final[tuple[str, ...]] = (
-    "start", "status", "get", "list", "promote", "pause", "resume", "abort", "revert", "history", "completion",
+    "start", "retry", "status", "get", "list", "promote", "pause", "resume", "abort", "revert", "history",
+    "completion",
 )  # fmt: skip
 NAMELESS: Final[frozenset[str]] = frozenset({"list", "completion"})
 OUTPUTS: Final[tuple[str, ...]] = ("json", "yaml")

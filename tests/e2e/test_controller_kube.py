@@ -232,6 +232,14 @@ def test_kubectl_modelrollout_steers_the_rollout_with_the_documented_exit_codes(
         history = json.loads(plugin(release, "--json", "history", ROLLOUT, *ns).stdout)
         changes = [(e["trigger"], e["to_phase"], e["to_stage"]) for e in history]
         assert ("command", "Progressing", "canary") in changes and changes[-1] == ("command", "Aborted", "canary")
+
+        # the aborted candidate again, spec.candidate unchanged (it could never be retried before)
+        retried = plugin(release, "retry", ROLLOUT, "--reason", "e2e", *ns)
+        assert retried.returncode == ExitCode.OK, retried.stdout + retried.stderr
+        again = release.status()
+        assert (again["phase"], again["candidateVersion"], again["stableVersion"]) == ("Progressing", "v3", serving)
+        assert plugin(release, "retry", ROLLOUT, *ns).returncode == ExitCode.REFUSED  # in progress
+        assert plugin(release, "abort", ROLLOUT, *ns).returncode == ExitCode.OK
     finally:
         assert controller.stop(signal.SIGTERM) == 0, controller.log_tail()
 

@@ -258,6 +258,12 @@ def test_manual_commands_come_first_and_invalid_ones_say_why() -> None:
                                NOW)  # fmt: skip
     assert isinstance(invalid, str) and "id" in invalid
 
+    retry = {"id": "op-2", "kind": "retry", "reason": "fixed labels"}  # the controller's own, allowed from the spec
+    (again,) = spec_commands(obj({"manualCommand": retry}), ControllerState(name="fw"), NOW)
+    assert isinstance(again, InboxCommand) and (again.kind, again.candidate) == ("retry", None)
+    (start,) = spec_commands(obj({"manualCommand": {"id": "op-3", "kind": "start"}}), ControllerState(name="fw"), NOW)
+    assert isinstance(start, str) and "start command" in start  # a rollout starts when spec.candidate changes
+
 
 @pytest.mark.parametrize(("wanted", "why"), [("v3", "the new candidate"), ("v1", "the stable again")])
 def test_a_changed_candidate_supersedes_the_running_rollout(tmp_path: Path, wanted: str, why: str) -> None:

@@ -504,3 +504,28 @@ def test_the_completion_scripts_name_their_program(capsys: pytest.CaptureFixture
 def test_the_plugin_completes_the_local_rollout_s_name(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert kubectl_main(["__complete", "--state-dir", str(state_dir), "revert", ""]) == ExitCode.OK
     assert capsys.readouterr().out.splitlines() == [NAME, ":4"]
+
+
+# --------------------------------------------------------------------------------------------------- retry
+
+
+def test_retry_rolls_the_rolled_back_candidate_out_again(
+    running: Harness, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert ctl(state_dir, "retry") == ExitCode.NOT_FOUND  # no rollout yet
+    running.metrics_values.values['tp{model_version="v2"}'] = 200.0  # recall 0.2 against 0.9
+    assert ctl(state_dir, "start", "--candidate", V2, "--id", "first") == ExitCode.OK
+    assert watching(running, state_dir, "status", "--watch") == ExitCode.ROLLED_BACK
+    capsys.readouterr()
+
+    running.metrics_values.values['tp{model_version="v2"}'] = 900.0  # the fixed upstream: recall as the stable's
+    assert ctl(state_dir, "--json", "retry", "--id", "again", "--reason", "labels fixed") == ExitCode.OK
+    assert json_out(capsys)["detail"] == f"rollout again: {V1} → {V2}"
+    rollout = running.controller.state.rollout
+    assert rollout is not None
+    assert (rollout.rollout_id, rollout.phase, rollout.stable, rollout.candidate) == ("again", "Progressing", V1, V2)
+    assert ctl(state_dir, "retry") == ExitCode.REFUSED  # in progress: nothing to retry
+    assert watching(running, state_dir, "status", "--watch") == ExitCode.OK  # promoted this time
+    capsys.readouterr()
+    assert ctl(state_dir, "--json", "retry") == ExitCode.REFUSED
+    assert json_out(capsys)["detail"] == "nothing to retry: the rollout is Promoted"
