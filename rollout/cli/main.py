@@ -168,7 +168,9 @@ def build_parser(*, plugin: bool) -> argparse.ArgumentParser:
                 "--id", dest="command_id", help="command id (default: generated; a repeated id is a no-op)"
             )
             sub.add_argument("--no-wait", action="store_true", help="queue the command and return at once")
-            sub.add_argument("--timeout", type=duration, help="how long to wait for the controller to apply it")
+            sub.add_argument(
+                "--timeout", type=duration, metavar="DURATION", help="how long to wait for the controller to apply it"
+            )
         if name in ("status", "get"):
             sub.add_argument(
                 "-w",
@@ -176,7 +178,7 @@ def build_parser(*, plugin: bool) -> argparse.ArgumentParser:
                 action="store_true",
                 help="wait until the rollout ends" if name == "status" else "show every change",
             )
-            sub.add_argument("--timeout", type=duration,
+            sub.add_argument("--timeout", type=duration, metavar="DURATION",
                              help="with --watch: give up after this long (default: no limit)")  # fmt: skip
         if name == "list":
             sub.add_argument("-A", "--all-namespaces", action="store_true", help="kube: every namespace")
