@@ -4,14 +4,17 @@
 from __future__ import annotations
 
 import uuid
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from rollout.core.routing import TrafficStage
 
-#: Commands of the controller itself (``start``) and of the stage machine (the rest).
-InboxKind = Literal["start", "promote", "pause", "resume", "abort", "revert"]
+#: Commands of the controller itself (``start``; ``retry``: a new rollout of the candidate the last rollout rolled
+#: back or aborted) and of the stage machine (the rest).
+InboxKind = Literal["start", "retry", "promote", "pause", "resume", "abort", "revert"]
+#: The commands that start a rollout (the controller's, not the stage machine's).
+STARTS: Final[frozenset[str]] = frozenset({"start", "retry"})
 
 
 #: applied; ignored (it does not apply now: a rollout in progress, an unknown version); failed (the controller could

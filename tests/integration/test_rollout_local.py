@@ -296,8 +296,9 @@ def router_counter(stack: Stack, name: str, **labels: str) -> float:
 
 
 def workload_of(stack: Stack, version: str) -> dict[str, Any]:
-    """``version``'s workload as the real ``rolloutctl status --json`` shows it."""
-    done = stack.ctl("--json", "status")
+    """``version``'s workload as the real ``rolloutctl get -o json`` shows it (``get``: exit 0 whatever the phase;
+    ``status`` exits 7 once the rollout is rolled back)."""
+    done = stack.ctl("get", "-o", "json")
     assert done.returncode == 0, done.stdout + done.stderr
     return next(w for w in json.loads(done.stdout)["workloads"] if w["version"] == version)
 
