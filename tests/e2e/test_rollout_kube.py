@@ -88,8 +88,8 @@ from tests.kits.rollout import (
     stage_timings,
     start_locust,
     stop_locust,
-    wait_for,
 )
+from tests.kits.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

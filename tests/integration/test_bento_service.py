@@ -25,6 +25,7 @@ from service.data.features import DEFAULT_AGGREGATES, DRIFT_FEATURES, feature_ma
 from service.serving.process import BentoServer
 from service.settings import Settings
 from tests.kits.serving import scoring_server, server_settings
+from tests.kits.waiting import seconds_until, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -144,16 +145,14 @@ def test_unsafe_correlation_id_is_replaced(client: httpx.Client) -> None:
     assert uuid.UUID(response.json()["correlation_id"]).version == 4
 
 
+def log_entries(path: Path) -> list[dict[str, Any]]:
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return [dict(json.loads(raw)) for raw in lines if raw.startswith("{")]
+
+
 def wait_for_log_line(path: Path, match: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        for raw in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            if raw.startswith("{"):
-                entry = json.loads(raw)
-                if match(entry):
-                    return dict(entry)
-        time.sleep(0.1)
-    raise AssertionError(f"no matching JSON log line in {path}")
+    probe = lambda: next((entry for entry in log_entries(path) if match(entry)), None)  # noqa: E731
+    return wait_for(probe, f"a matching JSON log line in {path}", TIMEOUT_S)
 
 
 def test_batch_endpoint_scores_like_single_requests(
@@ -356,14 +355,6 @@ def test_health_endpoints(client: httpx.Client) -> None:
 # ---------------------------------------------------------------------------------------------- readiness
 
 
-def poll(check: Callable[[], bool], what: str, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
 def status_of(url: str, path: str) -> int | None:
     try:
         return httpx.get(url + path, timeout=5.0).status_code
@@ -378,7 +369,7 @@ def test_not_ready_until_the_bundle_appears_then_ready(bundle_dir: Path, tmp_pat
     server = scoring_server(tmp_path / "home", target, "late-model", env)
     server.start()
     try:
-        poll(lambda: status_of(server.url, "/livez") == 200, "the server to be alive")
+        seconds_until(lambda: status_of(server.url, "/livez") == 200, 120.0, 0.2, "the server to be alive")
         assert status_of(server.url, "/readyz") == 503
         early = httpx.post(server.url + PREDICT, json=SEED, timeout=TIMEOUT_S)
         assert early.status_code == 503
@@ -386,7 +377,9 @@ def test_not_ready_until_the_bundle_appears_then_ready(bundle_dir: Path, tmp_pat
         staging = tmp_path / "later" / "staging"
         shutil.copytree(bundle_dir, staging)
         staging.rename(target)  # appears atomically, as a model sync would publish it
-        poll(lambda: status_of(server.url, "/readyz") == 200, "readiness after the bundle appeared")
+        seconds_until(
+            lambda: status_of(server.url, "/readyz") == 200, 120.0, 0.2, "readiness after the bundle appeared"
+        )
         response = httpx.post(server.url + PREDICT, json=SEED, timeout=TIMEOUT_S)
         assert response.status_code == 200
         assert response.json()["model_version"] == load_bundle(bundle_dir).version
@@ -403,7 +396,7 @@ def test_tampered_bundle_is_never_served(bundle_dir: Path, tmp_path: Path) -> No
     server = scoring_server(tmp_path / "home", tampered, "tampered", {})
     server.start()
     try:
-        poll(lambda: status_of(server.url, "/livez") == 503, "the liveness probe to fail")
+        seconds_until(lambda: status_of(server.url, "/livez") == 503, 120.0, 0.2, "the liveness probe to fail")
         assert status_of(server.url, "/readyz") == 503
         response = httpx.post(server.url + PREDICT, json=SEED, timeout=TIMEOUT_S)
         assert response.status_code == 503

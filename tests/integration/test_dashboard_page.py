@@ -43,6 +43,7 @@ from service.common.processes import free_port
 from service.data.features import DRIFT_FEATURES
 from service.data.synthetic import generate
 from service.serving.process import BentoServer
+from tests.kits import waiting
 from tests.kits.bundles import SMALL_DATA, build_small_bundle
 from tests.kits.router import metric_value
 from tests.kits.serving import scoring_server
@@ -100,13 +101,8 @@ class Live:
 
 
 def wait_for(probe: Callable[[], T | None], what: str, timeout_s: float = WAIT_S) -> T:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = probe()
-        if value is not None:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+    """Poll ``probe`` until it returns something other than None (False counts: a comparison's answer)."""
+    return waiting.wait_for(probe, what, timeout_s, 0.25, ready=lambda value: value is not None)
 
 
 def _payloads() -> list[tuple[dict[str, Any], int]]:

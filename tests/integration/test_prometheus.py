@@ -36,6 +36,7 @@ from service.common.processes import free_port
 from service.data.features import DRIFT_FEATURES
 from service.data.synthetic import generate
 from service.serving.process import BentoServer
+from tests.kits import waiting
 from tests.kits.bundles import SMALL_DATA
 
 pytestmark = pytest.mark.integration
@@ -55,14 +56,8 @@ def _settings() -> PrometheusSettings:
 
 
 def wait_for(probe: Callable[[], T | None], what: str, timeout_s: float = WAIT_S) -> T:
-    """Poll ``probe`` until it returns something other than None (or fail naming ``what``)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = probe()
-        if value is not None:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+    """Poll ``probe`` until it returns something other than None (False counts: a comparison's answer)."""
+    return waiting.wait_for(probe, what, timeout_s, 0.25, ready=lambda value: value is not None)
 
 
 class DriftExporter(Collector):

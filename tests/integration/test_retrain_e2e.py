@@ -64,8 +64,8 @@ from tests.kits.stack import (
     start_process,
     stop_process,
     train_bundle,
-    wait_for,
 )
+from tests.kits.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

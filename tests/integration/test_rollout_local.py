@@ -68,10 +68,10 @@ from tests.kits.rollout import (
     prometheus_server,
     published_tables,
     router_env,
-    wait_for,
 )
 from tests.kits.router import metric_value
 from tests.kits.sockets import connection_refused
+from tests.kits.waiting import wait_for
 from tests.kits.walk import (
     LOCAL_POLICY_YAML,
     NAME,

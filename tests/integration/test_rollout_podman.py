@@ -47,10 +47,10 @@ from tests.kits.rollout import (
     Models,
     build_models,
     prometheus_server,
-    wait_for,
 )
 from tests.kits.stack import ControllerConfig
 from tests.kits.stack import controller_env as kit_controller_env
+from tests.kits.waiting import wait_for
 from tests.kits.walk import (
     NAME,
     TOKEN,

@@ -24,7 +24,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from service.serving.process import BentoServer
 from tests.kits.bundles import SMALL_DATA, build_small_bundle
 from tests.kits.router import metric_value
 from tests.kits.serving import scoring_server
+from tests.kits.waiting import seconds_until
 
 pytestmark = pytest.mark.integration
 
@@ -147,15 +148,6 @@ def control(stack: Stack) -> httpx.Client:
     return httpx.Client(base_url=stack.router.control_url, timeout=HTTP_TIMEOUT_S, trust_env=False)
 
 
-def wait_for(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.05) -> float:
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout_s:
-            raise AssertionError(f"not within {timeout_s} s")
-        time.sleep(interval_s)
-    return time.monotonic() - started
-
-
 def scrape(url: str) -> str:
     return httpx.get(url + "/metrics", timeout=HTTP_TIMEOUT_S, trust_env=False).text
 
@@ -174,7 +166,7 @@ def accounts(n: int) -> list[str]:
 
 
 def test_router_becomes_ready_on_the_file_table(stack: Stack, client: httpx.Client) -> None:
-    wait_for(lambda: client.get("/readyz").status_code == 200, timeout_s=10.0)
+    seconds_until(lambda: client.get("/readyz").status_code == 200, timeout_s=10.0)
     answer = client.post(PREDICT, json=SEED)
     assert answer.status_code == 200
     assert answer.json()["model_version"] == stack.endpoint(stack.v1).version
@@ -192,7 +184,7 @@ def test_the_public_port_serves_the_scoring_contract_and_nothing_else(stack: Sta
         404,
         405,
     )
-    wait_for(lambda: client.get("/readyz").status_code == 200, timeout_s=10.0)
+    seconds_until(lambda: client.get("/readyz").status_code == 200, timeout_s=10.0)
     assert client.get("/readyz").json() == {"status": "ready"}
     with control(stack) as admin:
         assert "fraudwatch_router_requests_total" in admin.get("/metrics").text
@@ -217,7 +209,7 @@ def test_a_router_with_default_settings_answers_with_the_scoring_contract_only(s
     try:
         router.wait_live()
         with httpx.Client(base_url=router.url, timeout=HTTP_TIMEOUT_S, trust_env=False) as client:
-            wait_for(lambda: client.get("/readyz").status_code == 200, timeout_s=10.0)
+            seconds_until(lambda: client.get("/readyz").status_code == 200, timeout_s=10.0)
             answer = client.post(PREDICT, json=SEED)
     finally:
         router.stop()
@@ -262,7 +254,7 @@ def test_each_stage_routes_as_specified(stack: Stack, client: httpx.Client, stag
             and counted(v1, "shadow", after) - counted(v1, "shadow", before_router) == shadows_of_v1
         )
 
-    wait_for(settled, timeout_s=10.0)
+    seconds_until(settled, timeout_s=10.0)
     after_router = scrape(stack.router.control_url)
     assert counted(v1, "decider", after_router) - counted(v1, "decider", before_router) == n_v1
     assert counted(v2, "decider", after_router) - counted(v2, "decider", before_router) == n_v2
@@ -295,7 +287,9 @@ def test_a_file_change_takes_effect_within_a_second(stack: Stack, client: httpx.
     v2 = stack.endpoint(stack.v2).version
     put(stack, stack.table("shadow"))
     write_table_file(stack.routing_file, stack.table("full"))
-    took = wait_for(lambda: client.post(PREDICT, json=SEED).json()["model_version"] == v2, timeout_s=SWITCH_BUDGET_S)
+    took = seconds_until(
+        lambda: client.post(PREDICT, json=SEED).json()["model_version"] == v2, timeout_s=SWITCH_BUDGET_S
+    )
     assert took <= SWITCH_BUDGET_S
     with control(stack) as admin:
         assert admin.get("/admin/routing", headers=AUTH).json()["source"] == "file"
@@ -365,7 +359,7 @@ def kill_tree(server: BentoServer) -> None:
     for pid in doomed:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: all(not Path(f"/proc/{pid}").exists() or zombie(pid) for pid in doomed), timeout_s=10.0)
+    seconds_until(lambda: all(not Path(f"/proc/{pid}").exists() or zombie(pid) for pid in doomed), timeout_s=10.0)
 
 
 def zombie(pid: int) -> bool:
@@ -475,7 +469,7 @@ def test_prometheus_sees_the_series_the_gates_query(stack: Stack, client: httpx.
                 values.update({name: prom_client.query(q) for name, q in queries.items()})
                 return all(v is not None for v in values.values())
 
-            wait_for(all_present, timeout_s=60.0, interval_s=0.5)
+            seconds_until(all_present, timeout_s=60.0, interval_s=0.5)
         finally:
             stop.set()
             sender.join()
@@ -515,7 +509,7 @@ def test_labels_are_taken_only_on_the_control_listener_with_the_feed_token(stack
             answer = feed.post("/api/v1/feedback", json=genuine, headers=stack.router.feedback_headers())
             return answer.status_code == 200  # 404 until the prediction log has it
 
-        wait_for(recorded, timeout_s=10.0)
+        seconds_until(recorded, timeout_s=10.0)
         conflict = feed.post(
             "/api/v1/feedback", json={**genuine, "label": "legit"}, headers=stack.router.feedback_headers()
         )
@@ -555,7 +549,7 @@ def test_one_label_counts_for_one_request_whatever_correlation_id_the_client_sen
             results.append(feed.post("/api/v1/feedback", json=one, headers=headers))
             return results[-1].status_code == 200  # 404 until the prediction log has it
 
-        wait_for(recorded, timeout_s=10.0)
+        seconds_until(recorded, timeout_s=10.0)
     assert results[-1].json()["predictions"] == 1
     assert metric_value(scrape(stack.router.control_url), "fraudwatch_outcome_total") == before + 1
 
@@ -600,14 +594,14 @@ def test_each_label_source_has_its_own_token_its_own_name_and_its_own_quota(stac
     try:
         router.wait_live()
         with httpx.Client(base_url=router.url, timeout=HTTP_TIMEOUT_S, trust_env=False) as client:
-            wait_for(lambda: client.get("/readyz").status_code == 200, timeout_s=10.0)
+            seconds_until(lambda: client.get("/readyz").status_code == 200, timeout_s=10.0)
             ids = [client.post(PREDICT, json=SEED).json()["prediction_id"] for _ in range(4)]
 
         def logged() -> bool:
             with contextlib.closing(sqlite3.connect(db)) as conn:
                 return bool(conn.execute("SELECT count(*) FROM predictions").fetchone()[0] == len(ids))
 
-        wait_for(logged, timeout_s=10.0)
+        seconds_until(logged, timeout_s=10.0)
         outside_a_quota_windows_end()
         with httpx.Client(base_url=router.control_url, timeout=HTTP_TIMEOUT_S, trust_env=False) as feed:
 

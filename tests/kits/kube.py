@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from rollout.backends.kube.api import KubeApi, KubeError, core_path, rollout_pat
 from service.common.processes import free_port
 from tests.kits.chart import CHART_DIR, CRD_FILE, DRY_RENDER_VALUES, parse_manifests, values_file
 from tests.kits.cluster import ControlPlane
+from tests.kits.waiting import wait_for
 
 T = TypeVar("T")
 HOST = "127.0.0.1"
@@ -50,14 +50,7 @@ PROCESS_STOP_TIMEOUT_S = 20.0
 
 def wait_until(what: str, probe: Callable[[], T | None], timeout_s: float, interval_s: float = 0.05) -> T:
     """Poll ``probe`` until it returns something truthy (not None, False, 0 or empty); that value."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(interval_s)
+    return wait_for(probe, what, timeout_s, interval_s, ready=bool)
 
 
 def admin_api(cluster: ControlPlane) -> KubeApi:

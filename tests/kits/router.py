@@ -10,8 +10,7 @@ import asyncio
 import json
 import socket
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -24,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service.api.schema import BatchRequest, RefundRequest
+from tests.kits.waiting import seconds_until
 
 Mode = Literal["ok", "error", "slow", "garbage", "reject"]
 LOOPBACK = "127.0.0.1"
@@ -48,16 +48,9 @@ def metric_labels(text: str, name: str) -> list[dict[str, str]]:
     ]
 
 
-def wait_until(predicate: object, timeout_s: float, interval_s: float = 0.02) -> float:
-    """Poll ``predicate()`` until true; return the seconds it took; raise AssertionError after ``timeout_s``."""
-    assert callable(predicate)
-    started = time.monotonic()
-    while True:
-        if predicate():
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout_s:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        time.sleep(interval_s)
+def wait_until(predicate: Callable[[], object], timeout_s: float, interval_s: float = 0.02) -> float:
+    """Seconds until ``predicate()`` holds; AssertionError after ``timeout_s``."""
+    return seconds_until(predicate, timeout_s, interval_s)
 
 
 @dataclass

@@ -35,10 +35,10 @@ from tests.kits.rollout import (
     stage_timings,
     start_locust,
     stop_locust,
-    wait_for,
 )
 from tests.kits.stack import ControllerConfig, rolloutctl, start_controller, stop_process
 from tests.kits.stack import controller_env as kit_controller_env
+from tests.kits.waiting import wait_for
 
 TOKEN = "rollout-integration-token"
 NAME = "it"

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from service.common import processes as proctree
+from tests.kits.waiting import seconds_until
 
 #: The child: starts a grandchild in its own session (setsid, like a BentoML worker), writes its pid, sleeps.
 PARENT = """
@@ -21,21 +22,12 @@ time.sleep(120)
 """
 
 
-def wait_until(predicate: object, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def start_family(tmp_path: Path, tag: str) -> tuple[subprocess.Popen[bytes], int]:
     pid_file = tmp_path / "grandchild.pid"
     parent = subprocess.Popen(
         [sys.executable, "-c", PARENT, str(pid_file)], env=proctree.tagged_env(os.environ, tag), start_new_session=True
     )
-    assert wait_until(lambda: pid_file.exists() and pid_file.read_text() != "")
+    seconds_until(lambda: pid_file.exists() and pid_file.read_text() != "", 10.0)
     return parent, int(pid_file.read_text())
 
 
@@ -51,7 +43,7 @@ def test_a_grandchild_in_its_own_session_is_stopped_after_its_parent_was_killed(
         assert proctree.descendants(parent.pid) == set()  # and no walk of the parent's children finds it
         signalled = proctree.stop_tree(parent.pid, tag, grace_s=5.0)
         assert grandchild in signalled
-        assert wait_until(lambda: not proctree.alive(grandchild))
+        seconds_until(lambda: not proctree.alive(grandchild), 10.0)
         assert proctree.tagged(tag) == set()
     finally:
         with_kill = [p for p in (parent.pid, grandchild) if proctree.alive(p)]
@@ -65,7 +57,7 @@ def test_the_tree_is_walked_through_parent_links_without_a_tag(tmp_path: Path) -
         assert proctree.descendants(parent.pid) == {grandchild}
         proctree.stop_tree(parent.pid, "", grace_s=5.0, reap=parent.poll)
         assert parent.wait(timeout=5.0) == -signal.SIGTERM
-        assert wait_until(lambda: not proctree.alive(grandchild))
+        seconds_until(lambda: not proctree.alive(grandchild), 10.0)
     finally:
         for pid in (parent.pid, grandchild):
             if proctree.alive(pid):
@@ -86,7 +78,7 @@ def test_sigterm_ignored_means_sigkill_after_the_grace(tmp_path: Path) -> None:
 
 def test_a_zombie_is_not_alive() -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
-    assert wait_until(lambda: not proctree.alive(child.pid))  # exited, not reaped yet: a zombie
+    seconds_until(lambda: not proctree.alive(child.pid), 10.0)  # exited, not reaped yet: a zombie
     assert child.poll() == 0
     assert not proctree.alive(child.pid)
     assert not proctree.alive(0)

@@ -25,6 +25,7 @@ from rollout.demo.settings import DemoError, ExitCode
 from rollout.demo.settings import DemoSettings as RolloutDemoSettings
 from rollout.demo.stack import MARKER_FILE, Run, load_model_side, prepare_home
 from service.common.processes import alive
+from tests.kits.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -155,12 +156,8 @@ STUBBORN = "trap '' TERM; sleep 60 & echo $! > {child}; wait"
 
 
 def wait_for_file(path: Path, timeout_s: float = 10.0) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
-            return path.read_text().strip()
-        time.sleep(0.02)
-    raise AssertionError(f"{path} never written")
+    """The file's stripped text once it is not empty."""
+    return wait_for(lambda: (path.exists() and path.read_text().strip()) or None, f"{path} written", timeout_s, 0.02)
 
 
 def test_a_child_that_ignores_sigterm_is_killed_with_its_group(tmp_path: Path) -> None:
