@@ -1,10 +1,9 @@
 """The rollout demo's child processes: started in their own sessions, stopped with their whole process tree.
 
-:class:`ChildProcess` runs one command with its output in a log file, in its own session (so a terminal's Ctrl-C reaches
-only the demo, which then stops its children in order) and stops it with SIGTERM to its process tree
-(:func:`service.common.processes.stop_tree`: the group, descendants and tagged processes — the controller's
-model-server workers
-open sessions of their own), SIGKILL after a grace. :func:`stop_recorded_workloads` stops the model servers the
+:class:`ChildProcess` is a named :class:`service.common.processes.LoggedChild`: one command in its own session (a
+terminal's Ctrl-C reaches only the demo, which then stops its children in order), output in a log file, stopped with
+SIGTERM to its process tree (the group, descendants and tagged processes — the controller's model-server workers open
+sessions of their own), SIGKILL after a grace. :func:`stop_recorded_workloads` stops the model servers the
 controller recorded in its ``workloads.json`` that outlived it; :func:`signals_ignored` shields a shutdown from a second
 Ctrl-C.
 """
@@ -14,21 +13,19 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 from rollout.backends.local.workloads import WORKLOADS_FILE
 from service.common.logging import get_logger, log_event
-from service.common.processes import alive, new_tag, stop_tree, tagged, tagged_env
+from service.common.processes import LoggedChild, RunsChild, alive, stop_tree, tagged
 
 logger = get_logger("rollout.demo")
 
 
 @dataclass
-class ChildProcess:
+class ChildProcess(RunsChild):
     """One child in its own session (a terminal's Ctrl-C reaches only the demo, which stops its children in
     order), output to a log file; stopped with SIGTERM to its process tree, SIGKILL after ``stop_timeout_s``."""
 
@@ -38,37 +35,20 @@ class ChildProcess:
     env: Mapping[str, str]
     stop_timeout_s: float
     cwd: Path | None = None
-    tag: str = field(default_factory=new_tag, init=False)
-    _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
-    _log: IO[bytes] | None = field(default=None, init=False, repr=False)
+    _child: LoggedChild = field(init=False, repr=False)
 
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+    def __post_init__(self) -> None:
+        self._child = LoggedChild(self.log_path)
 
     def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("ab")
-        self._process = subprocess.Popen(
-            list(self.argv), env=tagged_env(self.env, self.tag), cwd=self.cwd, stdin=subprocess.DEVNULL,
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        pid = self._process.pid
+        pid = self._child.start(self.argv, self.env, self.cwd)
         log_event(logger, f"{self.name} started", event="demo_child_started", child=self.name, child_pid=pid)
 
     def stop(self) -> int | None:
-        process, self._process = self._process, None
-        code = None
-        if process is not None:
-            stop_tree(process.pid, self.tag, grace_s=self.stop_timeout_s, reap=process.poll)
-            code = process.wait()
+        was_started = self._child.pid is not None
+        code = self._child.stop(self.stop_timeout_s)
+        if was_started:
             log_event(logger, f"{self.name} stopped", event="demo_child_stopped", child=self.name, returncode=code)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
         return code
 
     def log_tail(self, chars: int = 2000) -> str:

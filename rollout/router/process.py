@@ -1,10 +1,9 @@
 """The router as a child process on loopback (``python -m rollout.router``): start, wait until live, stop.
 
-Used by the integration tests, the router benchmark and local runs. The child leads its own session; ``stop`` sends
-SIGTERM to its whole process tree (:func:`service.common.processes.stop_tree`; the router then finishes in-flight
-requests,
-drains shadow work and flushes the prediction log) and SIGKILL only after ``process_stop_timeout_s``. Output goes to a
-log file, never to an unread pipe.
+Used by the integration tests, the router benchmark and local runs. The child is a
+:class:`service.common.processes.LoggedChild`: its own session, output to a log file; ``stop`` sends SIGTERM to its
+whole process tree (the router then finishes in-flight requests, drains shadow work and flushes the prediction log)
+and SIGKILL only after ``process_stop_timeout_s``.
 """
 
 from __future__ import annotations
@@ -12,19 +11,18 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import subprocess
 import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Final, Self
+from typing import Final, Self
 
 import httpx
 
 from rollout.settings import RouterSettings
-from service.common.processes import free_port, new_tag, stop_tree, tagged_env
+from service.common.processes import LoggedChild, RunsChild, free_port
 
 LIVE_PATH: Final[str] = "/livez"
 _ENV_PREFIX: Final[str] = "FW_ROLLOUT_ROUTER__"
@@ -35,7 +33,7 @@ class RouterStartError(RuntimeError):
 
 
 @dataclass
-class RouterProcess:
+class RouterProcess(RunsChild):
     """One ``python -m rollout.router`` child; ``env`` adds or overrides environment variables."""
 
     log_path: Path
@@ -52,10 +50,10 @@ class RouterProcess:
     env: Mapping[str, str] = field(default_factory=dict)
     port: int | None = None
     control_port: int | None = None
-    #: The tag of the router's process tree (service.common.processes).
-    tag: str = field(default_factory=new_tag, init=False)
-    _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
-    _log: IO[bytes] | None = field(default=None, init=False, repr=False)
+    _child: LoggedChild = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._child = LoggedChild(self.log_path)
 
     @property
     def url(self) -> str:
@@ -72,13 +70,6 @@ class RouterProcess:
 
     def feedback_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.feedback_token}"}
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     def child_env(self) -> dict[str, str]:
         env = {
@@ -99,22 +90,13 @@ class RouterProcess:
         return env
 
     def start(self) -> None:
-        if self._process is not None:
-            raise RuntimeError(f"router already started (pid {self._process.pid})")
+        if self._child.running():
+            raise RuntimeError(f"router already started (pid {self._child.pid})")
         if self.port is None:
             self.port = free_port(self.settings.host)
         if self.control_port is None:
             self.control_port = free_port(self.settings.host)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("ab")
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "rollout.router"],
-            env=tagged_env(self.child_env(), self.tag),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self._child.start([sys.executable, "-m", "rollout.router"], self.child_env())
 
     def wait_live(self) -> float:
         """Poll ``/livez`` until it answers 200; return the seconds waited."""
@@ -122,8 +104,8 @@ class RouterProcess:
         deadline = started + self.settings.process_start_timeout_s
         with httpx.Client(timeout=self.settings.process_poll_interval_s * 20, trust_env=False) as client:
             while True:
-                if self._process is not None and self._process.poll() is not None:
-                    raise RouterStartError(f"router exited with {self._process.returncode}; log {self.log_path}")
+                if (code := self._child.exit_code()) is not None:
+                    raise RouterStartError(f"router exited with {code}; log {self.log_path}")
                 with contextlib.suppress(httpx.TransportError):
                     if client.get(self.url + LIVE_PATH).status_code == httpx.codes.OK:
                         return time.monotonic() - started
@@ -133,15 +115,7 @@ class RouterProcess:
 
     def stop(self) -> int | None:
         """SIGTERM the router's process tree, wait, SIGKILL what is left; return the exit code."""
-        process, self._process = self._process, None
-        code: int | None = None
-        if process is not None:
-            stop_tree(process.pid, self.tag, grace_s=self.settings.process_stop_timeout_s, reap=process.poll)
-            code = process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return code
+        return self._child.stop(self.settings.process_stop_timeout_s)
 
     def __enter__(self) -> Self:
         self.start()

@@ -1,8 +1,7 @@
 """Calls from the router to model services: one pooled keep-alive client per upstream URL.
 
 The client is ``aiohttp.ClientSession`` by default; ``FW_ROLLOUT_ROUTER__UPSTREAM_CLIENT=httpx`` selects
-``httpx.AsyncClient`` instead (same pooling, budgets and failure classes; about twice the CPU per call — see the
-router benchmark, which measures both in the same run).
+``httpx.AsyncClient`` instead (same pooling, budgets and failure classes; the router benchmark compares their cost).
 
 A call returns an :class:`Answer` (a 2xx whose JSON body carries ``score``, ``prediction``, ``threshold`` and
 ``model_version``) or a :class:`Failure` with a reason; it never raises for an upstream's fault. Every call is

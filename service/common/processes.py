@@ -23,11 +23,13 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import IO, Final
 
 #: The environment variable carrying a child's tree tag.
 TAG_ENV: Final[str] = "FW_PROCESS_TREE"
@@ -193,3 +195,75 @@ def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+@dataclass
+class LoggedChild:
+    """One child process in its own session (a terminal's Ctrl-C reaches only its parent, which then stops it in
+    order), its output appended to ``log_path`` (never to an unread pipe), its tree tagged with ``tag``; stopped with
+    :func:`stop_tree`. The one launcher of the project's long-running children: model servers, routers, Prometheus
+    and the demo's processes."""
+
+    log_path: Path
+    tag: str = field(default_factory=new_tag)
+    _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _log: IO[bytes] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def exit_code(self) -> int | None:
+        """The exit code once the child has exited; None while it runs or before it started."""
+        return self._process.poll() if self._process is not None else None
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path | None = None) -> int:
+        """Launch ``argv`` with ``env`` plus the tree tag; return its pid."""
+        if self._process is not None:
+            raise RuntimeError(f"already started (pid {self._process.pid})")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("ab")
+        self._process = subprocess.Popen(
+            list(argv), env=tagged_env(env, self.tag), cwd=cwd, stdin=subprocess.DEVNULL,
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        return self._process.pid
+
+    def signal(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to the child alone (e.g. SIGHUP: reload), if it runs."""
+        if self.running() and self._process is not None:
+            self._process.send_signal(sig)
+
+    def stop(self, grace_s: float) -> int | None:
+        """SIGTERM the child's tree, SIGKILL what is left after ``grace_s``; its exit code (None if never started).
+        Safe to call more than once."""
+        process, self._process = self._process, None
+        code: int | None = None
+        if process is not None:
+            stop_tree(process.pid, self.tag, grace_s=grace_s, reap=process.poll)
+            code = process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return code
+
+
+class RunsChild:
+    """Mixin of a class that runs one :class:`LoggedChild` in ``_child``: its tree tag, pid and liveness."""
+
+    _child: LoggedChild
+
+    @property
+    def tag(self) -> str:
+        """The tag of the child's process tree."""
+        return self._child.tag
+
+    @property
+    def pid(self) -> int | None:
+        return self._child.pid
+
+    def running(self) -> bool:
+        return self._child.running()

@@ -1,32 +1,30 @@
 """A real ``bentoml serve`` child process on loopback: start, wait until ready, stop — reusable by the demo, the
 CLI and the rollout's local-process backend.
 
-The server runs in its own session (process group), so a Ctrl-C in the terminal reaches only the parent, which then
-stops the server's whole process tree in order (SIGTERM, a grace period, SIGKILL) with
-:func:`service.common.processes.stop_tree`: BentoML's workers open sessions of their own, so the group alone would
-leave them
-running; the tree tag in the server's environment finds them even after their arbiter died. Its output goes to a log
-file (a pipe nobody reads would eventually block it); the log's tail is quoted when the server fails to start.
+The server is a :class:`service.common.processes.LoggedChild`: its own session (a Ctrl-C in the terminal reaches only
+the parent, which then stops the server's whole process tree in order: SIGTERM, a grace period, SIGKILL), its output
+in a log file whose tail is quoted when the server fails to start. BentoML's workers open sessions of their own, so
+the group alone would leave them running; the tree tag in the server's environment finds them even after their
+arbiter died.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Final, Self
+from typing import Final, Self
 
 import httpx
 
 import service
 from service.common.logging import get_logger, log_event
-from service.common.processes import free_port, new_tag, process_tree, stop_tree, tagged_env
+from service.common.processes import LoggedChild, free_port, process_tree
 from service.settings import Settings
 
 logger = get_logger(__name__)
@@ -117,8 +115,7 @@ class BentoServer:
     extra_env: Mapping[str, str] = field(default_factory=dict)
     #: The tag of the server's process tree (:mod:`service.common.processes`), set by :meth:`start`.
     tag: str = field(default="", init=False)
-    _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
-    _log_handle: IO[bytes] | None = field(default=None, init=False, repr=False)
+    _child: LoggedChild | None = field(default=None, init=False, repr=False)
 
     @property
     def host(self) -> str:
@@ -136,45 +133,30 @@ class BentoServer:
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        return self._child.pid if self._child is not None else None
 
     def running(self) -> bool:
         """True while the server's main process runs (its endpoint may still be dead: probe ``/readyz``)."""
-        return self._process is not None and self._process.poll() is None
+        return self._child is not None and self._child.running()
 
     def tree(self) -> set[int]:
         """The live processes of the server: its main process, its workers and whatever they started."""
-        if self._process is None:
+        if self.pid is None:
             return set()
-        return process_tree(self._process.pid, self.tag)
+        return process_tree(self.pid, self.tag)
 
     def start(self) -> None:
         """Launch the server (returns at once; see :meth:`wait_ready`)."""
-        if self._process is not None:
-            raise RuntimeError(f"{self.name} already started (pid {self._process.pid})")
+        if self._child is not None:
+            raise RuntimeError(f"{self.name} already started (pid {self._child.pid})")
         if self.port is None:
             self.port = free_port(self.host)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log_handle = self.log_path.open("ab")
         command = serve_command(self.settings.process.bento_target, self.host, self.port)
-        self.tag = new_tag()
-        self._process = subprocess.Popen(
-            command,
-            cwd=SOURCE_ROOT,
-            env=tagged_env(server_env(self.model_dir, self.settings, self.extra_env, self.model_digest), self.tag),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log_event(
-            logger,
-            "server starting",
-            server=self.name,
-            server_pid=self._process.pid,
-            url=self.url,
-            log=str(self.log_path),
-        )
+        self._child = LoggedChild(self.log_path)
+        self.tag = self._child.tag
+        env = server_env(self.model_dir, self.settings, self.extra_env, self.model_digest)
+        pid = self._child.start(command, env, cwd=SOURCE_ROOT)
+        log_event(logger, "server starting", server=self.name, server_pid=pid, url=self.url, log=str(self.log_path))
 
     def wait_ready(self, deadline: float | None = None) -> float:
         """Poll ``/readyz`` until it answers 200; return the seconds waited. ``deadline`` is a
@@ -207,8 +189,8 @@ class BentoServer:
         return False
 
     def _raise_if_exited(self) -> None:
-        if self._process is not None and self._process.poll() is not None:
-            raise ServerStartError(self._failure(f"exited with code {self._process.returncode}"))
+        if self._child is not None and (code := self._child.exit_code()) is not None:
+            raise ServerStartError(self._failure(f"exited with code {code}"))
 
     def _failure(self, what: str) -> str:
         log_tail = tail(self.log_path, self.settings.process.log_tail_lines)
@@ -217,14 +199,15 @@ class BentoServer:
     def stop(self) -> int | None:
         """Stop the server's process tree (SIGTERM, then SIGKILL after ``process.stop_timeout_s``); return its main
         process' exit code. Safe to call more than once."""
-        process, self._process = self._process, None
-        code: int | None = None
-        if process is not None:
-            code = _terminate_tree(process, self.tag, self.settings.process.stop_timeout_s)
-            log_event(logger, "server stopped", server=self.name, server_pid=process.pid, exit_code=code)
-        if self._log_handle is not None:
-            self._log_handle.close()
-            self._log_handle = None
+        child, self._child = self._child, None
+        if child is None:
+            return None
+        pid, grace_s = child.pid, self.settings.process.stop_timeout_s
+        started = time.monotonic()
+        code = child.stop(grace_s)
+        if time.monotonic() - started > grace_s:
+            log_event(logger, "server ignored SIGTERM, killed", level=logging.WARNING, server_pid=pid, grace_s=grace_s)
+        log_event(logger, "server stopped", server=self.name, server_pid=pid, exit_code=code)
         return code
 
     def __enter__(self) -> Self:
@@ -240,14 +223,3 @@ class BentoServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.stop()
-
-
-def _terminate_tree(process: subprocess.Popen[bytes], tag: str, grace_s: float) -> int:
-    """SIGTERM the child's whole tree (group, descendants, tagged processes), wait, then SIGKILL what is left."""
-    started = time.monotonic()
-    stop_tree(process.pid, tag, grace_s=grace_s, reap=process.poll)
-    if time.monotonic() - started > grace_s:
-        log_event(
-            logger, "server ignored SIGTERM, killed", level=logging.WARNING, server_pid=process.pid, grace_s=grace_s
-        )
-    return process.wait()

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
-import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +25,7 @@ import yaml
 from rollout.backends.prometheus import PrometheusClient, PrometheusUnavailableError
 from rollout.settings import PrometheusSettings, get_prometheus_settings
 from service.common.files import write_atomically
-from service.common.processes import free_port
+from service.common.processes import LoggedChild, free_port
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class PrometheusServer:
         self._targets = list(targets)
         self._rule_files = list(rule_files) if rule_files is not None else [self._settings.rules_file]
         self._port = port
-        self._process: subprocess.Popen[bytes] | None = None
+        self._child: LoggedChild | None = None
 
     @property
     def port(self) -> int:
@@ -156,24 +156,22 @@ class PrometheusServer:
             f"--web.listen-address={self._settings.listen_host}:{self._port}",
             "--web.enable-lifecycle",
         ]
-        with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._child = LoggedChild(self.log_path)
+        self._child.start(argv, os.environ)
         logger.info("prometheus starting", extra={"event": "prometheus_start", "url": self.url, "pid": self.pid})
         self._wait_ready()
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        return self._child.pid if self._child is not None else None
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self._settings.ready_timeout_s
         client = self.client()
         try:
             while time.monotonic() < deadline:
-                if self._process is not None and self._process.poll() is not None:
-                    raise PrometheusUnavailableError(
-                        f"prometheus exited with {self._process.returncode}: {self._log_tail()}"
-                    )
+                if self._child is not None and (code := self._child.exit_code()) is not None:
+                    raise PrometheusUnavailableError(f"prometheus exited with {code}: {self._log_tail()}")
                 if client.is_online():
                     return
                 time.sleep(self._settings.poll_interval_s)
@@ -192,21 +190,16 @@ class PrometheusServer:
 
     def reload(self) -> None:
         """Re-read the configuration and rule files (SIGHUP)."""
-        if self._process is not None and self._process.poll() is None:
-            self._process.send_signal(signal.SIGHUP)
+        if self._child is not None:
+            self._child.signal(signal.SIGHUP)
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after ``stop_timeout_s``; idempotent."""
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
+        child, self._child = self._child, None
+        if child is None:
             return
-        process.terminate()
-        try:
-            process.wait(timeout=self._settings.stop_timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=self._settings.stop_timeout_s)
-        logger.info("prometheus stopped", extra={"event": "prometheus_stop", "returncode": process.returncode})
+        code = child.stop(self._settings.stop_timeout_s)
+        logger.info("prometheus stopped", extra={"event": "prometheus_stop", "returncode": code})
 
     def __enter__(self) -> PrometheusServer:
         self.start()
