@@ -46,7 +46,12 @@ class TrainSettings(BaseModel):
         "smote",
     )
     smote_ratio: float = Field(0.1, gt=0.0, le=1.0)
-    calibration_methods: tuple[Literal["isotonic", "platt"], ...] = ("isotonic", "platt")
+    #: Candidates for the served calibration (service.evaluate.choose_calibration): the default two keep the booster's
+    #: ranking (served PR-AUC = raw); ``isotonic`` (the step fit) turns distinct scores into ties, for comparison.
+    calibration_methods: tuple[Literal["isotonic", "interpolated_isotonic", "platt"], ...] = (
+        "interpolated_isotonic",
+        "platt",
+    )
     threshold_policy: Literal["target_precision", "cost"] = "target_precision"
     target_precision: float = Field(0.80, gt=0.0, le=1.0)
     cost_false_negative: float = Field(50.0, gt=0.0)
