@@ -55,6 +55,13 @@ import numpy.typing as npt
 from pydantic import BaseModel, ValidationError
 
 from service import proctree
+from service.feature_log import (
+    PREDICTION_ID,
+    PREDICTION_ID_HEADER,
+    FeatureLogWriter,
+    open_writer,
+    prediction_id_from_header,
+)
 from service.features import DEFAULT_AGGREGATES, EntityAggregates, feature_matrix
 from service.featurestore import FALLBACK_REASONS, BudgetedLookup, SQLiteFeatureStore, budget_seconds, open_store
 from service.logging import (
@@ -130,6 +137,8 @@ class Runtime:
     directory: Path
     predict: Callable[[FloatArray], ScoreArray]
     batcher: Batcher | None = None
+    #: The served feature vectors under the router's prediction ID (``FW_FEATURE_LOG__ENABLED``).
+    feature_log: FeatureLogWriter | None = None
 
     @property
     def version(self) -> str:
@@ -155,6 +164,9 @@ class Runtime:
         scores = await self.scores(features)
         predictions = self.model.predictions(scores)
         self.metrics.observe(features, scores, predictions)
+        if self.feature_log is not None:
+            keys = [request.accountId for request in requests]
+            self.feature_log.record_decisions(PREDICTION_ID.get(), keys, features, scores, predictions)
         responses = [
             build_response(score, int(prediction), self.model.threshold, self.version, correlation_id)
             for score, prediction, correlation_id in zip(
@@ -165,6 +177,8 @@ class Runtime:
         return responses
 
     def close(self) -> None:
+        if self.feature_log is not None:
+            self.feature_log.close()
         if self.lookup is not None:
             self.lookup.close()
         if self.store is not None:
@@ -394,8 +408,18 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     predict = choose_predictor(settings, model, probe_rows(model))
     predict(probe_rows(model))  # warm-up: the first prediction allocates XGBoost's buffers
     batcher = make_batcher(predict, settings) if settings.serve.adaptive_batching else None
+    features_log = open_writer(
+        settings.feature_log, settings.feature_log_dir, model.version, model.manifest.feature_names
+    )
     return Runtime(
-        model=model, metrics=bound, store=store, lookup=lookup, directory=directory, predict=predict, batcher=batcher
+        model=model,
+        metrics=bound,
+        store=store,
+        lookup=lookup,
+        directory=directory,
+        predict=predict,
+        batcher=batcher,
+        feature_log=features_log,
     )
 
 
@@ -542,6 +566,7 @@ class RequestGuard:
             BATCH_ROUTE: Route(BATCH_ENDPOINT, validate_batch, answer_batch),
         }
         self.direct = self.settings.serve.dispatch == "direct"
+        self.log_features = self.settings.feature_log.enabled
 
     async def __call__(self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
         route = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
@@ -554,6 +579,11 @@ class RequestGuard:
         correlation_id = correlation_id_from_header(headers.get(CORRELATION_HEADER.lower()))
         cid_token = CORRELATION_ID.set(correlation_id)
         start_token = _REQUEST_START.set(start)
+        pid_token = (
+            PREDICTION_ID.set(prediction_id_from_header(headers.get(PREDICTION_ID_HEADER.lower())))
+            if self.log_features
+            else None
+        )
         try:
             admitted = await self._admit(receive, route.validate, headers, correlation_id)
             if isinstance(admitted, Rejection):
@@ -566,6 +596,8 @@ class RequestGuard:
         finally:
             CORRELATION_ID.reset(cid_token)
             _REQUEST_START.reset(start_token)
+            if pid_token is not None:
+                PREDICTION_ID.reset(pid_token)
         runtime = self.state.runtime
         if runtime is not None:
             runtime.metrics.observe_latency(endpoint, time.perf_counter() - start)

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -63,6 +63,49 @@ class TrainSettings(BaseModel):
     #: method, the rest choose between them; the chosen method is then refit on all validation rows.
     calibration_fit_fraction: float = Field(0.5, gt=0.1, lt=0.9)
     smote_k_neighbors: int = Field(5, ge=1)
+    #: Where the booster is trained (service/engines.py): ``local`` — one process, ``hist`` (the default);
+    #: ``dask`` — ``xgboost.dask`` on a dask.distributed cluster (``FW_ENGINE__…``), reading Parquet lazily;
+    #: ``external_memory`` — one process, batches streamed from Parquet into XGBoost's external-memory DMatrix.
+    #: Every engine produces the same verified bundle and passes the same gates.
+    engine: Literal["local", "dask", "external_memory"] = "local"
+
+
+class EngineSettings(BaseModel):
+    """The training engines beyond one process (``FW_TRAIN__ENGINE``): the Dask cluster and the external-memory path."""
+
+    #: An existing Dask scheduler (``tcp://scheduler:8786``: a Dask Kubernetes operator's DaskCluster, or any
+    #: cluster); None starts a LocalCluster of ``dask_workers`` worker processes on this machine for the run.
+    dask_scheduler_address: str | None = None
+    dask_workers: int = Field(2, ge=1)
+    dask_threads_per_worker: int = Field(1, ge=1)
+    #: Per worker process of a LocalCluster (dask's syntax, e.g. ``2GiB``; ``auto`` splits the machine's memory).
+    dask_memory_limit: str = "2GiB"
+    #: Seconds to wait for the scheduler and its workers.
+    dask_connect_timeout_s: float = Field(60.0, gt=0.0)
+    #: Rows per batch the external-memory iterator hands XGBoost (each batch is one Parquet row group or less).
+    external_memory_batch_rows: int = Field(250_000, ge=1_000)
+    #: Where XGBoost keeps its external-memory pages (None: a temporary directory removed after the run).
+    external_memory_cache_dir: Path | None = None
+
+
+class FeatureLogSettings(BaseModel):
+    """The feature log (service/feature_log.py): each decision's feature vector exactly as served, under the
+    router's prediction ID, as Parquet partitioned by day — the next training set once the labels arrive."""
+
+    enabled: bool = False
+    #: The dataset's root (``day=YYYY-MM-DD/*.parquet`` below it); None = ``HOME/feature-log``.
+    directory: Path | None = None
+    #: A background thread writes the buffered rows every ``flush_interval_s`` or once ``flush_max_rows`` wait.
+    flush_interval_s: float = Field(60.0, gt=0.0)
+    flush_max_rows: int = Field(50_000, ge=1)
+    #: Rows held in memory at most (a stalled disk drops the excess, counted); the request path never waits.
+    max_buffer_rows: int = Field(200_000, ge=1)
+    #: Day partitions older than this are deleted; and the oldest go first while the dataset exceeds ``max_bytes``.
+    retention_days: int = Field(90, ge=1)
+    max_bytes: int = Field(20 * 2**30, ge=2**20)
+    #: How often a writer applies the retention (it lists and sizes every partition).
+    retention_check_interval_s: float = Field(300.0, gt=0.0)
+    compression: Literal["zstd", "snappy", "none"] = "zstd"
 
 
 class QualitySettings(BaseModel):
@@ -209,6 +252,14 @@ class RetrainSettings(BaseModel):
     rollout_state_dir: Path | None = None
     #: How long ``rolloutctl start`` waits for the controller to apply the command.
     handoff_timeout_s: float = Field(120.0, gt=0.0)
+    #: What a retrain learns from: ``stream`` — the labelled refund stream at ``data_path`` (features recomputed);
+    #: ``feature_log`` — the features exactly as served (``FW_FEATURE_LOG__DIRECTORY``) joined with the labels that
+    #: arrived in the prediction log (``labels_dsn``/``labels_dsn_file``) by the time the retrain runs.
+    source: Literal["stream", "feature_log"] = "stream"
+    #: The prediction log's database (``rollout.outcomes``; SQLAlchemy URL) the labels are read from, read-only.
+    labels_dsn: SecretStr | None = None
+    #: A file holding that URL (a mounted Secret: the password stays out of the environment); wins over labels_dsn.
+    labels_dsn_file: Path | None = None
     kube: KubeHandoffSettings = KubeHandoffSettings()
     webhook: RetrainWebhookSettings = RetrainWebhookSettings()
 
@@ -229,6 +280,8 @@ class Settings(BaseSettings):
     quality: QualitySettings = QualitySettings()
     process: ProcessSettings = ProcessSettings()
     retrain: RetrainSettings = RetrainSettings()
+    engine: EngineSettings = EngineSettings()
+    feature_log: FeatureLogSettings = FeatureLogSettings()
 
     @property
     def artifacts_dir(self) -> Path:
@@ -248,6 +301,10 @@ class Settings(BaseSettings):
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
         return f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
+
+    @property
+    def feature_log_dir(self) -> Path:
+        return self.feature_log.directory or self.home / "feature-log"
 
     @property
     def mlflow_artifact_root(self) -> str:
