@@ -46,8 +46,9 @@ class TrainSettings(BaseModel):
         "smote",
     )
     smote_ratio: float = Field(0.1, gt=0.0, le=1.0)
-    #: Candidates for the served calibration (service.evaluate.choose_calibration): the default two keep the booster's
-    #: ranking (served PR-AUC = raw); ``isotonic`` (the step fit) turns distinct scores into ties, for comparison.
+    #: Candidates for the served calibration (service.training.evaluate.choose_calibration): the default two keep
+    #: the booster's ranking (served PR-AUC = raw); ``isotonic`` (the step fit) turns distinct scores into ties, for
+    #: comparison.
     calibration_methods: tuple[Literal["isotonic", "interpolated_isotonic", "platt"], ...] = (
         "interpolated_isotonic",
         "platt",
@@ -63,7 +64,7 @@ class TrainSettings(BaseModel):
     #: method, the rest choose between them; the chosen method is then refit on all validation rows.
     calibration_fit_fraction: float = Field(0.5, gt=0.1, lt=0.9)
     smote_k_neighbors: int = Field(5, ge=1)
-    #: Where the booster is trained (service/engines.py): ``local`` — one process, ``hist`` (the default);
+    #: Where the booster is trained (service/training/engines.py): ``local`` — one process, ``hist`` (the default);
     #: ``dask`` — ``xgboost.dask`` on a dask.distributed cluster (``FW_ENGINE__…``), reading Parquet lazily;
     #: ``external_memory`` — one process, batches streamed from Parquet into XGBoost's external-memory DMatrix.
     #: Every engine produces the same verified bundle and passes the same gates.
@@ -89,7 +90,7 @@ class EngineSettings(BaseModel):
 
 
 class FeatureLogSettings(BaseModel):
-    """The feature log (service/feature_log.py): each decision's feature vector exactly as served, under the
+    """The feature log (service/data/feature_log.py): each decision's feature vector exactly as served, under the
     router's prediction ID, as Parquet partitioned by day — the next training set once the labels arrive."""
 
     enabled: bool = False
@@ -118,10 +119,11 @@ class QualitySettings(BaseModel):
 class ServeSettings(BaseModel):
     """The scoring service: where its model comes from and its latency budget."""
 
-    #: Where the bundle comes from (service/model_source.py): a directory; else a registry URI
+    #: Where the bundle comes from (service/artifacts/source.py): a directory; else a registry URI
     #: (``models:/<name>/<version>`` or ``models:/<name>@<alias>``); else, when set, ``model_name``'s alias.
     model_dir: Path | None = None
-    #: With ``model_dir``: the bundle digest (service.model.bundle_digest) it must have; checked before anything
+    #: With ``model_dir``: the bundle digest (service.artifacts.bundle.bundle_digest) it must have; checked before
+    # anything
     #: is parsed. A registry bundle is always checked against the version's ``bundle_sha256`` tag.
     model_digest: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     model_uri: str | None = None
@@ -165,7 +167,7 @@ class ProcessSettings(BaseModel):
 
     host: str = "127.0.0.1"
     #: ``bentoml serve`` target (import path of the service class), run from the project's source root.
-    bento_target: str = "service.bento:RefundFraudService"
+    bento_target: str = "service.serving.bento:RefundFraudService"
     start_timeout_s: float = Field(180.0, gt=0.0)
     stop_timeout_s: float = Field(20.0, gt=0.0)
     poll_interval_s: float = Field(0.25, gt=0.0)
@@ -178,7 +180,7 @@ class ProcessSettings(BaseModel):
 
 
 class RetrainWebhookSettings(BaseModel):
-    """The Alertmanager webhook receiver (``python -m service.retrain_webhook``): which alerts trigger a retrain."""
+    """The Alertmanager webhook receiver (``python -m service.retraining.webhook``): which alerts trigger a retrain."""
 
     host: str = "127.0.0.1"
     port: int = Field(8090, ge=1, le=65535)

@@ -1,5 +1,5 @@
 """Centred (interpolated) isotonic calibration keeps the booster's ranking and stays as well calibrated as the step
-fit it replaces (service/calibration.py)."""
+fit it replaces (service/training/calibration.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
-from service.calibration import fit_interpolated_isotonic, keeps_order, pooled_blocks
-from service.evaluate import choose_calibration, expected_calibration_error, fit_isotonic
-from service.model import Calibration
+from service.artifacts.bundle import Calibration
 from service.settings import TrainSettings
+from service.training.calibration import fit_interpolated_isotonic, keeps_order, pooled_blocks
+from service.training.evaluate import choose_calibration, expected_calibration_error, fit_isotonic
 
 
 def _scores(seed: int, n: int, base_rate: float = 0.02) -> tuple[np.ndarray, np.ndarray]:
