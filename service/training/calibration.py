@@ -51,7 +51,7 @@ def fit_interpolated_isotonic(raw: npt.ArrayLike, y_true: npt.ArrayLike) -> Cali
     """Centred isotonic regression (module docstring): a strictly increasing piecewise-linear map of [0, 1]."""
     centroids, rates, weights = pooled_blocks(raw, y_true)
     inside = 1.0 / (2.0 * float(weights.sum()))
-    values = np.clip(rates, inside, 1.0 - inside)
+    centroids, values = pooled_after_clip(centroids, np.clip(rates, inside, 1.0 - inside), weights)
     knots_x, knots_y = list(centroids), list(values)
     if knots_x[0] > 0.0:
         knots_x.insert(0, 0.0)
@@ -60,6 +60,16 @@ def fit_interpolated_isotonic(raw: npt.ArrayLike, y_true: npt.ArrayLike) -> Cali
         knots_x.append(1.0)
         knots_y.append(1.0)
     return Calibration(method="isotonic", x=[float(v) for v in knots_x], y=[float(v) for v in knots_y])
+
+
+def pooled_after_clip(centroids: FloatArray, values: FloatArray, weights: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Adjacent blocks that clipping made equal pooled into one (weighted centroid), so the knots rise strictly.
+
+    Rates are clipped into [1/2n, 1 - 1/2n]; two blocks both below (or above) that bound would otherwise become a
+    flat segment — sklearn's isotonic fit can return a rate of 1e-38 beside 0 for raw scores that close."""
+    starts = np.r_[0, np.flatnonzero(np.diff(values) > 0.0) + 1]
+    pooled = np.add.reduceat(weights, starts)
+    return np.add.reduceat(centroids * weights, starts) / pooled, np.asarray(values[starts], dtype=np.float64)
 
 
 def keeps_order(calibration: Calibration, raw: npt.ArrayLike) -> bool:

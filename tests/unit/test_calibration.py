@@ -73,6 +73,14 @@ def test_blocks_of_equal_rate_are_pooled_so_the_knots_rise_strictly() -> None:
     assert tied[1].size == 1 and tied[1][0] == pytest.approx(0.5)  # one block: every rate equal after pooling
 
 
+def test_blocks_that_clipping_makes_equal_are_pooled() -> None:
+    """Found by hypothesis: the isotonic fit returns 1.2e-38 beside 0 for these raw scores; both clip to 1/6."""
+    raw = np.array([0.0, 1.1754943508222875e-38, 1.0], dtype=np.float32)
+    calibration = fit_interpolated_isotonic(raw, np.array([0, 0, 1]))
+    assert all(b > a for a, b in zip(calibration.y, calibration.y[1:], strict=False)), calibration.y
+    assert all(b > a for a, b in zip(calibration.x, calibration.x[1:], strict=False)), calibration.x
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     raw=st.lists(st.floats(0.0, 1.0, allow_nan=False, width=32), min_size=2, max_size=300),
