@@ -12,7 +12,7 @@ ever join it. The router carries no Parquet code, and its import budget does not
 
 The request path pays one locked list append (:meth:`FeatureLogWriter.record`); a background thread writes the
 buffer every ``flush_interval_s`` (or once ``flush_max_rows`` wait) as one Parquet file per day touched,
-``<root>/day=YYYY-MM-DD/part-<host>-<pid>-<start>-<seq>.parquet`` (Hive partitioning: ``day`` is a column to
+``<root>/day=YYYY-MM-DD/part-<host>-<pid>-<start>-<writer>-<seq>.parquet`` (Hive partitioning: ``day`` is a column to
 readers), written under a temporary name and renamed, so a reader never sees half a file. A full buffer
 (``max_buffer_rows``: a stalled disk) drops rows and counts them; so does a dataset over its size bound. Retention:
 day partitions older than ``retention_days`` are deleted, and the oldest days go first while the dataset is larger
@@ -29,6 +29,7 @@ pyarrow is imported by the writer thread, never at import: the module loads with
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -71,6 +72,8 @@ SCORE_COLUMNS: Final[tuple[str, ...]] = ("score", "prediction")
 FEATURES_KEY: Final[bytes] = b"fraudwatch.feature_names"
 FORMAT_KEY: Final[bytes] = b"fraudwatch.feature_log_format"
 FORMAT_VERSION: Final[str] = "1"
+#: Numbers the writers of this process (part of their file names).
+_WRITERS: Final = itertools.count()
 
 Row = tuple[str, int, str | None, npt.NDArray[np.float32], float, int]
 
@@ -206,7 +209,8 @@ class FeatureLogWriter:
         self._thread: threading.Thread | None = None
         self._over_budget = False
         self._retention_checked = 0.0
-        self._prefix = f"part-{_safe(socket.gethostname())}-{os.getpid()}-{clock_ns()}"
+        # unique per writer: two writers of one process (two versions, a reload) never share a file name
+        self._prefix = f"part-{_safe(socket.gethostname())}-{os.getpid()}-{clock_ns()}-{next(_WRITERS)}"
         self._seq = 0
         self.written = 0
         self.dropped: dict[str, int] = {"overflow": 0, "over_budget": 0, "failed": 0}
