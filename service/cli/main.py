@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from service.common.clock import as_utc
 from service.common.logging import (
     configure_logging,
     correlation_id_from_header,
@@ -498,8 +499,8 @@ def cmd_train_from_log(args: argparse.Namespace, settings: Settings, console: Co
     from service.training.from_log import LogWindow, RichProgress, train_from_log
 
     dsn = args.dsn_file.read_text(encoding="utf-8").strip()
-    end = _utc(args.end) if args.end is not None else datetime.now(UTC)
-    window = LogWindow(end - timedelta(days=args.window_days), end, _utc(args.as_of) if args.as_of else end)
+    end = as_utc(args.end) if args.end is not None else datetime.now(UTC)
+    window = LogWindow(end - timedelta(days=args.window_days), end, as_utc(args.as_of) if args.as_of else end)
     work_dir = args.out_dir or settings.artifacts_dir
     with RichProgress(console) as progress:
         payload, result = train_from_log(settings, dsn, window, args.version_name, work_dir, args.engine, progress)
@@ -512,10 +513,6 @@ def cmd_train_from_log(args: argparse.Namespace, settings: Settings, console: Co
         soft_wrap=True,
     )
     return ExitCode.OK
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def cmd_registry(args: argparse.Namespace, settings: Settings, console: Console) -> ExitCode:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from service.common.clock import as_utc
 from service.common.logging import get_logger, log_event
 from service.data.feature_log import FEATURES_KEY, data_files, day_dir, partitions
 
@@ -84,14 +85,9 @@ def read_labels(dsn: str, as_of: datetime, since: datetime) -> pa.Table:
             "prediction_id": pa.array([row[0] for row in rows], pa.string()),
             "model_version": pa.array([row[1] for row in rows], pa.string()),
             LABEL: pa.array([int(row[2]) for row in rows], pa.int8()),
-            "received_at": pa.array([_utc(row[3]) for row in rows], pa.timestamp("us", tz="UTC")),
+            "received_at": pa.array([as_utc(row[3]) for row in rows], pa.timestamp("us", tz="UTC")),
         }
     )
-
-
-def _utc(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes (the prediction log writes UTC)."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 # ------------------------------------------------------------------------------------------------------ building
