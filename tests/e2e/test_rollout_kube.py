@@ -2,7 +2,7 @@
 
 On the session's control plane (etcd, kube-apiserver, controller manager, scheduler, kwok):
 
-* ``helm install --wait`` of the chart with the time-compressed policy of tests/rolloutkit.py in ``spec.policy``;
+* ``helm install --wait`` of the chart with the time-compressed policy of tests/kits/rollout.py in ``spec.policy``;
 * two controller processes (``python -m rollout.controller``, backend kube, as the chart's controller
   ServiceAccount) with Lease leader election: one leads, the other stands by;
 * the router process (as the router ServiceAccount) watching the ModelRollout's ``status.routing``;
@@ -54,8 +54,8 @@ from rollout.backends.local.prometheus import ScrapeTarget
 from rollout.core.machine import RolloutState
 from rollout.router.process import RouterProcess
 from service.serving.process import BentoServer
-from tests.e2e.cluster import ControlPlane
-from tests.e2e.kubekit import (
+from tests.kits.cluster import ControlPlane
+from tests.kits.kube import (
     CONTROLLER_SA,
     ROLLOUT,
     ROUTER_SA,
@@ -71,7 +71,7 @@ from tests.e2e.kubekit import (
     owned,
     service_account_kubeconfig,
 )
-from tests.rolloutkit import (
+from tests.kits.rollout import (
     POLICY_YAML,
     ROLLOUT_TIMEOUT_S,
     START_TIMEOUT_S,

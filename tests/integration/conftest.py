@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from service.serving.process import BentoServer
-from service.settings import Settings
-
-#: Deadline for a server to become ready (generous: other jobs share the 2 cores).
-START_TIMEOUT_S = 180.0
-
-
-def server_settings(home: Path) -> Settings:
-    return Settings.model_validate({"home": home, "process": {"start_timeout_s": START_TIMEOUT_S}})
-
-
-def scoring_server(home: Path, model_dir: Path, name: str, env: Mapping[str, str]) -> BentoServer:
-    """A not yet started ``bentoml serve service.serving.bento:RefundFraudService`` for ``model_dir``."""
-    return BentoServer(model_dir=model_dir, settings=server_settings(home), name=name, extra_env=dict(env))
+from tests.kits.serving import scoring_server
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from service.settings import Settings
 from service.training.engines import EngineFit, bundle_fit, fit_training_set
 from service.training.evaluate import frame_features, load_frozen_set, quality_gate, time_ordered
 from service.training.training_set import TrainingSet, write_training_set
-from tests.retrainkit import FROZEN_SET
+from tests.kits.retrain import FROZEN_SET
 
 pytestmark = pytest.mark.integration
 

@@ -30,9 +30,9 @@ from service.data.feature_log import data_files, partitions
 from service.data.synthetic import generate
 from service.serving.process import BentoServer
 from service.training.training_set import TrainingSet, build_training_set, read_labels
-from tests.conftest import SMALL_DATA
-from tests.integration.conftest import scoring_server
-from tests.stackkit import refund_body, wait_for
+from tests.kits.bundles import SMALL_DATA
+from tests.kits.serving import scoring_server
+from tests.kits.stack import refund_body, wait_for
 
 pytestmark = pytest.mark.integration
 

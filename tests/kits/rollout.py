@@ -34,7 +34,7 @@ from service.artifacts.registry import ModelRegistry, RunPayload
 from service.data.synthetic import SyntheticConfig, generate
 from service.settings import Settings
 from service.training.evaluate import file_sha256
-from tests.stackkit import BIN, HOST, ROOT, serving_features, train_bundle, wait_for
+from tests.kits.stack import BIN, HOST, ROOT, serving_features, train_bundle, wait_for
 
 __all__ = ["BIN", "HOST", "ROOT", "wait_for"]
 
