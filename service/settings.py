@@ -179,6 +179,22 @@ class ProcessSettings(BaseModel):
 # ------------------------------------------------------------------------------------------------- retraining
 
 
+class RetrainJobSettings(BaseModel):
+    """Where the webhook's retrains run on Kubernetes (``runner: job``): a batch/v1 Job made from the chart's retrain
+    CronJob's ``jobTemplate`` (its resources, retries, deadline, ServiceAccount), in the receiver's namespace."""
+
+    namespace: str = "default"
+    #: The CronJob whose ``jobTemplate`` each alert-triggered Job copies (the chart's retraining CronJob).
+    cronjob: str = ""
+    #: The container of the template that runs ``fraudwatch retrain`` (its args get the run's id and reason).
+    container: str = "retraining"
+    #: A kubeconfig file; None = the pod's in-cluster service account (else ``~/.kube/config``).
+    kubeconfig: Path | None = None
+    request_timeout_s: float = Field(30.0, gt=0.0)
+    #: How often the receiver reads the running Job's status.
+    poll_s: float = Field(10.0, gt=0.0)
+
+
 class RetrainWebhookSettings(BaseModel):
     """The Alertmanager webhook receiver (``python -m service.retraining.webhook``): which alerts trigger a retrain."""
 
@@ -209,9 +225,14 @@ class RetrainWebhookSettings(BaseModel):
     state_file: Path | None = None
     #: Recent retrain runs kept in the state (``GET /retrains``).
     keep_runs: int = Field(50, ge=1)
-    #: A retrain subprocess running longer than this is killed (outcome ``failed``).
+    #: A retrain subprocess running longer than this is killed (outcome ``failed``); a Job has the template's
+    #: ``activeDeadlineSeconds`` instead.
     run_timeout_s: float = Field(4 * 3600.0, gt=0.0)
     graceful_shutdown_s: float = Field(10.0, ge=0.0)
+    #: Where a retrain runs: ``subprocess`` — a child process of the receiver (local mode); ``job`` — a Kubernetes
+    #: Job from the retrain CronJob's template (``job``), which outlives the receiver's pod.
+    runner: Literal["subprocess", "job"] = "subprocess"
+    job: RetrainJobSettings = RetrainJobSettings()
 
 
 class KubeHandoffSettings(BaseModel):
