@@ -1,7 +1,7 @@
 """The retraining service: Alertmanager's webhook receiver that starts ``fraudwatch retrain`` in the background — a
 subprocess (``FW_RETRAIN__WEBHOOK__RUNNER=subprocess``, the default, local mode) or a Kubernetes Job made from the
-retrain CronJob's template (``job``: :mod:`service.retraining.jobs`; the ledger records the Job and its status, a stopped
-receiver leaves it running and the next one adopts it).
+retrain CronJob's template (``job``: :mod:`service.retraining.jobs`; the ledger records the Job and its status, a
+stopped receiver leaves it running and the next one adopts it).
 
 Why here, in ``service/``: it runs training (the model side), which ``rollout/`` must never import; and it knows
 nothing of stages — the retrain it starts hands its challenger to delivery through
