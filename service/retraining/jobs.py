@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from service.retraining.handoff import ANNOTATION_REASON, ANNOTATION_REQUEST
+from service.retraining.handoff import ANNOTATION_REASON, ANNOTATION_REQUEST, kube_api_client
 from service.retraining.outcomes import EXIT_OUTCOMES, MAX_REASON_CHARS, RetrainOutcome
 from service.settings import RetrainJobSettings
 
@@ -170,17 +170,9 @@ class RetrainJobs:
 
     def _batch(self) -> Any:
         if self._api is None:
-            from kubernetes import client, config
+            from kubernetes import client
 
-            if self.settings.kubeconfig is not None:
-                api_client = config.new_client_from_config(config_file=str(self.settings.kubeconfig))
-            else:
-                try:
-                    config.load_incluster_config()
-                except config.ConfigException:
-                    config.load_kube_config()
-                api_client = client.ApiClient()
-            self._api = client.BatchV1Api(api_client)
+            self._api = client.BatchV1Api(kube_api_client(self.settings.kubeconfig))
         return self._api
 
     def create(self, retrain_id: str, reason: str, correlation_id: str) -> str:
