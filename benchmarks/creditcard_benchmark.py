@@ -56,7 +56,8 @@ from sklearn.model_selection import StratifiedKFold
 from service.data import creditcard
 from service.data.creditcard import SPLIT_SEED, Split, SplitName, stratified_split, time_split
 from service.settings import Settings, TrainSettings
-from service.training.evaluate import classification_metrics, file_sha256
+from service.training.calibration import keeps_order
+from service.training.evaluate import CALIBRATION_FITTERS, classification_metrics, file_sha256
 from service.training.train import ModelFit, fit_booster, train_model, xgb_params
 
 SPLITS: Final[tuple[SplitName, ...]] = ("stratified", "time")
@@ -154,8 +155,34 @@ def run_split(
             "validation_precision": fit.threshold.validation_precision,
             "validation_recall": fit.threshold.validation_recall,
         },
+        "calibrations": compare_calibrations(
+            fit, y[split.valid], raw, y[split.test], fit.threshold.threshold, settings
+        ),
         "train_seconds": round(train_seconds, 2),
     }
+
+
+def compare_calibrations(
+    fit: ModelFit,
+    y_valid: npt.NDArray[np.int64],
+    raw_test: npt.NDArray[np.float64],
+    y_test: npt.NDArray[np.int64],
+    threshold: float,
+    settings: TrainSettings,
+) -> dict[str, dict[str, Any]]:
+    """Every calibration method fit on the same validation scores (as the served one is), scored on the test rows:
+    PR-AUC and ROC-AUC (ties cost both), the calibration errors, and whether it keeps the raw ranking."""
+    out: dict[str, dict[str, Any]] = {}
+    for method, fitter in CALIBRATION_FITTERS.items():
+        calibration = fitter(fit.valid_raw, y_valid)
+        scores = calibration.apply(raw_test.astype(np.float32))
+        metrics = classification_metrics(y_test, scores, threshold, (), settings.calibration_bins)
+        out[method] = {
+            **{key: metrics[key] for key in ("pr_auc", "roc_auc", "ece", "brier")},
+            "keeps_order": keeps_order(calibration, raw_test),
+            "breakpoints": len(calibration.x),
+        }
+    return out
 
 
 def _clean(value: Any) -> Any:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import multiprocessing
 import os
@@ -46,6 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from service.common.processes import free_port  # noqa: E402
+from service.data.feature_log import PREDICTION_ID_HEADER  # noqa: E402
 from service.serving.process import BentoServer, server_env  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
@@ -88,6 +90,10 @@ VARIANTS: Final[dict[str, Variant]] = {
         for dispatch in ("direct", "bentoml")
         for v in (bento_variant(workers, batching=batching, dispatch=dispatch),)
     },
+    # the feature log on (its writer thread, Parquet every 60 s): what the request path pays for log-and-wait
+    "bento-w1-featurelog": Variant(
+        "bento-w1-featurelog", "bento", {**bento_variant(1).env, "FW_FEATURE_LOG__ENABLED": "true"}
+    ),
 }
 
 
@@ -144,11 +150,13 @@ def run_load(url: str, body: bytes, concurrency: int, n_requests: int, warmup: i
 async def _load(url: str, body: bytes, concurrency: int, n_requests: int, warmup: int) -> Burst:
     import aiohttp
 
-    headers = {"content-type": "application/json"}
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    sent = itertools.count()
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def one() -> tuple[float, bool]:
+            # a prediction ID per request, as the router sends the decider (only the feature-log variant logs it)
+            headers = {"content-type": "application/json", PREDICTION_ID_HEADER: f"bench-{next(sent):016d}"}
             started = time.perf_counter()
             async with session.post(url, data=body, headers=headers) as response:
                 await response.read()

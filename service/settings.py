@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -46,7 +46,13 @@ class TrainSettings(BaseModel):
         "smote",
     )
     smote_ratio: float = Field(0.1, gt=0.0, le=1.0)
-    calibration_methods: tuple[Literal["isotonic", "platt"], ...] = ("isotonic", "platt")
+    #: Candidates for the served calibration (service.training.evaluate.choose_calibration): the default two keep
+    #: the booster's ranking (served PR-AUC = raw); ``isotonic`` (the step fit) turns distinct scores into ties, for
+    #: comparison.
+    calibration_methods: tuple[Literal["isotonic", "interpolated_isotonic", "platt"], ...] = (
+        "interpolated_isotonic",
+        "platt",
+    )
     threshold_policy: Literal["target_precision", "cost"] = "target_precision"
     target_precision: float = Field(0.80, gt=0.0, le=1.0)
     cost_false_negative: float = Field(50.0, gt=0.0)
@@ -58,6 +64,49 @@ class TrainSettings(BaseModel):
     #: method, the rest choose between them; the chosen method is then refit on all validation rows.
     calibration_fit_fraction: float = Field(0.5, gt=0.1, lt=0.9)
     smote_k_neighbors: int = Field(5, ge=1)
+    #: Where the booster is trained (service/training/engines.py): ``local`` — one process, ``hist`` (the default);
+    #: ``dask`` — ``xgboost.dask`` on a dask.distributed cluster (``FW_ENGINE__…``), reading Parquet lazily;
+    #: ``external_memory`` — one process, batches streamed from Parquet into XGBoost's external-memory DMatrix.
+    #: Every engine produces the same verified bundle and passes the same gates.
+    engine: Literal["local", "dask", "external_memory"] = "local"
+
+
+class EngineSettings(BaseModel):
+    """The training engines beyond one process (``FW_TRAIN__ENGINE``): the Dask cluster and the external-memory path."""
+
+    #: An existing Dask scheduler (``tcp://scheduler:8786``: a Dask Kubernetes operator's DaskCluster, or any
+    #: cluster); None starts a LocalCluster of ``dask_workers`` worker processes on this machine for the run.
+    dask_scheduler_address: str | None = None
+    dask_workers: int = Field(2, ge=1)
+    dask_threads_per_worker: int = Field(1, ge=1)
+    #: Per worker process of a LocalCluster (dask's syntax, e.g. ``2GiB``; ``auto`` splits the machine's memory).
+    dask_memory_limit: str = "2GiB"
+    #: Seconds to wait for the scheduler and its workers.
+    dask_connect_timeout_s: float = Field(60.0, gt=0.0)
+    #: Rows per batch the external-memory iterator hands XGBoost (each batch is one Parquet row group or less).
+    external_memory_batch_rows: int = Field(250_000, ge=1_000)
+    #: Where XGBoost keeps its external-memory pages (None: a temporary directory removed after the run).
+    external_memory_cache_dir: Path | None = None
+
+
+class FeatureLogSettings(BaseModel):
+    """The feature log (service/data/feature_log.py): each decision's feature vector exactly as served, under the
+    router's prediction ID, as Parquet partitioned by day — the next training set once the labels arrive."""
+
+    enabled: bool = False
+    #: The dataset's root (``day=YYYY-MM-DD/*.parquet`` below it); None = ``HOME/feature-log``.
+    directory: Path | None = None
+    #: A background thread writes the buffered rows every ``flush_interval_s`` or once ``flush_max_rows`` wait.
+    flush_interval_s: float = Field(60.0, gt=0.0)
+    flush_max_rows: int = Field(50_000, ge=1)
+    #: Rows held in memory at most (a stalled disk drops the excess, counted); the request path never waits.
+    max_buffer_rows: int = Field(200_000, ge=1)
+    #: Day partitions older than this are deleted; and the oldest go first while the dataset exceeds ``max_bytes``.
+    retention_days: int = Field(90, ge=1)
+    max_bytes: int = Field(20 * 2**30, ge=2**20)
+    #: How often a writer applies the retention (it lists and sizes every partition).
+    retention_check_interval_s: float = Field(300.0, gt=0.0)
+    compression: Literal["zstd", "snappy", "none"] = "zstd"
 
 
 class QualitySettings(BaseModel):
@@ -130,6 +179,22 @@ class ProcessSettings(BaseModel):
 # ------------------------------------------------------------------------------------------------- retraining
 
 
+class RetrainJobSettings(BaseModel):
+    """Where the webhook's retrains run on Kubernetes (``runner: job``): a batch/v1 Job made from the chart's retrain
+    CronJob's ``jobTemplate`` (its resources, retries, deadline, ServiceAccount), in the receiver's namespace."""
+
+    namespace: str = "default"
+    #: The CronJob whose ``jobTemplate`` each alert-triggered Job copies (the chart's retraining CronJob).
+    cronjob: str = ""
+    #: The container of the template that runs ``fraudwatch retrain`` (its args get the run's id and reason).
+    container: str = "retraining"
+    #: A kubeconfig file; None = the pod's in-cluster service account (else ``~/.kube/config``).
+    kubeconfig: Path | None = None
+    request_timeout_s: float = Field(30.0, gt=0.0)
+    #: How often the receiver reads the running Job's status.
+    poll_s: float = Field(10.0, gt=0.0)
+
+
 class RetrainWebhookSettings(BaseModel):
     """The Alertmanager webhook receiver (``python -m service.retraining.webhook``): which alerts trigger a retrain."""
 
@@ -160,9 +225,14 @@ class RetrainWebhookSettings(BaseModel):
     state_file: Path | None = None
     #: Recent retrain runs kept in the state (``GET /retrains``).
     keep_runs: int = Field(50, ge=1)
-    #: A retrain subprocess running longer than this is killed (outcome ``failed``).
+    #: A retrain subprocess running longer than this is killed (outcome ``failed``); a Job has the template's
+    #: ``activeDeadlineSeconds`` instead.
     run_timeout_s: float = Field(4 * 3600.0, gt=0.0)
     graceful_shutdown_s: float = Field(10.0, ge=0.0)
+    #: Where a retrain runs: ``subprocess`` — a child process of the receiver (local mode); ``job`` — a Kubernetes
+    #: Job from the retrain CronJob's template (``job``), which outlives the receiver's pod.
+    runner: Literal["subprocess", "job"] = "subprocess"
+    job: RetrainJobSettings = RetrainJobSettings()
 
 
 class KubeHandoffSettings(BaseModel):
@@ -205,6 +275,14 @@ class RetrainSettings(BaseModel):
     rollout_state_dir: Path | None = None
     #: How long ``rolloutctl start`` waits for the controller to apply the command.
     handoff_timeout_s: float = Field(120.0, gt=0.0)
+    #: What a retrain learns from: ``stream`` — the labelled refund stream at ``data_path`` (features recomputed);
+    #: ``feature_log`` — the features exactly as served (``FW_FEATURE_LOG__DIRECTORY``) joined with the labels that
+    #: arrived in the prediction log (``labels_dsn``/``labels_dsn_file``) by the time the retrain runs.
+    source: Literal["stream", "feature_log"] = "stream"
+    #: The prediction log's database (``rollout.outcomes``; SQLAlchemy URL) the labels are read from, read-only.
+    labels_dsn: SecretStr | None = None
+    #: A file holding that URL (a mounted Secret: the password stays out of the environment); wins over labels_dsn.
+    labels_dsn_file: Path | None = None
     kube: KubeHandoffSettings = KubeHandoffSettings()
     webhook: RetrainWebhookSettings = RetrainWebhookSettings()
 
@@ -225,6 +303,8 @@ class Settings(BaseSettings):
     quality: QualitySettings = QualitySettings()
     process: ProcessSettings = ProcessSettings()
     retrain: RetrainSettings = RetrainSettings()
+    engine: EngineSettings = EngineSettings()
+    feature_log: FeatureLogSettings = FeatureLogSettings()
 
     @property
     def artifacts_dir(self) -> Path:
@@ -244,6 +324,10 @@ class Settings(BaseSettings):
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
         return f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
+
+    @property
+    def feature_log_dir(self) -> Path:
+        return self.feature_log.directory or self.home / "feature-log"
 
     @property
     def mlflow_artifact_root(self) -> str:

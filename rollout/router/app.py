@@ -299,7 +299,10 @@ class Router:
         received_at = datetime.now(UTC)
         self._deciding += 1
         try:
-            decided = await self._decide(plan, route.decider, route.fallback, route.arm, body, headers)
+            # The decider also gets the prediction ID: its model server logs the served features under it
+            # (service/data/feature_log.py); shadows do not (the decider's vector is the one served).
+            decider_headers = {**headers, PREDICTION_ID_HEADER: pid}
+            decided = await self._decide(plan, route.decider, route.fallback, route.arm, body, decider_headers)
         finally:
             self._deciding -= 1
         if isinstance(decided, Failure):

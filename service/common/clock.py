@@ -12,3 +12,8 @@ Clock = Callable[[], datetime]
 def utc_now() -> datetime:
     """Now, timezone-aware, in UTC."""
     return datetime.now(UTC)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """``moment`` in UTC; a naive one is taken as UTC (SQLite hands back naive datetimes; ISO input may omit it)."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

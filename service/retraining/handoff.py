@@ -283,17 +283,9 @@ class ModelRolloutPatchHandoff:
 
     def _custom_objects(self) -> Any:
         if self._api is None:
-            from kubernetes import client, config
+            from kubernetes import client
 
-            if self._settings.kubeconfig is not None:
-                api_client = config.new_client_from_config(config_file=str(self._settings.kubeconfig))
-            else:
-                try:
-                    config.load_incluster_config()
-                except config.ConfigException:
-                    config.load_kube_config()
-                api_client = client.ApiClient()
-            self._api = client.CustomObjectsApi(api_client)
+            self._api = client.CustomObjectsApi(kube_api_client(self._settings.kubeconfig))
         return self._api
 
     def _address(self) -> dict[str, str]:
@@ -336,6 +328,20 @@ class ModelRolloutPatchHandoff:
     def _result(self, outcome: HandoffOutcome, request_id: str, detail: str, where: str) -> HandoffResult:
         log_event(logger, "rollout hand-off", via=self.via, outcome=outcome.value, request_id=request_id, target=where)
         return HandoffResult(outcome, self.via, request_id, f"{where}: {detail}")
+
+
+def kube_api_client(kubeconfig: Path | None) -> Any:
+    """A Kubernetes API client: ``kubeconfig`` when given, else the pod's in-cluster service account, else
+    ``~/.kube/config``. The client library is imported here, on first use."""
+    from kubernetes import client, config
+
+    if kubeconfig is not None:
+        return config.new_client_from_config(config_file=str(kubeconfig))
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
 
 
 def kube_error_outcome(status: int) -> HandoffOutcome:

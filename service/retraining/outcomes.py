@@ -36,6 +36,16 @@ SUCCESSFUL_OUTCOMES: Final[frozenset[str]] = frozenset(
 )
 
 
+#: Exit codes of ``fraudwatch retrain`` (service/cli/main.py) → outcome, when its summary is not at hand (a
+#: subprocess that wrote none, a Kubernetes Job whose pod's exit code is all the API tells).
+EXIT_OUTCOMES: Final[dict[int, RetrainOutcome]] = {
+    0: RetrainOutcome.ROLLOUT_STARTED,
+    3: RetrainOutcome.QUALITY_GATE_FAILED,
+    6: RetrainOutcome.ROLLOUT_NOT_STARTED,
+    7: RetrainOutcome.INSUFFICIENT_DATA,
+}
+
+
 def new_retrain_id(kind: str, now: datetime | None = None, salt: str | None = None) -> str:
     """``<kind>-<UTC time>-<hash>``: safe as a rolloutctl command id, an MLflow tag and a file name (unique: the
     hash covers a random salt unless one is given)."""

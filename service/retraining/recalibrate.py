@@ -7,7 +7,8 @@ pattern grew — ``FraudwatchCalibrationErrorHigh``), retraining is not needed: 
 2. takes the labelled window of the last ``recalibration_window_days`` (:func:`service.retraining.job.select_window`)
    and scores it with the base booster (raw probabilities, features through the one feature path);
 3. measures the evidence out of sample: an isotonic fit on the earlier part of the window
-   (:func:`service.training.evaluate.fit_isotonic`), the base calibration and the new one compared on the later
+   (:func:`service.training.calibration.fit_interpolated_isotonic`: centred isotonic, which keeps the booster's
+   ranking), the base calibration and the new one compared on the later
    ``recalibration_holdout_fraction`` by ECE and Brier score; no improvement of at least ``min_ece_improvement``
    → ``no_improvement``, nothing shipped;
 4. refits the isotonic map on the whole window, chooses the decision threshold again with the training policy
@@ -63,11 +64,11 @@ from service.retraining.job import (
 )
 from service.retraining.outcomes import RetrainOutcome
 from service.settings import Settings
+from service.training.calibration import fit_interpolated_isotonic
 from service.training.evaluate import (
     choose_threshold,
     classification_metrics,
     expected_calibration_error,
-    fit_isotonic,
     frame_features,
     reference_bins,
     serving_features,
@@ -122,7 +123,7 @@ def calibration_evidence(
         if not 0 < int(labels.sum()) < labels.size:
             raise InsufficientDataError(f"the {part} part of the recalibration window lacks frauds or legit rows")
     before = base.apply(hold_raw.astype(np.float32))
-    after = fit_isotonic(fit_raw, fit_y).apply(hold_raw.astype(np.float32))
+    after = fit_interpolated_isotonic(fit_raw, fit_y).apply(hold_raw.astype(np.float32))
     return CalibrationEvidence(
         n_fit=int(n_fit),
         n_holdout=int(hold_raw.size),
@@ -148,7 +149,7 @@ def recalibrated_manifest(
     training policy and the metrics of the window; the score reference of the window's raw scores as serving
     computes them (``served_raw``: the base's feature store; default ``raw``); feature names and references kept."""
     ts = settings.train
-    calibration = fit_isotonic(raw, y)
+    calibration = fit_interpolated_isotonic(raw, y)
     scores = calibration.apply(raw.astype(np.float32))
     served = scores if served_raw is None else calibration.apply(served_raw.astype(np.float32))
     threshold = choose_threshold(y, scores, ts)

@@ -199,6 +199,8 @@ class RunRecord(BaseModel):
     detail: str = ""
     #: The retrain subprocess (its process group: it runs in a session of its own).
     pid: int | None = None
+    #: The retrain's Kubernetes Job (runner ``job``), in the receiver's namespace.
+    job: str | None = None
     #: Finished under a later receiver process than the one that started it (that one was killed meanwhile).
     adopted: bool = False
 

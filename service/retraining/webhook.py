@@ -1,4 +1,7 @@
-"""The retraining service: Alertmanager's webhook receiver that starts ``fraudwatch retrain`` in the background.
+"""The retraining service: Alertmanager's webhook receiver that starts ``fraudwatch retrain`` in the background — a
+subprocess (``FW_RETRAIN__WEBHOOK__RUNNER=subprocess``, the default, local mode) or a Kubernetes Job made from the
+retrain CronJob's template (``job``: :mod:`service.retraining.jobs`; the ledger records the Job and its status, a
+stopped receiver leaves it running and the next one adopts it).
 
 Why here, in ``service/``: it runs training (the model side), which ``rollout/`` must never import; and it knows
 nothing of stages — the retrain it starts hands its challenger to delivery through
@@ -65,7 +68,14 @@ from service.common.logging import (
     log_event,
 )
 from service.common.processes import stop_tree
-from service.retraining.outcomes import SUCCESSFUL_OUTCOMES, RetrainOutcome, new_retrain_id, trigger_reason
+from service.retraining.jobs import JobError, JobGoneError, RetrainJobs
+from service.retraining.outcomes import (
+    EXIT_OUTCOMES,
+    SUCCESSFUL_OUTCOMES,
+    RetrainOutcome,
+    new_retrain_id,
+    trigger_reason,
+)
 from service.retraining.triggers import (
     AlertmanagerPayload,
     Decision,
@@ -89,13 +99,6 @@ HOOK_PATH: Final[str] = "/hooks/alertmanager"
 RETRAIN_TRIGGER: Final[str] = "alert"
 STATE_FILE: Final[str] = "webhook.json"
 RUNS_DIR: Final[str] = "runs"
-#: Exit codes of ``fraudwatch retrain`` (service/cli/main.py) → outcome, when the summary file is missing.
-_EXIT_OUTCOMES: Final[dict[int, RetrainOutcome]] = {
-    0: RetrainOutcome.ROLLOUT_STARTED,
-    3: RetrainOutcome.QUALITY_GATE_FAILED,
-    6: RetrainOutcome.ROLLOUT_NOT_STARTED,
-    7: RetrainOutcome.INSUFFICIENT_DATA,
-}
 _KNOWN_LAYERS: Final[frozenset[str]] = frozenset(
     {"health", "input_drift", "output_drift", "outcome", "rollout", "retraining"}
 )
@@ -296,7 +299,7 @@ def run_result(returncode: int | None, summary: Path) -> dict[str, Any]:
     except (FileNotFoundError, json.JSONDecodeError):
         if returncode is None:
             return {"outcome": RetrainOutcome.FAILED.value, "detail": "the process ended without a summary"}
-        outcome = _EXIT_OUTCOMES.get(returncode, RetrainOutcome.FAILED)
+        outcome = EXIT_OUTCOMES.get(returncode, RetrainOutcome.FAILED)
         return {"outcome": outcome.value, "detail": f"exit code {returncode}, no summary"}
     return {
         "outcome": str(document.get("outcome", RetrainOutcome.FAILED.value)),
@@ -328,6 +331,7 @@ class RetrainService:
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.time,
         command: Callable[[RunRecord, Path, str], list[str]] = retrain_command,
+        jobs: RetrainJobs | None = None,
     ) -> None:
         self.settings = settings
         self.config: RetrainWebhookSettings = settings.retrain.webhook
@@ -337,6 +341,9 @@ class RetrainService:
         self.runs_dir = settings.home / "retrain" / RUNS_DIR
         self.store = LedgerStore(self.config.state_file or settings.home / "retrain" / STATE_FILE)
         self.token = self._read_token()
+        #: The Job runner (Kubernetes); None = retrains are subprocesses of this process.
+        self.jobs = jobs if jobs is not None or self.config.runner != "job" else RetrainJobs(self.config.job)
+        self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
         self._adopted: RunRecord | None = None
@@ -345,7 +352,8 @@ class RetrainService:
         self.metrics.restore(self.state)
         self.metrics.cooldown_until.set(self._cooldown_until(self.state) or 0.0)
         if self._adopted is not None:
-            self._watch(self._adopted, self._wait_adopted, self._adopted)
+            waiter = self._wait_job if self._adopted.job is not None else self._wait_adopted
+            self._watch(self._adopted, waiter, self._adopted)
 
     def _read_token(self) -> str | None:
         path = self.config.token_file
@@ -372,7 +380,12 @@ class RetrainService:
         if interrupted is None:
             return state
         run_id, pid = interrupted.retrain_id, live_pid(interrupted)
-        if pid is not None:
+        if interrupted.job is not None and self.jobs is not None:
+            # a Job outlives the receiver: watched again from here, whether it still runs or ended meanwhile
+            log_event(logger, "retrain job adopted after a restart", retrain_id=run_id, job=interrupted.job)
+            state = finished(state, run_id, adopted=True)
+            self._adopted = interrupted.model_copy(update={"adopted": True})
+        elif pid is not None:
             log_event(logger, "retrain adopted after a restart", retrain_id=run_id, retrain_pid=pid)
             state = finished(state, run_id, adopted=True)
             self._adopted = interrupted.model_copy(update={"adopted": True})
@@ -440,7 +453,10 @@ class RetrainService:
         return result, run
 
     def _start(self, run: RunRecord) -> None:
-        """Start the retrain subprocess (the lock is held); a start that fails is recorded as a failed run."""
+        """Start the retrain subprocess or Job (the lock is held); a start that fails is recorded as a failed run."""
+        if self.jobs is not None:
+            self._start_job(run, self.jobs)
+            return
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         summary = self._summary(run)
         argv = self.command(run, summary, trigger_reason(run.triggers))
@@ -459,6 +475,44 @@ class RetrainService:
         self.store.save(self.state)
         log_event(logger, "retrain started", retrain_id=run.retrain_id, retrain_pid=self._process.pid, argv=argv)
         self._watch(run, self._wait, run, self._process, summary)
+
+    def _start_job(self, run: RunRecord, jobs: RetrainJobs) -> None:
+        """Create the retrain's Job from the CronJob's template (the lock is held); its name goes to the ledger."""
+        self.metrics.cooldown_until.set(run.started_at + self.config.cooldown_s)
+        try:
+            name = jobs.create(run.retrain_id, trigger_reason(run.triggers), run.correlation_id)
+        except JobError as exc:
+            self._finish_locked(run, None, {"outcome": RetrainOutcome.FAILED.value, "detail": f"not started: {exc}"})
+            return
+        # with the Job's name in the ledger, a later receiver reads its status (the Job does not end with this pod)
+        self.state = finished(self.state, run.retrain_id, job=name)
+        self.store.save(self.state)
+        log_event(logger, "retrain job created", retrain_id=run.retrain_id, job=name,
+                  namespace=jobs.settings.namespace)  # fmt: skip
+        self._watch(run, self._wait_job, run.model_copy(update={"job": name}))
+
+    def _wait_job(self, run: RunRecord) -> None:
+        """Read the Job's status every ``job.poll_s`` until it ends, then record it. A receiver that stops leaves
+        the Job running and the run open in the ledger: the next receiver adopts it. API errors are retried."""
+        assert self.jobs is not None and run.job is not None
+        while True:
+            try:
+                ended = self.jobs.result(run.job)
+            except JobGoneError as exc:
+                detail = f"the Job is gone before the receiver saw it end: {exc}"
+                result: dict[str, Any] = {"outcome": RetrainOutcome.FAILED.value, "detail": detail}
+                exit_code = None
+                break
+            except JobError as exc:
+                log_event(logger, "retrain job status not read", retrain_id=run.retrain_id, job=run.job, error=str(exc))
+            else:
+                if ended is not None:
+                    result, exit_code = {"outcome": ended.outcome, "detail": ended.detail}, ended.exit_code
+                    break
+            if self._stopping.wait(self.config.job.poll_s):
+                return
+        with self._lock:
+            self._finish_locked(run, exit_code, result)
 
     def _watch(self, run: RunRecord, target: Callable[..., None], *args: Any) -> None:
         """The one background thread that waits for the running retrain and records it."""
@@ -520,7 +574,9 @@ class RetrainService:
         return thread is None or not thread.is_alive()
 
     def close(self) -> None:
-        """Stop a running retrain (its process group) and record it; called on shutdown."""
+        """Stop a running retrain (its process group) and record it; called on shutdown. A Job is left running
+        (recorded by the next receiver)."""
+        self._stopping.set()
         process = self._process
         if process is not None and process.poll() is None:
             log_event(logger, "stopping the running retrain", retrain_pid=process.pid)

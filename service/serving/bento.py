@@ -65,6 +65,13 @@ from service.common.logging import (
     log_event,
     new_correlation_id,
 )
+from service.data.feature_log import (
+    PREDICTION_ID,
+    PREDICTION_ID_HEADER,
+    FeatureLogWriter,
+    open_writer,
+    prediction_id_from_header,
+)
 from service.data.feature_store import FALLBACK_REASONS, BudgetedLookup, SQLiteFeatureStore, budget_seconds, open_store
 from service.data.features import DEFAULT_AGGREGATES, EntityAggregates, feature_matrix
 from service.serving.metrics import NO_MODEL, BoundMetrics, Metrics, default_metrics
@@ -119,6 +126,8 @@ class Runtime:
     directory: Path
     predict: Callable[[FloatArray], ScoreArray]
     batcher: Batcher | None = None
+    #: The served feature vectors under the router's prediction ID (``FW_FEATURE_LOG__ENABLED``).
+    feature_log: FeatureLogWriter | None = None
 
     @property
     def version(self) -> str:
@@ -144,6 +153,9 @@ class Runtime:
         scores = await self.scores(features)
         predictions = self.model.predictions(scores)
         self.metrics.observe(features, scores, predictions)
+        if self.feature_log is not None:
+            keys = [request.accountId for request in requests]
+            self.feature_log.record_decisions(PREDICTION_ID.get(), keys, features, scores, predictions)
         responses = [
             build_response(score, int(prediction), self.model.threshold, self.version, correlation_id)
             for score, prediction, correlation_id in zip(
@@ -154,6 +166,8 @@ class Runtime:
         return responses
 
     def close(self) -> None:
+        if self.feature_log is not None:
+            self.feature_log.close()
         if self.lookup is not None:
             self.lookup.close()
         if self.store is not None:
@@ -383,8 +397,18 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     predict = choose_predictor(settings, model, probe_rows(model))
     predict(probe_rows(model))  # warm-up: the first prediction allocates XGBoost's buffers
     batcher = make_batcher(predict, settings) if settings.serve.adaptive_batching else None
+    features_log = open_writer(
+        settings.feature_log, settings.feature_log_dir, model.version, model.manifest.feature_names
+    )
     return Runtime(
-        model=model, metrics=bound, store=store, lookup=lookup, directory=directory, predict=predict, batcher=batcher
+        model=model,
+        metrics=bound,
+        store=store,
+        lookup=lookup,
+        directory=directory,
+        predict=predict,
+        batcher=batcher,
+        feature_log=features_log,
     )
 
 
@@ -516,6 +540,7 @@ class RequestGuard:
             BATCH_ROUTE: Route(BATCH_ENDPOINT, validate_batch, answer_batch),
         }
         self.direct = self.settings.serve.dispatch == "direct"
+        self.log_features = self.settings.feature_log.enabled
 
     async def __call__(self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
         route = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
@@ -528,6 +553,11 @@ class RequestGuard:
         correlation_id = correlation_id_from_header(headers.get(CORRELATION_HEADER.lower()))
         cid_token = CORRELATION_ID.set(correlation_id)
         start_token = _REQUEST_START.set(start)
+        pid_token = (
+            PREDICTION_ID.set(prediction_id_from_header(headers.get(PREDICTION_ID_HEADER.lower())))
+            if self.log_features
+            else None
+        )
         try:
             admitted = await self._admit(receive, route.validate, headers, correlation_id)
             if isinstance(admitted, Rejection):
@@ -540,6 +570,8 @@ class RequestGuard:
         finally:
             CORRELATION_ID.reset(cid_token)
             _REQUEST_START.reset(start_token)
+            if pid_token is not None:
+                PREDICTION_ID.reset(pid_token)
         runtime = self.state.runtime
         if runtime is not None:
             runtime.metrics.observe_latency(endpoint, time.perf_counter() - start)

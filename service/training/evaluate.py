@@ -31,6 +31,7 @@ from service.artifacts.bundle import Calibration, ReferenceBins, ScoringModel, T
 from service.data import aggregates
 from service.data.features import DEFAULT_AGGREGATES, EntityAggregates, feature_matrix
 from service.settings import QualitySettings, TrainSettings
+from service.training.calibration import fit_interpolated_isotonic
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -229,7 +230,9 @@ def policy_cost(
 
 # ----------------------------------------------------------------------------------------------- calibration
 
-CalibrationMethod = Literal["isotonic", "platt"]
+#: ``isotonic`` — the step fit (ties within each block); ``interpolated_isotonic`` — centred isotonic regression
+#: (:mod:`service.training.calibration`: strictly increasing, keeps the booster's ranking); ``platt`` — a sigmoid.
+CalibrationMethod = Literal["isotonic", "interpolated_isotonic", "platt"]
 
 
 def fit_isotonic(raw: npt.ArrayLike, y_true: npt.ArrayLike) -> Calibration:
@@ -251,7 +254,11 @@ def fit_platt(raw: npt.ArrayLike, y_true: npt.ArrayLike) -> Calibration:
     return Calibration(method="platt", a=float(model.coef_[0, 0]), b=float(model.intercept_[0]))
 
 
-_FITTERS: Final = {"isotonic": fit_isotonic, "platt": fit_platt}
+CALIBRATION_FITTERS: Final = {
+    "isotonic": fit_isotonic,
+    "interpolated_isotonic": fit_interpolated_isotonic,
+    "platt": fit_platt,
+}
 
 
 @dataclass(frozen=True)
@@ -293,15 +300,16 @@ def choose_calibration(
         if not _has_both_classes(y):
             return CalibrationChoice(Calibration(method="identity"), "identity", {}, {}, 0, 0, "one class only")
         method = methods[0]
-        return CalibrationChoice(_FITTERS[method](r, y), method, {}, {}, r.size, 0, "a split part lacked a class")
+        calibration = CALIBRATION_FITTERS[method](r, y)
+        return CalibrationChoice(calibration, method, {}, {}, r.size, 0, "a split part lacked a class")
     briers: dict[str, float] = {"identity": float(brier_score_loss(hold_y, hold_r))}
     losses: dict[str, float] = {"identity": float(log_loss(hold_y, hold_r, labels=[0, 1]))}
     for method in methods:
-        calibrated = _FITTERS[method](fit_r, fit_y).apply(hold_r.astype(np.float32))
+        calibrated = CALIBRATION_FITTERS[method](fit_r, fit_y).apply(hold_r.astype(np.float32))
         briers[method] = float(brier_score_loss(hold_y, calibrated))
         losses[method] = float(log_loss(hold_y, calibrated, labels=[0, 1]))
     best = min(methods, key=lambda m: (briers[m], losses[m]))
-    return CalibrationChoice(_FITTERS[best](r, y), best, briers, losses, n_fit, hold_r.size)
+    return CalibrationChoice(CALIBRATION_FITTERS[best](r, y), best, briers, losses, n_fit, hold_r.size)
 
 
 def _has_both_classes(y: IntArray) -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -165,6 +165,7 @@ def fit_booster(
     params: Mapping[str, Any],
     settings: TrainSettings,
     feature_names: list[str] | None = None,
+    callbacks: Sequence[xgb.callback.TrainingCallback] = (),
 ) -> xgb.Booster:
     """Train with early stopping on the validation PR-AUC; return the booster cut at its best iteration."""
     dtrain = xgb.DMatrix(x_train, label=y_train, feature_names=feature_names, nthread=settings.nthread)
@@ -176,6 +177,7 @@ def fit_booster(
         evals=[(dvalid, "valid")],
         early_stopping_rounds=settings.early_stopping_rounds,
         verbose_eval=False,
+        callbacks=list(callbacks),
     )
     best = int(booster.best_iteration)
     return booster[: best + 1]
@@ -190,6 +192,7 @@ def train_model(
     *,
     feature_names: list[str] | None = None,
     extra_params: Mapping[str, Any] | None = None,
+    callbacks: Sequence[xgb.callback.TrainingCallback] = (),
 ) -> ModelFit:
     """Compare the imbalance strategies of ``settings`` on the validation rows, keep the best by validation
     PR-AUC, then calibrate and choose the threshold on the validation rows.
@@ -209,7 +212,7 @@ def train_model(
         started = time.perf_counter()
         xs, ys, weight, note = resample(strategy, x_tr, y_tr, settings)
         params = {**base, "scale_pos_weight": weight}
-        booster = fit_booster(xs, ys, x_va, y_va, params, settings, feature_names)
+        booster = fit_booster(xs, ys, x_va, y_va, params, settings, feature_names, callbacks)
         raw = booster.inplace_predict(x_va, validate_features=False)
         result = StrategyResult(
             strategy=strategy,
@@ -223,13 +226,32 @@ def train_model(
         log.info("strategy trained", extra={"strategy_result": result.row(), "note": note})
         results.append(result)
         boosters[strategy] = booster
-    best = max(results, key=lambda r: r.valid_pr_auc)  # first listed wins a tie
+
+    def valid_raw_of(booster: xgb.Booster) -> npt.NDArray[np.float64]:
+        return np.asarray(booster.inplace_predict(x_va, validate_features=False), dtype=np.float64)
+
+    return choose_fit(results, boosters, valid_raw_of, y_va, settings, base)
+
+
+def choose_fit(
+    results: list[StrategyResult],
+    boosters: Mapping[str, xgb.Booster],
+    valid_raw_of: Callable[[xgb.Booster], npt.NDArray[np.float64]],
+    y_valid: Labels,
+    settings: TrainSettings,
+    base_params: Mapping[str, Any],
+) -> ModelFit:
+    """The strategy with the best validation PR-AUC (the first listed wins a tie), then its calibration and decision
+    threshold chosen on the validation rows — every engine (service/training/engines.py) ends its fit here."""
+    best = max(results, key=lambda r: r.valid_pr_auc)
     booster = boosters[best.strategy]
-    valid_raw = np.asarray(booster.inplace_predict(x_va, validate_features=False), dtype=np.float64)
-    calibration = choose_calibration(valid_raw, y_va, settings.calibration_methods, settings.calibration_fit_fraction)
+    valid_raw = valid_raw_of(booster)
+    calibration = choose_calibration(
+        valid_raw, y_valid, settings.calibration_methods, settings.calibration_fit_fraction
+    )
     valid_scores = calibration.calibration.apply(valid_raw.astype(np.float32))
-    threshold = choose_threshold(y_va, valid_scores, settings)
-    params = {**base, "scale_pos_weight": best.scale_pos_weight, "num_boost_round": best.best_iteration + 1}
+    threshold = choose_threshold(y_valid, valid_scores, settings)
+    params = {**base_params, "scale_pos_weight": best.scale_pos_weight, "num_boost_round": best.best_iteration + 1}
     return ModelFit(booster, best.strategy, results, calibration, threshold, params, valid_raw, valid_scores)
 
 
@@ -297,6 +319,43 @@ def flat_params(settings: TrainSettings, fit: ModelFit, split: SplitSizes) -> di
     out["calibration_method"] = fit.calibration.method
     out.update({f"split.{k}": v for k, v in split.as_dict().items()})
     return out
+
+
+def drift_columns(features: Matrix, names: Sequence[str]) -> dict[str, npt.NDArray[np.float32]]:
+    """The columns of ``features`` whose reference bins a manifest keeps (``DRIFT_FEATURES``)."""
+    return {name: features[:, list(names).index(name)] for name in DRIFT_FEATURES if name in names}
+
+
+def fit_manifest(
+    fit: ModelFit,
+    version: str,
+    names: list[str],
+    reference_columns: Mapping[str, npt.NDArray[Any]],
+    served_scores: npt.NDArray[np.float64],
+    test_metrics: dict[str, float],
+    params: dict[str, Any],
+    extra: dict[str, Any],
+    settings: TrainSettings,
+) -> Manifest:
+    """The manifest of a fit (checksum filled in by ``save_bundle``); drift references from ``reference_columns`` —
+    each drift feature's values as serving computes them — and ``served_scores``."""
+    return Manifest(
+        version=version,
+        feature_names=names,
+        calibration=fit.calibration.calibration,
+        threshold=fit.threshold,
+        feature_reference={
+            name: reference_bins(reference_columns[name], settings.reference_bins)
+            for name in DRIFT_FEATURES
+            if name in reference_columns
+        },
+        score_reference=reference_bins(served_scores, settings.reference_bins),
+        metrics=test_metrics,
+        params=params,
+        sha256="",
+        created_at=datetime.now(UTC).isoformat(),
+        extra=extra,
+    )
 
 
 #: How a feature store is built from a history, for requests that come after it: ``(history, later) → store``.
@@ -369,20 +428,8 @@ def train_pipeline(
     }
     manifest = save_bundle(
         fit.booster,
-        Manifest(
-            version=version,
-            feature_names=names,
-            calibration=fit.calibration.calibration,
-            threshold=fit.threshold,
-            feature_reference={
-                name: reference_bins(served_recent[:, names.index(name)], ts.reference_bins) for name in DRIFT_FEATURES
-            },
-            score_reference=reference_bins(served_scores, ts.reference_bins),
-            metrics=test_metrics,
-            params=params,
-            sha256="",
-            created_at=datetime.now(UTC).isoformat(),
-            extra=extra,
+        fit_manifest(
+            fit, version, names, drift_columns(served_recent, names), served_scores, test_metrics, params, extra, ts
         ),
         out_dir,
     )

@@ -16,7 +16,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import kubernetes
 import pytest
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
@@ -32,6 +31,7 @@ from tests.kits.release import (
     ROLLOUT,
     VERSION,
     get_rollout,
+    impersonating,
     render,
     wait_established,
 )
@@ -97,10 +97,7 @@ def installed(
 @pytest.fixture
 def as_retraining(k8s_cluster: ControlPlane, installed: str) -> Iterator[k8s.CustomObjectsApi]:
     """The custom-objects API as the retraining ServiceAccount."""
-    configuration = k8s.Configuration()
-    kubernetes.config.load_kube_config(config_file=str(k8s_cluster.kubeconfig), client_configuration=configuration)
-    user = f"system:serviceaccount:{installed}:{SERVICE_ACCOUNT}"
-    api_client = k8s.ApiClient(configuration, header_name="Impersonate-User", header_value=user)
+    api_client = impersonating(k8s_cluster, installed, SERVICE_ACCOUNT)
     try:
         yield k8s.CustomObjectsApi(api_client)
     finally:

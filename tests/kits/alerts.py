@@ -162,3 +162,33 @@ class AlertmanagerServer:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def alert(name: str = "FraudwatchFeatureDriftHigh", layer: str = "input_drift", fingerprint: str = "a1b2c3",
+          status: str = "firing", starts: str = "2026-12-01T07:00:00Z", **labels: str) -> dict[str, Any]:  # fmt: skip
+    """One alert of an Alertmanager webhook notification (version 4), as Alertmanager sends it."""
+    return {
+        "status": status,
+        "labels": {"alertname": name, "layer": layer, "severity": "warning", **labels},
+        "annotations": {"summary": "drift", "runbook_url": f"runbooks/{name}.md"},
+        "startsAt": starts,
+        "endsAt": "0001-01-01T00:00:00Z",
+        "generatorURL": "http://prometheus:9090/graph?g0.expr=...",
+        "fingerprint": fingerprint,
+    }
+
+
+def notification(*alerts: dict[str, Any], group_key: str = '{}/{layer=~"drift"}:{alertname="X"}') -> dict[str, Any]:
+    """An Alertmanager webhook notification (version 4) of ``alerts``."""
+    return {
+        "version": "4",
+        "groupKey": group_key,
+        "truncatedAlerts": 0,
+        "status": "firing" if any(a["status"] == "firing" for a in alerts) else "resolved",
+        "receiver": "retrain-webhook",
+        "groupLabels": {"alertname": alerts[0]["labels"]["alertname"]},
+        "commonLabels": {"layer": alerts[0]["labels"]["layer"]},
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager:9093",
+        "alerts": list(alerts),
+    }

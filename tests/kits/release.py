@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import kubernetes
 from kubernetes import client as k8s
 
 from tests.kits.chart import CHART_DIR, DRY_RENDER_VALUES, parse_manifests, values_file
@@ -51,3 +52,12 @@ def get_rollout(k8s_client: Any, namespace: str, name: str = ROLLOUT) -> dict[st
     obj = modelrollouts(k8s_client).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
     assert isinstance(obj, dict)
     return obj
+
+
+def impersonating(k8s_cluster: ControlPlane, namespace: str, service_account: str) -> k8s.ApiClient:
+    """An API client on the admin kubeconfig that acts as ``service_account`` of ``namespace`` (``Impersonate-User``):
+    RBAC decides exactly as for that account's pods. Close it after use."""
+    configuration = k8s.Configuration()
+    kubernetes.config.load_kube_config(config_file=str(k8s_cluster.kubeconfig), client_configuration=configuration)
+    user = f"system:serviceaccount:{namespace}:{service_account}"
+    return k8s.ApiClient(configuration, header_name="Impersonate-User", header_value=user)

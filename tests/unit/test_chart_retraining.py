@@ -94,6 +94,8 @@ def test_the_environment_is_what_the_retrain_settings_read(
         assert rs.webhook.state_file is not None and str(rs.webhook.state_file.parent) == mounts["state"]
         assert rs.webhook.cooldown_s == 21600
         assert rs.webhook.graceful_shutdown_s < spec["terminationGracePeriodSeconds"]
+        assert (rs.webhook.runner, rs.webhook.job.namespace) == ("job", "fraud")
+        assert rs.webhook.job.cronjob == one(enabled, "CronJob", "retraining")["metadata"]["name"]
 
 
 def test_the_role_may_get_and_patch_this_release_s_modelrollout_only(helm: Helm, workdir: Path) -> None:
@@ -108,9 +110,55 @@ def test_the_role_may_get_and_patch_this_release_s_modelrollout_only(helm: Helm,
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "fw-fraudwatch-retraining", "namespace": "fraud"}]
     assert one(objects, "ServiceAccount", "retraining")["automountServiceAccountToken"] is False
 
-    register_only = helm.template({"retraining": {**ENABLED["retraining"], "handoff": "none"}}, workdir)
+    values = {"enabled": True, "handoff": "none", "webhook": {"enabled": True, "runner": "subprocess"}}
+    register_only = helm.template({"retraining": values}, workdir)
     assert find(register_only, "Role", "retraining") == []
     assert container(register_only, "Deployment")[0]["automountServiceAccountToken"] is False
+
+
+def test_the_webhook_creates_retrain_jobs_with_a_role_that_allows_nothing_else(
+    enabled: list[dict[str, Any]],
+) -> None:
+    role = one(enabled, "Role", "retraining-webhook")
+    binding = one(enabled, "RoleBinding", "retraining-webhook")
+    cronjob = one(enabled, "CronJob", "retraining")
+    spec, main = container(enabled, "Deployment")
+
+    assert role["rules"] == [
+        {"apiGroups": ["batch"], "resources": ["cronjobs"], "resourceNames": [cronjob["metadata"]["name"]],
+         "verbs": ["get"]},
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get"]},
+    ]  # fmt: skip
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "fw-fraudwatch-retraining-webhook",
+                                    "namespace": "fraud"}]  # fmt: skip
+    # the webhook pod runs as that ServiceAccount, not as the one that may patch the ModelRollout
+    assert (spec["serviceAccountName"], spec["automountServiceAccountToken"]) == (
+        "fw-fraudwatch-retraining-webhook", True)  # fmt: skip
+    assert one(enabled, "ServiceAccount", "retraining-webhook")["automountServiceAccountToken"] is False
+    patchers = [b for b in find(enabled, "RoleBinding") if b["roleRef"]["name"] == "fw-fraudwatch-retraining"]
+    assert [s["name"] for b in patchers for s in b["subjects"]] == ["fw-fraudwatch-retraining"]
+    # it trains nothing itself: small resources, the Job gets the CronJob's
+    assert main["resources"]["limits"]["memory"] == "256Mi"
+    job_spec = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert job_spec["containers"][0]["resources"]["limits"]["memory"] == "4Gi"
+    assert job_spec["serviceAccountName"] == "fw-fraudwatch-retraining"
+
+
+def test_the_webhook_alone_renders_the_cronjob_suspended_as_its_jobs_template(helm: Helm, workdir: Path) -> None:
+    webhook_only = helm.template({"retraining": {"webhook": {"enabled": True}}}, workdir)
+    scheduled = helm.template(ENABLED, workdir)
+    subprocesses = helm.template({"retraining": {"webhook": {"enabled": True, "runner": "subprocess"}}}, workdir)
+    spec, main = container(subprocesses, "Deployment")
+
+    assert one(webhook_only, "CronJob", "retraining")["spec"]["suspend"] is True
+    assert one(scheduled, "CronJob", "retraining")["spec"]["suspend"] is False
+    # runner: subprocess — today's pod: no CronJob, no Job role, the retraining ServiceAccount and resources
+    assert find(subprocesses, "CronJob") == [] and find(subprocesses, "Role", "retraining-webhook") == []
+    assert spec["serviceAccountName"] == "fw-fraudwatch-retraining"
+    assert main["resources"]["limits"]["memory"] == "4Gi"
+    assert {"name": "FW_RETRAIN__WEBHOOK__RUNNER", "value": "subprocess"} in main["env"]
+    assert not [e for e in main["env"] if e["name"].startswith("FW_RETRAIN__WEBHOOK__JOB__")]
 
 
 def test_the_webhook_is_one_replica_with_probes_a_token_file_and_its_service(enabled: list[dict[str, Any]]) -> None:

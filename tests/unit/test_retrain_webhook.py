@@ -44,6 +44,7 @@ from service.retraining.webhook import (
     retrain_command,
 )
 from service.settings import RetrainWebhookSettings, Settings
+from tests.kits.alerts import alert, notification
 from tests.kits.router import metric_value
 
 TOKEN = "webhook-unit-token"
@@ -59,34 +60,6 @@ while hold.exists() and not release.exists():
 summary.write_text(json.dumps({"outcome": "rollout_started", "version": "v9", "registry_version": "9",
                                "detail": "stand-in", "retrain_id": sys.argv[2]}))
 """
-
-
-def alert(name: str = "FraudwatchFeatureDriftHigh", layer: str = "input_drift", fingerprint: str = "a1b2c3",
-          status: str = "firing", starts: str = "2026-12-01T07:00:00Z", **labels: str) -> dict[str, Any]:  # fmt: skip
-    return {
-        "status": status,
-        "labels": {"alertname": name, "layer": layer, "severity": "warning", **labels},
-        "annotations": {"summary": "drift", "runbook_url": f"runbooks/{name}.md"},
-        "startsAt": starts,
-        "endsAt": "0001-01-01T00:00:00Z",
-        "generatorURL": "http://prometheus:9090/graph?g0.expr=...",
-        "fingerprint": fingerprint,
-    }
-
-
-def notification(*alerts: dict[str, Any], group_key: str = '{}/{layer=~"drift"}:{alertname="X"}') -> dict[str, Any]:
-    return {
-        "version": "4",
-        "groupKey": group_key,
-        "truncatedAlerts": 0,
-        "status": "firing" if any(a["status"] == "firing" for a in alerts) else "resolved",
-        "receiver": "retrain-webhook",
-        "groupLabels": {"alertname": alerts[0]["labels"]["alertname"]},
-        "commonLabels": {"layer": alerts[0]["labels"]["layer"]},
-        "commonAnnotations": {},
-        "externalURL": "http://alertmanager:9093",
-        "alerts": list(alerts),
-    }
 
 
 def parsed(*alerts: dict[str, Any]) -> AlertmanagerPayload:

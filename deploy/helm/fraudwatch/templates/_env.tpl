@@ -170,7 +170,15 @@ A component's `settings` map adds variables under its prefix; keys the chart set
   (dict "name" (print $p "WEBHOOK__COOLDOWN_S") "value" (toString $w.cooldownSeconds))
   (dict "name" (print $p "WEBHOOK__STATE_FILE") "value" (printf "%s/webhook.json" (include "fraudwatch.retrainStateDir" $root)))
   (dict "name" (print $p "WEBHOOK__GRACEFUL_SHUTDOWN_S") "value" (toString (max 1 (sub (int $w.terminationGracePeriodSeconds) 5))))
+  (dict "name" (print $p "WEBHOOK__RUNNER") "value" $w.runner)
 ) }}
+{{- if eq $w.runner "job" }}
+{{- $env = concat $env (list
+  (dict "name" (print $p "WEBHOOK__JOB__NAMESPACE") "valueFrom" (include "fraudwatch.env.fieldRef" "metadata.namespace" | fromYaml))
+  (dict "name" (print $p "WEBHOOK__JOB__CRONJOB") "value" (include "fraudwatch.retrainingName" $root))
+  (dict "name" (print $p "WEBHOOK__JOB__POLL_S") "value" (toString $w.jobPollSeconds))
+) }}
+{{- end }}
 {{- end }}
 {{- include "fraudwatch.env.render" (dict "env" $env "prefix" $p "settings" $t.settings "extra" $t.extraEnv) }}
 {{- end }}

@@ -10,6 +10,15 @@ Retraining (retraining-*.yaml): names, paths and the pod parts the CronJob and t
 {{- include "fraudwatch.componentName" (dict "ctx" . "component" "retraining-webhook") }}
 {{- end }}
 
+{{- define "fraudwatch.retrainWebhookJobs" -}}
+{{- if and .Values.retraining.webhook.enabled (eq .Values.retraining.webhook.runner "job") }}true{{ end }}
+{{- end }}
+
+{{/* The CronJob renders for the schedule, or (suspended) as the template of the webhook's Jobs. */}}
+{{- define "fraudwatch.retrainCronJob" -}}
+{{- if or .Values.retraining.enabled (include "fraudwatch.retrainWebhookJobs" .) }}true{{ end }}
+{{- end }}
+
 {{- define "fraudwatch.retrainTokenSecret" -}}
 {{- default (include "fraudwatch.retrainWebhookName" .) .Values.retraining.webhook.token.existingSecret }}
 {{- end }}
@@ -43,10 +52,18 @@ Retraining (retraining-*.yaml): names, paths and the pod parts the CronJob and t
 {{- if eq .Values.retraining.handoff "kube" }}true{{ else }}false{{ end }}
 {{- end }}
 
-{{/* Pod-spec lines both retraining pods share (nindent them under `spec:`). */}}
+{{/* Pod-spec lines both retraining pods share (nindent them under `spec:`); (dict "ctx" $ "webhook" true|false).
+The webhook that creates Jobs runs as its own ServiceAccount (it patches no ModelRollout: the Job does). */}}
 {{- define "fraudwatch.retrainingPodBase" -}}
+{{- $jobs := and .webhook (include "fraudwatch.retrainWebhookJobs" .ctx) }}
+{{- with .ctx }}
+{{- if $jobs }}
+serviceAccountName: {{ include "fraudwatch.retrainWebhookName" . }}
+automountServiceAccountToken: true
+{{- else }}
 serviceAccountName: {{ include "fraudwatch.retrainingName" . }}
 automountServiceAccountToken: {{ include "fraudwatch.retrainingAutomount" . }}
+{{- end }}
 enableServiceLinks: false
 {{- with .Values.imagePullSecrets }}
 imagePullSecrets:
@@ -65,5 +82,6 @@ tolerations:
 {{- with .Values.retraining.affinity }}
 affinity:
   {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end }}
 {{- end }}
