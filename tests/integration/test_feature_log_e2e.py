@@ -32,7 +32,8 @@ from service.serving.process import BentoServer
 from service.training.training_set import TrainingSet, build_training_set, read_labels
 from tests.kits.bundles import SMALL_DATA
 from tests.kits.serving import scoring_server
-from tests.kits.stack import refund_body, wait_for
+from tests.kits.stack import refund_body
+from tests.kits.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
