@@ -74,7 +74,7 @@ _HELP: Final[dict[str, str]] = {
     "retry": "Roll the candidate that was rolled back or aborted out again (a new rollout from its first stage, "
     "against the version serving now; on Kubernetes without changing spec.candidate).",
     "status": "Show the rollout: stage, weights, every gate with its value, threshold and verdict, time in stage.",
-    "promote": "Promote to the next stage now (or --to a later one; from full: finish the rollout).",
+    "promote": "Promote to the next step or stage now (or --to a later stage's first step; from full: finish).",
     "pause": "Hold the current stage (no automatic promotion; a failed gate still rolls back).",
     "resume": "Resume automatic promotion.",
     "abort": "Abort the rollout: 100 % back on the stable version.",
@@ -186,7 +186,9 @@ def build_parser(*, plugin: bool) -> argparse.ArgumentParser:
             sub.add_argument("--candidate", required=True, help="version name, registry version number or alias")
             sub.add_argument("--stable", help="the version to compare against (default: the one serving now)")
         if name == "promote":
-            sub.add_argument("--to", choices=PROMOTE_TARGETS, help="skip to this stage")
+            sub.add_argument(
+                "--to", choices=PROMOTE_TARGETS, help="skip to this stage (its first step when stages.steps splits it)"
+            )
         if name == "history":
             sub.add_argument("--all", action="store_true", help="every rollout, not only the current one")
             sub.add_argument("--limit", type=positive_int, default=HISTORY_LIMIT, help="newest events shown")
