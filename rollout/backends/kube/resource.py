@@ -31,6 +31,7 @@ from rollout.core.commands import InboxCommand
 from rollout.core.events import SUPERSEDE_PREFIX
 from rollout.core.machine import ROLLED_BACK_PHASES, RolloutState, Transition, warm_until
 from rollout.core.policy import RolloutPolicy, policy_from_mapping
+from rollout.core.policy_fields import from_api_conventions
 from rollout.core.routing import RoutingTable
 from rollout.core.state import ControllerState, StateError, loads_state
 from rollout.core.workloads import Readiness
@@ -342,10 +343,27 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> Json:
 
 
 def effective_policy(base: RolloutPolicy, override: Mapping[str, Any] | None) -> RolloutPolicy:
-    """The ModelRollout's ``spec.policy`` deep-merged over the controller's policy (``ValueError`` when invalid)."""
+    """The ModelRollout's ``spec.policy`` (camelCase with duration strings, or the deprecated snake_case ``*_s``
+    form: rollout/core/policy_fields.py) deep-merged over the controller's policy (``ValueError`` when invalid)."""
     if not override:
         return base
-    return policy_from_mapping(deep_merge(base.model_dump(mode="json"), override))
+    converted = from_api_conventions(override).mapping
+    return policy_from_mapping(deep_merge(base.model_dump(mode="json"), converted))
+
+
+#: The start of the note (Kubernetes Event ``DeprecatedPolicyFields``, a warning log line) naming the snake_case fields.
+DEPRECATED_POLICY_NOTE: Final[str] = "spec.policy uses deprecated snake_case fields"
+
+
+def deprecated_policy_fields(override: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The fields of ``spec.policy`` written in the deprecated snake_case form (empty when none, or when invalid:
+    :func:`effective_policy` reports that)."""
+    if not override:
+        return ()
+    try:
+        return from_api_conventions(override).deprecated
+    except ValueError:
+        return ()
 
 
 # --------------------------------------------------------------------------------------------------- workloads
@@ -810,6 +828,8 @@ def note_reason(text: str) -> str:
         return "CommandDiscarded"
     if "started" in text:
         return "RolloutStarted"
+    if text.startswith(DEPRECATED_POLICY_NOTE):
+        return "DeprecatedPolicyFields"
     return "Note"
 
 
