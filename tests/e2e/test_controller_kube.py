@@ -364,6 +364,8 @@ def test_rbac_grants_the_controller_what_it_uses_and_nothing_else(release: Relea
         # no verb the backend does not use
         ("get", "apps:deployments", "anything"), ("update", "apps:deployments", "anything"),
         ("get", ":services", "anything"), ("update", ":services", "anything"),
+        ("list", "autoscaling:horizontalpodautoscalers", None), ("update", "autoscaling:horizontalpodautoscalers", "x"),
+        ("list", "policy:poddisruptionbudgets", None), ("update", "policy:poddisruptionbudgets", "x"),
         ("patch", ":events", None), ("create", "events.k8s.io:events", None),
     ]  # fmt: skip
     allowed = [r for r in refused if can(release.api, controller, r[0], r[1], release.ns, r[2])]
