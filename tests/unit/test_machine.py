@@ -16,6 +16,7 @@ from rollout.core import policy as pol
 from rollout.core.analysis import AnalysisReport, GateResult, analyse, required_samples
 from rollout.core.analysis import GateStatus as S
 from rollout.core.routing import MachineStage, RoutingTable, TrafficStage, VersionEndpoint
+from rollout.core.state import record_revision
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 STABLE, CANDIDATE = "v1", "v2"
@@ -641,3 +642,26 @@ def test_abort_or_revert_at_any_point_returns_all_traffic_to_stable(events: list
     assert final.phase in m.ROLLED_BACK_PHASES
     assert routing(actions) == m.PublishRouting(stage="stable", stable=STABLE, candidate=None, candidate_weight=0)
     assert final.weights == m.Weights(stable=100, candidate=0)
+
+
+# --------------------------------------------------------------------------------------------------- revisions
+
+
+def test_revisions_record_each_new_serving_version_once_numbered_and_bounded() -> None:
+    state = start()
+    revisions = record_revision((), state, keep=3)
+    assert [(r.number, r.version) for r in revisions] == [(1, STABLE)]  # the stable a first rollout begins from
+    promoted = pass_stage(at_stage("full"))
+    revisions = record_revision(revisions, promoted, keep=3)
+    assert [(r.number, r.version, r.rollout_id) for r in revisions] == [(1, STABLE, None), (2, CANDIDATE, "r1")]
+    assert revisions[-1].since == promoted.finished_at
+    assert record_revision(revisions, promoted, keep=3) == revisions  # idempotent
+    reverted, _ = go(promoted, None, at(99_000), cmd("revert", "undo"))
+    revisions = record_revision(revisions, reverted, keep=3)
+    assert [(r.number, r.version) for r in revisions] == [(1, STABLE), (2, CANDIDATE), (3, STABLE)]
+    again = m.initial_state(POLICY, "r2", STABLE, CANDIDATE, at(100_000))
+    again = pass_stage(again)
+    while again.phase == "Progressing":
+        again = pass_stage(again)
+    revisions = record_revision(revisions, again, keep=3)
+    assert [(r.number, r.version) for r in revisions] == [(2, CANDIDATE), (3, STABLE), (4, CANDIDATE)]  # 3 kept
