@@ -95,6 +95,7 @@ def status_view(snapshot: Snapshot, now: datetime, stale_after_s: float) -> dict
         "gates": gates,
         "controller": controller,
         "workloads": workloads,
+        "revisions": [r.model_dump(mode="json") for r in state.revisions],
     }
 
 

@@ -543,6 +543,8 @@ def test_undo_to_revision_reverts_to_the_previous_starts_an_older_one_and_names_
     assert [(r.number, r.version, r.rollout_id) for r in saved.revisions] == [(1, V1, None), (2, V2, "first")]
     assert saved.rollout is not None and saved.revisions[1].since == saved.rollout.finished_at
 
+    assert ctl(state_dir, "status", "-o", "json") == ExitCode.OK
+    assert [(r["number"], r["version"]) for r in json_out(capsys)["revisions"]] == [(1, V1), (2, V2)]
     assert ctl(state_dir, "undo", "--to-revision", "2") == ExitCode.REFUSED  # the serving one
     assert "revision 2 (v2) is the serving version" in capsys.readouterr().err
     assert ctl(state_dir, "undo", "--to-revision", "9") == ExitCode.NOT_FOUND
