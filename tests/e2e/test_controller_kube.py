@@ -240,6 +240,16 @@ def test_kubectl_modelrollout_steers_the_rollout_with_the_documented_exit_codes(
         assert (again["phase"], again["candidateVersion"], again["stableVersion"]) == ("Progressing", "v3", serving)
         assert plugin(release, "retry", ROLLOUT, *ns).returncode == ExitCode.REFUSED  # in progress
         assert plugin(release, "abort", ROLLOUT, *ns).returncode == ExitCode.OK
+
+        # undo --to-revision reads the revisions the controller keeps in status.state
+        shown = plugin(release, "status", ROLLOUT, "-o", "json", *ns)
+        assert [(r["number"], r["version"]) for r in json.loads(shown.stdout)["revisions"]] == [(1, serving)]
+        gone = plugin(release, "undo", ROLLOUT, "--to-revision", "9", *ns)
+        assert gone.returncode == ExitCode.NOT_FOUND and "revision 9 is no longer in the history (kept: 1-1)" in (
+            gone.stderr
+        )
+        same = plugin(release, "undo", ROLLOUT, "--to-revision", "1", *ns)
+        assert same.returncode == ExitCode.REFUSED and f"revision 1 ({serving}) is the serving version" in same.stderr
     finally:
         assert controller.stop(signal.SIGTERM) == 0, controller.log_tail()
 
