@@ -194,6 +194,14 @@ def test_kubectl_modelrollout_steers_the_rollout_with_the_documented_exit_codes(
     ns = ("-n", release.ns)
     try:
         wait_until("a steady status", lambda: steady_status(release), CONVERGE_S)
+        # spec.policy in the deprecated snake_case form is still read, with a Warning Event naming the field
+        path = rollout_path(release.ns, ROLLOUT)
+        release.api.merge_patch(path, {"spec": {"policy": {"promotion": {"warm_window_s": 3600}}}})
+        deprecated = lambda: rollout_event(release, "DeprecatedPolicyFields", "promotion.warm_window_s")  # noqa: E731
+        wait_until("the DeprecatedPolicyFields Event", deprecated, CONVERGE_S)
+        events = release.api.list(f"/api/v1/namespaces/{release.ns}/events")["items"]
+        assert {e["type"] for e in events if e["reason"] == "DeprecatedPolicyFields"} == {"Warning"}
+        release.api.merge_patch(path, {"spec": {"policy": {"promotion": None}}})
         assert plugin(release, "status", ROLLOUT, *ns).returncode == ExitCode.NOT_FOUND  # no rollout yet
         assert plugin(release, "promote", ROLLOUT, *ns).returncode == ExitCode.NOT_FOUND
         assert plugin(release, "status", "someone-else", *ns).returncode == ExitCode.NOT_FOUND
