@@ -378,6 +378,8 @@ class ControllerSettings(BaseModel):
     #: Bounded memory of the state file: command results and finished rollouts kept.
     kept_command_results: int = Field(200, ge=1)
     kept_past_rollouts: int = Field(50, ge=1)
+    #: Serving versions remembered for ``rolloutctl undo --to-revision N`` (status.state.revisions).
+    kept_revisions: int = Field(10, ge=2)
     #: Back-off after a failed reconcile (the loop keeps going; errors are counted and logged).
     error_backoff_s: float = Field(1.0, ge=0.0)
     reconcile_duration_buckets_s: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)

@@ -74,11 +74,14 @@ _HELP: Final[dict[str, str]] = {
     "retry": "Roll the candidate that was rolled back or aborted out again (a new rollout from its first stage, "
     "against the version serving now; on Kubernetes without changing spec.candidate).",
     "status": "Show the rollout: stage, weights, every gate with its value, threshold and verdict, time in stage.",
-    "promote": "Promote to the next stage now (or --to a later one; from full: finish the rollout).",
+    "promote": "Promote to the next step or stage now (or --to a later stage's first step; from full: finish).",
     "pause": "Hold the current stage (no automatic promotion; a failed gate still rolls back).",
     "resume": "Resume automatic promotion.",
     "abort": "Abort the rollout: 100 % back on the stable version.",
     "revert": "Put 100 % of decisions back on the previous version now (also after promotion, while it is warm).",
+    "undo": "Go back to an earlier serving version: no flag = the previous one (revert); --to-revision N = revision "
+    "N of status.state.revisions (the previous one: revert; an older one: a new gated rollout of it — local backend; "
+    "on Kubernetes set spec.candidate to it). Exit 3 when N is no longer kept, 4 when it is the serving one.",
     "history": "Show the rollout's transitions with their reasons.",
     "get": "Show the rollout in detail (as status); -w/--watch: show it again on every change until Ctrl-C or "
     "--timeout (exit 0).",
@@ -91,7 +94,7 @@ STATUS_HELP: Final[str] = (
     "-w/--watch: wait until it ends (one line per change), exit with its code, 5 after --timeout."
 )
 COMMANDS: Final[tuple[str, ...]] = (
-    "start", "retry", "status", "get", "list", "promote", "pause", "resume", "abort", "revert", "history",
+    "start", "retry", "status", "get", "list", "promote", "pause", "resume", "abort", "revert", "undo", "history",
     "completion",
 )  # fmt: skip
 NAMELESS: Final[frozenset[str]] = frozenset({"list", "completion"})
@@ -162,7 +165,10 @@ def build_parser(*, plugin: bool) -> argparse.ArgumentParser:
             sub.add_argument("name", metavar="NAME", help="the rollout's name")
         sub.add_argument("-n", "--namespace", default=argparse.SUPPRESS, help="the ModelRollout's namespace (kube)")
         _output_flags(sub, argparse.SUPPRESS)
-        if name in MUTATIONS:
+        if name == "undo":
+            sub.add_argument("--to-revision", type=positive_int, metavar="N",
+                             help="the revision to go back to (default: the previous one)")  # fmt: skip
+        if name in MUTATIONS or name == "undo":
             sub.add_argument("--reason", default="", help="why (kept in the event log and the registry's audit tags)")
             sub.add_argument(
                 "--id", dest="command_id", help="command id (default: generated; a repeated id is a no-op)"
@@ -186,7 +192,9 @@ def build_parser(*, plugin: bool) -> argparse.ArgumentParser:
             sub.add_argument("--candidate", required=True, help="version name, registry version number or alias")
             sub.add_argument("--stable", help="the version to compare against (default: the one serving now)")
         if name == "promote":
-            sub.add_argument("--to", choices=PROMOTE_TARGETS, help="skip to this stage")
+            sub.add_argument(
+                "--to", choices=PROMOTE_TARGETS, help="skip to this stage (its first step when stages.steps splits it)"
+            )
         if name == "history":
             sub.add_argument("--all", action="store_true", help="every rollout, not only the current one")
             sub.add_argument("--limit", type=positive_int, default=HISTORY_LIMIT, help="newest events shown")
@@ -272,6 +280,35 @@ def run_mutation(client: RolloutClient, args: argparse.Namespace, settings: Cont
     return code, result.model_dump(mode="json")
 
 
+def resolve_undo(client: RolloutClient, args: argparse.Namespace) -> None:
+    """``undo`` as the command it means: ``revert`` (no --to-revision, or the previous revision while the rollout
+    that replaced it is promoted), or ``start --candidate <revision's version>`` for an older one (local backend).
+    CliError NOT_FOUND for a revision no longer kept, REFUSED for the serving one or an older one on Kubernetes."""
+    wanted: int | None = args.to_revision
+    args.command = "revert"
+    if wanted is None:
+        return
+    state = client.snapshot().state
+    revisions = state.revisions if state is not None else ()
+    target = next((r for r in revisions if r.number == wanted), None)
+    if target is None:
+        kept = f"kept: {revisions[0].number}-{revisions[-1].number}" if revisions else "no revision recorded yet"
+        raise CliError(ExitCode.NOT_FOUND, f"revision {wanted} is no longer in the history ({kept})")
+    serving = revisions[-1]
+    if target.number == serving.number:
+        raise CliError(ExitCode.REFUSED, f"revision {wanted} ({target.version}) is the serving version")
+    rollout = state.rollout if state is not None else None
+    previous = revisions[-2] if len(revisions) > 1 else None
+    if (previous is not None and target.number == previous.number and rollout is not None
+            and rollout.phase == "Promoted" and rollout.stable == target.version):  # fmt: skip
+        return  # the warm previous version: revert
+    if args.backend == "kube" or isinstance(client, KubeClient):
+        raise CliError(ExitCode.REFUSED, f"revision {wanted} ({target.version}) is not the warm previous version: on "
+                       f"Kubernetes roll it out again by setting spec.candidate to it (helm upgrade --reuse-values "
+                       f"--set model.version={target.version})")  # fmt: skip
+    args.command, args.candidate, args.stable = "start", target.version, None
+
+
 # --------------------------------------------------------------------------------------------------- status
 
 
@@ -297,6 +334,8 @@ def execute(args: argparse.Namespace, *, plugin: bool, prog: str) -> ExitCode:
     if plugin and args.command not in NAMELESS and args.name != client.name:
         raise CliError(ExitCode.NOT_FOUND, f"no rollout named {args.name!r} (this controller runs {client.name!r})")
     cs = settings.controller
+    if args.command == "undo":
+        resolve_undo(client, args)
     if args.command in MUTATIONS:
         code, payload = run_mutation(client, args, cs)
         _print(args, payload, render_result)

@@ -24,7 +24,7 @@ def _seconds(start: datetime | None, now: datetime) -> float | None:
 def status_view(snapshot: Snapshot, now: datetime, stale_after_s: float) -> dict[str, Any]:
     """Everything ``status`` shows, as plain data (rendered as tables, or printed with ``--json``)."""
     from rollout.core.evidence import gate_evidence
-    from rollout.core.machine import expected_gates, promotion_blockers
+    from rollout.core.machine import expected_gates, promotion_blockers, step_label
 
     beat = snapshot.heartbeat
     controller: dict[str, Any] = {"running": False}
@@ -79,6 +79,7 @@ def status_view(snapshot: Snapshot, now: datetime, stale_after_s: float) -> dict
             "id": rollout.rollout_id,
             "phase": rollout.phase,
             "stage": rollout.stage,
+            "step": step_label(policy, rollout.stage, rollout.step),
             "paused": rollout.paused,
             "stable": rollout.stable,
             "candidate": rollout.candidate,
@@ -94,6 +95,7 @@ def status_view(snapshot: Snapshot, now: datetime, stale_after_s: float) -> dict
         "gates": gates,
         "controller": controller,
         "workloads": workloads,
+        "revisions": [r.model_dump(mode="json") for r in state.revisions],
     }
 
 
@@ -163,7 +165,7 @@ def render_status(view: Mapping[str, Any]) -> None:
     console.print(
         f"[bold]{rollout['name']}[/] rollout [bold]{rollout['id']}[/]: {rollout['stable']} → {rollout['candidate']}"
     )
-    console.print(f"  phase  [{phase_style}]{rollout['phase']}[/]   stage [bold]{rollout['stage']}[/]{paused}")
+    console.print(f"  phase  [{phase_style}]{rollout['phase']}[/]   stage [bold]{rollout['step']}[/]{paused}")
     console.print(f"  decisions  {weights}")
     console.print(f"  time in stage  {rollout['time_in_stage_s']:.0f} s (minimum {rollout['min_duration_s']:.0f} s)")
     if rollout["last_transition"]:

@@ -14,6 +14,7 @@ manifest, a table already published, an Event that exists).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -40,8 +41,10 @@ from rollout.backends.kube.commands import SpecCommandSource
 from rollout.backends.kube.events import KubeEventSink
 from rollout.backends.kube.lease import LeaseElector
 from rollout.backends.kube.resource import (
+    DEPRECATED_POLICY_NOTE,
     FINALIZER,
     RolloutObject,
+    deprecated_policy_fields,
     effective_policy,
     routing_of,
 )
@@ -100,6 +103,14 @@ class KubeObserver:
         except ValueError as exc:
             log_event(logger, "spec.policy invalid, keeping the previous policy", event="policy_invalid",
                       generation=obj.generation, error=str(exc)[:500])  # fmt: skip
+            return
+        deprecated = deprecated_policy_fields(obj.policy)
+        if deprecated:
+            fields = ", ".join(deprecated)
+            reason = f"{DEPRECATED_POLICY_NOTE}: {fields} (use camelCase and durations such as 10m)"
+            log_event(logger, reason, logging.WARNING, event="policy_deprecated_fields", generation=obj.generation,
+                      fields=list(deprecated))  # fmt: skip
+            controller.events.note(controller.clock(), None, reason)
 
     def after_reconcile(self, controller: Controller, outcome: ActOutcome) -> None:
         self.writer.problems = tuple(outcome.problems)

@@ -78,7 +78,7 @@ from rollout.core.machine import (
     traffic_stage,
 )
 from rollout.core.policy import RolloutPolicy
-from rollout.core.state import ControllerState, manual_command, workload_views
+from rollout.core.state import ControllerState, manual_command, record_revision, workload_views
 from rollout.core.workloads import WorkloadStatus
 from rollout.settings import ControllerSettings
 from service.common.clock import Clock, utc_now
@@ -391,7 +391,8 @@ class Controller:
             return self._baseline(), result
         command = manual_command(manual) if manual is not None else None
         new, actions = step(rollout, report, now, command, policy=self.policy)
-        self.state = self.state.model_copy(update={"rollout": new})
+        revisions = record_revision(self.state.revisions, new, self.settings.kept_revisions)
+        self.state = self.state.model_copy(update={"rollout": new, "revisions": revisions})
         if manual is not None:
             transitions = len(new.history) - len(rollout.history)
             notes = [a for a in actions if isinstance(a, RecordEvent)][transitions:]

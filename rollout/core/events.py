@@ -77,6 +77,8 @@ def transition_event(rollout: RolloutState, seq: int, transition: Transition) ->
         "to_phase": transition.to_phase,
         "from_stage": transition.from_stage,
         "to_stage": transition.to_stage,
+        "from_step": transition.from_step,
+        "to_step": transition.to_step,
         "paused": transition.paused,
         "command_id": transition.command_id,
         "gates": [gate_record(g) for g in transition.gates],

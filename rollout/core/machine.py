@@ -12,7 +12,9 @@ Phases and stages::
 
 Rules:
 
-* a stage is promoted (to the next stage only) when every gate of the stage — and each of its minimums
+* a stage split into weight steps by the policy's ``stages.steps`` runs them in turn, each one judged like a stage
+  (its stage's gates and minimums, clocks and gate histories reset per step; ``step`` in the state);
+* a stage (or step) is promoted (to the next step or stage only) when every gate of the stage — and each of its minimums
   (``min-requests`` / ``min-labels``) — is Successful in a report of that stage, the report covers at least the
   stage's ``min_duration_s`` counted from when the stage's routing was in force (``routed_at``, set by the
   controller; stage entry until then), and the rollout is not paused. Inconclusive or Error never promotes;
@@ -118,6 +120,9 @@ class Transition(BaseModel):
     to_phase: Phase
     from_stage: MachineStage
     to_stage: MachineStage
+    #: Steps within a stage split by ``stages.steps`` (0 otherwise).
+    from_step: int = 0
+    to_step: int = 0
     paused: bool
     reason: str
     command_id: str | None = None
@@ -135,6 +140,9 @@ class RolloutState(BaseModel):
     candidate: str
     phase: Phase = "Progressing"
     stage: MachineStage
+    #: The step within a stage that ``stages.steps`` splits (0 otherwise): the candidate's weight is that step's.
+    step: int = Field(0, ge=0)
+    #: When the current stage (or step) began.
     stage_entered_at: AwareDatetime
     #: When the routers first held the current stage's routing (set by the controller; None until then): a stage's
     #: minimum duration counts from here, not from stage entry (routing can take seconds to be in force).
@@ -247,14 +255,14 @@ def initial_state(policy: RolloutPolicy, rollout_id: str, stable: str, candidate
     )
 
 
-def weights_for(policy: RolloutPolicy, phase: Phase, stage: MachineStage) -> Weights:
-    """The deciding-traffic split of a phase and stage."""
+def weights_for(policy: RolloutPolicy, phase: Phase, stage: MachineStage, step: int = 0) -> Weights:
+    """The deciding-traffic split of a phase and stage (at ``step`` of a stage split by ``stages.steps``)."""
     if phase == "Promoted":
         candidate = PERCENT
     elif phase in ROLLED_BACK_PHASES or stage == QUALITY_STAGE:
         candidate = 0
     else:
-        candidate = policy.stages.candidate_weight(traffic_stage(stage))
+        candidate = policy.stages.candidate_weight(traffic_stage(stage), step)
     return Weights(stable=PERCENT - candidate, candidate=candidate)
 
 
@@ -266,6 +274,23 @@ def traffic_stage(stage: MachineStage) -> TrafficStage:
 
 def stage_index(stage: MachineStage) -> int:
     return MACHINE_STAGES.index(stage)
+
+
+def step_label(policy: RolloutPolicy, stage: MachineStage, step: int) -> str:
+    """``canary``, or ``canary step 2/3 (5 %)`` in a stage that ``stages.steps`` splits."""
+    if stage == QUALITY_STAGE or policy.stages.step_count(traffic_stage(stage)) == 1:
+        return stage
+    traffic = traffic_stage(stage)
+    count = policy.stages.step_count(traffic)
+    return f"{stage} step {step + 1}/{count} ({policy.stages.candidate_weight(traffic, step)} %)"
+
+
+def following_step(policy: RolloutPolicy, stage: MachineStage, step: int) -> tuple[MachineStage, int] | None:
+    """The next step of ``stage`` when it has one, else the following stage's first; None after ``full``."""
+    if stage != QUALITY_STAGE and step + 1 < policy.stages.step_count(traffic_stage(stage)):
+        return stage, step + 1
+    target = following_stage(stage)
+    return None if target is None else (target, 0)
 
 
 def following_stage(stage: MachineStage) -> MachineStage | None:
@@ -297,12 +322,13 @@ def step(
     current = state
     notes: list[RecordEvent] = []
     if command is not None and command.id not in current.applied_commands:
-        current, note = _apply_command(current, command, now)
+        current, note = _apply_command(policy, current, command, now)
         current = current.model_copy(update={"applied_commands": (*current.applied_commands, command.id)})
         notes.extend(note)
     if current.phase == "Progressing":
         current = _observe(policy, current, report, now)
-    current = current.model_copy(update={"weights": weights_for(policy, current.phase, current.stage)})
+    weights = weights_for(policy, current.phase, current.stage, current.step)
+    current = current.model_copy(update={"weights": weights})
     events = [_event(t) for t in current.history[len(state.history) :]]
     return current, (*desired_actions(policy, current, now), *events, *notes)
 
@@ -325,16 +351,19 @@ def _transition(
     *,
     phase: Phase | None = None,
     stage: MachineStage | None = None,
+    step: int | None = None,
     paused: bool | None = None,
     command_id: str | None = None,
     gates: Sequence[GateResult] = (),
 ) -> RolloutState:
-    """``state`` moved to the given phase / stage / pause flag, with the transition recorded."""
+    """``state`` moved to the given phase / stage (step: 0 in a new stage) / pause flag, with the transition
+    recorded."""
     to_phase = phase or state.phase
     to_stage = stage or state.stage
+    to_step = step if step is not None else (state.step if to_stage == state.stage else 0)
     to_paused = state.paused if paused is None else paused
-    update: dict[str, object] = {"phase": to_phase, "stage": to_stage, "paused": to_paused}
-    if to_stage != state.stage:
+    update: dict[str, object] = {"phase": to_phase, "stage": to_stage, "step": to_step, "paused": to_paused}
+    if to_stage != state.stage or to_step != state.step:
         update |= {"stage_entered_at": now, "gates": {}}
     if to_phase != state.phase:
         update["finished_at"] = now
@@ -348,6 +377,8 @@ def _transition(
         to_phase=to_phase,
         from_stage=state.stage,
         to_stage=to_stage,
+        from_step=state.step,
+        to_step=to_step,
         paused=to_paused,
         reason=reason,
         command_id=command_id,
@@ -361,12 +392,16 @@ def _transition(
 
 
 def _apply_command(
-    state: RolloutState, command: ManualCommand, now: datetime
+    policy: RolloutPolicy, state: RolloutState, command: ManualCommand, now: datetime
 ) -> tuple[RolloutState, list[RecordEvent]]:
     said = f"manual {command.kind}" + (f": {command.reason}" if command.reason else "")
 
     def moved(
-        *, phase: Phase | None = None, stage: MachineStage | None = None, paused: bool | None = None
+        *,
+        phase: Phase | None = None,
+        stage: MachineStage | None = None,
+        step: int | None = None,
+        paused: bool | None = None,
     ) -> RolloutState:
         return _transition(
             state,
@@ -375,6 +410,7 @@ def _apply_command(
             said,
             phase=phase,
             stage=stage,
+            step=step,
             paused=paused,
             command_id=command.id,
             gates=_last_results(state),
@@ -386,12 +422,14 @@ def _apply_command(
         return state, [_ignored(state, now, command, f"the rollout is {state.phase}")]
     match command.kind:
         case "promote":
-            target: MachineStage | None = command.to if command.to is not None else following_stage(state.stage)
-            if target is None:
+            if command.to is not None:
+                if stage_index(command.to) <= stage_index(state.stage):
+                    return state, [_ignored(state, now, command, f"{command.to} is not after {state.stage}")]
+                return moved(stage=command.to, step=0), []
+            following = following_step(policy, state.stage, state.step)
+            if following is None:
                 return moved(phase="Promoted"), []
-            if stage_index(target) <= stage_index(state.stage):
-                return state, [_ignored(state, now, command, f"{target} is not after {state.stage}")]
-            return moved(stage=target), []
+            return moved(stage=following[0], step=following[1]), []
         case "pause" if not state.paused:
             return moved(paused=True), []
         case "resume" if state.paused:
@@ -459,9 +497,9 @@ def _observe(policy: RolloutPolicy, state: RolloutState, report: AnalysisReport 
         reason = f"inconclusive beyond the timeout: {', '.join(stuck)}"
         return _transition(state, now, "timeout", reason, phase="Aborted", gates=_last_results(state))
     if usable is not None and not promotion_blockers(policy, state, usable):
-        return _promote(state, now, usable)
+        return _promote(policy, state, now, usable)
     if not expected and not state.paused:
-        return _promote(state, now, None)
+        return _promote(policy, state, now, None)
     return state
 
 
@@ -513,13 +551,13 @@ def stage_clock_start(state: RolloutState) -> datetime:
     return routed if routed is not None and routed >= state.stage_entered_at else state.stage_entered_at
 
 
-def _promote(state: RolloutState, now: datetime, report: AnalysisReport | None) -> RolloutState:
-    target = following_stage(state.stage)
+def _promote(policy: RolloutPolicy, state: RolloutState, now: datetime, report: AnalysisReport | None) -> RolloutState:
+    target = following_step(policy, state.stage, state.step)
     results = report.results if report is not None else ()
     if target is None:
         return _transition(state, now, "analysis", "every gate of full passed", phase="Promoted", gates=results)
-    reason = f"every gate of {state.stage} passed"
-    return _transition(state, now, "analysis", reason, stage=target, gates=results)
+    reason = f"every gate of {step_label(policy, state.stage, state.step)} passed"
+    return _transition(state, now, "analysis", reason, stage=target[0], step=target[1], gates=results)
 
 
 # --------------------------------------------------------------------------------------------------- actions
@@ -549,7 +587,7 @@ def desired_actions(policy: RolloutPolicy, state: RolloutState, now: datetime) -
 
 
 def _progressing_table(policy: RolloutPolicy, state: RolloutState) -> PublishRouting:
-    weight = weights_for(policy, state.phase, state.stage).candidate
+    weight = weights_for(policy, state.phase, state.stage, state.step).candidate
     stage: RoutingStage = "stable" if state.stage == QUALITY_STAGE else traffic_stage(state.stage)
     return PublishRouting(stage=stage, stable=state.stable, candidate=state.candidate, candidate_weight=weight)
 

@@ -4,6 +4,8 @@ A policy says how a candidate model version earns its traffic::
 
     quality (pre-rollout regression set) → shadow → canary (1–5 %) → ab (50 %) → full → Promoted
 
+or, with ``stages.steps: [1, 5, 25, 50]``, canary at 1 % then 5 % and A/B at 25 % then 50 %, each step gated.
+
 Each traffic stage has minimums (time in the stage, requests the candidate scored, labels that arrived) and a set
 of gates. A gate is a PromQL template and a condition on its value:
 
@@ -25,6 +27,7 @@ version name cannot inject PromQL.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
 from collections.abc import Mapping
@@ -58,6 +61,8 @@ CANARY_WEIGHT_MAX: Final[int] = 5
 DEFAULT_CANARY_WEIGHT: Final[int] = 5
 DEFAULT_AB_WEIGHT: Final[int] = 50
 PERCENT: Final[int] = 100
+#: ``stages.steps`` (Argo's ``setWeight`` steps, Flagger's ``stepWeights``): at most this many weights.
+MAX_TRAFFIC_STEPS: Final[int] = 10
 
 #: Model version names (label values): the routing table's grammar — no quotes, backslashes, spaces or braces.
 VERSION_PATTERN: Final[re.Pattern[str]] = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+@-]*$")
@@ -291,6 +296,12 @@ class Stages(BaseModel):
     canary: CanaryStagePolicy = CanaryStagePolicy()
     ab: ABStagePolicy = ABStagePolicy()
     full: StagePolicy = StagePolicy()
+    #: The candidate's deciding share in percent at each gated step of the canary/A/B progression, e.g.
+    #: ``[1, 5, 25, 50]`` (Argo Rollouts' ``setWeight`` steps, Flagger's ``stepWeights``): the weights up to
+    #: :data:`CANARY_WEIGHT_MAX` are canary steps, the larger ones A/B steps. Each step is judged like a stage, by its
+    #: stage's gates and minimums, and counts as one more gate×stage instance in the α split. When set, it replaces
+    #: ``canary.weight`` and ``ab.weight``; None keeps one canary and one A/B step at those weights.
+    steps: tuple[int, ...] | None = Field(None, min_length=1, max_length=MAX_TRAFFIC_STEPS)
 
     def of(self, stage: TrafficStage) -> StagePolicy:
         policies: dict[TrafficStage, StagePolicy] = {
@@ -301,16 +312,47 @@ class Stages(BaseModel):
         }
         return policies[stage]
 
-    def candidate_weight(self, stage: TrafficStage) -> int:
-        """The candidate's share of deciding traffic in percent during ``stage``."""
-        weights: dict[TrafficStage, int] = {"shadow": 0, "canary": self.canary.weight, "ab": self.ab.weight}
-        return weights.get(stage, PERCENT)
+    def step_weights(self, stage: TrafficStage) -> tuple[int, ...]:
+        """The candidate's share of deciding traffic in percent at each step of ``stage``: one step per stage, unless
+        ``steps`` splits canary (its weights up to :data:`CANARY_WEIGHT_MAX`) and A/B (the larger ones) into more."""
+        if stage == "shadow":
+            return (0,)
+        if stage == "full":
+            return (PERCENT,)
+        if self.steps is None:
+            return (self.canary.weight,) if stage == "canary" else (self.ab.weight,)
+        return tuple(w for w in self.steps if (w <= CANARY_WEIGHT_MAX) == (stage == "canary"))
+
+    def step_count(self, stage: TrafficStage) -> int:
+        """How many gated steps ``stage`` runs (each one judged by the stage's gates and minimums)."""
+        return len(self.step_weights(stage))
+
+    def candidate_weight(self, stage: TrafficStage, step: int = 0) -> int:
+        """The candidate's share of deciding traffic in percent during ``step`` of ``stage``."""
+        weights = self.step_weights(stage)
+        return weights[min(step, len(weights) - 1)]
 
     @model_validator(mode="after")
     def _growing(self) -> Stages:
-        if not self.canary.weight < self.ab.weight:
+        if self.steps is not None:
+            check_steps(self.steps)
+        elif not self.canary.weight < self.ab.weight:
             raise ValueError("the A/B weight must exceed the canary weight")
         return self
+
+
+def check_steps(steps: tuple[int, ...]) -> None:
+    """``ValueError`` naming ``stages.steps`` unless the weights grow strictly, stay within 1–99 % and give canary
+    (≤ :data:`CANARY_WEIGHT_MAX` %) and A/B (above it) at least one step each."""
+    if any(not 0 < w < PERCENT for w in steps):
+        raise ValueError(f"stages.steps: every weight must be between 1 and {PERCENT - 1} percent, got {list(steps)}")
+    if any(a >= b for a, b in itertools.pairwise(steps)):
+        raise ValueError(f"stages.steps must grow strictly, got {list(steps)}")
+    if steps[0] > CANARY_WEIGHT_MAX or steps[-1] <= CANARY_WEIGHT_MAX:
+        raise ValueError(
+            f"stages.steps needs at least one canary weight (1-{CANARY_WEIGHT_MAX} %) and one A/B weight (above "
+            f"{CANARY_WEIGHT_MAX} %), got {list(steps)}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------- gates
@@ -804,9 +846,14 @@ class RolloutPolicy(BaseModel):
         return gate.confidence if gate.confidence is not None else self.analysis.confidence
 
     def sequential_instances(self) -> int:
-        """How many (gate, stage) instances of sequential gates — relative outcome gates and rate-estimated metric
-        gates — there are (each can roll the rollout back)."""
-        return sum(len(g.stages) for g in self.gates if isinstance(g, OutcomeGate | MetricGate) and g.sequential)
+        """How many (gate, stage step) instances of sequential gates — relative outcome gates and rate-estimated metric
+        gates — there are (each can roll the rollout back; a stage split by ``stages.steps`` counts once per step)."""
+        return sum(
+            self.stages.step_count(stage)
+            for g in self.gates
+            if isinstance(g, OutcomeGate | MetricGate) and g.sequential
+            for stage in g.stages
+        )
 
     def false_rollback(self, gate: OutcomeGate | MetricGate) -> float:
         """α of ``gate``'s SPRT in one stage: its own ``false_rollback`` when set, else the policy's

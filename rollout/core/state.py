@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping
 from typing import Final
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from rollout.core.commands import CommandResult, InboxCommand
 from rollout.core.machine import CommandKind, ManualCommand, Phase, RolloutState
@@ -44,6 +44,40 @@ class RolloutSummary(BaseModel):
     phase: Phase
     started_at: AwareDatetime
     finished_at: AwareDatetime | None
+
+
+class Revision(BaseModel):
+    """A version that served 100 % of decisions, numbered in the order it began to (``rolloutctl undo
+    --to-revision N``): the stable a first rollout began from, each promoted candidate, and the version a revert
+    put back."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    number: int = Field(..., ge=1)
+    version: str
+    #: When it began serving (None: it served before the controller's first rollout).
+    since: AwareDatetime | None = None
+    #: The rollout that made it the serving version (None for the first one).
+    rollout_id: str | None = None
+
+
+def serving_version(rollout: RolloutState) -> str:
+    """The version that decides for 100 % once ``rollout`` has finished, or while it runs (its stable)."""
+    return rollout.candidate if rollout.phase == "Promoted" else rollout.stable
+
+
+def record_revision(revisions: tuple[Revision, ...], rollout: RolloutState, keep: int) -> tuple[Revision, ...]:
+    """``revisions`` with the version ``rollout`` leaves serving appended when it differs from the last one (the
+    newest ``keep`` kept; numbers keep growing). Pure and idempotent."""
+    version = serving_version(rollout)
+    if revisions and revisions[-1].version == version:
+        return revisions
+    if not revisions:
+        first = Revision(number=1, version=rollout.stable)
+        return record_revision((first,), rollout, keep)
+    changed_at = rollout.finished_at if rollout.phase != "Progressing" else None
+    added = Revision(number=revisions[-1].number + 1, version=version, since=changed_at, rollout_id=rollout.rollout_id)
+    return (*revisions, added)[-keep:]
 
 
 class WorkloadView(BaseModel):
@@ -84,6 +118,8 @@ class ControllerState(BaseModel):
     command_results: tuple[CommandResult, ...] = ()
     #: Every running version's workload (readiness, restarts) after the last act pass.
     workloads: tuple[WorkloadView, ...] = ()
+    #: The versions that served, newest last (bounded: ``ControllerSettings.kept_revisions``).
+    revisions: tuple[Revision, ...] = ()
 
     def result_of(self, command_id: str) -> CommandResult | None:
         return next((r for r in self.command_results if r.id == command_id), None)

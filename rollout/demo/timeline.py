@@ -220,7 +220,7 @@ def _when(value: Any) -> datetime:
 
 def transition_of(event: Mapping[str, Any], policy: RolloutPolicy) -> TransitionPoint:
     """A ``transition`` event of the log as a :class:`TransitionPoint`."""
-    weights = weights_for(policy, event["to_phase"], event["to_stage"])
+    weights = weights_for(policy, event["to_phase"], event["to_stage"], int(event.get("to_step", 0)))
     return TransitionPoint(
         at=_when(event["at"]),
         rollout_id=str(event["rollout_id"]),

@@ -19,6 +19,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ApiException as DynamicApiException
 
+from rollout.backends.kube.resource import deprecated_policy_fields, effective_policy
 from rollout.core.policy import load_policy, policy_from_mapping
 from tests.kits.chart import (
     CHART_DIR,
@@ -228,6 +229,32 @@ def test_crd_keeps_the_default_policy_unpruned(k8s_client: Any, crd: Mapping[str
     assert policy_from_mapping(created["spec"]["policy"]) == load_policy()
 
 
+def test_crd_takes_the_policy_in_api_conventions_and_the_deprecated_form(
+    k8s_client: Any, crd: Mapping[str, Any], namespace: str
+) -> None:
+    """camelCase fields with durations (issue 17) and the snake_case ``*_s`` form both pass the CRD's schema and
+    come back unpruned; the controller's reading of them (effective_policy) is the same policy."""
+    camel = {
+        "stages": {"canary": {"minDuration": "10m", "minRequests": 200}, "steps": [1, 5, 25, 50]},
+        "analysis": {"interval": "30s", "inconclusiveTimeout": "1h30m", "notReadyTimeout": "500ms"},
+        "promotion": {"warmWindow": "15m", "scaleDownDelay": "2m"},
+    }
+    snake = {
+        "stages": {"canary": {"min_duration_s": 600, "min_requests": 200}, "steps": [1, 5, 25, 50]},
+        "analysis": {"interval_s": 30, "inconclusive_timeout_s": 5400, "not_ready_timeout_s": 0.5},
+        "promotion": {"warm_window_s": 900, "scale_down_delay_s": 120},
+    }
+    stored = [
+        create_rollout(k8s_client, namespace, rollout_body(name, {"policy": policy}))["spec"]["policy"]
+        for name, policy in (("camel", camel), ("snake", snake))
+    ]
+    assert stored == [camel, snake]
+    assert effective_policy(load_policy(), stored[0]) == effective_policy(load_policy(), stored[1])
+    assert deprecated_policy_fields(stored[0]) == () and "stages.canary.min_duration_s" in deprecated_policy_fields(
+        stored[1]
+    )
+
+
 @pytest.mark.parametrize(
     ("overrides", "complaint"),
     [
@@ -235,6 +262,14 @@ def test_crd_keeps_the_default_policy_unpruned(k8s_client: Any, crd: Mapping[str
         ({"policy": {"stages": {"canary": {"weight": 5}, "ab": {"weight": 4}}}}, "A/B weight must exceed"),
         ({"policy": {"gates": [{"name": "x", "layer": "vibes"}]}}, "spec.policy.gates[0].layer"),
         ({"policy": {"analysis": {"confidence": 1.0}}}, "spec.policy.analysis.confidence"),
+        ({"policy": {"stages": {"canary": {"minDuration": "10x"}}}}, "spec.policy.stages.canary.minDuration"),
+        ({"policy": {"stages": {"canary": {"minDuration": 600}}}}, "spec.policy.stages.canary.minDuration"),
+        ({"policy": {"promotion": {"warmWindow": "1m", "warm_window_s": 60}}}, "give warmWindow or the deprecated"),
+        ({"policy": {"analysis": {"interval": "1s", "interval_s": 1}}}, "give interval or the deprecated"),
+        ({"policy": {"stages": {"steps": [5, 1, 50]}}}, "the steps must grow strictly"),
+        ({"policy": {"stages": {"steps": [5, 5, 50]}}}, "Duplicate value: 5"),
+        ({"policy": {"stages": {"steps": [1, 2, 5]}}}, "need a canary weight"),
+        ({"policy": {"stages": {"steps": [1, 50, 100]}}}, "spec.policy.stages.steps[2]"),
         (
             {"candidate": {"version": "v2", "image": "i:2", "modelUri": "models:/m/2", "registryAlias": "challenger"}},
             "at most one of modelUri and registryAlias",

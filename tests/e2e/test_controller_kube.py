@@ -194,6 +194,14 @@ def test_kubectl_modelrollout_steers_the_rollout_with_the_documented_exit_codes(
     ns = ("-n", release.ns)
     try:
         wait_until("a steady status", lambda: steady_status(release), CONVERGE_S)
+        # spec.policy in the deprecated snake_case form is still read, with a Warning Event naming the field
+        path = rollout_path(release.ns, ROLLOUT)
+        release.api.merge_patch(path, {"spec": {"policy": {"promotion": {"warm_window_s": 3600}}}})
+        deprecated = lambda: rollout_event(release, "DeprecatedPolicyFields", "promotion.warm_window_s")  # noqa: E731
+        wait_until("the DeprecatedPolicyFields Event", deprecated, CONVERGE_S)
+        events = release.api.list(f"/api/v1/namespaces/{release.ns}/events")["items"]
+        assert {e["type"] for e in events if e["reason"] == "DeprecatedPolicyFields"} == {"Warning"}
+        release.api.merge_patch(path, {"spec": {"policy": {"promotion": None}}})
         assert plugin(release, "status", ROLLOUT, *ns).returncode == ExitCode.NOT_FOUND  # no rollout yet
         assert plugin(release, "promote", ROLLOUT, *ns).returncode == ExitCode.NOT_FOUND
         assert plugin(release, "status", "someone-else", *ns).returncode == ExitCode.NOT_FOUND
@@ -240,6 +248,16 @@ def test_kubectl_modelrollout_steers_the_rollout_with_the_documented_exit_codes(
         assert (again["phase"], again["candidateVersion"], again["stableVersion"]) == ("Progressing", "v3", serving)
         assert plugin(release, "retry", ROLLOUT, *ns).returncode == ExitCode.REFUSED  # in progress
         assert plugin(release, "abort", ROLLOUT, *ns).returncode == ExitCode.OK
+
+        # undo --to-revision reads the revisions the controller keeps in status.state
+        shown = plugin(release, "status", ROLLOUT, "-o", "json", *ns)
+        assert [(r["number"], r["version"]) for r in json.loads(shown.stdout)["revisions"]] == [(1, serving)]
+        gone = plugin(release, "undo", ROLLOUT, "--to-revision", "9", *ns)
+        assert gone.returncode == ExitCode.NOT_FOUND and "revision 9 is no longer in the history (kept: 1-1)" in (
+            gone.stderr
+        )
+        same = plugin(release, "undo", ROLLOUT, "--to-revision", "1", *ns)
+        assert same.returncode == ExitCode.REFUSED and f"revision 1 ({serving}) is the serving version" in same.stderr
     finally:
         assert controller.stop(signal.SIGTERM) == 0, controller.log_tail()
 
@@ -364,6 +382,8 @@ def test_rbac_grants_the_controller_what_it_uses_and_nothing_else(release: Relea
         # no verb the backend does not use
         ("get", "apps:deployments", "anything"), ("update", "apps:deployments", "anything"),
         ("get", ":services", "anything"), ("update", ":services", "anything"),
+        ("list", "autoscaling:horizontalpodautoscalers", None), ("update", "autoscaling:horizontalpodautoscalers", "x"),
+        ("list", "policy:poddisruptionbudgets", None), ("update", "policy:poddisruptionbudgets", "x"),
         ("patch", ":events", None), ("create", "events.k8s.io:events", None),
     ]  # fmt: skip
     allowed = [r for r in refused if can(release.api, controller, r[0], r[1], release.ns, r[2])]

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from rollout.backends.base import RoutingSpec
-from rollout.backends.kube.api import KubeApi, rollout_path
+from rollout.backends.kube.api import KubeApi, group_path, rollout_path
 from rollout.backends.kube.cache import RolloutCache
 from rollout.backends.kube.events import KubeEventSink
 from rollout.backends.kube.lease import LeaseElector
@@ -228,6 +228,39 @@ def test_a_version_runs_as_a_deployment_and_service_from_the_chart_templates(wor
     assert workloads.scale_down("v2") is True
     wait_until("v2's objects gone", lambda: not owned(world.api, world.ns, "deployments", rollout=NAME), 60)
     assert workloads.status("v2").readiness is Readiness.STOPPED
+
+
+def test_each_version_gets_the_hpa_and_pdb_the_chart_values_ask_for(
+    world: World, k8s_cluster: ControlPlane, tmp_path: Path
+) -> None:
+    """modelServer.autoscaling / podDisruptionBudget (issue 17): the API server accepts the autoscaling/v2 HPA and
+    the policy/v1 PDB built for a version, owned by the ModelRollout, and they go with the version's scale-down."""
+    values = {"modelServer": {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 5},
+                              "podDisruptionBudget": {"enabled": True, "maxUnavailable": 1}}}  # fmt: skip
+    apply_model_server_objects(world.api, render(k8s_cluster, values, tmp_path, "fraud"), world.ns)
+    wait_until("the scaling templates in the cache", lambda: world.cache.templates().hpa, 30)
+    workloads = KubeWorkloads(world.api, world.cache, world.kube)
+    name = workload_name(NAME, "v2")
+    hpa_path = group_path("autoscaling/v2", world.ns, "horizontalpodautoscalers", name)
+    pdb_path = group_path("policy/v1", world.ns, "poddisruptionbudgets", name)
+
+    workloads.ensure_running("v2")
+    hpa, pdb = world.api.get(hpa_path), world.api.get(pdb_path)
+    assert hpa is not None and pdb is not None
+    uid = world.rollout()["metadata"]["uid"]
+    for obj in (hpa, pdb):
+        (owner,) = obj["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["uid"]) == ("ModelRollout", uid)
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 5)
+    deployment = owned(world.api, world.ns, "deployments", rollout=NAME)[name]
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    applied = workloads.applied
+    workloads.ensure_running("v2")
+    assert workloads.applied == applied  # unchanged: not sent again
+
+    assert workloads.scale_down("v2") is True
+    assert world.api.get(hpa_path) is None and world.api.get(pdb_path) is None
 
 
 def test_the_url_seam_maps_a_version_to_a_local_process(world: World) -> None:

@@ -54,8 +54,7 @@ from rollout.backends.local.inbox import EVENTS_FILE, CommandInbox, read_heartbe
 from rollout.backends.local.workloads import WORKLOADS_FILE
 from rollout.controller.runners import OFFLINE_MESSAGE
 from rollout.core.policy import loads_policy
-from rollout.router.process import RouterProcess
-from service.common.processes import alive, free_port, process_tree, stop_tree, tagged
+from service.common.processes import alive, process_tree, tagged
 from tests.kits.rollout import (
     BIN,
     HOST,
@@ -65,9 +64,7 @@ from tests.kits.rollout import (
     Models,
     build_models,
     failed_gates,
-    prometheus_server,
     published_tables,
-    router_env,
 )
 from tests.kits.router import metric_value
 from tests.kits.sockets import connection_refused
@@ -75,12 +72,9 @@ from tests.kits.waiting import wait_for
 from tests.kits.walk import (
     LOCAL_POLICY_YAML,
     NAME,
-    TOKEN,
     WARM_WINDOW_S,
     Stack,
-    controller_env,
-    serve_traffic,
-    stop_traffic,
+    local_stack,
     walk_bad_candidate,
     walk_good_candidate,
     walk_prometheus_scrapes,
@@ -97,26 +91,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
 
 @pytest.fixture(scope="module")
 def stack(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    workdir = tmp_path_factory.mktemp("rollout-local")
-    prometheus = prometheus_server(workdir / "prometheus")
-    router = RouterProcess(log_path=workdir / "router.log", admin_token=TOKEN, env=router_env(workdir))
-    port = free_port(HOST)
-    started = time.monotonic()
-    router.start()
-    router.wait_live()
-    prometheus.start()
-    built = Stack(models, workdir, prometheus, router, port, controller_env(models, workdir, prometheus, router, port))
-    try:
-        serve_traffic(built, started)
+    with local_stack(models, tmp_path_factory.mktemp("rollout-local")) as built:
         yield built
-    finally:
-        stop_traffic(built)
-        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-            for pid in built.workloads().values():  # a failed test may leave servers a kill orphaned
-                stop_tree(pid, grace_s=10.0, poll_s=0.1)
-        router.stop()
-        prometheus.stop()
-        print(f"\nrollout integration timings: {json.dumps(built.timings)}")
 
 
 # --------------------------------------------------------------------------------------------------- scenarios

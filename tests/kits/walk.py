@@ -4,10 +4,12 @@ real processes on loopback, and the checks each scenario makes of them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ from rollout.backends.local.workloads import WORKLOADS_FILE
 from rollout.backends.prometheus import PrometheusClient
 from rollout.core.policy import dumps_policy, loads_policy
 from rollout.core.state import ControllerState
+from rollout.router.process import RouterProcess
+from service.common.processes import free_port, stop_tree
 from tests.kits.rollout import (
     HOST,
     POLICY_YAML,
@@ -31,6 +35,8 @@ from tests.kits.rollout import (
     answer,
     check_good_ab_exit,
     check_outcome_rollback,
+    prometheus_server,
+    router_env,
     router_ready,
     stage_timings,
     start_locust,
@@ -117,14 +123,14 @@ class Stack:
         records = json.loads((self.state_dir / WORKLOADS_FILE).read_text())
         return {r["version"]: r["pid"] for r in records}
 
-    def finished(self, rollout_id: str) -> Any:
+    def finished(self, rollout_id: str, timeout_s: float = ROLLOUT_TIMEOUT_S) -> Any:
         def done() -> Any:
             rollout = self.state().rollout
             if rollout is not None and rollout.rollout_id == rollout_id and rollout.phase != "Progressing":
                 return rollout
             return None
 
-        return wait_for(done, f"rollout {rollout_id} to finish", ROLLOUT_TIMEOUT_S)
+        return wait_for(done, f"rollout {rollout_id} to finish", timeout_s)
 
     def at_stage(self, rollout_id: str, stage: str) -> Any:
         def there() -> Any:
@@ -142,15 +148,46 @@ class Stack:
 
 
 def controller_env(
-    models: Models, workdir: Path, prometheus: PrometheusServer, router: RouterEndpoints, port: int
+    models: Models,
+    workdir: Path,
+    prometheus: PrometheusServer,
+    router: RouterEndpoints,
+    port: int,
+    policy_yaml: str = LOCAL_POLICY_YAML,
 ) -> dict[str, str]:
     config = ControllerConfig(
         name=NAME, model_home=models.home, workdir=workdir, prometheus_url=prometheus.url,
         router_control_url=router.control_url,
-        metrics_port=port, policy_yaml=LOCAL_POLICY_YAML, admin_token=TOKEN, quality_set=models.regression_meta,
+        metrics_port=port, policy_yaml=policy_yaml, admin_token=TOKEN, quality_set=models.regression_meta,
         start_timeout_s=START_TIMEOUT_S,
     )  # fmt: skip
     return kit_controller_env(config)
+
+
+@contextlib.contextmanager
+def local_stack(models: Models, workdir: Path, policy_yaml: str = LOCAL_POLICY_YAML) -> Iterator[Stack]:
+    """Prometheus, a router with its admin endpoint, the controller on the local backend under ``policy_yaml`` and
+    locust's traffic, all real processes on loopback; stopped (and any orphaned model server) on exit."""
+    prometheus = prometheus_server(workdir / "prometheus")
+    router = RouterProcess(log_path=workdir / "router.log", admin_token=TOKEN, env=router_env(workdir))
+    port = free_port(HOST)
+    started = time.monotonic()
+    router.start()
+    router.wait_live()
+    prometheus.start()
+    env = controller_env(models, workdir, prometheus, router, port, policy_yaml)
+    built = Stack(models, workdir, prometheus, router, port, env)
+    try:
+        serve_traffic(built, started)
+        yield built
+    finally:
+        stop_traffic(built)
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            for pid in built.workloads().values():  # a failed test may leave servers a kill orphaned
+                stop_tree(pid, grace_s=10.0, poll_s=0.1)
+        router.stop()
+        prometheus.stop()
+        print(f"\nrollout integration timings: {json.dumps(built.timings)}")
 
 
 def serve_traffic(stack: Stack, started: float) -> None:

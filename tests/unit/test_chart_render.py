@@ -362,6 +362,13 @@ def test_pods_scrape_annotations_follow_the_value(rendered: dict[str, list[dict[
         ({"routerr": {}}, "routerr"),
         ({"containerSecurityContext": {"allowPrivilegeEscalation": True}}, "/containerSecurityContext"),
         ({"podSecurityContext": {"runAsNonRoot": False}}, "/podSecurityContext"),
+        (
+            {"modelServer": {"autoscaling": {"targetCPUUtilizationPercentage": 0}}},
+            "/modelServer/autoscaling/targetCPUUtilizationPercentage",
+        ),
+        ({"modelServer": {"podDisruptionBudget": {"maxUnavailable": "half"}}}, "/modelServer/podDisruptionBudget"),
+        ({"rollout": {"policy": {"stages": {"steps": [1, 150]}}}}, "/rollout/policy/stages/steps/1"),
+        ({"rollout": {"policy": {"analysis": {"interval": "5 minutes"}}}}, "/rollout/policy/analysis/interval"),
     ],
 )
 def test_schema_rejects_invalid_values(helm: Helm, workdir: Path, values: dict[str, Any], complaint: str) -> None:

@@ -23,6 +23,7 @@ from rollout.backends.kube.resource import (
     RolloutObject,
     StatusInputs,
     Templates,
+    build_scaling,
     build_workload,
     compose_status,
     deep_merge,
@@ -74,11 +75,28 @@ def obj(spec: dict[str, Any] | None = None, status: dict[str, Any] | None = None
 
 @pytest.fixture(scope="module")
 def templates(tmp_path_factory: pytest.TempPathFactory) -> Templates:
+    return _templates(tmp_path_factory, {})
+
+
+SCALING_VALUES: dict[str, Any] = {
+    "modelServer": {
+        "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6, "targetCPUUtilizationPercentage": 60},
+        "podDisruptionBudget": {"enabled": True, "maxUnavailable": 1},
+    }
+}
+
+
+@pytest.fixture(scope="module")
+def scaling_templates(tmp_path_factory: pytest.TempPathFactory) -> Templates:
+    return _templates(tmp_path_factory, SCALING_VALUES)
+
+
+def _templates(tmp_path_factory: pytest.TempPathFactory, values: dict[str, Any]) -> Templates:
     try:
         helm = Helm.isolated(locate_helm(), tmp_path_factory.mktemp("helm")).with_base(DRY_RENDER_VALUES)
     except HelmNotFoundError as exc:
         pytest.fail(str(exc), pytrace=False)
-    objects = helm.template({}, tmp_path_factory.mktemp("values"))
+    objects = helm.template(values, tmp_path_factory.mktemp("values"))
     return Templates.from_configmap(one(objects, "ConfigMap", "-model-server"))
 
 
@@ -137,6 +155,39 @@ def test_a_workload_is_the_chart_template_with_the_version_filled_in(templates: 
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env[MODEL_ALIAS_ENV] == "challenger" and MODEL_URI_ENV not in env
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+def test_without_scaling_values_a_version_gets_no_hpa_or_pdb_and_a_fixed_replica_count(templates: Templates) -> None:
+    spec = obj({"candidate": {"version": "v2", "image": "img:v2"}})
+    version = spec.known_versions()["v2"]
+    assert (templates.hpa, templates.pdb) == (None, None)
+    assert build_scaling(templates, spec, version) == ()
+    assert build_workload(templates, spec, version)[0]["spec"]["replicas"] == 1
+
+
+def test_each_version_gets_its_own_hpa_and_pdb_from_the_chart_values(scaling_templates: Templates) -> None:
+    spec = obj({"candidate": {"version": "v2", "image": "img:v2", "replicas": 3}})
+    version = spec.known_versions()["v2"]
+    deployment, _ = build_workload(scaling_templates, spec, version)
+    hpa, pdb = build_scaling(scaling_templates, spec, version)
+
+    assert "replicas" not in deployment["spec"]  # the HPA owns the replica count
+    assert (hpa["apiVersion"], hpa["kind"], pdb["apiVersion"], pdb["kind"]) == (
+        "autoscaling/v2", "HorizontalPodAutoscaler", "policy/v1", "PodDisruptionBudget",
+    )  # fmt: skip
+    name = deployment["metadata"]["name"]
+    assert hpa["metadata"]["name"] == pdb["metadata"]["name"] == name
+    assert hpa["metadata"]["ownerReferences"] == pdb["metadata"]["ownerReferences"] == [spec.owner_reference()]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"] == {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 60}}
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": deployment["spec"]["selector"]}
+    # another version's PDB selects none of this version's pods
+    other = obj({"candidate": {"version": "v3", "image": "img:v3"}})
+    other_pdb = build_scaling(scaling_templates, other, other.known_versions()["v3"])[1]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert not all(labels.get(k) == v for k, v in other_pdb["spec"]["selector"]["matchLabels"].items())
 
 
 def test_the_spec_hash_changes_with_the_version_spec_only(templates: Templates) -> None:

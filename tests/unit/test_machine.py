@@ -16,6 +16,7 @@ from rollout.core import policy as pol
 from rollout.core.analysis import AnalysisReport, GateResult, analyse, required_samples
 from rollout.core.analysis import GateStatus as S
 from rollout.core.routing import MachineStage, RoutingTable, TrafficStage, VersionEndpoint
+from rollout.core.state import record_revision
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 STABLE, CANDIDATE = "v1", "v2"
@@ -396,6 +397,76 @@ def test_reports_of_another_stage_or_rollout_are_ignored() -> None:
     assert go(state, before_stage, when)[0] == state
 
 
+# --------------------------------------------------------------------------------------------------- steps
+
+STEPPED = pol.policy_from_mapping(
+    {**yaml.safe_load(POLICY_YAML), "stages": {**yaml.safe_load(POLICY_YAML)["stages"], "steps": [1, 2, 5, 25, 50]}}
+)
+
+
+def stepped(state: m.RolloutState, rep: AnalysisReport | None, now: datetime, command: m.ManualCommand | None = None
+            ) -> tuple[m.RolloutState, tuple[m.Action, ...]]:  # fmt: skip
+    return m.step(state, rep, now, command, policy=STEPPED)
+
+
+def test_steps_walk_each_weight_in_turn_each_gated_and_timed_from_its_own_start() -> None:
+    state = m.initial_state(STEPPED, "r1", STABLE, CANDIDATE, T0)
+    seen: list[tuple[str, int, int]] = []
+    while state.phase == "Progressing":
+        minimum = _min_duration(state.stage)
+        if minimum:  # not before the step's own minimum duration, counted from the step's entry
+            early = state.stage_entered_at + timedelta(seconds=minimum - 1)
+            held = stepped(state, report(state, early), early)[0]
+            assert (held.stage, held.step, held.phase) == (state.stage, state.step, state.phase)
+        when = state.stage_entered_at + timedelta(seconds=minimum)
+        state, actions = stepped(state, report(state, when), when)
+        if state.phase == "Progressing" and state.stage != m.QUALITY_STAGE:
+            seen.append((state.stage, state.step, routing(actions).candidate_weight))
+            assert state.weights.candidate == routing(actions).candidate_weight and state.gates == {}
+    assert seen == [("shadow", 0, 0), ("canary", 0, 1), ("canary", 1, 2), ("canary", 2, 5), ("ab", 0, 25),
+                    ("ab", 1, 50), ("full", 0, 100)]  # fmt: skip
+    assert state.phase == "Promoted"
+    reasons = [t.reason for t in state.history]
+    assert "every gate of canary step 2/3 (2 %) passed" in reasons
+    assert "every gate of ab step 1/2 (25 %) passed" in reasons
+    steps = [(t.from_stage, t.from_step, t.to_stage, t.to_step) for t in state.history]
+    assert ("canary", 2, "ab", 0) in steps and ("ab", 0, "ab", 1) in steps
+
+
+def _at_step(stage: MachineStage, step: int) -> m.RolloutState:
+    state = m.initial_state(STEPPED, "r1", STABLE, CANDIDATE, T0)
+    while (state.stage, state.step) != (stage, step):
+        when = state.stage_entered_at + timedelta(seconds=_min_duration(state.stage))
+        state, _ = stepped(state, report(state, when), when)
+    return state
+
+
+def test_a_failed_gate_in_a_later_step_rolls_back_and_a_report_of_the_previous_step_is_ignored() -> None:
+    state = _at_step("canary", 1)
+    stale = report(state, state.stage_entered_at - timedelta(seconds=1), S.FAILED)
+    assert stepped(state, stale, state.stage_entered_at + timedelta(seconds=5))[0] == state
+    when = state.stage_entered_at + timedelta(seconds=5)
+    failed, actions = stepped(state, report(state, when, overrides={"errors": S.FAILED}), when)
+    assert failed.phase == "RolledBack" and failed.history[-1].from_step == 1
+    assert routing(actions).candidate_weight == 0
+
+
+def test_manual_promote_moves_one_step_and_promote_to_a_stage_starts_its_first_step() -> None:
+    state = _at_step("canary", 0)
+    nxt, actions = stepped(state, None, at(10_000), cmd("promote"))
+    assert (nxt.stage, nxt.step, routing(actions).candidate_weight) == ("canary", 1, 2)
+    jumped, actions = stepped(state, None, at(10_000), cmd("promote", to="ab"))
+    assert (jumped.stage, jumped.step, routing(actions).candidate_weight) == ("ab", 0, 25)
+    last = _at_step("ab", 1)
+    to_full, actions = stepped(last, None, at(99_000), cmd("promote"))
+    assert (to_full.stage, to_full.step, routing(actions).candidate_weight) == ("full", 0, 100)
+
+
+def test_without_steps_each_stage_has_one_step_at_its_weight() -> None:
+    assert [POLICY.stages.step_weights(s) for s in pol.TRAFFIC_STAGES] == [(0,), (3,), (50,), (100,)]
+    assert m.step_label(POLICY, "canary", 0) == "canary"
+
+
 def test_state_round_trips_through_json() -> None:
     state = pass_stage(at_stage("full"))
     assert m.RolloutState.model_validate_json(state.model_dump_json()) == state
@@ -571,3 +642,26 @@ def test_abort_or_revert_at_any_point_returns_all_traffic_to_stable(events: list
     assert final.phase in m.ROLLED_BACK_PHASES
     assert routing(actions) == m.PublishRouting(stage="stable", stable=STABLE, candidate=None, candidate_weight=0)
     assert final.weights == m.Weights(stable=100, candidate=0)
+
+
+# --------------------------------------------------------------------------------------------------- revisions
+
+
+def test_revisions_record_each_new_serving_version_once_numbered_and_bounded() -> None:
+    state = start()
+    revisions = record_revision((), state, keep=3)
+    assert [(r.number, r.version) for r in revisions] == [(1, STABLE)]  # the stable a first rollout begins from
+    promoted = pass_stage(at_stage("full"))
+    revisions = record_revision(revisions, promoted, keep=3)
+    assert [(r.number, r.version, r.rollout_id) for r in revisions] == [(1, STABLE, None), (2, CANDIDATE, "r1")]
+    assert revisions[-1].since == promoted.finished_at
+    assert record_revision(revisions, promoted, keep=3) == revisions  # idempotent
+    reverted, _ = go(promoted, None, at(99_000), cmd("revert", "undo"))
+    revisions = record_revision(revisions, reverted, keep=3)
+    assert [(r.number, r.version) for r in revisions] == [(1, STABLE), (2, CANDIDATE), (3, STABLE)]
+    again = m.initial_state(POLICY, "r2", STABLE, CANDIDATE, at(100_000))
+    again = pass_stage(again)
+    while again.phase == "Progressing":
+        again = pass_stage(again)
+    revisions = record_revision(revisions, again, keep=3)
+    assert [(r.number, r.version) for r in revisions] == [(2, CANDIDATE), (3, STABLE), (4, CANDIDATE)]  # 3 kept

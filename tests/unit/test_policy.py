@@ -196,6 +196,43 @@ def test_canary_weight_inside_one_to_five_is_accepted(weight: int) -> None:
     assert policy.stages.candidate_weight("full") == pol.PERCENT
 
 
+@pytest.mark.parametrize(
+    ("steps", "why"),
+    [
+        ([1, 5, 5, 50], "grow strictly"),
+        ([5, 1, 50], "grow strictly"),
+        ([0, 5, 50], "between 1 and 99"),
+        ([1, 5, 100], "between 1 and 99"),
+        ([1, 2, 5], "one A/B weight"),
+        ([10, 25, 50], "one canary weight"),
+        ([], "at least 1"),
+        (list(range(1, 13)), "at most 10"),
+    ],
+)
+def test_traffic_steps_that_do_not_grow_or_leave_canary_or_ab_empty_are_rejected_naming_the_field(
+    steps: list[int], why: str
+) -> None:
+    with pytest.raises(ValidationError, match=why) as caught:
+        pol.policy_from_mapping(_minimal(stages={"steps": steps}))
+    assert "steps" in str(caught.value)
+
+
+def test_traffic_steps_replace_the_canary_and_ab_weights_and_count_in_the_alpha_split() -> None:
+    data = yaml.safe_load(DEFAULT_POLICY_TEXT)
+    default = pol.policy_from_mapping(data)
+    stepped = pol.policy_from_mapping({**data, "stages": {**data["stages"], "steps": [1, 5, 25, 50]}})
+    assert [stepped.stages.step_weights(s) for s in pol.TRAFFIC_STAGES] == [(0,), (1, 5), (25, 50), (100,)]
+    assert stepped.stages.candidate_weight("canary", 1) == 5 and stepped.stages.candidate_weight("ab", 0) == 25
+    gates = [g for g in stepped.gates if isinstance(g, pol.OutcomeGate | pol.MetricGate) and g.sequential]
+    extra = sum(1 for g in gates for s in g.stages if s in ("canary", "ab"))  # one more instance per added step
+    assert stepped.sequential_instances() == default.sequential_instances() + extra
+    for gate in gates:
+        assert stepped.false_rollback(gate) == pytest.approx(0.01 / stepped.sequential_instances())
+        assert stepped.false_rollback(gate) < default.false_rollback(gate)
+    # without steps, nothing changes: the shipped policies keep their declared instance counts
+    assert default.sequential_instances() == 30 and load_demo_policy().sequential_instances() == 25
+
+
 def test_a_stage_without_gates_is_rejected() -> None:
     data = _minimal()
     data["gates"][0]["stages"] = ["shadow", "canary", "ab"]

@@ -529,3 +529,36 @@ def test_retry_rolls_the_rolled_back_candidate_out_again(
     capsys.readouterr()
     assert ctl(state_dir, "--json", "retry") == ExitCode.REFUSED
     assert json_out(capsys)["detail"] == "nothing to retry: the rollout is Promoted"
+
+
+def test_undo_to_revision_reverts_to_the_previous_starts_an_older_one_and_names_what_it_cannot(
+    running: Harness, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert ctl(state_dir, "undo", "--to-revision", "1") == ExitCode.NOT_FOUND  # no revision recorded yet
+    assert ctl(state_dir, "start", "--candidate", V2, "--id", "first") == ExitCode.OK
+    assert watching(running, state_dir, "status", "--watch") == ExitCode.OK  # promoted
+    capsys.readouterr()
+    saved = StateStore(state_dir).load()
+    assert saved is not None
+    assert [(r.number, r.version, r.rollout_id) for r in saved.revisions] == [(1, V1, None), (2, V2, "first")]
+    assert saved.rollout is not None and saved.revisions[1].since == saved.rollout.finished_at
+
+    assert ctl(state_dir, "status", "-o", "json") == ExitCode.OK
+    assert [(r["number"], r["version"]) for r in json_out(capsys)["revisions"]] == [(1, V1), (2, V2)]
+    assert ctl(state_dir, "undo", "--to-revision", "2") == ExitCode.REFUSED  # the serving one
+    assert "revision 2 (v2) is the serving version" in capsys.readouterr().err
+    assert ctl(state_dir, "undo", "--to-revision", "9") == ExitCode.NOT_FOUND
+    assert "revision 9 is no longer in the history (kept: 1-2)" in capsys.readouterr().err
+
+    # the previous revision, warm: a revert
+    assert ctl(state_dir, "--json", "undo", "--to-revision", "1", "--reason", "drill") == ExitCode.OK
+    assert json_out(capsys)["kind"] == "revert"
+    rollout = running.controller.state.rollout
+    assert rollout is not None and rollout.phase == "RolledBack"
+    assert [(r.number, r.version) for r in running.controller.state.revisions] == [(1, V1), (2, V2), (3, V1)]
+
+    # an older revision than the previous one: rolled out again, through the gates
+    assert ctl(state_dir, "--json", "undo", "--to-revision", "2", "--id", "back-to-2") == ExitCode.OK
+    assert json_out(capsys)["detail"] == f"rollout back-to-2: {V1} → {V2}"
+    rollout = running.controller.state.rollout
+    assert rollout is not None and (rollout.phase, rollout.candidate) == ("Progressing", V2)

@@ -29,6 +29,9 @@ REQUIRED_ACCESS: Final[tuple[Access, ...]] = (
     Access("update", "fraudwatch.io:modelrollouts/finalizers", "rollout"),
     *(Access(v, "apps:deployments") for v in ("list", "watch", "create", "patch", "delete")),  # apply = patch
     *(Access(v, ":services") for v in ("list", "watch", "create", "patch", "delete")),
+    # each version's HorizontalPodAutoscaler and PodDisruptionBudget when the chart enables them (applied, deleted)
+    *(Access(v, "autoscaling:horizontalpodautoscalers") for v in ("create", "patch", "delete")),
+    *(Access(v, "policy:poddisruptionbudgets") for v in ("create", "patch", "delete")),
     *(Access(v, ":pods") for v in ("list", "watch")),  # read only: the model servers' restarts and crash loops
     Access("get", ":configmaps", "configmap"),  # the model-server templates
     Access("watch", ":configmaps", "configmap"),

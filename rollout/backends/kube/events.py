@@ -31,6 +31,10 @@ logger = get_logger(__name__)
 _MAX_EVENT_MESSAGE: Final[int] = 1024
 
 
+#: Notes recorded as ``Warning`` Events (``kubectl get events --field-selector type=Warning`` shows them).
+WARNING_NOTES: Final[frozenset[str]] = frozenset({"DeprecatedPolicyFields"})
+
+
 @dataclass
 class KubeEventSink:
     """:class:`~rollout.controller.loop.EventSink`: Kubernetes Events on the ModelRollout (``kubectl describe mro``)."""
@@ -66,7 +70,9 @@ class KubeEventSink:
     def note(self, at: datetime, rollout_id: str | None, reason: str, **fields: object) -> None:
         name = event_name(self.cache.name, "note", uuid.uuid4().hex[:12])
         detail = ", ".join(f"{k}={v}" for k, v in fields.items())
-        self._create(name, note_reason(reason), "Normal", reason + (f" ({detail})" if detail else ""), at)
+        code = note_reason(reason)
+        kind = "Warning" if code in WARNING_NOTES else "Normal"
+        self._create(name, code, kind, reason + (f" ({detail})" if detail else ""), at)
         log_event(logger, reason, logging.INFO, event="rollout_note", rollout_id=rollout_id, **fields)
 
     def _create(self, name: str, reason: str, kind: str, message: str, at: datetime) -> bool | None:

@@ -31,6 +31,7 @@ from rollout.core.commands import InboxCommand
 from rollout.core.events import SUPERSEDE_PREFIX
 from rollout.core.machine import ROLLED_BACK_PHASES, RolloutState, Transition, warm_until
 from rollout.core.policy import RolloutPolicy, policy_from_mapping
+from rollout.core.policy_fields import from_api_conventions
 from rollout.core.routing import RoutingTable
 from rollout.core.state import ControllerState, StateError, loads_state
 from rollout.core.workloads import Readiness
@@ -49,6 +50,10 @@ MODEL_URI_ANNOTATION: Final[str] = "fraudwatch.io/model-uri"
 CONTRACT_VERSION: Final[str] = "1"
 POD_TEMPLATE_KEY: Final[str] = "pod-template.yaml"
 SERVICE_TEMPLATE_KEY: Final[str] = "service-template.yaml"
+#: Optional keys: the spec of each version's HorizontalPodAutoscaler (autoscaling/v2; min/max replicas, metrics) and
+#: PodDisruptionBudget (policy/v1; minAvailable or maxUnavailable), present when the chart's values enable them.
+HPA_TEMPLATE_KEY: Final[str] = "hpa-template.yaml"
+PDB_TEMPLATE_KEY: Final[str] = "pdb-template.yaml"
 CONTAINER_KEY: Final[str] = "container-name"
 #: The model server's settings the controller sets per version (service/settings.py: ServeSettings).
 MODEL_ALIAS_ENV: Final[str] = "FW_SERVE__MODEL_ALIAS"
@@ -342,10 +347,27 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> Json:
 
 
 def effective_policy(base: RolloutPolicy, override: Mapping[str, Any] | None) -> RolloutPolicy:
-    """The ModelRollout's ``spec.policy`` deep-merged over the controller's policy (``ValueError`` when invalid)."""
+    """The ModelRollout's ``spec.policy`` (camelCase with duration strings, or the deprecated snake_case ``*_s``
+    form: rollout/core/policy_fields.py) deep-merged over the controller's policy (``ValueError`` when invalid)."""
     if not override:
         return base
-    return policy_from_mapping(deep_merge(base.model_dump(mode="json"), override))
+    converted = from_api_conventions(override).mapping
+    return policy_from_mapping(deep_merge(base.model_dump(mode="json"), converted))
+
+
+#: The start of the note (Kubernetes Event ``DeprecatedPolicyFields``, a warning log line) naming the snake_case fields.
+DEPRECATED_POLICY_NOTE: Final[str] = "spec.policy uses deprecated snake_case fields"
+
+
+def deprecated_policy_fields(override: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The fields of ``spec.policy`` written in the deprecated snake_case form (empty when none, or when invalid:
+    :func:`effective_policy` reports that)."""
+    if not override:
+        return ()
+    try:
+        return from_api_conventions(override).deprecated
+    except ValueError:
+        return ()
 
 
 # --------------------------------------------------------------------------------------------------- workloads
@@ -375,6 +397,9 @@ class Templates:
     pod: Json
     service: Json
     container: str
+    #: The spec of each version's HorizontalPodAutoscaler / PodDisruptionBudget, when the chart enables them.
+    hpa: Json | None = None
+    pdb: Json | None = None
 
     @classmethod
     def from_configmap(cls, configmap: Mapping[str, Any]) -> Templates:
@@ -393,7 +418,22 @@ class Templates:
         containers = pod.get("spec", {}).get("containers", [])
         if not any(c.get("name") == container for c in containers):
             raise ContractError(f"the pod template has no container {container!r}")
-        return cls(pod, service, container)
+        return cls(
+            pod, service, container, _optional_spec(data, HPA_TEMPLATE_KEY), _optional_spec(data, PDB_TEMPLATE_KEY)
+        )
+
+
+def _optional_spec(data: Mapping[str, Any], key: str) -> Json | None:
+    text = data.get(key)
+    if text is None:
+        return None
+    try:
+        spec = yaml.safe_load(str(text))
+    except yaml.YAMLError as exc:
+        raise ContractError(f"model-server ConfigMap {key}: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise ContractError(f"model-server ConfigMap {key} must be a YAML mapping")
+    return spec
 
 
 def selector_labels(rollout: str, version: str) -> dict[str, str]:
@@ -442,6 +482,8 @@ def build_workload(templates: Templates, obj: RolloutObject, spec: VersionSpec) 
             "template": pod,
         },
     }
+    if templates.hpa is not None:  # the HPA owns the replica count (an applied one would fight it)
+        del deployment["spec"]["replicas"]
     service: Json = {
         "apiVersion": "v1",
         "kind": "Service",
@@ -454,6 +496,34 @@ def build_workload(templates: Templates, obj: RolloutObject, spec: VersionSpec) 
     for manifest in (deployment, service):
         manifest["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: spec_hash(manifest)}
     return deployment, service
+
+
+def build_scaling(templates: Templates, obj: RolloutObject, spec: VersionSpec) -> tuple[Json, ...]:
+    """The version's HorizontalPodAutoscaler (scaling its Deployment on CPU) and PodDisruptionBudget (over its pods),
+    each when the chart's templates have one; owned by the ModelRollout, named and labelled like the Deployment."""
+    name = workload_name(obj.name, spec.version)
+    labels = {**selector_labels(obj.name, spec.version), APP_VERSION_LABEL: spec.version}
+    meta = {"name": name, "namespace": obj.namespace, "labels": labels, "ownerReferences": [obj.owner_reference()]}
+    manifests: list[Json] = []
+    if templates.hpa is not None:
+        target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+        manifests.append({"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+                          "metadata": copy.deepcopy(meta),
+                          "spec": {**copy.deepcopy(templates.hpa), "scaleTargetRef": target}})  # fmt: skip
+    if templates.pdb is not None:
+        selector = {"matchLabels": selector_labels(obj.name, spec.version)}
+        manifests.append({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": copy.deepcopy(meta),
+                          "spec": {**copy.deepcopy(templates.pdb), "selector": selector}})  # fmt: skip
+    for manifest in manifests:
+        manifest["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: spec_hash(manifest)}
+    return tuple(manifests)
+
+
+#: Where each scaling kind is applied: its API group/version and plural.
+SCALING_KINDS: Final[dict[str, tuple[str, str]]] = {
+    "HorizontalPodAutoscaler": ("autoscaling/v2", "horizontalpodautoscalers"),
+    "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
+}
 
 
 def annotation(obj: Mapping[str, Any], key: str) -> str | None:
@@ -810,6 +880,8 @@ def note_reason(text: str) -> str:
         return "CommandDiscarded"
     if "started" in text:
         return "RolloutStarted"
+    if text.startswith(DEPRECATED_POLICY_NOTE):
+        return "DeprecatedPolicyFields"
     return "Note"
 
 

@@ -11,14 +11,17 @@ from rollout.backends.kube.api import (
     KubeApi,
     core_path,
     deployments_path,
+    group_path,
 )
 from rollout.backends.kube.cache import RolloutCache
 from rollout.backends.kube.resource import (
     ROLLOUT_LABEL,
+    SCALING_KINDS,
     SPEC_HASH_ANNOTATION,
     VERSION_LABEL,
     ContractError,
     annotation,
+    build_scaling,
     build_workload,
     deployment_readiness,
     pod_restarts,
@@ -44,6 +47,9 @@ class KubeWorkloads:
     #: Per version, the highest restart count seen of each of its pods (by uid): the count survives a pod being
     #: replaced (a deleted crash-looping pod's restarts still count) and a kubelet that reports less later.
     _restarts_seen: dict[str, dict[str, int]] = field(default_factory=dict, init=False)
+    #: (kind, name) → the spec hash last applied of each version's HPA and PDB (no informer: applied once per change,
+    #: and once again after a restart — server-side apply of the same manifest changes nothing).
+    _scaling_applied: dict[tuple[str, str], str] = field(default_factory=dict, init=False)
 
     def ensure_running(self, version: str) -> WorkloadStatus:
         obj = self.cache.object()
@@ -53,12 +59,36 @@ class KubeWorkloads:
         if spec is None:
             return WorkloadStatus(version, Readiness.FAILED, detail=f"the ModelRollout names no version {version!r}")
         try:
-            deployment, service = build_workload(self.cache.templates(), obj, spec)
+            templates = self.cache.templates()
+            deployment, service = build_workload(templates, obj, spec)
+            scaling = build_scaling(templates, obj, spec)
         except ContractError as exc:
             return WorkloadStatus(version, Readiness.FAILED, detail=str(exc))
         self._apply(deployment, self.cache.deployments, deployments_path(obj.namespace))
         self._apply(service, self.cache.services, core_path(obj.namespace, "services"))
+        for manifest in scaling:
+            self._apply_scaling(manifest)
         return self.status(version)
+
+    def _apply_scaling(self, manifest: Json) -> None:
+        kind, name = str(manifest["kind"]), str(manifest["metadata"]["name"])
+        wanted = manifest["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+        if self._scaling_applied.get((kind, name)) == wanted:
+            return
+        group_version, plural = SCALING_KINDS[kind]
+        self.api.apply(group_path(group_version, self.cache.namespace, plural, name), manifest,
+                       self.settings.field_manager)  # fmt: skip
+        self._scaling_applied[(kind, name)] = wanted
+        self.applied += 1
+        log_event(logger, "workload applied", event="workload_applied", kind=kind, name=name,
+                  version=manifest["metadata"]["labels"].get(VERSION_LABEL))  # fmt: skip
+
+    def _delete_scaling(self, name: str) -> bool:
+        removed = False
+        for kind, (group_version, plural) in SCALING_KINDS.items():
+            removed = self.api.delete(group_path(group_version, self.cache.namespace, plural, name)) or removed
+            self._scaling_applied.pop((kind, name), None)
+        return removed
 
     def _apply(self, manifest: Json, informer: Informer, collection: str) -> None:
         name = str(manifest["metadata"]["name"])
@@ -102,6 +132,7 @@ class KubeWorkloads:
         name = workload_name(self.cache.name, version)
         removed = self.api.delete(deployments_path(self.cache.namespace, name))
         removed = self.api.delete(core_path(self.cache.namespace, "services", name)) or removed
+        removed = self._delete_scaling(name) or removed
         self.cache.deployments.forget(name)
         self.cache.services.forget(name)
         if removed:
@@ -126,6 +157,8 @@ class KubeWorkloads:
             for obj in informer.items():
                 name = str(obj["metadata"]["name"])
                 if self.api.delete(f"{path}/{name}"):
+                    deleted += 1
+                if informer is self.cache.deployments and self._delete_scaling(name):
                     deleted += 1
                 informer.forget(name)
         return deleted
