@@ -19,7 +19,8 @@ that fails or exceeds ``candidate_timeout_s`` is answered for by stable (``fraud
 stable fails the client gets a 503 naming the cause.
 
 Public port: ``POST /api/v1/refund-predict``, ``GET /livez``, ``GET /readyz`` (a table is loaded and its stable
-answered at least once) — the scoring contract and the probes, nothing else. A second listener of the same process
+answered at least once), ``GET /openapi.json`` and BentoML's ``GET /schema.json`` (rollout/router/contract.py) — the
+scoring contract, its documents and the probes, nothing else. A second listener of the same process
 (``control_port``) serves ``GET /metrics`` (Prometheus), ``GET|PUT /admin/routing`` (bearer ``admin_token``) and
 the outcome tracker's ``POST /api/v1/feedback`` and ``POST /api/v1/feedback/batch`` (a bearer token per label source:
 ``feedback_token`` as ``feedback_source``, and ``feedback_tokens_dir``; a label's source is the one its token names).
@@ -63,6 +64,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from rollout.core.routing import Arm, RoutePlan, RoutingTable, Stage, VersionEndpoint
+from rollout.router.contract import BENTOML_SCHEMA_PATH, OPENAPI_PATH, bentoml_schema, openapi_document
 from rollout.router.metrics import RouterMetrics
 from rollout.router.outcomes.feedback import OutcomeTracker
 from rollout.router.outcomes.prediction_log import (
@@ -207,6 +209,8 @@ class Router:
         self._answered_urls: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._fields: dict[tuple[Stage, Arm, str | None], bytes] = {}
+        self._openapi = json.dumps(openapi_document(settings), separators=(",", ":")).encode("utf-8")
+        self._bentoml_schema = json.dumps(bentoml_schema(settings), separators=(",", ":")).encode("utf-8")
 
     # ------------------------------------------------------------------ table store observer
 
@@ -478,6 +482,14 @@ class Router:
             return JSONResponse({"status": "not ready", "reason": reason, **body}, status_code=503)
         return JSONResponse({"status": "ready", **body})
 
+    async def openapi(self, _request: Request) -> Response:
+        """The public port's OpenAPI 3.1 document (rollout/router/contract.py)."""
+        return Response(self._openapi, media_type=_JSON)
+
+    async def schema_json(self, _request: Request) -> Response:
+        """BentoML's service schema, so ``bentoml.SyncHTTPClient(router_url)`` can call the scoring endpoint."""
+        return Response(self._bentoml_schema, media_type=_JSON)
+
     async def metrics_endpoint(self, _request: Request) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -518,11 +530,14 @@ class Router:
     # ------------------------------------------------------------------ application
 
     def public_routes(self) -> list[BaseRoute]:
-        """The public port: the scoring contract and the probes, nothing else."""
+        """The public port: the scoring contract, its documents (OpenAPI, BentoML's schema) and the probes, nothing
+        else."""
         return [
             Route(self.settings.predict_path, self.predict, methods=["POST"]),
             Route("/livez", self.livez, methods=["GET"]),
             Route("/readyz", self.public_readyz, methods=["GET"]),
+            Route(OPENAPI_PATH, self.openapi, methods=["GET"]),
+            Route(BENTOML_SCHEMA_PATH, self.schema_json, methods=["GET"]),
             *self._extra_routes,
         ]
 

@@ -54,6 +54,18 @@ class RefundResponse(BaseModel):
     correlation_id: str
 
 
+class RoutedResponse(BaseModel):
+    """The decision on one refund request as the router's public port answers it: the scoring contract plus the
+    router's ``prediction_id`` (the key a label feed cites). With ``RouterSettings.expose_decision_details`` on, the
+    model service's other fields and the route (``stage``, ``role``, ``routed_to``) are added."""
+
+    prediction: int = Field(..., ge=0, le=1, description="1 = fraud, 0 = legitimate.")
+    confidence: float = Field(..., ge=0.0, le=1.0, description="Probability of the predicted class.")
+    decision: Decision
+    prediction_id: str = Field(..., description="The router's unguessable ID of this prediction (labels cite it).")
+    correlation_id: str = Field(..., description="The client's X-Correlation-ID when it is safe to log, else a UUID.")
+
+
 class BatchRequest(BaseModel):
     """Several refund requests scored in one call."""
 

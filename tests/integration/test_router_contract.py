@@ -1,0 +1,156 @@
+"""The router's client-facing contract, against a real router process in front of a real ``bentoml serve``:
+
+1. ``GET /openapi.json`` is a valid OpenAPI 3.1 document (openapi-spec-validator) of the public port only: the
+   scoring endpoint and the probes, none of the control listener's routes.
+2. ``bentoml.SyncHTTPClient(router_url)`` — BentoML's own client, which reads ``/schema.json`` — scores a request
+   through the router exactly as it does against the model service.
+3. schemathesis (a property-based API fuzzer) exercises every documented operation from that document, positive and
+   negative cases: no 5xx, every answer conforms to the document, and every 4xx names the bad field.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from openapi_spec_validator import validate
+from schemathesis import Case, GenerationMode
+from schemathesis.core.transport import Response as FuzzResponse
+
+from rollout.core.routing import RoutingTable, VersionEndpoint
+from rollout.router.outcomes.settings import OutcomeSettings
+from rollout.router.process import RouterProcess
+from rollout.router.table_sources import write_table_file
+from service.api.schema import ErrorResponse
+from service.artifacts.bundle import read_manifest
+from service.serving.process import BentoServer
+from tests.integration.conftest import scoring_server
+
+pytestmark = pytest.mark.integration
+
+PREDICT = "/api/v1/refund-predict"
+SEED = {"yearsActive": 1.5, "amount": 45.00, "ipAccounts": 2}
+HTTP_TIMEOUT_S = 30.0
+READY_TIMEOUT_S = 30.0
+DSN_ENV = f"{OutcomeSettings.model_config.get('env_prefix', '')}DSN"
+CONTROL_PATHS = ("/metrics", "/admin/routing", "/api/v1/feedback", "/api/v1/feedback/batch")
+#: Cases per operation and generation mode: enough to reach every field's bounds and types, cheap on 2 cores.
+FUZZ_EXAMPLES = 60
+
+
+@pytest.fixture(scope="module")
+def contract_stack(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BentoServer, str]]:
+    """One model service and a router in production mode (``expose_decision_details`` off: the contract only)."""
+    home = tmp_path_factory.mktemp("router-contract")
+    server = scoring_server(home / "v1", bundle_dir, "v1", {"FW_SERVE__WORKERS": "1", "FW_LOG_LEVEL": "WARNING"})
+    routing_file = home / "routing.json"
+    router = RouterProcess(
+        log_path=home / "router.log",
+        routing_file=routing_file,
+        expose_decision_details=None,
+        env={DSN_ENV: f"sqlite:///{home / 'predictions.db'}", "FW_ROLLOUT_ROUTER__LOG_DECISIONS": "false"},
+    )
+    with server:
+        version = read_manifest(bundle_dir).version
+        stable = VersionEndpoint(version=version, url=server.url)
+        table = RoutingTable.model_validate({"generation": 1, "stage": "stable", "stable": stable.model_dump()})
+        write_table_file(routing_file, table)
+        with router:
+            wait_ready(router.url)
+            yield server, router.url
+
+
+def wait_ready(url: str) -> None:
+    with httpx.Client(base_url=url, timeout=HTTP_TIMEOUT_S, trust_env=False) as client:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if client.get("/readyz").status_code == httpx.codes.OK:
+                return
+            time.sleep(0.1)
+    raise AssertionError(f"router {url} not ready within {READY_TIMEOUT_S} s")
+
+
+def get_json(url: str) -> dict[str, Any]:
+    response = httpx.get(url, timeout=HTTP_TIMEOUT_S, trust_env=False)
+    assert response.status_code == httpx.codes.OK, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def test_the_openapi_document_is_valid_and_describes_the_public_port_only(
+    contract_stack: tuple[BentoServer, str],
+) -> None:
+    _, url = contract_stack
+    document = get_json(url + "/openapi.json")
+    validate(document)  # raises on an invalid OpenAPI 3.1 document
+    assert set(document["paths"]) == {PREDICT, "/livez", "/readyz"}
+    assert document["paths"][PREDICT]["post"]["operationId"] == "refund_predict"
+    for path in CONTROL_PATHS:  # the control listener's routes are neither documented nor served here
+        assert httpx.get(url + path, timeout=HTTP_TIMEOUT_S, trust_env=False).status_code == httpx.codes.NOT_FOUND
+
+
+def test_bentomls_own_client_scores_through_the_router(contract_stack: tuple[BentoServer, str]) -> None:
+    """BentoML's SyncHTTPClient builds its methods from ``/schema.json``: the same call against the model service and
+    against the router, the router adding its ``prediction_id`` and keeping score and threshold inside."""
+    server, url = contract_stack
+    with bentoml.SyncHTTPClient(server.url, timeout=HTTP_TIMEOUT_S) as direct:
+        from_model = direct.refund_predict(SEED)
+    with bentoml.SyncHTTPClient(url, timeout=HTTP_TIMEOUT_S) as client:
+        assert set(client.endpoints) == {"refund_predict"}
+        routed = client.refund_predict(SEED)
+    assert routed["prediction"] == from_model["prediction"]
+    assert routed["decision"] == from_model["decision"]
+    assert routed["confidence"] == pytest.approx(from_model["confidence"])
+    assert routed["prediction_id"]
+    assert "score" not in routed
+    assert "threshold" not in routed
+
+
+@schemathesis.check
+def names_the_field(ctx: schemathesis.CheckContext, response: FuzzResponse, case: Case[Any]) -> bool | None:
+    """Every 4xx of the scoring endpoint is an ErrorResponse with at least one detail naming a field."""
+    if case.path != PREDICT or not 400 <= response.status_code < 500:
+        return None
+    error = ErrorResponse.model_validate_json(response.content)
+    assert error.details, f"{response.status_code} without a detail naming the field: {response.content!r}"
+    assert all(detail.field for detail in error.details), response.content
+    return True
+
+
+@pytest.mark.parametrize(
+    ("path", "mode"),
+    [(PREDICT, GenerationMode.POSITIVE), (PREDICT, GenerationMode.NEGATIVE), ("/livez", GenerationMode.POSITIVE),
+     ("/readyz", GenerationMode.POSITIVE)],
+)  # fmt: skip
+def test_the_fuzzer_finds_no_5xx_and_every_4xx_names_the_field(
+    contract_stack: tuple[BentoServer, str], path: str, mode: GenerationMode
+) -> None:
+    """schemathesis' default checks (no 5xx; status, content type, headers and body as documented; invalid data
+    refused, valid data accepted) plus :func:`names_the_field`, on cases generated from the router's own document."""
+    _, url = contract_stack
+    schema = schemathesis.openapi.from_url(url + "/openapi.json", timeout=HTTP_TIMEOUT_S)
+    operation = schema[path]["POST" if path == PREDICT else "GET"]
+    calls: list[int] = []
+
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    def exercise(case: Case[Any]) -> None:
+        response = case.call_and_validate(base_url=url, timeout=HTTP_TIMEOUT_S, additional_checks=[names_the_field])
+        calls.append(response.status_code)
+
+    exercise()
+    statuses = collections.Counter(calls)
+    assert calls, "the fuzzer sent nothing"
+    if mode is GenerationMode.NEGATIVE:  # every invalid body refused, none answered
+        assert all(400 <= status < 500 for status in calls), statuses
+    else:  # every valid body answered (here: 60 of 60 scored, 2026-12-06)
+        assert set(statuses) == {httpx.codes.OK}, statuses
