@@ -131,6 +131,9 @@ class RouterSettings(BaseModel):
     max_correlation_id_chars: int = Field(128, ge=8)
     #: One structured JSON log line per routing decision.
     log_decisions: bool = True
+    #: W3C Trace Context: each request becomes a span of the client's trace (``traceparent``; a new trace when the
+    #: client sent none), passed to the model service with the client's ``tracestate`` (service/common/tracing.py).
+    trace_context: bool = True
     latency_buckets_s: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS_S
     #: Running the router as a child process (rollout.router.process): readiness deadline, poll, SIGTERM grace.
     process_start_timeout_s: float = Field(60.0, gt=0.0)

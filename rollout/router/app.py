@@ -88,6 +88,14 @@ from service.common.logging import (
     get_logger,
     log_event,
 )
+from service.common.tracing import (
+    TRACEPARENT_HEADER,
+    TRACESTATE_HEADER,
+    TraceContext,
+    child_span,
+    parse_traceparent,
+    passed_tracestate,
+)
 
 logger = get_logger("router")
 
@@ -147,6 +155,18 @@ def public_body(answer: Answer, prediction_id: str, correlation_id: str) -> byte
         "correlation_id": correlation_id,
     }
     return json.dumps(kept, separators=(",", ":")).encode("utf-8")
+
+
+def upstream_headers(cid: str, span: TraceContext | None, tracestate: str | None) -> dict[str, str]:
+    """The headers of a request's calls to model services: JSON, its correlation ID and, when it is traced, its span
+    as the ``traceparent`` and the client's ``tracestate`` (passed on unchanged)."""
+    headers = {"content-type": _JSON, CORRELATION_HEADER: cid}
+    if span is not None:
+        headers[TRACEPARENT_HEADER] = span.traceparent
+        state = passed_tracestate(tracestate)
+        if state is not None:
+            headers[TRACESTATE_HEADER] = state
+    return headers
 
 
 def splice(body: bytes, fields: bytes) -> bytes:
@@ -313,7 +333,8 @@ class Router:
         # Sticky on the account; without one, on the router's own ID (random per request): never on a value the
         # client chose, such as its correlation ID.
         route = plan.route(entity if entity is not None else pid)
-        headers = {"content-type": _JSON, CORRELATION_HEADER: cid}
+        span = self._span_of(request)
+        headers = upstream_headers(cid, span, request.headers.get(TRACESTATE_HEADER))
         received_at = datetime.now(UTC)
         self._deciding += 1
         try:
@@ -357,6 +378,8 @@ class Router:
                 event="decision",
                 correlation_id=cid,
                 prediction_id=pid,
+                trace_id=span.trace_id if span is not None else None,
+                span_id=span.span_id if span is not None else None,
                 stage=plan.stage,
                 generation=plan.table.generation,
                 routed_to=decided.arm,
@@ -373,6 +396,12 @@ class Router:
             if exposed
             else {CORRELATION_HEADER: cid, PREDICTION_ID_HEADER: pid},
         )
+
+    def _span_of(self, request: Request) -> TraceContext | None:
+        """With ``trace_context``, this request's span: a child of the client's ``traceparent``, or a new trace."""
+        if not self.settings.trace_context:
+            return None
+        return child_span(parse_traceparent(request.headers.get(TRACEPARENT_HEADER)))
 
     async def _decide(
         self,

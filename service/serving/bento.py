@@ -76,6 +76,7 @@ from service.common.logging import (
     log_event,
     new_correlation_id,
 )
+from service.common.tracing import TRACEPARENT_HEADER, TraceContext, parse_traceparent
 from service.data.feature_store import FALLBACK_REASONS, BudgetedLookup, SQLiteFeatureStore, budget_seconds, open_store
 from service.data.features import DEFAULT_AGGREGATES, EntityAggregates, feature_matrix
 from service.serving.metrics import NO_MODEL, BoundMetrics, Metrics, default_metrics
@@ -92,6 +93,8 @@ VERIFIED_DIR: Final[str] = "verified"
 
 LOGGER = get_logger("bento")
 _REQUEST_START: ContextVar[float | None] = ContextVar("fraudwatch_request_start", default=None)
+#: The caller's span (W3C ``traceparent``: the router's), logged with each decision so a trace can be followed here.
+_CALLER_SPAN: ContextVar[TraceContext | None] = ContextVar("fraudwatch_caller_span", default=None)
 
 FloatArray = npt.NDArray[np.float32]
 ScoreArray = npt.NDArray[np.float64]
@@ -202,6 +205,7 @@ def log_decisions(requests: Sequence[RefundRequest], responses: Sequence[RefundR
     start = _REQUEST_START.get()
     latency_ms = None if start is None else round((time.perf_counter() - start) * 1000.0, 3)
     batch = len(responses) > 1
+    caller = _CALLER_SPAN.get()
     for index, (request, response) in enumerate(zip(requests, responses, strict=True)):
         log_event(
             LOGGER,
@@ -212,6 +216,8 @@ def log_decisions(requests: Sequence[RefundRequest], responses: Sequence[RefundR
             score=response.score,
             decision=response.decision,
             latency_ms=latency_ms,
+            trace_id=caller.trace_id if caller is not None else None,
+            parent_span_id=caller.span_id if caller is not None else None,
             **({"item": index} if batch else {}),
         )
 
@@ -554,6 +560,7 @@ class RequestGuard:
         correlation_id = correlation_id_from_header(headers.get(CORRELATION_HEADER.lower()))
         cid_token = CORRELATION_ID.set(correlation_id)
         start_token = _REQUEST_START.set(start)
+        span_token = _CALLER_SPAN.set(parse_traceparent(headers.get(TRACEPARENT_HEADER)))
         try:
             admitted = await self._admit(receive, route.validate, headers, correlation_id)
             if isinstance(admitted, Rejection):
@@ -566,6 +573,7 @@ class RequestGuard:
         finally:
             CORRELATION_ID.reset(cid_token)
             _REQUEST_START.reset(start_token)
+            _CALLER_SPAN.reset(span_token)
         runtime = self.state.runtime
         if runtime is not None:
             runtime.metrics.observe_latency(endpoint, time.perf_counter() - start)

@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import collections
+import json
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,16 +49,19 @@ FUZZ_EXAMPLES = 60
 
 
 @pytest.fixture(scope="module")
-def contract_stack(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BentoServer, str]]:
-    """One model service and a router in production mode (``expose_decision_details`` off: the contract only)."""
+def contract_processes(
+    bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[BentoServer, RouterProcess]]:
+    """One model service and a router in production mode (``expose_decision_details`` off: the contract only), both
+    logging each decision."""
     home = tmp_path_factory.mktemp("router-contract")
-    server = scoring_server(home / "v1", bundle_dir, "v1", {"FW_SERVE__WORKERS": "1", "FW_LOG_LEVEL": "WARNING"})
+    server = scoring_server(home / "v1", bundle_dir, "v1", {"FW_SERVE__WORKERS": "1", "FW_LOG_LEVEL": "INFO"})
     routing_file = home / "routing.json"
     router = RouterProcess(
         log_path=home / "router.log",
         routing_file=routing_file,
         expose_decision_details=None,
-        env={DSN_ENV: f"sqlite:///{home / 'predictions.db'}", "FW_ROLLOUT_ROUTER__LOG_DECISIONS": "false"},
+        env={DSN_ENV: f"sqlite:///{home / 'predictions.db'}", "FW_ROLLOUT_ROUTER__LOG_DECISIONS": "true"},
     )
     with server:
         version = read_manifest(bundle_dir).version
@@ -65,7 +70,13 @@ def contract_stack(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         write_table_file(routing_file, table)
         with router:
             wait_ready(router.url)
-            yield server, router.url
+            yield server, router
+
+
+@pytest.fixture(scope="module")
+def contract_stack(contract_processes: tuple[BentoServer, RouterProcess]) -> tuple[BentoServer, str]:
+    server, router = contract_processes
+    return server, router.url
 
 
 def wait_ready(url: str) -> None:
@@ -154,3 +165,62 @@ def test_the_fuzzer_finds_no_5xx_and_every_4xx_names_the_field(
         assert all(400 <= status < 500 for status in calls), statuses
     else:  # every valid body answered (here: 60 of 60 scored, 2026-12-06)
         assert set(statuses) == {httpx.codes.OK}, statuses
+
+
+# ------------------------------------------------------------------ W3C trace context across the processes
+
+CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+
+
+def decision_lines(path: Path, correlation_id: str) -> list[dict[str, Any]]:
+    """The JSON log lines of ``path`` that record a decision for ``correlation_id``."""
+    lines = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if correlation_id in line and line.startswith("{"):
+            record = json.loads(line)
+            if record.get("correlation_id") == correlation_id:
+                lines.append(record)
+    return lines
+
+
+def one_decision(path: Path, correlation_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not (found := decision_lines(path, correlation_id)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(found) == 1, f"{len(found)} decision lines for {correlation_id} in {path}"
+    return found[0]
+
+
+def score_traced(url: str, headers: dict[str, str]) -> httpx.Response:
+    response = httpx.post(url + PREDICT, json=SEED, headers=headers, timeout=HTTP_TIMEOUT_S, trust_env=False)
+    assert response.status_code == httpx.codes.OK, response.text
+    return response
+
+
+@pytest.mark.parametrize(
+    ("traceparent", "continued"),
+    [
+        (f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01", True),  # the client's trace goes on through the router
+        (None, False),  # no trace: the router starts one
+        (f"00-{'0' * 32}-{CLIENT_SPAN}-01", False),  # invalid (all-zero trace ID): the router starts one
+    ],
+)
+def test_the_trace_goes_on_from_the_client_through_the_router_to_the_model_service(
+    contract_processes: tuple[BentoServer, RouterProcess], traceparent: str | None, continued: bool
+) -> None:
+    """The model service logs the trace and its caller's span with its decision: the client's trace ID, under the
+    router's own span (the router's decision line names it), the correlation ID kept end to end."""
+    server, router = contract_processes
+    correlation_id = f"trace-{uuid.uuid4().hex}"
+    headers = {"X-Correlation-ID": correlation_id}
+    if traceparent is not None:
+        headers["traceparent"] = traceparent
+    assert score_traced(router.url, headers).headers["x-correlation-id"] == correlation_id
+    routed = one_decision(router.log_path, correlation_id)
+    served = one_decision(server.log_path, correlation_id)
+    assert served["trace_id"] == routed["trace_id"]
+    assert served["parent_span_id"] == routed["span_id"]
+    assert len(routed["trace_id"]) == 32 and len(routed["span_id"]) == 16
+    assert (routed["trace_id"] == CLIENT_TRACE) is continued
+    assert routed["span_id"] != CLIENT_SPAN
