@@ -134,6 +134,9 @@ class RouterSettings(BaseModel):
     #: W3C Trace Context: each request becomes a span of the client's trace (``traceparent``; a new trace when the
     #: client sent none), passed to the model service with the client's ``tracestate`` (service/common/tracing.py).
     trace_context: bool = True
+    #: With ``trace_context``: record each request as an OpenTelemetry span exported over OTLP/HTTP to this URL
+    #: (e.g. ``http://otel-collector:4318/v1/traces``; needs the ``[tracing]`` extra). None: IDs only, no SDK.
+    otlp_endpoint: str | None = None
     latency_buckets_s: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS_S
     #: Running the router as a child process (rollout.router.process): readiness deadline, poll, SIGTERM grace.
     process_start_timeout_s: float = Field(60.0, gt=0.0)

@@ -102,6 +102,10 @@ class ServeSettings(BaseModel):
     #: BentoML's OpenTelemetry middleware on the scoring routes (off: ≈ 15 % of a request's CPU and no exporter
     #: is configured by default; the correlation ID already ties a decision's log lines together).
     trace_scoring_routes: bool = False
+    #: Export BentoML's spans over OTLP/HTTP to this URL (e.g. ``http://otel-collector:4318/v1/traces``): every
+    #: traced request whose caller sampled it (W3C ``traceparent``: the router's span as parent); the probes and
+    #: ``/metrics`` are never traced. None: no exporter. The scoring routes need ``trace_scoring_routes`` too.
+    otlp_endpoint: str | None = None
     #: Call XGBoost's C predict function directly (the call ``Booster.inplace_predict`` makes, without its
     #: ≈ 150 µs of per-call Python overhead); checked bit-exact against ``inplace_predict`` at load.
     direct_predict: bool = True

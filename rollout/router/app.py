@@ -66,6 +66,7 @@ from starlette.routing import BaseRoute, Route
 from rollout.core.routing import Arm, RoutePlan, RoutingTable, Stage, VersionEndpoint
 from rollout.router.contract import BENTOML_SCHEMA_PATH, OPENAPI_PATH, bentoml_schema, openapi_document
 from rollout.router.metrics import RouterMetrics
+from rollout.router.otel import tracer_of
 from rollout.router.outcomes.feedback import OutcomeTracker
 from rollout.router.outcomes.prediction_log import (
     PREDICTION_ID_HEADER,
@@ -92,8 +93,6 @@ from service.common.tracing import (
     TRACEPARENT_HEADER,
     TRACESTATE_HEADER,
     TraceContext,
-    child_span,
-    parse_traceparent,
     passed_tracestate,
 )
 
@@ -112,6 +111,7 @@ _BAD_REQUEST: Final[int] = 400
 _TOO_LARGE: Final[int] = 413
 _INVALID: Final[int] = 422
 _UNAVAILABLE: Final[int] = 503
+_SERVER_ERROR: Final[int] = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +229,8 @@ class Router:
         self._answered_urls: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._fields: dict[tuple[Stage, Arm, str | None], bytes] = {}
+        self.tracer = tracer_of(settings)
+        self._span_name = f"POST {settings.predict_path}"
         self._openapi = json.dumps(openapi_document(settings), separators=(",", ":")).encode("utf-8")
         self._bentoml_schema = json.dumps(bentoml_schema(settings), separators=(",", ":")).encode("utf-8")
 
@@ -289,6 +291,7 @@ class Router:
         if self.prediction_log is not None:
             await self.prediction_log.close()
         await self.upstreams.aclose()
+        self.tracer.shutdown()
         log_event(logger, "router stopped", event="router_stopped", shadow_queued_at_stop=queued)
 
     async def _probe_stable(self) -> None:
@@ -312,6 +315,17 @@ class Router:
     # ------------------------------------------------------------------ scoring
 
     async def predict(self, request: Request) -> Response:
+        """The scoring endpoint, as one span of the request's trace (rollout/router/otel.py)."""
+        span = self.tracer.start(request.headers.get(TRACEPARENT_HEADER), self._span_name)
+        status = _SERVER_ERROR
+        try:
+            response = await self._predict(request, span.context)
+            status = response.status_code
+            return response
+        finally:
+            span.end(status)
+
+    async def _predict(self, request: Request, span: TraceContext | None) -> Response:
         started = time.perf_counter()
         cid = correlation_id_from_header(request.headers.get(CORRELATION_HEADER))
         body = await read_limited(request, self.settings.max_body_bytes)
@@ -333,7 +347,6 @@ class Router:
         # Sticky on the account; without one, on the router's own ID (random per request): never on a value the
         # client chose, such as its correlation ID.
         route = plan.route(entity if entity is not None else pid)
-        span = self._span_of(request)
         headers = upstream_headers(cid, span, request.headers.get(TRACESTATE_HEADER))
         received_at = datetime.now(UTC)
         self._deciding += 1
@@ -396,12 +409,6 @@ class Router:
             if exposed
             else {CORRELATION_HEADER: cid, PREDICTION_ID_HEADER: pid},
         )
-
-    def _span_of(self, request: Request) -> TraceContext | None:
-        """With ``trace_context``, this request's span: a child of the client's ``traceparent``, or a new trace."""
-        if not self.settings.trace_context:
-            return None
-        return child_span(parse_traceparent(request.headers.get(TRACEPARENT_HEADER)))
 
     async def _decide(
         self,

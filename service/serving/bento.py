@@ -729,9 +729,24 @@ def _require_runtime() -> Runtime:
     return runtime
 
 
+#: Never traced when spans are exported: the probes and the scrape (several a second, nothing to follow).
+UNTRACED_ROUTES: Final[tuple[str, ...]] = ("/livez", "/readyz", "/metrics")
+
+
 def tracing_config(settings: Settings) -> dict[str, Any]:
-    """Keep BentoML's OpenTelemetry middleware off the scoring routes unless ``serve.trace_scoring_routes``."""
-    return {} if settings.serve.trace_scoring_routes else {"excluded_urls": [PREDICT_ROUTE, BATCH_ROUTE]}
+    """Keep BentoML's OpenTelemetry middleware off the scoring routes unless ``serve.trace_scoring_routes``; with
+    ``serve.otlp_endpoint``, export its spans over OTLP/HTTP (a span is sampled when its caller's is: the router
+    decides; BentoML's ratio, 1.0 here, applies to requests that arrive without a ``traceparent``)."""
+    excluded = [] if settings.serve.trace_scoring_routes else [PREDICT_ROUTE, BATCH_ROUTE]
+    endpoint = settings.serve.otlp_endpoint
+    if endpoint is None:
+        return {"excluded_urls": excluded} if excluded else {}
+    return {
+        "excluded_urls": [*excluded, *UNTRACED_ROUTES],
+        "exporter_type": "otlp",
+        "sample_rate": 1.0,
+        "otlp": {"protocol": "http", "endpoint": endpoint, "http": {"certificate_file": None, "headers": None}},
+    }
 
 
 @bentoml.service(
