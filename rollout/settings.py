@@ -135,7 +135,7 @@ class RouterSettings(BaseModel):
     #: client sent none), passed to the model service with the client's ``tracestate`` (service/common/tracing.py).
     trace_context: bool = True
     #: With ``trace_context``: record each request as an OpenTelemetry span exported over OTLP/HTTP to this URL
-    #: (e.g. ``http://otel-collector:4318/v1/traces``; needs the ``[tracing]`` extra). None: IDs only, no SDK.
+    #: (e.g. ``http://otel-collector:4318/v1/traces``; in the ``[router]`` extra). None: IDs only, no SDK.
     otlp_endpoint: str | None = None
     latency_buckets_s: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS_S
     #: Running the router as a child process (rollout.router.process): readiness deadline, poll, SIGTERM grace.

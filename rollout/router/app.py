@@ -147,13 +147,15 @@ def public_body(answer: Answer, prediction_id: str, correlation_id: str) -> byte
     """The decider's answer cut to the scoring contract — what a client always gets (RouterSettings
     .expose_decision_details): score, threshold and versions stay inside. Built from
     the fields the router parsed already — the body is not parsed a second time on the response path."""
-    kept = {
+    kept: dict[str, object] = {
         "prediction": answer.prediction,
         "confidence": confidence_of(answer.score, answer.prediction),
         "decision": decision_of(answer.prediction),
         "prediction_id": prediction_id,
         "correlation_id": correlation_id,
     }
+    if answer.reasons is not None:
+        kept["reasons"] = answer.reasons
     return json.dumps(kept, separators=(",", ":")).encode("utf-8")
 
 

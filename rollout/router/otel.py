@@ -4,8 +4,9 @@
 ``traceparent`` (or a new trace), known by its IDs only — a header parse and 8 random bytes per request, nothing
 imported. :class:`OtelTracer` (``otlp_endpoint`` set): the same span is recorded by the OpenTelemetry SDK (a SERVER
 span named after the route, with the response status) and exported over OTLP/HTTP in batches off the request path;
-its IDs are the ones passed on in ``traceparent``. The SDK and the exporter are imported only then (the ``[tracing]``
-extra), so a router without tracing pays neither their import (benchmarks/tracing_benchmark.py) nor their CPU.
+its IDs are the ones passed on in ``traceparent``. The SDK and the exporter (both in the ``[router]`` extra) are
+imported only then, so a router without spans pays neither their import (benchmarks/extras_benchmark.py) nor their
+CPU.
 """
 
 from __future__ import annotations

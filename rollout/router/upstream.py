@@ -59,6 +59,8 @@ class Answer:
     score: float
     prediction: int
     threshold: float
+    #: The model's ``reasons`` as received (a list of {feature, contribution}), or None.
+    reasons: object = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +96,14 @@ def answer_from(data: object, body: bytes) -> Answer | None:
         return None
     if not (math.isfinite(score) and math.isfinite(threshold)) or prediction not in (0, 1):
         return None
-    return Answer(body=body, reported_version=version, score=score, prediction=prediction, threshold=threshold)
+    return Answer(
+        body=body,
+        reported_version=version,
+        score=score,
+        prediction=prediction,
+        threshold=threshold,
+        reasons=data.get("reasons"),
+    )
 
 
 class Transport(Protocol):

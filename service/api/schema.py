@@ -37,6 +37,17 @@ class RefundRequest(BaseModel):
     itemDescription: str | None = Field(
         None, max_length=MAX_DESCRIPTION_CHARS, description="Free-text description of the refunded item."
     )
+    explain: bool = Field(
+        False, description="Answer with the top contributing features (`reasons`) whatever the decision."
+    )
+
+
+class Reason(BaseModel):
+    """A feature that pushed the score toward fraud: its SHAP value (XGBoost's ``pred_contribs``) in the booster's
+    log-odds; the calibrated score is monotone in their sum."""
+
+    feature: str = Field(..., description="The model feature, e.g. `ip_accounts` or `refund_rate`.")
+    contribution: float = Field(..., description="Log-odds added toward fraud (> 0).")
 
 
 Decision = Literal["approve", "review"]
@@ -52,6 +63,12 @@ class RefundResponse(BaseModel):
     threshold: float = Field(..., ge=0.0, le=1.0)
     model_version: str
     correlation_id: str
+    #: Omitted when absent, never ``null``: BentoML's own client decodes an optional list as a list.
+    reasons: list[Reason] | None = Field(
+        None,
+        description="For a review decision (or `explain`): the top features pushing toward fraud, largest first.",
+        exclude_if=lambda reasons: reasons is None,
+    )
 
 
 class RoutedResponse(BaseModel):
@@ -64,6 +81,9 @@ class RoutedResponse(BaseModel):
     decision: Decision
     prediction_id: str = Field(..., description="The router's unguessable ID of this prediction (labels cite it).")
     correlation_id: str = Field(..., description="The client's X-Correlation-ID when it is safe to log, else a UUID.")
+    reasons: list[Reason] | None = Field(
+        None, description="For a review decision (or `explain`): the top features pushing toward fraud, largest first."
+    )
 
 
 class BatchRequest(BaseModel):

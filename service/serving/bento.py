@@ -78,8 +78,9 @@ from service.common.logging import (
 )
 from service.common.tracing import TRACEPARENT_HEADER, TraceContext, parse_traceparent
 from service.data.feature_store import FALLBACK_REASONS, BudgetedLookup, SQLiteFeatureStore, budget_seconds, open_store
-from service.data.features import DEFAULT_AGGREGATES, EntityAggregates, feature_matrix
+from service.data.features import DEFAULT_AGGREGATES, FEATURE_NAMES, EntityAggregates, feature_matrix
 from service.serving.metrics import NO_MODEL, BoundMetrics, Metrics, default_metrics
+from service.serving.reasons import rows_to_explain, top_reasons
 from service.settings import Settings, get_settings
 
 PREDICT_ROUTE: Final[str] = "/api/v1/refund-predict"
@@ -122,6 +123,14 @@ def wait_for_bundle(settings: Settings) -> ResolvedBundle:
         time.sleep(settings.serve.model_poll_interval_s)
 
 
+@dataclass(frozen=True)
+class ReasonsPolicy:
+    """Which decisions carry reasons, and how many (``serve.reasons_on_review``, ``serve.reasons_top_k``)."""
+
+    on_review: bool
+    top_k: int
+
+
 @dataclass
 class Runtime:
     """Everything a loaded worker needs to decide: the verified model, its bound metrics, the store lookup."""
@@ -132,6 +141,7 @@ class Runtime:
     lookup: BudgetedLookup | None
     directory: Path
     predict: Callable[[FloatArray], ScoreArray]
+    reasons: ReasonsPolicy
     batcher: Batcher | None = None
 
     @property
@@ -164,6 +174,11 @@ class Runtime:
                 scores.tolist(), predictions.tolist(), correlation_ids, strict=True
             )
         ]
+        explain = rows_to_explain(predictions.tolist(), [r.explain for r in requests], self.reasons.on_review)
+        if explain:
+            contributions = self.model.contributions(features[explain])
+            for row, index in zip(contributions, explain, strict=True):
+                responses[index].reasons = top_reasons(row, FEATURE_NAMES, self.reasons.top_k)
         log_decisions(requests, responses)
         return responses
 
@@ -399,9 +414,18 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     )
     predict = choose_predictor(settings, model, probe_rows(model))
     predict(probe_rows(model))  # warm-up: the first prediction allocates XGBoost's buffers
+    model.contributions(probe_rows(model)[:1])  # warm-up of the reasons' path (its first DMatrix)
     batcher = make_batcher(predict, settings) if settings.serve.adaptive_batching else None
+    reasons = ReasonsPolicy(on_review=settings.serve.reasons_on_review, top_k=settings.serve.reasons_top_k)
     return Runtime(
-        model=model, metrics=bound, store=store, lookup=lookup, directory=directory, predict=predict, batcher=batcher
+        model=model,
+        metrics=bound,
+        store=store,
+        lookup=lookup,
+        directory=directory,
+        predict=predict,
+        reasons=reasons,
+        batcher=batcher,
     )
 
 

@@ -27,14 +27,11 @@ from openapi_spec_validator import validate
 from schemathesis import Case, GenerationMode
 from schemathesis.core.transport import Response as FuzzResponse
 
-from rollout.core.routing import RoutingTable, VersionEndpoint
-from rollout.router.outcomes.settings import OutcomeSettings
 from rollout.router.process import RouterProcess
-from rollout.router.table_sources import write_table_file
 from service.api.schema import ErrorResponse
-from service.artifacts.bundle import read_manifest
+from service.data.features import FEATURE_NAMES
 from service.serving.process import BentoServer
-from tests.integration.conftest import scoring_server
+from tests.integration.conftest import one_version_behind_a_router
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +39,6 @@ PREDICT = "/api/v1/refund-predict"
 SEED = {"yearsActive": 1.5, "amount": 45.00, "ipAccounts": 2}
 HTTP_TIMEOUT_S = 30.0
 READY_TIMEOUT_S = 30.0
-DSN_ENV = f"{OutcomeSettings.model_config.get('env_prefix', '')}DSN"
 CONTROL_PATHS = ("/metrics", "/admin/routing", "/api/v1/feedback", "/api/v1/feedback/batch")
 #: Cases per operation and generation mode: enough to reach every field's bounds and types, cheap on 2 cores.
 FUZZ_EXAMPLES = 60
@@ -52,41 +48,19 @@ FUZZ_EXAMPLES = 60
 def contract_processes(
     bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[BentoServer, RouterProcess]]:
-    """One model service and a router in production mode (``expose_decision_details`` off: the contract only), both
-    logging each decision."""
+    """One model service and a router in production mode (the contract only), both logging each decision."""
     home = tmp_path_factory.mktemp("router-contract")
-    server = scoring_server(home / "v1", bundle_dir, "v1", {"FW_SERVE__WORKERS": "1", "FW_LOG_LEVEL": "INFO"})
-    routing_file = home / "routing.json"
-    router = RouterProcess(
-        log_path=home / "router.log",
-        routing_file=routing_file,
-        expose_decision_details=None,
-        env={DSN_ENV: f"sqlite:///{home / 'predictions.db'}", "FW_ROLLOUT_ROUTER__LOG_DECISIONS": "true"},
-    )
-    with server:
-        version = read_manifest(bundle_dir).version
-        stable = VersionEndpoint(version=version, url=server.url)
-        table = RoutingTable.model_validate({"generation": 1, "stage": "stable", "stable": stable.model_dump()})
-        write_table_file(routing_file, table)
-        with router:
-            wait_ready(router.url)
-            yield server, router
+    server_env = {"FW_SERVE__WORKERS": "1", "FW_LOG_LEVEL": "INFO"}
+    with one_version_behind_a_router(
+        home, bundle_dir, server_env, {"FW_ROLLOUT_ROUTER__LOG_DECISIONS": "true"}
+    ) as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")
 def contract_stack(contract_processes: tuple[BentoServer, RouterProcess]) -> tuple[BentoServer, str]:
     server, router = contract_processes
     return server, router.url
-
-
-def wait_ready(url: str) -> None:
-    with httpx.Client(base_url=url, timeout=HTTP_TIMEOUT_S, trust_env=False) as client:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if client.get("/readyz").status_code == httpx.codes.OK:
-                return
-            time.sleep(0.1)
-    raise AssertionError(f"router {url} not ready within {READY_TIMEOUT_S} s")
 
 
 def get_json(url: str) -> dict[str, Any]:
@@ -224,3 +198,28 @@ def test_the_trace_goes_on_from_the_client_through_the_router_to_the_model_servi
     assert len(routed["trace_id"]) == 32 and len(routed["span_id"]) == 16
     assert (routed["trace_id"] == CLIENT_TRACE) is continued
     assert routed["span_id"] != CLIENT_SPAN
+
+
+# ------------------------------------------------------------------ reasons with review decisions
+
+
+def test_review_decisions_reach_the_client_with_their_reasons(contract_stack: tuple[BentoServer, str]) -> None:
+    """Through the router in production mode: a review carries its top features, an approval none unless the request
+    asks (``explain``), and the features are the model's."""
+    _, url = contract_stack
+    bodies = [
+        {"yearsActive": years, "amount": amount, "ipAccounts": ips, "itemDescription": item}
+        for years in (0.01, 0.1, 2.0, 8.0)
+        for amount, ips, item in ((500.0, 60, "Gift card"), (45.0, 2, "Pad Thai"), (1899.99, 1, "Laptop"))
+    ]
+    with httpx.Client(base_url=url, timeout=HTTP_TIMEOUT_S, trust_env=False) as client:
+        plain = [client.post(PREDICT, json=body).json() for body in bodies]
+        explained = [client.post(PREDICT, json={**body, "explain": True}).json() for body in bodies]
+    assert {a["decision"] for a in plain} == {"approve", "review"}, "the bodies must cover both decisions"
+    for answer in plain:
+        if answer["decision"] == "review":
+            assert answer["reasons"], answer
+            assert all(r["feature"] in FEATURE_NAMES and r["contribution"] > 0 for r in answer["reasons"])
+        else:
+            assert "reasons" not in answer
+    assert all("reasons" in answer for answer in explained)

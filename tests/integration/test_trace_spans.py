@@ -27,15 +27,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from rollout.core.routing import RoutingTable, VersionEndpoint
 from rollout.router.otel import SERVICE_NAME as ROUTER_SERVICE
-from rollout.router.outcomes.settings import OutcomeSettings
 from rollout.router.process import RouterProcess
-from rollout.router.table_sources import write_table_file
-from service.artifacts.bundle import read_manifest
 from service.common.processes import free_port
-from service.serving.process import BentoServer
-from tests.integration.conftest import scoring_server
+from tests.integration.conftest import one_version_behind_a_router
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +39,6 @@ SEED = {"yearsActive": 1.5, "amount": 45.00, "ipAccounts": 2}
 HTTP_TIMEOUT_S = 30.0
 #: The exporters send in batches every few seconds (the SDK's BatchSpanProcessor: 5 s by default).
 EXPORT_TIMEOUT_S = 60.0
-DSN_ENV = f"{OutcomeSettings.model_config.get('env_prefix', '')}DSN"
 LOOPBACK = "127.0.0.1"
 TRACES_PATH = "/v1/traces"
 
@@ -126,23 +120,9 @@ def traced_router(
         "FW_SERVE__TRACE_SCORING_ROUTES": "true",
         "FW_SERVE__OTLP_ENDPOINT": collector.endpoint,
     }
-    server: BentoServer = scoring_server(home / "v1", bundle_dir, "v1", server_env)
-    routing_file = home / "routing.json"
-    router = RouterProcess(
-        log_path=home / "router.log",
-        routing_file=routing_file,
-        expose_decision_details=None,
-        env={
-            DSN_ENV: f"sqlite:///{home / 'predictions.db'}",
-            "FW_ROLLOUT_ROUTER__OTLP_ENDPOINT": collector.endpoint,
-        },
-    )
-    with server:
-        stable = VersionEndpoint(version=read_manifest(bundle_dir).version, url=server.url)
-        table = RoutingTable.model_validate({"generation": 1, "stage": "stable", "stable": stable.model_dump()})
-        write_table_file(routing_file, table)
-        with router:
-            yield router
+    router_env = {"FW_ROLLOUT_ROUTER__OTLP_ENDPOINT": collector.endpoint}
+    with one_version_behind_a_router(home, bundle_dir, server_env, router_env) as (_server, router):
+        yield router
 
 
 def test_one_trace_from_the_client_through_the_router_to_the_model_service(
@@ -150,11 +130,7 @@ def test_one_trace_from_the_client_through_the_router_to_the_model_service(
 ) -> None:
     trace_id, client_span = uuid.uuid4().hex, uuid.uuid4().hex[:16]
     headers = {"traceparent": f"00-{trace_id}-{client_span}-01", "X-Correlation-ID": f"spans-{trace_id[:8]}"}
-    deadline = time.monotonic() + HTTP_TIMEOUT_S
     with httpx.Client(base_url=traced_router.url, timeout=HTTP_TIMEOUT_S, trust_env=False) as client:
-        while client.get("/readyz").status_code != httpx.codes.OK:
-            assert time.monotonic() < deadline, "router not ready"
-            time.sleep(0.1)
         answer = client.post(PREDICT, json=SEED, headers=headers)
     assert answer.status_code == httpx.codes.OK, answer.text
     assert answer.headers["x-correlation-id"] == headers["X-Correlation-ID"]

@@ -21,13 +21,17 @@ def test_the_document_names_every_public_route_and_no_other() -> None:
 
 
 def test_the_public_body_is_the_documented_response() -> None:
-    answer = Answer(body=b"{}", reported_version="v1", score=0.9, prediction=1, threshold=0.5)
+    reasons = [{"feature": "ip_accounts", "contribution": 1.25}]
+    answer = Answer(body=b"{}", reported_version="v1", score=0.9, prediction=1, threshold=0.5, reasons=reasons)
     parsed = RoutedResponse.model_validate_json(public_body(answer, "pid-1", "cid-1"))
     assert parsed.decision == "review"
     assert parsed.confidence == 0.9
+    assert parsed.reasons is not None and parsed.reasons[0].feature == "ip_accounts"
+    approved = Answer(body=b"{}", reported_version="v1", score=0.1, prediction=0, threshold=0.5)
+    assert b"reasons" not in public_body(approved, "pid-2", "cid-2")
     assert set(openapi_document(SETTINGS)["components"]["schemas"]["RoutedResponse"]["required"]) == set(
         RoutedResponse.model_fields
-    )
+    ) - {"reasons"}
 
 
 def test_bentomls_schema_takes_the_request_body_itself() -> None:
