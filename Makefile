@@ -18,11 +18,12 @@ demo: bootstrap-demo
 quickstart: bootstrap-demo
 	$(VENV)/fraudwatch demo
 
-## lint: ruff + mypy --strict (part of test)
+## lint: ruff + mypy --strict + the import contracts of .importlinter (part of test)
 lint: bootstrap
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
 	$(VENV)/mypy service rollout tests benchmarks loadtests scripts
+	$(VENV)/lint-imports
 
 ## audit: the images' locks (locks/*.txt) against the advisories PyPI publishes (part of test; ~10 s)
 audit: bootstrap

@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT))
 
 from service.common.processes import free_port  # noqa: E402
 from service.data.synthetic import SyntheticConfig, generate  # noqa: E402
-from tests.podkit import RLIMITS, RUNTIME, images, rm  # noqa: E402
-from tests.stackkit import train_bundle  # noqa: E402
+from tests.kits.pod import RLIMITS, RUNTIME, images, rm  # noqa: E402
+from tests.kits.stack import train_bundle  # noqa: E402
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 300.0

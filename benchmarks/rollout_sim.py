@@ -33,6 +33,7 @@ import numpy as np
 from rollout.core import analysis as an
 from rollout.core import policy as pol
 from rollout.core.machine import QUALITY_STAGE, RolloutState, initial_state, step, traffic_stage
+from rollout.core.routing import TrafficStage
 
 STABLE, CANDIDATE = "v1", "v2"
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -367,7 +368,7 @@ def _minimum(query: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def fill(provider: SimProvider, policy: pol.RolloutPolicy, world: World, stage: pol.TrafficStage, now: datetime,
+def fill(provider: SimProvider, policy: pol.RolloutPolicy, world: World, stage: TrafficStage, now: datetime,
          entered: datetime) -> None:  # fmt: skip
     """Render every query of ``stage``'s gates for both versions and store the world's answer."""
     stage_window_s = (now - entered).total_seconds()
@@ -398,7 +399,9 @@ def fill(provider: SimProvider, policy: pol.RolloutPolicy, world: World, stage: 
                 if point is not None and recent_calls < _minimum(gate.query):
                     point = None
                 put(gate.query, v, point)
-                if isinstance(gate.estimator, pol.PairedProportionEstimator):
+                if isinstance(gate.estimator, pol.PsiEstimator):
+                    _fill_psi(gate.estimator, c["calls"], rng, vectors, ctx[v])
+                elif isinstance(gate.estimator, pol.PairedProportionEstimator):
                     cells = world.decision_pairs_in_stage()
                     put(gate.estimator.pairs, CANDIDATE, sum(cells.values()))
                     put(gate.estimator.candidate_only, CANDIDATE, cells["0:1"])
@@ -412,6 +415,26 @@ def fill(provider: SimProvider, policy: pol.RolloutPolicy, world: World, stage: 
                 # A gate of the arms' own decisions (role decider) counts the deciding predictions only.
                 own = world.decided_in_stage(v) if 'role="decider"' in gate.labels_query else tally
                 _fill_outcome(gate, v, own, put, vectors, ctx[v])
+
+
+#: The drift features' names (bins are deciles of the training set: a uniform reference).
+PSI_FEATURES: tuple[str, ...] = ("years_active", "amount", "ip_accounts", "prior_refunds", "refund_rate",
+                                 "amount_to_avg")  # fmt: skip
+PSI_REFERENCE: np.ndarray = np.full(PSI_BINS, 1.0 / PSI_BINS)
+
+
+def _fill_psi(est: pol.PsiEstimator, calls: float, rng: np.random.Generator,
+              vectors: dict[str, list[tuple[dict[str, str], float]]], ctx: pol.RenderContext) -> None:  # fmt: skip
+    """The stage's bin counts of each feature (nothing drifted: drawn from the reference, afresh at every look —
+    more independent chances of a false alarm than a real cumulative count gives) and the reference fractions."""
+    features = ("score",) if 'feature="score"' in est.counts else PSI_FEATURES
+    counts, reference = [], []
+    for feature in features:
+        drawn = rng.multinomial(int(calls), PSI_REFERENCE) if calls > 0 else np.zeros(PSI_BINS)
+        counts += [({"feature": feature, "bin": str(i)}, float(c)) for i, c in enumerate(drawn)]
+        reference += [({"feature": feature, "bin": str(i)}, float(f)) for i, f in enumerate(PSI_REFERENCE)]
+    vectors[pol.render(est.counts, ctx)] = counts
+    vectors[pol.render(est.reference, ctx)] = reference
 
 
 #: The class of labelled pairs each shipped paired gate reads (its labels_query counts them).

@@ -375,6 +375,8 @@ class ControllerSettings(BaseModel):
     #: ``rolloutctl`` waits this long for the controller to apply a command (exit code 5 after it).
     command_wait_timeout_s: float = Field(10.0, gt=0.0)
     command_poll_interval_s: float = Field(0.02, gt=0.0)
+    #: ``rolloutctl status --watch`` / ``get --watch`` read the rollout this often.
+    watch_interval_s: float = Field(1.0, gt=0.0)
     #: The registry alias of a rollout's candidate while it runs (the serving alias is the policy's).
     challenger_alias: str = "challenger"
     #: Without a rollout the controller serves the serving alias' version; it looks the alias up this often.

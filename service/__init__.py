@@ -1,4 +1,11 @@
-"""fraudwatch's model side: data, features, training, evaluation, registry and the scoring service."""
+"""fraudwatch's model side: data, features, training, evaluation, the registry, the scoring service, retraining.
+
+Packages: :mod:`service.common` (plumbing every component shares), :mod:`service.api`, :mod:`service.data`,
+:mod:`service.training`, :mod:`service.artifacts`, :mod:`service.serving`, :mod:`service.retraining`,
+:mod:`service.demo`, :mod:`service.cli` (docs/architecture.md, "The folders"; checked by ``lint-imports``).
+
+Must not: import :mod:`rollout` or know about stages or traffic splitting.
+"""
 
 import os
 

@@ -35,6 +35,9 @@ class Snapshot:
     state: ControllerState | None
     heartbeat: Heartbeat | None
     policy: RolloutPolicy
+    #: The controller has seen the latest desired state (kube: ``status.observedGeneration`` is the object's
+    #: generation; local: no command waits in the inbox): only then does ``status --watch`` trust a final phase.
+    observed: bool = True
 
 
 class RolloutClient(Protocol):
@@ -53,6 +56,24 @@ class RolloutClient(Protocol):
     def snapshot(self) -> Snapshot: ...
 
     def events(self) -> Iterator[dict[str, Any]]: ...
+
+    def rollouts(self, all_namespaces: bool) -> list[dict[str, Any]]: ...
+
+
+def summary_row(namespace: str | None, name: str, status: Mapping[str, Any], age_from: str | None) -> dict[str, Any]:
+    """One row of ``list``: the ModelRollout's status summary fields (the CRD's printer columns)."""
+    return {
+        "namespace": namespace,
+        "name": name,
+        "phase": status.get("phase"),
+        "stage": status.get("stage"),
+        "paused": bool(status.get("paused")),
+        "stable": status.get("stableVersion"),
+        "candidate": status.get("candidateVersion"),
+        "candidate_weight": status.get("candidateWeight"),
+        "message": status.get("message"),
+        "created_at": age_from,
+    }
 
 
 class LocalClient:
@@ -95,12 +116,27 @@ class LocalClient:
             state = StateStore(self.state_dir).load()
         except StateError as exc:
             raise CliError(ExitCode.FAILURE, str(exc)) from exc
-        return Snapshot(state, read_heartbeat(self.state_dir), load_policy(self.settings.policy_file))
+        policy = load_policy(self.settings.policy_file)
+        return Snapshot(state, read_heartbeat(self.state_dir), policy, observed=not self.inbox.has_pending())
 
     def events(self) -> Iterator[dict[str, Any]]:
         from rollout.backends.local.events import read_events
 
         return read_events(self.state_dir / EVENTS_FILE)
+
+    def rollouts(self, all_namespaces: bool) -> list[dict[str, Any]]:
+        """The one rollout this state directory holds (a local controller runs one), or none before the first."""
+        state = self.snapshot().state
+        rollout = state.rollout if state is not None else None
+        if rollout is None:
+            return []
+        progressing = rollout.phase == "Progressing"
+        status = {"phase": rollout.phase, "stage": rollout.stage, "paused": rollout.paused,
+                  "stableVersion": rollout.stable, "candidateVersion": rollout.candidate,
+                  "candidateWeight": rollout.weights.candidate if progressing else 0,
+                  "message": rollout.history[-1].reason if rollout.history else ""}  # fmt: skip
+        started = state.rollout_started_at.isoformat() if state is not None and state.rollout_started_at else None
+        return [summary_row(None, self.name, status, started)]
 
 
 class KubeClient:
@@ -209,7 +245,10 @@ class KubeClient:
             policy = effective_policy(load_policy(self.settings.policy_file), (obj.get("spec") or {}).get("policy"))
         except (StateError, ValueError) as exc:
             raise CliError(ExitCode.FAILURE, f"ModelRollout {self.name}: {exc}") from exc
-        return Snapshot(state, self._heartbeat(), policy)
+        observed = int((obj.get("status") or {}).get("observedGeneration") or 0) >= int(
+            (obj.get("metadata") or {}).get("generation") or 0
+        )
+        return Snapshot(state, self._heartbeat(), policy, observed=observed)
 
     def _heartbeat(self) -> Heartbeat | None:
         """The controller's Lease as its heartbeat: the holder and its last renewal."""
@@ -241,6 +280,19 @@ class KubeClient:
                 "command_id": row.get("commandId"),
             }
 
+    def rollouts(self, all_namespaces: bool) -> list[dict[str, Any]]:
+        """Every ModelRollout of the namespace (``-A``: of every namespace the caller may list)."""
+        from rollout.backends.kube.api import GROUP, PLURAL, VERSION, rollout_path
+
+        path = f"/apis/{GROUP}/{VERSION}/{PLURAL}" if all_namespaces else rollout_path(self.namespace)
+        listed = self._call(lambda: self.api.get(path)) or {}
+        rows = []
+        for item in listed.get("items") or []:
+            meta = item.get("metadata") or {}
+            rows.append(summary_row(meta.get("namespace"), str(meta.get("name")), item.get("status") or {},
+                                    meta.get("creationTimestamp")))  # fmt: skip
+        return sorted(rows, key=lambda r: (r["namespace"] or "", r["name"]))
+
 
 def client_for(args: argparse.Namespace, settings: RolloutSettings, *, plugin: bool) -> RolloutClient:
     """The backend's client: ``--backend``, else the kubectl plugin's ``kube`` (``local`` when a state directory
@@ -252,6 +304,6 @@ def client_for(args: argparse.Namespace, settings: RolloutSettings, *, plugin: b
     if backend is None:
         backend = cs.backend
     if backend == "kube":
-        name = args.name if plugin else cs.name
+        name = getattr(args, "name", None) or cs.name
         return KubeClient(name, args.namespace, args.kubeconfig, args.context, cs)
     return LocalClient(cs, args.state_dir if args.state_dir is not None else cs.resolved_state_dir(settings.home))

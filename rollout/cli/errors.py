@@ -13,6 +13,9 @@ class ExitCode(IntEnum):
     REFUSED = 4
     TIMEOUT = 5
     UNAVAILABLE = 6
+    ROLLED_BACK = 7
+    ABORTED = 8
+    DEGRADED = 9
     INTERRUPTED = 130
 
 

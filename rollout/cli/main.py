@@ -22,43 +22,57 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from rollout.cli.clients import RolloutClient, client_for
+from rollout.cli.clients import KubeClient, RolloutClient, client_for
+from rollout.cli.completion import COMPLETE_COMMAND, cobra_lines, complete_words, completion_script
 from rollout.cli.errors import CliError, ExitCode
-from rollout.cli.views import history_view, render_history, render_result, render_status, status_view
+from rollout.cli.outcome import EXIT_CODES
+from rollout.cli.views import history_view, render_history, render_list, render_result, render_status
+from rollout.cli.watch import current_view, watch_get, watch_status
 from rollout.core.commands import CommandResult, InboxCommand, InboxKind, new_command_id
 from rollout.settings import ControllerSettings, RolloutSettings
 
 EPILOG: Final[str] = """\
 exit codes:
-  0    success (the controller applied the command; status/history printed)
+  0    success (the controller applied the command; printed); status: the rollout is promoted and its version
+       serves (Healthy), or it is still in progress (without --watch)
   1    failure (unexpected error, or the controller could not carry the command out - e.g. its model registry
        failed; the message is printed)
   2    usage error (bad or missing arguments)
   3    not found (no rollout yet, or NAME is not this controller's rollout)
   4    refused (the controller ignored the command: e.g. a rollout is already in progress, nothing to resume)
   5    timeout (the controller did not apply the command in time - it was withdrawn from the inbox - or, for
-       promote/abort/revert, applied it but the routers did not hold the new routing in time)
+       promote/abort/revert, applied it but the routers did not hold the new routing in time; status --watch:
+       the rollout had not ended within --timeout)
   6    unavailable (the backend cannot be reached: no kubeconfig / API server down for --backend kube)
+  7    status: the rollout was rolled back (RolledBack: a gate failed, or revert)
+  8    status: the rollout was aborted (Aborted: abort, superseded by a new candidate, or a stage timed out)
+  9    status: Degraded (promoted, but the serving version's workload failed)
   130  interrupted (Ctrl-C)
 
+durations (--timeout): seconds (90, 1.5) or Go/Kubernetes style (90s, 10m, 1h30m, 500ms)
+
 configuration: FW_ROLLOUT_HOME (state under <home>/rollout), FW_ROLLOUT_CONTROLLER__STATE_DIR,
-  FW_ROLLOUT_CONTROLLER__POLICY_FILE, FW_ROLLOUT_CONTROLLER__COMMAND_WAIT_TIMEOUT_S; --backend kube:
-  KUBECONFIG (or --kubeconfig/--context), -n/--namespace (default: the context's namespace)
+  FW_ROLLOUT_CONTROLLER__POLICY_FILE, FW_ROLLOUT_CONTROLLER__COMMAND_WAIT_TIMEOUT_S,
+  FW_ROLLOUT_CONTROLLER__WATCH_INTERVAL_S; --backend kube: KUBECONFIG (or --kubeconfig/--context),
+  -n/--namespace (default: the context's namespace)
 
 on Kubernetes a rollout starts when the ModelRollout's spec.candidate changes (helm upgrade --set
-  model.version=…), not with `start`; promote/pause/resume/abort/revert patch spec.manualCommand (one slot:
-  wait for a command to be applied before sending the next - the CLI does)
+  model.version=…), not with `start`; retry/promote/pause/resume/abort/revert patch spec.manualCommand (one slot:
+  wait for a command to be applied before sending the next - the CLI does). In CI:
+  helm upgrade … --set model.version=v7 && kubectl modelrollout status NAME --watch --timeout 2h
 """
-MUTATIONS: Final[tuple[InboxKind, ...]] = ("start", "promote", "pause", "resume", "abort", "revert")
+MUTATIONS: Final[tuple[InboxKind, ...]] = ("start", "retry", "promote", "pause", "resume", "abort", "revert")
 PROMOTE_TARGETS: Final[tuple[str, ...]] = ("shadow", "canary", "ab", "full")
 HISTORY_LIMIT: Final[int] = 50
 _HELP: Final[dict[str, str]] = {
     "start": "Start a rollout of a candidate version against the version serving now.",
+    "retry": "Roll the candidate that was rolled back or aborted out again (a new rollout from its first stage, "
+    "against the version serving now; on Kubernetes without changing spec.candidate).",
     "status": "Show the rollout: stage, weights, every gate with its value, threshold and verdict, time in stage.",
     "promote": "Promote to the next stage now (or --to a later one; from full: finish the rollout).",
     "pause": "Hold the current stage (no automatic promotion; a failed gate still rolls back).",
@@ -66,7 +80,23 @@ _HELP: Final[dict[str, str]] = {
     "abort": "Abort the rollout: 100 % back on the stable version.",
     "revert": "Put 100 % of decisions back on the previous version now (also after promotion, while it is warm).",
     "history": "Show the rollout's transitions with their reasons.",
+    "get": "Show the rollout in detail (as status); -w/--watch: show it again on every change until Ctrl-C or "
+    "--timeout (exit 0).",
+    "list": "List the rollouts: phase, stage, stable, candidate and weight of each (kube: -A for every namespace).",
+    "completion": "Print the shell completion script: source <(rolloutctl completion bash); zsh the same.",
 }
+STATUS_HELP: Final[str] = (
+    "Show the rollout: stage, weights, every gate with its value, threshold and verdict, time in stage; the exit "
+    "code says how it ended (0 Healthy or still progressing, 7 RolledBack, 8 Aborted, 9 Degraded). "
+    "-w/--watch: wait until it ends (one line per change), exit with its code, 5 after --timeout."
+)
+COMMANDS: Final[tuple[str, ...]] = (
+    "start", "retry", "status", "get", "list", "promote", "pause", "resume", "abort", "revert", "history",
+    "completion",
+)  # fmt: skip
+NAMELESS: Final[frozenset[str]] = frozenset({"list", "completion"})
+OUTPUTS: Final[tuple[str, ...]] = ("json", "yaml")
+SHELLS: Final[tuple[str, ...]] = ("bash", "zsh")
 
 
 # --------------------------------------------------------------------------------------------------- client
@@ -79,6 +109,19 @@ def positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def duration(text: str) -> float:
+    """A ``--timeout``: seconds or ``90s``/``10m``/``1h30m`` (argparse's type; > 0)."""
+    from rollout.core.durations import parse_duration
+
+    try:
+        value = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
     return value
 
 
@@ -100,27 +143,45 @@ def build_parser(*, plugin: bool) -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=("local", "kube"), help="where the rollout lives (default: local)")
     parser.add_argument("--home", type=Path, help="rollout home (default: FW_ROLLOUT_HOME, else ./var)")
     parser.add_argument("--state-dir", type=Path, help="the controller's state directory (default: <home>/rollout)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    _output_flags(parser, None)
     kube = parser.add_argument_group("--backend kube")
     kube.add_argument("-n", "--namespace", help="the ModelRollout's namespace (default: the kubeconfig context's)")
     kube.add_argument("--kubeconfig", type=Path, help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config)")
     kube.add_argument("--context", help="kubeconfig context (default: the current one)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in ("start", "status", "promote", "pause", "resume", "abort", "revert", "history"):
+    for name in COMMANDS:
+        text = STATUS_HELP if name == "status" else _HELP[name]
         sub = commands.add_parser(
-            name, help=_HELP[name].replace("%", "%%"), description=_HELP[name], epilog=EPILOG,
+            name, help=text.replace("%", "%%"), description=text, epilog=EPILOG,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )  # fmt: skip
-        if plugin:
+        if name == "completion":
+            sub.add_argument("shell", choices=SHELLS, help="the shell the script is for")
+            continue
+        if plugin and name not in NAMELESS:
             sub.add_argument("name", metavar="NAME", help="the rollout's name")
         sub.add_argument("-n", "--namespace", default=argparse.SUPPRESS, help="the ModelRollout's namespace (kube)")
+        _output_flags(sub, argparse.SUPPRESS)
         if name in MUTATIONS:
             sub.add_argument("--reason", default="", help="why (kept in the event log and the registry's audit tags)")
             sub.add_argument(
                 "--id", dest="command_id", help="command id (default: generated; a repeated id is a no-op)"
             )
             sub.add_argument("--no-wait", action="store_true", help="queue the command and return at once")
-            sub.add_argument("--timeout", type=positive_float, help="seconds to wait for the controller to apply it")
+            sub.add_argument(
+                "--timeout", type=duration, metavar="DURATION", help="how long to wait for the controller to apply it"
+            )
+        if name in ("status", "get"):
+            sub.add_argument(
+                "-w",
+                "--watch",
+                action="store_true",
+                help="wait until the rollout ends" if name == "status" else "show every change",
+            )
+            sub.add_argument("--timeout", type=duration, metavar="DURATION",
+                             help="with --watch: give up after this long (default: no limit)")  # fmt: skip
+        if name == "list":
+            sub.add_argument("-A", "--all-namespaces", action="store_true", help="kube: every namespace")
         if name == "start":
             sub.add_argument("--candidate", required=True, help="version name, registry version number or alias")
             sub.add_argument("--stable", help="the version to compare against (default: the one serving now)")
@@ -130,6 +191,14 @@ def build_parser(*, plugin: bool) -> argparse.ArgumentParser:
             sub.add_argument("--all", action="store_true", help="every rollout, not only the current one")
             sub.add_argument("--limit", type=positive_int, default=HISTORY_LIMIT, help="newest events shown")
     return parser
+
+
+def _output_flags(parser: argparse.ArgumentParser, default: Any) -> None:
+    """``-o json|yaml`` (kubectl's) and ``--json`` (its alias), before or after the command."""
+    parser.add_argument("-o", "--output", choices=OUTPUTS, default=default,
+                        help="print one JSON or YAML document instead of tables")  # fmt: skip
+    parser.add_argument("--json", dest="output", action="store_const", const="json", default=default,
+                        help="the same as -o json")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------- commands
@@ -219,22 +288,34 @@ def _settings(args: argparse.Namespace) -> RolloutSettings:
     return settings
 
 
-def execute(args: argparse.Namespace, *, plugin: bool) -> ExitCode:
+def execute(args: argparse.Namespace, *, plugin: bool, prog: str) -> ExitCode:
+    if args.command == "completion":
+        print(completion_script(prog, args.shell), end="")
+        return ExitCode.OK
     settings = _settings(args)
     client = client_for(args, settings, plugin=plugin)
-    if plugin and args.name != client.name:
+    if plugin and args.command not in NAMELESS and args.name != client.name:
         raise CliError(ExitCode.NOT_FOUND, f"no rollout named {args.name!r} (this controller runs {client.name!r})")
     cs = settings.controller
     if args.command in MUTATIONS:
         code, payload = run_mutation(client, args, cs)
         _print(args, payload, render_result)
         return code
-    snapshot = client.snapshot()
-    now = datetime.now(UTC)
-    if args.command == "status":
-        view = status_view(snapshot, now, cs.stale_after_s)
+    if args.command == "list":
+        _print(args, client.rollouts(args.all_namespaces), render_list)
+        return ExitCode.OK
+    if args.command == "status" and args.watch:
+        return _watch_status(client, args, cs)
+    if args.command == "get" and args.watch:
+        watch_get(client, cs, args.timeout, lambda view: _print(args, view, render_status, stream=True))
+        return ExitCode.OK
+    if args.command in ("status", "get"):
+        view, _ = current_view(client, cs)
         _print(args, view, render_status)
-        return ExitCode.OK if view["rollout"] is not None else ExitCode.NOT_FOUND
+        if args.command == "get":
+            return ExitCode.OK if view["rollout"] is not None else ExitCode.NOT_FOUND
+        return EXIT_CODES[view["health"]]
+    snapshot = client.snapshot()
     current = snapshot.state.rollout if snapshot.state is not None else None
     rollout_id = None if args.all or current is None else current.rollout_id
     events = history_view(client.events(), rollout_id, args.limit)
@@ -242,21 +323,69 @@ def execute(args: argparse.Namespace, *, plugin: bool) -> ExitCode:
     return ExitCode.OK
 
 
-def _print(args: argparse.Namespace, payload: Any, render: Any) -> None:
-    if args.json:
-        print(json.dumps(payload, indent=2, default=str))
+def _watch_status(client: RolloutClient, args: argparse.Namespace, cs: ControllerSettings) -> ExitCode:
+    """``status --watch``: lines while it runs (human output), then the final view; its health's exit code."""
+    emit = (lambda line: None) if args.output else (lambda line: print(line, flush=True))
+    view, timed_out = watch_status(client, cs, args.timeout, emit)
+    if args.output:
+        _print(args, view, render_status)
+    if timed_out:
+        raise CliError(ExitCode.TIMEOUT, f"{client.name} had not ended after {args.timeout:g} s: {view['health']}")
+    return EXIT_CODES[view["health"]]
+
+
+def _print(args: argparse.Namespace, payload: Any, render: Any, *, stream: bool = False) -> None:
+    """``payload`` as JSON, YAML or rendered; ``stream``: one document of a series (JSON: one per line; YAML:
+    ``---`` separated)."""
+    if args.output == "json":
+        print(json.dumps(payload, default=str, indent=None if stream else 2), flush=True)
+    elif args.output == "yaml":
+        import yaml
+
+        plain = json.loads(json.dumps(payload, default=str))
+        print(("---\n" if stream else "") + yaml.safe_dump(plain, sort_keys=False), end="", flush=True)
     else:
         render(payload)
 
 
+def _names(settings: RolloutSettings, plugin: bool) -> Any:
+    """The rollouts NAME can complete to: the local controller's, or the namespace's ModelRollouts (none on any
+    error: completion never fails loudly)."""
+
+    def names(values: Mapping[str, str]) -> list[str]:
+        cs = settings.controller
+        backend = values.get("backend") or ("kube" if plugin and "state_dir" not in values else cs.backend)
+        if backend != "kube":
+            return [cs.name]
+        try:
+            kubeconfig = Path(values["kubeconfig"]) if "kubeconfig" in values else None
+            client = KubeClient(cs.name, values.get("namespace"), kubeconfig, values.get("context"), cs)
+            return [row["name"] for row in client.rollouts(False)]
+        except (CliError, OSError, ValueError):
+            return []
+
+    return names
+
+
+def complete(argv: Sequence[str], *, plugin: bool) -> int:
+    """``__complete WORD…`` (and ``kubectl_complete-modelrollout WORD…``): Cobra's completion protocol."""
+    parser = build_parser(plugin=plugin)
+    names = _names(RolloutSettings(), plugin)
+    print(cobra_lines(complete_words(parser, argv, names)), end="")
+    return int(ExitCode.OK)
+
+
 def run(argv: Sequence[str] | None, *, plugin: bool) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == [COMPLETE_COMMAND]:
+        return complete(words[1:], plugin=plugin)
     parser = build_parser(plugin=plugin)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(words)
     except SystemExit as exc:  # argparse: 0 for --help, 2 for usage errors
         return int(exc.code) if isinstance(exc.code, int) else int(ExitCode.USAGE)
     try:
-        return int(execute(args, plugin=plugin))
+        return int(execute(args, plugin=plugin, prog=parser.prog.replace("kubectl ", "kubectl-")))
     except CliError as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return int(exc.code)
@@ -283,3 +412,8 @@ def console_main() -> None:
 
 def console_kubectl_main() -> None:
     sys.exit(kubectl_main())
+
+
+def console_kubectl_complete() -> None:
+    """``kubectl_complete-modelrollout``: kubectl runs it with the words after ``kubectl modelrollout``."""
+    sys.exit(complete(sys.argv[1:], plugin=True))

@@ -218,6 +218,27 @@ def render_history(events: Sequence[Mapping[str, Any]]) -> None:
     Console().print(table)
 
 
+def list_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """``list`` as ``kubectl get`` prints a table: plain columns padded to their widest cell, never wrapped."""
+    if not rows:
+        return ["No rollouts found."]
+    namespaced = any(row["namespace"] for row in rows)
+    header = ("NAMESPACE",) * namespaced + ("NAME", "PHASE", "STAGE", "STABLE", "CANDIDATE", "WEIGHT", "PAUSED")
+    table = [list(header)] + [
+        [str(row["namespace"] or "")] * namespaced + [
+            row["name"], _fmt(row["phase"]), _fmt(row["stage"]), _fmt(row["stable"]), _fmt(row["candidate"]),
+            _fmt(row["candidate_weight"]), "yes" if row["paused"] else "no",
+        ]
+        for row in rows
+    ]  # fmt: skip
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    return ["   ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in table]
+
+
+def render_list(rows: Sequence[Mapping[str, Any]]) -> None:
+    print("\n".join(list_lines(rows)))
+
+
 def render_result(payload: Mapping[str, Any]) -> None:
     from rich.console import Console
 

@@ -13,9 +13,10 @@ One reconcile::
     act       through the backend (Workloads, RoutingPublisher) and the model registry (ModelSource)
     record    transitions → events.jsonl exactly once (rollout.core.events), metrics, the command's result
 
-Commands (``rolloutctl``) are files in the inbox, applied once per id: ``start`` is the controller's own (a new
-rollout of a candidate against the version now serving); promote / pause / resume / abort / revert go to the stage
-machine. The loop looks at the inbox every ``tick_interval_s`` and reconciles at once when something is queued (on
+Commands (``rolloutctl``) are files in the inbox, applied once per id: ``start`` and ``retry`` are the controller's
+own (a new rollout of a candidate against the version now serving; ``retry``: of the candidate the last rollout
+rolled back or aborted); promote / pause / resume / abort / revert go to the stage machine. The loop looks at the
+inbox every ``tick_interval_s`` and reconciles at once when something is queued (on
 Kubernetes: when a watch event changed the ModelRollout, its Deployments or Services).
 
 Without a rollout the controller keeps the serving alias' version (``champion``) running and routed.
@@ -58,9 +59,10 @@ from rollout.controller.metrics import ControllerMetrics, ReconcileStep
 from rollout.controller.runners import AnalysisRunner, InlineExecutor, InlineRunner, offline_report
 from rollout.core import workload_gate
 from rollout.core.analysis import AnalysisReport, GateStatus, analyse, analyse_quality
-from rollout.core.commands import CommandResult, InboxCommand
+from rollout.core.commands import STARTS, CommandResult, InboxCommand
 from rollout.core.machine import (
     QUALITY_STAGE,
+    ROLLED_BACK_PHASES,
     Action,
     EnsureRunning,
     KeepWarm,
@@ -175,11 +177,11 @@ class Controller:
         now = self.clock()
         before = self.state
         result: CommandResult | None = None
-        if pending is not None and isinstance(pending.command, InboxCommand) and pending.command.kind == "start":
+        if pending is not None and isinstance(pending.command, InboxCommand) and pending.command.kind in STARTS:
             result = self._start(pending.command, now)
         report = self._analysis(now)
         manual = None
-        if pending is not None and isinstance(pending.command, InboxCommand) and pending.command.kind != "start":
+        if pending is not None and isinstance(pending.command, InboxCommand) and pending.command.kind not in STARTS:
             manual = pending.command
         actions, result = self._decide(now, report, manual, result)
         if result is not None:
@@ -229,16 +231,22 @@ class Controller:
     def _start(self, command: InboxCommand, now: datetime) -> CommandResult:
         def result(outcome: str, detail: str) -> CommandResult:
             return CommandResult.model_validate(
-                {"id": command.id, "kind": "start", "outcome": outcome, "detail": detail, "at": now,
+                {"id": command.id, "kind": command.kind, "outcome": outcome, "detail": detail, "at": now,
                  "rollout_id": command.id if outcome == "applied" else None}
             )  # fmt: skip
 
         current = self.state.rollout
         if current is not None and current.phase == "Progressing":
             return result("ignored", f"rollout {current.rollout_id} is in progress (abort it first)")
-        assert command.candidate is not None  # guaranteed by InboxCommand's validator
+        wanted = command.candidate
+        if command.kind == "retry":
+            if current is None or current.phase not in ROLLED_BACK_PHASES:
+                return result("ignored", "nothing to retry: " + (f"the rollout is {current.phase}" if current
+                              else "no rollout yet"))  # fmt: skip
+            wanted = current.candidate
+        assert wanted is not None  # a start names its candidate (InboxCommand's validator)
         try:
-            candidate = self.backend.source.resolve(command.candidate)
+            candidate = self.backend.source.resolve(wanted)
             stable = self.backend.source.resolve(command.stable) if command.stable else self._serving_version()
         except VersionNotFoundError as exc:
             return result("ignored", f"not found: {exc}")

@@ -10,10 +10,10 @@ from typing import Any, Final, Protocol, TypeVar
 
 from rollout.core.analysis import AnalysisReport, GateResult, GateStatus
 from rollout.core.machine import (
-    MachineStage,
     expected_gates,
 )
 from rollout.core.policy import MIN_LABELS_GATE, MIN_REQUESTS_GATE, RolloutPolicy
+from rollout.core.routing import MachineStage
 
 T = TypeVar("T")
 

@@ -32,7 +32,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from rollout.core import confseq, sequential
+from rollout.core import confseq, drift, sequential
 from rollout.core.drift import parse_le, roc_auc_from_prometheus_buckets, wilson_interval
 from rollout.core.policy import (
     MIN_LABELS_GATE,
@@ -45,18 +45,17 @@ from rollout.core.policy import (
     OutcomeGate,
     PairedAUCEstimator,
     PairedProportionEstimator,
+    PsiEstimator,
     QualityGate,
     RateEstimator,
     RenderContext,
     RolloutPolicy,
-    TrafficStage,
     WilsonEstimator,
     check_version,
     render,
 )
+from rollout.core.routing import MachineStage, TrafficStage
 
-#: The pre-rollout stage (the model-quality regression set) followed by the traffic stages.
-AnalysisStage = Literal["quality", "shadow", "canary", "ab", "full"]
 ResultLayer = Literal["health", "input_drift", "output_drift", "outcome", "quality", "sample"]
 
 
@@ -106,7 +105,7 @@ class AnalysisReport(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    stage: AnalysisStage
+    stage: MachineStage
     stable: str
     candidate: str
     at: AwareDatetime
@@ -351,6 +350,8 @@ def _sample_result(ctx: _Context, name: str, template: str, minimum: int) -> Gat
 
 
 def _metric_result(ctx: _Context, gate: MetricGate) -> GateResult:
+    if isinstance(gate.estimator, PsiEstimator):
+        return _psi_result(ctx, gate, gate.estimator)
     if gate.estimator is not None:
         return _rate_result(ctx, gate, gate.estimator)
     cond = gate.condition
@@ -446,6 +447,100 @@ def _margin_sprt_result(
         **base, status=status, candidate_value=ev.candidate_value, stable_value=ev.stable_value,
         estimate=ev.difference, interval=(ev.difference - half, ev.difference + half), samples=ev.samples,
         samples_needed=max(needed) if needed else None, method=ev.method, message=message,
+    )  # fmt: skip
+
+
+def measure_feature_bins(provider: MetricsQuery, promql: str) -> dict[str, dict[str, float]]:
+    """A vector by (``feature``, ``bin``) as {feature: {bin: value}}; MeasurementError when the provider fails."""
+    query_vector = getattr(provider, "query_vector", None)
+    if query_vector is None:
+        raise MeasurementError(f"{type(provider).__name__} cannot query vectors (needed for {promql!r})")
+    try:
+        out: dict[str, dict[str, float]] = {}
+        for labels, value in query_vector(promql):
+            if math.isfinite(float(value)):
+                out.setdefault(labels["feature"], {})[labels["bin"]] = float(value)
+    except Exception as exc:
+        raise MeasurementError(f"{type(exc).__name__}: {exc}") from exc
+    return out
+
+
+def _psi_estimates(ctx: _Context, est: PsiEstimator, version: str) -> dict[str, drift.PsiEstimate]:
+    """Each feature's PSI estimate of ``version`` over the stage (features with a reference and observations)."""
+    counts = measure_feature_bins(ctx.provider, ctx.render(est.counts, version))
+    reference = measure_feature_bins(ctx.provider, ctx.render(est.reference, version))
+    out: dict[str, drift.PsiEstimate] = {}
+    for feature, fractions in reference.items():
+        bins = sorted(fractions, key=lambda b: (len(b), b))
+        observed = counts.get(feature, {})
+        estimate = drift.psi_estimate([fractions[b] for b in bins], [observed.get(b, 0.0) for b in bins], est.epsilon)
+        if estimate is not None:
+            out[feature] = estimate
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _PsiBounds:
+    """One feature's PSI (or PSI over stable's) with its lower bound (roll-back side) and upper bound."""
+
+    feature: str
+    value: float
+    low: float
+    high: float
+    n: float
+
+
+def _psi_bounds(cand: drift.PsiEstimate, stab: drift.PsiEstimate | None, z_low: float, z_high: float,
+                alpha: float, beta: float) -> tuple[float, float, float]:  # fmt: skip
+    """(estimate, lower, upper) of the candidate's bias-corrected PSI, or of its excess over stable's. Each bound is
+    the wider of the two regimes' (their noise is one and the same, seen two ways): the normal one from the
+    delta-method standard errors (drifted distributions), and the χ² noise of an unchanged distribution — above its
+    mean up to its quantile, below it down to 0 (at most the bias) — where the gradient, hence the standard error,
+    vanishes."""
+    value = cand.corrected - (stab.corrected if stab is not None else 0.0)
+    spread = math.sqrt(cand.stderr**2 + (stab.stderr**2 if stab is not None else 0.0))
+    cand_up = max(drift.psi_noise_quantile(cand.bins, cand.n, alpha) - cand.bias, 0.0)
+    stab_down = stab.bias if stab is not None else 0.0
+    low = value - max(z_low * spread, cand_up + stab_down)
+    stab_up = max(drift.psi_noise_quantile(stab.bins, stab.n, beta) - stab.bias, 0.0) if stab is not None else 0.0
+    high = value + max(z_high * spread, cand.bias + stab_up)
+    return value, low, high
+
+
+def _psi_result(ctx: _Context, gate: MetricGate, est: PsiEstimator) -> GateResult:
+    """Drift judged on the stage's own sample: Failed when some feature's lower bound exceeds the limit (α split
+    over the features), Successful when every feature's upper bound is within it, else Inconclusive."""
+    cond = gate.condition
+    base = {"name": gate.name, "layer": gate.layer, "threshold": cond.threshold, "condition": cond.text(),
+            "method": "psi-bound"}  # fmt: skip
+    cand = _psi_estimates(ctx, est, ctx.candidate)
+    stab = _psi_estimates(ctx, est, ctx.stable) if cond.relative else {}
+    features = sorted(f for f in cand if not cond.relative or f in stab)
+    if not features:
+        return GateResult(**base, status=GateStatus.INCONCLUSIVE, message="no binned observations with a reference")
+    alpha = ctx.policy.false_rollback(gate) / len(features)
+    beta = ctx.policy.false_promotion(gate)
+    z_low, z_high = NormalDist().inv_cdf(1.0 - alpha), NormalDist().inv_cdf(1.0 - beta)
+    bounds = []
+    for f in features:
+        value, low, high = _psi_bounds(cand[f], stab.get(f), z_low, z_high, alpha, beta)
+        bounds.append(_PsiBounds(f, value, low, high, cand[f].n))
+    worst = max(bounds, key=lambda b: b.low)
+    if worst.low > cond.threshold:
+        status = GateStatus.FAILED
+    elif all(b.high <= cond.threshold for b in bounds):
+        status = GateStatus.SUCCESSFUL
+    else:
+        status = GateStatus.INCONCLUSIVE
+    shown = worst if status is GateStatus.FAILED else max(bounds, key=lambda b: b.high)
+    what = "PSI over stable's" if cond.relative else "PSI"
+    message = (
+        f"{cond.text()}: {shown.feature} {what} {shown.value:.4g} (bias-corrected), bounds [{shown.low:.4g}, "
+        f"{shown.high:.4g}] on {shown.n:.0f} requests; {len(features)} feature(s), α={alpha:.3g} each, β={beta:.3g}"
+    )
+    return GateResult(
+        **base, status=status, candidate_value=max(b.value for b in bounds), estimate=shown.value,
+        interval=(shown.low, shown.high), samples=min(b.n for b in bounds), message=message,
     )  # fmt: skip
 
 

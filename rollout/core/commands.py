@@ -4,21 +4,22 @@
 from __future__ import annotations
 
 import uuid
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-#: Commands of the controller itself (``start``) and of the stage machine (the rest).
-InboxKind = Literal["start", "promote", "pause", "resume", "abort", "revert"]
+from rollout.core.routing import TrafficStage
+
+#: Commands of the controller itself (``start``; ``retry``: a new rollout of the candidate the last rollout rolled
+#: back or aborted) and of the stage machine (the rest).
+InboxKind = Literal["start", "retry", "promote", "pause", "resume", "abort", "revert"]
+#: The commands that start a rollout (the controller's, not the stage machine's).
+STARTS: Final[frozenset[str]] = frozenset({"start", "retry"})
 
 
 #: applied; ignored (it does not apply now: a rollout in progress, an unknown version); failed (the controller could
 #: not carry it out: the registry failed) — in every case the command is done and the next one runs.
 CommandOutcome = Literal["applied", "ignored", "failed"]
-
-
-#: The stages a ``promote`` may skip to (the machine's traffic stages).
-PromoteTarget = Literal["shadow", "canary", "ab", "full"]
 
 
 class InboxCommand(BaseModel):
@@ -35,7 +36,7 @@ class InboxCommand(BaseModel):
     candidate: str | None = None
     stable: str | None = None
     #: ``promote``: the stage to skip to.
-    to: PromoteTarget | None = None
+    to: TrafficStage | None = None  # the stage a ``promote`` skips to
 
     @model_validator(mode="after")
     def _fields_match_kind(self) -> InboxCommand:

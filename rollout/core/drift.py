@@ -78,6 +78,57 @@ def psi_from_counts(reference_counts: Sequence[float], actual_counts: Sequence[f
     return psi(fractions(reference_counts), fractions(actual_counts), epsilon)
 
 
+@dataclass(frozen=True)
+class PsiEstimate:
+    """The PSI of ``n`` observations against a reference, with its sampling noise (the reference is the training
+    set's fractions, taken as exact).
+
+    ``bias`` is the second-order (delta-method) expectation of the observed PSI above the true one: at no drift
+    ``(k - 1)/n``, so an unchanged distribution does not look drifted in a small sample. ``stderr`` is the
+    first-order standard error, ``√(Var_a(g)/n)`` with ``g_i = ln(a_i/e_i) + 1 - e_i/a_i`` (the gradient of PSI in
+    the fractions). At no drift the gradient vanishes and ``n · PSI`` is about χ²(k - 1): :func:`psi_noise_quantile`
+    bounds that part."""
+
+    n: float
+    value: float
+    bias: float
+    stderr: float
+    bins: int
+
+    @property
+    def corrected(self) -> float:
+        """The PSI with its small-sample bias removed (never below 0)."""
+        return max(self.value - self.bias, 0.0)
+
+
+def psi_estimate(reference: Sequence[float], counts: Sequence[float], epsilon: float) -> PsiEstimate | None:
+    """:class:`PsiEstimate` of the observed ``counts`` per bin against the ``reference`` fractions; None without
+    observations."""
+    if len(reference) != len(counts):
+        raise ValueError(f"bin count mismatch: reference has {len(reference)}, counts has {len(counts)}")
+    n = float(sum(max(c, 0.0) for c in counts))
+    if n <= 0:
+        return None
+    a = [max(max(c, 0.0) / n, epsilon) for c in counts]
+    e = [max(f, epsilon) for f in reference]
+    value = float(sum((ai - ei) * math.log(ai / ei) for ai, ei in zip(a, e, strict=True)))
+    g = [math.log(ai / ei) + 1.0 - ei / ai for ai, ei in zip(a, e, strict=True)]
+    mean_g = sum(ai * gi for ai, gi in zip(a, g, strict=True))
+    var_g = max(sum(ai * gi * gi for ai, gi in zip(a, g, strict=True)) - mean_g * mean_g, 0.0)
+    bias = sum((1.0 - ai) * (1.0 + ei / ai) for ai, ei in zip(a, e, strict=True)) / (2.0 * n)
+    return PsiEstimate(n=n, value=value, bias=bias, stderr=math.sqrt(var_g / n), bins=len(counts))
+
+
+def psi_noise_quantile(bins: int, n: float, alpha: float) -> float:
+    """The (1 - α) quantile of the PSI of ``n`` observations of an UNCHANGED distribution over ``bins`` bins,
+    ``χ²(bins - 1)_{1-α} / n`` (Wilson–Hilferty's cube-root approximation of the χ² quantile)."""
+    dof = max(bins - 1, 1)
+    z = NormalDist().inv_cdf(1.0 - alpha)
+    h = 2.0 / (9.0 * dof)
+    chi2 = dof * (1.0 - h + z * math.sqrt(h)) ** 3
+    return max(chi2, 0.0) / n
+
+
 def bin_counts(values: Iterable[float], edges: Sequence[float]) -> list[int]:
     """Counts per bin for inner cut points ``edges`` (k edges → k+1 bins; a value v falls in bin
     ``searchsorted(edges, v, side='right')``, the convention of ``service.artifacts.bundle.ReferenceBins``)."""

@@ -42,7 +42,6 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validato
 
 from rollout.core.analysis import (
     AnalysisReport,
-    AnalysisStage,
     GateHistory,
     GateResult,
     GateStatus,
@@ -56,18 +55,17 @@ from rollout.core.policy import (
     TRAFFIC_STAGES,
     WORKLOAD_GATE,
     RolloutPolicy,
-    TrafficStage,
     check_version,
     next_stage,
 )
+from rollout.core.routing import MachineStage, TrafficStage
 from rollout.core.routing import Stage as RoutingStage
 
 Phase = Literal["Progressing", "Promoted", "RolledBack", "Aborted"]
 #: Phases after which the candidate gets no more traffic and nothing but the record changes.
 ROLLED_BACK_PHASES: Final[frozenset[str]] = frozenset({"RolledBack", "Aborted"})
 #: Every stage of the machine, in order: the pre-rollout quality check, then the traffic stages.
-MachineStage = AnalysisStage
-MACHINE_STAGES: Final[tuple[MachineStage, ...]] = get_args(AnalysisStage)
+MACHINE_STAGES: Final[tuple[MachineStage, ...]] = get_args(MachineStage)
 QUALITY_STAGE: Final[MachineStage] = "quality"
 CommandKind = Literal["promote", "pause", "resume", "abort", "revert"]
 Trigger = Literal["analysis", "command", "timeout"]

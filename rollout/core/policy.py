@@ -45,10 +45,8 @@ from pydantic import (
 )
 
 from rollout.core.buckets import DEFAULT_LATENCY_BUCKETS_S
-from rollout.core.routing import Stage
+from rollout.core.routing import Stage, TrafficStage
 
-#: The traffic stages of a rollout, in order (a subset of the routing table's stages, same names).
-TrafficStage = Literal["shadow", "canary", "ab", "full"]
 TRAFFIC_STAGES: Final[tuple[TrafficStage, ...]] = get_args(TrafficStage)
 #: Layers of the gates that watch a stage; ``quality`` is the pre-rollout gate.
 MetricLayer = Literal["health", "input_drift", "output_drift"]
@@ -397,7 +395,25 @@ class PairedAUCEstimator(BaseModel):
     min_negatives: int = Field(10, ge=2)
 
 
-MetricEstimator = Annotated[RateEstimator | PairedProportionEstimator, Field(discriminator="method")]
+class PsiEstimator(BaseModel):
+    """A drift gate judged on the stage's own sample (:func:`rollout.core.drift.psi_estimate`): each
+    feature's PSI from the version's bin counts over the stage against its training reference, with its
+    small-sample bias removed and bounds from its sampling noise — the delta-method standard error and the
+    χ²(k - 1)/n noise of an unchanged distribution — instead of a point value over a 5-minute window. ``counts`` and
+    ``reference`` are vector queries by (``feature``, ``bin``). With ``value <= t`` every feature's PSI is bounded by
+    t; with ``candidate - stable <= δ`` the candidate's PSI may exceed stable's on the same traffic by at most δ
+    (drift that both versions see is not the candidate's fault). α is split over the features."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["psi"] = "psi"
+    counts: PromQLTemplate
+    reference: PromQLTemplate
+    #: Fractions are clipped to at least this (the recording rules' and DriftSettings.psi_epsilon's 1e-4).
+    epsilon: float = Field(1e-4, gt=0.0, lt=0.1)
+
+
+MetricEstimator = Annotated[RateEstimator | PairedProportionEstimator | PsiEstimator, Field(discriminator="method")]
 
 
 class MetricGate(_GateBase):
@@ -430,6 +446,16 @@ class MetricGate(_GateBase):
             (cond.comparison == "difference" and cond.threshold != 0.0 and (cond.threshold < 0) == cond.wants_high)
             or (cond.comparison == "abs_difference" and not cond.wants_high and cond.threshold > 0.0)
         )  # fmt: skip
+        if isinstance(self.estimator, PsiEstimator):
+            upper = not cond.wants_high and cond.threshold > 0.0
+            if not (upper and cond.comparison in ("value", "difference")):
+                raise ValueError(
+                    f"gate {self.name!r}: a PSI estimator judges an upper limit (value <= t) or a margin over stable "
+                    f"(candidate - stable <= δ), t, δ > 0, not {cond.text()!r}"
+                )
+            if cond.relative:
+                _check_relative(self.name, cond, (self.estimator.counts, self.estimator.reference))
+            return self
         if isinstance(self.estimator, PairedProportionEstimator):
             if not margin or abs(cond.threshold) >= 1.0:
                 raise ValueError(
@@ -455,9 +481,7 @@ class MetricGate(_GateBase):
     def _latency_bucket_exists(self) -> MetricGate:
         """A share of slow calls read from the router's latency histogram needs its limit to be one of the
         histogram's buckets: ``le="0.3"`` matches no series, and the share would read as no data for ever."""
-        templates = estimator_templates(self.estimator) if isinstance(self.estimator, PairedProportionEstimator) else (
-            (self.estimator.events, self.estimator.trials) if self.estimator is not None else ()
-        )  # fmt: skip
+        templates = (self.estimator.events, self.estimator.trials) if isinstance(self.estimator, RateEstimator) else ()
         for template in templates:
             for match in _LATENCY_BUCKET.finditer(template):
                 if float(match.group(1)) not in DEFAULT_LATENCY_BUCKETS_S:

@@ -36,7 +36,12 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Stage = Literal["stable", "shadow", "canary", "ab", "full"]
+#: The traffic stages of a rollout, in order: the candidate shadows, then decides for a share, then for all.
+TrafficStage = Literal["shadow", "canary", "ab", "full"]
+#: The routing table's stage: the stable version alone, or one of the traffic stages.
+Stage = Literal["stable", TrafficStage]
+#: The stage machine's stages: the pre-rollout quality check (the regression set), then the traffic stages.
+MachineStage = Literal["quality", TrafficStage]
 #: Which side of the rollout answered: the table's stable or its candidate.
 Arm = Literal["stable", "candidate"]
 #: What a call to a model service was for: answering the client, or a shadow comparison.

@@ -27,8 +27,8 @@ class StateError(RuntimeError):
 
 def manual_command(command: InboxCommand) -> ManualCommand:
     """The stage machine's command for an inbox command (not for ``start``, the controller's own)."""
-    if command.kind == "start":
-        raise ValueError("start is the controller's command, not the stage machine's")
+    if command.kind == "start" or command.kind == "retry":
+        raise ValueError(f"{command.kind} is the controller's command, not the stage machine's")
     kind: CommandKind = command.kind
     return ManualCommand(id=command.id, kind=kind, to=command.to, reason=command.reason)
 

@@ -73,7 +73,7 @@ class DemoSettings(BaseSettings):
     #: Until the champion answers behind the router (its bentoml serve included).
     stack_timeout_s: float = Field(300.0, gt=0.0)
     server_start_timeout_s: float = Field(240.0, gt=0.0)
-    rollout_timeout_s: float = Field(360.0, gt=0.0)
+    rollout_timeout_s: float = Field(900.0, gt=0.0)
     command_timeout_s: float = Field(60.0, gt=0.0)
     stop_timeout_s: float = Field(30.0, gt=0.0)
     #: The progress view (and the gate sampling behind the timeline) refreshes this often …

@@ -80,7 +80,8 @@ from rollout.router.shadow import PredictionSink, ShadowJob, ShadowRunner
 from rollout.router.table_sources import FileTableSource, KubeRolloutTableSource, TableSource, TableStore
 from rollout.router.upstream import Answer, Caller, Failure, Upstreams
 from rollout.settings import FeedbackCredentialsError, RolloutSettings, RouterSettings, get_rollout_settings
-from service.api.schema import ErrorDetail, ErrorResponse, RefundRequest, confidence_of, decision_of
+from service.api.errors import error_response, validation_details
+from service.api.schema import ErrorDetail, RefundRequest, confidence_of, decision_of
 from service.common.http import bearer_matches, read_limited
 from service.common.logging import (
     CORRELATION_HEADER,
@@ -176,13 +177,6 @@ def splice(body: bytes, fields: bytes) -> bytes:
     return body[:-1] + fields
 
 
-def validation_details(exc: ValidationError) -> list[ErrorDetail]:
-    return [
-        ErrorDetail(field=".".join(str(part) for part in err["loc"]) or "body", message=str(err["msg"]))
-        for err in exc.errors(include_url=False, include_input=False, include_context=False)
-    ]
-
-
 def rejection_of(exc: ValidationError) -> tuple[int, str, list[ErrorDetail]]:
     """As the model service answers: 400 ``invalid_json`` for a body that is not JSON, else 422
     ``validation_error`` with one detail per invalid field."""
@@ -190,14 +184,6 @@ def rejection_of(exc: ValidationError) -> tuple[int, str, list[ErrorDetail]]:
     if any(err["type"] == "json_invalid" for err in exc.errors(include_url=False)):
         return _BAD_REQUEST, "invalid_json", [d for d in details if d.field == "body"][:1]
     return _INVALID, "validation_error", details
-
-
-def error_response(
-    status: int, message: str, correlation_id: str | None, details: Sequence[ErrorDetail] = ()
-) -> Response:
-    body = ErrorResponse(error=message, details=list(details), correlation_id=correlation_id)
-    headers = {CORRELATION_HEADER: correlation_id} if correlation_id else None
-    return Response(body.model_dump_json().encode("utf-8"), status_code=status, media_type=_JSON, headers=headers)
 
 
 class Router:

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
@@ -48,9 +48,6 @@ from service.artifacts.bundle import (
     sha256_of,
 )
 from service.settings import Settings
-
-if TYPE_CHECKING:
-    from service.training.train import TrainingResult
 
 logger = get_logger(__name__)
 _T = TypeVar("_T")
@@ -529,40 +526,3 @@ def _ref(version: ModelVersion) -> ModelRef:
         aliases=tuple(sorted(str(alias) for alias in version.aliases or ())),
         tags={str(k): str(v) for k, v in (version.tags or {}).items()},
     )
-
-
-# ------------------------------------------------------------------------------------------- training runs
-
-
-def training_metrics(result: TrainingResult) -> dict[str, float]:
-    """Test-window metrics (``test_*``), validation metrics (``valid_*``), each imbalance strategy's validation
-    PR-AUC (``valid_pr_auc_<strategy>``) and the training time."""
-    metrics = {f"{TEST_METRIC_PREFIX}{key}": value for key, value in result.test_metrics.items()}
-    metrics.update({f"{VALID_METRIC_PREFIX}{key}": value for key, value in result.valid_metrics.items()})
-    for row in result.strategy_table:
-        metrics[f"{STRATEGY_METRIC_PREFIX}{row['strategy']}"] = float(row["valid_pr_auc"])
-    metrics["train_seconds"] = result.seconds
-    return metrics
-
-
-def payload_from_result(result: TrainingResult, run_name: str) -> RunPayload:
-    manifest = result.manifest
-    return RunPayload(
-        run_name=run_name,
-        bundle_dir=result.bundle_dir,
-        report_files=tuple(result.report.as_list()),
-        params=result.params,
-        metrics=training_metrics(result),
-        tags={
-            "data_fingerprint": result.data_fingerprint,
-            "strategy": result.chosen_strategy,
-            "calibration": manifest.calibration.method,
-            "threshold_policy": manifest.threshold.policy,
-            "data_rows": str(sum(result.split.as_dict().values())),
-        },
-    )
-
-
-def log_training_run(result: TrainingResult, settings: Settings, run_name: str) -> RunInfo:
-    """Log a :class:`service.training.train.TrainingResult` as one MLflow run."""
-    return ModelRegistry(settings).log_run(payload_from_result(result, run_name))

@@ -7,12 +7,12 @@ written by :func:`build_store` atomically (temporary file + rename), so readers 
 miss, a timeout or an error it returns :data:`service.data.features.DEFAULT_AGGREGATES` for the key and reports the
 fallback (reason ``miss``/``timeout``/``error``) to a callback (the service counts it in Prometheus).
 
-Two execution paths, chosen per store (measured on this machine, see ``benchmarks/serving_benchmark.py``):
+Two execution paths, chosen per store (their costs: docs/architecture.md, "Serving: what was measured"):
 
 * *inline* for stores that enforce a deadline themselves (:class:`DeadlineAwareStore`, e.g. SQLite through its
-  progress handler): a primary-key lookup costs ≈ 10 µs and needs no thread hop;
-* *isolated* in a small thread pool for any other store (≈ 90 µs sync / ≈ 170 µs from asyncio per hop): the
-  caller waits at most the budget, then abandons (and cancels, if not yet started) the lookup.
+  progress handler): a primary-key lookup, no thread hop;
+* *isolated* in a small thread pool for any other store: the caller waits at most the budget, then abandons (and
+  cancels, if not yet started) the lookup.
 """
 
 from __future__ import annotations

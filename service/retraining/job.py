@@ -39,7 +39,7 @@ from typing import Any, Final, Protocol
 import pandas as pd
 
 from service.artifacts.bundle import load_bundle
-from service.artifacts.registry import ModelRef, ModelRegistry, RunInfo, RunPayload, payload_from_result
+from service.artifacts.registry import ModelRef, ModelRegistry, RunInfo, RunPayload
 from service.common.logging import get_logger, log_event
 from service.retraining.handoff import Candidate, HandoffResult, RolloutHandoff
 from service.retraining.outcomes import MAX_REASON_CHARS, RetrainOutcome
@@ -378,7 +378,7 @@ def retrain(
 ) -> RetrainReport:
     """Train on the latest window and ship the result (see the module docstring). Expected endings (too little
     data, a failed gate, a hand-off that did not start) are the report's outcome; anything else raises."""
-    from service.training.pipeline import train_version
+    from service.training.pipeline import payload_from_result, train_version
 
     regression_set(settings)
     observer = observer or QuietObserver()

@@ -53,6 +53,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from service.api.errors import error_response
 from service.api.schema import ErrorDetail, ErrorResponse
 from service.common.http import bearer_matches, read_limited
 from service.common.logging import (
@@ -131,14 +132,6 @@ class RetrainsView(BaseModel):
     last_started_at: float | None
     cooldown_until: float | None
     runs: list[RunRecord]
-
-
-def error_response(
-    status: int, message: str, correlation_id: str | None, details: Sequence[ErrorDetail] = ()
-) -> Response:
-    body = ErrorResponse(error=message, details=list(details), correlation_id=correlation_id)
-    headers = {CORRELATION_HEADER: correlation_id} if correlation_id else None
-    return Response(body.model_dump_json(), status_code=status, media_type=_JSON, headers=headers)
 
 
 def rejection(exc: ValidationError, correlation_id: str) -> Response:

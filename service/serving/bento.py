@@ -16,20 +16,8 @@
 * Entity aggregates come from the bundle's feature store within ``serve.feature_store_timeout_ms``;
   adaptive batching (BentoML's CorkDispatcher over float32 feature rows) is optional (``serve.adaptive_batching``).
 
-Measured with ``benchmarks/serving_benchmark.py`` on the 2-core machine while other jobs kept its load average at
-10-14 (so absolute latencies are inflated; the variants were interleaved so the noise hit all alike):
-
-* adaptive batching off: it never improved p50 at concurrency 1, and under load BentoML's dispatcher cancels
-  requests that wait past ``batch_max_latency_ms`` (503s: 49 % of requests at c=4, ≈ 99 % at c≥16 in one run);
-* single-row prediction: the direct C call below (≈ 55 µs CPU) instead of ``inplace_predict`` (≈ 180-250 µs);
-  BentoML's OpenTelemetry middleware kept off the scoring routes (≈ 15 % of a request's CPU);
-* 2 workers (``FW_SERVE__WORKERS=2``) beat 1 on p50/p99 at c=4 and on peak throughput (≥ the single-process
-  baseline's); the default stays 1 worker because several services share this machine in the demo and tests;
-* the gap to the bare Starlette baseline (≈ 1.6× its CPU per request through the API method) was BentoML's own
-  per-request machinery (routing, API-method wrapper with ``inspect.signature`` per call, a second JSON parse,
-  serde): answering in the guard (``dispatch = direct``) cut the server CPU per request from 0.76-0.87 ms to
-  0.52-0.66 ms (baseline 0.48-0.60 ms) and 2-worker peak throughput from 1657 to 2563 rps (baseline 1942 rps;
-  one worker: 1271 → 1775 rps), 2026-12-01, load average ≈ 2.
+Why these defaults (adaptive batching off, the direct C call, one worker, ``dispatch = direct``): the figures of
+``benchmarks/serving_benchmark.py`` in docs/architecture.md, "Serving: what was measured".
 """
 
 from __future__ import annotations
@@ -54,6 +42,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ValidationError
 
+from service.api.errors import error_body, validation_details
 from service.api.schema import (
     BatchRequest,
     BatchResponse,
@@ -461,24 +450,14 @@ class Rejection:
     reason: str
 
 
-def field_path(loc: Sequence[int | str]) -> str:
-    """pydantic's error location as a dotted path: ``("requests", 3, "ipAccounts")`` → ``requests.3.ipAccounts``."""
-    return ".".join(str(part) for part in loc) or "body"
-
-
 def rejection_of(exc: ValidationError, correlation_id: str) -> Rejection:
     """400 for a body that is not JSON, else 422 with one detail per invalid field."""
     errors = exc.errors(include_url=False, include_input=False, include_context=False)
     invalid_json = [error for error in errors if error["type"] == "json_invalid"]
     if invalid_json:
         details = [ErrorDetail(field="body", message=str(invalid_json[0]["msg"]))]
-        return Rejection(
-            400, ErrorResponse(error="invalid_json", details=details, correlation_id=correlation_id), "invalid_json"
-        )
-    details = [ErrorDetail(field=field_path(error["loc"]), message=str(error["msg"])) for error in errors]
-    return Rejection(
-        422, ErrorResponse(error="validation_error", details=details, correlation_id=correlation_id), "validation"
-    )
+        return Rejection(400, error_body("invalid_json", correlation_id, details), "invalid_json")
+    return Rejection(422, error_body("validation_error", correlation_id, validation_details(exc)), "validation")
 
 
 def _parse(model: type[M], body: bytes, correlation_id: str) -> M | Rejection:
@@ -500,22 +479,17 @@ def validate_batch(body: bytes, settings: Settings, correlation_id: str) -> Batc
     if n_items <= limit:
         return parsed
     detail = ErrorDetail(field="requests", message=f"at most {limit} requests per batch, got {n_items}")
-    error = ErrorResponse(error="validation_error", details=[detail], correlation_id=correlation_id)
-    return Rejection(422, error, "batch_too_large")
+    return Rejection(422, error_body("validation_error", correlation_id, [detail]), "batch_too_large")
 
 
 def too_large(limit: int, correlation_id: str) -> Rejection:
     detail = ErrorDetail(field="body", message=f"request body larger than {limit} bytes")
-    return Rejection(
-        413,
-        ErrorResponse(error="payload_too_large", details=[detail], correlation_id=correlation_id),
-        "payload_too_large",
-    )
+    return Rejection(413, error_body("payload_too_large", correlation_id, [detail]), "payload_too_large")
 
 
 def not_loaded(state: ServingState, correlation_id: str) -> Rejection:
     error = "model_unavailable" if state.failure is not None else "model_not_ready"
-    return Rejection(503, ErrorResponse(error=error, correlation_id=correlation_id), error)
+    return Rejection(503, error_body(error, correlation_id), error)
 
 
 def error_reason(status: int) -> str | None:
@@ -628,7 +602,7 @@ class RequestGuard:
             response = await route.answer(runtime, parsed, correlation_id)
         except Exception:
             LOGGER.exception("scoring failed")
-            error = ErrorResponse(error="internal_error", correlation_id=correlation_id)
+            error = error_body("internal_error", correlation_id)
             await _send_json(send, 500, error.model_dump_json().encode("utf-8"), correlation_id)
             return "internal"
         await _send_json(send, 200, response.model_dump_json().encode("utf-8"), correlation_id)

@@ -15,11 +15,14 @@ import pandas as pd
 from service.artifacts.registry import (
     CHALLENGER,
     CHAMPION,
+    STRATEGY_METRIC_PREFIX,
+    TEST_METRIC_PREFIX,
+    VALID_METRIC_PREFIX,
     AliasMove,
     ModelRef,
     ModelRegistry,
     RunInfo,
-    payload_from_result,
+    RunPayload,
 )
 from service.common.logging import get_logger, log_event
 from service.data import aggregates
@@ -200,3 +203,40 @@ def store_as_of(history: pd.DataFrame, later: pd.DataFrame) -> dict[str, EntityA
         if str(row.account_id) not in known and float(row.prior_refunds_base) > 0
     }
     return {**fresh, **known}
+
+
+# ------------------------------------------------------------------------------------------- training runs
+
+
+def training_metrics(result: TrainingResult) -> dict[str, float]:
+    """Test-window metrics (``test_*``), validation metrics (``valid_*``), each imbalance strategy's validation
+    PR-AUC (``valid_pr_auc_<strategy>``) and the training time."""
+    metrics = {f"{TEST_METRIC_PREFIX}{key}": value for key, value in result.test_metrics.items()}
+    metrics.update({f"{VALID_METRIC_PREFIX}{key}": value for key, value in result.valid_metrics.items()})
+    for row in result.strategy_table:
+        metrics[f"{STRATEGY_METRIC_PREFIX}{row['strategy']}"] = float(row["valid_pr_auc"])
+    metrics["train_seconds"] = result.seconds
+    return metrics
+
+
+def payload_from_result(result: TrainingResult, run_name: str) -> RunPayload:
+    manifest = result.manifest
+    return RunPayload(
+        run_name=run_name,
+        bundle_dir=result.bundle_dir,
+        report_files=tuple(result.report.as_list()),
+        params=result.params,
+        metrics=training_metrics(result),
+        tags={
+            "data_fingerprint": result.data_fingerprint,
+            "strategy": result.chosen_strategy,
+            "calibration": manifest.calibration.method,
+            "threshold_policy": manifest.threshold.policy,
+            "data_rows": str(sum(result.split.as_dict().values())),
+        },
+    )
+
+
+def log_training_run(result: TrainingResult, settings: Settings, run_name: str) -> RunInfo:
+    """Log a :class:`service.training.train.TrainingResult` as one MLflow run."""
+    return ModelRegistry(settings).log_run(payload_from_result(result, run_name))

@@ -1,4 +1,4 @@
-"""Session fixtures of the end-to-end tests: one real Kubernetes control plane (see :mod:`tests.e2e.cluster`).
+"""Session fixtures of the end-to-end tests: one real Kubernetes control plane (see :mod:`tests.kits.cluster`).
 
 The binaries come from ``scripts/k8s-binaries.sh`` (run by ``scripts/bootstrap.sh``, so ``make test`` builds them
 first). When they are missing the tests fail with the command to run; they are never skipped.
@@ -6,13 +6,19 @@ first). When they are missing the tests fail with the command to run; they are n
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import kubernetes
 import pytest
+import yaml
+from kubernetes import client as k8s
+from kubernetes.dynamic import DynamicClient
 
-from tests.e2e.cluster import ClusterError, ClusterSettings, ControlPlane, locate_binaries
+from tests.kits.chart import CRD_FILE
+from tests.kits.cluster import ClusterError, ClusterSettings, ControlPlane, locate_binaries
+from tests.kits.release import CRD_NAME, wait_established
 
 CLUSTER_FIXTURE = "k8s_cluster"
 E2E_MARKER = "e2e"
@@ -85,3 +91,35 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     if timings:
         milestones = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items())
         terminalreporter.write_line(f"Kubernetes control plane startup: {milestones}")
+
+
+# ------------------------------------------------------------- the chart's CRD and a namespace (tests/kits/release.py)
+
+
+@pytest.fixture(scope="module")
+def dynamic(k8s_client: Any, tmp_path_factory: pytest.TempPathFactory) -> DynamicClient:
+    cache = tmp_path_factory.mktemp("discovery") / "discovery.json"
+    return DynamicClient(k8s_client, cache_file=str(cache))
+
+
+@pytest.fixture(scope="module")
+def crd(k8s_cluster: ControlPlane, k8s_client: Any, dynamic: DynamicClient) -> Mapping[str, Any]:
+    """The chart's CRD, applied server-side (what `kubectl apply --server-side -f crds/` does) and Established."""
+    document = yaml.safe_load(CRD_FILE.read_text(encoding="utf-8"))
+    resource = dynamic.resources.get(api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition")
+    resource.server_side_apply(body=document, name=CRD_NAME, field_manager="fraudwatch-e2e", force_conflicts=True)
+    wait_established(k8s_cluster, k8s_client, CRD_NAME)
+    dynamic.resources.invalidate_cache()
+    assert isinstance(document, dict)
+    return document
+
+
+@pytest.fixture
+def namespace(k8s_client: Any) -> Iterator[str]:
+    name = f"fw-chart-{uuid.uuid4().hex[:8]}"
+    core = k8s.CoreV1Api(k8s_client)
+    core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
+    try:
+        yield name
+    finally:
+        core.delete_namespace(name)

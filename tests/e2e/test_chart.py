@@ -8,7 +8,6 @@ Images are never pulled (kwok fakes the containers); the test values use no PVC 
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,30 +20,31 @@ from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ApiException as DynamicApiException
 
 from rollout.core.policy import load_policy, policy_from_mapping
-from tests.chartkit import (
+from tests.kits.chart import (
     CHART_DIR,
-    CRD_FILE,
     DEFAULT_POLICY_FILE,
-    DRY_RENDER_VALUES,
     STANDARD_LABELS,
-    parse_manifests,
     values_file,
 )
-from tests.e2e.cluster import ControlPlane
+from tests.kits.cluster import ControlPlane
+from tests.kits.release import (
+    BASE_VALUES,
+    GROUP,
+    PLURAL,
+    RELEASE,
+    ROLLOUT,
+    VERSION,
+    get_rollout,
+    modelrollouts,
+    render,
+    wait_established,
+)
 
 pytestmark = pytest.mark.e2e
 
-GROUP = "fraudwatch.io"
-VERSION = "v1alpha1"
-PLURAL = "modelrollouts"
-CRD_NAME = f"{PLURAL}.{GROUP}"
-RELEASE = "fw"
-ROLLOUT = "fw-fraudwatch"
 #: The Prometheus Operator kinds the chart renders; the test registers stand-in CRDs for them (kind only, any
 #: content) so the chart's capability detection and the API server's routing can be exercised without the Operator.
 OPERATOR_KINDS = {"ServiceMonitor": "servicemonitors", "PodMonitor": "podmonitors", "PrometheusRule": "prometheusrules"}
-#: Test values: nothing waits on storage or load balancers; a fixed admin token keeps renders deterministic.
-BASE_VALUES: dict[str, Any] = {"router": {"adminToken": {"value": "e2e-admin-token"}}}
 DRY_RUN_CASES: dict[str, dict[str, Any]] = {
     "defaults": {},
     "existing-secrets": {
@@ -63,45 +63,6 @@ DRY_RUN_CASES: dict[str, dict[str, Any]] = {
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def dynamic(k8s_client: Any, tmp_path_factory: pytest.TempPathFactory) -> DynamicClient:
-    cache = tmp_path_factory.mktemp("discovery") / "discovery.json"
-    return DynamicClient(k8s_client, cache_file=str(cache))
-
-
-def wait_established(k8s_cluster: ControlPlane, k8s_client: Any, name: str) -> None:
-    api = k8s.ApiextensionsV1Api(k8s_client)
-
-    def established() -> bool:
-        conditions = api.read_custom_resource_definition(name).status.conditions or []
-        return any(c.type == "Established" and c.status == "True" for c in conditions)
-
-    k8s_cluster.wait_for(f"CRD {name} Established", established)
-
-
-@pytest.fixture(scope="module")
-def crd(k8s_cluster: ControlPlane, k8s_client: Any, dynamic: DynamicClient) -> Mapping[str, Any]:
-    """The chart's CRD, applied server-side (what `kubectl apply --server-side -f crds/` does) and Established."""
-    document = yaml.safe_load(CRD_FILE.read_text(encoding="utf-8"))
-    resource = dynamic.resources.get(api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition")
-    resource.server_side_apply(body=document, name=CRD_NAME, field_manager="fraudwatch-e2e", force_conflicts=True)
-    wait_established(k8s_cluster, k8s_client, CRD_NAME)
-    dynamic.resources.invalidate_cache()
-    assert isinstance(document, dict)
-    return document
-
-
-@pytest.fixture
-def namespace(k8s_client: Any) -> Iterator[str]:
-    name = f"fw-chart-{uuid.uuid4().hex[:8]}"
-    core = k8s.CoreV1Api(k8s_client)
-    core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
-    try:
-        yield name
-    finally:
-        core.delete_namespace(name)
 
 
 @pytest.fixture
@@ -147,17 +108,6 @@ def helm(k8s_cluster: ControlPlane, *args: str, check: bool = True) -> str:
     return result.stdout + result.stderr
 
 
-def render(
-    k8s_cluster: ControlPlane, values: Mapping[str, Any], directory: Path, namespace: str
-) -> list[dict[str, Any]]:
-    """``helm template`` with the cluster's capabilities (``--validate`` asks the API server which APIs it serves)."""
-    out = k8s_cluster.run_tool(
-        "helm", "template", RELEASE, str(CHART_DIR), "--namespace", namespace, "--validate",
-        "-f", str(values_file({**BASE_VALUES, **DRY_RENDER_VALUES, **values}, directory)),
-    ).stdout  # fmt: skip
-    return parse_manifests(out)
-
-
 GENERATED_SECRETS = ("router-admin", "router-feedback", "router-sticky")
 
 
@@ -168,16 +118,6 @@ def generated_credentials(k8s_client: Any, namespace: str) -> dict[str, dict[str
         name: dict(core.read_namespaced_secret(f"{RELEASE}-fraudwatch-{name}", namespace).data)
         for name in GENERATED_SECRETS
     }
-
-
-def modelrollouts(k8s_client: Any) -> k8s.CustomObjectsApi:
-    return k8s.CustomObjectsApi(k8s_client)
-
-
-def get_rollout(k8s_client: Any, namespace: str, name: str = ROLLOUT) -> dict[str, Any]:
-    obj = modelrollouts(k8s_client).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    assert isinstance(obj, dict)
-    return obj
 
 
 def rollout_body(name: str, spec_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -367,7 +307,7 @@ def deployments_ready(k8s_client: Any, namespace: str) -> dict[str, tuple[int, i
 def api_server_slice(k8s_client: Any) -> Iterator[str]:
     """The `kubernetes` EndpointSlice in `default`, as the API server's endpoint reconciler publishes it on a real
     cluster. This control plane listens on loopback only, which an EndpointSlice may not hold, so its reconciler is
-    off (tests/e2e/cluster.py) and the test publishes a documentation address (TEST-NET-1) in its place."""
+    off (tests/kits/cluster.py) and the test publishes a documentation address (TEST-NET-1) in its place."""
     discovery = k8s.DiscoveryV1Api(k8s_client)
     address = "192.0.2.10"
     body = {

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from kubernetes import client as k8s
 
-from tests.e2e.cluster import ControlPlane
+from tests.kits.cluster import ControlPlane
 
 pytestmark = pytest.mark.e2e
 

@@ -38,9 +38,9 @@ from rollout.backends.kube.access import REQUIRED_ACCESS, ROUTER_ACCESS
 from rollout.backends.kube.api import KubeApi, rollout_path
 from rollout.backends.kube.resource import FINALIZER
 from rollout.cli.errors import ExitCode
-from tests.chartkit import DEFAULT_POLICY_FILE
-from tests.e2e.cluster import ControlPlane
-from tests.e2e.kubekit import (
+from tests.kits.chart import DEFAULT_POLICY_FILE
+from tests.kits.cluster import ControlPlane
+from tests.kits.kube import (
     CONTROLLER_SA,
     LEASE,
     MODEL_SERVER_CONFIGMAP,
@@ -145,6 +145,8 @@ def test_the_controller_reconciles_the_installed_rollout_and_gc_follows_ownershi
         wait_until("the Available condition",
                    lambda: any(c["type"] == "Available" and c["status"] == "True"
                                for c in release.status().get("conditions", [])), CONVERGE_S)  # fmt: skip
+        ready = kubectl(release, "wait", f"modelrollout/{ROLLOUT}", "--for=condition=Ready", "-n", release.ns)
+        assert ready.returncode == 0, ready.stdout + ready.stderr  # kubectl wait, kstatus, Argo CD: healthy
 
         helm_upgrade(release.cluster, release.ns, "model.version=v2")
         wait_until("v2's Deployment beside v1's",
@@ -181,6 +183,11 @@ def plugin(release: Release, *args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+def kubectl(release: Release, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(release.cluster.bin_dir / "kubectl"), *args, "--request-timeout=30s"],
+                          capture_output=True, text=True, env=release.cluster.env, timeout=60, check=False)  # fmt: skip
+
+
 def test_kubectl_modelrollout_steers_the_rollout_with_the_documented_exit_codes(release: Release) -> None:
     ensure_rollout(release)
     controller = release.controller("e2e-c").start()
@@ -207,16 +214,80 @@ def test_kubectl_modelrollout_steers_the_rollout_with_the_documented_exit_codes(
         assert plugin(release, "abort", ROLLOUT, *ns).returncode == ExitCode.REFUSED  # already aborted
 
         shown = plugin(release, "--json", "status", ROLLOUT, *ns)
+        assert shown.returncode == ExitCode.ABORTED, shown.stderr
         view = json.loads(shown.stdout)
-        assert (view["rollout"]["phase"], view["rollout"]["stable"]) == ("Aborted", serving)
+        assert (view["rollout"]["phase"], view["rollout"]["stable"], view["health"]) == ("Aborted", serving, "Aborted")
         assert view["controller"]["running"] and view["controller"]["leader"] == "e2e-c"
         table = plugin(release, "status", ROLLOUT, *ns)
-        assert table.returncode == ExitCode.OK and "leader e2e-c" in table.stdout
+        assert table.returncode == ExitCode.ABORTED and "leader e2e-c" in table.stdout
+        watched = plugin(release, "status", ROLLOUT, "--watch", "--timeout", "30s", *ns)
+        assert watched.returncode == ExitCode.ABORTED, watched.stdout + watched.stderr
+        assert watched.stdout.startswith(f"{ROLLOUT}: Aborted · canary · {serving} 100 % · v3 0 % — manual abort")
+        # what kstatus / Argo CD / `kubectl wait` read: the aborted candidate is still spec.candidate, so Stalled
+        for condition in ("Stalled", "Ready=false"):
+            waited = kubectl(release, "wait", f"modelrollout/{ROLLOUT}", f"--for=condition={condition}", *ns)
+            assert waited.returncode == 0, waited.stdout + waited.stderr
+        got = plugin(release, "get", ROLLOUT, "-o", "yaml", *ns)
+        assert got.returncode == ExitCode.OK and yaml.safe_load(got.stdout)["rollout"]["phase"] == "Aborted"
         history = json.loads(plugin(release, "--json", "history", ROLLOUT, *ns).stdout)
         changes = [(e["trigger"], e["to_phase"], e["to_stage"]) for e in history]
         assert ("command", "Progressing", "canary") in changes and changes[-1] == ("command", "Aborted", "canary")
+
+        # the aborted candidate again, spec.candidate unchanged (it could never be retried before)
+        retried = plugin(release, "retry", ROLLOUT, "--reason", "e2e", *ns)
+        assert retried.returncode == ExitCode.OK, retried.stdout + retried.stderr
+        again = release.status()
+        assert (again["phase"], again["candidateVersion"], again["stableVersion"]) == ("Progressing", "v3", serving)
+        assert plugin(release, "retry", ROLLOUT, *ns).returncode == ExitCode.REFUSED  # in progress
+        assert plugin(release, "abort", ROLLOUT, *ns).returncode == ExitCode.OK
     finally:
         assert controller.stop(signal.SIGTERM) == 0, controller.log_tail()
+
+
+def test_status_watch_waits_for_the_controller_and_list_and_completion_read_the_api(release: Release) -> None:
+    """``helm upgrade … && kubectl modelrollout status NAME --watch`` in a pipeline: until the controller has observed
+    the new generation the previous rollout's final phase is no answer (it waits); a running rollout that does not
+    end within --timeout exits 5."""
+    ensure_rollout(release)
+    ns = ("-n", release.ns)
+    first = release.controller("e2e-v").start()
+    try:
+        wait_until("the controller leading", lambda: lease_holder(release.api, release.ns) == "e2e-v", CONVERGE_S)
+        wait_until("an observed, settled status", lambda: observed(release) and settled(release), CONVERGE_S)
+    finally:
+        assert first.stop(signal.SIGTERM) == 0, first.log_tail()
+    helm_upgrade(release.cluster, release.ns, "model.version=v8")  # no controller runs: nobody observes it
+    waiting = plugin(release, "status", ROLLOUT, "--watch", "--timeout", "3s", *ns)
+    assert waiting.returncode == ExitCode.TIMEOUT, waiting.stdout + waiting.stderr
+    assert waiting.stdout.splitlines() == [f"{ROLLOUT}: waiting for the controller"]
+    controller = release.controller("e2e-w").start()
+    try:
+        wait_until("the rollout of v8", lambda: rolling_out(release, "v8"), CONVERGE_S)
+        running = plugin(release, "status", ROLLOUT, "-w", "--timeout", "2s", *ns)
+        assert running.returncode == ExitCode.TIMEOUT and "Progressing" in running.stdout, running.stdout
+
+        listed = plugin(release, "list", *ns)
+        assert listed.returncode == ExitCode.OK, listed.stderr
+        assert ROLLOUT in listed.stdout and "v8" in listed.stdout and "Progressing" in listed.stdout
+        rows = json.loads(plugin(release, "list", "-A", "-o", "json").stdout)
+        mine = [r for r in rows if r["namespace"] == release.ns]
+        assert [(r["name"], r["phase"], r["candidate"]) for r in mine] == [(ROLLOUT, "Progressing", "v8")]
+
+        # kubectl's own completion runs kubectl_complete-modelrollout (kubectl 1.26+): names from the API server
+        env = {**release.cluster.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{release.cluster.env['PATH']}"}
+        kubectl = str(release.cluster.bin_dir / "kubectl")
+        for words, expected in (((*ns, "st"), ["start", "status"]), ((*ns, "status", ""), [ROLLOUT])):
+            done = subprocess.run([kubectl, "__complete", "modelrollout", *words], capture_output=True, text=True,
+                                  env=env, timeout=60, check=True)  # fmt: skip
+            assert done.stdout.splitlines() == [*expected, ":4"], done.stdout + done.stderr
+        assert plugin(release, "abort", ROLLOUT, *ns).returncode == ExitCode.OK  # the next tests start settled
+    finally:
+        assert controller.stop(signal.SIGTERM) == 0, controller.log_tail()
+
+
+def observed(release: Release) -> bool:
+    obj = release.rollout()
+    return bool((obj.get("status") or {}).get("observedGeneration") == obj["metadata"]["generation"])
 
 
 def settled(release: Release) -> dict[str, Any] | None:

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from tests.podkit import RLIMITS, RUNTIME, images
+from tests.kits.pod import RLIMITS, RUNTIME, images
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

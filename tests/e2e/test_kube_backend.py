@@ -34,8 +34,9 @@ from rollout.backends.kube.workloads import KubeWorkloads
 from rollout.core.policy import load_policy
 from rollout.core.workloads import Readiness
 from rollout.settings import ControllerSettings, KubeBackendSettings
-from tests.e2e.cluster import ControlPlane
-from tests.e2e.kubekit import (
+from tests.kits.cluster import ControlPlane
+from tests.kits.doubles import Harness, start_rollout
+from tests.kits.kube import (
     MODEL_SERVER_CONFIGMAP,
     admin_api,
     apply_model_server_objects,
@@ -47,7 +48,6 @@ from tests.e2e.kubekit import (
     version_spec,
     wait_until,
 )
-from tests.unit.test_controller import Harness, start_rollout
 
 pytestmark = pytest.mark.e2e
 
@@ -133,7 +133,10 @@ def test_the_whole_status_survives_the_schema_and_reads_back_equal(world: World,
     )  # fmt: skip
     assert {g["name"] for g in stored["gates"]} == set(state.rollout.gates)
     assert [h["toStage"] for h in stored["history"]] == [t.to_stage for t in state.rollout.history]
-    assert {c["type"] for c in stored["conditions"]} == {"Progressing", "Available", "Paused"}
+    assert {c["type"] for c in stored["conditions"]} == {
+        "Progressing", "Available", "Paused", "Ready", "Stalled", "Reconciling",
+    }  # fmt: skip
+    assert all("observedGeneration" in c for c in stored["conditions"])  # the schema keeps kstatus' field
     assert stored["routing"]["candidate_weight"] == 5 and stored["routingGeneration"] == stored["routing"]["generation"]
     assert writer.write() is False  # nothing new: no write
 

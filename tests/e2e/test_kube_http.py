@@ -13,8 +13,8 @@ import yaml
 
 from rollout.backends.kube.api import KubeApi, KubeError, rollout_path
 from rollout.backends.kube.http import HttpKubeApi, light_api, load_credentials
-from tests.e2e.cluster import ControlPlane
-from tests.e2e.kubekit import admin_api, ensure_crd, namespace, rollout_body, service_account_kubeconfig
+from tests.kits.cluster import ControlPlane
+from tests.kits.kube import admin_api, ensure_crd, namespace, rollout_body, service_account_kubeconfig
 
 pytestmark = pytest.mark.e2e
 

@@ -33,10 +33,10 @@ import yaml
 
 from service.common.processes import free_port
 from service.data.synthetic import SyntheticConfig, generate
-from tests.chartkit import Helm, locate_helm, one
-from tests.e2e.cluster import ClusterSettings, locate_binaries
-from tests.podkit import images, secret_data
-from tests.stackkit import train_bundle
+from tests.kits.chart import Helm, locate_helm, one
+from tests.kits.cluster import ClusterSettings, locate_binaries
+from tests.kits.pod import images, secret_data
+from tests.kits.stack import train_bundle
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -24,24 +24,20 @@ from kubernetes.dynamic import DynamicClient
 
 from service.retraining.handoff import ANNOTATION_REQUEST, Candidate, HandoffOutcome, ModelRolloutPatchHandoff
 from service.settings import KubeHandoffSettings
-from tests.e2e.cluster import ControlPlane
-from tests.e2e.test_chart import (
+from tests.kits.cluster import ControlPlane
+from tests.kits.release import (
     CRD_NAME,
     GROUP,
     PLURAL,
     ROLLOUT,
     VERSION,
-    crd,
-    dynamic,
     get_rollout,
-    namespace,
     render,
     wait_established,
 )
 
 pytestmark = pytest.mark.e2e
 
-__all__ = ["crd", "dynamic", "namespace"]  # fixtures of tests/e2e/test_chart.py used here
 SERVICE_ACCOUNT = "fw-fraudwatch-retraining"
 CANDIDATE = Candidate(name="v8", model="refund-fraud", number="8")
 

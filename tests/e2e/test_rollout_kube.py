@@ -2,7 +2,7 @@
 
 On the session's control plane (etcd, kube-apiserver, controller manager, scheduler, kwok):
 
-* ``helm install --wait`` of the chart with the time-compressed policy of tests/rolloutkit.py in ``spec.policy``;
+* ``helm install --wait`` of the chart with the time-compressed policy of tests/kits/rollout.py in ``spec.policy``;
 * two controller processes (``python -m rollout.controller``, backend kube, as the chart's controller
   ServiceAccount) with Lease leader election: one leads, the other stands by;
 * the router process (as the router ServiceAccount) watching the ModelRollout's ``status.routing``;
@@ -54,8 +54,8 @@ from rollout.backends.local.prometheus import ScrapeTarget
 from rollout.core.machine import RolloutState
 from rollout.router.process import RouterProcess
 from service.serving.process import BentoServer
-from tests.e2e.cluster import ControlPlane
-from tests.e2e.kubekit import (
+from tests.kits.cluster import ControlPlane
+from tests.kits.kube import (
     CONTROLLER_SA,
     ROLLOUT,
     ROUTER_SA,
@@ -71,7 +71,7 @@ from tests.e2e.kubekit import (
     owned,
     service_account_kubeconfig,
 )
-from tests.rolloutkit import (
+from tests.kits.rollout import (
     POLICY_YAML,
     ROLLOUT_TIMEOUT_S,
     START_TIMEOUT_S,
@@ -79,6 +79,7 @@ from tests.rolloutkit import (
     aliases_if,
     answer,
     build_models,
+    check_good_ab_exit,
     check_outcome_rollback,
     prometheus_server,
     published_tables,
@@ -280,8 +281,7 @@ def test_a_good_version_is_promoted_through_every_stage_by_the_leader_only(walk:
     assert [(t.from_stage, t.to_stage) for t in rollout.history] == [
         ("quality", "shadow"), ("shadow", "canary"), ("canary", "ab"), ("ab", "full"), ("full", "full"),
     ]  # fmt: skip
-    recall = next(g for g in rollout.history[3].gates if g.name == "recall")
-    assert recall.status.value == "Successful" and recall.labels is not None and recall.labels >= 100
+    check_good_ab_exit(rollout.history[3])
     status = walk.status()
     assert (status["phase"], status["stableVersion"], status["previous"]["version"]) == ("Promoted", "v2", "v1")
     wait_for(lambda: walk.routing()["stable"]["version"] == "v2" or None, "the router on v2", 30)

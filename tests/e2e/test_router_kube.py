@@ -21,8 +21,8 @@ import pytest
 
 from rollout.backends.kube.api import KubeApi, rollout_path
 from rollout.router.process import RouterProcess
-from tests.e2e.cluster import ControlPlane
-from tests.e2e.kubekit import (
+from tests.kits.cluster import ControlPlane
+from tests.kits.kube import (
     ROLLOUT,
     ROUTER_SA,
     installed_release,

@@ -28,8 +28,8 @@ from rollout.backends.kube.api import KubeApi, rollout_path
 from rollout.backends.kube.resource import SERVICE_NAME_LABEL, router_endpoints, workload_name
 from rollout.core.routing import RoutingTable
 from rollout.router.process import RouterProcess
-from tests.e2e.cluster import ControlPlane
-from tests.e2e.kubekit import (
+from tests.kits.cluster import ControlPlane
+from tests.kits.kube import (
     BASE_VALUES,
     CONTROLLER_SA,
     ROLLOUT,

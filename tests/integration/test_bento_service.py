@@ -24,7 +24,7 @@ from service.data.feature_store import STORE_FILE, SQLiteFeatureStore
 from service.data.features import DEFAULT_AGGREGATES, DRIFT_FEATURES, feature_matrix
 from service.serving.process import BentoServer
 from service.settings import Settings
-from tests.integration.conftest import scoring_server, server_settings
+from tests.kits.serving import scoring_server, server_settings
 
 pytestmark = pytest.mark.integration
 

@@ -43,9 +43,9 @@ from service.common.processes import free_port
 from service.data.features import DRIFT_FEATURES
 from service.data.synthetic import generate
 from service.serving.process import BentoServer
-from tests.conftest import SMALL_DATA, build_small_bundle
-from tests.integration.conftest import scoring_server
-from tests.routerkit import metric_value
+from tests.kits.bundles import SMALL_DATA, build_small_bundle
+from tests.kits.router import metric_value
+from tests.kits.serving import scoring_server
 
 pytestmark = pytest.mark.integration
 

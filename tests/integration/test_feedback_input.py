@@ -25,7 +25,7 @@ from rollout.router.outcomes.feedback import FEEDBACK_PATH
 from rollout.router.outcomes.settings import OutcomeSettings
 from rollout.router.process import RouterProcess
 from rollout.router.table_sources import write_table_file
-from tests.routerkit import closed_port
+from tests.kits.router import closed_port
 
 pytestmark = pytest.mark.integration
 

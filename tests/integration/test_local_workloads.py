@@ -28,7 +28,7 @@ from service.common import processes as proctree
 from service.data.feature_store import STORE_FILE, TABLE
 from service.serving.process import BentoServer
 from service.settings import Settings
-from tests.sockets import connection_refused
+from tests.kits.sockets import connection_refused
 
 pytestmark = pytest.mark.integration
 

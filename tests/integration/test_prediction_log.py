@@ -24,8 +24,8 @@ from starlette.routing import Route
 from rollout.router.outcomes.feedback import FEEDBACK_PATH, FeedbackRequest, OutcomeTracker
 from rollout.router.outcomes.prediction_log import PredictionLog, PredictionRecord, create_log_engine, ensure_schema
 from rollout.router.outcomes.settings import OutcomeSettings
-from tests.integration.pg import PostgresServer, running_postgres
-from tests.sockets import unaccepting_listener
+from tests.kits.postgres import PostgresServer, running_postgres
+from tests.kits.sockets import unaccepting_listener
 
 pytestmark = pytest.mark.integration
 

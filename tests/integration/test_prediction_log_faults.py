@@ -32,9 +32,9 @@ from rollout.router.process import RouterProcess
 from rollout.router.table_sources import write_table_file
 from service.artifacts.bundle import read_manifest
 from service.serving.process import BentoServer
-from tests.integration.conftest import scoring_server
-from tests.routerkit import metric_value
-from tests.sockets import unaccepting_listener
+from tests.kits.router import metric_value
+from tests.kits.serving import scoring_server
+from tests.kits.sockets import unaccepting_listener
 
 pytestmark = pytest.mark.integration
 

@@ -36,7 +36,7 @@ from service.common.processes import free_port
 from service.data.features import DRIFT_FEATURES
 from service.data.synthetic import generate
 from service.serving.process import BentoServer
-from tests.conftest import SMALL_DATA
+from tests.kits.bundles import SMALL_DATA
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ the ``bentoml serve`` model servers it starts from the MLflow registry (SQLite),
 them all and evaluating deploy/prometheus/rules.yml), Alertmanager (Debian's ``prometheus-alertmanager``, routing
 with deploy/alertmanager/alertmanager.yml), the retraining service (``python -m service.retraining.webhook``) and the
 ``fraudwatch retrain`` and ``rolloutctl start`` processes it runs. Test configuration only shortens durations
-(every alert's ``for:`` to 3 s; the routes' group wait/interval/repeat to 1/2/4 s: tests/alertkit.py) — the rules'
+(every alert's ``for:`` to 3 s; the routes' group wait/interval/repeat to 1/2/4 s: tests/kits/alerts.py) — the rules'
 expressions, labels and the routing tree are the shipped ones.
 
 The scenario: the champion v1 was trained (on the features serving computes) before a new bot farm appeared
@@ -50,10 +50,10 @@ from service.artifacts.registry import CHALLENGER, CHAMPION, ModelRegistry, RunP
 from service.common.processes import free_port, stop_tree
 from service.data.synthetic import SyntheticConfig, generate
 from service.settings import Settings
-from tests.alertkit import AlertmanagerServer, fast_routing, fast_rules
-from tests.retrainkit import FROZEN_SET
-from tests.routerkit import metric_value
-from tests.stackkit import (
+from tests.kits.alerts import AlertmanagerServer, fast_routing, fast_rules
+from tests.kits.retrain import FROZEN_SET
+from tests.kits.router import metric_value
+from tests.kits.stack import (
     HOST,
     ControllerConfig,
     controller_env,

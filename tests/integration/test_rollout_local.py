@@ -7,8 +7,10 @@ deploy/prometheus/rules.yml every second), locust (its CLI, refund traffic plus 
 ``rolloutctl`` (its console script). The policy is the default policy's shape, time-compressed: stages of a few
 seconds, analysis every second (the demo's policy, rollout/demo/demo_policy.yaml, with its stage minimums scaled down).
 
-The models (v1, v2 and the subtly bad v3), the policy, the traffic and Prometheus come from tests/rolloutkit.py,
+The models (v1, v2 and the subtly bad v3), the policy, the traffic and Prometheus come from tests/kits/rollout.py,
 shared with the same walk on Kubernetes (tests/e2e/test_rollout_kube.py).
+The stack, scenarios 1-3 and the scrape check are tests/kits/walk.py's, shared with the walk in containers
+(tests/integration/test_rollout_podman.py).
 
 Scenarios, in order (each leaves the stack as the next expects it):
 
@@ -42,8 +44,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -51,178 +51,48 @@ import pytest
 
 from rollout.backends.local.events import read_events
 from rollout.backends.local.inbox import EVENTS_FILE, CommandInbox, read_heartbeat
-from rollout.backends.local.prometheus import PrometheusServer
-from rollout.backends.local.state import StateStore
 from rollout.backends.local.workloads import WORKLOADS_FILE
-from rollout.backends.prometheus import PrometheusClient
 from rollout.controller.runners import OFFLINE_MESSAGE
-from rollout.core.policy import OutcomeGate, dumps_policy, loads_policy
-from rollout.core.state import ControllerState
+from rollout.core.policy import loads_policy
 from rollout.router.process import RouterProcess
 from service.common.processes import alive, free_port, process_tree, stop_tree, tagged
-from tests.rolloutkit import (
+from tests.kits.rollout import (
     BIN,
     HOST,
     IDENTICAL,
-    POLICY_YAML,
     ROLLOUT_TIMEOUT_S,
     START_TIMEOUT_S,
     Models,
-    RouterEndpoints,
-    aliases_if,
-    answer,
     build_models,
-    check_outcome_rollback,
     failed_gates,
     prometheus_server,
     published_tables,
     router_env,
-    router_ready,
-    stage_timings,
-    start_locust,
-    stop_locust,
     wait_for,
 )
-from tests.routerkit import metric_value
-from tests.sockets import connection_refused
-from tests.stackkit import ControllerConfig, rolloutctl, start_controller, stop_process
-from tests.stackkit import controller_env as kit_controller_env
+from tests.kits.router import metric_value
+from tests.kits.sockets import connection_refused
+from tests.kits.walk import (
+    LOCAL_POLICY_YAML,
+    NAME,
+    TOKEN,
+    WARM_WINDOW_S,
+    Stack,
+    controller_env,
+    serve_traffic,
+    stop_traffic,
+    walk_bad_candidate,
+    walk_good_candidate,
+    walk_prometheus_scrapes,
+    walk_revert,
+)
 
 pytestmark = pytest.mark.integration
-
-TOKEN = "rollout-integration-token"
-NAME = "it"
-#: The previous version stays warm this long after a promotion: long enough for the revert scenarios right after one
-#: (the registry-outage one holds SQLite's lock for its 20 s busy timeout), short enough to watch it end.
-WARM_WINDOW_S = 75.0
-
-
-def local_policy_yaml() -> str:
-    """The shared time-compressed policy with this module's warm window."""
-    policy = loads_policy(POLICY_YAML)
-    promotion = policy.promotion.model_copy(update={"warm_window_s": WARM_WINDOW_S})
-    return dumps_policy(policy.model_copy(update={"promotion": promotion}))
-
-
-LOCAL_POLICY_YAML = local_policy_yaml()
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
     return build_models(tmp_path_factory.mktemp("model-home"))
-
-
-# --------------------------------------------------------------------------------------------------- the stack
-
-
-@dataclass
-class Stack:
-    models: Models
-    workdir: Path
-    prometheus: PrometheusServer
-    router: RouterEndpoints
-    controller_port: int
-    env: dict[str, str]
-    controller: subprocess.Popen[bytes] | None = None
-    locust: subprocess.Popen[bytes] | None = None
-    timings: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def state_dir(self) -> Path:
-        return self.workdir / "rollout"
-
-    def start_controller(self) -> None:
-        self.controller = start_controller(self.env, self.workdir / "controller.log")
-
-    def stop_controller(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        process, self.controller = self.controller, None
-        stop_process(process, sig)
-
-    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return rolloutctl(self.env, *args)
-
-    def state(self) -> ControllerState:
-        saved = StateStore(self.state_dir).load()
-        assert saved is not None
-        return saved
-
-    def rollout(self) -> Any:
-        rollout = self.state().rollout
-        assert rollout is not None
-        return rollout
-
-    def routing(self) -> dict[str, Any]:
-        response = httpx.get(
-            self.router.control_url + "/admin/routing",
-            headers={"Authorization": f"Bearer {TOKEN}"},
-            timeout=10,
-            trust_env=False,
-        )
-        response.raise_for_status()
-        table: dict[str, Any] = response.json()["table"]
-        return table
-
-    def answer(self) -> dict[str, Any]:
-        return answer(self.router.url)
-
-    def aliases_if(self, **expected: str | None) -> dict[str, str] | None:
-        return aliases_if(self.models, **expected)
-
-    def workloads(self) -> dict[str, int]:
-        records = json.loads((self.state_dir / WORKLOADS_FILE).read_text())
-        return {r["version"]: r["pid"] for r in records}
-
-    def finished(self, rollout_id: str) -> Any:
-        def done() -> Any:
-            rollout = self.state().rollout
-            if rollout is not None and rollout.rollout_id == rollout_id and rollout.phase != "Progressing":
-                return rollout
-            return None
-
-        return wait_for(done, f"rollout {rollout_id} to finish", ROLLOUT_TIMEOUT_S)
-
-    def at_stage(self, rollout_id: str, stage: str) -> Any:
-        def there() -> Any:
-            rollout = self.state().rollout
-            if rollout is None or rollout.rollout_id != rollout_id:
-                return None
-            assert rollout.phase == "Progressing", f"{rollout.phase}: {rollout.history[-1].reason}"
-            return rollout if rollout.stage == stage else None
-
-        return wait_for(there, f"rollout {rollout_id} at {stage}", ROLLOUT_TIMEOUT_S)
-
-    def start(self, candidate: str, rollout_id: str) -> None:
-        done = self.ctl("start", "--candidate", candidate, "--id", rollout_id, "--reason", "integration")
-        assert done.returncode == 0, done.stdout + done.stderr
-
-
-def controller_env(
-    models: Models, workdir: Path, prometheus: PrometheusServer, router: RouterEndpoints, port: int
-) -> dict[str, str]:
-    config = ControllerConfig(
-        name=NAME, model_home=models.home, workdir=workdir, prometheus_url=prometheus.url,
-        router_control_url=router.control_url,
-        metrics_port=port, policy_yaml=LOCAL_POLICY_YAML, admin_token=TOKEN, quality_set=models.regression_meta,
-        start_timeout_s=START_TIMEOUT_S,
-    )  # fmt: skip
-    return kit_controller_env(config)
-
-
-def serve_traffic(stack: Stack, started: float) -> None:
-    """Start the controller, wait until the champion answers through the router, start locust."""
-    stack.start_controller()
-    wait_for(
-        lambda: stack.answer() if router_ready(stack.router.url) else None,
-        "the champion behind the router",
-        START_TIMEOUT_S,
-    )
-    stack.locust = start_locust(stack.router, stack.workdir / "locust.log")
-    stack.timings["stack_ready_s"] = round(time.monotonic() - started, 1)
-
-
-def stop_traffic(stack: Stack) -> None:
-    stop_locust(stack.locust)
-    stack.stop_controller()
 
 
 @pytest.fixture(scope="module")
@@ -253,70 +123,15 @@ def stack(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 def test_a_good_candidate_is_promoted_through_every_stage(stack: Stack) -> None:
-    started = time.monotonic()
-    stack.start("v2", "good-v2")
-    rollout = stack.finished("good-v2")
-    stack.timings["promotion_s"] = round(time.monotonic() - started, 1)
-    stack.timings["good_stage_s"] = stage_timings(rollout)
-
-    assert rollout.phase == "Promoted", rollout.history[-1].reason
-    assert [(t.from_stage, t.to_stage) for t in rollout.history] == [
-        ("quality", "shadow"), ("shadow", "canary"), ("canary", "ab"), ("ab", "full"), ("full", "full"),
-    ]  # fmt: skip
-    assert {t.trigger for t in rollout.history} == {"analysis"}
-    ab_exit = rollout.history[3]
-    recall = next(g for g in ab_exit.gates if g.name == "recall")
-    minimum = next(
-        g.min_labels for g in loads_policy(POLICY_YAML).gates if isinstance(g, OutcomeGate) and g.name == "recall"
-    )
-    # the recall gate's minimum counts what its estimate uses: fraud labels of each arm's own decisions
-    assert recall.status.value == "Successful" and recall.labels is not None and recall.labels >= minimum
-    assert recall.method == "sprt-two-sample"
-    paired = {g.name: g for g in ab_exit.gates if g.name.endswith("-paired")}
-    assert {g.status.value for g in paired.values()} == {"Successful"} and paired[
-        "recall-paired"
-    ].method == "sprt-paired"
-
-    # the state is saved before the controller acts on it: the alias moves a moment after Promoted is visible
-    aliases = wait_for(lambda: stack.aliases_if(champion="v2"), "the champion alias on v2", 30)
-    assert aliases["previous"] == stack.models.numbers["v1"]
-    table = stack.routing()
-    assert (table["stage"], table["stable"]["version"], table["candidate"]) == ("stable", "v2", None)
-    assert [e["version"] for e in table["shadow"]] == ["v1"]  # warm for a one-step revert
-    assert stack.answer()["model_version"] == "v2"
+    walk_good_candidate(stack)
 
 
 def test_revert_puts_every_decision_back_on_the_previous_version(stack: Stack) -> None:
-    issued = time.monotonic()
-    done = stack.ctl("revert", "--reason", "integration drill")
-    returned = time.monotonic() - issued
-    assert done.returncode == 0, done.stdout + done.stderr
-    answered = stack.answer()
-    stack.timings["revert_cli_s"] = round(returned, 3)
-
-    assert answered["model_version"] == "v1"
-    table = stack.routing()
-    assert (table["stable"]["version"], table["candidate"], table["shadow"]) == ("v1", None, [])
-    rollout = stack.rollout()
-    assert rollout.phase == "RolledBack"
-    assert rollout.history[-1].trigger == "command"
-    wait_for(lambda: stack.aliases_if(champion="v1"), "the champion alias back on v1", 30)
+    walk_revert(stack)
 
 
 def test_a_bad_candidate_is_rolled_back_by_an_outcome_gate(stack: Stack) -> None:
-    started = time.monotonic()
-    stack.start("v3", "bad-v3")
-    rollout = stack.finished("bad-v3")
-    stack.timings["rollback_s"] = round(time.monotonic() - started, 1)
-    stack.timings["bad_stage_s"] = stage_timings(rollout)
-
-    check_outcome_rollback(rollout)
-
-    wait_for(lambda: stack.routing()["candidate"] is None or None, "the stable-only table", 30)
-    assert stack.routing()["stable"]["version"] == "v1"
-    assert stack.answer()["model_version"] == "v1"
-    aliases = wait_for(lambda: stack.aliases_if(champion="v1", challenger=None), "v3's challenger alias cleared", 30)
-    assert "challenger" not in aliases
+    walk_bad_candidate(stack)
 
 
 def test_prometheus_down_mid_canary_blocks_promotion_then_aborts(stack: Stack) -> None:
@@ -481,8 +296,9 @@ def router_counter(stack: Stack, name: str, **labels: str) -> float:
 
 
 def workload_of(stack: Stack, version: str) -> dict[str, Any]:
-    """``version``'s workload as the real ``rolloutctl status --json`` shows it."""
-    done = stack.ctl("--json", "status")
+    """``version``'s workload as the real ``rolloutctl get -o json`` shows it (``get``: exit 0 whatever the phase;
+    ``status`` exits 7 once the rollout is rolled back)."""
+    done = stack.ctl("get", "-o", "json")
     assert done.returncode == 0, done.stdout + done.stderr
     return next(w for w in json.loads(done.stdout)["workloads"] if w["version"] == version)
 
@@ -562,17 +378,7 @@ def test_a_crash_looping_candidate_is_rolled_back_within_the_bound(stack: Stack)
 
 
 def test_prometheus_scrapes_the_controller_and_the_model_servers_it_registered(stack: Stack) -> None:
-    with PrometheusClient(stack.prometheus.url) as client:
-        phases = wait_for(
-            lambda: client.query_vector(f'fraudwatch_rollout_phase{{rollout="{NAME}"}} == 1') or None,
-            "the controller's phase series", 30,
-        )  # fmt: skip
-        servers = wait_for(lambda: client.query('count(up{component="model-server"} == 1)'), "model servers up", 30)
-    assert len(phases) == 1
-    assert servers >= 1
-    metrics = httpx.get(f"http://{HOST}:{stack.controller_port}/metrics", timeout=10, trust_env=False).text
-    assert 'fraudwatch_rollout_transitions_total{from="Progressing/canary",reason="gates_passed"' in metrics
-    assert "fraudwatch_rollout_reconcile_duration_seconds_bucket" in metrics
+    walk_prometheus_scrapes(stack)
 
 
 def test_no_shadow_call_fails_across_a_promotion_and_the_old_version_s_scale_down(stack: Stack) -> None:

@@ -2,7 +2,7 @@
 each with the security context and the environment the Helm chart renders for it.
 
 scripts/images.sh builds the images (cached by content hash: seconds when nothing changed, a few minutes the first
-time). ``helm template`` renders the chart; tests/podkit.py turns the router's and the controller's pod specs into
+time). ``helm template`` renders the chart; tests/kits/pod.py turns the router's and the controller's pod specs into
 ``podman run`` (uid/gid, read-only root filesystem, every capability dropped, no privilege escalation, the emptyDirs as
 tmpfs, the Secrets as read-only files, the rendered environment). The controller runs with its podman backend
 (rollout/backends/podman.py): it starts one model-server container per version through the libpod API, with the
@@ -38,11 +38,9 @@ import pytest
 import yaml
 
 from service.common.processes import free_port
-from tests.chartkit import Helm, locate_helm, one
-from tests.integration import test_rollout_local as local_walk
-from tests.integration.test_rollout_local import NAME, TOKEN, Stack
-from tests.podkit import PodmanService, Run, images, inspect, podman_run, rm, secret_data
-from tests.rolloutkit import (
+from tests.kits.chart import Helm, locate_helm, one
+from tests.kits.pod import PodmanService, Run, images, inspect, podman_run, rm, secret_data
+from tests.kits.rollout import (
     HOST,
     POLICY_YAML,
     START_TIMEOUT_S,
@@ -51,15 +49,26 @@ from tests.rolloutkit import (
     prometheus_server,
     wait_for,
 )
-from tests.stackkit import ControllerConfig
-from tests.stackkit import controller_env as kit_controller_env
+from tests.kits.stack import ControllerConfig
+from tests.kits.stack import controller_env as kit_controller_env
+from tests.kits.walk import (
+    NAME,
+    TOKEN,
+    Stack,
+    serve_traffic,
+    stop_traffic,
+    walk_bad_candidate,
+    walk_good_candidate,
+    walk_prometheus_scrapes,
+    walk_revert,
+)
 
 pytestmark = pytest.mark.integration
 
 NAMESPACE = "fraudwatch"
 FEEDBACK_TOKEN = "podman-walk-feedback-token"
 CONTROLLER_UID = 10001
-#: The router's test budgets (tests/rolloutkit.py's router_env), as the chart's router.settings.
+#: The router's test budgets (tests/kits/rollout.py's router_env), as the chart's router.settings.
 ROUTER_SETTINGS = {
     "log_decisions": False,
     "candidate_timeout_s": 2.0,
@@ -78,7 +87,7 @@ def router_live(url: str) -> bool:
 
 @dataclass(frozen=True)
 class RouterContainer:
-    """The router container's two listeners (the shape tests/rolloutkit.py's helpers expect of a router)."""
+    """The router container's two listeners (the shape tests/kits/rollout.py's helpers expect of a router)."""
 
     name: str
     url: str
@@ -224,10 +233,10 @@ def stack(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                               controller_run=run, controller_image=built["retraining"], mounts=mounts)  # fmt: skip
     try:
         wait_for(lambda: router_live(router.url) or None, "the router container live", 120)  # not ready: no table
-        local_walk.serve_traffic(built_stack, started)
+        serve_traffic(built_stack, started)
         yield built_stack
     finally:
-        local_walk.stop_traffic(built_stack)
+        stop_traffic(built_stack)
         for found in json.loads(subprocess.run(
             ["podman", "ps", "-a", "--format", "json", "--filter", f"label=io.fraudwatch.rollout={NAME}"],
             capture_output=True, text=True, timeout=60, check=False).stdout or "[]"):  # fmt: skip
@@ -243,16 +252,20 @@ def stack(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 # The local walk's scenarios, in its order, against this module's stack.
-test_a_good_candidate_is_promoted_through_every_stage = local_walk.test_a_good_candidate_is_promoted_through_every_stage
-test_revert_puts_every_decision_back_on_the_previous_version = (
-    local_walk.test_revert_puts_every_decision_back_on_the_previous_version
-)
-test_a_bad_candidate_is_rolled_back_by_an_outcome_gate = (
-    local_walk.test_a_bad_candidate_is_rolled_back_by_an_outcome_gate
-)
-test_prometheus_scrapes_the_controller_and_the_model_servers_it_registered = (
-    local_walk.test_prometheus_scrapes_the_controller_and_the_model_servers_it_registered
-)
+def test_a_good_candidate_is_promoted_through_every_stage(stack: Stack) -> None:
+    walk_good_candidate(stack)
+
+
+def test_revert_puts_every_decision_back_on_the_previous_version(stack: Stack) -> None:
+    walk_revert(stack)
+
+
+def test_a_bad_candidate_is_rolled_back_by_an_outcome_gate(stack: Stack) -> None:
+    walk_bad_candidate(stack)
+
+
+def test_prometheus_scrapes_the_controller_and_the_model_servers_it_registered(stack: Stack) -> None:
+    walk_prometheus_scrapes(stack)
 
 
 def test_every_container_runs_with_the_charts_security_context(stack: Stack) -> None:

@@ -40,9 +40,9 @@ from rollout.router.table_sources import write_table_file
 from rollout.settings import PrometheusSettings
 from service.artifacts.bundle import read_manifest
 from service.serving.process import BentoServer
-from tests.conftest import SMALL_DATA, build_small_bundle
-from tests.integration.conftest import scoring_server
-from tests.routerkit import metric_value
+from tests.kits.bundles import SMALL_DATA, build_small_bundle
+from tests.kits.router import metric_value
+from tests.kits.serving import scoring_server
 
 pytestmark = pytest.mark.integration
 

@@ -31,7 +31,7 @@ from rollout.router.process import RouterProcess
 from service.api.schema import ErrorResponse
 from service.data.features import FEATURE_NAMES
 from service.serving.process import BentoServer
-from tests.integration.conftest import one_version_behind_a_router
+from tests.kits.serving import one_version_behind_a_router
 
 pytestmark = pytest.mark.integration
 

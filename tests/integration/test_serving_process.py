@@ -14,17 +14,9 @@ import pytest
 
 from service.common.processes import free_port
 from service.serving.process import BentoServer, ServerStartError
-from service.settings import Settings
+from tests.kits.serving import fixture_settings as settings_for
 
 pytestmark = pytest.mark.integration
-
-FIXTURE = "tests.integration.bento_fixture"
-
-
-def settings_for(home: Path, target: str, start_timeout_s: float = 120.0) -> Settings:
-    return Settings.model_validate(
-        {"home": home, "process": {"bento_target": f"{FIXTURE}:{target}", "start_timeout_s": start_timeout_s}}
-    )
 
 
 def group_alive(pgid: int) -> bool:
@@ -106,7 +98,7 @@ SCRIPT = """
 import sys, time
 from pathlib import Path
 from service.serving.process import BentoServer
-from tests.integration.test_serving_process import settings_for
+from tests.kits.serving import fixture_settings as settings_for
 home = Path(sys.argv[1])
 with BentoServer(model_dir=home, settings=settings_for(home, "EchoService")) as server:
     print(server.pid, server.url, flush=True)

@@ -30,7 +30,7 @@ from starlette.routing import Route
 from rollout.router.otel import SERVICE_NAME as ROUTER_SERVICE
 from rollout.router.process import RouterProcess
 from service.common.processes import free_port
-from tests.integration.conftest import one_version_behind_a_router
+from tests.kits.serving import one_version_behind_a_router
 
 pytestmark = pytest.mark.integration
 

@@ -16,8 +16,10 @@ from scipy.stats import norm
 
 from rollout.backends.prometheus import PrometheusClient
 from rollout.core import analysis as an
+from rollout.core import drift
 from rollout.core import policy as pol
 from rollout.core.analysis import GateStatus as S
+from rollout.core.routing import TrafficStage
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 STABLE, CANDIDATE = "v1", "v2"
@@ -129,7 +131,7 @@ def by_name(report: an.AnalysisReport) -> dict[str, an.GateResult]:
     return {r.name: r for r in report.results}
 
 
-def run(stage: pol.TrafficStage, values: Mapping[str, float | None], **kw: object) -> dict[str, an.GateResult]:
+def run(stage: TrafficStage, values: Mapping[str, float | None], **kw: object) -> dict[str, an.GateResult]:
     provider = DictProvider(values, kw.pop("vectors", None))  # type: ignore[arg-type]
     policy = kw.pop("policy", POLICY)
     assert isinstance(policy, pol.RolloutPolicy)
@@ -802,3 +804,69 @@ def test_a_paired_metric_gate_must_judge_a_margin_on_the_pair() -> None:
                                             'pairs{model_version="{{version}}"}')  # fmt: skip
     with pytest.raises(ValueError, match="name the pair"):
         pol.policy_from_mapping(yaml.safe_load(POLICY_YAML + per_version))
+
+
+PSI_GATE = """
+  - name: drift-psi
+    layer: input_drift
+    stages: [shadow]
+    query: psi{model_version="{{version}}"}
+    estimator:
+      method: psi
+      counts: bins{model_version="{{version}}"}
+      reference: ref{model_version="{{version}}"}
+    condition: candidate - stable <= 0.1
+"""
+PSI_POLICY = pol.policy_from_mapping(yaml.safe_load(POLICY_YAML + PSI_GATE))
+ABSOLUTE_PSI_POLICY = pol.policy_from_mapping(
+    yaml.safe_load(POLICY_YAML + PSI_GATE.replace("candidate - stable <= 0.1", "value <= 0.2"))
+)
+UNIFORM = [0.1] * 10
+
+
+def _psi_vectors(**counts: list[float]) -> dict[str, list[tuple[Mapping[str, str], float]]]:
+    """Bin counts of feature ``amount`` per version (``v1=[…]``, ``v2=[…]``), both against a uniform reference."""
+    vectors: dict[str, list[tuple[Mapping[str, str], float]]] = {}
+    for version, bins in counts.items():
+        vectors[q("bins", version)] = [({"feature": "amount", "bin": str(i)}, c) for i, c in enumerate(bins)]
+        vectors[q("ref", version)] = [({"feature": "amount", "bin": str(i)}, f) for i, f in enumerate(UNIFORM)]
+    return vectors
+
+
+def _psi(policy: pol.RolloutPolicy, **counts: list[float]) -> an.GateResult:
+    return run("shadow", {q("requests", CANDIDATE): 10_000}, vectors=_psi_vectors(**counts), policy=policy)["drift-psi"]
+
+
+def test_psi_gate_judges_the_candidate_against_stable_with_a_bound_on_its_own_sample() -> None:
+    """Issue 10, point 4: drift judged on the stage's own sample (bias-corrected, with its sampling noise) and against
+    what stable saw, not a point value over a 5-minute window against an absolute limit."""
+    flat = [500.0] * 10
+    assert _psi(PSI_POLICY, v1=flat, v2=flat).status is S.SUCCESSFUL
+    skewed = [50.0, 50.0, 100.0, 200.0, 400.0, 600.0, 800.0, 1000.0, 900.0, 900.0]  # PSI ≈ 0.9 against uniform
+    failed = _psi(PSI_POLICY, v1=flat, v2=skewed)
+    assert failed.status is S.FAILED and failed.method == "psi-bound", failed.message
+    assert failed.interval is not None and failed.interval[0] > 0.1 and failed.samples == 5000
+    # traffic that drifted for both versions alike is not the candidate's fault
+    assert _psi(PSI_POLICY, v1=skewed, v2=skewed).status is S.SUCCESSFUL
+    # thirty requests say little either way
+    few = [3.0, 3.0, 2.0, 4.0, 3.0, 3.0, 5.0, 1.0, 3.0, 3.0]
+    assert _psi(PSI_POLICY, v1=flat, v2=few).status is S.INCONCLUSIVE
+
+
+def test_psi_gate_does_not_roll_back_on_the_noise_of_a_small_sample() -> None:
+    """Fifty requests from an unchanged distribution: their point PSI is 0.25 — the old rule (value <= 0.2 on a
+    point value) failed it; its lower bound is far below the limit."""
+    fifty = [2.0, 9.0, 4.0, 5.0, 8.0, 2.0, 6.0, 3.0, 7.0, 4.0]
+    point = drift.psi(UNIFORM, drift.fractions(fifty), 1e-4)
+    assert point > 0.2
+    result = _psi(ABSOLUTE_PSI_POLICY, v2=fifty)
+    assert result.status is S.INCONCLUSIVE, result.message
+    assert result.interval is not None and result.interval[0] < 0.2 < result.interval[1]
+    assert _psi(ABSOLUTE_PSI_POLICY, v2=[5000.0] * 10).status is S.SUCCESSFUL
+
+
+def test_a_psi_gate_must_judge_an_upper_limit() -> None:
+    with pytest.raises(ValueError, match="PSI estimator judges an upper limit"):
+        pol.policy_from_mapping(
+            yaml.safe_load(POLICY_YAML + PSI_GATE.replace("candidate - stable <= 0.1", "value >= 0.1"))
+        )

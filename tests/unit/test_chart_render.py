@@ -29,18 +29,15 @@ from rollout.router.outcomes.prediction_log import mark_dir_of
 from rollout.router.outcomes.settings import DriftSettings, OutcomeSettings
 from rollout.settings import PrometheusSettings, RolloutSettings
 from service.settings import Settings
-from tests.chartkit import (
+from tests.kits.chart import (
     CHART_DIR,
     DEFAULT_POLICY_FILE,
-    DRY_RENDER_VALUES,
     RULES_FILE,
     STANDARD_LABELS,
     Helm,
-    HelmNotFoundError,
     crd_document,
     crd_schema,
     find,
-    locate_helm,
     one,
     openapi_to_draft7,
     pod_specs,
@@ -105,20 +102,6 @@ MATRIX: dict[str, dict[str, Any]] = {
         "monitoring": {"podAnnotations": False},
     },
 }
-
-
-@pytest.fixture(scope="module")
-def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
-    try:
-        binary = locate_helm()
-    except HelmNotFoundError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    return Helm.isolated(binary, tmp_path_factory.mktemp("helm-home")).with_base(DRY_RENDER_VALUES)
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("chart-values")
 
 
 @pytest.fixture(scope="module")

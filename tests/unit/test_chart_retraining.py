@@ -19,12 +19,10 @@ import yaml
 
 from service.cli.main import ExitCode
 from service.settings import Settings
-from tests.chartkit import Helm, find, one
-from tests.unit.test_chart_render import helm, workdir
+from tests.kits.chart import Helm, find, one
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTMANAGER = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
-__all__ = ["helm", "workdir"]  # fixtures of tests/unit/test_chart_render.py used here
 ENABLED = {"retraining": {"enabled": True, "webhook": {"enabled": True}}}
 VOLUMES = {
     "volumes": [{"name": "refunds", "persistentVolumeClaim": {"claimName": "refund-stream"}}],

@@ -5,14 +5,13 @@ variable, a sane grid), every panel's PromQL is parsed by the real promtool and 
 metrics code exports or rules.yml records. The page's pure parts (legends, number formats, sparklines, ROC-AUC from
 recorded buckets, escaping) are checked here; tests/integration/test_dashboard_page.py renders it from a live stack.
 
-``known_series``, ``series_names`` and ``promtool_check`` are shared with tests/unit/test_runbooks.py.
+``known_series``, ``series_names`` and ``promtool_check`` come from tests/kits/dashboard.py.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import subprocess
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,79 +19,17 @@ from typing import Any
 
 import numpy as np
 import pytest
-import yaml
-from prometheus_client import CollectorRegistry
 from sklearn.metrics import roc_auc_score
 
-from rollout.controller.metrics import ControllerMetrics
 from rollout.dashboard import grafana, page, panels
-from rollout.router.metrics import RouterMetrics
-from rollout.router.outcomes.feedback import _OutcomeMetrics
-from rollout.router.outcomes.prediction_log import LABEL_NAMES, _LogMetrics
+from rollout.router.outcomes.prediction_log import LABEL_NAMES
 from rollout.router.outcomes.settings import OutcomeSettings
-from rollout.settings import PrometheusSettings
-from service.retraining.webhook import WebhookMetrics
-from service.serving.metrics import Metrics
+from tests.kits.dashboard import known_series, promtool_check, series_names
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "fraudwatch-dashboard.json"
 CHART_DASHBOARDS = ROOT / "deploy" / "helm" / "fraudwatch" / "files" / "dashboards"
-RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
-#: Series Prometheus itself provides.
-BUILTIN_SERIES = frozenset({"ALERTS", "ALERTS_FOR_STATE", "up"})
 LAYER_ROWS = ("Service health", "Input drift", "Output drift", "Outcomes")
-_KEYWORDS = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset"})
-_KEYWORDS |= {"and", "or", "unless", "inf", "nan", "Inf", "NaN"}
-_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count")}
-
-
-# --------------------------------------------------------------------------------------------------- shared helpers
-
-
-def known_series() -> set[str]:
-    """Every series name the project's metric classes export, every recorded rule, and Prometheus' own."""
-    registry = CollectorRegistry()
-    Metrics(registry)
-    RouterMetrics(registry, latency_buckets_s=(0.1, 1.0), score_delta_buckets=(0.0, 1.0), process_metrics=False)
-    _OutcomeMetrics(registry, OutcomeSettings())
-    _LogMetrics(registry)
-    ControllerMetrics(registry, "fraudwatch", (0.1, 1.0))
-    WebhookMetrics(registry)
-    names: set[str] = set(BUILTIN_SERIES)
-    for family in registry.collect():
-        suffixes = _SUFFIXES.get(family.type)
-        names.update(family.name + s for s in suffixes) if suffixes else names.add(family.name)
-    rules = yaml.safe_load(RULES.read_text(encoding="utf-8"))
-    names.update(r["record"] for group in rules["groups"] for r in group["rules"] if "record" in r)
-    return names
-
-
-def series_names(expr: str) -> set[str]:
-    """The metric names a PromQL expression selects (strings, matchers, ranges and label lists removed first)."""
-    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
-    text = re.sub(r"\{[^}]*\}", " ", text)
-    text = re.sub(r"\[[^\]]*\]", " ", text)
-    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
-    names = set()
-    for match in re.finditer(r"(?<![\w.:])[A-Za-z_:][\w:]*", text):
-        name = match.group(0)
-        if name in _KEYWORDS or re.match(r"\s*\(", text[match.end() :]):
-            continue  # a keyword, or a function / aggregation called here
-        names.add(name)
-    return names
-
-
-def promtool_check(exprs: Sequence[str], tmp_path: Path) -> None:
-    """Fail unless promtool accepts every expression (as the expressions of throwaway recording rules)."""
-    promtool = PrometheusSettings().promtool
-    if not promtool.exists():
-        pytest.fail(f"{promtool} is missing: install Debian's prometheus package")
-    rules = [{"record": f"fw_check:expr_{i}:check", "expr": expr} for i, expr in enumerate(exprs)]
-    path = tmp_path / "exprs.yml"
-    path.write_text(yaml.safe_dump({"groups": [{"name": "check", "rules": rules}]}), encoding="utf-8")
-    result = subprocess.run([str(promtool), "check", "rules", str(path)], capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"{len(rules)} rules found" in result.stdout
 
 
 # --------------------------------------------------------------------------------------------------- the JSON file

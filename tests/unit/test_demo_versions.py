@@ -26,7 +26,7 @@ from service.demo.versions import (
 )
 from service.training.evaluate import frame_features, load_frozen_set, time_ordered
 from service.training.pipeline import store_as_of
-from tests.conftest import SMALL_DATA
+from tests.kits.bundles import SMALL_DATA
 
 SMALL = DemoDataSettings(n_requests=4_000, n_accounts=6_000, days=30, regression_rows=1_000)
 

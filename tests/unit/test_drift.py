@@ -225,3 +225,68 @@ def test_calibration_bins_and_empty_input() -> None:
     assert drift.calibration_bin_of(0.999, 10) == 9
     assert drift.calibration_bin_of(1.0, 10) == 9
     assert drift.calibration_error([drift.CalibrationBin(0, 0, 0)]) is None
+
+
+# --------------------------------------------------------------------------------------------- PSI sampling noise
+
+
+def test_psi_estimate_value_is_the_psi_of_the_observed_fractions() -> None:
+    reference = [0.1] * 10
+    counts = [5, 10, 20, 5, 10, 10, 15, 5, 10, 10]
+    est = drift.psi_estimate(reference, counts, 1e-4)
+    assert est is not None and est.n == 100 and est.bins == 10
+    assert est.value == pytest.approx(drift.psi(reference, drift.fractions(counts), 1e-4))
+    assert drift.psi_estimate(reference, [0] * 10, 1e-4) is None
+
+
+@pytest.mark.parametrize(("bins", "n", "alpha"), [(10, 500, 0.05), (10, 2000, 0.001), (5, 300, 0.01), (20, 1e4, 1e-5)])
+def test_psi_noise_quantile_matches_scipy_chi2(bins: int, n: float, alpha: float) -> None:
+    """Wilson–Hilferty against scipy's exact χ² quantile (an independent implementation, tests only)."""
+    from scipy.stats import chi2
+
+    assert drift.psi_noise_quantile(bins, n, alpha) == pytest.approx(chi2.ppf(1 - alpha, bins - 1) / n, rel=0.02)
+
+
+def test_an_unchanged_distribution_has_the_stated_bias_and_noise_quantile() -> None:
+    """At no drift the observed PSI of n draws averages (k - 1)/n (the bias removed by ``corrected``) and exceeds
+    the α noise quantile about α of the time (20,000 samples of 400 draws from a skewed 10-bin reference)."""
+    rng = np.random.default_rng(21)
+    reference = np.array([0.02, 0.05, 0.08, 0.1, 0.15, 0.2, 0.15, 0.12, 0.08, 0.05])
+    n, reps, alpha = 400, 20_000, 0.05
+    values = np.array(
+        [drift.psi(reference.tolist(), (c / n).tolist(), 1e-4) for c in rng.multinomial(n, reference, reps)]
+    )
+    est = drift.psi_estimate(reference.tolist(), (reference * n).tolist(), 1e-4)
+    assert est is not None and est.bias == pytest.approx(9 / n)
+    assert values.mean() == pytest.approx(9 / n, rel=0.05)
+    exceed = float(np.mean(values > drift.psi_noise_quantile(10, n, alpha)))
+    assert exceed == pytest.approx(alpha, abs=0.015)
+
+
+def test_a_drifted_distribution_is_covered_by_the_bias_corrected_normal_interval() -> None:
+    """Away from no drift, the corrected PSI ± z·stderr covers the true PSI at about its nominal level."""
+    rng = np.random.default_rng(22)
+    reference = np.full(10, 0.1)
+    live = np.array([0.05, 0.05, 0.08, 0.1, 0.12, 0.12, 0.12, 0.12, 0.12, 0.12])
+    true = drift.psi(reference.tolist(), live.tolist(), 1e-4)
+    n, reps, z = 2_000, 4_000, 1.959964
+    covered = 0
+    for counts in rng.multinomial(n, live, reps):
+        est = drift.psi_estimate(reference.tolist(), counts.tolist(), 1e-4)
+        assert est is not None
+        covered += abs(est.corrected - true) <= z * est.stderr
+    assert covered / reps == pytest.approx(0.95, abs=0.02)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=10_000), min_size=2, max_size=20).filter(lambda c: sum(c) > 0))
+def test_psi_estimate_invariants(counts: list[int]) -> None:
+    """For any counts: the PSI and its stderr are non-negative, the bias positive and shrinking as 1/n, the
+    corrected PSI never negative nor above the observed one."""
+    reference = [1.0 / len(counts)] * len(counts)
+    est = drift.psi_estimate(reference, [float(c) for c in counts], 1e-4)
+    assert est is not None
+    assert est.value >= -1e-12 and est.stderr >= 0.0 and est.bias > 0.0
+    assert 0.0 <= est.corrected <= max(est.value, 0.0)
+    doubled = drift.psi_estimate(reference, [2.0 * c for c in counts], 1e-4)
+    assert doubled is not None and doubled.value == pytest.approx(est.value)
+    assert doubled.bias == pytest.approx(est.bias / 2) and doubled.stderr == pytest.approx(est.stderr / math.sqrt(2))

@@ -1,7 +1,7 @@
 """rollout.backends.kube.resource (and the Lease decision): the Kubernetes backend's pure parts.
 
 Workloads are built from the chart's real model-server templates (``helm template``); controller states come from
-the real reconcile loop on the unit tests' in-memory world (tests/unit/test_controller.py). The API server's side
+the real reconcile loop on the unit tests' in-memory world (tests/kits/doubles.py). The API server's side
 of the same objects is tested in tests/e2e/test_kube_backend.py.
 """
 
@@ -44,8 +44,8 @@ from rollout.core.policy import load_policy
 from rollout.core.routing import RoutingTable
 from rollout.core.state import ControllerState
 from rollout.core.workloads import Readiness
-from tests.chartkit import DRY_RENDER_VALUES, Helm, HelmNotFoundError, locate_helm, one
-from tests.unit.test_controller import POLICY, Harness, start_rollout
+from tests.kits.chart import DRY_RENDER_VALUES, Helm, HelmNotFoundError, locate_helm, one
+from tests.kits.doubles import POLICY, Harness, start_rollout
 
 NOW = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -258,6 +258,12 @@ def test_manual_commands_come_first_and_invalid_ones_say_why() -> None:
                                NOW)  # fmt: skip
     assert isinstance(invalid, str) and "id" in invalid
 
+    retry = {"id": "op-2", "kind": "retry", "reason": "fixed labels"}  # the controller's own, allowed from the spec
+    (again,) = spec_commands(obj({"manualCommand": retry}), ControllerState(name="fw"), NOW)
+    assert isinstance(again, InboxCommand) and (again.kind, again.candidate) == ("retry", None)
+    (start,) = spec_commands(obj({"manualCommand": {"id": "op-3", "kind": "start"}}), ControllerState(name="fw"), NOW)
+    assert isinstance(start, str) and "start command" in start  # a rollout starts when spec.candidate changes
+
 
 @pytest.mark.parametrize(("wanted", "why"), [("v3", "the new candidate"), ("v1", "the stable again")])
 def test_a_changed_candidate_supersedes_the_running_rollout(tmp_path: Path, wanted: str, why: str) -> None:
@@ -383,6 +389,47 @@ def test_a_promoted_status_keeps_the_previous_warm_until_the_window_ends(tmp_pat
     assert (warm["stableWeight"], warm["candidateWeight"]) == (100, 0)
     progressing = next(c for c in warm["conditions"] if c["type"] == "Progressing")
     assert (progressing["status"], progressing["reason"]) == ("False", "Promoted")
+
+
+def health(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Ready, Stalled, Reconciling: (status, reason) of each."""
+    rows = {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+    return {kind: rows[kind] for kind in ("Ready", "Stalled", "Reconciling")}
+
+
+def rolled_back_state(tmp_path: Path) -> ControllerState:
+    harness = Harness(tmp_path / "state")
+    harness.metrics_values.values['tp{model_version="v2"}'] = 200.0  # recall 0.2 against 0.9
+    start_rollout(harness)
+    harness.run_until(lambda: harness.phase() == "RolledBack")
+    return harness.controller.state
+
+
+def test_ready_stalled_and_reconciling_say_what_gitops_tools_need(tmp_path: Path) -> None:
+    """kstatus and Argo CD tell Promoted from RolledBack by Ready/Stalled (Progressing alone was False for both)."""
+    v2 = obj({"candidate": {"version": "v2", "image": "img:v2"}})
+    steady = compose_status(obj(), inputs(None, available=True))
+    assert health(steady) == {"Ready": ("True", "StableServing"), "Stalled": ("False", "NotStalled"),
+                              "Reconciling": ("False", "Settled")}  # fmt: skip
+    running = compose_status(v2, inputs(harness_state(tmp_path / "a", "canary"), available=True))
+    assert health(running) == {"Ready": ("False", "RolloutProgressing"), "Stalled": ("False", "NotStalled"),
+                               "Reconciling": ("True", "RolloutProgressing")}  # fmt: skip
+    promoted = compose_status(v2, inputs(harness_state(tmp_path / "b", "Promoted"), available=True))
+    assert health(promoted)["Ready"] == ("True", "Promoted") and health(promoted)["Stalled"][0] == "False"
+    assert health(compose_status(v2, inputs(harness_state(tmp_path / "c", "Promoted"))))["Ready"] == (
+        "False", "WaitingForWorkloads"
+    )  # fmt: skip
+
+    rolled_back = rolled_back_state(tmp_path / "d")
+    stalled = compose_status(v2, inputs(rolled_back, available=True))
+    assert health(stalled) == {"Ready": ("False", "RolledBack"), "Stalled": ("True", "RolledBack"),
+                               "Reconciling": ("False", "Settled")}  # fmt: skip
+    message = next(c["message"] for c in stalled["conditions"] if c["type"] == "Stalled")
+    assert message.startswith("v2 was not promoted: ") and "recall" in message
+    assert all(c["observedGeneration"] == 3 for c in stalled["conditions"])
+    # helm rollback: spec.candidate back on the stable - nothing is stalled, the stable serves as asked
+    back = compose_status(obj(), inputs(rolled_back, available=True))
+    assert health(back)["Ready"] == ("True", "StableServing") and health(back)["Stalled"][0] == "False"
 
 
 def test_condition_times_change_only_with_their_status(tmp_path: Path) -> None:

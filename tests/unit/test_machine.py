@@ -15,7 +15,7 @@ from rollout.core import machine as m
 from rollout.core import policy as pol
 from rollout.core.analysis import AnalysisReport, GateResult, analyse, required_samples
 from rollout.core.analysis import GateStatus as S
-from rollout.core.routing import RoutingTable, VersionEndpoint
+from rollout.core.routing import MachineStage, RoutingTable, TrafficStage, VersionEndpoint
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 STABLE, CANDIDATE = "v1", "v2"
@@ -74,7 +74,7 @@ def report(
     when: datetime,
     status: S = S.SUCCESSFUL,
     overrides: Mapping[str, S] | None = None,
-    stage: m.MachineStage | None = None,
+    stage: MachineStage | None = None,
 ) -> AnalysisReport:
     """A report of every expected gate of the state's stage (sample gates carry a value at or below the minimum)."""
     stage = stage or state.stage
@@ -98,7 +98,7 @@ def go(
     return m.step(state, rep, now, command, policy=POLICY)
 
 
-def cmd(kind: m.CommandKind, ident: str = "c1", to: pol.TrafficStage | None = None) -> m.ManualCommand:
+def cmd(kind: m.CommandKind, ident: str = "c1", to: TrafficStage | None = None) -> m.ManualCommand:
     return m.ManualCommand(id=ident, kind=kind, to=to)
 
 
@@ -119,11 +119,11 @@ def pass_stage(state: m.RolloutState) -> m.RolloutState:
     return new
 
 
-def _min_duration(stage: m.MachineStage) -> float:
+def _min_duration(stage: MachineStage) -> float:
     return 0.0 if stage == m.QUALITY_STAGE else POLICY.stages.of(m.traffic_stage(stage)).min_duration_s
 
 
-def at_stage(stage: m.MachineStage) -> m.RolloutState:
+def at_stage(stage: MachineStage) -> m.RolloutState:
     state = start()
     while state.stage != stage:
         state = pass_stage(state)

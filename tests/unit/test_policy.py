@@ -58,7 +58,9 @@ def test_default_policy_covers_every_layer_and_stage() -> None:
     layers = {g.layer for g in policy.gates}
     assert layers == {"health", "input_drift", "output_drift", "outcome", "quality"}
     for stage in pol.TRAFFIC_STAGES:
-        assert {g.layer for g in policy.gates_for(stage)} >= {"health", "input_drift", "output_drift"}
+        assert {g.layer for g in policy.gates_for(stage)} >= {"health", "output_drift"}
+    # input drift where both versions score the same requests (a canary's sticky subset of accounts differs anyway)
+    assert {s for g in policy.gates if g.layer == "input_drift" for s in g.stages} == {"shadow", "full"}
     assert policy.stages.canary.weight == pol.DEFAULT_CANARY_WEIGHT
     assert policy.stages.ab.weight == pol.DEFAULT_AB_WEIGHT
     names = {g.name for g in policy.gates}
@@ -506,6 +508,22 @@ def test_default_queries_compute_what_the_analysis_expects(tmp_path: Path) -> No
     assert isinstance(latency, pol.MetricGate) and isinstance(latency.estimator, pol.RateEstimator)
     checks += [(latency.estimator.events, 7.0 * window_min), (latency.estimator.trials, 150.0 * window_min)]
 
+    # the drift gates read each feature's bins over the stage window and the version's reference fractions
+    for feature, per_bin in (("amount", 2.0), ("score", 5.0)):
+        for b in range(10):
+            labels = f'model_version="v2",feature="{feature}",bin="{b}"'
+            series.append(_counter(f"fraudwatch_feature_bin_total{{{labels}}}", per_bin, minutes))
+            series.append({"series": f"fraudwatch_reference_bin_fraction{{{labels}}}", "values": f"0.1x{minutes}"})
+    input_psi, score_psi = gates["input-psi-max"], gates["score-psi"]
+    assert isinstance(input_psi, pol.MetricGate) and isinstance(input_psi.estimator, pol.PsiEstimator)
+    assert isinstance(score_psi, pol.MetricGate) and isinstance(score_psi.estimator, pol.PsiEstimator)
+    checks += [
+        (f"sum({input_psi.estimator.counts})", 10 * 2.0 * window_min),  # amount's bins, not the score's
+        (f"count({input_psi.estimator.reference})", 10.0),
+        (f"sum({score_psi.estimator.counts})", 10 * 5.0 * window_min),
+        (f"sum({score_psi.estimator.reference})", 1.0),
+    ]
+
     _promtool_agrees(promtool, tmp_path / "policy_test.yml", series, checks, ctx, minutes)
 
 
@@ -565,8 +583,10 @@ def test_false_rollback_is_bonferroni_split_over_sequential_gate_stages() -> Non
     gates = [g for g in default.gates if isinstance(g, pol.OutcomeGate | pol.MetricGate) and g.sequential]
     assert {g.name for g in gates} == {"recall", "precision", "error-rate", "shadow-agreement", "decision-rate-shift",
                                        "recall-paired", "false-positive-rate-paired", "roc-auc-paired",
-                                       "calibration-error", "latency"}  # fmt: skip
-    assert instances == sum(len(g.stages) for g in gates) == 26
+                                       "calibration-error", "latency", "input-psi-max", "score-psi"}  # fmt: skip
+    assert instances == sum(len(g.stages) for g in gates) == 30
+    # every gate of the default policy judges its own sample with declared error rates: none compares a point value
+    assert all(g.sequential for g in default.gates if isinstance(g, pol.MetricGate | pol.OutcomeGate))
     # the shipped policy states its error rates (not only the defaults of AnalysisPolicy)
     assert "false_rollback: 0.01" in DEFAULT_POLICY_TEXT and "false_promotion: 0.01" in DEFAULT_POLICY_TEXT
     assert default.analysis.false_rollback == 0.01 and default.analysis.false_promotion == 0.01

@@ -35,7 +35,7 @@ from service.retraining.recalibrate import (
 from service.settings import Settings
 from service.training.evaluate import expected_calibration_error, frame_features
 from service.training.pipeline import track_and_register, train_version
-from tests.retrainkit import FROZEN_SET, RecordingHandoff
+from tests.kits.retrain import FROZEN_SET, RecordingHandoff
 
 BASE_STREAM = SyntheticConfig(n_accounts=3_000, n_requests=20_000, days=30, fraud_rate=0.05, seed=21, drift=True,
                               drift_start=0.3)  # fmt: skip

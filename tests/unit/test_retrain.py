@@ -45,8 +45,8 @@ from service.retraining.job import (
 from service.retraining.outcomes import RetrainOutcome, new_retrain_id
 from service.settings import KubeHandoffSettings, RetrainSettings, Settings
 from service.training.evaluate import GateReport
-from tests.retrainkit import FROZEN_SET as FROZEN
-from tests.retrainkit import RecordingHandoff
+from tests.kits.retrain import FROZEN_SET as FROZEN
+from tests.kits.retrain import RecordingHandoff
 
 #: A labelled stream with the new bot farm from its middle on; its last 20 days train a model that passes the frozen
 #: regression set (PR-AUC ≈ 0.89, recall ≈ 0.98 measured) where one trained before the farm fails it.

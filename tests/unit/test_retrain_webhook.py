@@ -44,7 +44,7 @@ from service.retraining.webhook import (
     retrain_command,
 )
 from service.settings import RetrainWebhookSettings, Settings
-from tests.routerkit import metric_value
+from tests.kits.router import metric_value
 
 TOKEN = "webhook-unit-token"
 LAYERS = RetrainWebhookSettings().trigger_layers

@@ -1,26 +1,32 @@
 """rolloutctl / kubectl-modelrollout: argument parsing, exit codes, and the commands against a running controller.
 
 The controller here is the real reconcile loop (rollout.controller.loop.Controller.run in a thread) on the in-memory
-world of tests/unit/test_controller.py (pure-logic doubles of processes, routers and the registry); the CLI is the
+world of tests/kits/doubles.py (pure-logic doubles of processes, routers and the registry); the CLI is the
 real one, called in-process, talking to it only through the state directory.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import shlex
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from rollout.backends.local.inbox import CommandInbox
 from rollout.backends.local.state import StateStore
 from rollout.cli.errors import ExitCode
 from rollout.cli.main import build_parser, kubectl_main, main
 from rollout.core.evidence import gate_evidence
-from tests.unit.test_controller import POLICY_YAML, SETTINGS, V1, V2, Harness
+from tests.kits.doubles import POLICY_YAML, SETTINGS, V1, V2, Harness
 
 NAME = SETTINGS.name
 
@@ -32,6 +38,7 @@ def _env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("FW_ROLLOUT_CONTROLLER__POLICY_FILE", str(policy))
     monkeypatch.setenv("FW_ROLLOUT_CONTROLLER__NAME", NAME)
     monkeypatch.setenv("FW_ROLLOUT_CONTROLLER__COMMAND_WAIT_TIMEOUT_S", "10")
+    monkeypatch.setenv("FW_ROLLOUT_CONTROLLER__WATCH_INTERVAL_S", "0.02")
     monkeypatch.setenv("COLUMNS", "200")  # rich: one line per table row
 
 
@@ -106,7 +113,9 @@ def test_the_kubectl_plugin_takes_the_rollout_name() -> None:
 
 def test_status_without_a_rollout_exits_not_found(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert ctl(state_dir, "--json", "status") == ExitCode.NOT_FOUND
-    assert json_out(capsys) == {"rollout": None, "controller": {"running": False}, "workloads": []}
+    assert json_out(capsys) == {
+        "rollout": None, "controller": {"running": False}, "workloads": [], "health": "NoRollout"
+    }  # fmt: skip
 
 
 def test_a_command_without_a_rollout_is_not_queued(state_dir: Path) -> None:
@@ -254,7 +263,7 @@ def test_status_of_a_rolled_back_rollout_shows_the_gate_that_ended_it(
     harness.command("start", candidate=V2, id="r1")
     harness.run_until(lambda: harness.phase() == "RolledBack")
 
-    assert ctl(state_dir, "--json", "status") == ExitCode.OK
+    assert ctl(state_dir, "--json", "status") == ExitCode.ROLLED_BACK
     view = json_out(capsys)
     assert (view["rollout"]["phase"], view["rollout"]["stage"]) == ("RolledBack", "ab")
     assert view["rollout"]["weights"] == {V1: 100, V2: 0}
@@ -274,12 +283,12 @@ def test_status_shows_each_gate_s_evidence_estimate_interval_samples_and_what_it
     harness.command("start", candidate=V2, id="r1")
     harness.run_until(lambda: harness.phase() == "RolledBack")
 
-    assert ctl(state_dir, "--json", "status") == ExitCode.OK
+    assert ctl(state_dir, "--json", "status") == ExitCode.ROLLED_BACK
     recall = next(g for g in json_out(capsys)["gates"] if g["name"] == "recall")
     assert recall["unit"] == "fraud labels"
     assert recall["samples"] is not None and recall["samples"] > 0
     assert "fraud labels" in recall["evidence"]
-    assert ctl(state_dir, "status") == ExitCode.OK
+    assert ctl(state_dir, "status") == ExitCode.ROLLED_BACK
     table = capsys.readouterr().out
     assert "evidence" in table and "fraud labels" in table
 
@@ -307,3 +316,216 @@ def test_status_shows_each_gate_s_evidence_estimate_interval_samples_and_what_it
 )  # fmt: skip
 def test_gate_evidence_reads_as_a_sentence(result: dict[str, Any], text: str) -> None:
     assert gate_evidence(result)["evidence"] == text
+
+
+# --------------------------------------------------------------------------------------------------- status --watch
+
+
+def watching(running: Harness, state_dir: Path, *args: str, step_s: float = 1.0) -> int:
+    """``status --watch ARGS`` in a thread while this one moves the controller's clock on; its exit code."""
+    code: list[int] = []
+    watcher = threading.Thread(target=lambda: code.append(ctl(state_dir, *args)), daemon=True)
+    watcher.start()
+    for _ in range(2000):
+        watcher.join(0.02)
+        if not watcher.is_alive():
+            break
+        running.clock.advance(step_s)
+    assert code, "status --watch did not return"
+    return code[0]
+
+
+def test_status_watch_waits_until_promoted_and_exits_0(
+    running: Harness, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert ctl(state_dir, "start", "--candidate", V2) == ExitCode.OK
+    capsys.readouterr()
+    assert watching(running, state_dir, "status", "--watch", "--timeout", "1m") == ExitCode.OK
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{NAME}: Progressing · shadow")
+    assert any(" · canary · v1 95 % · v2 5 %" in line for line in lines)
+    assert lines[-1].startswith(f"{NAME}: Healthy · full · v1 0 % · v2 100 % — every gate of full passed")
+    assert len(lines) == len(set(lines))  # one line per change, not per poll
+
+
+def test_status_watch_exits_7_when_a_gate_rolls_the_candidate_back(
+    running: Harness, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    running.metrics_values.values['tp{model_version="v2"}'] = 200.0  # recall 0.2 against 0.9
+    assert ctl(state_dir, "start", "--candidate", V2) == ExitCode.OK
+    capsys.readouterr()
+    assert watching(running, state_dir, "status", "-w", "-o", "yaml") == ExitCode.ROLLED_BACK
+    final = yaml.safe_load(capsys.readouterr().out)  # -o: the final view only, one document
+    assert (final["health"], final["rollout"]["phase"], final["rollout"]["stage"]) == ("RolledBack", "RolledBack", "ab")
+    assert "recall" in final["rollout"]["last_transition"]["reason"]
+    assert ctl(state_dir, "status") == ExitCode.ROLLED_BACK  # the one-shot status says the same
+
+
+def test_status_watch_exits_8_on_abort_and_5_when_the_timeout_runs_out(
+    running: Harness, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert ctl(state_dir, "start", "--candidate", V2) == ExitCode.OK
+    assert ctl(state_dir, "pause") == ExitCode.OK  # held: it cannot end by itself
+    capsys.readouterr()
+    assert ctl(state_dir, "status", "--watch", "--timeout", "300ms") == ExitCode.TIMEOUT
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [f"{NAME}: Paused · shadow · v1 100 % · v2 0 %"]
+    assert "had not ended after 0.3 s: Paused" in captured.err
+    assert ctl(state_dir, "status") == ExitCode.OK  # in progress: the one-shot status is 0
+
+    aborted: list[int] = []
+    watcher = threading.Thread(target=lambda: aborted.append(ctl(state_dir, "--json", "status", "--watch")))
+    watcher.start()
+    assert ctl(state_dir, "abort", "--reason", "unit") == ExitCode.OK
+    watcher.join(10)
+    assert aborted == [ExitCode.ABORTED]
+
+
+def test_status_watch_waits_for_a_queued_start_instead_of_reporting_no_rollout(
+    state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pipeline that queues ``start --no-wait`` and then watches must not read the state before the controller
+    took the command (no rollout yet: exit 3 at once): the controller here starts only after the watch began."""
+    assert ctl(state_dir, "start", "--candidate", V2, "--no-wait") == ExitCode.OK
+    capsys.readouterr()
+    code: list[int] = []
+    watcher = threading.Thread(target=lambda: code.append(ctl(state_dir, "status", "--watch", "--timeout", "1m")))
+    watcher.start()
+    watcher.join(0.5)
+    assert watcher.is_alive() and not code
+    harness = Harness(state_dir)
+    stop = threading.Event()
+    controller = threading.Thread(target=harness.controller.run, args=(stop,), daemon=True)
+    controller.start()
+    try:
+        for _ in range(2000):
+            watcher.join(0.02)
+            if not watcher.is_alive():
+                break
+            harness.clock.advance(1.0)
+    finally:
+        stop.set()
+        controller.join(timeout=10)
+    assert code == [ExitCode.OK]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{NAME}: waiting for the controller"
+    assert lines[-1].startswith(f"{NAME}: Healthy · full")
+
+
+def test_status_is_degraded_when_the_promoted_version_s_workload_fails(
+    state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    harness = Harness(state_dir)
+    harness.tick(n=2)
+    harness.command("start", candidate=V2, id="r1")
+    harness.run_until(lambda: harness.phase() == "Promoted")
+    assert ctl(state_dir, "status", "--watch") == ExitCode.OK
+    assert capsys.readouterr().out.startswith(f"{NAME}: Healthy · full")
+    harness.workloads.crashing.add(V2)
+    harness.tick(n=3)
+    assert ctl(state_dir, "--json", "status", "--watch", "--timeout", "5s") == ExitCode.DEGRADED
+    view = json_out(capsys)
+    assert view["health"] == "Degraded"
+    assert {w["version"]: w["readiness"] for w in view["workloads"]}[V2] == "failed"
+
+
+# --------------------------------------------------------------------------------------------------- list, get -w
+
+
+def test_list_shows_the_local_rollout(running: Harness, state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert ctl(state_dir, "list") == ExitCode.OK
+    assert "No rollouts found." in capsys.readouterr().out
+    assert ctl(state_dir, "start", "--candidate", V2) == ExitCode.OK
+    capsys.readouterr()
+    assert ctl(state_dir, "list", "-o", "json") == ExitCode.OK
+    [row] = json.loads(capsys.readouterr().out)
+    assert (row["name"], row["phase"], row["stable"], row["candidate"]) == (NAME, "Progressing", V1, V2)
+    assert ctl(state_dir, "list") == ExitCode.OK
+    table = capsys.readouterr().out
+    for text in ("NAME", "PHASE", NAME, "Progressing", V1, V2):
+        assert text in table
+
+
+def test_get_watch_prints_a_view_per_change_until_the_timeout(
+    running: Harness, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert ctl(state_dir, "start", "--candidate", V2) == ExitCode.OK
+    capsys.readouterr()
+    assert watching(running, state_dir, "get", "-w", "--timeout", "2s", "-o", "json", step_s=0.5) == ExitCode.OK
+    views = [json.loads(line) for line in capsys.readouterr().out.splitlines()]  # one JSON document a line
+    stages = [v["rollout"]["stage"] for v in views]
+    assert stages[0] == "shadow" and "canary" in stages and len(views) >= 3
+    assert all(a != b for a, b in itertools.pairwise(views))  # only changes
+    assert ctl(state_dir, "get", "-o", "yaml") == ExitCode.OK  # get is a viewer: 0 whatever the phase
+    assert yaml.safe_load(capsys.readouterr().out)["rollout"]["candidate"] == V2
+
+
+def test_the_timeout_takes_kubernetes_durations() -> None:
+    parser = build_parser(plugin=False)
+    assert parser.parse_args(["status", "-w", "--timeout", "1h30m"]).timeout == 5400.0
+    assert parser.parse_args(["revert", "--timeout", "2.5"]).timeout == 2.5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["status", "--timeout", "10 minutes"])
+
+
+# --------------------------------------------------------------------------------------------------- completion
+
+BIN = Path(sys.executable).parent
+
+
+def bash_complete(*words: str) -> list[str]:
+    """What real bash offers after ``rolloutctl WORDS`` (the last word being typed), with the script that
+    ``rolloutctl completion bash`` prints sourced (its function calls the installed ``rolloutctl``)."""
+    typed = " ".join(shlex.quote(w) for w in ("rolloutctl", *words))
+    script = (f"source <(rolloutctl completion bash) && COMP_WORDS=({typed}) && COMP_CWORD={len(words)} && "
+              "_rolloutctl_complete && printf '%s\\n' \"${COMPREPLY[@]}\"")  # fmt: skip
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=60, check=True)
+    return [line for line in done.stdout.splitlines() if line]
+
+
+def test_bash_completion_offers_commands_options_choices_and_the_rollout_name() -> None:
+    assert bash_complete("st") == ["start", "status"]
+    assert {"--watch", "--timeout", "--output"} <= set(bash_complete("status", "--"))
+    assert bash_complete("status", "-o", "") == ["json", "yaml"]
+    assert bash_complete("promote", "--to", "") == ["shadow", "canary", "ab", "full"]
+    assert bash_complete("completion", "") == ["bash", "zsh"]
+    assert bash_complete("--backend", "local", "status", "--watch", "") == []  # rolloutctl takes no NAME
+
+
+def test_the_completion_scripts_name_their_program(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["completion", "zsh"]) == ExitCode.OK
+    zsh = capsys.readouterr().out
+    assert zsh.startswith("#compdef rolloutctl\n") and "bashcompinit" in zsh
+    assert kubectl_main(["completion", "bash"]) == ExitCode.OK
+    assert "complete -F _kubectl_modelrollout_complete kubectl-modelrollout" in capsys.readouterr().out
+
+
+def test_the_plugin_completes_the_local_rollout_s_name(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert kubectl_main(["__complete", "--state-dir", str(state_dir), "revert", ""]) == ExitCode.OK
+    assert capsys.readouterr().out.splitlines() == [NAME, ":4"]
+
+
+# --------------------------------------------------------------------------------------------------- retry
+
+
+def test_retry_rolls_the_rolled_back_candidate_out_again(
+    running: Harness, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert ctl(state_dir, "retry") == ExitCode.NOT_FOUND  # no rollout yet
+    running.metrics_values.values['tp{model_version="v2"}'] = 200.0  # recall 0.2 against 0.9
+    assert ctl(state_dir, "start", "--candidate", V2, "--id", "first") == ExitCode.OK
+    assert watching(running, state_dir, "status", "--watch") == ExitCode.ROLLED_BACK
+    capsys.readouterr()
+
+    running.metrics_values.values['tp{model_version="v2"}'] = 900.0  # the fixed upstream: recall as the stable's
+    assert ctl(state_dir, "--json", "retry", "--id", "again", "--reason", "labels fixed") == ExitCode.OK
+    assert json_out(capsys)["detail"] == f"rollout again: {V1} → {V2}"
+    rollout = running.controller.state.rollout
+    assert rollout is not None
+    assert (rollout.rollout_id, rollout.phase, rollout.stable, rollout.candidate) == ("again", "Progressing", V1, V2)
+    assert ctl(state_dir, "retry") == ExitCode.REFUSED  # in progress: nothing to retry
+    assert watching(running, state_dir, "status", "--watch") == ExitCode.OK  # promoted this time
+    capsys.readouterr()
+    assert ctl(state_dir, "--json", "retry") == ExitCode.REFUSED
+    assert json_out(capsys)["detail"] == "nothing to retry: the rollout is Promoted"

@@ -26,7 +26,7 @@ from rollout.router.outcomes.prediction_log import PredictionLog, create_log_eng
 from rollout.router.outcomes.settings import OutcomeSettings
 from rollout.router.table_sources import FileTableSource, write_table_file
 from rollout.settings import RolloutSettings, RouterSettings
-from tests.routerkit import StandIn, closed_port, metric_labels, metric_value, stand_in, wait_until
+from tests.kits.router import StandIn, closed_port, metric_labels, metric_value, stand_in, wait_until
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

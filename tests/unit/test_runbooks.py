@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from service.settings import RetrainWebhookSettings
-from tests.unit.test_dashboard_json import known_series, promtool_check, series_names
+from tests.kits.dashboard import known_series, promtool_check, series_names
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNBOOKS = ROOT / "runbooks"

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 
+from service.api.errors import error_response, field_path, validation_details
 from service.api.schema import BatchRequest, RefundRequest, RefundResponse, confidence_of, decision_of
-from service.serving.bento import Rejection, field_path, validate_batch, validate_single
+from service.serving.bento import Rejection, validate_batch, validate_single
 from service.settings import Settings
 
 SEED = {"yearsActive": 1.5, "amount": 45.00, "ipAccounts": 2}
@@ -122,6 +124,20 @@ def test_batch_larger_than_the_settings_limit_names_requests() -> None:
 def test_field_path_is_dotted() -> None:
     assert field_path(("requests", 3, "ipAccounts")) == "requests.3.ipAccounts"
     assert field_path(()) == "body"
+
+
+def test_the_error_builder_names_each_invalid_field_and_echoes_the_correlation_id() -> None:
+    """service.api.errors builds every Starlette app's error answer (the router, its label feed, the webhook)."""
+    with pytest.raises(ValidationError) as caught:
+        BatchRequest.model_validate({"requests": [{"yearsActive": -1, "amount": 45.0, "ipAccounts": 2}]})
+    response = error_response(422, "validation_error", "cid-1", validation_details(caught.value))
+    assert response.status_code == 422
+    assert response.headers["x-correlation-id"] == "cid-1"
+    assert response.headers["content-type"] == "application/json"
+    body = json.loads(bytes(response.body))
+    assert body["error"] == "validation_error" and body["correlation_id"] == "cid-1"
+    assert [d["field"] for d in body["details"]] == ["requests.0.yearsActive"]
+    assert "x-correlation-id" not in error_response(401, "no token").headers
 
 
 @pytest.mark.parametrize(("score", "prediction", "confidence"), [(0.94, 1, 0.94), (0.25, 0, 0.75)])

@@ -1,6 +1,6 @@
 """rollout.demo.timeline and the demo's views of it, on the records of a real controller.
 
-The records come from the real reconcile loop of tests/unit/test_controller.py (its in-memory world: settable
+The records come from the real reconcile loop of tests/kits/doubles.py (its in-memory world: settable
 clock, metrics from a dict): a good v2 promoted through every stage, then a v3 whose recall is far below v2's
 rolled back by the outcome gate — the rollout demo's two rollouts. The timeline is built from the event log the
 controller wrote and from the gate measurements sampled from its saved state between reconciles, as
@@ -34,7 +34,7 @@ from rollout.demo.timeline import (
     write_points,
 )
 from rollout.demo.view import rollout_view, split_bar, status_line, summary_table, transition_line, walked
-from tests.unit.test_controller import POLICY, T0, V1, V2, Harness
+from tests.kits.doubles import POLICY, T0, V1, V2, Harness
 
 V3 = "v3"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -17,7 +17,7 @@ import pytest
 
 from rollout.router.upstream import CONNECT_TIMEOUT_DETAIL, AiohttpTransport, Failure, HttpxTransport
 from rollout.settings import RouterSettings
-from tests.sockets import unaccepting_listener
+from tests.kits.sockets import unaccepting_listener
 
 CONNECT_TIMEOUT_S = 0.2
 BUDGET_S = 2.0

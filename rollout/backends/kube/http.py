@@ -1,9 +1,9 @@
 """A light Kubernetes API client for ``rolloutctl --backend kube`` / ``kubectl modelrollout``: the standard library's
 ``http.client`` and ``ssl`` with the credentials of a kubeconfig (or a pod's service account).
 
-Why not the official client here: importing ``kubernetes`` costs ~0.4 s of CPU before the first request, which is
-most of the time an operator waits for ``kubectl modelrollout revert`` (the controller needs ~0.15 s from the
-patch to the routers' new table). The controller and the router, long-running, keep using the official client
+Why not the official client here: importing ``kubernetes`` would be most of the time an operator waits for
+``kubectl modelrollout revert`` (figures: docs/architecture.md, "Serving: what was measured"). The controller and
+the router, long-running, keep using the official client
 (:mod:`rollout.backends.kube.api`); this covers the kubeconfigs people use from a shell — a client certificate, a
 bearer token or token file, a CA, by path or inline — and :func:`light_api` returns None for anything else
 (``exec`` credential plugins, ``auth-provider``, basic auth), so the caller falls back to the official client.

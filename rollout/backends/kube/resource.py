@@ -29,7 +29,7 @@ from rollout.backends.kube.api import API_VERSION, KIND
 from rollout.core.analysis import GateResult
 from rollout.core.commands import InboxCommand
 from rollout.core.events import SUPERSEDE_PREFIX
-from rollout.core.machine import RolloutState, Transition, warm_until
+from rollout.core.machine import ROLLED_BACK_PHASES, RolloutState, Transition, warm_until
 from rollout.core.policy import RolloutPolicy, policy_from_mapping
 from rollout.core.routing import RoutingTable
 from rollout.core.state import ControllerState, StateError, loads_state
@@ -642,7 +642,8 @@ def _condition(
 
 def conditions(obj: RolloutObject, inputs: StatusInputs) -> list[Json]:
     """metav1 Conditions: Progressing (a rollout runs), Available (the stable serves through published routing),
-    Paused. ``lastTransitionTime`` changes only when a condition's status does."""
+    Paused, and the ones GitOps tools read — Ready, Stalled, Reconciling (:func:`health_conditions`).
+    ``lastTransitionTime`` changes only when a condition's status does."""
     rollout = inputs.state.rollout if inputs.state is not None else None
     now = inputs.now
     problems = "; ".join(inputs.problems)
@@ -661,7 +662,45 @@ def conditions(obj: RolloutObject, inputs: StatusInputs) -> list[Json]:
     paused = rollout is not None and rollout.paused
     pause = _condition(obj, "Paused", "True" if paused else "False", "Paused" if paused else "NotPaused",
                        "automatic promotion is held" if paused else "", now)  # fmt: skip
-    return [progressing, available, pause]
+    desired = obj.spec_candidate.version if obj.spec_candidate is not None else None
+    health = [
+        _condition(obj, kind, status, reason, message, now)
+        for kind, status, reason, message in health_conditions(rollout, inputs.available, desired, problems)
+    ]
+    return [progressing, available, pause, *health]
+
+
+ConditionRow = tuple[str, ConditionStatus, str, str]
+
+
+def health_conditions(
+    rollout: RolloutState | None, available: bool, desired: str | None, problems: str
+) -> tuple[ConditionRow, ConditionRow, ConditionRow]:
+    """Ready, Stalled and Reconciling as kstatus, Argo CD and Flux read them (abnormal-true Stalled/Reconciling):
+
+    * Reconciling=True while a rollout is Progressing;
+    * Stalled=True (reason RolledBack or Aborted, the message why) once the rollout of the version ``spec.candidate``
+      still asks for ended without promoting it: nothing moves until the spec changes;
+    * Ready=True when neither holds and the stable serves through published routing (reason Promoted after a
+      promotion, StableServing otherwise - before any rollout, or after spec.candidate went back to the stable).
+    """
+    settled: ConditionRow = ("Reconciling", "False", "Settled", "")
+    not_stalled: ConditionRow = ("Stalled", "False", "NotStalled", "")
+    if rollout is not None and rollout.phase == "Progressing":
+        at = f"{rollout.candidate} is at {rollout.stage}"
+        return (
+            ("Ready", "False", "RolloutProgressing", at),
+            not_stalled,
+            ("Reconciling", "True", "RolloutProgressing", at),
+        )
+    if rollout is not None and rollout.phase in ROLLED_BACK_PHASES and rollout.candidate == desired:
+        why = f"{rollout.candidate} was not promoted: {rollout.history[-1].reason if rollout.history else problems}"
+        return ("Ready", "False", rollout.phase, why), ("Stalled", "True", rollout.phase, why), settled
+    if not available:
+        return ("Ready", "False", "WaitingForWorkloads", problems or "not ready yet"), not_stalled, settled
+    if rollout is not None and rollout.phase == "Promoted":
+        return ("Ready", "True", "Promoted", f"{rollout.candidate} was promoted and serves"), not_stalled, settled
+    return ("Ready", "True", "StableServing", "the stable version serves"), not_stalled, settled
 
 
 def transition_row(rollout: RolloutState, seq: int, transition: Transition) -> Json:

@@ -64,18 +64,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from rollout.core.drift import calibration_bin_of
-from rollout.core.routing import ComparisonPair, RoutePlan, comparison_pair
+from rollout.core.routing import ComparisonPair, Role, RoutePlan, comparison_pair
 from rollout.router.outcomes.prediction_log import (
     LABEL_NAMES,
     FeedbackStatus,
     PredictionLog,
     PredictionRecord,
-    Role,
     as_utc,
     labels_table,
 )
 from rollout.router.outcomes.settings import OutcomeSettings, get_outcome_settings
-from service.api.schema import ErrorDetail, ErrorResponse
+from service.api.errors import error_response, validation_details
+from service.api.schema import ErrorDetail
 from service.common.clock import utc_now
 from service.common.http import bearer_matches, read_limited
 from service.common.logging import get_logger, log_event
@@ -588,22 +588,16 @@ class OutcomeTracker:
         return {"status": result.status, "prediction_id": result.prediction_id, "predictions": result.predictions}
 
 
-def _error(status: int, message: str, field: str, detail: str) -> JSONResponse:
-    body = ErrorResponse(error=message, details=[ErrorDetail(field=field, message=detail)])
-    return JSONResponse(body.model_dump(), status_code=status)
+def _error(status: int, message: str, field: str, detail: str) -> Response:
+    return error_response(status, message, None, [ErrorDetail(field=field, message=detail)])
 
 
-def _validation_error(exc: ValidationError) -> JSONResponse:
-    details = [
-        ErrorDetail(field=".".join(str(part) for part in err["loc"]) or "body", message=err["msg"])
-        for err in exc.errors()
-    ]
-    names = ", ".join(d.field for d in details)
-    body = ErrorResponse(error=f"invalid feedback: {names}", details=details)
-    return JSONResponse(body.model_dump(), status_code=422)
+def _validation_error(exc: ValidationError) -> Response:
+    details = validation_details(exc)
+    return error_response(422, f"invalid feedback: {', '.join(d.field for d in details)}", None, details)
 
 
-def _response_of(result: FeedbackResult, feedback: FeedbackRequest) -> JSONResponse:
+def _response_of(result: FeedbackResult, feedback: FeedbackRequest) -> Response:
     pid = result.prediction_id
     # The 404 and the 409 name only what the caller sent: never the stored label, its source or its time (a label
     # feed that needs them reads the prediction log; the router's log line below has them for operators).

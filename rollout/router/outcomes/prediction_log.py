@@ -53,13 +53,13 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from rollout.core.routing import Role
 from rollout.router.outcomes.marks import OrphanMark, RunMark, claim_orphans
 from rollout.router.outcomes.settings import OutcomeSettings, get_outcome_settings
 from service.common.logging import get_logger, log_event
 
 logger = get_logger(__name__)
 
-Role = Literal["decider", "shadow"]
 LABEL_NAMES: Final[dict[int, str]] = {1: "fraud", 0: "legit"}
 #: The response header (and body member ``prediction_id``) carrying the router's ID of a scored request.
 PREDICTION_ID_HEADER: Final[str] = "X-Prediction-ID"

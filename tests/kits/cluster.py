@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -48,6 +47,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.common.logging import get_logger, log_event
+from service.common.processes import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOGGER = get_logger("e2e.cluster")
@@ -400,12 +400,6 @@ def write_kubeconfig(path: Path, server: str, ca: Path, client: CertPair, user: 
 
 
 # --- processes ----------------------------------------------------------------------------------------------------
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

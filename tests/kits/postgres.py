@@ -20,12 +20,13 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from service.common.processes import free_port
 
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
 PG_OS_USER = "postgres"
@@ -63,12 +64,6 @@ def pg_bin_dir() -> Path:
 def _major_version(path: str) -> int:
     part = Path(path).parent.name
     return int(part) if part.isdigit() else 0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _as_user_prefix() -> tuple[list[str], str]:

@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 
 from rollout.backends.local.prometheus import PrometheusServer
-from rollout.core.policy import dumps_policy
+from rollout.core.policy import OutcomeGate, dumps_policy, loads_policy
 from rollout.demo.policy import load_demo_policy
 from rollout.router.outcomes.settings import OutcomeSettings
 from rollout.settings import PrometheusSettings
@@ -34,7 +34,7 @@ from service.artifacts.registry import ModelRegistry, RunPayload
 from service.data.synthetic import SyntheticConfig, generate
 from service.settings import Settings
 from service.training.evaluate import file_sha256
-from tests.stackkit import BIN, HOST, ROOT, serving_features, train_bundle, wait_for
+from tests.kits.stack import BIN, HOST, ROOT, serving_features, train_bundle, wait_for
 
 __all__ = ["BIN", "HOST", "ROOT", "wait_for"]
 
@@ -240,6 +240,20 @@ def failed_gates(transition: Any) -> list[Any]:
 HEALTH_AND_DRIFT_GATES = frozenset(
     {"error-rate", "latency", "input-psi-max", "score-psi", "decision-rate-shift", "shadow-agreement"}
 )
+
+
+def check_good_ab_exit(transition: Any) -> None:
+    """A good candidate's A/B exit: the arms' own recall passed on at least the fraud labels its gate needs (its
+    minimum counts what its estimate uses), and every paired outcome gate of the stage passed."""
+    minimum = next(
+        g.min_labels for g in loads_policy(POLICY_YAML).gates if isinstance(g, OutcomeGate) and g.name == "recall"
+    )
+    recall = next(g for g in transition.gates if g.name == "recall")
+    assert recall.status.value == "Successful" and recall.labels is not None and recall.labels >= minimum, recall
+    assert recall.method == "sprt-two-sample"
+    paired = {g.name: g for g in transition.gates if g.name.endswith("-paired")}
+    assert paired and {g.status.value for g in paired.values()} == {"Successful"}, paired
+    assert paired["recall-paired"].method == "sprt-paired"
 
 
 def check_outcome_rollback(rollout: Any) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO_ROOT / "deploy" / "helm" / "fraudwatch"
 CRD_FILE = CHART_DIR / "crds" / "modelrollouts.fraudwatch.io.yaml"
 VALUES_SCHEMA_FILE = CHART_DIR / "values.schema.json"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.stackkit import ROOT
+from tests.kits.stack import ROOT
 
 IMAGES_TIMEOUT_S = 1800.0
 RUNTIME = ("--runtime", "runc")

@@ -29,9 +29,9 @@ from service.data import aggregates
 from service.data.feature_store import STORE_FILE, build_store
 from service.data.features import DEFAULT_AGGREGATES, DRIFT_FEATURES, FEATURE_NAMES, EntityAggregates, feature_matrix
 from service.training.evaluate import reference_bins, time_ordered
-from tests.conftest import N_REFERENCE_BINS
+from tests.kits.bundles import N_REFERENCE_BINS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
 T = TypeVar("T")

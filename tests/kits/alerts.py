@@ -22,7 +22,7 @@ import yaml
 from rollout.backends.local.prometheus import duration
 from service.common.processes import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RULES_FILE: Final[Path] = ROOT / "deploy" / "prometheus" / "rules.yml"
 ALERTMANAGER_FILE: Final[Path] = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 ALERTMANAGER_BINARY: Final[Path] = Path("/usr/bin/prometheus-alertmanager")

@@ -27,8 +27,9 @@ import httpx
 import yaml
 
 from rollout.backends.kube.api import KubeApi, KubeError, core_path, rollout_path
-from tests.chartkit import CHART_DIR, CRD_FILE, DRY_RENDER_VALUES, parse_manifests, values_file
-from tests.e2e.cluster import ControlPlane, free_port
+from service.common.processes import free_port
+from tests.kits.chart import CHART_DIR, CRD_FILE, DRY_RENDER_VALUES, parse_manifests, values_file
+from tests.kits.cluster import ControlPlane
 
 T = TypeVar("T")
 HOST = "127.0.0.1"
@@ -40,7 +41,7 @@ MODEL_SERVER_CONFIGMAP = f"{ROLLOUT}-model-server"
 LEASE = f"{ROLLOUT}-controller"
 CRD_NAME = "modelrollouts.fraudwatch.io"
 #: Test values: nothing waits on storage or load balancers; a fixed admin token keeps renders deterministic.
-#: This control plane publishes no `kubernetes` EndpointSlice (tests/e2e/cluster.py: it listens on loopback), so the
+#: This control plane publishes no `kubernetes` EndpointSlice (tests/kits/cluster.py: it listens on loopback), so the
 #: chart's API-server egress is named (DRY_RENDER_VALUES), as it must be wherever the lookup finds nothing.
 BASE_VALUES: dict[str, Any] = {"router": {"adminToken": {"value": "e2e-admin-token"}}, **DRY_RENDER_VALUES}
 TOKEN_SECONDS = 3600

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from service.retraining.handoff import Candidate, HandoffOutcome, HandoffResult
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 #: The frozen labelled regression set of tests/quality (20,000 requests, the new bot farm from day 15).
 FROZEN_SET = ROOT / "tests" / "quality" / "data" / "frozen_synthetic.json"
 
