@@ -7,7 +7,7 @@ The seed's contract works unchanged: ``{"yearsActive": 1.5, "amount": 45.00, "ip
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
@@ -18,6 +18,10 @@ MAX_ENTITY_CHARS = 128
 CorrelationId = Annotated[str, StringConstraints(pattern=SAFE_ID_PATTERN)]
 MAX_DESCRIPTION_CHARS = 500
 MAX_BATCH_ITEMS = 1000
+#: A caller that discards the answer's ``reasons`` (the router's shadow calls) sends this header with
+#: :data:`REASONS_OFF`: no review decision and no ``explain`` of that call computes them.
+REASONS_HEADER: Final[str] = "X-Fraudwatch-Reasons"
+REASONS_OFF: Final[str] = "off"
 
 
 class RefundRequest(BaseModel):

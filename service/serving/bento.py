@@ -44,6 +44,8 @@ from pydantic import BaseModel, ValidationError
 
 from service.api.errors import error_body, validation_details
 from service.api.schema import (
+    REASONS_HEADER,
+    REASONS_OFF,
     BatchRequest,
     BatchResponse,
     ErrorDetail,
@@ -85,6 +87,8 @@ LOGGER = get_logger("bento")
 _REQUEST_START: ContextVar[float | None] = ContextVar("fraudwatch_request_start", default=None)
 #: The caller's span (W3C ``traceparent``: the router's), logged with each decision so a trace can be followed here.
 _CALLER_SPAN: ContextVar[TraceContext | None] = ContextVar("fraudwatch_caller_span", default=None)
+#: False when the caller discards the reasons (``REASONS_HEADER: off``, the router's shadow calls).
+_REASONS_WANTED: ContextVar[bool] = ContextVar("fraudwatch_reasons_wanted", default=True)
 
 FloatArray = npt.NDArray[np.float32]
 ScoreArray = npt.NDArray[np.float64]
@@ -163,7 +167,11 @@ class Runtime:
                 scores.tolist(), predictions.tolist(), correlation_ids, strict=True
             )
         ]
-        explain = rows_to_explain(predictions.tolist(), [r.explain for r in requests], self.reasons.on_review)
+        explain = (
+            rows_to_explain(predictions.tolist(), [r.explain for r in requests], self.reasons.on_review)
+            if _REASONS_WANTED.get()
+            else []
+        )
         if explain:
             contributions = self.model.contributions(features[explain])
             for row, index in zip(contributions, explain, strict=True):
@@ -559,6 +567,7 @@ class RequestGuard:
         cid_token = CORRELATION_ID.set(correlation_id)
         start_token = _REQUEST_START.set(start)
         span_token = _CALLER_SPAN.set(parse_traceparent(headers.get(TRACEPARENT_HEADER)))
+        reasons_token = _REASONS_WANTED.set(headers.get(REASONS_HEADER.lower()) != REASONS_OFF)
         try:
             admitted = await self._admit(receive, route.validate, headers, correlation_id)
             if isinstance(admitted, Rejection):
@@ -572,6 +581,7 @@ class RequestGuard:
             CORRELATION_ID.reset(cid_token)
             _REQUEST_START.reset(start_token)
             _CALLER_SPAN.reset(span_token)
+            _REASONS_WANTED.reset(reasons_token)
         runtime = self.state.runtime
         if runtime is not None:
             runtime.metrics.observe_latency(endpoint, time.perf_counter() - start)

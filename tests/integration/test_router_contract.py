@@ -28,7 +28,7 @@ from schemathesis import Case, GenerationMode
 from schemathesis.core.transport import Response as FuzzResponse
 
 from rollout.router.process import RouterProcess
-from service.api.schema import ErrorResponse
+from service.api.schema import REASONS_HEADER, REASONS_OFF, ErrorResponse
 from service.data.features import FEATURE_NAMES
 from service.serving.process import BentoServer
 from tests.kits.serving import one_version_behind_a_router
@@ -223,3 +223,21 @@ def test_review_decisions_reach_the_client_with_their_reasons(contract_stack: tu
         else:
             assert "reasons" not in answer
     assert all("reasons" in answer for answer in explained)
+
+
+def test_a_call_with_reasons_off_gets_none(contract_stack: tuple[BentoServer, str]) -> None:
+    """The router's shadow calls send ``REASONS_HEADER: off`` (their answers are discarded): the model service then
+    computes no reasons, neither for a review nor for ``explain``, on the single and the batch route; the same
+    requests without the header get them."""
+    server, _ = contract_stack
+    review = {"yearsActive": 0.01, "amount": 500.0, "ipAccounts": 60, "itemDescription": "Gift card", "explain": True}
+    off = {REASONS_HEADER: REASONS_OFF}
+    with httpx.Client(base_url=server.url, timeout=HTTP_TIMEOUT_S, trust_env=False) as client:
+        single_on = client.post(PREDICT, json=review).json()
+        single_off = client.post(PREDICT, json=review, headers=off).json()
+        batch = {"requests": [review, SEED | {"explain": True}]}
+        batch_on = client.post(PREDICT + "-batch", json=batch).json()["results"]
+        batch_off = client.post(PREDICT + "-batch", json=batch, headers=off).json()["results"]
+    assert single_on["decision"] == single_off["decision"] == "review"
+    assert single_on["reasons"] and all("reasons" in answer for answer in batch_on)
+    assert "reasons" not in single_off and all("reasons" not in answer for answer in batch_off)
