@@ -32,7 +32,7 @@ from rollout.backends.kube.resource import (
 )
 from rollout.backends.kube.status import StatusRoutingPublisher, StatusWriter
 from rollout.backends.kube.workloads import KubeWorkloads
-from rollout.core.policy import load_policy
+from rollout.core.policy import MetricGate, load_policy
 from rollout.core.workloads import Readiness
 from rollout.settings import ControllerSettings, KubeBackendSettings
 from tests.kits.cluster import ControlPlane
@@ -341,6 +341,6 @@ def test_a_policy_with_metric_templates_survives_the_schema(world: World) -> Non
     stored = RolloutObject(world.rollout()).policy
     assert stored is not None and stored["metric_templates"] == policy["metric_templates"]
     gate = effective_policy(POLICY, stored).gates[-1]
+    assert isinstance(gate, MetricGate)
     assert (gate.name, gate.template, gate.layer, gate.stages) == ("errors-5xx", "errors", "health", ("canary", "ab"))
-    assert getattr(gate, "query", None) == query
-
+    assert gate.query == query
