@@ -131,6 +131,12 @@ class RouterSettings(BaseModel):
     max_correlation_id_chars: int = Field(128, ge=8)
     #: One structured JSON log line per routing decision.
     log_decisions: bool = True
+    #: W3C Trace Context: each request becomes a span of the client's trace (``traceparent``; a new trace when the
+    #: client sent none), passed to the model service with the client's ``tracestate`` (service/common/tracing.py).
+    trace_context: bool = True
+    #: With ``trace_context``: record each request as an OpenTelemetry span exported over OTLP/HTTP to this URL
+    #: (e.g. ``http://otel-collector:4318/v1/traces``; in the ``[router]`` extra). None: IDs only, no SDK.
+    otlp_endpoint: str | None = None
     latency_buckets_s: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS_S
     #: Running the router as a child process (rollout.router.process): readiness deadline, poll, SIGTERM grace.
     process_start_timeout_s: float = Field(60.0, gt=0.0)
@@ -343,6 +349,63 @@ class PodmanBackendSettings(BaseModel):
     name_prefix: str = Field("fw", pattern=r"^[a-z0-9][a-z0-9-]*$")
 
 
+#: A header's name (RFC 9110 token), and the headers that carry credentials: those come from the credential fields.
+HEADER_NAME_PATTERN: Final[str] = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
+CREDENTIAL_HEADERS: Final[frozenset[str]] = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+class MetricsProviderSettings(BaseModel):
+    """How the controller's gates reach the metrics store at ``prometheus_url``
+    (``FW_ROLLOUT_CONTROLLER__PROVIDER__…``): any Prometheus-compatible query API (Prometheus, Thanos Query,
+    Grafana Mimir, Cortex, VictoriaMetrics) with the headers and the authentication it demands (Argo's
+    ``prometheus.headers``, Flagger's provider ``secretRef``).
+
+    Credentials are given as files (a mounted Secret; inline values for local runs) and read at each request, so a
+    rotated token is used without a restart; they are never logged, and an error text that echoes one is redacted.
+    SigV4 (Amazon Managed Prometheus) and Google's OAuth are not built in: run their signing proxy beside the
+    controller and point ``prometheus_url`` at it."""
+
+    #: Extra headers on every query, e.g. ``{"X-Scope-OrgID": "tenant-a"}`` (Mimir, Cortex and Thanos tenants).
+    #: Not for credentials: ``Authorization``, ``Proxy-Authorization`` and ``Cookie`` are refused here.
+    headers: dict[str, str] = Field(default_factory=dict)
+    #: ``Authorization: Bearer <token>``: the token inline, or (better) a file holding it.
+    bearer_token: SecretStr | None = None
+    bearer_token_file: Path | None = None
+    #: ``Authorization: Basic``: the user name, and the password inline or in a file.
+    basic_auth_username: str | None = Field(None, min_length=1, pattern=r"^[^:\r\n]+$")
+    basic_auth_password: SecretStr | None = None
+    basic_auth_password_file: Path | None = None
+    #: A CA bundle (PEM) that signs the provider's TLS certificate; None → the system's.
+    ca_file: Path | None = None
+    #: The path that answers 200 when the store can be queried (Prometheus, Thanos: ``/-/ready``; Mimir behind
+    #: ``/prometheus``: ``/api/v1/status/buildinfo``).
+    ready_path: str = Field("/-/ready", pattern=r"^/[^?#\s]*$")
+
+    @model_validator(mode="after")
+    def _one_way_to_authenticate(self) -> MetricsProviderSettings:
+        for name, value in self.headers.items():
+            if re.fullmatch(HEADER_NAME_PATTERN, name) is None:
+                raise ValueError(f"provider.headers: {name!r} is not a header name")
+            if name.lower() in CREDENTIAL_HEADERS:
+                raise ValueError(
+                    f"provider.headers: {name} carries credentials; use bearer_token_file or basic_auth_* (read from a "
+                    "Secret, never logged)"
+                )
+            if any(c in value for c in "\r\n\0"):
+                raise ValueError(f"provider.headers: the value of {name} contains a line break or NUL")
+        bearer = self.bearer_token is not None or self.bearer_token_file is not None
+        password = self.basic_auth_password is not None or self.basic_auth_password_file is not None
+        if (self.basic_auth_username is None) != (not password):
+            raise ValueError("provider: basic auth needs basic_auth_username and a password (…_password[_file])")
+        if bearer and password:
+            raise ValueError("provider: bearer token and basic auth are exclusive; set one")
+        return self
+
+    @property
+    def authenticated(self) -> bool:
+        return self.basic_auth_username is not None or (self.bearer_token, self.bearer_token_file) != (None, None)
+
+
 class ControllerSettings(BaseModel):
     """The rollout controller (``FW_ROLLOUT_CONTROLLER__…``): its files, loop timings, metrics port, backend."""
 
@@ -353,7 +416,10 @@ class ControllerSettings(BaseModel):
     policy_file: Path | None = None
     #: State file, event log and command inbox; None → ``<home>/rollout``.
     state_dir: Path | None = None
-    prometheus_url: str = "http://127.0.0.1:9090"
+    #: The metrics store's query API (the gates' provider); its headers and credentials: ``provider``. No user
+    #: info in the URL (``http://user:pass@…``): a URL is logged, a credential goes in ``provider``.
+    prometheus_url: str = Field("http://127.0.0.1:9090", pattern=r"^https?://[^@/\s]+(/\S*)?$")
+    provider: MetricsProviderSettings = MetricsProviderSettings()
     #: The frozen labelled regression set of the ``quality`` stage (JSON meta file with ``file`` and ``sha256``).
     quality_set: Path | None = None
     host: str = "127.0.0.1"

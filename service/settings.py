@@ -151,6 +151,14 @@ class ServeSettings(BaseModel):
     #: BentoML's OpenTelemetry middleware on the scoring routes (off: ≈ 15 % of a request's CPU and no exporter
     #: is configured by default; the correlation ID already ties a decision's log lines together).
     trace_scoring_routes: bool = False
+    #: Export BentoML's spans over OTLP/HTTP to this URL (e.g. ``http://otel-collector:4318/v1/traces``): every
+    #: traced request whose caller sampled it (W3C ``traceparent``: the router's span as parent); the probes and
+    #: ``/metrics`` are never traced. None: no exporter. The scoring routes need ``trace_scoring_routes`` too.
+    otlp_endpoint: str | None = None
+    #: Review decisions carry their top contributing features (``reasons``; a request's ``explain`` asks for them
+    #: whatever the decision): at most this many, from XGBoost's ``pred_contribs``.
+    reasons_on_review: bool = True
+    reasons_top_k: int = Field(3, ge=1, le=32)
     #: Call XGBoost's C predict function directly (the call ``Booster.inplace_predict`` makes, without its
     #: ≈ 150 µs of per-call Python overhead); checked bit-exact against ``inplace_predict`` at load.
     direct_predict: bool = True

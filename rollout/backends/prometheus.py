@@ -6,21 +6,37 @@ no evidence — an empty result, NaN or ±Inf, e.g. a ratio over zero requests),
 [(labels, value)]``, ``query_range(promql, start, end, step) -> [(labels, [(time, value)])]`` and ``is_online()``;
 :meth:`PrometheusClient.at` pins every query of one analysis round to one evaluation instant (``time=`` of
 ``/api/v1/query``), so a ratio's numerator and denominator, or a candidate and its stable, are read from the same
-data. Failures are typed: :class:`PrometheusUnavailableError` (cannot reach it, it timed out or answered 5xx) and
+data. Failures are typed: :class:`PrometheusUnavailableError` (cannot reach it, it timed out or answered 5xx),
+:class:`PrometheusAuthError` (it refused the headers or credentials, 401/403, or they cannot be read) and
 :class:`PrometheusQueryError` (it rejected the query, or a scalar was asked of a multi-series result).
+
+The store may be any Prometheus-compatible query API behind headers and authentication
+(:class:`~rollout.settings.MetricsProviderSettings`: ``X-Scope-OrgID``, a bearer token or basic auth from a mounted
+Secret, read at each request); no error text carries a credential.
 """
 
 from __future__ import annotations
 
+import base64
 import math
+import ssl
+from collections.abc import Generator
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
 import httpx
+from pydantic import SecretStr
 
-from rollout.settings import PrometheusSettings, get_prometheus_settings
+from rollout.settings import (
+    ControllerSettings,
+    MetricsProviderSettings,
+    PrometheusSettings,
+    get_prometheus_settings,
+    read_secret,
+)
 
 _ERROR_TEXT_CHARS: Final[int] = 3000
 
@@ -41,12 +57,67 @@ class PrometheusQueryError(PrometheusError):
     """Prometheus rejected the query, or its result does not have the asked-for shape."""
 
 
+class PrometheusAuthError(PrometheusUnavailableError):
+    """The store refused the provider's headers or credentials (401/403), or the credentials cannot be read: no
+    evidence until an operator fixes them (a gate's Error, never a pass)."""
+
+
+_REFUSED: Final[frozenset[int]] = frozenset({httpx.codes.UNAUTHORIZED, httpx.codes.FORBIDDEN})
+_REDACTED: Final[str] = "<redacted>"
+
+
+class ProviderAuth(httpx.Auth):
+    """The provider's ``Authorization`` header (bearer or basic), its secret read from the settings at each request:
+    a rotated Secret is used at once. Remembers the values it sent, so error texts can be scrubbed of them."""
+
+    def __init__(self, provider: MetricsProviderSettings) -> None:
+        self._provider = provider
+        self.sent: tuple[str, ...] = ()
+
+    def authorization(self) -> str:
+        p = self._provider
+        if p.basic_auth_username is not None:
+            password = _secret(p.basic_auth_password, p.basic_auth_password_file, "basic_auth_password")
+            encoded = base64.b64encode(f"{p.basic_auth_username}:{password}".encode()).decode("ascii")
+            self.sent = (password, encoded)
+            return f"Basic {encoded}"
+        token = _secret(p.bearer_token, p.bearer_token_file, "bearer_token")
+        self.sent = (token,)
+        return f"Bearer {token}"
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = self.authorization()
+        yield request
+
+
+def _secret(value: SecretStr | None, path: Path | None, field: str) -> str:
+    """The provider's secret ``field`` (inline, else its file); :class:`PrometheusAuthError` naming the field and
+    the file — never the content — when it is missing or empty."""
+    try:
+        secret = read_secret(value, path)
+    except OSError as exc:
+        raise PrometheusAuthError(f"the provider's {field}_file {path} cannot be read: {exc.strerror}") from None
+    if not secret:
+        raise PrometheusAuthError(f"the provider's {field} is empty ({field}_file {path})")
+    return secret
+
+
+def describe(provider: MetricsProviderSettings) -> str:
+    """What the client sends besides the query, by name only (for error texts): headers and the kind of auth."""
+    sent = [f"header {name}" for name in sorted(provider.headers)]
+    if provider.basic_auth_username is not None:
+        sent.append("basic auth")
+    elif provider.authenticated:
+        sent.append("a bearer token")
+    return ", ".join(sent) if sent else "no headers and no credentials"
+
+
 class PrometheusClient:
     """Instant and range queries against Prometheus' HTTP API (``/api/v1/query``, ``/api/v1/query_range``); safe to
     share between threads.
 
     ``timeout_s`` overrides the settings' ``query_timeout_s``; ``trust_env=False`` ignores proxy variables (a
-    Prometheus on loopback)."""
+    Prometheus on loopback); ``provider`` adds the store's headers, credentials, CA and readiness path."""
 
     def __init__(
         self,
@@ -55,10 +126,21 @@ class PrometheusClient:
         settings: PrometheusSettings | None = None,
         timeout_s: float | None = None,
         trust_env: bool = True,
+        provider: MetricsProviderSettings | None = None,
     ) -> None:
         self._settings = settings or get_prometheus_settings()
+        self._provider = provider or MetricsProviderSettings()
+        self._auth = ProviderAuth(self._provider) if self._provider.authenticated else None
         timeout = timeout_s if timeout_s is not None else self._settings.query_timeout_s
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, trust_env=trust_env)
+        ca_file = self._provider.ca_file
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            timeout=timeout,
+            trust_env=trust_env,
+            headers=self._provider.headers,
+            auth=self._auth,
+            verify=ssl.create_default_context(cafile=ca_file) if ca_file is not None else True,
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -72,11 +154,16 @@ class PrometheusClient:
         self.close()
 
     def is_online(self) -> bool:
-        """True when Prometheus answers ``/-/ready`` with 200."""
+        """True when the store answers its readiness path (``/-/ready``) with 200 — or refuses the provider's
+        headers or credentials (401/403, or they cannot be read): it is there, and every query then fails with
+        :class:`PrometheusAuthError` naming the cause, instead of reading as an outage."""
         try:
-            return self._http.get("/-/ready").status_code == httpx.codes.OK
+            status = self._http.get(self._provider.ready_path).status_code
+        except PrometheusAuthError:
+            return True
         except httpx.HTTPError:
             return False
+        return status == httpx.codes.OK or status in _REFUSED
 
     def at(self, instant: datetime) -> PinnedPrometheus:
         """This client with every query evaluated at ``instant`` (an aware datetime)."""
@@ -130,11 +217,16 @@ class PrometheusClient:
             response = self._http.get(path, params=params)
         except httpx.HTTPError as exc:
             raise PrometheusUnavailableError(f"Prometheus at {self._http.base_url} unreachable: {exc}") from exc
+        if response.status_code in _REFUSED:
+            raise PrometheusAuthError(
+                f"Prometheus at {self._http.base_url} refused the request ({response.status_code}) with "
+                f"{describe(self._provider)} sent: {self._error_of(response)}"
+            )
         if response.status_code >= httpx.codes.INTERNAL_SERVER_ERROR:
-            raise PrometheusUnavailableError(f"Prometheus answered {response.status_code}: {_error_of(response)}")
+            raise PrometheusUnavailableError(f"Prometheus answered {response.status_code}: {self._error_of(response)}")
         if response.status_code != httpx.codes.OK:
             raise PrometheusQueryError(
-                f"Prometheus rejected {promql!r} ({response.status_code}): {_error_of(response)}"
+                f"Prometheus rejected {promql!r} ({response.status_code}): {self._error_of(response)}"
             )
         try:
             body = response.json()
@@ -144,6 +236,19 @@ class PrometheusClient:
             raise PrometheusQueryError(f"Prometheus rejected {promql!r}: {body.get('error', body)}")
         data = body["data"]
         return str(data["resultType"]), data["result"]
+
+    def _error_of(self, response: httpx.Response) -> str:
+        """The store's error text, scrubbed of the credentials this client sent (a proxy may echo them)."""
+        text = _error_of(response)
+        for secret in self._auth.sent if self._auth is not None else ():
+            text = text.replace(secret, _REDACTED)
+        return text
+
+
+def provider_client(controller: ControllerSettings) -> PrometheusClient:
+    """The controller's client of its metrics store: ``prometheus_url`` with the ``provider``'s headers,
+    credentials, CA and readiness path (the gates of every backend query through it)."""
+    return PrometheusClient(controller.prometheus_url, provider=controller.provider)
 
 
 @dataclass(frozen=True, slots=True)

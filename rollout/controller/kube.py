@@ -51,7 +51,7 @@ from rollout.backends.kube.resource import (
 from rollout.backends.kube.status import RouterReplicas, StatusRoutingPublisher, StatusStateStore, StatusWriter
 from rollout.backends.kube.versions import KubeModelSource, NoQuality
 from rollout.backends.kube.workloads import KubeWorkloads
-from rollout.backends.prometheus import PrometheusClient
+from rollout.backends.prometheus import provider_client
 from rollout.controller.loop import ActOutcome, Controller
 from rollout.controller.metrics import ControllerMetrics
 from rollout.controller.runners import ThreadRunner
@@ -287,7 +287,7 @@ class KubeRuntime:
 
         writer = StatusWriter(self.api, self.cache, self.ks, policy, self.clock)
         writer.routing = routing_of(obj.status)
-        prometheus = PrometheusClient(self.cs.prometheus_url)
+        prometheus = provider_client(self.cs)
         replicas = (
             RouterReplicas(self.api, self.ks, self.settings.router.admin_secret()) if self.ks.router_service else None
         )

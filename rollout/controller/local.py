@@ -49,7 +49,7 @@ def build_local(
     from rollout.backends.local.workloads import LocalWorkloads
 
     require_registry_stack()
-    from rollout.backends.prometheus import PrometheusClient
+    from rollout.backends.prometheus import provider_client
     from rollout.backends.registry import RegistryModelSource, RegressionSetQuality
     from service.settings import get_settings
 
@@ -72,7 +72,7 @@ def build_local(
         cs.local.admin_timeout_s,
         cs.local.routing_resync_interval_s,
     )
-    prometheus = PrometheusClient(cs.prometheus_url)
+    prometheus = provider_client(cs)
     backend = Backend(
         workloads=workloads,
         publisher=publisher,

@@ -26,6 +26,7 @@ version name cannot inject PromQL.
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import math
@@ -76,6 +77,11 @@ MIN_LABELS_GATE: Final[str] = "min-labels"
 #: The candidate's own workload (restarts, readiness) — rollout/core/workload_gate.py; a health gate of every traffic
 # stage.
 WORKLOAD_GATE: Final[str] = "candidate-workload"
+
+#: A reusable metric template's name (``metric_templates``; a gate's ``template``).
+TEMPLATE_NAME_PATTERN: Final[str] = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+#: Fields a metric template cannot give: a gate's identity, and another template (no chains).
+_GATE_OWN_FIELDS: Final[frozenset[str]] = frozenset({"name", "template"})
 
 _PLACEHOLDER: Final[re.Pattern[str]] = re.compile(r"\{\{\s*([A-Za-z_]+)\s*\}\}")
 VERSION_PLACEHOLDERS: Final[frozenset[str]] = frozenset({"version", "stable", "candidate"})
@@ -367,6 +373,8 @@ class _GateBase(BaseModel):
     #: "paired requests"… (rolloutctl status, the dashboard, the timeline); None → "labels" for outcome gates,
     #: "requests" for the others.
     unit: str | None = Field(None, min_length=1, max_length=40)
+    #: The policy's ``metric_templates`` entry this gate was built from (its fields under the gate's own), if any.
+    template: str | None = Field(None, pattern=TEMPLATE_NAME_PATTERN)
 
 
 #: Histograms whose quantiles (``histogram_quantile`` and the recording rules built on it) cannot exceed their largest
@@ -785,8 +793,54 @@ class PromotionPolicy(BaseModel):
     scale_down_delay_s: float = Field(300.0, ge=0.0, allow_inf_nan=False)
 
 
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``override`` over ``base``: mappings merge key by key, everything else (lists too: ``gates``) replaces."""
+    merged: dict[str, Any] = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        held = merged.get(key)
+        if isinstance(value, Mapping) and isinstance(held, dict):
+            merged[key] = deep_merge(held, value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def resolve_templates(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A policy mapping whose gates that name a ``template`` carry that metric template's fields under their own
+    (deep-merged: a gate may override one estimator query). Unknown templates and templates that set a gate's
+    ``name`` or ``template`` are refused, naming the gate."""
+    templates = data.get("metric_templates") or {}
+    gates = data.get("gates")
+    if not isinstance(templates, Mapping) or not isinstance(gates, list | tuple):
+        return dict(data)
+    for name, fields in templates.items():
+        if not isinstance(name, str) or re.fullmatch(TEMPLATE_NAME_PATTERN, name) is None:
+            raise ValueError(f"metric_templates.{name}: a template's name is 1-63 of a-z, 0-9, '_', '.', '-'")
+        if not isinstance(fields, Mapping):
+            raise ValueError(f"metric_templates.{name}: a template is a mapping of gate fields (query, estimator, …)")
+        own = sorted(_GATE_OWN_FIELDS & set(fields))
+        if own:
+            raise ValueError(f"metric_templates.{name}: a template cannot set {own} (the gate's own)")
+    resolved = []
+    for gate in gates:
+        ref = gate.get("template") if isinstance(gate, Mapping) else None
+        if ref is None:
+            resolved.append(gate)
+            continue
+        if ref not in templates:
+            raise ValueError(
+                f"gate {gate.get('name')!r}: no metric template {ref!r} (metric_templates: {sorted(templates)})"
+            )
+        resolved.append(deep_merge(templates[ref], gate))
+    return {**data, "gates": resolved}
+
+
 class RolloutPolicy(BaseModel):
-    """The whole policy: stages, gates, analysis timings, promotion."""
+    """The whole policy: stages, gates, analysis timings, promotion, and the reusable metric templates the gates may
+    be built from (Argo's AnalysisTemplate, Flagger's MetricTemplate): ``metric_templates`` maps a name to gate
+    fields — its PromQL (``query``, ``estimator``, ``labels_query``), and ``layer``, ``stages``, ``condition`` or
+    ``unit`` when they are shared too — and a gate with ``template: NAME`` gets them under its own fields. A gate
+    without ``template`` states its PromQL inline, as before."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -794,7 +848,15 @@ class RolloutPolicy(BaseModel):
     analysis: AnalysisPolicy = AnalysisPolicy()
     promotion: PromotionPolicy = PromotionPolicy()
     samples: SampleQueries
+    metric_templates: dict[Annotated[str, Field(pattern=TEMPLATE_NAME_PATTERN)], dict[str, Any]] = Field(
+        default_factory=dict
+    )
     gates: tuple[Gate, ...] = Field(..., min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_templates(cls, data: Any) -> Any:
+        return resolve_templates(data) if isinstance(data, Mapping) else data
 
     @field_validator("gates")
     @classmethod

@@ -5,7 +5,8 @@
 ``minDuration: 10m`` → ``min_duration_s: 600``; ``minRequests: 500`` → ``min_requests: 500``. The snake_case form
 (``min_duration_s: 600``) stays accepted for one release; :func:`from_api_conventions` names every such field so the
 controller can warn (a log line and a Kubernetes Event). A field given in both forms is refused (``ValueError`` naming
-both). The keys of free maps (a quality gate's ``floors`` and ``ceilings``: metric names) are left as they are.
+both). The keys of free maps (a quality gate's ``floors`` and ``ceilings``: metric names) and of named maps
+(``metricTemplates``: template names) are left as they are; a named map's values are converted.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from rollout.core.durations import parse_duration
 
 #: Maps whose keys are data (metric names), not field names.
 FREE_MAPS: Final[frozenset[str]] = frozenset({"floors", "ceilings"})
+#: Maps whose keys are names (kept as written) and whose values are field mappings (converted): metric templates.
+NAMED_MAPS: Final[frozenset[str]] = frozenset({"metric_templates"})
 #: Policy fields in seconds (``<name>_s``): their camelCase form is ``<name>`` in camelCase, a duration string.
 DURATION_SUFFIX: Final[str] = "_s"
 _CAMEL_BOUNDARY: Final[re.Pattern[str]] = re.compile(r"(?<=[a-z0-9])([A-Z])")
@@ -84,6 +87,10 @@ def _convert_mapping(data: Mapping[str, Any], path: str, deprecated: list[str]) 
 def _field(key: str, value: Any, where: str, deprecated: list[str]) -> tuple[str, Any]:
     if key in FREE_MAPS:
         return key, value
+    if snake_case(key) in NAMED_MAPS and isinstance(value, Mapping):
+        if key != camel_case(key):
+            deprecated.append(where)
+        return snake_case(key), {str(k): _convert(v, f"{where}.{k}", deprecated) for k, v in value.items()}
     if _SNAKE.fullmatch(key):
         deprecated.append(where)
         return key, _convert(value, where, deprecated)

@@ -19,7 +19,8 @@ that fails or exceeds ``candidate_timeout_s`` is answered for by stable (``fraud
 stable fails the client gets a 503 naming the cause.
 
 Public port: ``POST /api/v1/refund-predict``, ``GET /livez``, ``GET /readyz`` (a table is loaded and its stable
-answered at least once) — the scoring contract and the probes, nothing else. A second listener of the same process
+answered at least once), ``GET /openapi.json`` and BentoML's ``GET /schema.json`` (rollout/router/contract.py) — the
+scoring contract, its documents and the probes, nothing else. A second listener of the same process
 (``control_port``) serves ``GET /metrics`` (Prometheus), ``GET|PUT /admin/routing`` (bearer ``admin_token``) and
 the outcome tracker's ``POST /api/v1/feedback`` and ``POST /api/v1/feedback/batch`` (a bearer token per label source:
 ``feedback_token`` as ``feedback_source``, and ``feedback_tokens_dir``; a label's source is the one its token names).
@@ -63,7 +64,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from rollout.core.routing import Arm, RoutePlan, RoutingTable, Stage, VersionEndpoint
+from rollout.router.contract import BENTOML_SCHEMA_PATH, OPENAPI_PATH, bentoml_schema, openapi_document
 from rollout.router.metrics import RouterMetrics
+from rollout.router.otel import tracer_of
 from rollout.router.outcomes.feedback import OutcomeTracker
 from rollout.router.outcomes.prediction_log import (
     PREDICTION_ID_HEADER,
@@ -87,6 +90,12 @@ from service.common.logging import (
     get_logger,
     log_event,
 )
+from service.common.tracing import (
+    TRACEPARENT_HEADER,
+    TRACESTATE_HEADER,
+    TraceContext,
+    passed_tracestate,
+)
 
 logger = get_logger("router")
 
@@ -103,6 +112,7 @@ _BAD_REQUEST: Final[int] = 400
 _TOO_LARGE: Final[int] = 413
 _INVALID: Final[int] = 422
 _UNAVAILABLE: Final[int] = 503
+_SERVER_ERROR: Final[int] = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,14 +148,28 @@ def public_body(answer: Answer, prediction_id: str, correlation_id: str) -> byte
     """The decider's answer cut to the scoring contract — what a client always gets (RouterSettings
     .expose_decision_details): score, threshold and versions stay inside. Built from
     the fields the router parsed already — the body is not parsed a second time on the response path."""
-    kept = {
+    kept: dict[str, object] = {
         "prediction": answer.prediction,
         "confidence": confidence_of(answer.score, answer.prediction),
         "decision": decision_of(answer.prediction),
         "prediction_id": prediction_id,
         "correlation_id": correlation_id,
     }
+    if answer.reasons is not None:
+        kept["reasons"] = answer.reasons
     return json.dumps(kept, separators=(",", ":")).encode("utf-8")
+
+
+def upstream_headers(cid: str, span: TraceContext | None, tracestate: str | None) -> dict[str, str]:
+    """The headers of a request's calls to model services: JSON, its correlation ID and, when it is traced, its span
+    as the ``traceparent`` and the client's ``tracestate`` (passed on unchanged)."""
+    headers = {"content-type": _JSON, CORRELATION_HEADER: cid}
+    if span is not None:
+        headers[TRACEPARENT_HEADER] = span.traceparent
+        state = passed_tracestate(tracestate)
+        if state is not None:
+            headers[TRACESTATE_HEADER] = state
+    return headers
 
 
 def splice(body: bytes, fields: bytes) -> bytes:
@@ -193,6 +217,10 @@ class Router:
         self._answered_urls: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._fields: dict[tuple[Stage, Arm, str | None], bytes] = {}
+        self.tracer = tracer_of(settings)
+        self._span_name = f"POST {settings.predict_path}"
+        self._openapi = json.dumps(openapi_document(settings), separators=(",", ":")).encode("utf-8")
+        self._bentoml_schema = json.dumps(bentoml_schema(settings), separators=(",", ":")).encode("utf-8")
 
     # ------------------------------------------------------------------ table store observer
 
@@ -251,6 +279,7 @@ class Router:
         if self.prediction_log is not None:
             await self.prediction_log.close()
         await self.upstreams.aclose()
+        self.tracer.shutdown()
         log_event(logger, "router stopped", event="router_stopped", shadow_queued_at_stop=queued)
 
     async def _probe_stable(self) -> None:
@@ -274,6 +303,17 @@ class Router:
     # ------------------------------------------------------------------ scoring
 
     async def predict(self, request: Request) -> Response:
+        """The scoring endpoint, as one span of the request's trace (rollout/router/otel.py)."""
+        span = self.tracer.start(request.headers.get(TRACEPARENT_HEADER), self._span_name)
+        status = _SERVER_ERROR
+        try:
+            response = await self._predict(request, span.context)
+            status = response.status_code
+            return response
+        finally:
+            span.end(status)
+
+    async def _predict(self, request: Request, span: TraceContext | None) -> Response:
         started = time.perf_counter()
         cid = correlation_id_from_header(request.headers.get(CORRELATION_HEADER))
         body = await read_limited(request, self.settings.max_body_bytes)
@@ -295,7 +335,7 @@ class Router:
         # Sticky on the account; without one, on the router's own ID (random per request): never on a value the
         # client chose, such as its correlation ID.
         route = plan.route(entity if entity is not None else pid)
-        headers = {"content-type": _JSON, CORRELATION_HEADER: cid}
+        headers = upstream_headers(cid, span, request.headers.get(TRACESTATE_HEADER))
         received_at = datetime.now(UTC)
         self._deciding += 1
         try:
@@ -342,6 +382,8 @@ class Router:
                 event="decision",
                 correlation_id=cid,
                 prediction_id=pid,
+                trace_id=span.trace_id if span is not None else None,
+                span_id=span.span_id if span is not None else None,
                 stage=plan.stage,
                 generation=plan.table.generation,
                 routed_to=decided.arm,
@@ -467,6 +509,14 @@ class Router:
             return JSONResponse({"status": "not ready", "reason": reason, **body}, status_code=503)
         return JSONResponse({"status": "ready", **body})
 
+    async def openapi(self, _request: Request) -> Response:
+        """The public port's OpenAPI 3.1 document (rollout/router/contract.py)."""
+        return Response(self._openapi, media_type=_JSON)
+
+    async def schema_json(self, _request: Request) -> Response:
+        """BentoML's service schema, so ``bentoml.SyncHTTPClient(router_url)`` can call the scoring endpoint."""
+        return Response(self._bentoml_schema, media_type=_JSON)
+
     async def metrics_endpoint(self, _request: Request) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -507,11 +557,14 @@ class Router:
     # ------------------------------------------------------------------ application
 
     def public_routes(self) -> list[BaseRoute]:
-        """The public port: the scoring contract and the probes, nothing else."""
+        """The public port: the scoring contract, its documents (OpenAPI, BentoML's schema) and the probes, nothing
+        else."""
         return [
             Route(self.settings.predict_path, self.predict, methods=["POST"]),
             Route("/livez", self.livez, methods=["GET"]),
             Route("/readyz", self.public_readyz, methods=["GET"]),
+            Route(OPENAPI_PATH, self.openapi, methods=["GET"]),
+            Route(BENTOML_SCHEMA_PATH, self.schema_json, methods=["GET"]),
             *self._extra_routes,
         ]
 

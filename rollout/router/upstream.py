@@ -26,6 +26,7 @@ import httpx
 from rollout.core.routing import Role, VersionEndpoint
 from rollout.router.metrics import Outcome, RouterMetrics
 from rollout.settings import RouterSettings
+from service.api.schema import REASONS_HEADER, REASONS_OFF
 from service.common.logging import CORRELATION_HEADER, get_logger, log_event, new_correlation_id
 
 logger = get_logger("router.upstream")
@@ -58,6 +59,8 @@ class Answer:
     score: float
     prediction: int
     threshold: float
+    #: The model's ``reasons`` as received (a list of {feature, contribution}), or None.
+    reasons: object = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +96,14 @@ def answer_from(data: object, body: bytes) -> Answer | None:
         return None
     if not (math.isfinite(score) and math.isfinite(threshold)) or prediction not in (0, 1):
         return None
-    return Answer(body=body, reported_version=version, score=score, prediction=prediction, threshold=threshold)
+    return Answer(
+        body=body,
+        reported_version=version,
+        score=score,
+        prediction=prediction,
+        threshold=threshold,
+        reasons=data.get("reasons"),
+    )
 
 
 class Transport(Protocol):
@@ -334,6 +344,12 @@ class Upstreams:
         await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
 
 
+def role_headers(role: Role, headers: Mapping[str, str]) -> Mapping[str, str]:
+    """``headers`` as a call in ``role`` sends them: a shadow call's answer is compared and logged, never returned,
+    so it asks the model service not to compute ``reasons`` (``REASONS_HEADER``)."""
+    return {**headers, REASONS_HEADER: REASONS_OFF} if role == "shadow" else headers
+
+
 class Caller:
     """Makes one scoring call and accounts for it (counter, latency, error reason)."""
 
@@ -354,7 +370,7 @@ class Caller:
     ) -> Answer | Failure:
         client = self._upstreams.client(endpoint.url)
         started = time.perf_counter()
-        result = await client.post(self._path, body, headers, budget_s)
+        result = await client.post(self._path, body, role_headers(role, headers), budget_s)
         self._account(endpoint, role, stage, result, time.perf_counter() - started)
         return result
 
@@ -370,7 +386,7 @@ class Caller:
         """Score several requests in one call to the batch endpoint; each is accounted for as one call (counted
         with its outcome; its latency is the batch call's), so per-version rates keep their meaning."""
         client = self._upstreams.client(endpoint.url)
-        headers = {"content-type": "application/json", CORRELATION_HEADER: new_correlation_id()}
+        headers = role_headers(role, {"content-type": "application/json", CORRELATION_HEADER: new_correlation_id()})
         started = time.perf_counter()
         raw = await client.post_raw(self._batch_path, batch_body(bodies, correlation_ids), headers, budget_s)
         elapsed = time.perf_counter() - started

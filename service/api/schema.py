@@ -7,7 +7,7 @@ The seed's contract works unchanged: ``{"yearsActive": 1.5, "amount": 45.00, "ip
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
@@ -18,6 +18,10 @@ MAX_ENTITY_CHARS = 128
 CorrelationId = Annotated[str, StringConstraints(pattern=SAFE_ID_PATTERN)]
 MAX_DESCRIPTION_CHARS = 500
 MAX_BATCH_ITEMS = 1000
+#: A caller that discards the answer's ``reasons`` (the router's shadow calls) sends this header with
+#: :data:`REASONS_OFF`: no review decision and no ``explain`` of that call computes them.
+REASONS_HEADER: Final[str] = "X-Fraudwatch-Reasons"
+REASONS_OFF: Final[str] = "off"
 
 
 class RefundRequest(BaseModel):
@@ -37,6 +41,17 @@ class RefundRequest(BaseModel):
     itemDescription: str | None = Field(
         None, max_length=MAX_DESCRIPTION_CHARS, description="Free-text description of the refunded item."
     )
+    explain: bool = Field(
+        False, description="Answer with the top contributing features (`reasons`) whatever the decision."
+    )
+
+
+class Reason(BaseModel):
+    """A feature that pushed the score toward fraud: its SHAP value (XGBoost's ``pred_contribs``) in the booster's
+    log-odds; the calibrated score is monotone in their sum."""
+
+    feature: str = Field(..., description="The model feature, e.g. `ip_accounts` or `refund_rate`.")
+    contribution: float = Field(..., description="Log-odds added toward fraud (> 0).")
 
 
 Decision = Literal["approve", "review"]
@@ -52,6 +67,27 @@ class RefundResponse(BaseModel):
     threshold: float = Field(..., ge=0.0, le=1.0)
     model_version: str
     correlation_id: str
+    #: Omitted when absent, never ``null``: BentoML's own client decodes an optional list as a list.
+    reasons: list[Reason] | None = Field(
+        None,
+        description="For a review decision (or `explain`): the top features pushing toward fraud, largest first.",
+        exclude_if=lambda reasons: reasons is None,
+    )
+
+
+class RoutedResponse(BaseModel):
+    """The decision on one refund request as the router's public port answers it: the scoring contract plus the
+    router's ``prediction_id`` (the key a label feed cites). With ``RouterSettings.expose_decision_details`` on, the
+    model service's other fields and the route (``stage``, ``role``, ``routed_to``) are added."""
+
+    prediction: int = Field(..., ge=0, le=1, description="1 = fraud, 0 = legitimate.")
+    confidence: float = Field(..., ge=0.0, le=1.0, description="Probability of the predicted class.")
+    decision: Decision
+    prediction_id: str = Field(..., description="The router's unguessable ID of this prediction (labels cite it).")
+    correlation_id: str = Field(..., description="The client's X-Correlation-ID when it is safe to log, else a UUID.")
+    reasons: list[Reason] | None = Field(
+        None, description="For a review decision (or `explain`): the top features pushing toward fraud, largest first."
+    )
 
 
 class BatchRequest(BaseModel):

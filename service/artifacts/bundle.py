@@ -182,6 +182,13 @@ class ScoringModel:
     def predictions(self, scores: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
         return (scores >= self.threshold).astype(np.int64)
 
+    def contributions(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Per row, each feature's SHAP value in the booster's log-odds, then the bias (``pred_contribs``): the row
+        sums to the raw margin. A DMatrix per call — only for the rows whose reasons are asked for."""
+        matrix = xgb.DMatrix(features, nthread=1)  # one row or a few: threads would cost more than they save
+        out = self.booster.predict(matrix, pred_contribs=True, validate_features=False)
+        return np.asarray(out, dtype=np.float32)
+
 
 def save_bundle(booster: xgb.Booster, manifest_without_sha: Manifest, directory: Path) -> Manifest:
     """Write the booster and its manifest (with the booster's SHA-256) to ``directory``; return the manifest."""

@@ -44,6 +44,8 @@ from pydantic import BaseModel, ValidationError
 
 from service.api.errors import error_body, validation_details
 from service.api.schema import (
+    REASONS_HEADER,
+    REASONS_OFF,
     BatchRequest,
     BatchResponse,
     ErrorDetail,
@@ -65,6 +67,7 @@ from service.common.logging import (
     log_event,
     new_correlation_id,
 )
+from service.common.tracing import TRACEPARENT_HEADER, TraceContext, parse_traceparent
 from service.data.feature_log import (
     PREDICTION_ID,
     PREDICTION_ID_HEADER,
@@ -73,8 +76,9 @@ from service.data.feature_log import (
     prediction_id_from_header,
 )
 from service.data.feature_store import FALLBACK_REASONS, BudgetedLookup, SQLiteFeatureStore, budget_seconds, open_store
-from service.data.features import DEFAULT_AGGREGATES, EntityAggregates, feature_matrix
+from service.data.features import DEFAULT_AGGREGATES, FEATURE_NAMES, EntityAggregates, feature_matrix
 from service.serving.metrics import NO_MODEL, BoundMetrics, Metrics, default_metrics
+from service.serving.reasons import rows_to_explain, top_reasons
 from service.settings import Settings, get_settings
 
 PREDICT_ROUTE: Final[str] = "/api/v1/refund-predict"
@@ -88,6 +92,10 @@ VERIFIED_DIR: Final[str] = "verified"
 
 LOGGER = get_logger("bento")
 _REQUEST_START: ContextVar[float | None] = ContextVar("fraudwatch_request_start", default=None)
+#: The caller's span (W3C ``traceparent``: the router's), logged with each decision so a trace can be followed here.
+_CALLER_SPAN: ContextVar[TraceContext | None] = ContextVar("fraudwatch_caller_span", default=None)
+#: False when the caller discards the reasons (``REASONS_HEADER: off``, the router's shadow calls).
+_REASONS_WANTED: ContextVar[bool] = ContextVar("fraudwatch_reasons_wanted", default=True)
 
 FloatArray = npt.NDArray[np.float32]
 ScoreArray = npt.NDArray[np.float64]
@@ -115,6 +123,14 @@ def wait_for_bundle(settings: Settings) -> ResolvedBundle:
         time.sleep(settings.serve.model_poll_interval_s)
 
 
+@dataclass(frozen=True)
+class ReasonsPolicy:
+    """Which decisions carry reasons, and how many (``serve.reasons_on_review``, ``serve.reasons_top_k``)."""
+
+    on_review: bool
+    top_k: int
+
+
 @dataclass
 class Runtime:
     """Everything a loaded worker needs to decide: the verified model, its bound metrics, the store lookup."""
@@ -125,6 +141,7 @@ class Runtime:
     lookup: BudgetedLookup | None
     directory: Path
     predict: Callable[[FloatArray], ScoreArray]
+    reasons: ReasonsPolicy
     batcher: Batcher | None = None
     #: The served feature vectors under the router's prediction ID (``FW_FEATURE_LOG__ENABLED``).
     feature_log: FeatureLogWriter | None = None
@@ -162,6 +179,15 @@ class Runtime:
                 scores.tolist(), predictions.tolist(), correlation_ids, strict=True
             )
         ]
+        explain = (
+            rows_to_explain(predictions.tolist(), [r.explain for r in requests], self.reasons.on_review)
+            if _REASONS_WANTED.get()
+            else []
+        )
+        if explain:
+            contributions = self.model.contributions(features[explain])
+            for row, index in zip(contributions, explain, strict=True):
+                responses[index].reasons = top_reasons(row, FEATURE_NAMES, self.reasons.top_k)
         log_decisions(requests, responses)
         return responses
 
@@ -205,6 +231,7 @@ def log_decisions(requests: Sequence[RefundRequest], responses: Sequence[RefundR
     start = _REQUEST_START.get()
     latency_ms = None if start is None else round((time.perf_counter() - start) * 1000.0, 3)
     batch = len(responses) > 1
+    caller = _CALLER_SPAN.get()
     for index, (request, response) in enumerate(zip(requests, responses, strict=True)):
         log_event(
             LOGGER,
@@ -215,6 +242,8 @@ def log_decisions(requests: Sequence[RefundRequest], responses: Sequence[RefundR
             score=response.score,
             decision=response.decision,
             latency_ms=latency_ms,
+            trace_id=caller.trace_id if caller is not None else None,
+            parent_span_id=caller.span_id if caller is not None else None,
             **({"item": index} if batch else {}),
         )
 
@@ -396,10 +425,12 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     )
     predict = choose_predictor(settings, model, probe_rows(model))
     predict(probe_rows(model))  # warm-up: the first prediction allocates XGBoost's buffers
+    model.contributions(probe_rows(model)[:1])  # warm-up of the reasons' path (its first DMatrix)
     batcher = make_batcher(predict, settings) if settings.serve.adaptive_batching else None
     features_log = open_writer(
         settings.feature_log, settings.feature_log_dir, model.version, model.manifest.feature_names
     )
+    reasons = ReasonsPolicy(on_review=settings.serve.reasons_on_review, top_k=settings.serve.reasons_top_k)
     return Runtime(
         model=model,
         metrics=bound,
@@ -409,6 +440,7 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         predict=predict,
         batcher=batcher,
         feature_log=features_log,
+        reasons=reasons,
     )
 
 
@@ -558,6 +590,8 @@ class RequestGuard:
             if self.log_features
             else None
         )
+        span_token = _CALLER_SPAN.set(parse_traceparent(headers.get(TRACEPARENT_HEADER)))
+        reasons_token = _REASONS_WANTED.set(headers.get(REASONS_HEADER.lower()) != REASONS_OFF)
         try:
             admitted = await self._admit(receive, route.validate, headers, correlation_id)
             if isinstance(admitted, Rejection):
@@ -572,6 +606,8 @@ class RequestGuard:
             _REQUEST_START.reset(start_token)
             if pid_token is not None:
                 PREDICTION_ID.reset(pid_token)
+            _CALLER_SPAN.reset(span_token)
+            _REASONS_WANTED.reset(reasons_token)
         runtime = self.state.runtime
         if runtime is not None:
             runtime.metrics.observe_latency(endpoint, time.perf_counter() - start)
@@ -727,9 +763,24 @@ def _require_runtime() -> Runtime:
     return runtime
 
 
+#: Never traced when spans are exported: the probes and the scrape (several a second, nothing to follow).
+UNTRACED_ROUTES: Final[tuple[str, ...]] = ("/livez", "/readyz", "/metrics")
+
+
 def tracing_config(settings: Settings) -> dict[str, Any]:
-    """Keep BentoML's OpenTelemetry middleware off the scoring routes unless ``serve.trace_scoring_routes``."""
-    return {} if settings.serve.trace_scoring_routes else {"excluded_urls": [PREDICT_ROUTE, BATCH_ROUTE]}
+    """Keep BentoML's OpenTelemetry middleware off the scoring routes unless ``serve.trace_scoring_routes``; with
+    ``serve.otlp_endpoint``, export its spans over OTLP/HTTP (a span is sampled when its caller's is: the router
+    decides; BentoML's ratio, 1.0 here, applies to requests that arrive without a ``traceparent``)."""
+    excluded = [] if settings.serve.trace_scoring_routes else [PREDICT_ROUTE, BATCH_ROUTE]
+    endpoint = settings.serve.otlp_endpoint
+    if endpoint is None:
+        return {"excluded_urls": excluded} if excluded else {}
+    return {
+        "excluded_urls": [*excluded, *UNTRACED_ROUTES],
+        "exporter_type": "otlp",
+        "sample_rate": 1.0,
+        "otlp": {"protocol": "http", "endpoint": endpoint, "http": {"certificate_file": None, "headers": None}},
+    }
 
 
 @bentoml.service(

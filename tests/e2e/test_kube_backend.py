@@ -26,12 +26,13 @@ from rollout.backends.kube.resource import (
     ROLLOUT_LABEL,
     VERSION_LABEL,
     RolloutObject,
+    effective_policy,
     state_of,
     workload_name,
 )
 from rollout.backends.kube.status import StatusRoutingPublisher, StatusWriter
 from rollout.backends.kube.workloads import KubeWorkloads
-from rollout.core.policy import load_policy
+from rollout.core.policy import MetricGate, load_policy
 from rollout.core.workloads import Readiness
 from rollout.settings import ControllerSettings, KubeBackendSettings
 from tests.kits.cluster import ControlPlane
@@ -353,3 +354,26 @@ def test_a_leader_that_cannot_renew_stops_leading_within_the_renew_deadline(worl
     a.stop(release=False)
     assert not a.leading.is_set()
     assert lost_after < world.kube.lease_duration_s  # it stopped before the intruder's lease could expire
+
+
+# ------------------------------------------------------------------------------------------------ the policy
+
+
+def test_a_policy_with_metric_templates_survives_the_schema(world: World) -> None:
+    """``spec.policy.metric_templates`` and a gate that takes its layer, stages and query from one are kept by the
+    API server (not pruned, ``layer`` not required) and resolve to the gate the controller measures."""
+    query = 'sum(rate(fraudwatch_router_requests_total{model_version="{{version}}",outcome="5xx"}[{{window}}]))'
+    policy = {
+        "metric_templates": {"errors": {"layer": "health", "stages": ["canary", "ab"], "query": query}},
+        "gates": [
+            *[g.model_dump(mode="json") for g in POLICY.gates],
+            {"name": "errors-5xx", "template": "errors", "condition": "value <= 0.5"},
+        ],
+    }
+    world.api.merge_patch(rollout_path(world.ns, NAME), {"spec": {"policy": policy}})
+    stored = RolloutObject(world.rollout()).policy
+    assert stored is not None and stored["metric_templates"] == policy["metric_templates"]
+    gate = effective_policy(POLICY, stored).gates[-1]
+    assert isinstance(gate, MetricGate)
+    assert (gate.name, gate.template, gate.layer, gate.stages) == ("errors-5xx", "errors", "health", ("canary", "ab"))
+    assert gate.query == query

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.api.schema import BatchRequest, RefundRequest
+from service.api.schema import REASONS_HEADER, REASONS_OFF, BatchRequest, RefundRequest
 from tests.kits.waiting import seconds_until
 
 Mode = Literal["ok", "error", "slow", "garbage", "reject"]
@@ -66,6 +66,8 @@ class StandIn:
     seen: list[tuple[str | None, bytes]] = field(default_factory=list)
     #: Sizes of the batch calls received.
     batches: list[int] = field(default_factory=list)
+    #: Per request scored (one per item of a batch call): whether its call left reasons on (no ``REASONS_HEADER``).
+    reasons_asked: list[bool] = field(default_factory=list)
     _server: uvicorn.Server | None = field(default=None, init=False, repr=False)
     _thread: threading.Thread | None = field(default=None, init=False, repr=False)
 
@@ -90,6 +92,7 @@ class StandIn:
             body = await request.body()
             cid = request.headers.get("x-correlation-id")
             self.seen.append((cid, body))
+            self.reasons_asked.append(request.headers.get(REASONS_HEADER) != REASONS_OFF)
             if self.mode == "error":
                 return JSONResponse({"error": "boom"}, status_code=500)
             if self.mode == "reject":
@@ -108,6 +111,7 @@ class StandIn:
             ids = ids or [request.headers.get("x-correlation-id")] * len(batch.requests)
             self.seen.extend((cid, body) for cid in ids)
             self.batches.append(len(ids))
+            self.reasons_asked.extend([request.headers.get(REASONS_HEADER) != REASONS_OFF] * len(ids))
             if self.mode == "error":
                 return JSONResponse({"error": "boom"}, status_code=500)
             if self.mode == "slow":

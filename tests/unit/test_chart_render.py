@@ -70,6 +70,10 @@ MATRIX: dict[str, dict[str, Any]] = {
     "monitoring": {"monitoring": {"prometheusOperator": True, "labels": {"release": "kube-prometheus"}}},
     "existing-secrets": {
         "predictionLog": {"existingSecret": "pg-dsn", "existingSecretKey": "url"},
+        "prometheus": {
+            "headers": {"X-Scope-OrgID": "fraud"},
+            "auth": {"existingSecret": "mimir-reader", "bearerTokenKey": "token"},
+        },
         "router": {
             "adminToken": {"existingSecret": "router-admin", "existingSecretKey": "token"},
             "feedback": {"token": {"existingSecret": "label-feed", "existingSecretKey": "bearer"}},
@@ -800,6 +804,60 @@ def test_a_model_registry_reaches_the_controller_too(
 
     assert RolloutSettings().controller.kube.use_registry is True
     assert "FW_ROLLOUT_CONTROLLER__KUBE__USE_REGISTRY" not in controller_env(helm, workdir, {})
+
+
+@pytest.mark.parametrize("auth", ["bearer", "basic"])
+def test_the_metrics_provider_reads_its_headers_and_a_mounted_secret(
+    helm: Helm, workdir: Path, monkeypatch: pytest.MonkeyPatch, auth: str
+) -> None:
+    """prometheus.headers and prometheus.auth reach the controller's provider settings; the credential is a file of
+    the operator's Secret (one key, read-only), never a value in the manifest."""
+    key = {"bearer": {"bearerTokenKey": "token"}, "basic": {"basicAuthUsername": "fw", "basicAuthPasswordKey": "pw"}}
+    values = {
+        "prometheus": {
+            "url": "https://mimir.example/prometheus",
+            "headers": {"X-Scope-OrgID": "fraud"},
+            "readyPath": "/api/v1/status/buildinfo",
+            "auth": {"existingSecret": "mimir-reader", **key[auth]},
+        }
+    }
+    deployment = one(helm.template(values, workdir), "Deployment", "-controller")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    for name, entry in env_of(container).items():
+        monkeypatch.setenv(name, entry.get("value", "x"))
+    provider = RolloutSettings().controller.provider
+    assert provider.headers == {"X-Scope-OrgID": "fraud"}
+    assert provider.ready_path == "/api/v1/status/buildinfo"
+    volume = next(v for v in pod["volumes"] if v["name"] == "metrics-provider-auth")
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "metrics-provider-auth")
+    assert volume["secret"]["secretName"] == "mimir-reader" and mount["readOnly"] is True
+    [item] = volume["secret"]["items"]
+    credential_file = provider.bearer_token_file if auth == "bearer" else provider.basic_auth_password_file
+    assert credential_file == Path(mount["mountPath"]) / item["path"]
+    assert item["key"] == ("token" if auth == "bearer" else "pw")
+    assert provider.basic_auth_username == (None if auth == "bearer" else "fw")
+
+
+def test_no_provider_credentials_by_default(helm: Helm, workdir: Path) -> None:
+    env = controller_env(helm, workdir, {})
+    assert not [name for name in env if "PROVIDER__" in name and not name.endswith("READY_PATH")]
+    pod = one(helm.template({}, workdir), "Deployment", "-controller")["spec"]["template"]["spec"]
+    assert "metrics-provider-auth" not in {v["name"] for v in pod["volumes"]}
+
+
+@pytest.mark.parametrize(
+    ("auth", "complaint"),
+    [
+        ({"bearerTokenKey": "token"}, "need prometheus.auth.existingSecret"),
+        ({"existingSecret": "s"}, "set bearerTokenKey, or basicAuthUsername and basicAuthPasswordKey"),
+        ({"existingSecret": "s", "bearerTokenKey": "t", "basicAuthPasswordKey": "p"}, "not both"),
+    ],
+)
+def test_provider_credentials_the_wrong_way_are_refused(
+    helm: Helm, workdir: Path, auth: dict[str, str], complaint: str
+) -> None:
+    assert complaint in helm.template_error({"prometheus": {"auth": auth}}, workdir)
 
 
 def test_router_env_is_read_by_the_router_settings(helm: Helm, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,7 +26,6 @@ from rollout.backends.kube.resource import (
     build_scaling,
     build_workload,
     compose_status,
-    deep_merge,
     deployment_readiness,
     effective_policy,
     event_name,
@@ -41,7 +40,7 @@ from rollout.backends.kube.resource import (
 from rollout.core.commands import InboxCommand
 from rollout.core.events import reason_code
 from rollout.core.machine import Transition
-from rollout.core.policy import load_policy
+from rollout.core.policy import deep_merge, load_policy
 from rollout.core.routing import RoutingTable
 from rollout.core.state import ControllerState
 from rollout.core.workloads import Readiness

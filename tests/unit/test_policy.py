@@ -774,3 +774,65 @@ def test_the_shipped_outcome_gates_count_only_their_own_stages_predictions() -> 
                 est = gate.estimator
                 templates = pol.estimator_templates(est)
                 assert all('stage="{{stage}}"' in t for t in templates), gate.name
+
+
+# --------------------------------------------------------------------------------------------------- metric templates
+
+TEMPLATED = """
+samples:
+  requests: sum(requests_total{model_version="{{version}}"})
+  labels: sum(labels_total{model_version="{{version}}"})
+metric_templates:
+  error-rate:
+    layer: health
+    stages: [shadow, canary, ab, full]
+    query: sum(errors_total{model_version="{{version}}"}) / sum(requests_total{model_version="{{version}}"})
+    unit: requests
+gates:
+  - name: errors-strict
+    template: error-rate
+    condition: value <= 0.01
+  - name: errors-vs-stable
+    template: error-rate
+    stages: [canary]
+    condition: candidate - stable <= 0.02
+  - name: inline
+    layer: health
+    stages: [full]
+    query: errors{model_version="{{version}}"}
+    condition: value <= 0.05
+"""
+
+
+def test_gates_built_from_a_metric_template_keep_their_own_fields() -> None:
+    policy = pol.loads_policy(TEMPLATED)
+    strict, versus, inline = policy.gates
+    assert isinstance(strict, pol.MetricGate) and isinstance(versus, pol.MetricGate)
+    assert strict.query == versus.query == yaml.safe_load(TEMPLATED)["metric_templates"]["error-rate"]["query"]
+    assert (strict.template, versus.template, inline.template) == ("error-rate", "error-rate", None)
+    assert strict.stages == ("shadow", "canary", "ab", "full") and versus.stages == ("canary",)
+    assert (strict.condition.text(), versus.condition.text()) == ("value <= 0.01", "candidate - stable <= 0.02")
+    assert strict.unit == "requests" and inline.unit is None
+    assert pol.loads_policy(pol.dumps_policy(policy)) == policy
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"gates": [{"name": "g", "template": "nope", "condition": "value <= 0.01"}]}, "no metric template 'nope'"),
+        ({"metric_templates": {"t": {"name": "x", "query": "up"}}}, "cannot set ['name']"),
+        ({"metric_templates": {"t": "up"}}, "a template is a mapping"),
+        ({"metric_templates": {"Bad Name": {"query": "up"}}}, "metric_templates.Bad Name"),
+    ],
+)
+def test_bad_metric_templates_are_refused_naming_them(change: dict[str, Any], message: str) -> None:
+    data = {**yaml.safe_load(TEMPLATED), **change}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        pol.policy_from_mapping(data)
+
+
+def test_a_template_query_is_checked_like_an_inline_one() -> None:
+    data = yaml.safe_load(TEMPLATED)
+    data["metric_templates"]["error-rate"]["query"] = 'errors{model_version=~"{{version}}"}'
+    with pytest.raises(ValueError, match="exact label matcher"):
+        pol.policy_from_mapping(data)

@@ -88,3 +88,14 @@ def test_names_round_trip() -> None:
     for name in ("min_duration_s", "consecutive_error_limit", "labels_query", "window_s"):
         back = snake_case(camel_case(name))
         assert back + ("_s" if name in DURATION_FIELDS else "") == name
+
+
+def test_metric_templates_keep_their_names_and_convert_their_fields() -> None:
+    """Template names are data (a gate's ``template:`` refers to them as written); their fields are gate fields."""
+    camel = {"metricTemplates": {"errorRate": {"labelsQuery": "sum(x)", "query": "sum(y)"}}}
+    converted = from_api_conventions(camel)
+    assert converted.mapping == {"metric_templates": {"errorRate": {"labels_query": "sum(x)", "query": "sum(y)"}}}
+    assert converted.deprecated == ()
+    old = from_api_conventions({"metric_templates": {"errorRate": {"labels_query": "sum(x)"}}})
+    assert old.mapping == {"metric_templates": {"errorRate": {"labels_query": "sum(x)"}}}
+    assert old.deprecated == ("metric_templates", "metric_templates.errorRate.labels_query")

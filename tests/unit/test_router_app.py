@@ -320,6 +320,28 @@ def logged_rows(settings: OutcomeSettings) -> list[dict[str, Any]]:
         engine.dispose()
 
 
+@pytest.mark.parametrize("batch_max", [1, 8])
+@pytest.mark.parametrize("stage", ["shadow", "canary", "full"])
+def test_shadow_calls_ask_for_no_reasons(stable: StandIn, candidate: StandIn, stage: str, batch_max: int) -> None:
+    """A shadow answer is compared and logged, never returned: its call (single or batched; the candidate's shadow and
+    the control shadow alike) switches the model service's reasons off (``REASONS_HEADER``, ~1.5 ms of
+    ``pred_contribs`` per review); every deciding call leaves them on."""
+    n = 16
+    settings = router_settings(shadow_batch_max=batch_max, shadow_batch_linger_ms=100.0, shadow_concurrency=1)
+    with running(Router(settings)) as client:
+        apply(client, table(stable, candidate, stage, 50.0 if stage == "canary" else None))
+        answers = [client.post(PREDICT, json={**SEED, "accountId": f"acct-{i}", "explain": True}) for i in range(n)]
+        by_candidate = sum(a.json()["model_version"] == "v2" for a in answers)
+        shadowed = n if stage == "shadow" else by_candidate
+        wait_until(lambda: metric_value(metrics(client), "fraudwatch_shadow_agreement_total") == shadowed, 5.0)
+    assert {a.status_code for a in answers} == {200}
+    deciders = {a.json()["model_version"] for a in answers}
+    assert (stage != "canary") or deciders == {"v1", "v2"}
+    # each service: its deciding calls ask, its shadow calls do not (stable shadows every candidate decision)
+    assert sorted(candidate.reasons_asked) == sorted([True] * by_candidate + [False] * (shadowed - by_candidate))
+    assert sorted(stable.reasons_asked) == sorted([True] * (n - by_candidate) + [False] * by_candidate)
+
+
 @pytest.mark.parametrize("stage", ["canary", "ab"])
 def test_split_stages_are_sticky_per_account(stable: StandIn, candidate: StandIn, stage: str) -> None:
     accounts = [f"acct-{i}" for i in range(40)]

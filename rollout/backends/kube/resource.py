@@ -30,7 +30,7 @@ from rollout.core.analysis import GateResult
 from rollout.core.commands import InboxCommand
 from rollout.core.events import SUPERSEDE_PREFIX
 from rollout.core.machine import ROLLED_BACK_PHASES, RolloutState, Transition, warm_until
-from rollout.core.policy import RolloutPolicy, policy_from_mapping
+from rollout.core.policy import RolloutPolicy, deep_merge, policy_from_mapping
 from rollout.core.policy_fields import from_api_conventions
 from rollout.core.routing import RoutingTable
 from rollout.core.state import ControllerState, StateError, loads_state
@@ -332,18 +332,6 @@ def _pause_commands(obj: RolloutObject, rollout: RolloutState, now: datetime) ->
 
 
 # --------------------------------------------------------------------------------------------------- the policy
-
-
-def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> Json:
-    """``override`` over ``base``: mappings merge key by key, everything else (lists too: ``gates``) replaces."""
-    merged: Json = copy.deepcopy(dict(base))
-    for key, value in override.items():
-        held = merged.get(key)
-        if isinstance(value, Mapping) and isinstance(held, dict):
-            merged[key] = deep_merge(held, value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def effective_policy(base: RolloutPolicy, override: Mapping[str, Any] | None) -> RolloutPolicy:

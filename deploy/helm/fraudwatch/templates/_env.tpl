@@ -62,7 +62,21 @@ A component's `settings` map adds variables under its prefix; keys the chart set
   (dict "name" (print $kube "ROUTER_SERVICE") "value" (include "fraudwatch.componentName" (dict "ctx" . "component" "router-feedback")))
   (dict "name" (print $kube "ROUTER_PORT_NAME") "value" "feedback")
   (dict "name" "FW_ROLLOUT_ROUTER__ADMIN_TOKEN_FILE" "value" (include "fraudwatch.adminTokenPath" .))
+  (dict "name" (print $p "PROVIDER__READY_PATH") "value" .Values.prometheus.readyPath)
 }}
+{{- /* The metrics provider's headers and credentials (files of the mounted Secret, never values). */}}
+{{- with .Values.prometheus.headers }}
+{{- $env = append $env (dict "name" (print $p "PROVIDER__HEADERS") "value" (toJson .)) }}
+{{- end }}
+{{- with include "fraudwatch.providerAuth" . | fromYaml }}
+{{- $file := printf "%s/%s" (include "fraudwatch.providerAuthDir" $) .file }}
+{{- if eq .kind "bearer" }}
+{{- $env = append $env (dict "name" (print $p "PROVIDER__BEARER_TOKEN_FILE") "value" $file) }}
+{{- else }}
+{{- $env = append $env (dict "name" (print $p "PROVIDER__BASIC_AUTH_USERNAME") "value" $.Values.prometheus.auth.basicAuthUsername) }}
+{{- $env = append $env (dict "name" (print $p "PROVIDER__BASIC_AUTH_PASSWORD_FILE") "value" $file) }}
+{{- end }}
+{{- end }}
 {{- /* With a model registry: aliases move with the rollout and the quality stage can fetch bundles. */}}
 {{- with .Values.mlflow.trackingUri }}
 {{- $env = append $env (dict "name" "FW_MLFLOW_TRACKING_URI" "value" .) }}

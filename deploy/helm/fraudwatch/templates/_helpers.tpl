@@ -65,6 +65,28 @@ Names
 /etc/fraudwatch/admin/token
 {{- end }}
 
+{{/* The controller's metrics-provider credentials (prometheus.auth): the Secret's one key, mounted as this file. */}}
+{{- define "fraudwatch.providerAuthDir" -}}
+/etc/fraudwatch/metrics-provider
+{{- end }}
+
+{{- define "fraudwatch.providerAuth" -}}
+{{- $a := .Values.prometheus.auth }}
+{{- if $a.existingSecret }}
+{{- if and $a.bearerTokenKey $a.basicAuthPasswordKey }}
+{{- fail "prometheus.auth: set bearerTokenKey or basicAuthPasswordKey, not both" }}
+{{- else if $a.bearerTokenKey }}
+{{- dict "key" $a.bearerTokenKey "file" "bearer-token" "kind" "bearer" | toYaml }}
+{{- else if and $a.basicAuthPasswordKey $a.basicAuthUsername }}
+{{- dict "key" $a.basicAuthPasswordKey "file" "basic-password" "kind" "basic" | toYaml }}
+{{- else }}
+{{- fail "prometheus.auth.existingSecret: set bearerTokenKey, or basicAuthUsername and basicAuthPasswordKey" }}
+{{- end }}
+{{- else if or $a.bearerTokenKey $a.basicAuthPasswordKey $a.basicAuthUsername }}
+{{- fail "prometheus.auth: the keys need prometheus.auth.existingSecret (credentials never go in values)" }}
+{{- end }}
+{{- end }}
+
 {{- define "fraudwatch.feedbackTokenSecret" -}}
 {{- default (include "fraudwatch.componentName" (dict "ctx" . "component" "router-feedback")) .Values.router.feedback.token.existingSecret }}
 {{- end }}

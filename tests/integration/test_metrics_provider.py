@@ -1,0 +1,214 @@
+"""The controller's metrics provider against a real Prometheus behind a real reverse proxy that demands a tenant
+header and credentials — as Grafana Mimir, Cortex or a Thanos/Prometheus behind an auth proxy do.
+
+A prometheus_client exporter publishes the router's request and error counters for two versions; Debian's
+Prometheus scrapes it; an aiohttp reverse proxy on loopback forwards to Prometheus only the requests that carry
+``X-Scope-OrgID: tenant-a`` and the right ``Authorization`` (bearer, or basic), and answers every other request 401
+with the headers it received in its body (a careless proxy: the client must not repeat a credential). The
+controller's client is built as the controllers build it (``provider_client`` from ``ControllerSettings``, the
+credentials read from files like a mounted Secret), and the gates are measured as the controller loop measures them
+(``is_online`` then ``analyse``) with a policy whose gate is built from a reusable metric template beside an inline
+one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+
+from rollout.backends.local.prometheus import PrometheusServer, ScrapeTarget
+from rollout.backends.prometheus import PrometheusClient, provider_client
+from rollout.core.analysis import AnalysisReport, GateStatus, analyse
+from rollout.core.policy import RolloutPolicy, policy_from_mapping
+from rollout.settings import ControllerSettings, PrometheusSettings
+from service.common.processes import free_port
+
+pytestmark = pytest.mark.integration
+
+HOST = "127.0.0.1"
+TENANT = "tenant-a"
+TOKEN = "s3cr3t-bearer-token-0123456789"
+USER, PASSWORD = "fraudwatch", "s3cr3t-basic-password-9876"
+WAIT_S = 60.0
+
+REQUESTS = 'sum(fraudwatch_router_requests_total{model_version="{{version}}"})'
+ERRORS = 'sum(fraudwatch_router_errors_total{model_version="{{version}}"})'
+#: Every stage watched by a gate from the reusable template and by an inline one (the same PromQL, kept apart).
+POLICY: dict[str, Any] = {
+    "stages": {stage: {"min_requests": 10} for stage in ("shadow", "canary", "ab", "full")},
+    "samples": {"requests": REQUESTS, "labels": REQUESTS},
+    "metric_templates": {
+        "error-rate": {
+            "layer": "health",
+            "stages": ["shadow", "canary", "ab", "full"],
+            "query": f"{ERRORS} / {REQUESTS}",
+        }
+    },
+    "gates": [
+        {"name": "error-rate", "template": "error-rate", "condition": "value <= 0.05"},
+        {
+            "name": "error-rate-inline",
+            "layer": "health",
+            "stages": ["shadow", "canary", "ab", "full"],
+            "query": f"{ERRORS} / {REQUESTS}",
+            "condition": "candidate - stable <= 0.05",
+        },
+    ],
+}
+
+
+@dataclass
+class AuthProxy:
+    """A reverse proxy to ``upstream`` that admits a request only with the tenant header and one of ``accepted``
+    ``Authorization`` values; otherwise 401 echoing what it got."""
+
+    upstream: str
+    accepted: set[str]
+    port: int = field(default_factory=lambda: free_port(HOST))
+    refused: int = 0
+    _loop: asyncio.AbstractEventLoop | None = None
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        tenant = request.headers.get("X-Scope-OrgID")
+        authorization = request.headers.get("Authorization")
+        if tenant != TENANT or authorization not in self.accepted:
+            self.refused += 1
+            echo = f"refused: X-Scope-OrgID={tenant!r} Authorization={authorization!r}"
+            return web.json_response({"status": "error", "error": echo}, status=401)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(self.upstream + request.path_qs) as answer,
+        ):
+            body = await answer.read()
+            return web.Response(body=body, status=answer.status, content_type=answer.content_type)
+
+    def __enter__(self) -> AuthProxy:
+        ready = threading.Event()
+
+        async def serve() -> None:
+            app = web.Application()
+            app.router.add_route("GET", "/{tail:.*}", self.handle)
+            self._runner = web.AppRunner(app, access_log=None)
+            await self._runner.setup()
+            await web.TCPSite(self._runner, HOST, self.port).start()
+            ready.set()
+
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, daemon=True).start()
+        asyncio.run_coroutine_threadsafe(serve(), self._loop)
+        assert ready.wait(10.0), "the proxy did not start"
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        assert self._loop is not None and self._runner is not None
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10.0)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Prometheus scraping a real exporter: v1 and v2 each with 1,000 requests, 10 errors (1 %)."""
+    registry = CollectorRegistry()
+    requests = Counter("fraudwatch_router_requests", "calls", ["model_version"], registry=registry)
+    errors = Counter("fraudwatch_router_errors", "errors", ["model_version"], registry=registry)
+    for version in ("v1", "v2"):
+        requests.labels(version).inc(1000)
+        errors.labels(version).inc(10)
+    port = free_port(HOST)
+    server, thread = start_http_server(port, addr=HOST, registry=registry)
+    settings = PrometheusSettings(scrape_interval_s=1.0, evaluation_interval_s=1.0, ready_timeout_s=WAIT_S)
+    workdir = tmp_path_factory.mktemp("provider-prom")
+    try:
+        with PrometheusServer(workdir, [ScrapeTarget(f"{HOST}:{port}")], settings=settings) as prom:
+            with PrometheusClient(prom.url, trust_env=False) as direct:
+                deadline = time.monotonic() + WAIT_S
+                while direct.query('sum(fraudwatch_router_requests_total{model_version="v2"})') is None:
+                    assert time.monotonic() < deadline, "no scrape of the exporter"
+                    time.sleep(0.25)
+            yield prom.url
+    finally:
+        server.shutdown()
+        thread.join(5.0)
+
+
+def controller_settings(proxy: AuthProxy, provider: dict[str, Any]) -> ControllerSettings:
+    return ControllerSettings.model_validate({"prometheus_url": proxy.url, "provider": provider})
+
+
+def measure(settings: ControllerSettings, policy: RolloutPolicy) -> tuple[bool, AnalysisReport]:
+    """One analysis round as the controller loop runs it: ``is_online``, then every gate of the canary stage."""
+    with provider_client(settings) as client:
+        online = client.is_online()
+        return online, analyse(policy, "canary", client, "v1", "v2", datetime.now(UTC))
+
+
+def statuses(report: AnalysisReport) -> dict[str, GateStatus]:
+    return {r.name: r.status for r in report.results}
+
+
+@pytest.mark.parametrize("auth", ["bearer", "basic"])
+def test_gates_decide_only_with_the_tenant_header_and_credentials(prometheus: str, tmp_path: Path, auth: str) -> None:
+    policy = policy_from_mapping(POLICY)
+    assert policy.gates[0].template == "error-rate"
+    secret = tmp_path / "secret"  # a mounted Secret's key, read at each request
+    secret.write_text((TOKEN if auth == "bearer" else PASSWORD) + "\n", encoding="utf-8")
+    if auth == "bearer":
+        good = {"bearer_token_file": str(secret)}
+        authorization = f"Bearer {TOKEN}"
+    else:
+        good = {"basic_auth_username": USER, "basic_auth_password_file": str(secret)}
+        authorization = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    headers = {"headers": {"X-Scope-OrgID": TENANT}}
+    with AuthProxy(prometheus, {authorization}) as proxy:
+        # with the header and the credentials: every gate decided from Prometheus' data
+        online, report = measure(controller_settings(proxy, {**headers, **good}), policy)
+        assert online
+        decided = dict.fromkeys(["min-requests", "error-rate", "error-rate-inline"], GateStatus.SUCCESSFUL)
+        assert statuses(report) == decided
+        assert {r.name: r.candidate_value for r in report.results}["error-rate"] == pytest.approx(0.01)
+        # without them, with the header only, with the credentials only, with a wrong secret: no gate decided, each
+        # an Error naming the refusal (the loop aborts after consecutive_error_limit), no secret in any message
+        for provider, content in (({}, None), (headers, None), (good, None), ({**headers, **good}, "wrong-secret")):
+            if content is not None:
+                secret.write_text(content, encoding="utf-8")  # a rotated Secret is read at the next request
+            refused_before = proxy.refused
+            online, report = measure(controller_settings(proxy, provider), policy)
+            assert online, "a store that refuses the credentials is there: the gates say why"
+            assert set(statuses(report).values()) == {GateStatus.ERROR}, (provider, report)
+            assert proxy.refused > refused_before
+            for result in report.results:
+                assert "refused the request (401)" in result.message, result.message
+                assert "wrong-secret" not in result.message and TOKEN not in result.message
+                assert PASSWORD not in result.message and authorization not in result.message
+        # the Secret rotated back: decided again, without a restart of anything
+        secret.write_text((TOKEN if auth == "bearer" else PASSWORD) + "\n", encoding="utf-8")
+        online, report = measure(controller_settings(proxy, {**headers, **good}), policy)
+        assert set(statuses(report).values()) == {GateStatus.SUCCESSFUL}
+
+
+def test_an_unreadable_secret_is_an_error_naming_the_file(prometheus: str, tmp_path: Path) -> None:
+    missing = tmp_path / "not-mounted"
+    with AuthProxy(prometheus, {f"Bearer {TOKEN}"}) as proxy:
+        settings = controller_settings(proxy, {"headers": {"X-Scope-OrgID": TENANT}, "bearer_token_file": str(missing)})
+        online, report = measure(settings, policy_from_mapping(POLICY))
+    assert online
+    assert set(statuses(report).values()) == {GateStatus.ERROR}
+    assert all(f"bearer_token_file {missing} cannot be read" in r.message for r in report.results)
+    assert proxy.refused == 0  # nothing was sent without its credentials
