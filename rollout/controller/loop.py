@@ -156,6 +156,7 @@ class Controller:
         self.state = self.store.load() or ControllerState(name=settings.name)
         self.converged = False
         self._last_analysis: datetime | None = None
+        self._analysis_started = time.monotonic()
         self._candidate: workload_gate.CandidateWatch | None = None
         self._notes: list[tuple[datetime, str | None, str, dict[str, object]]] = []
         self._aliases: dict[tuple[str, str], bool] = {}
@@ -294,15 +295,29 @@ class Controller:
         rollout = self.state.rollout
         if rollout is not None and rollout.phase == "Progressing" and self._analysis_due(rollout, now):
             self._last_analysis = now
+            self._analysis_started = time.monotonic()
             self.runner.submit(self._job(rollout))
+            log_event(logger, "analysis started", event="analysis_started", rollout_id=rollout.rollout_id,
+                      stage=rollout.stage)  # fmt: skip
         finished = self.runner.collect()
+        if finished is not None:
+            self._log_finished(finished)
         if isinstance(finished, BaseException):
             self.metrics.failed("analyse")
-            log_event(
-                logger, "analysis failed", event="analysis_failed", error=f"{type(finished).__name__}: {finished}"
-            )
             finished = None
         return self._with_workload(finished, now)
+
+    def _log_finished(self, finished: AnalysisReport | BaseException) -> None:
+        """One line per finished measurement with how long it ran: a stage that waits shows where (the routing's
+        convergence before the start, or Prometheus during the run)."""
+        seconds = round(time.monotonic() - self._analysis_started, 3)
+        if isinstance(finished, BaseException):
+            log_event(logger, "analysis failed", event="analysis_failed", duration_s=seconds,
+                      error=f"{type(finished).__name__}: {finished}")  # fmt: skip
+            return
+        failed = [r.name for r in finished.results if r.status is GateStatus.FAILED]
+        log_event(logger, "analysis finished", event="analysis_finished", stage=finished.stage, duration_s=seconds,
+                  gates=len(finished.results), failed=failed)  # fmt: skip
 
     def _watch_candidate(self, outcome: ActOutcome, now: datetime) -> None:
         """Follow the candidate's workload through a traffic stage (restarts, how long not ready)."""

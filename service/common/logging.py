@@ -33,7 +33,8 @@ CORRELATION_HEADER: Final[str] = "X-Correlation-ID"
 #: Accepted client-supplied correlation IDs: short, printable, no separators that could forge log fields.
 SAFE_ID_PATTERN: Final[str] = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
 _SAFE_ID: Final = re.compile(SAFE_ID_PATTERN)
-_FIELDS_ATTR: Final[str] = "fw_fields"
+#: The log record attribute holding an event's structured fields (tests read them from caplog's records).
+FIELDS_ATTR: Final[str] = "fw_fields"
 
 CORRELATION_ID: ContextVar[str | None] = ContextVar("fraudwatch_correlation_id", default=None)
 
@@ -96,7 +97,7 @@ class JsonFormatter(logging.Formatter):
             payload["correlation_id"] = correlation_id
         if record.exc_info:
             payload["exc_info"] = self.formatException(record.exc_info)
-        fields = getattr(record, _FIELDS_ATTR, None)
+        fields = getattr(record, FIELDS_ATTR, None)
         if isinstance(fields, Mapping):
             merge_fields(payload, fields)
         return json.dumps(payload, default=str, separators=(",", ":"), allow_nan=False)
@@ -130,4 +131,4 @@ def get_logger(name: str) -> logging.Logger:
 def log_event(logger: logging.Logger, message: str, level: int = logging.INFO, **fields: Any) -> None:
     """Log ``message`` with structured ``fields`` (only when the level is enabled, so disabled logs cost ~nothing)."""
     if logger.isEnabledFor(level):
-        logger.log(level, message, extra={_FIELDS_ATTR: fields})
+        logger.log(level, message, extra={FIELDS_ATTR: fields})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from rollout.backends.local.inbox import EVENTS_FILE, STATE_FILE, CommandInbox
 from rollout.backends.local.state import StateStore
 from rollout.core import policy as pol
 from rollout.core.state import SCHEMA_VERSION, StateError, loads_state
+from service.common.logging import FIELDS_ATTR as LOG_FIELDS_ATTR
 from tests.kits.doubles import (
     POLICY,
     POLICY_YAML,
@@ -548,3 +550,18 @@ def test_the_stage_window_of_the_queries_starts_when_the_stage_s_routing_was_in_
     window_s = float(first.rsplit("[", 1)[1].removesuffix("s]"))
     assert (routed - entered).total_seconds() >= 7
     assert window_s == pytest.approx((harness.clock.now - routed).total_seconds(), abs=1)  # not since `entered`
+
+
+def test_every_measurement_is_logged_when_it_starts_and_when_it_ends_with_its_duration(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fraudwatch")
+    start_rollout(harness)
+    harness.run_until(lambda: harness.phase() == "Promoted")
+    fields = [getattr(r, LOG_FIELDS_ATTR) for r in caplog.records if hasattr(r, LOG_FIELDS_ATTR)]
+    started = [f for f in fields if f.get("event") == "analysis_started"]
+    finished = [f for f in fields if f.get("event") == "analysis_finished"]
+    assert [f["stage"] for f in started][:2] == ["quality", "shadow"]
+    assert len(finished) == len(started)  # each measurement ends, once
+    assert all(f["duration_s"] >= 0 and f["failed"] == [] for f in finished)
+    assert {f["stage"] for f in finished} >= {"quality", "shadow", "canary", "ab", "full"}
