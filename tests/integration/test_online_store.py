@@ -19,15 +19,9 @@ from service import velocity as v
 from service.datasets.synthetic import SyntheticConfig, generate
 from service.evaluate import time_ordered
 from service.featurestore import StoreTimeoutError
-from service.online_store import (
-    BackgroundWriter,
-    OnlineStore,
-    RedisOnlineStore,
-    SQLiteOnlineStore,
-    WriterCallbacks,
-    open_online_store,
-    resolve_all,
-)
+from service.online_redis import RedisOnlineStore
+from service.online_sqlite import SQLiteOnlineStore
+from service.online_store import BackgroundWriter, OnlineStore, WriterCallbacks, open_online_store, resolve_all
 from service.settings import OnlineStoreSettings
 from tests.rediskit import RedisServer, redis_server
 
