@@ -14,9 +14,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.features import DEFAULT_AGGREGATES, feature_matrix
-from service.model import ScoringModel, load_bundle
-from service.schema import RefundRequest, confidence_of
+from service.api.schema import RefundRequest, confidence_of
+from service.artifacts.bundle import ScoringModel, load_bundle
+from service.data.features import DEFAULT_AGGREGATES, feature_matrix
 from service.settings import get_settings
 
 ROUTE = "/api/v1/refund-predict"

@@ -1,4 +1,4 @@
-"""Benchmark the generic training core (``service.train.train_model``) on the real ULB credit-card fraud set.
+"""Benchmark the generic training core (``service.training.train.train_model``) on the real ULB credit-card fraud set.
 
 Splits
     ``stratified`` — 80/20 stratified split, seed 42 (``sklearn.model_selection.train_test_split``); validation
@@ -13,7 +13,7 @@ Tuning (``--tune``; honest: the test rows are never seen)
     For each split separately, a grid of hyper-parameters is scored by cross-validation **inside that split's
     training part only** (stratified K-fold for ``stratified``; expanding-window time folds for ``time``), each
     fold early-stopped on its held-out fold; the grid point with the best mean PR-AUC wins. The winners were
-    copied into ``service.datasets.creditcard.TUNED_TRAIN_OVERRIDES`` with the CV figures they were
+    copied into ``service.data.creditcard.TUNED_TRAIN_OVERRIDES`` with the CV figures they were
     chosen on (the quality test trains with the same values).
 
 Output: one JSON document on stdout and in ``--output`` (default ``var/benchmarks/creditcard.json``): per split
@@ -53,11 +53,11 @@ from rich.progress import Progress
 from sklearn.metrics import average_precision_score
 from sklearn.model_selection import StratifiedKFold
 
-from service.datasets import creditcard
-from service.datasets.creditcard import SPLIT_SEED, Split, SplitName, stratified_split, time_split
-from service.evaluate import classification_metrics, file_sha256
+from service.data import creditcard
+from service.data.creditcard import SPLIT_SEED, Split, SplitName, stratified_split, time_split
 from service.settings import Settings, TrainSettings
-from service.train import ModelFit, fit_booster, train_model, xgb_params
+from service.training.evaluate import classification_metrics, file_sha256
+from service.training.train import ModelFit, fit_booster, train_model, xgb_params
 
 SPLITS: Final[tuple[SplitName, ...]] = ("stratified", "time")
 PUBLISHED_PR_AUC: Final[tuple[float, float]] = (0.817, 0.845)

@@ -4,8 +4,8 @@ For each shipped policy (default, demo), fraud rate (1 %, 2 %, 10 %) and case �
 recall equals stable's), ``margin_1x`` / ``margin_2x`` (worse by 1× / 2× the recall gate's margin δ) — whole
 rollouts run from the first traffic stage to their end in a simulated world (benchmarks/rollout_sim.py: traffic
 routed as each stage says, labels arriving after a delay, every gate's queries answered from the world's counts),
-judged by the real ``rollout.analysis.analyse`` at the policy's analysis interval and decided by the real
-``rollout.machine.step``: every gate of every stage together. Beside each case, for the recall gate alone:
+judged by the real ``rollout.core.analysis.analyse`` at the policy's analysis interval and decided by the real
+``rollout.core.machine.step``: every gate of every stage together. Beside each case, for the recall gate alone:
 
 * ``baseline_today`` — the rule before issue 10, a faithful copy: the candidate's Wilson interval against stable's
   point estimate, decided at the first look past that policy's label minimum (all labels, as it counted them);
@@ -43,10 +43,10 @@ from rich.console import Console
 from rich.progress import Progress
 from rollout_sim import WorldSpec, run_rollout, score_models  # benchmarks/ (this script's directory)
 
-from rollout import analysis as an
-from rollout import policy as pol
-from rollout.demo_policy import load_demo_policy
-from rollout.drift import wilson_interval
+from rollout.core import analysis as an
+from rollout.core import policy as pol
+from rollout.core.drift import wilson_interval
+from rollout.demo.policy import load_demo_policy
 
 STABLE, CANDIDATE = "v1", "v2"
 STEP = 50
@@ -274,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     progress.advance(task)
     report = {
         "benchmark": "gate_error_rates",
-        "what": "whole rollouts (every gate of every stage) through rollout.analysis.analyse and rollout.machine.step; "
+        "what": "whole rollouts (every gate of every stage) through rollout.core.analysis.analyse and "
+        "rollout.core.machine.step; "
         "sequential_recall_gate, baseline_today and fixed_horizon: the A/B recall gate alone, labels in steps of 50 "
         "per version per look; median_labels: all the candidate's labels (whole rollouts) or its fraud labels "
         "(the recall gate alone: the fixed horizon's unit)",

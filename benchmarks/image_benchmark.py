@@ -9,7 +9,7 @@ polled every 50 ms:
 ``router``      ``python -m rollout.router`` (tokens from the environment): ``GET /livez`` (``/readyz`` needs a table)
 ``controller``  ``python -m rollout.controller`` on the Kubernetes backend, its kubeconfig pointing at a closed port
                 (no API server here): ``GET /metrics`` (served before the backend connects)
-``retraining``  ``python -m service.retrain_webhook`` (the chart's webhook container): ``GET /livez``
+``retraining``  ``python -m service.retraining.webhook`` (the chart's webhook container): ``GET /livez``
 
 Baseline, in the same run: the same endpoint of the same program started as a process from the project's venv on
 the host (no container), for the router and the model server.
@@ -41,8 +41,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rollout.prometheus import free_port  # noqa: E402
-from service.datasets.synthetic import SyntheticConfig, generate  # noqa: E402
+from service.common.processes import free_port  # noqa: E402
+from service.data.synthetic import SyntheticConfig, generate  # noqa: E402
 from tests.podkit import RLIMITS, RUNTIME, images, rm  # noqa: E402
 from tests.stackkit import train_bundle  # noqa: E402
 
@@ -103,7 +103,7 @@ def _retraining(port: int, scratch: Path) -> tuple[list[str], list[str]]:
     return ["--network", "host", "-v", f"{scratch}:/etc/bench:ro", *_env(env)], [
         "python",
         "-m",
-        "service.retrain_webhook",
+        "service.retraining.webhook",
     ]
 
 
@@ -160,7 +160,7 @@ def process_ready_s(case: Case, scratch: Path) -> float | None:
     venv = Path(sys.executable).parent
     if case.component == "serve":
         _serve(port, scratch)
-        argv = [str(venv / "bentoml"), "serve", "service.bento:RefundFraudService", "--host", HOST, "--port",
+        argv = [str(venv / "bentoml"), "serve", "service.serving.bento:RefundFraudService", "--host", HOST, "--port",
                 str(port), "--working-dir", str(ROOT)]  # fmt: skip
         env = {"FW_SERVE__MODEL_DIR": str(scratch / "bundle"), "FW_SERVE__MODEL_VERSION": "v1",
                "BENTOML_HOME": str(scratch / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}  # fmt: skip

@@ -12,7 +12,8 @@ flight, so the resolution is one round trip, a few milliseconds). Two ways of is
 
 ``rolloutctl_process``   the ``rolloutctl revert`` console script as a new process (what an operator types): Python
                          start-up + imports + queueing the command + the controller's reaction + the table PUT;
-``rolloutctl_in_process`` ``rollout.cli.main(["revert", "--no-wait"])`` in this (warm) process: queueing + reaction.
+``rolloutctl_in_process`` ``rollout.cli.main.main(["revert", "--no-wait"])`` in this (warm) process: queueing +
+reaction.
 
 Baseline, measured in the same run on the same processes (after the controller is stopped): a ``PUT
 /admin/routing`` of the v1 table sent directly to the router — the floor of any revert through this router.
@@ -50,14 +51,14 @@ ROOT: Final[Path] = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from rollout.backends.local import WORKLOADS_FILE, stop_group  # noqa: E402
-from rollout.cli import main as rolloutctl  # noqa: E402
-from rollout.inbox import STATE_FILE  # noqa: E402
-from rollout.outcome_settings import OutcomeSettings  # noqa: E402
-from rollout.prometheus import free_port  # noqa: E402
-from rollout.router_process import RouterProcess  # noqa: E402
-from rollout.routing import RoutingTable, VersionEndpoint  # noqa: E402
+from rollout.backends.local.inbox import STATE_FILE  # noqa: E402
+from rollout.backends.local.workloads import WORKLOADS_FILE  # noqa: E402
+from rollout.cli.main import main as rolloutctl  # noqa: E402
+from rollout.core.routing import RoutingTable, VersionEndpoint  # noqa: E402
+from rollout.router.outcomes.settings import OutcomeSettings  # noqa: E402
+from rollout.router.process import RouterProcess  # noqa: E402
 from rollout.settings import ControllerSettings  # noqa: E402
+from service.common.processes import free_port, stop_tree  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 HOST: Final[str] = "127.0.0.1"
@@ -105,8 +106,8 @@ def summary(seconds: Sequence[float]) -> dict[str, float | int]:
 
 def prepare_registry(home: Path, rows: int) -> None:
     """v1 and v2 trained on differently seeded synthetic data, registered; v1 is the champion."""
-    from service.datasets.synthetic import SyntheticConfig, generate
-    from service.demo import track_and_register, train_version
+    from service.data.synthetic import SyntheticConfig, generate
+    from service.training.pipeline import track_and_register, train_version
 
     settings = Settings.model_validate(
         {
@@ -254,7 +255,7 @@ def bench_stack(work: Path) -> Iterator[Bench]:
             bench.controller.wait(timeout=60)
         with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
             for record in json.loads((bench.state_dir / WORKLOADS_FILE).read_text()):
-                stop_group(int(record["pid"]), grace_s=20.0, poll_s=0.1)
+                stop_tree(int(record["pid"]), grace_s=20.0, poll_s=0.1)
         router.stop()
 
 

@@ -5,7 +5,8 @@ Every look (the policy's ``analysis.interval_s``) the world serves ``rps`` reque
 candidate's requests too as their control shadow; full: the candidate decides, the previous version scores in
 shadow), and every request is labelled ``label_delay_s`` later.
 A :class:`SimProvider` answers each query the policy's gates render with what Prometheus would return for those
-counts; the real :func:`rollout.analysis.analyse` judges them and the real :func:`rollout.machine.step` decides.
+counts; the real :func:`rollout.core.analysis.analyse` judges them and the real :func:`rollout.core.machine.step`
+decides.
 
 What the world models, per version: calls and errors (rate ``error_rate``), decisions (recall at its threshold and a
 false-positive rate), labels (fraud with ``fraud_rate``) joined as tp/fn/fp/tn with score histograms for AUC and
@@ -29,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from rollout import analysis as an
-from rollout import policy as pol
-from rollout.machine import QUALITY_STAGE, RolloutState, initial_state, step, traffic_stage
+from rollout.core import analysis as an
+from rollout.core import policy as pol
+from rollout.core.machine import QUALITY_STAGE, RolloutState, initial_state, step, traffic_stage
 
 STABLE, CANDIDATE = "v1", "v2"
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -53,13 +53,13 @@ if str(ROOT) not in sys.path:
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from rollout.outcome_settings import OutcomeSettings  # noqa: E402
-from rollout.router_process import RouterProcess  # noqa: E402
-from rollout.routing import RoutingTable, VersionEndpoint  # noqa: E402
+from rollout.core.routing import RoutingTable, VersionEndpoint  # noqa: E402
+from rollout.router.outcomes.settings import OutcomeSettings  # noqa: E402
+from rollout.router.process import RouterProcess  # noqa: E402
+from rollout.router.table_sources import write_table_file  # noqa: E402
 from rollout.settings import RouterSettings  # noqa: E402
-from rollout.sources import write_table_file  # noqa: E402
-from service.model import read_manifest  # noqa: E402
-from service.serving_process import BentoServer  # noqa: E402
+from service.artifacts.bundle import read_manifest  # noqa: E402
+from service.serving.process import BentoServer  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 PREDICT_PATH: Final[str] = "/api/v1/refund-predict"
@@ -257,10 +257,11 @@ class RssSampler:
 
 
 def prepare_bundles(work: Path, n_requests: int) -> tuple[Path, Path]:
-    """Two versions trained by ``service.train.train_pipeline`` on differently seeded synthetic data (cached)."""
-    from service.datasets.synthetic import SyntheticConfig, generate
-    from service.featurestore import STORE_FILE, build_store
-    from service.train import train_pipeline
+    """Two versions trained by ``service.training.train.train_pipeline`` on differently seeded synthetic data
+    (cached)."""
+    from service.data.feature_store import STORE_FILE, build_store
+    from service.data.synthetic import SyntheticConfig, generate
+    from service.training.train import train_pipeline
 
     out: list[Path] = []
     for version, seed in (("bench-v1", 7), ("bench-v2", 8)):

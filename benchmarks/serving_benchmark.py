@@ -45,7 +45,8 @@ ROOT: Final[Path] = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from service.serving_process import BentoServer, free_port, server_env  # noqa: E402
+from service.common.processes import free_port  # noqa: E402
+from service.serving.process import BentoServer, server_env  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 PREDICT_PATH: Final[str] = "/api/v1/refund-predict"
@@ -290,12 +291,12 @@ def bento_server(model_dir: Path, settings: Settings, variant: Variant) -> Itera
 
 
 def prepare_bundle(model_dir: Path | None, work: Path, n_requests: int) -> Path:
-    """The bundle to serve: ``model_dir`` as given, or one trained here by ``service.train.train_pipeline``."""
+    """The bundle to serve: ``model_dir`` as given, or one trained here by ``service.training.train.train_pipeline``."""
     if model_dir is not None:
         return model_dir
-    from service.datasets.synthetic import SyntheticConfig, generate
-    from service.featurestore import STORE_FILE, build_store
-    from service.train import train_pipeline
+    from service.data.feature_store import STORE_FILE, build_store
+    from service.data.synthetic import SyntheticConfig, generate
+    from service.training.train import train_pipeline
 
     out = work / f"bundle-{n_requests}"
     if (out / "manifest.json").is_file() and (out / STORE_FILE).is_file():
@@ -310,7 +311,7 @@ def prepare_bundle(model_dir: Path | None, work: Path, n_requests: int) -> Path:
 
 
 def describe_model(model_dir: Path) -> dict[str, Any]:
-    from service.model import load_bundle
+    from service.artifacts.bundle import load_bundle
 
     model = load_bundle(model_dir, nthread=1)
     return {

@@ -38,7 +38,7 @@ from typing import Any
 import pandas as pd
 from locust import HttpUser, between, constant, task
 
-from service.datasets.synthetic import SyntheticConfig, generate
+from service.data.synthetic import SyntheticConfig, generate
 
 
 def _env_float(name: str, default: float) -> float:

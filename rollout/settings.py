@@ -18,49 +18,7 @@ from typing import Final, Literal
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-#: Histogram buckets (seconds) for request latencies, fine-grained in the single-digit milliseconds.
-DEFAULT_LATENCY_BUCKETS_S: tuple[float, ...] = (
-    0.0005,
-    0.001,
-    0.0015,
-    0.002,
-    0.003,
-    0.004,
-    0.005,
-    0.0075,
-    0.01,
-    0.015,
-    0.02,
-    0.03,
-    0.05,
-    0.075,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-)
-
-#: Buckets of the paired shadow score difference (candidate − stable), symmetric on [-1, 1].
-DEFAULT_SCORE_DELTA_BUCKETS: tuple[float, ...] = (
-    -1.0,
-    -0.5,
-    -0.25,
-    -0.1,
-    -0.05,
-    -0.02,
-    -0.01,
-    -0.005,
-    0.0,
-    0.005,
-    0.01,
-    0.02,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-)
-
+from rollout.core.buckets import DEFAULT_LATENCY_BUCKETS_S, DEFAULT_SCORE_DELTA_BUCKETS
 
 #: A label source's name: the ``source`` of its labels, the key of its token in a Secret (a file name).
 SOURCE_NAME_PATTERN: Final[str] = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -122,7 +80,7 @@ class RouterSettings(BaseModel):
     sticky_key: SecretStr | None = None
     sticky_key_file: Path | None = None
 
-    #: The HTTP client library of upstream calls (both pooled, keep-alive, HTTP/1.1); see rollout/upstream.py.
+    #: The HTTP client library of upstream calls (both pooled, keep-alive, HTTP/1.1); see rollout/router/upstream.py.
     #: aiohttp by default: half httpx's router CPU per request in benchmarks/router_benchmark.py (0.67 vs 1.32 ms
     #: at concurrency 1, 2026-12-01), which is what keeps the router's added p50 inside its 1 ms budget.
     upstream_client: Literal["httpx", "aiohttp"] = "aiohttp"
@@ -174,7 +132,7 @@ class RouterSettings(BaseModel):
     #: One structured JSON log line per routing decision.
     log_decisions: bool = True
     latency_buckets_s: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS_S
-    #: Running the router as a child process (rollout.router_process): readiness deadline, poll, SIGTERM grace.
+    #: Running the router as a child process (rollout.router.process): readiness deadline, poll, SIGTERM grace.
     process_start_timeout_s: float = Field(60.0, gt=0.0)
     process_poll_interval_s: float = Field(0.05, gt=0.0)
     process_stop_timeout_s: float = Field(20.0, gt=0.0)
@@ -444,3 +402,28 @@ class RolloutSettings(BaseSettings):
 def get_rollout_settings() -> RolloutSettings:
     """The process-wide rollout settings, read once from the environment."""
     return RolloutSettings()
+
+
+class PrometheusSettings(BaseSettings):
+    """A local Prometheus process (tests, the local backend) and the query client."""
+
+    model_config = SettingsConfigDict(env_prefix="FW_ROLLOUT_PROMETHEUS__", extra="ignore")
+
+    binary: Path = Path("/usr/bin/prometheus")
+    promtool: Path = Path("/usr/bin/promtool")
+    rules_file: Path = Path("deploy/prometheus/rules.yml")
+    listen_host: str = "127.0.0.1"
+    scrape_interval_s: float = Field(15.0, gt=0.0)
+    evaluation_interval_s: float = Field(15.0, gt=0.0)
+    scrape_timeout_s: float = Field(5.0, gt=0.0)
+    ready_timeout_s: float = Field(30.0, gt=0.0)
+    stop_timeout_s: float = Field(10.0, gt=0.0)
+    poll_interval_s: float = Field(0.1, gt=0.0)
+    query_timeout_s: float = Field(5.0, gt=0.0)
+    #: Retention of the local TSDB.
+    retention: str = "1d"
+
+
+@lru_cache(maxsize=1)
+def get_prometheus_settings() -> PrometheusSettings:
+    return PrometheusSettings()

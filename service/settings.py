@@ -58,8 +58,8 @@ class TrainSettings(BaseModel):
     #: method, the rest choose between them; the chosen method is then refit on all validation rows.
     calibration_fit_fraction: float = Field(0.5, gt=0.1, lt=0.9)
     smote_k_neighbors: int = Field(5, ge=1)
-    #: The features a model is trained on (service.features.FEATURE_SETS): ``velocity`` adds the online store's
-    #: velocity and cross-entity features (service/velocity.py) to ``base``.
+    #: The features a model is trained on (service.data.features.FEATURE_SETS): ``velocity`` adds the online store's
+    #: velocity and cross-entity features (service/data/velocity.py) to ``base``.
     feature_set: Literal["base", "velocity"] = "velocity"
 
 
@@ -71,7 +71,7 @@ class QualitySettings(BaseModel):
 
 
 class OnlineStoreSettings(BaseModel):
-    """The online feature store of the velocity features (service/online_store.py), shared by every model version.
+    """The online feature store of the velocity features (service/data/online_store.py), shared by every model version.
 
     ``url``: empty → the embedded default, a SQLite file under ``FW_HOME`` (``online/velocity.sqlite``) that every
     model server of the machine shares; ``none`` → no store (velocity features are the defaults, counted as fallbacks
@@ -105,10 +105,11 @@ class OnlineStoreSettings(BaseModel):
 class ServeSettings(BaseModel):
     """The scoring service: where its model comes from and its latency budget."""
 
-    #: Where the bundle comes from (service/model_source.py): a directory; else a registry URI
+    #: Where the bundle comes from (service/artifacts/source.py): a directory; else a registry URI
     #: (``models:/<name>/<version>`` or ``models:/<name>@<alias>``); else, when set, ``model_name``'s alias.
     model_dir: Path | None = None
-    #: With ``model_dir``: the bundle digest (service.model.bundle_digest) it must have; checked before anything
+    #: With ``model_dir``: the bundle digest (service.artifacts.bundle.bundle_digest) it must have; checked before
+    # anything
     #: is parsed. A registry bundle is always checked against the version's ``bundle_sha256`` tag.
     model_digest: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     model_uri: str | None = None
@@ -153,7 +154,7 @@ class ProcessSettings(BaseModel):
 
     host: str = "127.0.0.1"
     #: ``bentoml serve`` target (import path of the service class), run from the project's source root.
-    bento_target: str = "service.bento:RefundFraudService"
+    bento_target: str = "service.serving.bento:RefundFraudService"
     start_timeout_s: float = Field(180.0, gt=0.0)
     stop_timeout_s: float = Field(20.0, gt=0.0)
     poll_interval_s: float = Field(0.25, gt=0.0)
@@ -166,7 +167,7 @@ class ProcessSettings(BaseModel):
 
 
 class RetrainWebhookSettings(BaseModel):
-    """The Alertmanager webhook receiver (``python -m service.retrain_webhook``): which alerts trigger a retrain."""
+    """The Alertmanager webhook receiver (``python -m service.retraining.webhook``): which alerts trigger a retrain."""
 
     host: str = "127.0.0.1"
     port: int = Field(8090, ge=1, le=65535)

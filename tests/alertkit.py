@@ -19,7 +19,8 @@ from typing import Any, Final
 import httpx
 import yaml
 
-from rollout.prometheus import duration, free_port
+from rollout.backends.local.prometheus import duration
+from service.common.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES_FILE: Final[Path] = ROOT / "deploy" / "prometheus" / "rules.yml"

@@ -25,7 +25,7 @@ CHART_DIR = REPO_ROOT / "deploy" / "helm" / "fraudwatch"
 CRD_FILE = CHART_DIR / "crds" / "modelrollouts.fraudwatch.io.yaml"
 VALUES_SCHEMA_FILE = CHART_DIR / "values.schema.json"
 RULES_FILE = REPO_ROOT / "deploy" / "prometheus" / "rules.yml"
-DEFAULT_POLICY_FILE = REPO_ROOT / "rollout" / "default_policy.yaml"
+DEFAULT_POLICY_FILE = REPO_ROOT / "rollout" / "core" / "default_policy.yaml"
 
 #: The labels every object the chart renders carries (Helm's best practices).
 STANDARD_LABELS: tuple[str, ...] = (

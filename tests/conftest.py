@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import xgboost as xgb
 
-from service import aggregates
-from service.datasets.synthetic import SyntheticConfig, generate
-from service.evaluate import reference_bins
-from service.features import DRIFT_FEATURES, FEATURE_NAMES, feature_matrix
-from service.featurestore import STORE_FILE, build_store
-from service.model import Calibration, Manifest, ThresholdPolicy, save_bundle
+from service.artifacts.bundle import Calibration, Manifest, ThresholdPolicy, save_bundle
+from service.data import aggregates
+from service.data.feature_store import STORE_FILE, build_store
+from service.data.features import DRIFT_FEATURES, FEATURE_NAMES, feature_matrix
+from service.data.synthetic import SyntheticConfig, generate
+from service.training.evaluate import reference_bins
 
 #: Small enough to build in about a second; big enough that the booster learns the fraud patterns.
 SMALL_DATA = SyntheticConfig(n_accounts=600, n_requests=4_000, days=30, fraud_rate=0.05, seed=11)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.retrain_handoff import Candidate, HandoffOutcome, HandoffResult
+from service.retraining.handoff import Candidate, HandoffOutcome, HandoffResult
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The frozen labelled regression set of tests/quality (20,000 requests, the new bot farm from day 15).
@@ -20,7 +20,7 @@ FROZEN_SET = ROOT / "tests" / "quality" / "data" / "frozen_synthetic.json"
 
 @dataclass
 class RecordingHandoff:
-    """:class:`service.retrain_handoff.RolloutHandoff` in memory: records each call, answers ``outcome``."""
+    """:class:`service.retraining.handoff.RolloutHandoff` in memory: records each call, answers ``outcome``."""
 
     outcome: HandoffOutcome = HandoffOutcome.STARTED
     calls: list[tuple[Candidate, str, str]] = field(default_factory=list)

@@ -24,15 +24,16 @@ from typing import Any, Protocol
 import httpx
 import numpy as np
 
-from rollout.demo_policy import load_demo_policy
-from rollout.outcome_settings import OutcomeSettings, PrometheusSettings
-from rollout.policy import OutcomeGate, dumps_policy, loads_policy
-from rollout.prometheus import PrometheusServer
-from service.datasets.synthetic import SyntheticConfig, generate
-from service.evaluate import file_sha256
-from service.model import MANIFEST_FILE, load_bundle
-from service.registry import ModelRegistry, RunPayload
+from rollout.backends.local.prometheus import PrometheusServer
+from rollout.core.policy import OutcomeGate, dumps_policy, loads_policy
+from rollout.demo.policy import load_demo_policy
+from rollout.router.outcomes.settings import OutcomeSettings
+from rollout.settings import PrometheusSettings
+from service.artifacts.bundle import MANIFEST_FILE, load_bundle
+from service.artifacts.registry import ModelRegistry, RunPayload
+from service.data.synthetic import SyntheticConfig, generate
 from service.settings import Settings
+from service.training.evaluate import file_sha256
 from tests.stackkit import BIN, HOST, ROOT, serving_features, train_bundle, wait_for
 
 __all__ = ["BIN", "HOST", "ROOT", "wait_for"]
@@ -61,7 +62,7 @@ START_TIMEOUT_S = 180.0
 ROLLOUT_TIMEOUT_S = 240.0
 DSN_ENV = f"{OutcomeSettings.model_config.get('env_prefix', '')}DSN"
 
-#: The demo's policy (rollout/demo_policy.yaml: the default policy's gates, time-compressed, with an evidence
+#: The demo's policy (rollout/demo/demo_policy.yaml: the default policy's gates, time-compressed, with an evidence
 #: minimum in every metric gate's query; the file says where it differs from the default and why), its stage
 #: minimums scaled down to 3 s: the stages then last as long as their evidence takes.
 STAGE_SCALE = 0.15

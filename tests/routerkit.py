@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.schema import BatchRequest, RefundRequest
+from service.api.schema import BatchRequest, RefundRequest
 
 Mode = Literal["ok", "error", "slow", "garbage", "reject"]
 LOOPBACK = "127.0.0.1"

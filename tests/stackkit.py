@@ -23,12 +23,12 @@ import numpy.typing as npt
 import pandas as pd
 import xgboost as xgb
 
-from rollout.router_process import RouterProcess
-from service import aggregates
-from service.evaluate import reference_bins, time_ordered
-from service.features import DEFAULT_AGGREGATES, DRIFT_FEATURES, FEATURE_NAMES, EntityAggregates, feature_matrix
-from service.featurestore import STORE_FILE, build_store
-from service.model import Calibration, Manifest, ThresholdPolicy, save_bundle
+from rollout.router.process import RouterProcess
+from service.artifacts.bundle import Calibration, Manifest, ThresholdPolicy, save_bundle
+from service.data import aggregates
+from service.data.feature_store import STORE_FILE, build_store
+from service.data.features import DEFAULT_AGGREGATES, DRIFT_FEATURES, FEATURE_NAMES, EntityAggregates, feature_matrix
+from service.training.evaluate import reference_bins, time_ordered
 from tests.conftest import N_REFERENCE_BINS
 
 ROOT = Path(__file__).resolve().parents[1]

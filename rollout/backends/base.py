@@ -1,19 +1,22 @@
-"""The narrow interfaces between the rollout controller and the world it acts on (one implementation per backend).
+"""Every port of the rollout controller: the narrow interfaces between its loop and the world it acts on.
 
-The controller decides with :mod:`rollout.machine` and acts only through these protocols:
+The controller decides with :mod:`rollout.core.machine` and acts and remembers only through these protocols:
 
 * :class:`Workloads` — make a model version run and report whether it is ready; stop it;
 * :class:`RoutingPublisher` — publish ``{stable, candidate, stage, weight, shadow}`` to every router and read it back;
 * :class:`MetricsProvider` — PromQL in, a number (or nothing) out; is the metrics store online;
 * :class:`ModelSource` — the model registry seen from delivery: version names, bundles, aliases (never training);
-* :class:`QualityCheck` — the pre-rollout regression-set metrics of a version.
+* :class:`QualityCheck` — the pre-rollout regression-set metrics of a version;
+* :class:`StateStorage`, :class:`CommandSource`, :class:`EventSink` — where the controller's state, its operator
+  commands and its events live.
 
 Every method is level-triggered: it makes the world match the argument and may be called again with the same
 argument at no cost (a second ``ensure_running`` of a running version starts nothing; a second ``publish`` of the
 table the routers hold changes nothing). Implementations: :mod:`rollout.backends.local` (child processes on
-loopback), :mod:`rollout.backends.kube` (Deployments + Services owned by a ModelRollout, its ``status.routing``),
-:mod:`rollout.backends.registry` (MLflow through :mod:`service.registry`) and the in-memory doubles of the unit
-tests.
+loopback, files in the state directory), :mod:`rollout.backends.podman` (model-server containers),
+:mod:`rollout.backends.kube` (Deployments + Services owned by a ModelRollout, its status and spec, Kubernetes
+Events), :mod:`rollout.backends.prometheus`, :mod:`rollout.backends.registry` (MLflow through
+:mod:`service.artifacts.registry`) and the in-memory doubles of the tests (tests/kits).
 """
 
 from __future__ import annotations
@@ -21,37 +24,18 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
+from datetime import datetime
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
-from rollout.routing import Stage
-
-
-class Readiness(StrEnum):
-    """Where a version's workload stands."""
-
-    READY = "ready"
-    STARTING = "starting"
-    STOPPED = "stopped"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True, slots=True)
-class WorkloadStatus:
-    """A version's workload as the backend sees it now; ``url`` is set once it has an address."""
-
-    version: str
-    readiness: Readiness
-    url: str | None = None
-    detail: str = ""
-    #: How often the workload was restarted after a failure (crash, endpoint dead, not ready in time), as far as
-    #: the backend knows (locally: since the controller started; Kubernetes: the pods' container restarts).
-    restarts: int = 0
-
-    @property
-    def ready(self) -> bool:
-        return self.readiness is Readiness.READY and self.url is not None
+from rollout.core.commands import InboxCommand
+from rollout.core.machine import (
+    RolloutState,
+    Transition,
+)
+from rollout.core.routing import Stage
+from rollout.core.state import ControllerState
+from rollout.core.workloads import WorkloadStatus
 
 
 class Workloads(Protocol):
@@ -198,3 +182,49 @@ def require_registry_stack() -> None:
             f"the MLflow registry (aliases, the quality stage) needs fraudwatch[train]; missing here: "
             f"{', '.join(missing)} — run the controller from the retraining image (scripts/images.sh retraining)"
         )
+
+
+@dataclass
+class Backend:
+    """What the controller acts on and measures with."""
+
+    workloads: Workloads
+    publisher: RoutingPublisher
+    metrics: MetricsProvider
+    source: ModelSource
+    quality: QualityCheck
+
+
+class StateStorage(Protocol):
+    """The controller's durable state (``state.json`` locally, the ModelRollout's status on Kubernetes)."""
+
+    def load(self) -> ControllerState | None: ...
+
+    def save(self, state: ControllerState, /) -> None:
+        """Make ``state`` durable before anything is acted upon; raise ``OSError`` when it could not be saved."""
+        ...
+
+
+class CommandSource(Protocol):
+    """Operator commands, each applied once per id (an inbox of files locally, ``spec`` on Kubernetes).
+
+    ``pending`` yields ``(handle, command)`` in the order they must be applied (``command`` is the error text of
+    an unreadable one); ``done(handle)`` is called once the command's result is saved."""
+
+    def pending(self) -> Sequence[tuple[Any, InboxCommand | str]]: ...
+
+    def done(self, handle: Any, /) -> None: ...
+
+    def has_pending(self) -> bool:
+        """Something to react to right now (the loop reconciles at once instead of waiting for its interval)."""
+        ...
+
+
+class EventSink(Protocol):
+    """Where transitions (exactly once, derived from the saved state) and notes are recorded."""
+
+    def sync(self, rollout: RolloutState, /) -> list[Transition]:
+        """Record the rollout's transitions not recorded yet; return them."""
+        ...
+
+    def note(self, at: datetime, rollout_id: str | None, reason: str, **fields: object) -> None: ...

@@ -1,6 +1,6 @@
 """The podman backend: the local backend with each model version in a container of the model-server image.
 
-Everything but the workload is the local backend's (:mod:`rollout.backends.local`): bundles fetched from the
+Everything but the workload is the local backend's (:mod:`rollout.backends.local.workloads`): bundles fetched from the
 registry (verified) into ``local.models_dir``, routers reached through their admin endpoint, Prometheus file-SD
 targets, readiness and health probes, restarts counted as the candidate's evidence. :class:`PodmanWorkloads`
 replaces the ``bentoml serve`` child process with a container, created and started through the libpod REST API
@@ -31,10 +31,10 @@ from typing import Any, Final
 import httpx
 
 from rollout.backends.base import ModelSource
-from rollout.backends.local import LocalWorkloads, WorkloadRecord, _Workload
-from rollout.prometheus import free_port
+from rollout.backends.local.workloads import LocalWorkloads, WorkloadRecord, _Workload
 from rollout.settings import LocalBackendSettings, PodmanBackendSettings
-from service.logging import get_logger, log_event
+from service.common.logging import get_logger, log_event
+from service.common.processes import free_port
 from service.settings import Settings
 
 logger = get_logger(__name__)

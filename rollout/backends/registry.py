@@ -1,5 +1,6 @@
 """The seam between delivery and the model side: :class:`~rollout.backends.base.ModelSource` and
-:class:`~rollout.backends.base.QualityCheck` implemented with :mod:`service.registry` and :mod:`service.evaluate`.
+:class:`~rollout.backends.base.QualityCheck` implemented with :mod:`service.artifacts.registry` and
+:mod:`service.training.evaluate`.
 
 This is the only module of :mod:`rollout` that imports the model side's registry and evaluation code (never
 training): the controller sees version names, bundle directories, aliases and a dict of metrics, nothing else.
@@ -9,7 +10,8 @@ metric (the model services' ``model_version``, the router's, the outcomes'). The
 version's name from its ``model_version`` tag; :meth:`RegistryModelSource.resolve` accepts that name, a registry
 version number (``3``) or an alias (``champion``).
 
-Alias moves follow :class:`service.registry.ModelRegistry`'s semantics and audit tags: moving ``champion`` to a new
+Alias moves follow :class:`service.artifacts.registry.ModelRegistry`'s semantics and audit tags: moving ``champion`` to
+a new
 version is a promotion (the old champion becomes ``previous``); moving it back to ``previous`` is a rollback.
 """
 
@@ -22,10 +24,8 @@ from pathlib import Path
 import pandas as pd
 
 from rollout.backends.base import VersionNotFoundError
-from service.evaluate import load_frozen_set, quality_gate
-from service.logging import get_logger, log_event
-from service.model import ModelIntegrityError, ScoringModel, load_bundle
-from service.registry import (
+from service.artifacts.bundle import ModelIntegrityError, ScoringModel, load_bundle
+from service.artifacts.registry import (
     CHALLENGER,
     CHAMPION,
     PREVIOUS,
@@ -35,7 +35,9 @@ from service.registry import (
     is_version_number,
     verify_against_registry,
 )
+from service.common.logging import get_logger, log_event
 from service.settings import QualitySettings, Settings
+from service.training.evaluate import load_frozen_set, quality_gate
 
 logger = get_logger(__name__)
 
@@ -135,7 +137,7 @@ class QualityUnavailableError(RuntimeError):
 
 class RegressionSetQuality:
     """:class:`~rollout.backends.base.QualityCheck`: the version's bundle scored on a frozen labelled set at its own
-    threshold (:func:`service.evaluate.quality_gate`); results are cached per (version, booster checksum)."""
+    threshold (:func:`service.training.evaluate.quality_gate`); results are cached per (version, booster checksum)."""
 
     def __init__(self, source: RegistryModelSource, frozen_meta: Path | None, bundles_dir: Path) -> None:
         self._source = source

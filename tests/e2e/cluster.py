@@ -47,7 +47,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.logging import get_logger, log_event
+from service.common.logging import get_logger, log_event
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOGGER = get_logger("e2e.cluster")

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import httpx
 import yaml
 
-from rollout.backends.kube_api import KubeApi, KubeError, core_path, rollout_path
+from rollout.backends.kube.api import KubeApi, KubeError, core_path, rollout_path
 from tests.chartkit import CHART_DIR, CRD_FILE, DRY_RENDER_VALUES, parse_manifests, values_file
 from tests.e2e.cluster import ControlPlane, free_port
 

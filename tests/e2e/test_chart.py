@@ -20,7 +20,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ApiException as DynamicApiException
 
-from rollout.policy import load_policy, policy_from_mapping
+from rollout.core.policy import load_policy, policy_from_mapping
 from tests.chartkit import (
     CHART_DIR,
     CRD_FILE,
@@ -279,7 +279,7 @@ def test_crd_accepts_a_rollout_and_its_printer_columns_read_it(
 
 
 def test_crd_keeps_the_default_policy_unpruned(k8s_client: Any, crd: Mapping[str, Any], namespace: str) -> None:
-    """rollout/default_policy.yaml stored in a ModelRollout comes back whole: the schema prunes none of its fields
+    """rollout/core/default_policy.yaml stored in a ModelRollout comes back whole: the schema prunes none of its fields
     and the policy code reads it back equal."""
     policy = yaml.safe_load(DEFAULT_POLICY_FILE.read_text(encoding="utf-8"))
     created = create_rollout(k8s_client, namespace, rollout_body("policy", {"policy": policy}))

@@ -11,7 +11,7 @@ created.
 * without the controller, deleting the ModelRollout lets the garbage collector remove what it owns (owner
   references); with the controller, its finalizer deletes the workloads before the object goes;
 * RBAC: SubjectAccessReviews against the real API server — the controller's ServiceAccount may do each thing the
-  backend does (rollout/backends/kube.py REQUIRED_ACCESS) and is refused what it does not need; the router's
+  backend does (rollout/backends/kube/access.py REQUIRED_ACCESS) and is refused what it does not need; the router's
   ServiceAccount may only read ModelRollouts.
 
 No model server runs here (kwok's pods are fake); the full walk with real BentoML processes is
@@ -34,10 +34,10 @@ from typing import Any
 import pytest
 import yaml
 
-from rollout.backends.kube import REQUIRED_ACCESS, ROUTER_ACCESS
-from rollout.backends.kube_api import KubeApi, rollout_path
-from rollout.backends.kube_model import FINALIZER
-from rollout.cli import ExitCode
+from rollout.backends.kube.access import REQUIRED_ACCESS, ROUTER_ACCESS
+from rollout.backends.kube.api import KubeApi, rollout_path
+from rollout.backends.kube.resource import FINALIZER
+from rollout.cli.errors import ExitCode
 from tests.chartkit import DEFAULT_POLICY_FILE
 from tests.e2e.cluster import ControlPlane
 from tests.e2e.kubekit import (

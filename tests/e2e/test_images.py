@@ -21,12 +21,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MODEL_STACK = ("xgboost", "sklearn", "scipy", "pandas", "mlflow", "matplotlib", "bentoml")
 #: component → (user, entry modules, top-level modules its image must not even contain)
 IMAGES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
-    "serve": ("1034:1034", ("service.bento", "service.registry"), ("sklearn", "pandas", "matplotlib", "kubernetes")),
-    "router": ("10001:10001", ("rollout.router", "rollout.backends.kube_api", "kubernetes", "psycopg"), MODEL_STACK),
-    "controller": ("10001:10001", ("rollout.controller", "rollout.backends.kube", "rollout.cli", "kubernetes"),
-                   MODEL_STACK),
-    "retraining": ("10001:10001", ("service.cli", "service.retrain", "service.retrain_webhook",
-                                   "service.retrain_handoff", "rollout.backends.registry", "rollout.controller"), ()),
+    "serve": ("1034:1034", ("service.serving.bento", "service.artifacts.registry"),
+              ("sklearn", "pandas", "matplotlib", "kubernetes")),
+    "router": ("10001:10001", ("rollout.router.app", "rollout.backends.kube.api", "kubernetes", "psycopg"),
+               MODEL_STACK),
+    "controller": ("10001:10001", ("rollout.controller.loop", "rollout.controller.kube", "rollout.cli.main",
+                                   "kubernetes"), MODEL_STACK),
+    "retraining": ("10001:10001", ("service.cli.main", "service.retraining.job", "service.retraining.webhook",
+                                   "service.retraining.handoff", "rollout.backends.registry",
+                                   "rollout.controller.loop"), ()),
 }  # fmt: skip
 
 _PROBE = """

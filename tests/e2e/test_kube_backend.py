@@ -16,17 +16,12 @@ from typing import Any
 
 import pytest
 
-from rollout.backends.base import Readiness, RoutingSpec
-from rollout.backends.kube import (
-    KubeEventSink,
-    KubeWorkloads,
-    RolloutCache,
-    StatusRoutingPublisher,
-    StatusWriter,
-)
-from rollout.backends.kube_api import KubeApi, rollout_path
-from rollout.backends.kube_lease import LeaseElector
-from rollout.backends.kube_model import (
+from rollout.backends.base import RoutingSpec
+from rollout.backends.kube.api import KubeApi, rollout_path
+from rollout.backends.kube.cache import RolloutCache
+from rollout.backends.kube.events import KubeEventSink
+from rollout.backends.kube.lease import LeaseElector
+from rollout.backends.kube.resource import (
     FINALIZER,
     ROLLOUT_LABEL,
     VERSION_LABEL,
@@ -34,7 +29,10 @@ from rollout.backends.kube_model import (
     state_of,
     workload_name,
 )
-from rollout.policy import load_policy
+from rollout.backends.kube.status import StatusRoutingPublisher, StatusWriter
+from rollout.backends.kube.workloads import KubeWorkloads
+from rollout.core.policy import load_policy
+from rollout.core.workloads import Readiness
 from rollout.settings import ControllerSettings, KubeBackendSettings
 from tests.e2e.cluster import ControlPlane
 from tests.e2e.kubekit import (

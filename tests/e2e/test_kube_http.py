@@ -1,4 +1,4 @@
-"""The CLI's light Kubernetes client (``rollout/backends/kube_http.py``) against the real API server, beside the
+"""The CLI's light Kubernetes client (``rollout/backends/kube/http.py``) against the real API server, beside the
 official client (``KubeApi``) doing the same calls: the same objects, the same errors, both kinds of credentials
 (the admin client certificate by path, a ServiceAccount token from a TokenRequest) and inline PEM data."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rollout.backends.kube_api import KubeApi, KubeError, rollout_path
-from rollout.backends.kube_http import HttpKubeApi, light_api, load_credentials
+from rollout.backends.kube.api import KubeApi, KubeError, rollout_path
+from rollout.backends.kube.http import HttpKubeApi, light_api, load_credentials
 from tests.e2e.cluster import ControlPlane
 from tests.e2e.kubekit import admin_api, ensure_crd, namespace, rollout_body, service_account_kubeconfig
 

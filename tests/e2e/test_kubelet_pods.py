@@ -31,8 +31,8 @@ import httpx
 import pytest
 import yaml
 
-from rollout.prometheus import free_port
-from service.datasets.synthetic import SyntheticConfig, generate
+from service.common.processes import free_port
+from service.data.synthetic import SyntheticConfig, generate
 from tests.chartkit import Helm, locate_helm, one
 from tests.e2e.cluster import ClusterSettings, locate_binaries
 from tests.podkit import images, secret_data

@@ -4,7 +4,7 @@ can do nothing else.
 
 The chart is rendered with ``retraining.enabled`` (``helm template --validate`` against this API server); its
 ModelRollout, ServiceAccount, Role and RoleBinding are created as Helm would; the hand-off
-(:class:`service.retrain_handoff.ModelRolloutPatchHandoff`) then runs with the ServiceAccount's identity (the admin
+(:class:`service.retraining.handoff.ModelRolloutPatchHandoff`) then runs with the ServiceAccount's identity (the admin
 impersonates ``system:serviceaccount:<namespace>:<name>``, so RBAC decides exactly as for the pod).
 """
 
@@ -22,7 +22,7 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 
-from service.retrain_handoff import ANNOTATION_REQUEST, Candidate, HandoffOutcome, ModelRolloutPatchHandoff
+from service.retraining.handoff import ANNOTATION_REQUEST, Candidate, HandoffOutcome, ModelRolloutPatchHandoff
 from service.settings import KubeHandoffSettings
 from tests.e2e.cluster import ControlPlane
 from tests.e2e.test_chart import (

@@ -48,12 +48,12 @@ import httpx
 import pytest
 import yaml
 
-from rollout.backends.kube_api import Informer, KubeApi, rollout_path
-from rollout.backends.kube_model import event_name, state_of
-from rollout.machine import RolloutState
-from rollout.prometheus import ScrapeTarget
-from rollout.router_process import RouterProcess
-from service.serving_process import BentoServer
+from rollout.backends.kube.api import Informer, KubeApi, rollout_path
+from rollout.backends.kube.resource import event_name, state_of
+from rollout.backends.local.prometheus import ScrapeTarget
+from rollout.core.machine import RolloutState
+from rollout.router.process import RouterProcess
+from service.serving.process import BentoServer
 from tests.e2e.cluster import ControlPlane
 from tests.e2e.kubekit import (
     CONTROLLER_SA,

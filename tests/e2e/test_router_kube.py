@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from rollout.backends.kube_api import KubeApi, rollout_path
-from rollout.router_process import RouterProcess
+from rollout.backends.kube.api import KubeApi, rollout_path
+from rollout.router.process import RouterProcess
 from tests.e2e.cluster import ControlPlane
 from tests.e2e.kubekit import (
     ROLLOUT,

@@ -24,10 +24,10 @@ from typing import Any
 import httpx
 import pytest
 
-from rollout.backends.kube_api import KubeApi, rollout_path
-from rollout.backends.kube_model import SERVICE_NAME_LABEL, router_endpoints, workload_name
-from rollout.router_process import RouterProcess
-from rollout.routing import RoutingTable
+from rollout.backends.kube.api import KubeApi, rollout_path
+from rollout.backends.kube.resource import SERVICE_NAME_LABEL, router_endpoints, workload_name
+from rollout.core.routing import RoutingTable
+from rollout.router.process import RouterProcess
 from tests.e2e.cluster import ControlPlane
 from tests.e2e.kubekit import (
     BASE_VALUES,

@@ -1,4 +1,4 @@
-"""A minimal BentoML service for testing :mod:`service.serving_process` without a trained model.
+"""A minimal BentoML service for testing :mod:`service.serving.process` without a trained model.
 
 It reports the model directory it was started with, so a test can see the environment reached the child.
 """
@@ -9,7 +9,7 @@ import os
 
 import bentoml
 
-from service.serving_process import MODEL_DIR_ENV
+from service.serving.process import MODEL_DIR_ENV
 
 
 @bentoml.service

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.serving_process import BentoServer
+from service.serving.process import BentoServer
 from service.settings import Settings
 
 #: Deadline for a server to become ready (generous: other jobs share the 2 cores).
@@ -19,7 +19,7 @@ def server_settings(home: Path) -> Settings:
 
 
 def scoring_server(home: Path, model_dir: Path, name: str, env: Mapping[str, str]) -> BentoServer:
-    """A not yet started ``bentoml serve service.bento:RefundFraudService`` for ``model_dir``."""
+    """A not yet started ``bentoml serve service.serving.bento:RefundFraudService`` for ``model_dir``."""
     return BentoServer(model_dir=model_dir, settings=server_settings(home), name=name, extra_env=dict(env))
 
 

@@ -17,12 +17,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.features import DEFAULT_AGGREGATES, DRIFT_FEATURES, feature_matrix
-from service.featurestore import STORE_FILE, SQLiteFeatureStore
-from service.model import MODEL_FILE, ScoringModel, load_bundle
-from service.registry import ModelRegistry, RunPayload
-from service.schema import BatchResponse, ErrorResponse, RefundResponse
-from service.serving_process import BentoServer
+from service.api.schema import BatchResponse, ErrorResponse, RefundResponse
+from service.artifacts.bundle import MODEL_FILE, ScoringModel, load_bundle
+from service.artifacts.registry import ModelRegistry, RunPayload
+from service.data.feature_store import STORE_FILE, SQLiteFeatureStore
+from service.data.features import DEFAULT_AGGREGATES, DRIFT_FEATURES, feature_matrix
+from service.serving.process import BentoServer
 from service.settings import Settings
 from tests.integration.conftest import scoring_server, server_settings
 

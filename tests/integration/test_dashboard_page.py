@@ -30,16 +30,19 @@ import yaml
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from rollout import dashboard as dash
-from rollout.outcome_settings import OutcomeSettings, PrometheusSettings
-from rollout.prometheus import PrometheusClient, PrometheusServer, ScrapeTarget, free_port
-from rollout.router_process import RouterProcess
-from rollout.routing import RoutingTable, VersionEndpoint
-from rollout.sources import write_table_file
-from service.datasets.synthetic import generate
-from service.features import DRIFT_FEATURES
-from service.model import read_manifest
-from service.serving_process import BentoServer
+from rollout.backends.local.prometheus import PrometheusServer, ScrapeTarget
+from rollout.backends.prometheus import PrometheusClient
+from rollout.core.routing import RoutingTable, VersionEndpoint
+from rollout.dashboard import panels
+from rollout.router.outcomes.settings import OutcomeSettings
+from rollout.router.process import RouterProcess
+from rollout.router.table_sources import write_table_file
+from rollout.settings import PrometheusSettings
+from service.artifacts.bundle import read_manifest
+from service.common.processes import free_port
+from service.data.features import DRIFT_FEATURES
+from service.data.synthetic import generate
+from service.serving.process import BentoServer
 from tests.conftest import SMALL_DATA, build_small_bundle
 from tests.integration.conftest import scoring_server
 from tests.routerkit import metric_value
@@ -388,8 +391,8 @@ def _value(dom: _Panels, panel: str, series: str) -> float:
 
 def test_the_page_has_the_four_layers_the_rollout_and_the_alerts(dom: _Panels) -> None:
     sections = [html.unescape(s).strip() for s in dom.sections]
-    assert sections == [s.title for s in dash.SECTIONS]
-    for section in dash.SECTIONS:
+    assert sections == [s.title for s in panels.SECTIONS]
+    for section in panels.SECTIONS:
         for panel in section.panels:
             assert html.unescape(dom.panels[panel.key]["title"]) == panel.title
 

@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from service.demo import SEED_LABEL, SEED_REQUEST
-from service.model import load_bundle
-from service.registry import CHAMPION, ModelRegistry
+from service.artifacts.bundle import load_bundle
+from service.artifacts.registry import CHAMPION, ModelRegistry
+from service.demo.quickstart import SEED_LABEL, SEED_REQUEST
 from service.settings import Settings
 
 pytestmark = pytest.mark.integration

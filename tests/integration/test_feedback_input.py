@@ -20,11 +20,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rollout.outcome_settings import OutcomeSettings
-from rollout.outcomes import FEEDBACK_PATH
-from rollout.router_process import RouterProcess
-from rollout.routing import RoutingTable
-from rollout.sources import write_table_file
+from rollout.core.routing import RoutingTable
+from rollout.router.outcomes.feedback import FEEDBACK_PATH
+from rollout.router.outcomes.settings import OutcomeSettings
+from rollout.router.process import RouterProcess
+from rollout.router.table_sources import write_table_file
 from tests.routerkit import closed_port
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,5 @@
-"""rollout.backends.local.LocalWorkloads against real ``bentoml serve`` processes: a server whose main process is
+"""rollout.backends.local.workloads.LocalWorkloads against real ``bentoml serve`` processes: a server whose main
+process is
 killed is detected as dead, its orphaned workers are stopped (nothing left on its port) and the restart counted; a
 bundle changed on disk after the registry check is refused by the real scoring service's workers.
 
@@ -19,13 +20,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rollout.backends.base import Readiness, WorkloadStatus
-from rollout.backends.local import LocalWorkloads
+from rollout.backends.local.workloads import LocalWorkloads
+from rollout.core.workloads import Readiness, WorkloadStatus
 from rollout.settings import LocalBackendSettings
-from service import proctree
-from service.featurestore import STORE_FILE, TABLE
-from service.model import MANIFEST_FILE, bundle_digest
-from service.serving_process import BentoServer
+from service.artifacts.bundle import MANIFEST_FILE, bundle_digest
+from service.common import processes as proctree
+from service.data.feature_store import STORE_FILE, TABLE
+from service.serving.process import BentoServer
 from service.settings import Settings
 from tests.sockets import connection_refused
 
@@ -151,7 +152,7 @@ def test_a_bundle_changed_after_the_registry_check_is_refused_by_the_model_serve
     so a threshold or feature store rewritten after the fetch was served. The workers now get the digest
     (FW_SERVE__MODEL_DIGEST) and refuse such a bundle before parsing it: dead (/livez 503), never ready; the
     unchanged bundle is served."""
-    serve = Settings.model_validate({"home": tmp_path / "home"})  # the real service.bento:RefundFraudService
+    serve = Settings.model_validate({"home": tmp_path / "home"})  # the real service.serving.bento:RefundFraudService
     settings = LocalBackendSettings(server_env={"FW_SERVE__WORKERS": "1"}, start_timeout_s=TIMEOUT_S)
     workloads = LocalWorkloads(settings, serve, CheckedSource(bundle_dir, changed), tmp_path / "state")
     try:

@@ -1,6 +1,6 @@
 """The online store against training's definition: a stream replayed through a real ``redis-server`` and through the
 embedded SQLite store gives, value for value, the point-in-time velocity features training computes
-(``service.velocity.point_in_time``); replays are no-ops; a request read after its own event was written reads the
+(``service.data.velocity.point_in_time``); replays are no-ops; a request read after its own event was written reads the
 same; the background writer's path ends in the same state; the read budget holds against a frozen Redis."""
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from service import velocity as v
-from service.datasets.synthetic import SyntheticConfig, generate
-from service.evaluate import time_ordered
-from service.featurestore import StoreTimeoutError
-from service.online_redis import RedisOnlineStore
-from service.online_sqlite import SQLiteOnlineStore
-from service.online_store import BackgroundWriter, OnlineStore, WriterCallbacks, open_online_store, resolve_all
+from service.data import velocity as v
+from service.data.feature_store import StoreTimeoutError
+from service.data.online_redis import RedisOnlineStore
+from service.data.online_sqlite import SQLiteOnlineStore
+from service.data.online_store import BackgroundWriter, OnlineStore, WriterCallbacks, open_online_store, resolve_all
+from service.data.synthetic import SyntheticConfig, generate
 from service.settings import OnlineStoreSettings
+from service.training.evaluate import time_ordered
 from tests.rediskit import RedisServer, redis_server
 
 pytestmark = pytest.mark.integration

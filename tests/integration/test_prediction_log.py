@@ -21,16 +21,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from rollout.outcome_settings import OutcomeSettings
-from rollout.outcomes import (
-    FEEDBACK_PATH,
-    FeedbackRequest,
-    OutcomeTracker,
-    PredictionLog,
-    PredictionRecord,
-    create_log_engine,
-    ensure_schema,
-)
+from rollout.router.outcomes.feedback import FEEDBACK_PATH, FeedbackRequest, OutcomeTracker
+from rollout.router.outcomes.prediction_log import PredictionLog, PredictionRecord, create_log_engine, ensure_schema
+from rollout.router.outcomes.settings import OutcomeSettings
 from tests.integration.pg import PostgresServer, running_postgres
 from tests.sockets import unaccepting_listener
 

@@ -24,14 +24,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rollout.outcome_settings import OutcomeSettings
-from rollout.outcomes import PREDICTION_ID_HEADER
-from rollout.router import EXIT_DATABASE_UNREACHABLE
-from rollout.router_process import RouterProcess
-from rollout.routing import RoutingTable, VersionEndpoint
-from rollout.sources import write_table_file
-from service.model import read_manifest
-from service.serving_process import BentoServer
+from rollout.core.routing import RoutingTable, VersionEndpoint
+from rollout.router.app import EXIT_DATABASE_UNREACHABLE
+from rollout.router.outcomes.prediction_log import PREDICTION_ID_HEADER
+from rollout.router.outcomes.settings import OutcomeSettings
+from rollout.router.process import RouterProcess
+from rollout.router.table_sources import write_table_file
+from service.artifacts.bundle import read_manifest
+from service.serving.process import BentoServer
 from tests.integration.conftest import scoring_server
 from tests.routerkit import metric_value
 from tests.sockets import unaccepting_listener

@@ -1,7 +1,7 @@
 """A real Prometheus (Debian's binary) scraping real exporters and evaluating deploy/prometheus/rules.yml.
 
 1. Two exporter replicas of the model service's drift series (prometheus_client HTTP servers on 127.0.0.1) plus the
-   outcome metrics of a real :class:`OutcomeTracker`: the recorded PSI equals rollout/drift.py's, precision is
+   outcome metrics of a real :class:`OutcomeTracker`: the recorded PSI equals rollout/core/drift.py's, precision is
    exact, and ROC-AUC computed from the recorded bucket series (as the controller does) matches.
 2. A real ``bentoml serve`` of the scoring service receiving shifted traffic: PSI series exist for every drift
    feature and the score, and the shifted feature's PSI is large.
@@ -25,20 +25,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from sklearn.metrics import roc_auc_score
 
-from rollout import drift
-from rollout.outcome_settings import DriftSettings, OutcomeSettings, PrometheusSettings
-from rollout.outcomes import OutcomeTracker, PredictionLog, PredictionRecord
-from rollout.prometheus import (
-    PrometheusClient,
-    PrometheusQueryError,
-    PrometheusServer,
-    PrometheusUnavailableError,
-    ScrapeTarget,
-    free_port,
-)
-from service.datasets.synthetic import generate
-from service.features import DRIFT_FEATURES
-from service.serving_process import BentoServer
+from rollout.backends.local.prometheus import PrometheusServer, ScrapeTarget
+from rollout.backends.prometheus import PrometheusClient, PrometheusQueryError, PrometheusUnavailableError
+from rollout.core import drift
+from rollout.router.outcomes.feedback import OutcomeTracker
+from rollout.router.outcomes.prediction_log import PredictionLog, PredictionRecord
+from rollout.router.outcomes.settings import DriftSettings, OutcomeSettings
+from rollout.settings import PrometheusSettings
+from service.common.processes import free_port
+from service.data.features import DRIFT_FEATURES
+from service.data.synthetic import generate
+from service.serving.process import BentoServer
 from tests.conftest import SMALL_DATA
 
 pytestmark = pytest.mark.integration

@@ -4,13 +4,13 @@ retraining service → a gated challenger in MLflow → a rollout of it in progr
 Every part is real and on 127.0.0.1: the rollout controller (``python -m rollout.controller``, local backend) and
 the ``bentoml serve`` model servers it starts from the MLflow registry (SQLite), the router, Prometheus (scraping
 them all and evaluating deploy/prometheus/rules.yml), Alertmanager (Debian's ``prometheus-alertmanager``, routing
-with deploy/alertmanager/alertmanager.yml), the retraining service (``python -m service.retrain_webhook``) and the
+with deploy/alertmanager/alertmanager.yml), the retraining service (``python -m service.retraining.webhook``) and the
 ``fraudwatch retrain`` and ``rolloutctl start`` processes it runs. Test configuration only shortens durations
 (every alert's ``for:`` to 3 s; the routes' group wait/interval/repeat to 1/2/4 s: tests/alertkit.py) — the rules'
 expressions, labels and the routing tree are the shipped ones.
 
 The scenario: the champion v1 was trained (on the features serving computes) before a new bot farm appeared
-(:mod:`service.datasets.synthetic`'s drift switch: bought, aged accounts behind residential proxies). The refund
+(:mod:`service.data.synthetic`'s drift switch: bought, aged accounts behind residential proxies). The refund
 stream after that day is replayed through the router: the farm's accounts are unknown to v1's feature store, the
 served refund-history features leave v1's training reference (``DRIFTING_FEATURES``), ``FraudwatchFeatureDriftHigh``
 fires, Alertmanager delivers it
@@ -39,13 +39,16 @@ import httpx
 import pandas as pd
 import pytest
 
-from rollout.backends.local import WORKLOADS_FILE, stop_group
-from rollout.outcome_settings import OutcomeSettings, PrometheusSettings
-from rollout.prometheus import PrometheusClient, PrometheusServer, free_port
-from rollout.router_process import RouterProcess
-from rollout.state import StateStore
-from service.datasets.synthetic import SyntheticConfig, generate
-from service.registry import CHALLENGER, CHAMPION, ModelRegistry, RunPayload
+from rollout.backends.local.prometheus import PrometheusServer
+from rollout.backends.local.state import StateStore
+from rollout.backends.local.workloads import WORKLOADS_FILE
+from rollout.backends.prometheus import PrometheusClient
+from rollout.router.outcomes.settings import OutcomeSettings
+from rollout.router.process import RouterProcess
+from rollout.settings import PrometheusSettings
+from service.artifacts.registry import CHALLENGER, CHAMPION, ModelRegistry, RunPayload
+from service.common.processes import free_port, stop_tree
+from service.data.synthetic import SyntheticConfig, generate
 from service.settings import Settings
 from tests.alertkit import AlertmanagerServer, fast_routing, fast_rules
 from tests.retrainkit import FROZEN_SET
@@ -143,7 +146,7 @@ class Stack:
 
 
 def start_receiver(env: dict[str, str], workdir: Path) -> subprocess.Popen[bytes]:
-    return start_process([sys.executable, "-m", "service.retrain_webhook"], env, workdir / "receiver.log")
+    return start_process([sys.executable, "-m", "service.retraining.webhook"], env, workdir / "receiver.log")
 
 
 def _wait_http(url: str, what: str) -> None:
@@ -243,7 +246,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stop_process(processes.get("controller"))
         with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
             for record in json.loads((workdir / "rollout" / WORKLOADS_FILE).read_text()):
-                stop_group(record["pid"], grace_s=10.0, poll_s=0.1)  # servers a failed test may leave behind
+                stop_tree(record["pid"], grace_s=10.0, poll_s=0.1)  # servers a failed test may leave behind
         router.stop()
         if prometheus is not None:
             prometheus.stop()

@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
-from rollout.demo_policy import load_demo_policy
-from service.registry import CHALLENGER, CHAMPION, PREVIOUS, ModelRegistry
+from rollout.demo.policy import load_demo_policy
+from service.artifacts.registry import CHALLENGER, CHAMPION, PREVIOUS, ModelRegistry
 from service.settings import Settings
 
 pytestmark = pytest.mark.integration

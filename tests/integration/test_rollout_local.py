@@ -5,7 +5,7 @@ it starts (bundles fetched from an MLflow registry on SQLite), the router (admin
 the router, the model servers the controller registers through file SD, and the controller; evaluating
 deploy/prometheus/rules.yml every second), locust (its CLI, refund traffic plus delayed fraud labels) and
 ``rolloutctl`` (its console script). The policy is the default policy's shape, time-compressed: stages of a few
-seconds, analysis every second (the demo's policy, rollout/demo_policy.yaml, with its stage minimums scaled down).
+seconds, analysis every second (the demo's policy, rollout/demo/demo_policy.yaml, with its stage minimums scaled down).
 
 The models (v1, v2 and the subtly bad v3), the policy, the traffic and Prometheus come from tests/rolloutkit.py,
 shared with the same walk on Kubernetes (tests/e2e/test_rollout_kube.py).
@@ -49,15 +49,17 @@ from typing import Any
 import httpx
 import pytest
 
-from rollout.backends.local import WORKLOADS_FILE, stop_group
-from rollout.controller import OFFLINE_MESSAGE
-from rollout.events import read_events
-from rollout.inbox import EVENTS_FILE, CommandInbox, read_heartbeat
-from rollout.policy import dumps_policy, loads_policy
-from rollout.prometheus import PrometheusClient, PrometheusServer, free_port
-from rollout.router_process import RouterProcess
-from rollout.state import ControllerState, StateStore
-from service.proctree import alive, process_tree, tagged
+from rollout.backends.local.events import read_events
+from rollout.backends.local.inbox import EVENTS_FILE, CommandInbox, read_heartbeat
+from rollout.backends.local.prometheus import PrometheusServer
+from rollout.backends.local.state import StateStore
+from rollout.backends.local.workloads import WORKLOADS_FILE
+from rollout.backends.prometheus import PrometheusClient
+from rollout.controller.runners import OFFLINE_MESSAGE
+from rollout.core.policy import dumps_policy, loads_policy
+from rollout.core.state import ControllerState
+from rollout.router.process import RouterProcess
+from service.common.processes import alive, free_port, process_tree, stop_tree, tagged
 from tests.rolloutkit import (
     BIN,
     HOST,
@@ -242,7 +244,7 @@ def stack(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         stop_traffic(built)
         with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
             for pid in built.workloads().values():  # a failed test may leave servers a kill orphaned
-                stop_group(pid, grace_s=10.0, poll_s=0.1)
+                stop_tree(pid, grace_s=10.0, poll_s=0.1)
         router.stop()
         prometheus.stop()
         print(f"\nrollout integration timings: {json.dumps(built.timings)}")

@@ -37,7 +37,7 @@ import httpx
 import pytest
 import yaml
 
-from rollout.prometheus import free_port
+from service.common.processes import free_port
 from tests.chartkit import Helm, locate_helm, one
 from tests.integration import test_rollout_local as local_walk
 from tests.integration.test_rollout_local import NAME, TOKEN, Stack

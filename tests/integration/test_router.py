@@ -31,13 +31,15 @@ from typing import Any
 import httpx
 import pytest
 
-from rollout.outcome_settings import OutcomeSettings, PrometheusSettings
-from rollout.prometheus import PrometheusClient, PrometheusServer, ScrapeTarget
-from rollout.router_process import RouterProcess
-from rollout.routing import RoutePlan, RoutingTable, VersionEndpoint
-from rollout.sources import write_table_file
-from service.model import read_manifest
-from service.serving_process import BentoServer
+from rollout.backends.local.prometheus import PrometheusServer, ScrapeTarget
+from rollout.backends.prometheus import PrometheusClient
+from rollout.core.routing import RoutePlan, RoutingTable, VersionEndpoint
+from rollout.router.outcomes.settings import OutcomeSettings
+from rollout.router.process import RouterProcess
+from rollout.router.table_sources import write_table_file
+from rollout.settings import PrometheusSettings
+from service.artifacts.bundle import read_manifest
+from service.serving.process import BentoServer
 from tests.conftest import SMALL_DATA, build_small_bundle
 from tests.integration.conftest import scoring_server
 from tests.routerkit import metric_value

@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.serving_process import BentoServer, ServerStartError, free_port
+from service.common.processes import free_port
+from service.serving.process import BentoServer, ServerStartError
 from service.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -104,7 +105,7 @@ def test_server_that_cannot_import_fails_fast_with_its_log(tmp_path: Path) -> No
 SCRIPT = """
 import sys, time
 from pathlib import Path
-from service.serving_process import BentoServer
+from service.serving.process import BentoServer
 from tests.integration.test_serving_process import settings_for
 home = Path(sys.argv[1])
 with BentoServer(model_dir=home, settings=settings_for(home, "EchoService")) as server:
@@ -144,7 +145,7 @@ def listening(url: str) -> bool:
 def test_a_server_whose_main_process_was_killed_leaves_no_worker_behind_when_stopped(tmp_path: Path) -> None:
     """BentoML's workers open sessions of their own: after a SIGKILL of the server's main process a worker is
     orphaned and still answers on the port; stopping the server reaches it through the process-tree tag."""
-    from service import proctree
+    from service.common import processes as proctree
 
     server = BentoServer(model_dir=tmp_path, settings=settings_for(tmp_path, "EchoService"))
     with server:

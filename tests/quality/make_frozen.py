@@ -24,10 +24,10 @@ from pathlib import Path
 
 import sklearn
 
-from service.datasets import creditcard
-from service.datasets.synthetic import SyntheticConfig, generate
-from service.evaluate import file_sha256
+from service.data import creditcard
+from service.data.synthetic import SyntheticConfig, generate
 from service.settings import DataSettings
+from service.training.evaluate import file_sha256
 
 DATA_DIR = Path(__file__).parent / "data"
 CSV_NAME = "frozen_synthetic.csv.gz"
@@ -75,7 +75,7 @@ def main() -> None:
         "rows": len(frame),
         "frauds": int(frame["is_fraud"].sum()),
         "patterns": {str(k): int(v) for k, v in frame["pattern"].value_counts().sort_index().items()},
-        "generator": "service.datasets.synthetic.generate",
+        "generator": "service.data.synthetic.generate",
         "config": asdict(CONFIG),
     }
     (DATA_DIR / META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

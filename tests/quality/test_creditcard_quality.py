@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.datasets import creditcard
-from service.evaluate import classification_metrics, file_sha256
+from service.data import creditcard
 from service.settings import DataSettings, Settings
-from service.train import ModelFit, train_model
+from service.training.evaluate import classification_metrics, file_sha256
+from service.training.train import ModelFit, train_model
 
 pytestmark = pytest.mark.quality
 

@@ -4,7 +4,7 @@ The frozen set (``data/frozen_synthetic.csv.gz``, 20,000 requests over 30 days i
 pattern from day 15) was generated once by ``tests/quality/make_frozen.py`` and committed with its SHA-256; the
 test refuses a file that does not match. The model is trained by the real pipeline on a training frame generated
 from a fixed seed (the generator may evolve; the goalposts cannot), then scored on the frozen set through the
-pre-rollout gate ``service.evaluate.quality_gate``.
+pre-rollout gate ``service.training.evaluate.quality_gate``.
 
 Measured (2026-11-23, XGBoost 3.2.0, default TrainSettings, nthread 2; identical in repeated runs):
     trained with drift:  frozen-set PR-AUC 0.901, recall 0.856 / precision 0.776 at the validation-chosen
@@ -23,11 +23,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from service.datasets.synthetic import SyntheticConfig, generate
-from service.evaluate import file_sha256, load_frozen_set, quality_gate
-from service.model import load_bundle
+from service.artifacts.bundle import load_bundle
+from service.data.synthetic import SyntheticConfig, generate
 from service.settings import QualitySettings, Settings
-from service.train import TrainingResult, train_pipeline
+from service.training.evaluate import file_sha256, load_frozen_set, quality_gate
+from service.training.train import TrainingResult, train_pipeline
 
 pytestmark = pytest.mark.quality
 

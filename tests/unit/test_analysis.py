@@ -1,4 +1,5 @@
-"""rollout.analysis: gate measurements → Successful / Failed / Inconclusive / Error, with a provider made of a dict."""
+"""rollout.core.analysis: gate measurements → Successful / Failed / Inconclusive / Error, with a provider made of a
+dict."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from scipy.stats import norm
 
-from rollout import analysis as an
-from rollout import policy as pol
-from rollout.analysis import GateStatus as S
-from rollout.prometheus import PrometheusClient
+from rollout.backends.prometheus import PrometheusClient
+from rollout.core import analysis as an
+from rollout.core import policy as pol
+from rollout.core.analysis import GateStatus as S
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 STABLE, CANDIDATE = "v1", "v2"
@@ -115,7 +116,7 @@ class DictProvider:
 
 
 def _the_real_client_fits_both_protocols(client: PrometheusClient) -> tuple[an.MetricsQuery, an.VectorQuery]:
-    """Checked by mypy: rollout.prometheus.PrometheusClient can be handed to analyse() as it is."""
+    """Checked by mypy: rollout.backends.prometheus.PrometheusClient can be handed to analyse() as it is."""
     return client, client
 
 

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service import aggregates
-from service.bento import DirectPredictor, Runtime, choose_predictor, load_runtime, probe_rows
-from service.datasets.synthetic import SyntheticConfig, generate
-from service.features import DEFAULT_AGGREGATES, feature_matrix
-from service.featurestore import STORE_FILE, TABLE
-from service.metrics import SCORE_FEATURE, Metrics, trained_timestamp
-from service.model import ScoringModel, bundle_digest, load_bundle
-from service.schema import RefundRequest
+from service.api.schema import RefundRequest
+from service.artifacts.bundle import ScoringModel, bundle_digest, load_bundle
+from service.data import aggregates
+from service.data.feature_store import STORE_FILE, TABLE
+from service.data.features import DEFAULT_AGGREGATES, feature_matrix
+from service.data.synthetic import SyntheticConfig, generate
+from service.serving.bento import DirectPredictor, Runtime, choose_predictor, load_runtime, probe_rows
+from service.serving.metrics import SCORE_FEATURE, Metrics, trained_timestamp
 from service.settings import Settings
 
 ROWS = SyntheticConfig(n_accounts=300, n_requests=600, days=10, fraud_rate=0.05, seed=3)

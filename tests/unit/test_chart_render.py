@@ -22,12 +22,12 @@ import yaml
 from pydantic import BaseModel
 from pydantic_settings import BaseSettings
 
-from rollout.backends.kube import REQUIRED_ACCESS
-from rollout.outcome_settings import DriftSettings, OutcomeSettings, PrometheusSettings
-from rollout.outcomes import mark_dir_of
-from rollout.policy import CANARY_WEIGHT_MAX, CANARY_WEIGHT_MIN, load_policy, policy_from_mapping
-from rollout.router import Router
-from rollout.settings import RolloutSettings
+from rollout.backends.kube.access import REQUIRED_ACCESS
+from rollout.core.policy import CANARY_WEIGHT_MAX, CANARY_WEIGHT_MIN, load_policy, policy_from_mapping
+from rollout.router.app import Router
+from rollout.router.outcomes.prediction_log import mark_dir_of
+from rollout.router.outcomes.settings import DriftSettings, OutcomeSettings
+from rollout.settings import PrometheusSettings, RolloutSettings
 from service.settings import Settings
 from tests.chartkit import (
     CHART_DIR,

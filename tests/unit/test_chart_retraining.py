@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from service.cli import ExitCode
+from service.cli.main import ExitCode
 from service.settings import Settings
 from tests.chartkit import Helm, find, one
 from tests.unit.test_chart_render import helm, workdir
@@ -123,7 +123,7 @@ def test_the_webhook_is_one_replica_with_probes_a_token_file_and_its_service(ena
     token_volume = next(v for v in spec["volumes"] if v["name"] == "token")
 
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
-    assert main["command"] == ["python", "-m", "service.retrain_webhook"]
+    assert main["command"] == ["python", "-m", "service.retraining.webhook"]
     assert main["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert main["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
     assert token_volume["secret"]["secretName"] == secret["metadata"]["name"]

@@ -10,12 +10,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from service.cli import EPILOG, ExitCode, build_parser, exit_code_for, main
-from service.demo import PREDICT_ROUTE, QualityGateFailedError
-from service.evaluate import GateReport
-from service.model import ModelIntegrityError
-from service.registry import RegistryNotFoundError
-from service.serving_process import free_port
+from service.artifacts.bundle import ModelIntegrityError
+from service.artifacts.registry import RegistryNotFoundError
+from service.cli.main import EPILOG, ExitCode, build_parser, exit_code_for, main
+from service.common.processes import free_port
+from service.demo.quickstart import PREDICT_ROUTE
+from service.training.evaluate import GateReport
+from service.training.pipeline import QualityGateFailedError
 
 FRAUDWATCH = Path(sys.executable).parent / "fraudwatch"
 
@@ -134,7 +135,7 @@ def test_registry_list_of_an_empty_store_exits_4(isolated_home: Path, capsys: py
 
 
 def test_demo_scores_on_the_services_route() -> None:
-    from service.bento import PREDICT_ROUTE as SERVICE_ROUTE
+    from service.serving.bento import PREDICT_ROUTE as SERVICE_ROUTE
 
     assert PREDICT_ROUTE == SERVICE_ROUTE
 

@@ -1,4 +1,5 @@
-"""rollout.confseq: the beta-binomial mixture confidence sequence, against closed forms, an independent implementation
+"""rollout.core.confseq: the beta-binomial mixture confidence sequence, against closed forms, an independent
+implementation
 (scipy's betaln and brentq), and its anytime guarantee by simulation at fixed seeds."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 from scipy.optimize import brentq
 from scipy.special import betaln
 
-from rollout import confseq
+from rollout.core import confseq
 
 
 @pytest.mark.parametrize("n", [1, 10, 100, 1000, 5000])

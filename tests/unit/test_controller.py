@@ -1,4 +1,4 @@
-"""rollout.controller: the reconcile loop against an in-memory world.
+"""rollout.controller.loop: the reconcile loop against an in-memory world.
 
 Test doubles (pure logic, on purpose: these tests are about the loop's bookkeeping, not about processes): an
 in-memory backend (workloads that become ready after a number of probes, a router that holds one table, a registry
@@ -21,21 +21,18 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from rollout import policy as pol
-from rollout.backends.base import (
-    PublishedTable,
-    PublishResult,
-    Readiness,
-    RoutingSpec,
-    VersionNotFoundError,
-    WorkloadStatus,
-)
-from rollout.controller import Backend, Controller, InlineRunner
-from rollout.controller_metrics import ControllerMetrics
-from rollout.events import read_events
-from rollout.inbox import EVENTS_FILE, STATE_FILE, CommandInbox, InboxCommand
+from rollout.backends.base import Backend, PublishedTable, PublishResult, RoutingSpec, VersionNotFoundError
+from rollout.backends.local.events import read_events
+from rollout.backends.local.inbox import EVENTS_FILE, STATE_FILE, CommandInbox
+from rollout.backends.local.state import StateStore
+from rollout.controller.loop import Controller
+from rollout.controller.metrics import ControllerMetrics
+from rollout.controller.runners import InlineRunner
+from rollout.core import policy as pol
+from rollout.core.commands import InboxCommand
+from rollout.core.state import SCHEMA_VERSION, StateError, loads_state
+from rollout.core.workloads import Readiness, WorkloadStatus
 from rollout.settings import ControllerSettings
-from rollout.state import SCHEMA_VERSION, StateError, StateStore, loads_state
 
 T0 = datetime(2025, 5, 1, 9, 0, tzinfo=UTC)
 V1, V2 = "v1", "v2"

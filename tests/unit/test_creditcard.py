@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from service.datasets import creditcard
+from service.data import creditcard
 from service.settings import DataSettings
 
 SETTINGS = DataSettings()

@@ -1,4 +1,4 @@
-"""deploy/grafana/fraudwatch-dashboard.json and the page renderer of rollout/dashboard.py.
+"""deploy/grafana/fraudwatch-dashboard.json and the page renderer of rollout/dashboard/page.py.
 
 The JSON is checked as a file (valid, one row per monitoring layer plus the rollout, the datasource as a template
 variable, a sane grid), every panel's PromQL is parsed by the real promtool and may only read series that the
@@ -24,13 +24,15 @@ import yaml
 from prometheus_client import CollectorRegistry
 from sklearn.metrics import roc_auc_score
 
-from rollout import dashboard as dash
-from rollout.controller_metrics import ControllerMetrics
-from rollout.metrics import RouterMetrics
-from rollout.outcome_settings import OutcomeSettings, PrometheusSettings
-from rollout.outcomes import LABEL_NAMES, _LogMetrics, _OutcomeMetrics
-from service.metrics import Metrics
-from service.retrain_webhook import WebhookMetrics
+from rollout.controller.metrics import ControllerMetrics
+from rollout.dashboard import grafana, page, panels
+from rollout.router.metrics import RouterMetrics
+from rollout.router.outcomes.feedback import _OutcomeMetrics
+from rollout.router.outcomes.prediction_log import LABEL_NAMES, _LogMetrics
+from rollout.router.outcomes.settings import OutcomeSettings
+from rollout.settings import PrometheusSettings
+from service.retraining.webhook import WebhookMetrics
+from service.serving.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "fraudwatch-dashboard.json"
@@ -123,7 +125,7 @@ def _rows(board: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 
 def test_committed_json_is_the_one_built_from_the_panel_definitions() -> None:
-    assert DASHBOARD.read_text(encoding="utf-8") == dash.grafana_json(), (
+    assert DASHBOARD.read_text(encoding="utf-8") == grafana.grafana_json(), (
         "regenerate: fraudwatch-dashboard --write-grafana deploy/grafana/fraudwatch-dashboard.json"
     )
 
@@ -131,7 +133,7 @@ def test_committed_json_is_the_one_built_from_the_panel_definitions() -> None:
 def test_the_chart_ships_the_dashboard_where_its_configmap_template_looks() -> None:
     shipped = [p for p in CHART_DASHBOARDS.glob("*.json") if p.resolve() == DASHBOARD.resolve()]
     assert len(shipped) == 1
-    assert json.loads(shipped[0].read_text(encoding="utf-8"))["uid"] == dash.GRAFANA_UID
+    assert json.loads(shipped[0].read_text(encoding="utf-8"))["uid"] == grafana.GRAFANA_UID
 
 
 def test_datasource_is_a_template_variable_used_by_every_query(board: dict[str, Any]) -> None:
@@ -151,7 +153,7 @@ def test_one_row_per_layer_plus_the_rollout_each_with_panels(board: dict[str, An
     assert set(LAYER_ROWS) <= set(rows)
     assert [t for t in rows if t in LAYER_ROWS] == list(LAYER_ROWS)
     assert all(rows[title] for title in rows), {t: len(p) for t, p in rows.items()}
-    rollout_exprs = " ".join(t["expr"] for p in rows[dash.ROLLOUT.title] for t in p.get("targets", []))
+    rollout_exprs = " ".join(t["expr"] for p in rows[panels.ROLLOUT.title] for t in p.get("targets", []))
     assert "fraudwatch_rollout_stage" in rollout_exprs
     assert "ALERTS" in rollout_exprs
 
@@ -191,7 +193,7 @@ def test_grid_fits_24_columns_without_overlap_and_ids_are_unique(board: dict[str
     cells: set[tuple[int, int]] = set()
     for panel in board["panels"]:
         grid = panel["gridPos"]
-        assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= dash.GRID_WIDTH, panel["title"]
+        assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= grafana.GRID_WIDTH, panel["title"]
         mine = {
             (x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])
         }
@@ -214,7 +216,7 @@ def test_every_panel_query_reads_series_that_exist(board: dict[str, Any]) -> Non
 
 def test_the_pages_own_queries_parse_and_read_series_that_exist(tmp_path: Path) -> None:
     """The page also runs queries Grafana does not (the ROC-AUC buckets)."""
-    exprs = [q.expr for section in dash.SECTIONS for panel in section.panels for q in panel.queries]
+    exprs = [q.expr for section in panels.SECTIONS for panel in section.panels for q in panel.queries]
     promtool_check(exprs, tmp_path)
     used = {name for expr in exprs for name in series_names(expr)}
     assert "model_version_role_label_le:fraudwatch_outcome_score_bucket:increase1d" in used
@@ -223,7 +225,7 @@ def test_the_pages_own_queries_parse_and_read_series_that_exist(tmp_path: Path) 
 
 def test_legends_name_labels_the_query_keeps() -> None:
     """A legend placeholder must be a label of the query's result: in its ``by (...)`` list or its selector."""
-    for section in dash.SECTIONS:
+    for section in panels.SECTIONS:
         for panel in section.panels:
             for query in panel.queries:
                 placeholders = set(re.findall(r"\{\{(\w+)\}\}", query.legend))
@@ -246,11 +248,11 @@ def test_series_names_sees_through_functions_strings_and_label_lists() -> None:
 
 
 def test_legend_fills_labels_and_drops_missing_ones() -> None:
-    assert dash.legend("{{model_version}} {{role}}", {"model_version": "v2", "role": "shadow"}) == "v2 shadow"
-    assert dash.legend("p99 {{ model_version }}", {"model_version": "v1"}) == "p99 v1"
+    assert panels.legend("{{model_version}} {{role}}", {"model_version": "v2", "role": "shadow"}) == "v2 shadow"
+    assert panels.legend("p99 {{ model_version }}", {"model_version": "v1"}) == "p99 v1"
     template = "{{alertname}} · {{alertstate}} · version {{model_version}}"
-    assert dash.legend(template, {"alertname": "A", "alertstate": "firing"}) == "A · firing"
-    assert dash.legend(template, {"alertname": "A", "model_version": "v3"}) == "A · version v3"
+    assert panels.legend(template, {"alertname": "A", "alertstate": "firing"}) == "A · firing"
+    assert panels.legend(template, {"alertname": "A", "model_version": "v3"}) == "A · version v3"
 
 
 @pytest.mark.parametrize(
@@ -272,19 +274,19 @@ def test_legend_fills_labels_and_drops_missing_ones() -> None:
         (float("nan"), "s", "–"),
     ],
 )
-def test_format_value(value: float | None, unit: dash.Unit, text: str) -> None:
-    assert dash.format_value(value, unit) == text
+def test_format_value(value: float | None, unit: panels.Unit, text: str) -> None:
+    assert page.format_value(value, unit) == text
 
 
 def test_sparkline_spans_the_box_and_skips_missing_points() -> None:
     points = [(0.0, 1.0), (10.0, float("nan")), (20.0, 3.0), (30.0, 2.0)]
-    svg = dash.sparkline(points, width=100, height=20)
+    svg = page.sparkline(points, width=100, height=20)
     coords = [tuple(map(float, c.split(","))) for c in re.search(r'points="([^"]+)"', svg).group(1).split()]  # type: ignore[union-attr]
     assert len(coords) == 3
     xs, ys = [c[0] for c in coords], [c[1] for c in coords]
     assert min(xs) == pytest.approx(2.0) and max(xs) == pytest.approx(98.0)
     assert ys[1] == pytest.approx(2.0) and ys[0] == pytest.approx(18.0)  # the highest value is drawn at the top
-    assert "<polyline" not in dash.sparkline([(0.0, 1.0)])
+    assert "<polyline" not in page.sparkline([(0.0, 1.0)])
 
 
 def _cumulative(scores: Iterable[float], edges: Sequence[float]) -> dict[str, float]:
@@ -305,26 +307,28 @@ def test_auc_from_recorded_buckets_matches_the_exact_auc_within_bucket_resolutio
             samples.append(({"model_version": "v1", "role": "decider", "label": name, "le": le}, count))
     samples.append(({"model_version": "v2", "role": "shadow", "label": LABEL_NAMES[0], "le": "+Inf"}, 5.0))
 
-    (series,) = dash.auc_series(dash.Query("x", "{{model_version}} {{role}}"), samples)
+    (series,) = page.auc_series(panels.Query("x", "{{model_version}} {{role}}"), samples)
 
     assert series.name == "v1 decider"
     assert series.current == pytest.approx(roc_auc_score(labels, scores), abs=0.01)
 
 
 def test_page_escapes_what_comes_from_prometheus_and_shows_errors_per_panel() -> None:
-    panel = dash.Panel("p", "Throughput <per version>", "timeseries", "reqps", (dash.Query("x", "{{model_version}}"),))
-    hostile = dash.Series("<script>alert(1)</script>", {}, ((0.0, 1.0), (1.0, 2.0)))
-    broken = dash.Panel("q", "Broken", "table", "short", (dash.Query("y", "y"),))
-    section = dash.Section("s", "Service health", (panel, broken))
-    page = dash.PageData(
-        ((section, (dash.PanelData(panel, (hostile,)), dash.PanelData(broken, error="Prometheus answered 400"))),),
+    panel = panels.Panel(
+        "p", "Throughput <per version>", "timeseries", "reqps", (panels.Query("x", "{{model_version}}"),)
+    )
+    hostile = page.Series("<script>alert(1)</script>", {}, ((0.0, 1.0), (1.0, 2.0)))
+    broken = panels.Panel("q", "Broken", "table", "short", (panels.Query("y", "y"),))
+    section = panels.Section("s", "Service health", (panel, broken))
+    data = page.PageData(
+        ((section, (page.PanelData(panel, (hostile,)), page.PanelData(broken, error="Prometheus answered 400"))),),
         datetime(2025, 1, 1, tzinfo=UTC),
         "http://127.0.0.1:9090",
         online=False,
         errors=1,
     )
 
-    text = dash.render_page(page, "fraudwatch", refresh_s=7)
+    text = page.render_page(data, "fraudwatch", refresh_s=7)
 
     assert "<script>" not in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text

@@ -1,5 +1,6 @@
-"""service.demo's rollout-demo half: the settings, the cut in time, the feature store as of the cut, the frozen
-regression set, and the deliberately bad version (a real bundle: the session's small model)."""
+"""service.demo.versions (the rollout demo's model side) and service.training.pipeline.store_as_of: the settings, the
+cut in time, the feature store as of the cut, the frozen regression set, and the deliberately bad version (a real
+bundle: the session's small model)."""
 
 from __future__ import annotations
 
@@ -11,20 +12,20 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from service import aggregates
-from service.datasets.synthetic import generate
-from service.demo import (
+from service.artifacts.bundle import load_bundle, read_manifest
+from service.data import aggregates
+from service.data.synthetic import generate
+from service.demo.versions import (
     DemoDataSettings,
     cut_at,
     degraded_copy,
     regression_config,
-    store_as_of,
     stream_config,
     threshold_for_recall,
     write_frozen_set,
 )
-from service.evaluate import frame_features, load_frozen_set, time_ordered
-from service.model import load_bundle, read_manifest
+from service.training.evaluate import frame_features, load_frozen_set, time_ordered
+from service.training.pipeline import store_as_of
 from tests.conftest import SMALL_DATA
 
 SMALL = DemoDataSettings(n_requests=4_000, n_accounts=6_000, days=30, regression_rows=1_000)

@@ -13,9 +13,9 @@ from scipy.stats import binomtest
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import precision_score, recall_score, roc_auc_score
 
-from rollout import drift
-from rollout.outcome_settings import DEFAULT_SCORE_BUCKETS, DriftSettings
-from service.model import ReferenceBins
+from rollout.core import drift
+from rollout.router.outcomes.settings import DEFAULT_SCORE_BUCKETS, DriftSettings
+from service.artifacts.bundle import ReferenceBins
 
 EPS = DriftSettings().psi_epsilon
 CONFIDENCE = DriftSettings().confidence_level

@@ -20,7 +20,9 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from service.evaluate import (
+from service.artifacts.bundle import logit
+from service.settings import TrainSettings
+from service.training.evaluate import (
     FrozenSetIntegrityError,
     bin_fractions,
     choose_calibration,
@@ -36,8 +38,6 @@ from service.evaluate import (
     reference_bins,
     top_k_key,
 )
-from service.model import logit
-from service.settings import TrainSettings
 
 
 def _noisy_scores(seed: int, n: int = 4000, base_rate: float = 0.05) -> tuple[np.ndarray, np.ndarray]:

@@ -1,14 +1,14 @@
-"""A gate's evidence as the controller's metrics and the demo's live view show it (rollout/evidence.py, read by
-rollout/controller_metrics.py and rollout/demo_view.py; ``rolloutctl status`` in tests/unit/test_rolloutctl.py)."""
+"""A gate's evidence as the controller's metrics and the demo's live view show it (rollout/core/evidence.py, read by
+rollout/controller/metrics.py and rollout/demo/view.py; ``rolloutctl status`` in tests/unit/test_rolloutctl.py)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
 
-from rollout.analysis import GateHistory, GateResult, GateStatus
-from rollout.controller_metrics import gate_values
-from rollout.evidence import gate_evidence, sample_unit
+from rollout.controller.metrics import gate_values
+from rollout.core.analysis import GateHistory, GateResult, GateStatus
+from rollout.core.evidence import gate_evidence, sample_unit
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -45,8 +45,8 @@ def test_a_gate_held_back_by_its_label_minimum_says_how_many_more_of_its_own_uni
     gate below its label minimum says how far it is from being judged."""
     import yaml
 
-    from rollout import analysis as an
-    from rollout import policy as pol
+    from rollout.core import analysis as an
+    from rollout.core import policy as pol
 
     policy = pol.policy_from_mapping(
         yaml.safe_load(

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service import aggregates, features
-from service.datasets.synthetic import SyntheticConfig, generate
-from service.features import DEFAULT_AGGREGATES, FEATURE_NAMES, EntityAggregates
-from service.schema import RefundRequest
+from service.api.schema import RefundRequest
+from service.data import aggregates, features
+from service.data.features import DEFAULT_AGGREGATES, FEATURE_NAMES, EntityAggregates
+from service.data.synthetic import SyntheticConfig, generate
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.features import DEFAULT_AGGREGATES, EntityAggregates
-from service.featurestore import (
+from service.data.feature_store import (
     ERROR,
     MISS,
     TIMEOUT,
@@ -26,7 +25,8 @@ from service.featurestore import (
     lookup_with_budget,
     open_store,
 )
-from service.metrics import Metrics
+from service.data.features import DEFAULT_AGGREGATES, EntityAggregates
+from service.serving.metrics import Metrics
 
 AGGREGATES = {
     "acct-a": EntityAggregates(prior_refunds=3.0, avg_refund_amount=42.5, known=True),

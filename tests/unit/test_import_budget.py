@@ -25,15 +25,15 @@ TRAINING_STACK = ("xgboost", "sklearn", "scipy", "pandas", "mlflow", "matplotlib
 
 # entry module -> (modules it must not load, import-time budget in seconds)
 BUDGETS: dict[str, tuple[tuple[str, ...], float]] = {
-    "rollout.router": (TRAINING_STACK, 6.0),  # fraudwatch-router
+    "rollout.router.app": (TRAINING_STACK, 6.0),  # fraudwatch-router
     # the controller (kube client only when used), and its Kubernetes backend (the chart's controller)
-    "rollout.controller": ((*TRAINING_STACK, "kubernetes"), 5.0),
-    "rollout.backends.kube": (TRAINING_STACK, 6.0),
-    "rollout.cli": ((*TRAINING_STACK, "numpy", "kubernetes"), 3.0),  # rolloutctl, kubectl-modelrollout
-    "service.retrain_webhook": (TRAINING_STACK, 6.0),  # the retraining webhook: retrains in subprocesses
-    "service.cli": (TRAINING_STACK, 3.0),  # fraudwatch (retrain, train, …): each command imports its own
-    "rollout.dashboard": (TRAINING_STACK, 6.0),  # fraudwatch-dashboard (the demo's)
-    "rollout.demo": (TRAINING_STACK, 6.0),  # fraudwatch-demo: the model side runs in child processes
+    "rollout.controller.loop": ((*TRAINING_STACK, "kubernetes"), 5.0),
+    "rollout.controller.kube": (TRAINING_STACK, 6.0),
+    "rollout.cli.main": ((*TRAINING_STACK, "numpy", "kubernetes"), 3.0),  # rolloutctl, kubectl-modelrollout
+    "service.retraining.webhook": (TRAINING_STACK, 6.0),  # the retraining webhook: retrains in subprocesses
+    "service.cli.main": (TRAINING_STACK, 3.0),  # fraudwatch (retrain, train, …): each command imports its own
+    "rollout.dashboard.app": (TRAINING_STACK, 6.0),  # fraudwatch-dashboard (the demo's)
+    "rollout.demo.main": (TRAINING_STACK, 6.0),  # fraudwatch-demo: the model side runs in child processes
 }
 
 _PROBE = """

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from rollout.backends.kube_http import kubeconfig_path, light_api, load_credentials
+from rollout.backends.kube.http import kubeconfig_path, light_api, load_credentials
 
 
 def kubeconfig(tmp_path: Path, user: dict[str, Any], *, cluster: dict[str, Any] | None = None) -> Path:

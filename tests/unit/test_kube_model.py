@@ -1,4 +1,4 @@
-"""rollout.backends.kube_model (and the Lease decision): the Kubernetes backend's pure parts.
+"""rollout.backends.kube.resource (and the Lease decision): the Kubernetes backend's pure parts.
 
 Workloads are built from the chart's real model-server templates (``helm template``); controller states come from
 the real reconcile loop on the unit tests' in-memory world (tests/unit/test_controller.py). The API server's side
@@ -14,9 +14,8 @@ from typing import Any
 
 import pytest
 
-from rollout.backends.base import Readiness
-from rollout.backends.kube_lease import decide
-from rollout.backends.kube_model import (
+from rollout.backends.kube.lease import decide
+from rollout.backends.kube.resource import (
     MODEL_ALIAS_ENV,
     MODEL_URI_ENV,
     SPEC_HASH_ANNOTATION,
@@ -38,12 +37,13 @@ from rollout.backends.kube_model import (
     spec_commands,
     workload_name,
 )
-from rollout.events import reason_code
-from rollout.inbox import InboxCommand
-from rollout.machine import Transition
-from rollout.policy import load_policy
-from rollout.routing import RoutingTable
-from rollout.state import ControllerState
+from rollout.core.commands import InboxCommand
+from rollout.core.events import reason_code
+from rollout.core.machine import Transition
+from rollout.core.policy import load_policy
+from rollout.core.routing import RoutingTable
+from rollout.core.state import ControllerState
+from rollout.core.workloads import Readiness
 from tests.chartkit import DRY_RENDER_VALUES, Helm, HelmNotFoundError, locate_helm, one
 from tests.unit.test_controller import POLICY, Harness, start_rollout
 

@@ -1,4 +1,4 @@
-"""service.logging: one JSON object per line whose own keys no event field can overwrite."""
+"""service.common.logging: one JSON object per line whose own keys no event field can overwrite."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.logging import configure_logging, correlation_scope, get_logger, log_event
+from service.common.logging import configure_logging, correlation_scope, get_logger, log_event
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""rollout.machine: example-based tests of every transition, and property-based tests over random histories."""
+"""rollout.core.machine: example-based tests of every transition, and property-based tests over random histories."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rollout import machine as m
-from rollout import policy as pol
-from rollout.analysis import AnalysisReport, GateResult, analyse, required_samples
-from rollout.analysis import GateStatus as S
-from rollout.routing import RoutingTable, VersionEndpoint
+from rollout.core import machine as m
+from rollout.core import policy as pol
+from rollout.core.analysis import AnalysisReport, GateResult, analyse, required_samples
+from rollout.core.analysis import GateStatus as S
+from rollout.core.routing import RoutingTable, VersionEndpoint
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 STABLE, CANDIDATE = "v1", "v2"

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from service.model import MANIFEST_FILE, MODEL_FILE, ModelIntegrityError, bundle_digest, load_bundle
-from service.model_source import (
+from service.artifacts.bundle import MANIFEST_FILE, MODEL_FILE, ModelIntegrityError, bundle_digest, load_bundle
+from service.artifacts.registry import ModelRegistry, RunPayload
+from service.artifacts.source import (
     ModelUnavailableError,
     RegistryReference,
     ResolvedBundle,
@@ -18,7 +19,6 @@ from service.model_source import (
     resolve_bundle,
     resolve_model_dir,
 )
-from service.registry import ModelRegistry, RunPayload
 from service.settings import ServeSettings, Settings
 
 

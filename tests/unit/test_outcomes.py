@@ -18,21 +18,20 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 from starlette.applications import Starlette
 
-from rollout.drift import calibration_bin_of
-from rollout.outcome_settings import OutcomeSettings
-from rollout.outcomes import (
+from rollout.core.drift import calibration_bin_of
+from rollout.core.routing import RoutePlan, RoutingTable
+from rollout.router.outcomes.feedback import (
     FEEDBACK_BATCH_PATH,
     FEEDBACK_PATH,
     OutcomeTracker,
-    PredictionLog,
-    PredictionRecord,
     bin_edges,
     confusion_cell,
     paired_predictions,
     score_bin,
 )
-from rollout.prometheus import free_port
-from rollout.routing import RoutePlan, RoutingTable
+from rollout.router.outcomes.prediction_log import PredictionLog, PredictionRecord
+from rollout.router.outcomes.settings import OutcomeSettings
+from service.common.processes import free_port
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 TOKEN = "label-feed-token"

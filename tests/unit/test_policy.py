@@ -1,4 +1,5 @@
-"""rollout.policy: the shipped default, YAML round trips, validation, and PromQL rendering that cannot be injected."""
+"""rollout.core.policy: the shipped default, YAML round trips, validation, and PromQL rendering that cannot be
+injected."""
 
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from rollout import policy as pol
-from rollout.demo_policy import load_demo_policy
-from rollout.metrics import RouterMetrics
-from rollout.outcome_settings import OutcomeSettings, PrometheusSettings
-from rollout.outcomes import _OutcomeMetrics
-from rollout.routing import STAGES, VersionEndpoint
-from service.metrics import Metrics
+from rollout.core import policy as pol
+from rollout.core.routing import STAGES, VersionEndpoint
+from rollout.demo.policy import load_demo_policy
+from rollout.router.metrics import RouterMetrics
+from rollout.router.outcomes.feedback import _OutcomeMetrics
+from rollout.router.outcomes.settings import OutcomeSettings
+from rollout.settings import PrometheusSettings
+from service.serving.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
@@ -416,11 +418,11 @@ def _promtool_agrees(
 
 def test_default_queries_compute_what_the_analysis_expects(tmp_path: Path) -> None:
     """promtool evaluates the rendered default queries (on top of rules.yml) over synthetic counters; each value is
-    checked against the same number computed in Python (ECE through rollout.drift, independently of PromQL)."""
+    checked against the same number computed in Python (ECE through rollout.core.drift, independently of PromQL)."""
     promtool = PrometheusSettings().promtool
     if not promtool.exists():
         pytest.fail(f"{promtool} is missing: install Debian's prometheus package")
-    from rollout.drift import CalibrationBin, calibration_error
+    from rollout.core.drift import CalibrationBin, calibration_error
 
     rng = np.random.default_rng(3)
     minutes, window_min = 120, 60
@@ -533,7 +535,7 @@ def test_the_request_sample_counts_the_candidate_s_calls_in_its_stage_s_role_onl
     promtool = PrometheusSettings().promtool
     if not promtool.exists():
         pytest.fail(f"{promtool} is missing: install Debian's prometheus package")
-    from rollout.demo_policy import load_demo_policy
+    from rollout.demo.policy import load_demo_policy
 
     policy = pol.load_policy(None) if policy_name == "default" else load_demo_policy(1.0)
     minutes, window_min = 120, 60

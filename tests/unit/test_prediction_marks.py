@@ -1,4 +1,4 @@
-"""rollout.prediction_marks with real processes: a mark survives its owner's SIGKILL and is counted exactly once; a
+"""rollout.router.outcomes.marks with real processes: a mark survives its owner's SIGKILL and is counted exactly once; a
 live owner's mark is never claimed; a clean close leaves nothing to count."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rollout.prediction_marks import SUFFIX, RunMark, claim_orphans
+from rollout.router.outcomes.marks import SUFFIX, RunMark, claim_orphans
 
 #: A process that takes a mark, accepts ``argv[2]`` rows, settles ``argv[3]`` of them, and is SIGKILLed.
 KILLED = """
 import os, signal, sys
 from pathlib import Path
-from rollout.prediction_marks import RunMark
+from rollout.router.outcomes.marks import RunMark
 mark = RunMark.create(Path(sys.argv[1]))
 for _ in range(int(sys.argv[2])):
     mark.record()

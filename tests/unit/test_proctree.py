@@ -1,4 +1,4 @@
-"""service.proctree with real processes: a child that forks a grandchild into a session of its own (what BentoML
+"""service.common.processes with real processes: a child that forks a grandchild into a session of its own (what BentoML
 does with its workers), then dies."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from service import proctree
+from service.common import processes as proctree
 
 #: The child: starts a grandchild in its own session (setsid, like a BentoML worker), writes its pid, sleeps.
 PARENT = """

@@ -1,9 +1,9 @@
 """The calibration bridge: the maths of the held-out evidence, the bundle it writes, and — with real numbers — that
 the recalibrated version is better calibrated on the traffic it targets, including rows it never saw.
 
-The base is a real pipeline model (:func:`service.demo.train_version`) trained on a stream at 5 % fraud on the base
-features (``train.feature_set=base``: with the velocity features this stream's fraud separates so well that a
-six-fold prior shift leaves the held-out ECE at 0.033, under the alert — no case for the bridge), registered
+The base is a real pipeline model (:func:`service.training.pipeline.train_version`) trained on a stream at 5 % fraud
+on the base features (``train.feature_set=base``: with the velocity features this stream's fraud separates so well
+that a six-fold prior shift leaves the held-out ECE at 0.033, under the alert — no case for the bridge), registered
 as champion in a real MLflow SQLite store. The targeted window comes from the same kind of traffic at 30 % fraud (a
 prior shift: the booster still ranks well, its probabilities are too low). Measured (2026-12-01, XGBoost 3.2.0):
 
@@ -21,21 +21,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from service.datasets.synthetic import SyntheticConfig, generate
-from service.demo import track_and_register, train_version
-from service.evaluate import expected_calibration_error, frame_features
-from service.model import Calibration, ScoringModel, load_bundle, read_manifest, sha256_of
-from service.recalibrate import (
+from service.artifacts.bundle import Calibration, ScoringModel, load_bundle, read_manifest, sha256_of
+from service.artifacts.registry import CHALLENGER, CHAMPION, FEATURE_STORE_FILE, ModelRegistry
+from service.data.synthetic import SyntheticConfig, generate
+from service.retraining.job import InsufficientDataError, RetrainKind, RetrainRequest
+from service.retraining.outcomes import RetrainOutcome, new_retrain_id
+from service.retraining.recalibrate import (
     ATTR_BASE_SHA256,
     ATTR_CALIBRATION_SHA256,
     calibration_evidence,
     calibration_sha256,
     recalibrate,
 )
-from service.registry import CHALLENGER, CHAMPION, FEATURE_STORE_FILE, ModelRegistry
-from service.retrain import InsufficientDataError, RetrainKind, RetrainRequest
-from service.retrain_outcomes import RetrainOutcome, new_retrain_id
 from service.settings import Settings
+from service.training.evaluate import expected_calibration_error, frame_features
+from service.training.pipeline import track_and_register, train_version
 from tests.retrainkit import FROZEN_SET, RecordingHandoff
 
 BASE_STREAM = SyntheticConfig(n_accounts=3_000, n_requests=20_000, days=30, fraud_rate=0.05, seed=21, drift=True,

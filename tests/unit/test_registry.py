@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import xgboost as xgb
 
-from service.features import FEATURE_NAMES, N_FEATURES
-from service.model import (
+from service.artifacts.bundle import (
     Calibration,
     Manifest,
     ModelIntegrityError,
@@ -27,7 +26,7 @@ from service.model import (
     save_bundle,
     sha256_of,
 )
-from service.registry import (
+from service.artifacts.registry import (
     AUDIT_PREFIX,
     CHALLENGER,
     CHAMPION,
@@ -41,6 +40,7 @@ from service.registry import (
     chunks,
     flatten_params,
 )
+from service.data.features import FEATURE_NAMES, N_FEATURES
 from service.settings import Settings
 
 
@@ -309,7 +309,7 @@ def test_an_added_file_is_refused(registry: ModelRegistry, tmp_path: Path) -> No
 
 
 def test_the_bundle_digest_is_sha256sum_of_the_listing(registry: ModelRegistry, tmp_path: Path) -> None:
-    """Independent of service.model: the digest an operator computes with ``sha256sum * | sha256sum``."""
+    """Independent of service.artifacts.bundle: the digest an operator computes with ``sha256sum * | sha256sum``."""
     stored, version = _tampered_version(registry, tmp_path, "digest-listing", seed=17)
     listing = "".join(
         f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}\n" for path in sorted(stored.iterdir())

@@ -14,24 +14,11 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from rollout.inbox import InboxCommand
-from service.cli import ExitCode, main
-from service.datasets.synthetic import SyntheticConfig, generate
-from service.evaluate import GateReport
-from service.registry import CHALLENGER, ModelRegistry
-from service.retrain import (
-    InsufficientDataError,
-    RegressionSetMissingError,
-    RetrainKind,
-    RetrainRequest,
-    combined_gate,
-    read_stream,
-    retrain,
-    safe_id,
-    select_window,
-    unused_version_name,
-)
-from service.retrain_handoff import (
+from rollout.core.commands import InboxCommand
+from service.artifacts.registry import CHALLENGER, ModelRegistry
+from service.cli.main import ExitCode, main
+from service.data.synthetic import SyntheticConfig, generate
+from service.retraining.handoff import (
     ANNOTATION_REQUEST,
     Candidate,
     HandoffOutcome,
@@ -43,8 +30,21 @@ from service.retrain_handoff import (
     rolloutctl_argv,
     rolloutctl_outcome,
 )
-from service.retrain_outcomes import RetrainOutcome, new_retrain_id
+from service.retraining.job import (
+    InsufficientDataError,
+    RegressionSetMissingError,
+    RetrainKind,
+    RetrainRequest,
+    combined_gate,
+    read_stream,
+    retrain,
+    safe_id,
+    select_window,
+    unused_version_name,
+)
+from service.retraining.outcomes import RetrainOutcome, new_retrain_id
 from service.settings import KubeHandoffSettings, RetrainSettings, Settings
+from service.training.evaluate import GateReport
 from tests.retrainkit import FROZEN_SET as FROZEN
 from tests.retrainkit import RecordingHandoff
 

@@ -23,7 +23,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
-from service.retrain_triggers import (
+from service.retraining.triggers import (
     AlertmanagerPayload,
     Decision,
     LedgerState,
@@ -34,7 +34,7 @@ from service.retrain_triggers import (
     remember,
     triage,
 )
-from service.retrain_webhook import (
+from service.retraining.webhook import (
     HOOK_PATH,
     NoTokenError,
     RetrainService,
@@ -173,7 +173,7 @@ def make_receiver(home: Path, clock: list[float], cooldown_s: float = 3600.0, py
     )  # fmt: skip
 
     def command(run: RunRecord, summary: Path, reason: str) -> list[str]:
-        assert retrain_command(run, summary, reason)[1:4] == ["-m", "service.cli", "retrain"]
+        assert retrain_command(run, summary, reason)[1:4] == ["-m", "service.cli.main", "retrain"]
         return [python, "-c", STAND_IN, str(summary), run.retrain_id]
 
     service = RetrainService(settings, registry=CollectorRegistry(), clock=lambda: clock[0], command=command)
@@ -397,7 +397,7 @@ def test_without_a_token_file_the_receiver_refuses_to_start(tmp_path: Path) -> N
     env = {key: value for key, value in os.environ.items() if not key.startswith(("FW_RETRAIN__", "FW_HOME"))}
     env.update({"FW_HOME": str(tmp_path), "FW_RETRAIN__WEBHOOK__PORT": "1"})  # never bound: it exits first
     done = subprocess.run(
-        [sys.executable, "-m", "service.retrain_webhook"], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "service.retraining.webhook"], env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 1, done.stderr
     assert "FW_RETRAIN__WEBHOOK__TOKEN_FILE" in done.stderr and "INSECURE_NO_AUTH" in done.stderr

@@ -1,4 +1,4 @@
-"""rollout.demo, rollout.demo_policy and rollout.demo_processes: the policy and its time scale, settings, the run
+"""rollout.demo.main, rollout.demo.policy and rollout.demo.processes: the policy and its time scale, settings, the run
 directory, the hand-off, locust's stats, and stopping children (real short-lived processes: a stop must leave
 nothing behind)."""
 
@@ -16,26 +16,15 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from rollout.backends.local import pid_alive
-from rollout.demo import (
-    MARKER_FILE,
-    DemoError,
-    ExitCode,
-    Outcome,
-    Run,
-    build_parser,
-    hold,
-    load_model_side,
-    locust_stats,
-    main,
-    prepare_home,
-    settings_from,
-    shares_of,
-)
-from rollout.demo import DemoSettings as RolloutDemoSettings
-from rollout.demo_policy import load_demo_policy, time_scaled
-from rollout.demo_processes import ChildProcess, stop_recorded_workloads
-from rollout.policy import TRAFFIC_STAGES, dumps_policy, load_policy, loads_policy
+from rollout.backends.prometheus import RangeSeries
+from rollout.core.policy import TRAFFIC_STAGES, dumps_policy, load_policy, loads_policy
+from rollout.demo.main import Outcome, build_parser, hold, locust_stats, main, settings_from, shares_of
+from rollout.demo.policy import load_demo_policy, time_scaled
+from rollout.demo.processes import ChildProcess, stop_recorded_workloads
+from rollout.demo.settings import DemoError, ExitCode
+from rollout.demo.settings import DemoSettings as RolloutDemoSettings
+from rollout.demo.stack import MARKER_FILE, Run, load_model_side, prepare_home
+from service.common.processes import alive
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,7 +60,7 @@ def test_time_scale_changes_the_stage_minimums_and_nothing_else() -> None:
 
 
 def test_the_packaged_demo_policy_is_the_file_in_the_source_tree() -> None:
-    assert load_demo_policy() == load_policy(ROOT / "rollout" / "demo_policy.yaml")
+    assert load_demo_policy() == load_policy(ROOT / "rollout" / "demo" / "demo_policy.yaml")
 
 
 # --------------------------------------------------------------------------------------------------- CLI, settings
@@ -141,9 +130,9 @@ def test_the_model_sides_json_is_validated(tmp_path: Path) -> None:
 
 
 def test_measured_shares_are_each_versions_part_of_the_deciding_calls() -> None:
-    result = [
-        {"metric": {"model_version": "v1"}, "values": [[100.0, "30"], [102.0, "15"], [104.0, "0"]]},
-        {"metric": {"model_version": "v2"}, "values": [[102.0, "15"], [104.0, "0"]]},
+    result: list[RangeSeries] = [
+        ({"model_version": "v1"}, [(100.0, 30.0), (102.0, 15.0), (104.0, 0.0)]),
+        ({"model_version": "v2"}, [(102.0, 15.0), (104.0, 0.0)]),
     ]
     shares = {(s.seconds, s.version): s.share for s in shares_of(result, origin=90.0)}
     assert shares == {(10.0, "v1"): 100.0, (12.0, "v1"): 50.0, (12.0, "v2"): 50.0}  # no calls at 104: no share
@@ -186,9 +175,9 @@ def test_a_child_that_ignores_sigterm_is_killed_with_its_group(tmp_path: Path) -
     assert time.monotonic() - started < 5
     assert not child.running()
     deadline = time.monotonic() + 5
-    while pid_alive(grandchild) and time.monotonic() < deadline:
+    while alive(grandchild) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not pid_alive(grandchild)
+    assert not alive(grandchild)
     child.stop()  # idempotent
 
 

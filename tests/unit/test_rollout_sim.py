@@ -12,8 +12,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from rollout import policy as pol
-from rollout.demo_policy import load_demo_policy
+from rollout.core import policy as pol
+from rollout.demo.policy import load_demo_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 

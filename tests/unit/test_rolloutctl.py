@@ -1,6 +1,6 @@
 """rolloutctl / kubectl-modelrollout: argument parsing, exit codes, and the commands against a running controller.
 
-The controller here is the real reconcile loop (rollout.controller.Controller.run in a thread) on the in-memory
+The controller here is the real reconcile loop (rollout.controller.loop.Controller.run in a thread) on the in-memory
 world of tests/unit/test_controller.py (pure-logic doubles of processes, routers and the registry); the CLI is the
 real one, called in-process, talking to it only through the state directory.
 """
@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 
-from rollout.cli import ExitCode, build_parser, kubectl_main, main
-from rollout.evidence import gate_evidence
-from rollout.inbox import CommandInbox
-from rollout.state import StateStore
+from rollout.backends.local.inbox import CommandInbox
+from rollout.backends.local.state import StateStore
+from rollout.cli.errors import ExitCode
+from rollout.cli.main import build_parser, kubectl_main, main
+from rollout.core.evidence import gate_evidence
 from tests.unit.test_controller import POLICY_YAML, SETTINGS, V1, V2, Harness
 
 NAME = SETTINGS.name

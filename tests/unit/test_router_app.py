@@ -20,12 +20,12 @@ from sqlalchemy import select
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from rollout.outcome_settings import OutcomeSettings
-from rollout.outcomes import PredictionLog, create_log_engine, predictions_table
-from rollout.router import FeedbackTokenMissingError, Router, create_apps
-from rollout.routing import RoutingTable, VersionEndpoint
+from rollout.core.routing import RoutingTable, VersionEndpoint
+from rollout.router.app import FeedbackTokenMissingError, Router, create_apps
+from rollout.router.outcomes.prediction_log import PredictionLog, create_log_engine, predictions_table
+from rollout.router.outcomes.settings import OutcomeSettings
+from rollout.router.table_sources import FileTableSource, write_table_file
 from rollout.settings import RolloutSettings, RouterSettings
-from rollout.sources import FileTableSource, write_table_file
 from tests.routerkit import StandIn, closed_port, metric_labels, metric_value, stand_in, wait_until
 
 TOKEN = "s3cret-token"

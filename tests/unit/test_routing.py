@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from rollout.routing import (
+from rollout.core.routing import (
     HASH_SPACE,
     RoutePlan,
     RoutingTable,
@@ -19,7 +19,14 @@ from rollout.routing import (
     keyed_salt,
     weight_cut,
 )
-from rollout.sources import FileTableSource, OfferResult, RefusalReason, TableStore, parse_table, write_table_file
+from rollout.router.table_sources import (
+    FileTableSource,
+    OfferResult,
+    RefusalReason,
+    TableStore,
+    parse_table,
+    write_table_file,
+)
 
 V1 = VersionEndpoint(version="v1", url="http://127.0.0.1:3001")
 V2 = VersionEndpoint(version="v2", url="http://127.0.0.1:3002")

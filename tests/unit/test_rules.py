@@ -1,5 +1,5 @@
 """deploy/prometheus/rules.yml: promtool accepts it, its unit tests pass, and the PSI it records for a random
-distribution shift equals rollout/drift.py's PSI on the same counts."""
+distribution shift equals rollout/core/drift.py's PSI on the same counts."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import yaml
 
-from rollout import drift
-from rollout.outcome_settings import DriftSettings, PrometheusSettings
+from rollout.core import drift
+from rollout.router.outcomes.settings import DriftSettings
+from rollout.settings import PrometheusSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"

@@ -134,7 +134,7 @@ def test_confirm_sections_query_prometheus_with_valid_promql_on_existing_series(
 
 
 def test_rolloutctl_commands_in_the_runbooks_exist() -> None:
-    from rollout.cli import build_parser
+    from rollout.cli.main import build_parser
 
     parser = build_parser(plugin=False)
     (subcommands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
@@ -168,10 +168,10 @@ def test_retraining_page_matches_the_code() -> None:
     fraudwatch commands and options exist, and it names every alert the receiver ignores."""
     from prometheus_client import CollectorRegistry
 
-    from service.cli import RETRAIN_EXIT_CODES
-    from service.cli import build_parser as fraudwatch_parser
-    from service.retrain_outcomes import RetrainOutcome
-    from service.retrain_webhook import WebhookMetrics
+    from service.cli.main import RETRAIN_EXIT_CODES
+    from service.cli.main import build_parser as fraudwatch_parser
+    from service.retraining.outcomes import RetrainOutcome
+    from service.retraining.webhook import WebhookMetrics
 
     text = (RUNBOOKS / "retraining.md").read_text(encoding="utf-8")
     rows = dict(re.findall(r"^\| `([a-z_]+)` \| (\d+) \|", text, flags=re.MULTILINE))

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from service.bento import Rejection, field_path, validate_batch, validate_single
-from service.schema import BatchRequest, RefundRequest, RefundResponse, confidence_of, decision_of
+from service.api.schema import BatchRequest, RefundRequest, RefundResponse, confidence_of, decision_of
+from service.serving.bento import Rejection, field_path, validate_batch, validate_single
 from service.settings import Settings
 
 SEED = {"yearsActive": 1.5, "amount": 45.00, "ipAccounts": 2}

@@ -1,4 +1,5 @@
-"""rollout.sequential: Wald's SPRT on a Gaussian difference, checked against known values, an exact DP, simulation."""
+"""rollout.core.sequential: Wald's SPRT on a Gaussian difference, checked against known values, an exact DP,
+simulation."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy.stats import binom
 
-from rollout import sequential as sq
-from rollout.sequential import Decision
+from rollout.core import sequential as sq
+from rollout.core.sequential import Decision
 
 
 def test_wald_bounds_known_values() -> None:

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from service import aggregates
-from service.datasets.synthetic import PATTERNS, SyntheticConfig, generate
-from service.features import DEFAULT_AGGREGATES, categorize
+from service.data import aggregates
+from service.data.features import DEFAULT_AGGREGATES, categorize
+from service.data.synthetic import PATTERNS, SyntheticConfig, generate
 
 SMALL = SyntheticConfig(n_accounts=2_000, n_requests=40_000, seed=3)
 

@@ -1,4 +1,4 @@
-"""rollout.timeline and the demo's views of it, on the records of a real controller.
+"""rollout.demo.timeline and the demo's views of it, on the records of a real controller.
 
 The records come from the real reconcile loop of tests/unit/test_controller.py (its in-memory world: settable
 clock, metrics from a dict): a good v2 promoted through every stage, then a v3 whose recall is far below v2's
@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from rollout.demo import ModelSide, check_outcomes
-from rollout.demo_view import rollout_view, split_bar, status_line, summary_table, transition_line, walked
-from rollout.events import read_events
-from rollout.inbox import EVENTS_FILE
-from rollout.state import StateStore
-from rollout.timeline import (
+from rollout.backends.local.events import read_events
+from rollout.backends.local.inbox import EVENTS_FILE
+from rollout.backends.local.state import StateStore
+from rollout.demo.main import check_outcomes
+from rollout.demo.stack import ModelSide
+from rollout.demo.timeline import (
     GateSampler,
     Timeline,
     build_timeline,
@@ -33,6 +33,7 @@ from rollout.timeline import (
     threshold_of,
     write_points,
 )
+from rollout.demo.view import rollout_view, split_bar, status_line, summary_table, transition_line, walked
 from tests.unit.test_controller import POLICY, T0, V1, V2, Harness
 
 V3 = "v3"

@@ -11,9 +11,12 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score
 
-from service import aggregates, velocity
-from service.datasets.synthetic import SyntheticConfig, generate
-from service.evaluate import (
+from service.artifacts.bundle import MODEL_FILE, ModelIntegrityError, ReferenceBins, load_bundle
+from service.data import aggregates, velocity
+from service.data.features import DRIFT_FEATURES, FEATURE_NAMES
+from service.data.synthetic import SyntheticConfig, generate
+from service.settings import QualitySettings, Settings, TrainSettings
+from service.training.evaluate import (
     bin_fractions,
     frame_features,
     psi,
@@ -22,10 +25,7 @@ from service.evaluate import (
     serving_features,
     time_ordered,
 )
-from service.features import DRIFT_FEATURES, FEATURE_NAMES
-from service.model import MODEL_FILE, ModelIntegrityError, ReferenceBins, load_bundle
-from service.settings import QualitySettings, Settings, TrainSettings
-from service.train import TrainingResult, resample, time_split, train_model, train_pipeline
+from service.training.train import TrainingResult, resample, time_split, train_model, train_pipeline
 
 SMALL = TrainSettings(n_estimators=60, early_stopping_rounds=15, max_depth=4, learning_rate=0.15, nthread=1)
 

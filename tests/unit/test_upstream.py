@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from rollout.upstream import Answer, Failure, batch_body, classify, classify_batch, parse_answer
-from service.schema import BatchRequest
+from rollout.router.upstream import Answer, Failure, batch_body, classify, classify_batch, parse_answer
+from service.api.schema import BatchRequest
 
 
 def answer(score: float, version: str = "v2", prediction: int = 0) -> dict[str, object]:

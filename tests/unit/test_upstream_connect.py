@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from rollout.router.upstream import CONNECT_TIMEOUT_DETAIL, AiohttpTransport, Failure, HttpxTransport
 from rollout.settings import RouterSettings
-from rollout.upstream import CONNECT_TIMEOUT_DETAIL, AiohttpTransport, Failure, HttpxTransport
 from tests.sockets import unaccepting_listener
 
 CONNECT_TIMEOUT_S = 0.2

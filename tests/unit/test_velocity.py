@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from service import velocity as v
+from service.data import velocity as v
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z, a bucket boundary of both widths
 MIN = v.MINUTE_MS

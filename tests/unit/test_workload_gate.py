@@ -1,4 +1,4 @@
-"""rollout.workload_gate: the candidate's restarts and readiness as a gate (pure functions, known inputs)."""
+"""rollout.core.workload_gate: the candidate's restarts and readiness as a gate (pure functions, known inputs)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from rollout import policy as pol
-from rollout.analysis import GateStatus
-from rollout.backends.base import Readiness, WorkloadStatus
-from rollout.workload_gate import WORKLOAD_GATE, judge, observe
+from rollout.core import policy as pol
+from rollout.core.analysis import GateStatus
+from rollout.core.workload_gate import WORKLOAD_GATE, judge, observe
+from rollout.core.workloads import Readiness, WorkloadStatus
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 LIMITS = pol.AnalysisPolicy(max_restarts=2, not_ready_timeout_s=60.0)

@@ -1,7 +1,7 @@
 {{/* =========================================================================================================
 Every environment variable the chart sets, per component, in one place (README.md, "Environment contract").
 Names follow the settings classes (pydantic-settings, nested groups joined by "__"): rollout/settings.py
-(FW_ROLLOUT_…), rollout/outcome_settings.py (FW_ROLLOUT_OUTCOMES__…), service/settings.py (FW_…).
+(FW_ROLLOUT_…), rollout/router/outcomes/settings.py (FW_ROLLOUT_OUTCOMES__…), service/settings.py (FW_…).
 tests/unit/test_chart_render.py checks each name against those classes.
 
 A component's `settings` map adds variables under its prefix; keys the chart sets here are refused.
@@ -71,7 +71,7 @@ A component's `settings` map adds variables under its prefix; keys the chart set
 {{- include "fraudwatch.env.render" (dict "env" $env "prefix" $p "settings" $c.settings "extra" $c.extraEnv) }}
 {{- end }}
 
-{{/* The router (RouterSettings) and its prediction log (rollout/outcome_settings.py: OutcomeSettings). */}}
+{{/* The router (RouterSettings) and its prediction log (rollout/router/outcomes/settings.py: OutcomeSettings). */}}
 {{- define "fraudwatch.env.router" -}}
 {{- $r := .Values.router }}
 {{- $p := "FW_ROLLOUT_ROUTER__" }}

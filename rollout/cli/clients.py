@@ -1,0 +1,257 @@
+"""Where ``rolloutctl`` reads and sends: the controller's state directory (``--backend local``) or the ModelRollout
+through the kubeconfig (``--backend kube``), behind one small protocol."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from rollout.backends.local.inbox import (
+    EVENTS_FILE,
+    STATE_FILE,
+    CommandInbox,
+    Heartbeat,
+    read_command_result,
+    read_heartbeat,
+)
+from rollout.cli.errors import CliError, ExitCode
+from rollout.core.commands import CommandResult, InboxCommand
+from rollout.settings import ControllerSettings, RolloutSettings
+
+if TYPE_CHECKING:
+    from rollout.backends.kube.http import KubeCalls
+    from rollout.core.policy import RolloutPolicy
+    from rollout.core.state import ControllerState
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What ``status`` shows: the state (None before the first rollout), the controller's heartbeat, the policy."""
+
+    state: ControllerState | None
+    heartbeat: Heartbeat | None
+    policy: RolloutPolicy
+
+
+class RolloutClient(Protocol):
+    """A backend's view of one rollout, as the CLI needs it."""
+
+    name: str
+
+    def rollout_exists(self) -> bool: ...
+
+    def submit(self, command: InboxCommand) -> None: ...
+
+    def result(self, command_id: str) -> CommandResult | None: ...
+
+    def withdraw(self, command_id: str) -> bool: ...
+
+    def snapshot(self) -> Snapshot: ...
+
+    def events(self) -> Iterator[dict[str, Any]]: ...
+
+
+class LocalClient:
+    """The local backend: the controller's state directory."""
+
+    def __init__(self, settings: ControllerSettings, state_dir: Path) -> None:
+        self.name = settings.name
+        self.settings = settings
+        self.state_dir = state_dir
+        self.inbox = CommandInbox(state_dir)
+
+    def _raw_state(self) -> dict[str, Any] | None:
+        try:
+            raw = json.loads((self.state_dir / STATE_FILE).read_bytes())
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError as exc:
+            raise CliError(ExitCode.FAILURE, f"state file {self.state_dir / STATE_FILE} is not JSON: {exc}") from exc
+        return raw if isinstance(raw, dict) else None
+
+    def rollout_exists(self) -> bool:
+        raw = self._raw_state()
+        return raw is not None and raw.get("rollout") is not None
+
+    def submit(self, command: InboxCommand) -> None:
+        self.inbox.submit(command)
+
+    def result(self, command_id: str) -> CommandResult | None:
+        return read_command_result(self.state_dir, command_id)
+
+    def withdraw(self, command_id: str) -> bool:
+        return self.inbox.withdraw(command_id)
+
+    def snapshot(self) -> Snapshot:
+        from rollout.backends.local.state import StateStore
+        from rollout.core.policy import load_policy
+        from rollout.core.state import StateError
+
+        try:
+            state = StateStore(self.state_dir).load()
+        except StateError as exc:
+            raise CliError(ExitCode.FAILURE, str(exc)) from exc
+        return Snapshot(state, read_heartbeat(self.state_dir), load_policy(self.settings.policy_file))
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        from rollout.backends.local.events import read_events
+
+        return read_events(self.state_dir / EVENTS_FILE)
+
+
+class KubeClient:
+    """The Kubernetes backend: the ModelRollout ``name`` in ``namespace``; commands go to ``spec.manualCommand``."""
+
+    def __init__(
+        self,
+        name: str,
+        namespace: str | None,
+        kubeconfig: Path | None,
+        context: str | None,
+        settings: ControllerSettings,
+    ) -> None:
+        from rollout.backends.kube.http import light_api
+
+        self.name = name
+        self.settings = settings
+        ks = settings.kube
+        configured = ks.namespace if "namespace" in ks.model_fields_set else None
+        self.lease = ks.lease_name if "lease_name" in ks.model_fields_set else f"{name}-controller"
+        # The standard-library client when the kubeconfig allows (a revert must not wait ~0.4 s for the official
+        # client's import); the official client for exec plugins and the like.
+        light = light_api(kubeconfig, context, ks.request_timeout_s)
+        self.api: KubeCalls
+        if light is not None:
+            self.api, context_ns = light
+        else:
+            self.api, context_ns = self._official(kubeconfig, context, ks.request_timeout_s)
+        self.namespace: str = namespace or configured or context_ns or "default"
+
+    @staticmethod
+    def _official(kubeconfig: Path | None, context: str | None, timeout_s: float) -> tuple[KubeCalls, str | None]:
+        from rollout.backends.kube.api import KubeApi, KubeUnavailableError, context_namespace
+
+        try:
+            return KubeApi.connect(kubeconfig, context, timeout_s), context_namespace(kubeconfig, context)
+        except KubeUnavailableError as exc:
+            raise CliError(ExitCode.UNAVAILABLE, str(exc)) from exc
+
+    def _call(self, what: Any) -> Any:
+        from rollout.backends.kube.api import KubeError
+
+        try:
+            return what()
+        except KubeError as exc:
+            code = ExitCode.UNAVAILABLE if exc.status == 0 else ExitCode.FAILURE
+            raise CliError(code, str(exc)) from exc
+
+    def _path(self) -> str:
+        from rollout.backends.kube.api import rollout_path
+
+        return rollout_path(self.namespace, self.name)
+
+    def _object(self) -> dict[str, Any]:
+        obj = self._call(lambda: self.api.get(self._path()))
+        if obj is None:
+            raise CliError(ExitCode.NOT_FOUND, f"no ModelRollout {self.name!r} in namespace {self.namespace!r}")
+        return dict(obj)
+
+    def _state(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        state = (obj.get("status") or {}).get("state")
+        return state if isinstance(state, dict) else {}
+
+    def rollout_exists(self) -> bool:
+        return self._state(self._object()).get("rollout") is not None
+
+    def submit(self, command: InboxCommand) -> None:
+        if command.kind == "start":
+            raise CliError(ExitCode.USAGE, "on Kubernetes a rollout starts when spec.candidate changes: "
+                           "helm upgrade … --set model.version=<version>")  # fmt: skip
+        manual = {
+            "id": command.id,
+            "kind": command.kind,
+            "reason": command.reason,
+            "requestedBy": command.issued_by or None,
+            "requestedAt": command.issued_at.isoformat().replace("+00:00", "Z"),
+            "to": command.to,  # None removes a previous command's target (a merge patch merges objects)
+        }
+        self._call(lambda: self.api.merge_patch(self._path(), {"spec": {"manualCommand": manual}}))
+
+    def result(self, command_id: str) -> CommandResult | None:
+        for item in reversed(self._state(self._object()).get("command_results") or []):
+            if isinstance(item, dict) and item.get("id") == command_id:
+                return CommandResult.model_validate(item)
+        return None
+
+    def withdraw(self, command_id: str) -> bool:
+        from rollout.backends.kube.api import KubeError
+
+        test = {"op": "test", "path": "/spec/manualCommand/id", "value": command_id}
+        try:
+            self.api.json_patch(self._path(), [test, {"op": "remove", "path": "/spec/manualCommand"}])
+        except KubeError:
+            return False  # another command replaced it, or the controller's result is there already
+        return True
+
+    def snapshot(self) -> Snapshot:
+        from rollout.backends.kube.resource import effective_policy
+        from rollout.core.policy import load_policy
+        from rollout.core.state import StateError, loads_state
+
+        obj = self._object()
+        raw = self._state(obj)
+        try:
+            state = loads_state(json.dumps(raw)) if raw else None
+            policy = effective_policy(load_policy(self.settings.policy_file), (obj.get("spec") or {}).get("policy"))
+        except (StateError, ValueError) as exc:
+            raise CliError(ExitCode.FAILURE, f"ModelRollout {self.name}: {exc}") from exc
+        return Snapshot(state, self._heartbeat(), policy)
+
+    def _heartbeat(self) -> Heartbeat | None:
+        """The controller's Lease as its heartbeat: the holder and its last renewal."""
+        from rollout.backends.kube.api import KubeError, lease_path
+
+        try:
+            lease = self.api.get(lease_path(self.namespace, self.lease))
+        except KubeError:
+            return None  # no read access to Leases: shown as unknown
+        spec = (lease or {}).get("spec") or {}
+        if not spec.get("holderIdentity") or not spec.get("renewTime"):
+            return None
+        return Heartbeat(pid=0, name=self.name, backend="kube", started_at=spec.get("acquireTime") or spec["renewTime"],
+                         heartbeat_at=spec["renewTime"], identity=spec["holderIdentity"])  # fmt: skip
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        """The transitions in ``status.history`` (across rollouts, as many as the controller keeps)."""
+        for row in (self._object().get("status") or {}).get("history") or []:
+            yield {
+                "kind": "transition",
+                "at": row.get("at"),
+                "rollout_id": row.get("rolloutId"),
+                "from_phase": row.get("fromPhase"),
+                "from_stage": row.get("fromStage"),
+                "to_phase": row.get("toPhase"),
+                "to_stage": row.get("toStage"),
+                "trigger": row.get("trigger"),
+                "reason": row.get("reason"),
+                "command_id": row.get("commandId"),
+            }
+
+
+def client_for(args: argparse.Namespace, settings: RolloutSettings, *, plugin: bool) -> RolloutClient:
+    """The backend's client: ``--backend``, else the kubectl plugin's ``kube`` (``local`` when a state directory
+    or home is given), else ``FW_ROLLOUT_CONTROLLER__BACKEND``."""
+    cs = settings.controller
+    backend = args.backend
+    if backend is None and plugin:
+        backend = "local" if args.state_dir is not None or args.home is not None else "kube"
+    if backend is None:
+        backend = cs.backend
+    if backend == "kube":
+        name = args.name if plugin else cs.name
+        return KubeClient(name, args.namespace, args.kubeconfig, args.context, cs)
+    return LocalClient(cs, args.state_dir if args.state_dir is not None else cs.resolved_state_dir(settings.home))
