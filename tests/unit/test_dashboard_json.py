@@ -31,6 +31,8 @@ from rollout.router.outcomes.feedback import _OutcomeMetrics
 from rollout.router.outcomes.prediction_log import LABEL_NAMES, _LogMetrics
 from rollout.router.outcomes.settings import OutcomeSettings
 from rollout.settings import PrometheusSettings
+from service.data.features import DRIFT_FEATURES
+from service.data.velocity import VELOCITY_FEATURES
 from service.retraining.webhook import WebhookMetrics
 from service.serving.metrics import Metrics
 
@@ -171,7 +173,16 @@ def test_one_row_per_layer_plus_the_rollout_each_with_panels(board: dict[str, An
                 "fraudwatch_router_requests:rate5m",
             ],
         ),
-        ("Input drift", ['model_version_feature:fraudwatch_psi:1h{feature!="score"}']),
+        (
+            "Input drift",
+            [
+                'model_version_feature:fraudwatch_psi:1h{feature!="score"}',
+                'fraudwatch_psi:1h{feature=~"acct_refunds_1h|',
+                "fraudwatch_online_store_feature_age_seconds_bucket",
+                "fraudwatch_online_store_update_lag_seconds_bucket",
+                "fraudwatch_online_store_fallback_total",
+            ],
+        ),
         ("Output drift", ["fraudwatch_score_bucket", "review_decision_ratio", "shadow_agreement"]),
         ("Outcomes", ["outcome_precision", "outcome_recall", "calibration_error"]),
     ],
@@ -180,6 +191,11 @@ def test_each_layer_row_shows_what_the_layer_is_about(board: dict[str, Any], row
     exprs = " ".join(t["expr"] for p in _rows(board)[row] for t in p.get("targets", []))
     missing = [n for n in needles if n not in exprs]
     assert not missing, missing
+
+
+def test_the_velocity_psi_panel_names_every_velocity_feature_and_every_one_has_a_reference() -> None:
+    assert panels.VELOCITY_FEATURES == VELOCITY_FEATURES
+    assert set(VELOCITY_FEATURES) <= set(DRIFT_FEATURES)
 
 
 def test_outcomes_row_explains_roc_auc(board: dict[str, Any]) -> None:
