@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from service.common.processes import free_port
+
 START_TIMEOUT_S = 20.0
 
 
@@ -32,16 +34,10 @@ def redis_binary() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def redis_server(directory: Path, password: str | None = None) -> Iterator[RedisServer]:
     """``redis-server`` on 127.0.0.1 (a free port), ready when this yields."""
-    port = _free_port()
+    port = free_port("127.0.0.1")
     directory.mkdir(parents=True, exist_ok=True)
     command = [
         redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
