@@ -122,6 +122,12 @@ A component's `settings` map adds variables under its prefix; keys the chart set
 {{- with .Values.mlflow.trackingUri }}
 {{- $env = append $env (dict "name" "FW_MLFLOW_TRACKING_URI" "value" .) }}
 {{- end }}
+{{- /* The online store: every version of a rollout reads and writes the same one. */}}
+{{- $env = append $env (dict "name" (print $p "ONLINE_STORE__KEY_PREFIX") "value" .Values.onlineStore.keyPrefix) }}
+{{- if ne .Values.onlineStore.mode "embedded" }}
+{{- $env = append $env (dict "name" (print $p "ONLINE_STORE__URL") "value" (include "fraudwatch.onlineStoreUrl" .)) }}
+{{- $env = append $env (dict "name" (print $p "ONLINE_STORE__PASSWORD_FILE") "value" (printf "%s/password" (include "fraudwatch.onlineStorePasswordDir" .))) }}
+{{- end }}
 {{- /* Set per version by the controller: refused in modelServer.settings. */}}
 {{- $byController := list (print $p "MODEL_URI") (print $p "MODEL_ALIAS") (print $p "MODEL_DIR") (print $p "MODEL_VERSION") }}
 {{- range $name := $byController }}
