@@ -133,7 +133,10 @@ def test_the_whole_status_survives_the_schema_and_reads_back_equal(world: World,
     )  # fmt: skip
     assert {g["name"] for g in stored["gates"]} == set(state.rollout.gates)
     assert [h["toStage"] for h in stored["history"]] == [t.to_stage for t in state.rollout.history]
-    assert {c["type"] for c in stored["conditions"]} == {"Progressing", "Available", "Paused"}
+    assert {c["type"] for c in stored["conditions"]} == {
+        "Progressing", "Available", "Paused", "Ready", "Stalled", "Reconciling",
+    }  # fmt: skip
+    assert all("observedGeneration" in c for c in stored["conditions"])  # the schema keeps kstatus' field
     assert stored["routing"]["candidate_weight"] == 5 and stored["routingGeneration"] == stored["routing"]["generation"]
     assert writer.write() is False  # nothing new: no write
 

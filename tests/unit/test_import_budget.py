@@ -2,8 +2,9 @@
 
 The router, the controller, ``rolloutctl`` and the retraining webhook carry no training stack: no XGBoost,
 scikit-learn, SciPy, pandas, MLflow, matplotlib or BentoML in their processes (memory per pod, start-up time of
-every CLI call). The time budgets are loose on purpose — about five times what a quiet 2-core machine measures, so a
-busy machine does not fail them — and catch an import of the training stack (seconds) rather than small drift.
+every CLI call). The time budgets are of the import's CPU time, not wall time (at load 12 on 2 cores the router's
+import took 9.7-14 s of wall time against about 1.2 s of CPU), loose on purpose — about five times what a quiet
+2-core machine measures — and catch an import of the training stack (seconds of CPU) rather than small drift.
 
 That each image's entry modules import with only what its lock installs is checked in the images themselves
 (tests/e2e/test_images.py): here optional imports (XGBoost's of scikit-learn and pandas, uvicorn's of watchfiles)
@@ -38,9 +39,9 @@ BUDGETS: dict[str, tuple[tuple[str, ...], float]] = {
 
 _PROBE = """
 import json, sys, time
-start = time.perf_counter()
+start = time.process_time()
 __import__(sys.argv[1])
-seconds = time.perf_counter() - start
+seconds = time.process_time() - start
 print(json.dumps({"seconds": seconds, "modules": sorted(sys.modules)}))
 """
 
@@ -68,4 +69,4 @@ def test_entry_module_loads_no_heavy_package(module: str) -> None:
     top_level = {str(name).split(".")[0] for name in loaded["modules"]}  # type: ignore[attr-defined]
     assert top_level.isdisjoint(forbidden), f"{module} loads {sorted(top_level & set(forbidden))}"
     seconds = float(loaded["seconds"])  # type: ignore[arg-type]
-    assert seconds < budget_s, f"importing {module} took {seconds:.2f} s (budget {budget_s} s)"
+    assert seconds < budget_s, f"importing {module} took {seconds:.2f} s of CPU (budget {budget_s} s)"
