@@ -85,9 +85,16 @@ def _body(row: dict[str, Any]) -> dict[str, Any]:
         "amount": float(row["amount"]),
         "ipAccounts": int(row["ipAccounts"]),
         "accountId": row["account_id"],
+        # what the online store's velocity features are keyed by, and when (a replay: the row's own time)
+        "eventTime": pd.Timestamp(row["timestamp"]).isoformat(),
     }
-    if isinstance(row["itemDescription"], str):
-        body["itemDescription"] = row["itemDescription"]
+    for field, column in (
+        ("itemDescription", "itemDescription"),
+        ("ipAddress", "ip_address"),
+        ("deviceId", "device_id"),
+    ):
+        if isinstance(row.get(column), str):
+            body[field] = row[column]
     return body
 
 

@@ -246,7 +246,13 @@ def controller_env(run: Run, side: ModelSide, policy_path: Path, router: RouterP
         f"{prefix}LOCAL__SCRAPE_TARGETS": json.dumps([router.control_url.removeprefix("http://"), f"{s.host}:{port}"]),
         f"{prefix}LOCAL__START_TIMEOUT_S": str(s.server_start_timeout_s),
         f"{prefix}LOCAL__SERVER_ENV": json.dumps(
-            {"FW_SERVE__WORKERS": str(s.server_workers), "FW_LOG_LEVEL": "WARNING"}
+            {
+                "FW_SERVE__WORKERS": str(s.server_workers),
+                "FW_LOG_LEVEL": "WARNING",
+                # the load replays months of a recorded stream in minutes: each event takes its request's own time,
+                # or every account would look like a bot-farm burst to the velocity features
+                "FW_SERVE__ONLINE_STORE__EVENT_TIME": "request",
+            }
         ),
     }
 
