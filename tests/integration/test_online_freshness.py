@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import httpx
 import pytest
@@ -27,28 +25,18 @@ from rollout.backends.prometheus import PrometheusClient
 from rollout.settings import PrometheusSettings
 from service.serving.process import BentoServer
 from tests.kits.alerts import fast_rules
-from tests.kits.serving import scoring_server
 from tests.kits.redis import redis_server
+from tests.kits.serving import scoring_server
+from tests.kits.stack import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-T = TypeVar("T")
 #: Requests a second: above the alert's 0.5 reads/s floor for the age arm.
 RATE_PER_S = 4.0
 #: The age arm's limit in the shipped rule (seconds) and how long past it the test waits for the alert.
 AGE_LIMIT_S = 60.0
 ALERT_WAIT_S = AGE_LIMIT_S * 2.5
 STALE = "FraudwatchOnlineFeaturesStale"
-
-
-def wait_for(probe: Callable[[], T | None], what: str, timeout_s: float) -> T:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = probe()
-        if value is not None:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 class Traffic:
