@@ -466,7 +466,8 @@ def store_lookups(redis_url: str, work: Path, model_dir: Path, n: int) -> dict[s
         return {}
     from service.data import velocity as v
     from service.data.feature_store import STORE_FILE, SQLiteFeatureStore
-    from service.data.online_store import OnlineStore, open_online_store
+    from service.data.online_base import OnlineStore
+    from service.data.online_store import open_online_store
     from service.data.synthetic import SyntheticConfig, generate
     from service.settings import OnlineStoreSettings
     from service.training.evaluate import time_ordered

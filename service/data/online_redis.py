@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from service.data import velocity as v
 from service.data.feature_store import StoreTimeoutError
-from service.data.online_store import Event, Readings, WriteResult
+from service.data.online_base import Event, Readings, WriteResult
 from service.settings import OnlineStoreSettings
 
 _WRITE_REFUND: Final[str] = """

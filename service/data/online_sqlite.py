@@ -13,7 +13,7 @@ from typing import Any, Final
 
 from service.data import velocity as v
 from service.data.feature_store import StoreTimeoutError
-from service.data.online_store import Event, Readings, WriteResult
+from service.data.online_base import Event, Readings, WriteResult
 from service.settings import OnlineStoreSettings
 
 _SCHEMA: Final[tuple[str, ...]] = (
@@ -108,17 +108,19 @@ class SQLiteOnlineStore:
         self._local.deadline = deadline
         try:
             conn.execute("BEGIN")
-            try:
-                rows = [conn.execute(_READ, _read_params(query)).fetchone() for query in queries]
-                (watermark,) = conn.execute("SELECT max(value) FROM meta WHERE key = 'watermark'").fetchone()
-            finally:
-                conn.execute("COMMIT")
+            rows = [conn.execute(_READ, _read_params(query)).fetchone() for query in queries]
+            (watermark,) = conn.execute("SELECT max(value) FROM meta WHERE key = 'watermark'").fetchone()
         except sqlite3.OperationalError as exc:
             if time.monotonic() >= deadline:
                 raise StoreTimeoutError("online store read interrupted at its deadline") from exc
             raise
         finally:
+            # The end of the read transaction is never interrupted: a COMMIT stopped by the progress handler left
+            # the connection inside its transaction, and every later read of the process failed on BEGIN
+            # ("cannot start a transaction within a transaction") — the store served only defaults.
             self._local.deadline = None
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
         if time.monotonic() >= deadline:
             raise StoreTimeoutError("online store read passed its deadline")
         return Readings([_sqlite_reading(query, row) for query, row in zip(queries, rows, strict=True)], watermark)

@@ -23,12 +23,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from service.api.schema import RefundRequest
 from service.common.logging import get_logger, log_event
 from service.data import velocity as v
 from service.data.feature_store import ERROR, TIMEOUT, StoreTimeoutError
+from service.data.online_base import Event, OnlineStore, Readings, WriteResult
 from service.settings import OnlineStoreSettings, Settings
 
 LOGGER = get_logger("online_store")
@@ -42,33 +43,6 @@ DUPLICATE: Final[str] = "duplicate"
 OVERFLOW: Final[str] = "overflow"
 WRITE_OUTCOMES: Final[tuple[str, ...]] = (APPLIED, DUPLICATE)
 DROP_REASONS: Final[tuple[str, ...]] = (OVERFLOW, ERROR)
-
-Event = v.RefundEvent | v.LabelEvent
-
-
-@dataclass(frozen=True)
-class Readings:
-    """A store's answer to a batch of queries: one raw reading each, and the newest event time it has applied."""
-
-    readings: list[v.Reading]
-    watermark_ms: int | None
-
-
-@dataclass(frozen=True)
-class WriteResult:
-    applied: int
-    duplicates: int
-
-
-class OnlineStore(Protocol):
-    """Velocity state by entity (see service/data/velocity.py). ``read`` gives up with :class:`StoreTimeoutError` once
-    ``timeout_s`` has passed; ``write`` applies each event once (by its ID) and may take its time."""
-
-    def read(self, queries: Sequence[v.RefundEvent], timeout_s: float) -> Readings: ...
-
-    def write(self, events: Sequence[Event]) -> WriteResult: ...
-
-    def close(self) -> None: ...
 
 
 def resolve_all(queries: Sequence[v.RefundEvent], readings: Readings) -> list[v.Velocity]:
@@ -116,6 +90,29 @@ def open_online_store(url: str, settings: OnlineStoreSettings) -> OnlineStore | 
             password = settings.password_file.read_text(encoding="utf-8").strip()
         return RedisOnlineStore(url, settings, password=password)
     raise ValueError(f"online store URL {describe(url)!r}: expected none, sqlite:///path, redis:// or rediss://")
+
+
+# ------------------------------------------------------------------------------------------------ backfill
+
+
+def history_events(frame: Any, until_ms: int) -> list[Event]:
+    """What a store that had been written since the start of a time-ordered history ``frame`` holds at
+    ``until_ms``: its refunds and the labels that had arrived, before then (the events training's
+    :func:`service.data.velocity.point_in_time` replays, with the same IDs; a store's state does not depend on the
+    order they are written in)."""
+    refunds: list[Event] = [event for event in v.refund_events(frame) if event.t_ms < until_ms]
+    return refunds + [label for label in v.label_events(frame) if label.t_ms < until_ms]
+
+
+def backfill(store: OnlineStore, events: Sequence[Event], batch: int) -> WriteResult:
+    """Write ``events`` into ``store`` in batches of ``batch``: a new store filled from the event history, so that
+    its first day of traffic is not read as accounts with no past. Idempotent: each event applies once (its ID)."""
+    applied = duplicates = 0
+    for start in range(0, len(events), batch):
+        result = store.write(events[start : start + batch])
+        applied += result.applied
+        duplicates += result.duplicates
+    return WriteResult(applied, duplicates)
 
 
 # --------------------------------------------------------------------------------------------- the writer
