@@ -72,6 +72,13 @@ VELOCITY_FEATURES: Final[tuple[str, ...]] = (
 )
 
 
+#: The burst features: they leave their default only inside a burst (a farm's accounts sharing an IP within the hour
+#: or a device within the day), so their requests come in clusters, not independently, and a rollout stage's sample
+#: does not state their distribution — the policies' drift gates (input-psi-max) do not judge them; dashboards and
+#: the input-drift alert still show them (docs/architecture.md, "Gate statistics").
+BURST_FEATURES: Final[tuple[str, ...]] = ("ip_accounts_1h", "device_accounts_24h")
+
+
 @dataclass(frozen=True, slots=True)
 class Velocity:
     """One request's velocity features (see the module docstring). ``known`` is False when they are the defaults
