@@ -211,6 +211,9 @@ class DemoVersions:
     registry_versions: dict[str, str] = field(default_factory=dict)
     live_traffic: str = ""
     regression_set: str = ""
+    #: The online store the model servers of this home read and write (credentials never in it): where the router
+    #: writes the labels too.
+    online_store: str = ""
     stream: dict[str, Any] = field(default_factory=dict)
     #: version name → metrics on the regression set at the version's own threshold.
     regression_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -269,6 +272,7 @@ def prepare_rollout_versions(
     lap("generate")
     with observer.step("Backfilling the online store with the history before the live traffic"):
         result.stream["online_store_backfill"] = backfill_online_store(settings, history, live)
+        result.online_store = describe(store_url(settings))
     lap("backfill")
     roles: dict[str, str] = {}
     for role, frame, alias, why in (

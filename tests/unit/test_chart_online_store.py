@@ -53,6 +53,18 @@ def model_server(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[st
     return spec, {e["name"]: e["value"] for e in container["env"] if "value" in e}
 
 
+def router(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The router Deployment's pod spec and its container's plain env."""
+    spec: dict[str, Any] = one(objects, "Deployment", "-router")["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    return spec, {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
+def component_peers(rule: Mapping[str, Any], key: str) -> list[str]:
+    selectors = [peer["podSelector"].get("matchLabels", {}) for peer in rule.get(key, []) if "podSelector" in peer]
+    return [labels.get("app.kubernetes.io/component", "") for labels in selectors]
+
+
 def policy_of(objects: list[dict[str, Any]], suffix: str) -> Mapping[str, Any]:
     spec: Mapping[str, Any] = one(objects, "NetworkPolicy", suffix)["spec"]
     return spec
@@ -78,13 +90,29 @@ def test_deploy_mode_runs_one_redis_the_model_servers_reach_with_a_mounted_passw
     assert container["securityContext"]["runAsNonRoot"] is True
 
 
-def test_only_model_servers_reach_redis_and_model_servers_reach_only_its_port(
+def test_the_routers_write_labels_to_the_same_redis_with_the_mounted_password(deployed: list[dict[str, Any]]) -> None:
+    """The routers' label feed writes each recorded fraud label to the store the model servers read: the same URL,
+    key prefix and password file (a mounted Secret, never the value in the pod spec)."""
+    _, served = model_server(deployed)
+    spec, env = router(deployed)
+    for key in ("URL", "PASSWORD_FILE", "KEY_PREFIX"):
+        assert env[f"FW_ROLLOUT_ROUTER__ONLINE_STORE__{key}"] == served[f"FW_SERVE__ONLINE_STORE__{key}"]
+    assert PASSWORD not in yaml.safe_dump(spec)
+    (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "online-store-auth"]
+    assert mount["readOnly"] is True
+    assert Path(env["FW_ROLLOUT_ROUTER__ONLINE_STORE__PASSWORD_FILE"]).parent == Path(mount["mountPath"])
+    (volume,) = [vol for vol in spec["volumes"] if vol["name"] == "online-store-auth"]
+    assert volume["secret"]["secretName"].endswith("-online-store-auth")
+    to_redis = [r for r in policy_of(deployed, "-router")["egress"] if component_peers(r, "to") == ["online-store"]]
+    assert [r["ports"] for r in to_redis] == [[{"port": 6379, "protocol": "TCP"}]]
+
+
+def test_only_model_servers_and_routers_reach_redis_and_model_servers_reach_only_its_port(
     deployed: list[dict[str, Any]],
 ) -> None:
     store = policy_of(deployed, "-online-store")
     (rule,) = store["ingress"]
-    (peer,) = rule["from"]
-    assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "model-server"
+    assert component_peers(rule, "from") == ["model-server", "router"]  # features and events; fraud labels
     assert rule["ports"] == [{"port": "redis", "protocol": "TCP"}]
     assert all(port["port"] == 53 for r in store["egress"] for port in r["ports"])  # DNS only
     model = policy_of(deployed, "-model-server")
@@ -117,6 +145,11 @@ def test_existing_mode_takes_your_redis_and_secret_and_deploys_none(helm: Helm, 
     assert (volume["secret"]["secretName"], volume["secret"]["items"][0]["key"]) == ("shared-redis", "pw")
     egress = policy_of(objects, "-model-server")["egress"]
     assert egress_rule in egress
+    router_spec, router_env = router(objects)
+    assert router_env["FW_ROLLOUT_ROUTER__ONLINE_STORE__URL"] == "rediss://redis.shared:6380/2"
+    (volume,) = [vol for vol in router_spec["volumes"] if vol["name"] == "online-store-auth"]
+    assert (volume["secret"]["secretName"], volume["secret"]["items"][0]["key"]) == ("shared-redis", "pw")
+    assert egress_rule in policy_of(objects, "-router")["egress"]
 
 
 def test_embedded_mode_has_no_store_to_reach(helm: Helm, workdir: Path) -> None:
@@ -125,6 +158,9 @@ def test_embedded_mode_has_no_store_to_reach(helm: Helm, workdir: Path) -> None:
     assert "FW_SERVE__ONLINE_STORE__URL" not in env and "FW_SERVE__ONLINE_STORE__PASSWORD_FILE" not in env
     assert all(vol["name"] != "online-store-auth" for vol in spec["volumes"])
     assert find(objects, "Deployment", "-online-store") == []
+    router_spec, router_env = router(objects)  # no store the router could reach: labels go nowhere
+    assert not any(name.startswith("FW_ROLLOUT_ROUTER__ONLINE_STORE__") for name in router_env)
+    assert all(vol["name"] != "online-store-auth" for vol in router_spec["volumes"])
 
 
 @pytest.mark.parametrize(
