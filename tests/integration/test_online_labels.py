@@ -107,7 +107,9 @@ def test_a_posted_fraud_label_changes_the_next_requests_velocity_features(bundle
                         answer = feedback.post(FEEDBACK_PATH, json={"prediction_id": prediction_id, "label": label})
                         assert answer.status_code == 200 and answer.json()["status"] == status, answer.text
 
-                store = open_online_store(store_server.url, OnlineStoreSettings(password_file=secret))
+                store = open_online_store(
+                    store_server.url, OnlineStoreSettings(password_file=secret, timeout_ms=5_000.0)
+                )
                 assert store is not None
 
                 def labels_of(account: str) -> float:
