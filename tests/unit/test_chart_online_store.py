@@ -19,25 +19,11 @@ from service.common.processes import free_port
 from service.data import velocity as v
 from service.data.online_store import open_online_store
 from service.settings import OnlineStoreSettings
-from tests.kits.chart import DRY_RENDER_VALUES, Helm, HelmNotFoundError, find, locate_helm, one
+from tests.kits.chart import Helm, find, one
 from tests.kits.redis import redis_binary
 
 PASSWORD = "a-password-of-the-online-store"
 FIXED = {"onlineStore": {"auth": {"password": PASSWORD}}}
-
-
-@pytest.fixture(scope="module")
-def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
-    try:
-        binary = locate_helm()
-    except HelmNotFoundError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    return Helm.isolated(binary, tmp_path_factory.mktemp("helm-home")).with_base(DRY_RENDER_VALUES)
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("chart-values")
 
 
 @pytest.fixture(scope="module")
