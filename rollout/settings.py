@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rollout.core.buckets import DEFAULT_LATENCY_BUCKETS_S, DEFAULT_SCORE_DELTA_BUCKETS
+from service.settings import OnlineStoreSettings
 
 #: A label source's name: the ``source`` of its labels, the key of its token in a Secret (a file name).
 SOURCE_NAME_PATTERN: Final[str] = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -73,6 +74,11 @@ class RouterSettings(BaseModel):
     #: Development only: run the feedback listener without a token, accepting unauthenticated labels (logged as a
     #: warning at start). Labels decide rollouts: never in a deployment.
     feedback_insecure_dev: bool = False
+    #: The online feature store the model servers read (service/settings.py OnlineStoreSettings): each recorded fraud
+    #: label is written there for its account (rollout/router/outcomes/online_labels.py). ``none`` (the default) →
+    #: labels change no velocity feature; ``redis://…`` with ``password_file``, or the model servers' SQLite file
+    #: (``sqlite:///path``) on one machine.
+    online_store: OnlineStoreSettings = OnlineStoreSettings(url="none")
     #: The key of sticky assignment (or ``sticky_key_file``, a mounted Secret): each table's salt (the version pair,
     #: or the ModelRollout's ``spec.routingSalt``) is hashed with it (keyed BLAKE2b), so every rollout gets its own
     #: salt and no client can compute which accounts reach the candidate. Every replica must share it (the chart's

@@ -61,7 +61,8 @@ FIXED_TOKEN = {
         "adminToken": {"value": "test-admin-token"},
         "feedback": {"token": {"value": "test-feedback-token"}},
         "stickyKey": {"value": "test-sticky-key"},
-    }
+    },
+    "onlineStore": {"auth": {"password": "test-online-store-password"}},
 }
 
 #: The values matrix every rendered-object test runs over.
@@ -79,6 +80,7 @@ MATRIX: dict[str, dict[str, Any]] = {
             "feedback": {"token": {"existingSecret": "label-feed", "existingSecretKey": "bearer"}},
             "stickyKey": {"existingSecret": "router-sticky", "existingSecretKey": "key"},
         },
+        "onlineStore": {"auth": {"existingSecret": "redis-auth", "existingSecretKey": "pw"}},
     },
     "ha-controller": {
         "controller": {
@@ -345,6 +347,10 @@ def test_pods_scrape_annotations_follow_the_value(rendered: dict[str, list[dict[
     wanted = MATRIX[case].get("monitoring", {}).get("podAnnotations", True)
     for deployment in find(rendered[case], "Deployment"):
         annotations = deployment["spec"]["template"]["metadata"].get("annotations") or {}
+        if deployment["metadata"]["labels"]["app.kubernetes.io/component"] == "online-store":
+            # Redis serves no /metrics: the model servers export the store's series (reads, fallbacks, age, lag)
+            assert "prometheus.io/scrape" not in annotations
+            continue
         assert (annotations.get("prometheus.io/scrape") == "true") is wanted
         if wanted:
             ports = {p["containerPort"] for c in containers(deployment["spec"]["template"]["spec"]) for p in c["ports"]}
@@ -539,7 +545,23 @@ def test_created_secrets_are_referenced(rendered: dict[str, list[dict[str, Any]]
     assert feed_key in secrets[feed_name]["data"]
     assert sticky_key in secrets[sticky_name]["data"]
     assert len({dsn_name, token_name, feed_name, sticky_name}) == 4
-    assert len(set(secrets)) == 4
+    store_name, store_key = online_store_secret(objects)
+    assert store_key in secrets[store_name]["data"]
+    assert len(set(secrets)) == 5
+
+
+def online_store_secret(objects: list[dict[str, Any]]) -> tuple[str, str]:
+    """The (Secret, key) the model-server template and Redis both mount the online store's password from."""
+    template, _ = model_server_template(objects)
+    redis_spec = one(objects, "Deployment", "-online-store")["spec"]["template"]["spec"]
+    sources = set()
+    for spec, volume_name in ((template["spec"], "online-store-auth"), (redis_spec, "auth")):
+        (volume,) = [v for v in spec["volumes"] if v["name"] == volume_name]
+        (item,) = volume["secret"]["items"]
+        assert item["path"] == "password"
+        sources.add((volume["secret"]["secretName"], item["key"]))
+    (source,) = sources
+    return source
 
 
 def test_existing_secrets_are_referenced_not_created(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -547,6 +569,7 @@ def test_existing_secrets_are_referenced_not_created(rendered: dict[str, list[di
 
     assert find(objects, "Secret") == []
     assert mounted_secret(objects, DSN_FILE_ENV) == ("pg-dsn", "url")
+    assert online_store_secret(objects) == ("redis-auth", "pw")
     assert mounted_secret(objects) == ("router-admin", "token")
     assert mounted_secret(objects, FEEDBACK_TOKEN_ENV) == ("label-feed", "bearer")
     assert mounted_secret(objects, STICKY_KEY_ENV) == ("router-sticky", "key")
@@ -616,10 +639,10 @@ def test_a_seed_makes_generated_credentials_identical_on_every_render(helm: Helm
     first, second = helm.template(values, workdir), helm.template(values, workdir)
     credentials = generated_credentials(first)
 
-    assert len(credentials) == 4  # admin, feedback, sticky, retraining webhook
+    assert len(credentials) == 5  # admin, feedback, sticky, retraining webhook, online store
     assert find(first, "Secret") == find(second, "Secret")
     assert router_checksum(first) == router_checksum(second)
-    assert len(set(credentials.values())) == 4 and all(len(v) >= 32 for v in credentials.values())
+    assert len(set(credentials.values())) == 5 and all(len(v) >= 32 for v in credentials.values())
     assert not any(SEED in yaml.safe_dump(obj) for obj in first)
     for other in (
         helm.template(merged(values, {"secrets": {"seed": SEED + "x"}}), workdir),

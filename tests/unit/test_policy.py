@@ -23,6 +23,7 @@ from rollout.router.metrics import RouterMetrics
 from rollout.router.outcomes.feedback import _OutcomeMetrics
 from rollout.router.outcomes.settings import OutcomeSettings
 from rollout.settings import PrometheusSettings
+from service.data.velocity import BURST_FEATURES, VELOCITY_FEATURES
 from service.serving.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -545,8 +546,9 @@ def test_default_queries_compute_what_the_analysis_expects(tmp_path: Path) -> No
     assert isinstance(latency, pol.MetricGate) and isinstance(latency.estimator, pol.RateEstimator)
     checks += [(latency.estimator.events, 7.0 * window_min), (latency.estimator.trials, 150.0 * window_min)]
 
-    # the drift gates read each feature's bins over the stage window and the version's reference fractions
-    for feature, per_bin in (("amount", 2.0), ("score", 5.0)):
+    # the drift gates read each feature's bins over the stage window and the version's reference fractions; the
+    # input gate not the score's, nor the burst features' (velocity.BURST_FEATURES: clustered requests)
+    for feature, per_bin in (("amount", 2.0), ("score", 5.0), *((name, 3.0) for name in BURST_FEATURES)):
         for b in range(10):
             labels = f'model_version="v2",feature="{feature}",bin="{b}"'
             series.append(_counter(f"fraudwatch_feature_bin_total{{{labels}}}", per_bin, minutes))
@@ -555,7 +557,7 @@ def test_default_queries_compute_what_the_analysis_expects(tmp_path: Path) -> No
     assert isinstance(input_psi, pol.MetricGate) and isinstance(input_psi.estimator, pol.PsiEstimator)
     assert isinstance(score_psi, pol.MetricGate) and isinstance(score_psi.estimator, pol.PsiEstimator)
     checks += [
-        (f"sum({input_psi.estimator.counts})", 10 * 2.0 * window_min),  # amount's bins, not the score's
+        (f"sum({input_psi.estimator.counts})", 10 * 2.0 * window_min),  # amount's bins only
         (f"count({input_psi.estimator.reference})", 10.0),
         (f"sum({score_psi.estimator.counts})", 10 * 5.0 * window_min),
         (f"sum({score_psi.estimator.reference})", 1.0),
@@ -836,3 +838,16 @@ def test_a_template_query_is_checked_like_an_inline_one() -> None:
     data["metric_templates"]["error-rate"]["query"] = 'errors{model_version=~"{{version}}"}'
     with pytest.raises(ValueError, match="exact label matcher"):
         pol.policy_from_mapping(data)
+
+
+@pytest.mark.parametrize("policy_name", ["default", "demo"])
+def test_input_drift_gate_judges_every_drift_feature_but_the_burst_features(policy_name: str) -> None:
+    """The shipped input-drift gate leaves out exactly the score and service.data.velocity.BURST_FEATURES: every
+    other velocity feature is judged (a renamed or new burst feature must be named in both places)."""
+    policy = pol.load_policy(None) if policy_name == "default" else load_demo_policy(1.0)
+    gate = {g.name: g for g in policy.gates}["input-psi-max"]
+    assert isinstance(gate, pol.MetricGate) and isinstance(gate.estimator, pol.PsiEstimator)
+    matcher = 'feature!~"' + "|".join(("score", *BURST_FEATURES)) + '"'
+    for query in (gate.query, gate.estimator.counts, gate.estimator.reference):
+        assert matcher in query, query
+    assert set(BURST_FEATURES) < set(VELOCITY_FEATURES)

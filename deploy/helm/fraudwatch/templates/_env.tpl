@@ -115,6 +115,13 @@ A component's `settings` map adds variables under its prefix; keys the chart set
 {{- if $r.feedback.sourcesSecret }}
 {{- $env = append $env (dict "name" (print $p "FEEDBACK_TOKENS_DIR") "value" (include "fraudwatch.feedbackSourcesPath" .)) }}
 {{- end }}
+{{- /* Recorded fraud labels go to the model servers' online store (none in embedded mode: each model server pod
+     has its own file there, which the router cannot reach). */}}
+{{- if ne .Values.onlineStore.mode "embedded" }}
+{{- $env = append $env (dict "name" (print $p "ONLINE_STORE__URL") "value" (include "fraudwatch.onlineStoreUrl" .)) }}
+{{- $env = append $env (dict "name" (print $p "ONLINE_STORE__PASSWORD_FILE") "value" (printf "%s/password" (include "fraudwatch.onlineStorePasswordDir" .))) }}
+{{- $env = append $env (dict "name" (print $p "ONLINE_STORE__KEY_PREFIX") "value" .Values.onlineStore.keyPrefix) }}
+{{- end }}
 {{- $routerEnv := include "fraudwatch.env.render" (dict "env" $env "prefix" $p "settings" $r.settings "reserved" (list "feedback_tokens_dir")) | fromYamlArray }}
 {{- /* The DSN (it may carry the database password) is a file of the mounted Secret, never an env variable. The
      prediction log's durable marks on the pod's data emptyDir: it outlives container restarts, so what a killed
@@ -135,6 +142,12 @@ A component's `settings` map adds variables under its prefix; keys the chart set
 }}
 {{- with .Values.mlflow.trackingUri }}
 {{- $env = append $env (dict "name" "FW_MLFLOW_TRACKING_URI" "value" .) }}
+{{- end }}
+{{- /* The online store: every version of a rollout reads and writes the same one. */}}
+{{- $env = append $env (dict "name" (print $p "ONLINE_STORE__KEY_PREFIX") "value" .Values.onlineStore.keyPrefix) }}
+{{- if ne .Values.onlineStore.mode "embedded" }}
+{{- $env = append $env (dict "name" (print $p "ONLINE_STORE__URL") "value" (include "fraudwatch.onlineStoreUrl" .)) }}
+{{- $env = append $env (dict "name" (print $p "ONLINE_STORE__PASSWORD_FILE") "value" (printf "%s/password" (include "fraudwatch.onlineStorePasswordDir" .))) }}
 {{- end }}
 {{- /* Set per version by the controller: refused in modelServer.settings. */}}
 {{- $byController := list (print $p "MODEL_URI") (print $p "MODEL_ALIAS") (print $p "MODEL_DIR") (print $p "MODEL_VERSION") }}

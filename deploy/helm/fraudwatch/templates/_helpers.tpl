@@ -339,3 +339,38 @@ fraudwatch.io/model: {{ .Values.model.name | quote }}
 {{ toYaml . }}
 {{- end }}
 {{- end }}
+
+{{/* ---------------------------------------------------------------------------------------------------------
+The online store (Redis): names, the password Secret, what the model servers get
+--------------------------------------------------------------------------------------------------------- */}}
+{{- define "fraudwatch.onlineStoreName" -}}
+{{- include "fraudwatch.componentName" (dict "ctx" . "component" "online-store") }}
+{{- end }}
+
+{{- define "fraudwatch.onlineStoreSecret" -}}
+{{- default (printf "%s-auth" (include "fraudwatch.onlineStoreName" .)) .Values.onlineStore.auth.existingSecret }}
+{{- end }}
+
+{{- define "fraudwatch.onlineStoreSecretKey" -}}
+{{- if .Values.onlineStore.auth.existingSecret }}{{ .Values.onlineStore.auth.existingSecretKey }}{{ else }}password{{ end }}
+{{- end }}
+
+{{- define "fraudwatch.onlineStorePasswordDir" -}}
+/var/run/fraudwatch/online-store
+{{- end }}
+
+{{/* The URL the model servers use: "" for embedded (service default: a SQLite file under FW_HOME). */}}
+{{- define "fraudwatch.onlineStoreUrl" -}}
+{{- $o := .Values.onlineStore }}
+{{- if eq $o.mode "deploy" }}
+{{- printf "redis://%s:%d/0" (include "fraudwatch.onlineStoreName" .) (int $o.redis.port) }}
+{{- else if eq $o.mode "existing" }}
+{{- $o.url }}
+{{- end }}
+{{- end }}
+
+{{/* Redis's ACL for the model servers' user (the password added at start as its sha256): the store's keys only, the
+commands the store sends (service/data/online_redis.py), nothing dangerous (no CONFIG, FLUSHALL, KEYS, DEBUG...). */}}
+{{- define "fraudwatch.onlineStoreAcl" -}}
+resetchannels ~{{ .Values.onlineStore.keyPrefix }}* -@all +ping +multi +exec +discard +evalsha +eval +script|load +script|exists +get +set +incr +hmget +hset +hdel +hkeys +hincrby +pexpire +zadd +zcount +zscore +zremrangebyscore
+{{- end }}
