@@ -965,8 +965,10 @@ def loads_policy(text: str) -> RolloutPolicy:
 
 
 def dumps_policy(policy: RolloutPolicy) -> str:
-    """The policy as YAML (conditions as strings); ``loads_policy(dumps_policy(p)) == p``."""
-    return yaml.safe_dump(policy.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=120)
+    """The policy as YAML (conditions as strings; unset optional fields left out, as a user writes it, so the CRD
+    and the chart's values schema accept it); ``loads_policy(dumps_policy(p)) == p``."""
+    data = policy.model_dump(mode="json", exclude_none=True)
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120)
 
 
 def dump_policy(policy: RolloutPolicy, path: Path) -> None:

@@ -89,7 +89,9 @@ def test_seed_request_answers_every_field_consistently(client: httpx.Client, mod
     response = client.post(PREDICT, json=SEED)
     assert response.status_code == 200, response.text
     body = RefundResponse.model_validate(response.json())
-    assert set(response.json()) == set(RefundResponse.model_fields)
+    # every field; `reasons` only with a review decision (or explain: true), and then non-empty
+    assert set(response.json()) == set(RefundResponse.model_fields) - ({"reasons"} if body.reasons is None else set())
+    assert (body.reasons is not None) == (body.decision == "review")
     assert body.prediction == int(body.score >= body.threshold)
     assert body.confidence == pytest.approx(body.score if body.prediction else 1.0 - body.score)
     assert body.decision == ("review" if body.prediction else "approve")

@@ -19,11 +19,20 @@ from typing import Any
 
 import pytest
 import yaml
+from jsonschema import Draft7Validator  # type: ignore[import-untyped]
 from pydantic import BaseModel
 from pydantic_settings import BaseSettings
 
 from rollout.backends.kube.access import REQUIRED_ACCESS
-from rollout.core.policy import CANARY_WEIGHT_MAX, CANARY_WEIGHT_MIN, load_policy, policy_from_mapping
+from rollout.core.policy import (
+    CANARY_WEIGHT_MAX,
+    CANARY_WEIGHT_MIN,
+    dumps_policy,
+    load_policy,
+    loads_policy,
+    policy_from_mapping,
+)
+from rollout.demo.policy import load_demo_policy
 from rollout.router.app import Router
 from rollout.router.outcomes.prediction_log import mark_dir_of
 from rollout.router.outcomes.settings import DriftSettings, OutcomeSettings
@@ -224,6 +233,20 @@ def test_values_schema_policy_is_the_crd_policy() -> None:
     values_policy = values_schema()["properties"]["rollout"]["properties"]["policy"]
 
     assert values_policy == openapi_to_draft7(crd_policy)
+
+
+@pytest.mark.parametrize("which", ["default", "demo", "stepped"])
+def test_a_dumped_policy_meets_the_values_schema(which: str) -> None:
+    """``dumps_policy`` is how a policy reaches the chart's values (the e2e walks, a user's ``rollout.policy``):
+    unset optional fields (``template``, ``steps``) must not be written as nulls the schema refuses."""
+    policy = load_demo_policy(1.0) if which == "demo" else load_policy()
+    if which == "stepped":
+        policy = policy.model_copy(update={"stages": policy.stages.model_copy(update={"steps": (1, 5, 25, 50)})})
+    values_policy = values_schema()["properties"]["rollout"]["properties"]["policy"]
+    dumped = yaml.safe_load(dumps_policy(policy))
+    errors = [f"{list(e.absolute_path)}: {e.message}" for e in Draft7Validator(values_policy).iter_errors(dumped)]
+    assert errors == []
+    assert loads_policy(dumps_policy(policy)) == policy
 
 
 def test_crd_and_values_schema_bound_the_canary_weight_like_the_policy_code() -> None:
