@@ -221,11 +221,17 @@ INPUT_DRIFT = Section(
     (
         Panel(
             "psi-1h",
-            "PSI per feature (1 h)",
+            "PSI per request feature (1 h)",
             "timeseries",
             "short",
-            (_q('model_version_feature:fraudwatch_psi:1h{feature!="score"}', "{{model_version}} {{feature}}"),),
-            "Population stability index against the training reference; > 0.1 moderate, > 0.25 major shift.",
+            (
+                _q(
+                    f'model_version_feature:fraudwatch_psi:1h{{feature!~"score|{"|".join(VELOCITY_FEATURES)}"}}',
+                    "{{model_version}} {{feature}}",
+                ),
+            ),
+            "Population stability index against the training reference; > 0.1 moderate, > 0.25 major shift. The "
+            "velocity features have their own panel below.",
         ),
         Panel(
             "psi-5m",

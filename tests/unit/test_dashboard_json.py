@@ -113,7 +113,7 @@ def test_one_row_per_layer_plus_the_rollout_each_with_panels(board: dict[str, An
         (
             "Input drift",
             [
-                'model_version_feature:fraudwatch_psi:1h{feature!="score"}',
+                'model_version_feature:fraudwatch_psi:1h{feature!~"score|acct_refunds_1h|',
                 'fraudwatch_psi:1h{feature=~"acct_refunds_1h|',
                 "fraudwatch_online_store_feature_age_seconds_bucket",
                 "fraudwatch_online_store_update_lag_seconds_bucket",
