@@ -61,7 +61,11 @@ class RolloutClient(Protocol):
 
 
 def summary_row(namespace: str | None, name: str, status: Mapping[str, Any], age_from: str | None) -> dict[str, Any]:
-    """One row of ``list``: the ModelRollout's status summary fields (the CRD's printer columns)."""
+    """One row of ``list``: the ModelRollout's status summary fields (the CRD's printer columns) and the serving
+    revision (number and bundle digest) from ``status.state.revisions``."""
+    state = status.get("state")
+    revisions = state.get("revisions") if isinstance(state, Mapping) else None
+    serving = revisions[-1] if isinstance(revisions, list) and revisions and isinstance(revisions[-1], Mapping) else {}
     return {
         "namespace": namespace,
         "name": name,
@@ -72,6 +76,8 @@ def summary_row(namespace: str | None, name: str, status: Mapping[str, Any], age
         "candidate": status.get("candidateVersion"),
         "candidate_weight": status.get("candidateWeight"),
         "message": status.get("message"),
+        "revision": serving.get("number"),
+        "digest": serving.get("digest"),
         "created_at": age_from,
     }
 
@@ -131,10 +137,12 @@ class LocalClient:
         if rollout is None:
             return []
         progressing = rollout.phase == "Progressing"
+        revisions = [r.model_dump(mode="json") for r in (state.revisions if state is not None else ())]
         status = {"phase": rollout.phase, "stage": rollout.stage, "paused": rollout.paused,
                   "stableVersion": rollout.stable, "candidateVersion": rollout.candidate,
                   "candidateWeight": rollout.weights.candidate if progressing else 0,
-                  "message": rollout.history[-1].reason if rollout.history else ""}  # fmt: skip
+                  "message": rollout.history[-1].reason if rollout.history else "",
+                  "state": {"revisions": revisions}}  # fmt: skip
         started = state.rollout_started_at.isoformat() if state is not None and state.rollout_started_at else None
         return [summary_row(None, self.name, status, started)]
 
