@@ -55,20 +55,23 @@ SESSION_TOKEN = "FwoGZXIvYXdzEXAMPLE//////////s3cr3t-session-token=="
 WAIT_S = 60.0
 
 REQUESTS = 'sum(fraudwatch_router_requests_total{model_version="{{version}}"})'
-ERRORS = 'sum(fraudwatch_router_errors_total{model_version="{{version}}"})'
+ERROR_COUNTER = "fraudwatch_router_errors_total"
+ERRORS = f'sum({ERROR_COUNTER}{{model_version="{{{{version}}}}"}})'
 #: Every stage watched by a gate from the reusable template and by an inline one (the same PromQL, kept apart).
 POLICY: dict[str, Any] = {
     "stages": {stage: {"min_requests": 10} for stage in ("shadow", "canary", "ab", "full")},
     "samples": {"requests": REQUESTS, "labels": REQUESTS},
     "metric_templates": {
-        "error-rate": {
+        "error-rate": {  # Argo AnalysisTemplate args: the counter named by the gate, the bound defaulted
+            "args": [{"name": "errors"}, {"name": "max-rate", "value": 0.05}],
             "layer": "health",
             "stages": ["shadow", "canary", "ab", "full"],
-            "query": f"{ERRORS} / {REQUESTS}",
+            "query": 'sum({{args.errors}}{model_version="{{version}}"}) / ' + REQUESTS,
+            "condition": "value <= {{args.max-rate}}",
         }
     },
     "gates": [
-        {"name": "error-rate", "template": "error-rate", "condition": "value <= 0.05"},
+        {"name": "error-rate", "template": "error-rate", "args": [{"name": "errors", "value": ERROR_COUNTER}]},
         {
             "name": "error-rate-inline",
             "layer": "health",
@@ -224,6 +227,7 @@ def statuses(report: AnalysisReport) -> dict[str, GateStatus]:
 def test_gates_decide_only_with_the_tenant_header_and_credentials(prometheus: str, tmp_path: Path, auth: str) -> None:
     policy = policy_from_mapping(POLICY)
     assert policy.gates[0].template == "error-rate"
+    assert policy.gates[0].query == policy.gates[1].query  # type: ignore[union-attr]  # the args rendered
     secret = tmp_path / "secret"  # a mounted Secret's key, read at each request
     secret.write_text((TOKEN if auth == "bearer" else PASSWORD) + "\n", encoding="utf-8")
     if auth == "bearer":

@@ -235,13 +235,23 @@ def test_values_schema_policy_is_the_crd_policy() -> None:
     assert values_policy == openapi_to_draft7(crd_policy)
 
 
-@pytest.mark.parametrize("which", ["default", "demo", "stepped"])
+@pytest.mark.parametrize("which", ["default", "demo", "stepped", "args"])
 def test_a_dumped_policy_meets_the_values_schema(which: str) -> None:
     """``dumps_policy`` is how a policy reaches the chart's values (the e2e walks, a user's ``rollout.policy``):
-    unset optional fields (``template``, ``steps``) must not be written as nulls the schema refuses."""
+    unset optional fields (``template``, ``steps``) must not be written as nulls the schema refuses; a gate's
+    template ``args`` are written as the CRD declares them."""
     policy = load_demo_policy(1.0) if which == "demo" else load_policy()
     if which == "stepped":
         policy = policy.model_copy(update={"stages": policy.stages.model_copy(update={"steps": (1, 5, 25, 50)})})
+    if which == "args":
+        data = yaml.safe_load(dumps_policy(policy))
+        query = 'sum(rate({{args.metric}}{model_version="{{version}}"}[{{window}}]))'
+        args = [{"name": "metric"}, {"name": "max", "value": 5}]
+        template = {"args": args, "layer": "health", "query": query, "condition": "value <= {{args.max}}"}
+        data["metric_templates"] = {"rate": template}
+        gate = {"name": "errors", "template": "rate", "args": [{"name": "metric", "value": "errors_total"}]}
+        data["gates"] = [*data["gates"], {**gate, "stages": ["canary"]}]
+        policy = loads_policy(yaml.safe_dump(data))
     values_policy = values_schema()["properties"]["rollout"]["properties"]["policy"]
     dumped = yaml.safe_load(dumps_policy(policy))
     errors = [f"{list(e.absolute_path)}: {e.message}" for e in Draft7Validator(values_policy).iter_errors(dumped)]
