@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from rollout.core import policy as pol
+from rollout.core.policy_fields import from_api_conventions
 from rollout.core.routing import STAGES, VersionEndpoint
 from rollout.demo.policy import load_demo_policy
 from rollout.router.metrics import RouterMetrics
@@ -780,10 +781,12 @@ def test_the_shipped_outcome_gates_count_only_their_own_stages_predictions() -> 
 
 # --------------------------------------------------------------------------------------------------- metric templates
 
-TEMPLATED = """
+SAMPLES = """
 samples:
   requests: sum(requests_total{model_version="{{version}}"})
   labels: sum(labels_total{model_version="{{version}}"})
+"""
+TEMPLATED = SAMPLES + """
 metric_templates:
   error-rate:
     layer: health
@@ -837,6 +840,79 @@ def test_a_template_query_is_checked_like_an_inline_one() -> None:
     data = yaml.safe_load(TEMPLATED)
     data["metric_templates"]["error-rate"]["query"] = 'errors{model_version=~"{{version}}"}'
     with pytest.raises(ValueError, match="exact label matcher"):
+        pol.policy_from_mapping(data)
+
+
+WITH_ARGS = SAMPLES + """
+metricTemplates:
+  error-rate:
+    args:
+      - name: job
+      - name: max-rate
+        value: 0.01
+    layer: health
+    stages: [shadow, canary, ab, full]
+    query: >-
+      sum(errors_total{job="{{args.job}}",model_version="{{version}}"}) /
+      sum(requests_total{job="{{ args.job }}",model_version="{{version}}"})
+    condition: value <= {{args.max-rate}}
+gates:
+  - name: router-errors
+    template: error-rate
+    args: [{name: job, value: router}]
+  - name: model-errors
+    template: error-rate
+    args: [{name: job, value: model-server}, {name: max-rate, value: 0.05}]
+"""
+
+
+def test_metric_template_args_are_rendered_with_each_gate_s_values_or_the_defaults() -> None:
+    """Argo AnalysisTemplate args: the template declares them (a value is a default), each gate gives its own, the
+    PromQL and the condition are rendered when the policy is loaded — from the CRD's camelCase form too."""
+    converted = from_api_conventions(yaml.safe_load(WITH_ARGS)).mapping
+    policy = pol.policy_from_mapping(converted)
+    router, model = policy.gates
+    assert isinstance(router, pol.MetricGate) and isinstance(model, pol.MetricGate)
+    assert router.query == (
+        'sum(errors_total{job="router",model_version="{{version}}"}) / '
+        'sum(requests_total{job="router",model_version="{{version}}"})'
+    )
+    assert 'job="model-server"' in model.query and "args" not in model.query
+    assert (router.condition.text(), model.condition.text()) == ("value <= 0.01", "value <= 0.05")
+    assert router.args == (pol.TemplateArg(name="job", value="router"),)
+    assert pol.loads_policy(pol.dumps_policy(policy)) == policy
+
+
+@pytest.mark.parametrize(
+    ("gate_args", "template_args", "message"),
+    [
+        (None, None, "gate 'router-errors': metric template 'error-rate' needs arg 'job'"),
+        ([{"name": "job", "value": "r"}, {"name": "jobs", "value": "x"}], None,
+         "gate 'router-errors': ['jobs'] not among the args of metric template 'error-rate'"),
+        ([{"name": "job"}], None, "gate 'router-errors'.args.job: needs a value"),
+        ([{"name": "job", "value": "r"}, {"name": "job", "value": "s"}], None, "'job' is given twice"),
+        ([{"name": "job", "value": 'r"}} or vector(1) {{x'}], None, "no '{{', '}}'"),
+        (None, [{"name": "max-rate", "value": 0.01}],
+         "{{args.job}} is used but metric template 'error-rate' declares no such arg"),
+        ([{"name": "job", "value": "r"}], [{"name": "1job"}, {"name": "max-rate"}], "'1job' is not an arg name"),
+    ],
+)  # fmt: skip
+def test_metric_template_args_the_wrong_way_are_refused_naming_the_arg(
+    gate_args: list[dict[str, Any]] | None, template_args: list[dict[str, Any]] | None, message: str
+) -> None:
+    data = from_api_conventions(yaml.safe_load(WITH_ARGS)).mapping
+    gate = data["gates"][0]
+    data["gates"] = [{k: v for k, v in gate.items() if k != "args"} | ({"args": gate_args} if gate_args else {})]
+    if template_args is not None:
+        data["metric_templates"]["error-rate"]["args"] = template_args
+    with pytest.raises(ValueError, match=re.escape(message)):
+        pol.policy_from_mapping(data)
+
+
+def test_args_outside_a_metric_template_are_refused() -> None:
+    data = yaml.safe_load(TEMPLATED)
+    data["gates"][2]["query"] = 'errors{job="{{args.job}}",model_version="{{version}}"}'
+    with pytest.raises(ValueError, match=re.escape("gate 'inline': args and {{args.…}} belong to a metric template")):
         pol.policy_from_mapping(data)
 
 

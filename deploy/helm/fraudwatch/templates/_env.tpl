@@ -69,12 +69,14 @@ A component's `settings` map adds variables under its prefix; keys the chart set
 {{- $env = append $env (dict "name" (print $p "PROVIDER__HEADERS") "value" (toJson .)) }}
 {{- end }}
 {{- with include "fraudwatch.providerAuth" . | fromYaml }}
-{{- $file := printf "%s/%s" (include "fraudwatch.providerAuthDir" $) .file }}
-{{- if eq .kind "bearer" }}
-{{- $env = append $env (dict "name" (print $p "PROVIDER__BEARER_TOKEN_FILE") "value" $file) }}
-{{- else }}
+{{- range .items }}
+{{- $env = append $env (dict "name" (print $p "PROVIDER__" .env) "value" (printf "%s/%s" (include "fraudwatch.providerAuthDir" $) .path)) }}
+{{- end }}
+{{- if eq .kind "basic" }}
 {{- $env = append $env (dict "name" (print $p "PROVIDER__BASIC_AUTH_USERNAME") "value" $.Values.prometheus.auth.basicAuthUsername) }}
-{{- $env = append $env (dict "name" (print $p "PROVIDER__BASIC_AUTH_PASSWORD_FILE") "value" $file) }}
+{{- else if eq .kind "sigv4" }}
+{{- $env = append $env (dict "name" (print $p "PROVIDER__SIGV4__REGION") "value" $.Values.prometheus.auth.sigv4.region) }}
+{{- $env = append $env (dict "name" (print $p "PROVIDER__SIGV4__SERVICE") "value" (default "aps" $.Values.prometheus.auth.sigv4.service)) }}
 {{- end }}
 {{- end }}
 {{- /* With a model registry: aliases move with the rollout and the quality stage can fetch bundles. */}}
