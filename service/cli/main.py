@@ -62,7 +62,7 @@ EPILOG: Final[str] = """\
 exit codes:
   0    success
   1    failure (the message is printed; JSON logs on stderr have the details)
-  2    usage error (bad or missing arguments)
+  2    usage error (bad or missing arguments or settings: no regression set, no label source)
   3    quality gate failed (the run is logged in MLflow, the version is not registered)
   4    not found (data file, registered model, version or alias)
   5    integrity check failed (a bundle does not match its checksums)
@@ -569,9 +569,12 @@ def retrain_table(report: RetrainReport) -> Table:
     table.add_column("")
     table.add_column("value", overflow="fold")
     rows: list[tuple[str, str]] = [("trigger", f"{report.kind}: {report.reason}")]
+    if report.source:
+        rows.append(("data", f"{report.source}, engine {report.engine or '-'}"))
     if report.window is not None:
         w = report.window
-        rows.append(("window", f"{w.start} … {w.end}: {w.rows:,} rows, {w.positives:,} frauds"))
+        labels = f", labels as of {w.as_of}" if w.as_of else ""
+        rows.append(("window", f"{w.start} … {w.end}: {w.rows:,} rows, {w.positives:,} frauds{labels}"))
     rows.append(("version", f"{report.version or '-'} (registry {report.registry_version or '-'})"))
     if report.gate is not None:
         for metric, value in sorted(report.gate.values.items()):
@@ -704,13 +707,14 @@ def exit_code_for(error: BaseException) -> ExitCode:
     from service.artifacts.bundle import ModelIntegrityError
     from service.artifacts.registry import RegistryNotFoundError
     from service.retraining.job import RegressionSetMissingError
+    from service.retraining.sources import LabelSourceMissingError
     from service.training.pipeline import QualityGateFailedError
 
     if isinstance(error, KeyboardInterrupt):
         return ExitCode.INTERRUPTED
     if isinstance(error, TerminatedError):
         return ExitCode.TERMINATED
-    if isinstance(error, UsageError | RegressionSetMissingError):
+    if isinstance(error, UsageError | RegressionSetMissingError | LabelSourceMissingError):
         return ExitCode.USAGE
     if isinstance(error, QualityGateFailedError):
         return ExitCode.QUALITY_GATE
