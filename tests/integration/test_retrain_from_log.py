@@ -205,8 +205,8 @@ def test_retrain_trains_on_the_served_decisions_and_registers_the_challenger(ser
         priors, knowns = logged.column("prior_refunds").to_pylist(), logged.column("account_known").to_pylist()
         for account, prior, known in zip(accounts, priors, knowns, strict=True):
             aggregates = looked_up.get(account) if account is not None else None
-            assert known == (1.0 if aggregates is not None else 0.0)
-            assert prior == pytest.approx(aggregates.prior_refunds if aggregates is not None else 0.0)
+            assert known == (1.0 if aggregates is not None else 0.0), (account, known, aggregates)
+            assert prior == pytest.approx(aggregates.prior_refunds if aggregates is not None else 0.0), account
     finally:
         store.close()
 
