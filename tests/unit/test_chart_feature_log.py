@@ -47,13 +47,15 @@ def settings_of(container: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> S
 
 
 def volume(spec: dict[str, Any], name: str) -> dict[str, Any]:
-    (found,) = [v for v in spec["volumes"] if v["name"] == name]
-    return found
+    found: list[dict[str, Any]] = [v for v in spec["volumes"] if v["name"] == name]
+    assert len(found) == 1, found
+    return found[0]
 
 
 def mount(container: dict[str, Any], name: str) -> dict[str, Any]:
-    (found,) = [m for m in container["volumeMounts"] if m["name"] == name]
-    return found
+    found: list[dict[str, Any]] = [m for m in container["volumeMounts"] if m["name"] == name]
+    assert len(found) == 1, found
+    return found[0]
 
 
 def test_by_default_nothing_is_logged_and_the_retrain_reads_the_stream(
