@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -38,6 +37,7 @@ from service.data.feature_store import STORE_FILE, SQLiteFeatureStore
 from service.data.synthetic import generate
 from service.settings import Settings
 from tests.kits.bundles import SMALL_DATA
+from tests.kits.feature_log import decided_rows, logged_rows, logging_server_env
 from tests.kits.retrain import FROZEN_SET
 from tests.kits.serving import DSN_ENV, scoring_server
 from tests.kits.stack import refund_body
@@ -74,15 +74,6 @@ def post_labels(control_url: str, headers: Mapping[str, str], labels: list[dict[
             assert answer.status_code == 200, answer.text
 
 
-def logged_rows(log_dir: Path) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for _, day in partitions(log_dir) for f in data_files(day))
-
-
-def decided_rows(db: Path) -> int:
-    with sqlite3.connect(db) as connection:
-        return int(connection.execute("SELECT count(*) FROM predictions WHERE role = 'decider'").fetchone()[0])
-
-
 @pytest.fixture(scope="module")
 def served(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """The served bundle registered as champion; N_REQUESTS decisions served through the router and logged; the
@@ -95,15 +86,7 @@ def served(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     db = home / "predictions.db"
     dsn_file = home / "prediction-log-dsn"
     dsn_file.write_text(f"sqlite:///{db}\n", encoding="utf-8")
-    env = {
-        "FW_SERVE__WORKERS": "1",
-        "FW_SERVE__FEATURE_STORE_TIMEOUT_MS": "5000",  # the aggregates compared below come from the snapshot
-        "FW_LOG_LEVEL": "WARNING",
-        "FW_FEATURE_LOG__ENABLED": "true",
-        "FW_FEATURE_LOG__DIRECTORY": str(log_dir),
-        "FW_FEATURE_LOG__FLUSH_INTERVAL_S": "0.5",
-    }
-    server = scoring_server(home / "v1", bundle_dir, "v1", env)
+    server = scoring_server(home / "v1", bundle_dir, "v1", logging_server_env(log_dir))
     routing_file = home / "routing.json"
     router = RouterProcess(
         log_path=home / "router.log",
