@@ -146,7 +146,8 @@ def _datetime(text: str) -> datetime:
 
 def _retrain_options(parser: argparse.ArgumentParser, window_setting: str) -> None:
     parser.add_argument("--data", type=Path, help="labelled refund stream: CSV(.gz) or a directory of them "
-                        "(default: FW_RETRAIN__DATA_PATH)")  # fmt: skip
+                        "(default: FW_RETRAIN__DATA_PATH; retrain reads it with FW_RETRAIN__SOURCE=stream, the "
+                        "default; =feature_log trains on the feature log and the prediction log's labels)")  # fmt: skip
     parser.add_argument("--window-days", type=float, help=f"days of labelled data (default: {window_setting})")
     parser.add_argument("--window-end", type=_datetime, help="end of the window (default: the newest labelled row)")
     parser.add_argument("--trigger", choices=("scheduled", "alert", "manual"), default="manual",

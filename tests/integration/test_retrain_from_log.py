@@ -50,10 +50,12 @@ FEEDBACK_BATCH = "/api/v1/feedback/batch"
 #: Requests served (from the stream the served bundle was trained on: its snapshot knows the accounts) and labelled.
 N_REQUESTS = 1_200
 N_LABELLED = 1_080
-#: Floors a version trained on 1,080 served decisions meets with room (measured on 2026-12-06: test window PR-AUC
-#: 0.777, recall 1.0; the frozen regression set, a later period with a new bot farm, 0.255 and 0.357), and floors
-#: it cannot.
-PASSING_FLOORS = {"FW_QUALITY__MIN_PR_AUC": "0.1", "FW_QUALITY__MIN_RECALL_AT_THRESHOLD": "0.1"}
+#: Floors a version trained on 1,080 served decisions meets with room, and floors it cannot. Two runs' values on
+#: 2026-12-06: regression-set PR-AUC 0.255 and 0.222 (test window 0.777, 0.743), but recall at the version's own
+#: threshold 0.357 and 0.065 (2 of 10 runs failed a 0.1 recall floor) — the served velocity features carry real time
+#: and arrival order, so each run's model differs, and a threshold set on ~160 validation rows moves a lot on a later
+#: regime with a new bot farm. The passing case therefore floors PR-AUC only.
+PASSING_FLOORS = {"FW_QUALITY__MIN_PR_AUC": "0.1", "FW_QUALITY__MIN_RECALL_AT_THRESHOLD": "0.0"}
 FAILING_FLOORS = {"FW_QUALITY__MIN_PR_AUC": "0.999", "FW_QUALITY__MIN_RECALL_AT_THRESHOLD": "0.999"}
 
 
