@@ -1,8 +1,10 @@
 """The feature-log source of ``fraudwatch retrain`` (service/retraining/log_source.py): where the labels come from, the
-window, and the too-little-data verdict on a real training set written by the training-set code."""
+window, the too-little-data verdict on a real training set written by the training-set code, and which aggregate
+snapshot the new bundle carries (a real MLflow registry on SQLite)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -10,10 +12,13 @@ import numpy as np
 import pytest
 from pydantic import SecretStr
 
+from service.artifacts.bundle import read_manifest, sha256_of
+from service.artifacts.registry import ModelRegistry, RunPayload
+from service.data.feature_store import STORE_FILE
 from service.data.features import FEATURE_NAMES
-from service.retraining.log_source import labels_dsn, log_window, window_of
+from service.retraining.log_source import carry_snapshot, labels_dsn, log_window, window_of
 from service.retraining.sources import InsufficientDataError, LabelSourceMissingError
-from service.settings import RetrainSettings
+from service.settings import RetrainSettings, Settings
 from service.training.training_set import TrainingSet, write_training_set
 
 NOW = datetime(2026, 12, 6, 9, 0, tzinfo=UTC)
@@ -62,3 +67,25 @@ def test_too_few_rows_or_frauds_is_insufficient_data(tmp_path: Path) -> None:
         window_of(small_set(tmp_path / "few-frauds", 120, 4), window, 7, settings)
     with pytest.raises(InsufficientDataError, match="99 labelled rows"):
         window_of(small_set(tmp_path / "few-rows", 99, 10), window, 7, settings)
+
+
+def test_the_snapshot_of_the_version_that_served_most_rows_is_carried(bundle_dir: Path, tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path / "home")
+    registry = ModelRegistry(settings)
+    served = read_manifest(bundle_dir).version
+    ref = registry.register(registry.log_run(RunPayload(run_name="served", bundle_dir=bundle_dir)))
+    model = settings.registered_model_name
+
+    carried = tmp_path / "carried"
+    carried.mkdir()
+    tags = carry_snapshot(registry, model, Counter({served: 9, "an-older-version": 1}), carried)
+    assert tags["aggregate_snapshot"] == f"{served} (registry {ref.version})"
+    assert tags["snapshot_rows_share"] == "0.900"
+    assert tags["aggregate_snapshot_sha256"] == sha256_of(bundle_dir / STORE_FILE) == sha256_of(carried / STORE_FILE)
+
+    # rows served by a version this registry does not know: nothing copied, and the run says so
+    orphan = tmp_path / "orphan"
+    orphan.mkdir()
+    tags = carry_snapshot(registry, model, Counter({"elsewhere": 3, served: 1}), orphan)
+    assert tags["aggregate_snapshot"] == f"none: elsewhere is not a version of {model}"
+    assert not (orphan / STORE_FILE).exists()
