@@ -47,9 +47,6 @@ from service.data.features import EntityAggregates
 from service.retraining.handoff import RolloutHandoff
 from service.retraining.job import (
     LABEL_COLUMN,
-    InsufficientDataError,
-    Observer,
-    QuietObserver,
     RetrainReport,
     RetrainRequest,
     apply_shipped,
@@ -61,9 +58,9 @@ from service.retraining.job import (
     ship,
     timed,
     unused_version_name,
-    window_tags,
 )
 from service.retraining.outcomes import RetrainOutcome
+from service.retraining.sources import InsufficientDataError, Observer, QuietObserver, window_tags
 from service.settings import Settings
 from service.training.calibration import fit_interpolated_isotonic
 from service.training.evaluate import (

@@ -24,7 +24,7 @@ import pytest
 from service.artifacts.bundle import Calibration, ScoringModel, load_bundle, read_manifest, sha256_of
 from service.artifacts.registry import CHALLENGER, CHAMPION, FEATURE_STORE_FILE, ModelRegistry
 from service.data.synthetic import SyntheticConfig, generate
-from service.retraining.job import InsufficientDataError, RetrainKind, RetrainRequest
+from service.retraining.job import RetrainKind, RetrainRequest
 from service.retraining.outcomes import RetrainOutcome, new_retrain_id
 from service.retraining.recalibrate import (
     ATTR_BASE_SHA256,
@@ -33,6 +33,7 @@ from service.retraining.recalibrate import (
     calibration_sha256,
     recalibrate,
 )
+from service.retraining.sources import InsufficientDataError
 from service.settings import Settings
 from service.training.evaluate import expected_calibration_error, frame_features
 from service.training.pipeline import track_and_register, train_version

@@ -151,6 +151,17 @@ A component's `settings` map adds variables under its prefix; keys the chart set
 {{- $env = append $env (dict "name" (print $p "ONLINE_STORE__URL") "value" (include "fraudwatch.onlineStoreUrl" .)) }}
 {{- $env = append $env (dict "name" (print $p "ONLINE_STORE__PASSWORD_FILE") "value" (printf "%s/password" (include "fraudwatch.onlineStorePasswordDir" .))) }}
 {{- end }}
+{{- /* The feature log: every version writes the vectors it served to the shared volume (featureLog). */}}
+{{- with .Values.featureLog }}
+{{- if .enabled }}
+{{- $env = concat $env (list
+  (dict "name" "FW_FEATURE_LOG__ENABLED" "value" "true")
+  (dict "name" "FW_FEATURE_LOG__DIRECTORY" "value" .mountPath)
+  (dict "name" "FW_FEATURE_LOG__RETENTION_DAYS" "value" (toString .retentionDays))
+  (dict "name" "FW_FEATURE_LOG__MAX_BYTES" "value" (toString (int64 .maxBytes)))
+) }}
+{{- end }}
+{{- end }}
 {{- /* Set per version by the controller: refused in modelServer.settings. */}}
 {{- $byController := list (print $p "MODEL_URI") (print $p "MODEL_ALIAS") (print $p "MODEL_DIR") (print $p "MODEL_VERSION") }}
 {{- range $name := $byController }}
@@ -181,6 +192,15 @@ A component's `settings` map adds variables under its prefix; keys the chart set
   (dict "name" (print $p "WINDOW_DAYS") "value" (toString $t.windowDays))
   (dict "name" (print $p "HANDOFF") "value" $t.handoff)
 ) }}
+{{- /* The retrain's source; the feature log's paths where its pod mounts them (the CronJob, or the webhook that
+trains itself: runner subprocess). */}}
+{{- $env = append $env (dict "name" (print $p "SOURCE") "value" $t.source) }}
+{{- if and (include "fraudwatch.retrainFromLog" $root) (or (not .webhook) (eq $t.webhook.runner "subprocess")) }}
+{{- $env = concat $env (list
+  (dict "name" "FW_FEATURE_LOG__DIRECTORY" "value" $root.Values.featureLog.mountPath)
+  (dict "name" (print $p "LABELS_DSN_FILE") "value" (include "fraudwatch.predictionLogPath" $root))
+) }}
+{{- end }}
 {{- if eq $t.handoff "kube" }}
 {{- $env = concat $env (list
   (dict "name" (print $p "KUBE__NAMESPACE") "valueFrom" (include "fraudwatch.env.fieldRef" "metadata.namespace" | fromYaml))
