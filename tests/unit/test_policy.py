@@ -786,7 +786,9 @@ samples:
   requests: sum(requests_total{model_version="{{version}}"})
   labels: sum(labels_total{model_version="{{version}}"})
 """
-TEMPLATED = SAMPLES + """
+TEMPLATED = (
+    SAMPLES
+    + """
 metric_templates:
   error-rate:
     layer: health
@@ -807,6 +809,7 @@ gates:
     query: errors{model_version="{{version}}"}
     condition: value <= 0.05
 """
+)
 
 
 def test_gates_built_from_a_metric_template_keep_their_own_fields() -> None:
@@ -843,7 +846,9 @@ def test_a_template_query_is_checked_like_an_inline_one() -> None:
         pol.policy_from_mapping(data)
 
 
-WITH_ARGS = SAMPLES + """
+WITH_ARGS = (
+    SAMPLES
+    + """
 metricTemplates:
   error-rate:
     args:
@@ -864,6 +869,7 @@ gates:
     template: error-rate
     args: [{name: job, value: model-server}, {name: max-rate, value: 0.05}]
 """
+)
 
 
 def test_metric_template_args_are_rendered_with_each_gate_s_values_or_the_defaults() -> None:
