@@ -13,7 +13,8 @@ Users
 Environment
     FW_LOAD_DATA: a labelled history file in the synthetic schema (CSV, e.g. the rollout demo's live traffic from
     ``fraudwatch demo-versions``) to replay instead of generating a stream;
-    FW_LOAD_SEED (7), FW_LOAD_DRIFT (0/1), FW_LOAD_ROWS (50000), FW_LOAD_FRAUD_RATE (the generator's): the stream;
+    FW_LOAD_SEED (7), FW_LOAD_DRIFT (0/1), FW_LOAD_ROWS (50000), FW_LOAD_FRAUD_RATE and FW_LOAD_BURST_SHARE (the
+    generator's): the stream;
     FW_LOAD_LABEL_SECONDS_PER_HOUR (0.02): label-delay compression (0.02 s per real hour → a week in ~3.4 s);
     FW_LOAD_LABEL_SHARE (1.0): share of answered requests that ever get a label;
     FW_LOAD_LABEL_USERS (1): label-feed users (of the -u total), posting due labels in parallel;
@@ -68,6 +69,7 @@ class _Stream:
                     seed=int(_env_float("FW_LOAD_SEED", 7)),
                     fraud_rate=_env_float("FW_LOAD_FRAUD_RATE", SyntheticConfig.fraud_rate),
                     drift=os.environ.get("FW_LOAD_DRIFT", "0") == "1",
+                    burst_share=_env_float("FW_LOAD_BURST_SHARE", SyntheticConfig.burst_share),
                 )
             )
         )

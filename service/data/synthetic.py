@@ -145,13 +145,15 @@ class SyntheticConfig:
     drift: bool = False
     drift_start: float = 0.5
     start: str = "2026-01-01"
+    #: Share of the fraud that comes in bot-farm bursts (0: every fraud row drawn one by one, as before issue 15).
+    burst_share: float = BURST_SHARE
 
 
 def generate(config: SyntheticConfig) -> pd.DataFrame:
     """Generate ``config.n_requests`` refund requests in time order, deterministically for a seed."""
     rng = np.random.default_rng(config.seed)
     accounts = _accounts(rng, config.n_accounts)
-    n_burst = round(config.n_requests * config.fraud_rate * BURST_SHARE)
+    n_burst = round(config.n_requests * config.fraud_rate * config.burst_share)
     n_single = config.n_requests - n_burst
     times = np.sort(rng.uniform(0.0, config.days * 86_400.0, n_single))
     drift_at = config.drift_start * config.days * 86_400.0 if config.drift else np.inf
@@ -159,7 +161,9 @@ def generate(config: SyntheticConfig) -> pd.DataFrame:
     pattern = _assign_patterns(rng, times, single_rate, drift_at)
     single = _fill_rows(rng, accounts, pattern)
     single.insert(0, "timestamp", times)
-    frame = pd.concat([single, _bursts(rng, n_burst, config.days * 86_400.0)], ignore_index=True)
+    bursts = _bursts(rng, n_burst, config.days * 86_400.0)
+    # an empty frame's object columns would turn the numeric ones to object in concat (None, not NaN, downstream)
+    frame = pd.concat([single, bursts], ignore_index=True) if len(bursts) else single
     frame = frame.sort_values("timestamp", kind="mergesort").reset_index(drop=True)
     frame["timestamp"] = pd.Timestamp(config.start) + pd.to_timedelta(frame["timestamp"].to_numpy(), unit="s")
     frame.insert(0, "request_id", [f"req-{config.seed}-{i:07d}" for i in range(config.n_requests)])
