@@ -15,6 +15,15 @@ Usage::
     python benchmarks/serving_benchmark.py                       # trains a model with train_pipeline first
     python benchmarks/serving_benchmark.py --model-dir <bundle>  # an existing bundle (with features.sqlite)
     python benchmarks/serving_benchmark.py --variants baseline,bento-w1 --concurrency 1,4 --requests 500
+    python benchmarks/serving_benchmark.py --variants baseline,bento-w1-nostore,bento-w1,bento-w1-redis \
+        --concurrency 4 --store-lookups 3000          # the online store's cost (issue 15)
+
+The online store (velocity features, ``service/data/online_store.py``): ``bento-w1`` reads and writes the embedded
+SQLite default, ``bento-w1-redis`` a ``redis-server`` this benchmark starts on loopback, ``bento-w1-nostore`` none
+(``url=none``: the model is served the velocity defaults, a fallback per request). Every request carries an account,
+an IP and a device, so each one reads all its velocity features (one round trip) and writes its event. Beside the
+service, ``store_lookup`` times one request's read in-process (``--store-lookups`` reads after a 20,000-event
+stream): the Redis store on loopback, the embedded SQLite store and the bundle's aggregate store.
 
 Writes JSON to ``--out`` (default ``var/benchmarks/serving.json``) and prints it.
 """
@@ -28,13 +37,15 @@ import json
 import multiprocessing
 import os
 import platform
+import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -52,7 +63,12 @@ from service.serving.process import BentoServer, server_env  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 PREDICT_PATH: Final[str] = "/api/v1/refund-predict"
-SEED_BODY: Final[bytes] = b'{"yearsActive": 1.5, "amount": 45.00, "ipAccounts": 2}'
+SEED_BODY: Final[bytes] = (
+    b'{"yearsActive": 1.5, "amount": 45.00, "ipAccounts": 2, "accountId": "acct-bench-1", '
+    b'"ipAddress": "203.0.113.9", "deviceId": "dev-bench-1"}'
+)
+#: The online store's URL in a variant's env that this benchmark replaces with its own redis-server's.
+REDIS_PLACEHOLDER: Final[str] = "redis://benchmark"
 #: Targets on this 2-core machine (from the task): at moderate load, and throughput vs the baseline.
 MODERATE_CONCURRENCY: Final[int] = 4
 TARGET_P50_MS: Final[float] = 3.0
@@ -83,6 +99,8 @@ def bento_variant(workers: int, *, batching: bool = False, dispatch: str = "dire
 
 VARIANTS: Final[dict[str, Variant]] = {
     "baseline": Variant("baseline", "baseline", {}),
+    "bento-w1-redis": Variant("bento-w1-redis", "bento", {"FW_SERVE__ONLINE_STORE__URL": REDIS_PLACEHOLDER}),
+    "bento-w1-nostore": Variant("bento-w1-nostore", "bento", {"FW_SERVE__ONLINE_STORE__URL": "none"}),
     **{
         v.name: v
         for workers in (1, 2)
@@ -342,7 +360,14 @@ class Running:
     cpu_s: dict[int, float]
 
 
-def start_variant(variant: Variant, model_dir: Path, settings: Settings, stack: ExitStack) -> Running:
+def start_variant(
+    variant: Variant, model_dir: Path, settings: Settings, stack: ExitStack, redis_url: str | None
+) -> Running:
+    if REDIS_PLACEHOLDER in variant.env.values():
+        if redis_url is None:
+            raise SystemExit("redis-server is not installed: the Redis variants need it (scripts/bootstrap.sh test)")
+        env = {k: redis_url if value == REDIS_PLACEHOLDER else value for k, value in variant.env.items()}
+        variant = Variant(variant.name, variant.kind, env)
     starter = (
         baseline_server(model_dir, settings, settings.logs_dir)
         if variant.kind == "baseline"
@@ -402,6 +427,89 @@ def verdict(runs: Sequence[dict[str, Any]], default_variant: str) -> dict[str, A
     return out
 
 
+# ------------------------------------------------------------------------------------------------ the stores
+
+
+@contextmanager
+def redis_server(directory: Path) -> Iterator[str | None]:
+    """A ``redis-server`` on loopback (no persistence) for the Redis variants; None when it is not installed."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        yield None
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port("127.0.0.1")
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    with (directory / "redis.log").open("ab") as log:
+        process = subprocess.Popen(command, cwd=directory, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20.0
+        while True:
+            with suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start: {(directory / 'redis.log').read_text()[-2000:]}")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def percentiles_us(samples: Sequence[float]) -> dict[str, float]:
+    values = np.asarray(samples) * 1e6
+    return {
+        "n": float(len(values)),
+        "p50_us": round(float(np.percentile(values, 50)), 1),
+        "p99_us": round(float(np.percentile(values, 99)), 1),
+        "max_us": round(float(values.max()), 1),
+    }
+
+
+def store_lookups(redis_url: str, work: Path, model_dir: Path, n: int) -> dict[str, Any]:
+    """One request's features read ``n`` times from each store after the same 20,000-event stream (random accounts,
+    IPs and devices of it): the online store in Redis on loopback and in SQLite (all velocity features, one round
+    trip), and the bundle's aggregate store (two aggregates of one account)."""
+    if n <= 0:
+        return {}
+    from service.data import velocity as v
+    from service.data.feature_store import STORE_FILE, SQLiteFeatureStore
+    from service.data.online_base import OnlineStore
+    from service.data.online_store import open_online_store
+    from service.data.synthetic import SyntheticConfig, generate
+    from service.settings import OnlineStoreSettings
+    from service.training.evaluate import time_ordered
+
+    frame = time_ordered(generate(SyntheticConfig(n_accounts=3000, n_requests=20_000, seed=5)))
+    events = v.refund_events(frame)
+    rng = np.random.default_rng(7)
+    queries = [events[int(i)] for i in rng.integers(0, len(events), n)]
+    work.mkdir(parents=True, exist_ok=True)
+    config = OnlineStoreSettings(timeout_ms=1000.0, key_prefix="bench:")
+    out: dict[str, Any] = {}
+    for name, url in (("online_redis", redis_url), ("online_sqlite", f"sqlite:///{work / 'online.sqlite'}")):
+        store: OnlineStore | None = open_online_store(url, config)
+        assert store is not None
+        for start in range(0, len(events), 500):
+            store.write(events[start : start + 500])
+        timings = []
+        for query in queries:
+            began = time.perf_counter()
+            store.read([query], 1.0)
+            timings.append(time.perf_counter() - began)
+        store.close()
+        out[name] = percentiles_us(timings)
+    bundle = SQLiteFeatureStore(model_dir / STORE_FILE)
+    accounts = [str(query.account) for query in queries]
+    timings = []
+    for account in accounts:
+        began = time.perf_counter()
+        bundle.lookup(account)
+        timings.append(time.perf_counter() - began)
+    out["bundle_aggregates_sqlite"] = percentiles_us(timings)
+    return out
+
+
 def default_variant_name() -> str:
     serve = Settings().serve
     return bento_variant(serve.workers, batching=serve.adaptive_batching, dispatch=serve.dispatch).name
@@ -416,6 +524,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=2000, help="measured requests per concurrency level")
     parser.add_argument("--rounds", type=int, default=5, help="alternating bursts per server and level")
     parser.add_argument("--warmup", type=int, default=200, help="unmeasured requests per server before each level")
+    parser.add_argument("--store-lookups", type=int, default=3000, help="in-process store reads per store (0: none)")
     parser.add_argument("--home", type=Path, default=ROOT / "var" / "benchmarks" / "serving-home")
     parser.add_argument("--out", type=Path, default=ROOT / "var" / "benchmarks" / "serving.json")
     return parser.parse_args(argv)
@@ -434,7 +543,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")
     load_before = os.getloadavg()
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as client, ExitStack() as stack:
-        servers = [start_variant(VARIANTS[name], model_dir, settings, stack) for name in names]
+        redis_url = stack.enter_context(redis_server(home / "redis"))
+        lookups = store_lookups(redis_url, home / "lookup", model_dir, args.store_lookups) if redis_url else {}
+        servers = [start_variant(VARIANTS[name], model_dir, settings, stack, redis_url) for name in names]
         for level in levels:
             drive_level(servers, level, args.requests, args.rounds, args.warmup, client)
         runs = [report_of(server, levels) for server in servers]
@@ -449,6 +560,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "runs": runs,
+        "store_lookup": lookups,
         "targets": verdict(runs, default_variant_name()),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,15 +2,19 @@
 
 Users
     ``RefundUser`` posts refund requests from the seeded synthetic stream (entity keys, retail amounts, item text,
-    the seed's request shape) to ``/api/v1/refund-predict`` and remembers each answer's ``prediction_id`` (issued by
-    the router) with the ground truth. ``LabelUser`` posts those labels to the router's feedback listener
-    (``/api/v1/feedback`` on its control port, with the label feed's bearer token — never the public port) once their
-    (time-compressed) label delay has passed — chargebacks arrive days later in reality, seconds later here.
+    the seed's request shape, each row's IP, device and time as ``eventTime``; replayed in laps, each lap later in
+    time than the one before by the stream's span and the velocity features' longest window, so that a lap does not
+    look like every account refunding again) to ``/api/v1/refund-predict`` and remembers each answer's
+    ``prediction_id`` (issued by the router) with the ground truth. ``LabelUser`` posts those labels to the router's
+    feedback listener (``/api/v1/feedback`` on its control port, with the label feed's bearer token — never the
+    public port) once their (time-compressed) label delay has passed — chargebacks arrive days later in reality,
+    seconds later here.
 
 Environment
     FW_LOAD_DATA: a labelled history file in the synthetic schema (CSV, e.g. the rollout demo's live traffic from
     ``fraudwatch demo-versions``) to replay instead of generating a stream;
-    FW_LOAD_SEED (7), FW_LOAD_DRIFT (0/1), FW_LOAD_ROWS (50000), FW_LOAD_FRAUD_RATE (the generator's): the stream;
+    FW_LOAD_SEED (7), FW_LOAD_DRIFT (0/1), FW_LOAD_ROWS (50000), FW_LOAD_FRAUD_RATE and FW_LOAD_BURST_SHARE (the
+    generator's): the stream;
     FW_LOAD_LABEL_SECONDS_PER_HOUR (0.02): label-delay compression (0.02 s per real hour → a week in ~3.4 s);
     FW_LOAD_LABEL_SHARE (1.0): share of answered requests that ever get a label;
     FW_LOAD_LABEL_USERS (1): label-feed users (of the -u total), posting due labels in parallel;
@@ -27,18 +31,17 @@ Run, e.g.::
 from __future__ import annotations
 
 import heapq
-import itertools
 import os
 import threading
 import time
 import zlib
-from collections.abc import Iterator
 from typing import Any
 
 import pandas as pd
 from locust import HttpUser, between, constant, task
 
 from service.data.synthetic import SyntheticConfig, generate
+from service.data.velocity import DAY_MS, PREVIOUS_CAP_MS
 
 
 def _env_float(name: str, default: float) -> float:
@@ -50,7 +53,10 @@ LABEL_SHARE = _env_float("FW_LOAD_LABEL_SHARE", 1.0)
 
 
 class _Stream:
-    """The synthetic stream as API bodies with ground truth, cycled forever, shared by all users of a process."""
+    """The synthetic stream as API bodies with ground truth, replayed in laps forever, shared by all users of a
+    process. Each lap after the first is moved later in time by :func:`lap_shift_ms` (its ``eventTime``), so that
+    the online store's velocity features see every lap as the recorded stream once more, not as each account
+    refunding again at the same instants."""
 
     def __init__(self) -> None:
         data = os.environ.get("FW_LOAD_DATA")
@@ -63,20 +69,37 @@ class _Stream:
                     seed=int(_env_float("FW_LOAD_SEED", 7)),
                     fraud_rate=_env_float("FW_LOAD_FRAUD_RATE", SyntheticConfig.fraud_rate),
                     drift=os.environ.get("FW_LOAD_DRIFT", "0") == "1",
+                    burst_share=_env_float("FW_LOAD_BURST_SHARE", SyntheticConfig.burst_share),
                 )
             )
         )
-        self._rows: Iterator[tuple[dict[str, Any], int, float, int]] = itertools.cycle(
-            [
-                (_body(row), int(row["is_fraud"]), float(row["label_delay_hours"]), index)
-                for index, row in enumerate(frame.to_dict("records"))
-            ]
-        )
+        records = frame.to_dict("records")
+        self._rows = [
+            (_body(row), int(row["is_fraud"]), float(row["label_delay_hours"]), index)
+            for index, row in enumerate(records)
+        ]
+        self._times = [pd.Timestamp(row["timestamp"]) for row in records]
+        self._lap_ms = lap_shift_ms(min(self._times), max(self._times))
+        self._position = 0
         self._lock = threading.Lock()
 
     def next(self) -> tuple[dict[str, Any], int, float, int]:
         with self._lock:
-            return next(self._rows)
+            lap, index = divmod(self._position, len(self._rows))
+            self._position += 1
+        body, label, delay, row_index = self._rows[index]
+        if lap:
+            shifted = self._times[index] + pd.Timedelta(milliseconds=lap * self._lap_ms)
+            body = {**body, "eventTime": shifted.isoformat()}
+        return body, label, delay, row_index
+
+
+def lap_shift_ms(first: pd.Timestamp, last: pd.Timestamp) -> int:
+    """How much later each lap of a replayed stream is than the one before: the stream's span plus every window of
+    the velocity features (the longest is the 30-day cap of the seconds since the previous refund) and a day, in
+    whole days — no feature of a lap can then see the lap before it."""
+    span_ms = int((last - first) / pd.Timedelta(milliseconds=1))
+    return (span_ms // DAY_MS + 1) * DAY_MS + PREVIOUS_CAP_MS + DAY_MS
 
 
 def _body(row: dict[str, Any]) -> dict[str, Any]:
@@ -85,9 +108,16 @@ def _body(row: dict[str, Any]) -> dict[str, Any]:
         "amount": float(row["amount"]),
         "ipAccounts": int(row["ipAccounts"]),
         "accountId": row["account_id"],
+        # what the online store's velocity features are keyed by, and when (a replay: the row's own time)
+        "eventTime": pd.Timestamp(row["timestamp"]).isoformat(),
     }
-    if isinstance(row["itemDescription"], str):
-        body["itemDescription"] = row["itemDescription"]
+    for field, column in (
+        ("itemDescription", "itemDescription"),
+        ("ipAddress", "ip_address"),
+        ("deviceId", "device_id"),
+    ):
+        if isinstance(row.get(column), str):
+            body[field] = row[column]
     return body
 
 

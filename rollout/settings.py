@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rollout.core.buckets import DEFAULT_LATENCY_BUCKETS_S, DEFAULT_SCORE_DELTA_BUCKETS
+from service.settings import OnlineStoreSettings
 
 #: A label source's name: the ``source`` of its labels, the key of its token in a Secret (a file name).
 SOURCE_NAME_PATTERN: Final[str] = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -73,6 +74,11 @@ class RouterSettings(BaseModel):
     #: Development only: run the feedback listener without a token, accepting unauthenticated labels (logged as a
     #: warning at start). Labels decide rollouts: never in a deployment.
     feedback_insecure_dev: bool = False
+    #: The online feature store the model servers read (service/settings.py OnlineStoreSettings): each recorded fraud
+    #: label is written there for its account (rollout/router/outcomes/online_labels.py). ``none`` (the default) →
+    #: labels change no velocity feature; ``redis://…`` with ``password_file``, or the model servers' SQLite file
+    #: (``sqlite:///path``) on one machine.
+    online_store: OnlineStoreSettings = OnlineStoreSettings(url="none")
     #: The key of sticky assignment (or ``sticky_key_file``, a mounted Secret): each table's salt (the version pair,
     #: or the ModelRollout's ``spec.routingSalt``) is hashed with it (keyed BLAKE2b), so every rollout gets its own
     #: salt and no client can compute which accounts reach the candidate. Every replica must share it (the chart's
@@ -354,6 +360,33 @@ HEADER_NAME_PATTERN: Final[str] = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
 CREDENTIAL_HEADERS: Final[frozenset[str]] = frozenset({"authorization", "proxy-authorization", "cookie"})
 
 
+class SigV4Settings(BaseModel):
+    """AWS Signature Version 4 on every query (``FW_ROLLOUT_CONTROLLER__PROVIDER__SIGV4__…``): Amazon Managed
+    Service for Prometheus (``prometheus_url`` = ``https://aps-workspaces.<region>.amazonaws.com/workspaces/<id>``).
+
+    The access key comes from files (a mounted Secret's keys), read at each request so a rotated key is used
+    without a restart; without files, from the standard ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` /
+    ``AWS_SESSION_TOKEN`` variables, also read at each request. Web-identity roles (EKS IRSA, Pod Identity) are
+    not exchanged for keys here: their keys must be given one of these ways."""
+
+    #: The workspace's region, e.g. ``eu-west-1``.
+    region: str = Field(..., pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]+$")
+    #: The signing name of the service: ``aps`` for Amazon Managed Prometheus.
+    service: str = Field("aps", pattern=r"^[a-z0-9][a-z0-9-]*$")
+    access_key_id_file: Path | None = None
+    secret_access_key_file: Path | None = None
+    #: Temporary credentials' session token (with the two above).
+    session_token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _a_whole_key(self) -> SigV4Settings:
+        if (self.access_key_id_file is None) != (self.secret_access_key_file is None):
+            raise ValueError("provider.sigv4: set access_key_id_file and secret_access_key_file together")
+        if self.session_token_file is not None and self.access_key_id_file is None:
+            raise ValueError("provider.sigv4: session_token_file needs access_key_id_file and secret_access_key_file")
+        return self
+
+
 class MetricsProviderSettings(BaseModel):
     """How the controller's gates reach the metrics store at ``prometheus_url``
     (``FW_ROLLOUT_CONTROLLER__PROVIDER__…``): any Prometheus-compatible query API (Prometheus, Thanos Query,
@@ -362,8 +395,8 @@ class MetricsProviderSettings(BaseModel):
 
     Credentials are given as files (a mounted Secret; inline values for local runs) and read at each request, so a
     rotated token is used without a restart; they are never logged, and an error text that echoes one is redacted.
-    SigV4 (Amazon Managed Prometheus) and Google's OAuth are not built in: run their signing proxy beside the
-    controller and point ``prometheus_url`` at it."""
+    SigV4 (Amazon Managed Prometheus) is built in (``sigv4``); Google's OAuth is not: run its signing proxy beside
+    the controller and point ``prometheus_url`` at it."""
 
     #: Extra headers on every query, e.g. ``{"X-Scope-OrgID": "tenant-a"}`` (Mimir, Cortex and Thanos tenants).
     #: Not for credentials: ``Authorization``, ``Proxy-Authorization`` and ``Cookie`` are refused here.
@@ -375,6 +408,8 @@ class MetricsProviderSettings(BaseModel):
     basic_auth_username: str | None = Field(None, min_length=1, pattern=r"^[^:\r\n]+$")
     basic_auth_password: SecretStr | None = None
     basic_auth_password_file: Path | None = None
+    #: Every query signed with AWS SigV4 (Amazon Managed Prometheus); exclusive with bearer and basic auth.
+    sigv4: SigV4Settings | None = None
     #: A CA bundle (PEM) that signs the provider's TLS certificate; None → the system's.
     ca_file: Path | None = None
     #: The path that answers 200 when the store can be queried (Prometheus, Thanos: ``/-/ready``; Mimir behind
@@ -397,13 +432,17 @@ class MetricsProviderSettings(BaseModel):
         password = self.basic_auth_password is not None or self.basic_auth_password_file is not None
         if (self.basic_auth_username is None) != (not password):
             raise ValueError("provider: basic auth needs basic_auth_username and a password (…_password[_file])")
-        if bearer and password:
-            raise ValueError("provider: bearer token and basic auth are exclusive; set one")
+        if bearer + password + (self.sigv4 is not None) > 1:
+            raise ValueError("provider: bearer token, basic auth and sigv4 are exclusive; set one")
         return self
 
     @property
     def authenticated(self) -> bool:
-        return self.basic_auth_username is not None or (self.bearer_token, self.bearer_token_file) != (None, None)
+        return (
+            self.basic_auth_username is not None
+            or (self.bearer_token, self.bearer_token_file) != (None, None)
+            or self.sigv4 is not None
+        )
 
 
 class ControllerSettings(BaseModel):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything fraudwatch needs on a fresh Debian machine, idempotently and cached:
 #   - Debian packages: prometheus (+ promtool), prometheus-alertmanager (amtool), postgresql (server binaries for
-#     the prediction-log tests), chromium (the dashboard page test takes a headless screenshot) and podman, buildah,
+#     the prediction-log tests), chromium (the dashboard page test takes a headless screenshot), redis-server (the
+#     online feature store's tests run a real one) and podman, buildah,
 #     runc, debootstrap (scripts/images.sh builds the chart's images; a test walks a rollout with them)
 #   - a virtualenv in .venv with the project: `demo` installs fraudwatch[demo] (every component the demo runs, locust),
 #     `test` fraudwatch[dev] (that plus the test, lint, lock and audit tools); reinstalled only when pyproject.toml
@@ -10,7 +11,7 @@
 #   - the Kubernetes test control plane (etcd, kube-apiserver, -controller-manager, -scheduler, kwok, helm, kubectl),
 #     built from Go modules and cached by version outside the repo (scripts/k8s-binaries.sh; skip: FW_SKIP_K8S=1)
 # Each command installs only what it uses: `scripts/bootstrap.sh demo` (what `make demo` runs) installs prometheus and
-# the venv only; `scripts/bootstrap.sh test` (the default; `make test`) also PostgreSQL, Alertmanager, Chromium and the
+# the venv only; `scripts/bootstrap.sh test` (the default; `make test`) also PostgreSQL, Alertmanager, Chromium, Redis and the
 # Kubernetes test binaries.
 # Usage: scripts/bootstrap.sh [demo|test]   (safe to run again: it does only what is missing)
 set -euo pipefail
@@ -37,6 +38,8 @@ if [ "$profile" = test ]; then
   compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt+=(postgresql)
   command -v amtool >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+  # the online feature store's Redis (tests/integration/test_online_store.py: a real redis-server on loopback)
+  command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
   # the images (scripts/images.sh) and the rollout walked from them (tests/integration/test_rollout_podman.py)
   for tool in podman buildah runc debootstrap containerd; do command -v "$tool" >/dev/null 2>&1 || need_apt+=("$tool"); done
 fi

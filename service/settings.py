@@ -64,6 +64,9 @@ class TrainSettings(BaseModel):
     #: method, the rest choose between them; the chosen method is then refit on all validation rows.
     calibration_fit_fraction: float = Field(0.5, gt=0.1, lt=0.9)
     smote_k_neighbors: int = Field(5, ge=1)
+    #: The features a model is trained on (service.data.features.FEATURE_SETS): ``velocity`` adds the online store's
+    #: velocity and cross-entity features (service/data/velocity.py) to ``base``.
+    feature_set: Literal["base", "velocity"] = "velocity"
     #: Where the booster is trained (service/training/engines.py): ``local`` — one process, ``hist`` (the default);
     #: ``dask`` — ``xgboost.dask`` on a dask.distributed cluster (``FW_ENGINE__…``), reading Parquet lazily;
     #: ``external_memory`` — one process, batches streamed from Parquet into XGBoost's external-memory DMatrix.
@@ -114,6 +117,38 @@ class QualitySettings(BaseModel):
 
     min_pr_auc: float = Field(0.80, ge=0.0, le=1.0)
     min_recall_at_threshold: float = Field(0.60, ge=0.0, le=1.0)
+
+
+class OnlineStoreSettings(BaseModel):
+    """The online feature store of the velocity features (service/data/online_store.py), shared by every model version.
+
+    ``url``: empty → the embedded default, a SQLite file under ``FW_HOME`` (``online/velocity.sqlite``) that every
+    model server of the machine shares; ``none`` → no store (velocity features are the defaults, counted as fallbacks
+    with reason ``unavailable``); ``sqlite:///path``; ``redis://host:6379/0`` (``rediss://`` for TLS). A Redis
+    password is read from ``password_file`` (the chart mounts its Secret there), never put in the URL.
+    """
+
+    url: str = ""
+    password_file: Path | None = None
+    #: The read budget of one request's (or one batch's) features: one round trip, then the defaults.
+    timeout_ms: float = Field(5.0, gt=0.0)
+    #: Which clock a scored request's event takes: ``server`` (its arrival here) or ``request`` (the request's own
+    #: ``eventTime``, when it has one: replays of a recorded stream, e.g. the demo's time-compressed traffic).
+    event_time: Literal["server", "request"] = "server"
+    #: The background writer: queue bound (beyond it events are dropped and counted), batch size, retries.
+    write_queue_max: int = Field(50_000, ge=1)
+    write_batch_max: int = Field(256, ge=1)
+    write_timeout_s: float = Field(2.0, gt=0.0)
+    write_retries: int = Field(2, ge=0)
+    write_retry_pause_s: float = Field(0.05, ge=0.0)
+    #: How long an event's ID is remembered (a replay within it is a no-op).
+    event_ttl_s: float = Field(2 * 86_400.0, gt=0.0)
+    #: Redis key prefix (several deployments may share one Redis under different prefixes).
+    key_prefix: str = "fw:v1:"
+    #: The embedded store forgets expired state every this many events written.
+    sqlite_trim_every: int = Field(5_000, ge=1)
+    #: How long a stopping worker waits for its queued events to be written.
+    close_timeout_s: float = Field(2.0, ge=0.0)
 
 
 class ServeSettings(BaseModel):
@@ -168,6 +203,7 @@ class ServeSettings(BaseModel):
     #: routing, signature inspection and serde per call). Same responses, metrics and logs either way; measured
     #: side by side in benchmarks/serving_benchmark.py.
     dispatch: Literal["direct", "bentoml"] = "direct"
+    online_store: OnlineStoreSettings = OnlineStoreSettings()
 
 
 class ProcessSettings(BaseModel):

@@ -11,14 +11,15 @@ data. Failures are typed: :class:`PrometheusUnavailableError` (cannot reach it, 
 :class:`PrometheusQueryError` (it rejected the query, or a scalar was asked of a multi-series result).
 
 The store may be any Prometheus-compatible query API behind headers and authentication
-(:class:`~rollout.settings.MetricsProviderSettings`: ``X-Scope-OrgID``, a bearer token or basic auth from a mounted
-Secret, read at each request); no error text carries a credential.
+(:class:`~rollout.settings.MetricsProviderSettings`: ``X-Scope-OrgID``, a bearer token, basic auth or an AWS key for
+SigV4 (rollout/backends/sigv4.py) from a mounted Secret, read at each request); no error text carries a credential.
 """
 
 from __future__ import annotations
 
 import base64
 import math
+import os
 import ssl
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -30,10 +31,13 @@ from typing import Any, Final
 import httpx
 from pydantic import SecretStr
 
+from rollout.backends.sigv4 import Credentials
+from rollout.backends.sigv4 import sign as sigv4_sign
 from rollout.settings import (
     ControllerSettings,
     MetricsProviderSettings,
     PrometheusSettings,
+    SigV4Settings,
     get_prometheus_settings,
     read_secret,
 )
@@ -67,8 +71,11 @@ _REDACTED: Final[str] = "<redacted>"
 
 
 class ProviderAuth(httpx.Auth):
-    """The provider's ``Authorization`` header (bearer or basic), its secret read from the settings at each request:
-    a rotated Secret is used at once. Remembers the values it sent, so error texts can be scrubbed of them."""
+    """The provider's ``Authorization`` header (bearer, basic or SigV4), its secret read from the settings at each
+    request: a rotated Secret is used at once. Remembers the values it sent, so error texts can be scrubbed of
+    them."""
+
+    requires_request_body = True  # SigV4 signs the payload's hash
 
     def __init__(self, provider: MetricsProviderSettings) -> None:
         self._provider = provider
@@ -85,9 +92,52 @@ class ProviderAuth(httpx.Auth):
         self.sent = (token,)
         return f"Bearer {token}"
 
+    def sign(self, request: httpx.Request, sigv4: SigV4Settings) -> None:
+        """Sign ``request`` with SigV4: its host, the provider's headers, ``X-Amz-Date`` (and the session token)
+        and its body; its query is rewritten in the canonical form that was signed (the store recomputes it)."""
+        path, _, query = request.url.raw_path.decode("ascii").partition("?")
+        covered = [(name, request.headers[name]) for name in self._provider.headers]
+        credentials = aws_credentials(sigv4)
+        signed = sigv4_sign(
+            credentials,
+            region=sigv4.region,
+            service=sigv4.service,
+            method=request.method,
+            host=request.headers["Host"],
+            path=path,
+            query=query,
+            headers=covered,
+            body=request.content,
+        )
+        request.url = request.url.copy_with(query=signed.query.encode("ascii") or None)
+        request.headers.update(signed.headers)
+        self.sent = (signed.signature,) + ((credentials.session_token,) if credentials.session_token else ())
+
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        request.headers["Authorization"] = self.authorization()
+        if self._provider.sigv4 is not None:
+            self.sign(request, self._provider.sigv4)
+        else:
+            request.headers["Authorization"] = self.authorization()
         yield request
+
+
+def aws_credentials(sigv4: SigV4Settings) -> Credentials:
+    """The access key SigV4 signs with: from the settings' files (read now), else the standard ``AWS_*``
+    variables; :class:`PrometheusAuthError` naming what is missing (never a value)."""
+    if sigv4.access_key_id_file is not None and sigv4.secret_access_key_file is not None:
+        token_file = sigv4.session_token_file
+        return Credentials(
+            _secret(None, sigv4.access_key_id_file, "sigv4.access_key_id"),
+            _secret(None, sigv4.secret_access_key_file, "sigv4.secret_access_key"),
+            _secret(None, token_file, "sigv4.session_token") if token_file is not None else None,
+        )
+    key_id, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not key_id or not secret:
+        raise PrometheusAuthError(
+            "the provider's sigv4 has no credentials: set sigv4.access_key_id_file and sigv4.secret_access_key_file "
+            "(a mounted Secret), or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
+    return Credentials(key_id, secret, os.environ.get("AWS_SESSION_TOKEN") or None)
 
 
 def _secret(value: SecretStr | None, path: Path | None, field: str) -> str:
@@ -107,6 +157,8 @@ def describe(provider: MetricsProviderSettings) -> str:
     sent = [f"header {name}" for name in sorted(provider.headers)]
     if provider.basic_auth_username is not None:
         sent.append("basic auth")
+    elif provider.sigv4 is not None:
+        sent.append(f"a SigV4 signature ({provider.sigv4.service}, {provider.sigv4.region})")
     elif provider.authenticated:
         sent.append("a bearer token")
     return ", ".join(sent) if sent else "no headers and no credentials"

@@ -47,7 +47,9 @@ class RolloutClient(Protocol):
 
     def rollout_exists(self) -> bool: ...
 
-    def submit(self, command: InboxCommand) -> None: ...
+    def submit(self, command: InboxCommand) -> str:
+        """Queue ``command``; the id its result will carry."""
+        ...
 
     def result(self, command_id: str) -> CommandResult | None: ...
 
@@ -61,7 +63,11 @@ class RolloutClient(Protocol):
 
 
 def summary_row(namespace: str | None, name: str, status: Mapping[str, Any], age_from: str | None) -> dict[str, Any]:
-    """One row of ``list``: the ModelRollout's status summary fields (the CRD's printer columns)."""
+    """One row of ``list``: the ModelRollout's status summary fields (the CRD's printer columns) and the serving
+    revision (number and bundle digest) from ``status.state.revisions``."""
+    state = status.get("state")
+    revisions = state.get("revisions") if isinstance(state, Mapping) else None
+    serving = revisions[-1] if isinstance(revisions, list) and revisions and isinstance(revisions[-1], Mapping) else {}
     return {
         "namespace": namespace,
         "name": name,
@@ -72,6 +78,8 @@ def summary_row(namespace: str | None, name: str, status: Mapping[str, Any], age
         "candidate": status.get("candidateVersion"),
         "candidate_weight": status.get("candidateWeight"),
         "message": status.get("message"),
+        "revision": serving.get("number"),
+        "digest": serving.get("digest"),
         "created_at": age_from,
     }
 
@@ -98,8 +106,9 @@ class LocalClient:
         raw = self._raw_state()
         return raw is not None and raw.get("rollout") is not None
 
-    def submit(self, command: InboxCommand) -> None:
+    def submit(self, command: InboxCommand) -> str:
         self.inbox.submit(command)
+        return command.id
 
     def result(self, command_id: str) -> CommandResult | None:
         return read_command_result(self.state_dir, command_id)
@@ -131,10 +140,12 @@ class LocalClient:
         if rollout is None:
             return []
         progressing = rollout.phase == "Progressing"
+        revisions = [r.model_dump(mode="json") for r in (state.revisions if state is not None else ())]
         status = {"phase": rollout.phase, "stage": rollout.stage, "paused": rollout.paused,
                   "stableVersion": rollout.stable, "candidateVersion": rollout.candidate,
                   "candidateWeight": rollout.weights.candidate if progressing else 0,
-                  "message": rollout.history[-1].reason if rollout.history else ""}  # fmt: skip
+                  "message": rollout.history[-1].reason if rollout.history else "",
+                  "state": {"revisions": revisions}}  # fmt: skip
         started = state.rollout_started_at.isoformat() if state is not None and state.rollout_started_at else None
         return [summary_row(None, self.name, status, started)]
 
@@ -203,10 +214,9 @@ class KubeClient:
     def rollout_exists(self) -> bool:
         return self._state(self._object()).get("rollout") is not None
 
-    def submit(self, command: InboxCommand) -> None:
+    def submit(self, command: InboxCommand) -> str:
         if command.kind == "start":
-            raise CliError(ExitCode.USAGE, "on Kubernetes a rollout starts when spec.candidate changes: "
-                           "helm upgrade … --set model.version=<version>")  # fmt: skip
+            return self._start(command)
         manual = {
             "id": command.id,
             "kind": command.kind,
@@ -216,6 +226,26 @@ class KubeClient:
             "to": command.to,  # None removes a previous command's target (a merge patch merges objects)
         }
         self._call(lambda: self.api.merge_patch(self._path(), {"spec": {"manualCommand": manual}}))
+        return command.id
+
+    def _start(self, command: InboxCommand) -> str:
+        """A rollout of a version the ModelRollout has run (a kept revision): ``spec.candidate`` set back to the
+        spec it ran with, as Argo Rollouts' undo sets the pod template back; the controller starts it like any new
+        candidate. The id of that start (the controller derives it from the new generation)."""
+        from rollout.backends.kube.resource import RolloutObject, spec_start_id, undo_patch
+
+        version = str(command.candidate)
+        helm = f"helm upgrade … --reuse-values --set model.version={version} (with its image and model URI)"
+        if command.stable is not None:
+            raise CliError(ExitCode.USAGE, "on Kubernetes the stable is the serving version: leave out --stable")
+        cause = f"{command.issued_by or 'someone'}: roll {version} out again" + (
+            f" ({command.reason})" if command.reason else ""
+        )
+        patch = undo_patch(RolloutObject(self._object()), version, cause[:1024])
+        if patch is None:
+            raise CliError(ExitCode.REFUSED, f"ModelRollout {self.name} records no spec of {version}: {helm}")
+        patched = self._call(lambda: self.api.merge_patch(self._path(), patch))
+        return spec_start_id(version, RolloutObject(dict(patched)).generation)
 
     def result(self, command_id: str) -> CommandResult | None:
         for item in reversed(self._state(self._object()).get("command_results") or []):

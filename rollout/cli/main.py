@@ -70,7 +70,8 @@ MUTATIONS: Final[tuple[InboxKind, ...]] = ("start", "retry", "promote", "pause",
 PROMOTE_TARGETS: Final[tuple[str, ...]] = ("shadow", "canary", "ab", "full")
 HISTORY_LIMIT: Final[int] = 50
 _HELP: Final[dict[str, str]] = {
-    "start": "Start a rollout of a candidate version against the version serving now.",
+    "start": "Start a rollout of a candidate version against the version serving now (on Kubernetes only a version "
+    "the ModelRollout has run, set back into spec.candidate; a new one: helm upgrade --set model.version=…).",
     "retry": "Roll the candidate that was rolled back or aborted out again (a new rollout from its first stage, "
     "against the version serving now; on Kubernetes without changing spec.candidate).",
     "status": "Show the rollout: stage, weights, every gate with its value, threshold and verdict, time in stage.",
@@ -80,8 +81,9 @@ _HELP: Final[dict[str, str]] = {
     "abort": "Abort the rollout: 100 % back on the stable version.",
     "revert": "Put 100 % of decisions back on the previous version now (also after promotion, while it is warm).",
     "undo": "Go back to an earlier serving version: no flag = the previous one (revert); --to-revision N = revision "
-    "N of status.state.revisions (the previous one: revert; an older one: a new gated rollout of it — local backend; "
-    "on Kubernetes set spec.candidate to it). Exit 3 when N is no longer kept, 4 when it is the serving one.",
+    "N of status.state.revisions (the previous one: revert; an older one: a new gated rollout of it — on Kubernetes "
+    "spec.candidate is set back to the spec it ran with). Exit 3 when N is no longer kept, 4 when it is the serving "
+    "one.",
     "history": "Show the rollout's transitions with their reasons.",
     "get": "Show the rollout in detail (as status); -w/--watch: show it again on every change until Ctrl-C or "
     "--timeout (exit 0).",
@@ -258,23 +260,23 @@ def run_mutation(client: RolloutClient, args: argparse.Namespace, settings: Cont
     if args.command != "start" and not client.rollout_exists():
         raise CliError(ExitCode.NOT_FOUND, f"rollout {client.name!r} has no rollout yet (rolloutctl start …)")
     command = command_from_args(args, datetime.now(UTC))
-    client.submit(command)
+    command_id = client.submit(command)
     if args.no_wait:
-        return ExitCode.OK, {"id": command.id, "kind": command.kind, "outcome": "queued"}
+        return ExitCode.OK, {"id": command_id, "kind": command.kind, "outcome": "queued"}
     timeout = args.timeout if args.timeout is not None else settings.command_wait_timeout_s
     in_force = command.kind in ROUTING_COMMANDS
-    result = wait_for_result(client, command.id, timeout, settings.command_poll_interval_s, in_force=in_force)
+    result = wait_for_result(client, command_id, timeout, settings.command_poll_interval_s, in_force=in_force)
     if result is None:
-        withdrawn = client.withdraw(command.id)
-        late = client.result(command.id)
+        withdrawn = client.withdraw(command_id)
+        late = client.result(command_id)
         if late is not None:
             result = late
         else:
             what = "withdrawn from the inbox" if withdrawn else "already taken by the controller"
-            message = f"the controller did not apply {command.kind} {command.id} within {timeout:g} s ({what})"
+            message = f"the controller did not apply {command.kind} {command_id} within {timeout:g} s ({what})"
             raise CliError(ExitCode.TIMEOUT, f"{message}; is it running? (rolloutctl status)")
     if in_force and result.outcome == "applied" and result.in_force_at is None:
-        message = f"{command.kind} {command.id} was applied but the routers do not hold it after {timeout:g} s"
+        message = f"{command.kind} {command_id} was applied but the routers do not hold it after {timeout:g} s"
         raise CliError(ExitCode.TIMEOUT, f"{message}; rolloutctl status shows what the controller waits for")
     code = {"applied": ExitCode.OK, "failed": ExitCode.FAILURE}.get(result.outcome, ExitCode.REFUSED)
     return code, result.model_dump(mode="json")
@@ -282,8 +284,9 @@ def run_mutation(client: RolloutClient, args: argparse.Namespace, settings: Cont
 
 def resolve_undo(client: RolloutClient, args: argparse.Namespace) -> None:
     """``undo`` as the command it means: ``revert`` (no --to-revision, or the previous revision while the rollout
-    that replaced it is promoted), or ``start --candidate <revision's version>`` for an older one (local backend).
-    CliError NOT_FOUND for a revision no longer kept, REFUSED for the serving one or an older one on Kubernetes."""
+    that replaced it is promoted), or ``start --candidate <revision's version>`` for an older one (on Kubernetes:
+    ``spec.candidate`` set back to the spec that version ran with). CliError NOT_FOUND for a revision no longer
+    kept, REFUSED for the serving one."""
     wanted: int | None = args.to_revision
     args.command = "revert"
     if wanted is None:
@@ -302,10 +305,6 @@ def resolve_undo(client: RolloutClient, args: argparse.Namespace) -> None:
     if (previous is not None and target.number == previous.number and rollout is not None
             and rollout.phase == "Promoted" and rollout.stable == target.version):  # fmt: skip
         return  # the warm previous version: revert
-    if args.backend == "kube" or isinstance(client, KubeClient):
-        raise CliError(ExitCode.REFUSED, f"revision {wanted} ({target.version}) is not the warm previous version: on "
-                       f"Kubernetes roll it out again by setting spec.candidate to it (helm upgrade --reuse-values "
-                       f"--set model.version={target.version})")  # fmt: skip
     args.command, args.candidate, args.stable = "start", target.version, None
 
 

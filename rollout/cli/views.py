@@ -172,6 +172,8 @@ def render_status(view: Mapping[str, Any]) -> None:
         console.print(f"  last transition  {rollout['last_transition']['at']}: {rollout['last_transition']['reason']}")
     console.print(f"  controller  {alive}")
     _print_workloads(console, view["workloads"])
+    if view["revisions"]:
+        console.print("  revisions  " + " · ".join(revision_label(r) for r in view["revisions"]), highlight=False)
     table = Table(title=f"gates of {rollout['stage']}", show_lines=False)
     for column in ("gate", "verdict", "candidate", "stable", "evidence", "threshold", "condition", "detail"):
         table.add_column(column, overflow="fold")
@@ -188,6 +190,20 @@ def render_status(view: Mapping[str, Any]) -> None:
     console.print(table)
     if rollout["blockers"]:
         console.print("  not promoted yet: " + "; ".join(rollout["blockers"]))
+
+
+#: A bundle digest shown by its first hex characters, as ``docker images`` shows an image id.
+SHORT_DIGEST: Final[int] = 12
+
+
+def short_digest(digest: str | None) -> str:
+    return f"sha256:{digest[:SHORT_DIGEST]}" if digest else "—"
+
+
+def revision_label(revision: Mapping[str, Any]) -> str:
+    """``3 v1 (sha256:9f86d081884c)``: a revision's number, version and the bundle it was deployed with."""
+    digest = f" ({short_digest(revision['digest'])})" if revision.get("digest") else ""
+    return f"{revision['number']} {revision['version']}{digest}"
 
 
 def _print_workloads(console: Any, workloads: Sequence[Mapping[str, Any]]) -> None:
@@ -225,11 +241,14 @@ def list_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     if not rows:
         return ["No rollouts found."]
     namespaced = any(row["namespace"] for row in rows)
-    header = ("NAMESPACE",) * namespaced + ("NAME", "PHASE", "STAGE", "STABLE", "CANDIDATE", "WEIGHT", "PAUSED")
+    header = ("NAMESPACE",) * namespaced + (
+        "NAME", "PHASE", "STAGE", "STABLE", "CANDIDATE", "WEIGHT", "PAUSED", "REVISION", "DIGEST"
+    )  # fmt: skip
     table = [list(header)] + [
         [str(row["namespace"] or "")] * namespaced + [
             row["name"], _fmt(row["phase"]), _fmt(row["stage"]), _fmt(row["stable"]), _fmt(row["candidate"]),
-            _fmt(row["candidate_weight"]), "yes" if row["paused"] else "no",
+            _fmt(row["candidate_weight"]), "yes" if row["paused"] else "no", _fmt(row.get("revision")),
+            short_digest(row.get("digest")),
         ]
         for row in rows
     ]  # fmt: skip

@@ -406,7 +406,7 @@ class Controller:
             return self._baseline(), result
         command = manual_command(manual) if manual is not None else None
         new, actions = step(rollout, report, now, command, policy=self.policy)
-        revisions = record_revision(self.state.revisions, new, self.settings.kept_revisions)
+        revisions = record_revision(self.state.revisions, new, self.settings.kept_revisions, self._bundle_digest)
         self.state = self.state.model_copy(update={"rollout": new, "revisions": revisions})
         if manual is not None:
             transitions = len(new.history) - len(rollout.history)
@@ -419,6 +419,16 @@ class Controller:
                     rollout_id=new.rollout_id,
                 )  # fmt: skip
         return actions, result
+
+    def _bundle_digest(self, version: str) -> str | None:
+        """The registry's digest of ``version``'s bundle for its revision; None (logged) when it cannot tell: a
+        revision is recorded either way."""
+        try:
+            return self.backend.source.bundle_digest(version)
+        except Exception as exc:  # not registered, or the registry failed: the revision stays without it
+            log_event(logger, "bundle digest unknown", event="revision_digest_unknown", version=version,
+                      error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+            return None
 
     def _ignored(self, command: InboxCommand, now: datetime, why: str) -> CommandResult:
         return CommandResult(

@@ -80,8 +80,15 @@ WORKLOAD_GATE: Final[str] = "candidate-workload"
 
 #: A reusable metric template's name (``metric_templates``; a gate's ``template``).
 TEMPLATE_NAME_PATTERN: Final[str] = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
-#: Fields a metric template cannot give: a gate's identity, and another template (no chains).
+#: Fields a metric template cannot give: a gate's identity, its args, and another template (no chains).
 _GATE_OWN_FIELDS: Final[frozenset[str]] = frozenset({"name", "template"})
+#: A metric template's args (Argo AnalysisTemplate ``args``): declared by the template (``args: [{name, value?}]``, a
+#: value being the default), given by the gate (``args: [{name, value}]``), used as ``{{args.NAME}}`` in any of its
+#: string fields (queries, condition) and rendered when the policy is loaded.
+ARG_NAME_PATTERN: Final[str] = r"^[A-Za-z][A-Za-z0-9_-]{0,62}$"
+MAX_ARG_VALUE_CHARS: Final[int] = 256
+_ARG_PLACEHOLDER: Final[re.Pattern[str]] = re.compile(r"\{\{\s*args\.([^\s{}]*)\s*\}\}")
+_ARG_FORBIDDEN: Final[tuple[str, ...]] = ("{{", "}}", "\n", "\r", "\0")
 
 _PLACEHOLDER: Final[re.Pattern[str]] = re.compile(r"\{\{\s*([A-Za-z_]+)\s*\}\}")
 VERSION_PLACEHOLDERS: Final[frozenset[str]] = frozenset({"version", "stable", "candidate"})
@@ -375,6 +382,18 @@ class _GateBase(BaseModel):
     unit: str | None = Field(None, min_length=1, max_length=40)
     #: The policy's ``metric_templates`` entry this gate was built from (its fields under the gate's own), if any.
     template: str | None = Field(None, pattern=TEMPLATE_NAME_PATTERN)
+    #: The values the gate gave the template's args (already rendered into its fields; kept so the policy dumps and
+    #: loads back the same).
+    args: tuple[TemplateArg, ...] | None = None
+
+
+class TemplateArg(BaseModel):
+    """One arg a gate gives its metric template: ``{name, value}`` (Argo's AnalysisTemplate args)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(..., pattern=ARG_NAME_PATTERN)
+    value: str = Field(..., max_length=MAX_ARG_VALUE_CHARS)
 
 
 #: Histograms whose quantiles (``histogram_quantile`` and the recording rules built on it) cannot exceed their largest
@@ -805,10 +824,88 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return merged
 
 
+def _args(raw: Any, where: str, *, defaults: bool) -> dict[str, str | None]:
+    """``[{name, value}]`` as name → value (None: a template's arg without a default); ValueError naming ``where``
+    and the arg for a bad name, a missing value (a gate's), a repeated name or an unsafe value."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, list | tuple):
+        raise ValueError(f"{where}.args: a list of {{name, value}}")
+    found: dict[str, str | None] = {}
+    for item in raw:
+        name = item.get("name") if isinstance(item, Mapping) else None
+        if not isinstance(name, str) or re.fullmatch(ARG_NAME_PATTERN, name) is None:
+            raise ValueError(f"{where}.args: {name!r} is not an arg name (a letter, then letters, digits, '_', '-')")
+        if name in found:
+            raise ValueError(f"{where}.args: {name!r} is given twice")
+        if set(item) - {"name", "value"}:
+            raise ValueError(f"{where}.args.{name}: only name and value")
+        value = item.get("value")
+        if value is None and not defaults:
+            raise ValueError(f"{where}.args.{name}: needs a value")
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, str | int | float):
+                raise ValueError(f"{where}.args.{name}: the value is a string or a number")
+            value = str(value)
+            if len(value) > MAX_ARG_VALUE_CHARS or any(bad in value for bad in _ARG_FORBIDDEN):
+                raise ValueError(f"{where}.args.{name}: at most {MAX_ARG_VALUE_CHARS} characters, no '{{{{', "
+                                 "'}}', line break or NUL")  # fmt: skip
+        found[name] = value
+    return found
+
+
+def _used_args(node: Any) -> set[str]:
+    if isinstance(node, str):
+        return set(_ARG_PLACEHOLDER.findall(node))
+    if isinstance(node, Mapping):
+        return set().union(*(_used_args(v) for v in node.values())) if node else set()
+    if isinstance(node, list | tuple):
+        return set().union(*(_used_args(v) for v in node)) if node else set()
+    return set()
+
+
+def _render_args(node: Any, values: Mapping[str, str]) -> Any:
+    """``node`` with every ``{{args.NAME}}`` of its strings replaced by ``values[NAME]`` (all known: checked)."""
+    if isinstance(node, str):
+        return _ARG_PLACEHOLDER.sub(lambda m: values[m.group(1)], node)
+    if isinstance(node, Mapping):
+        return {k: _render_args(v, values) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return [_render_args(v, values) for v in node]
+    return node
+
+
+def _apply_template(gate: Mapping[str, Any], name: str, template: Mapping[str, Any]) -> dict[str, Any]:
+    """The gate with the template's fields under its own and the template's args rendered with the gate's values
+    (or the template's defaults)."""
+    where = f"gate {gate.get('name')!r}"
+    declared = _args(template.get("args"), f"metric_templates.{name}", defaults=True)
+    given = _args(gate.get("args"), where, defaults=False)
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        raise ValueError(f"{where}: {unknown} not among the args of metric template {name!r} ({sorted(declared)})")
+    merged = deep_merge({k: v for k, v in template.items() if k != "args"},
+                        {k: v for k, v in gate.items() if k != "args"})  # fmt: skip
+    undeclared = sorted(_used_args(merged) - set(declared))
+    if undeclared:
+        raise ValueError(f"{where}: {{{{args.{undeclared[0]}}}}} is used but metric template {name!r} declares no "
+                         f"such arg ({sorted(declared)})")  # fmt: skip
+    values = {**{k: v for k, v in declared.items() if v is not None}, **given}
+    missing = sorted(set(declared) - set(values))
+    if missing:
+        raise ValueError(f"{where}: metric template {name!r} needs arg {missing[0]!r}: give it in the gate's "
+                         f"args ([{{name: {missing[0]}, value: …}}])")  # fmt: skip
+    rendered: dict[str, Any] = _render_args(merged, {k: v for k, v in values.items() if v is not None})
+    if given:
+        rendered["args"] = [{"name": k, "value": v} for k, v in given.items()]
+    return rendered
+
+
 def resolve_templates(data: Mapping[str, Any]) -> dict[str, Any]:
     """A policy mapping whose gates that name a ``template`` carry that metric template's fields under their own
-    (deep-merged: a gate may override one estimator query). Unknown templates and templates that set a gate's
-    ``name`` or ``template`` are refused, naming the gate."""
+    (deep-merged: a gate may override one estimator query), its ``{{args.NAME}}`` rendered with the gate's
+    ``args`` or the template's defaults. Unknown templates, templates that set a gate's ``name`` or ``template``,
+    a missing, unknown or unused-but-undeclared arg are refused, naming the gate and the arg."""
     templates = data.get("metric_templates") or {}
     gates = data.get("gates")
     if not isinstance(templates, Mapping) or not isinstance(gates, list | tuple):
@@ -825,13 +922,15 @@ def resolve_templates(data: Mapping[str, Any]) -> dict[str, Any]:
     for gate in gates:
         ref = gate.get("template") if isinstance(gate, Mapping) else None
         if ref is None:
+            if isinstance(gate, Mapping) and (gate.get("args") is not None or _used_args(gate)):
+                raise ValueError(f"gate {gate.get('name')!r}: args and {{{{args.…}}}} belong to a metric template")
             resolved.append(gate)
             continue
         if ref not in templates:
             raise ValueError(
                 f"gate {gate.get('name')!r}: no metric template {ref!r} (metric_templates: {sorted(templates)})"
             )
-        resolved.append(deep_merge(templates[ref], gate))
+        resolved.append(_apply_template(gate, ref, templates[ref]))
     return {**data, "gates": resolved}
 
 

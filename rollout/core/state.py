@@ -9,7 +9,7 @@ Where it is kept is a backend's :class:`~rollout.backends.base.StateStorage`: ``
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Final
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
@@ -59,6 +59,9 @@ class Revision(BaseModel):
     since: AwareDatetime | None = None
     #: The rollout that made it the serving version (None for the first one).
     rollout_id: str | None = None
+    #: The digest of the model bundle it was deployed with (the registry's ``bundle_sha256``, SHA-256 hex), so two
+    #: revisions of one version name can be told apart; None when the backend knows none (no registry).
+    digest: str | None = Field(None, max_length=128)
 
 
 def serving_version(rollout: RolloutState) -> str:
@@ -66,17 +69,28 @@ def serving_version(rollout: RolloutState) -> str:
     return rollout.candidate if rollout.phase == "Promoted" else rollout.stable
 
 
-def record_revision(revisions: tuple[Revision, ...], rollout: RolloutState, keep: int) -> tuple[Revision, ...]:
+def _no_digest(_version: str) -> str | None:
+    return None
+
+
+def record_revision(
+    revisions: tuple[Revision, ...],
+    rollout: RolloutState,
+    keep: int,
+    digest_of: Callable[[str], str | None] = _no_digest,
+) -> tuple[Revision, ...]:
     """``revisions`` with the version ``rollout`` leaves serving appended when it differs from the last one (the
-    newest ``keep`` kept; numbers keep growing). Pure and idempotent."""
+    newest ``keep`` kept; numbers keep growing), with its bundle's digest from ``digest_of`` (asked only for an
+    added revision). Pure and idempotent."""
     version = serving_version(rollout)
     if revisions and revisions[-1].version == version:
         return revisions
     if not revisions:
-        first = Revision(number=1, version=rollout.stable)
-        return record_revision((first,), rollout, keep)
+        first = Revision(number=1, version=rollout.stable, digest=digest_of(rollout.stable))
+        return record_revision((first,), rollout, keep, digest_of)
     changed_at = rollout.finished_at if rollout.phase != "Progressing" else None
-    added = Revision(number=revisions[-1].number + 1, version=version, since=changed_at, rollout_id=rollout.rollout_id)
+    added = Revision(number=revisions[-1].number + 1, version=version, since=changed_at,
+                     rollout_id=rollout.rollout_id, digest=digest_of(version))  # fmt: skip
     return (*revisions, added)[-keep:]
 
 

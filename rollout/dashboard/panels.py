@@ -56,6 +56,18 @@ def _q(expr: str, legend: str) -> Query:
     return Query(" ".join(expr.split()), legend)
 
 
+#: The online store's features (service.data.velocity.VELOCITY_FEATURES, spelled out: the router and controller
+#: images carry no model stack; tests/unit/test_dashboard_json.py keeps the two equal).
+VELOCITY_FEATURES: Final[tuple[str, ...]] = (
+    "acct_refunds_1h",
+    "acct_refunds_24h",
+    "acct_amount_24h",
+    "acct_secs_since_prev",
+    "ip_accounts_1h",
+    "ip_accounts_24h",
+    "device_accounts_24h",
+    "acct_fraud_labels",
+)
 ROC_AUC_NOTE: Final[str] = (
     "ROC-AUC is not computed in PromQL (it pairs adjacent histogram buckets). The controller's roc-auc gate and this "
     "page compute it from model_version_role_label_le:fraudwatch_outcome_score_bucket:increase1d with "
@@ -209,11 +221,17 @@ INPUT_DRIFT = Section(
     (
         Panel(
             "psi-1h",
-            "PSI per feature (1 h)",
+            "PSI per request feature (1 h)",
             "timeseries",
             "short",
-            (_q('model_version_feature:fraudwatch_psi:1h{feature!="score"}', "{{model_version}} {{feature}}"),),
-            "Population stability index against the training reference; > 0.1 moderate, > 0.25 major shift.",
+            (
+                _q(
+                    f'model_version_feature:fraudwatch_psi:1h{{feature!~"score|{"|".join(VELOCITY_FEATURES)}"}}',
+                    "{{model_version}} {{feature}}",
+                ),
+            ),
+            "Population stability index against the training reference; > 0.1 moderate, > 0.25 major shift. The "
+            "velocity features have their own panel below.",
         ),
         Panel(
             "psi-5m",
@@ -231,6 +249,56 @@ INPUT_DRIFT = Section(
                 _q(
                     "sum by (model_version, reason) (rate(fraudwatch_feature_store_fallback_total[5m]))",
                     "{{model_version}} {{reason}}",
+                ),
+            ),
+        ),
+        Panel(
+            "velocity-psi-1h",
+            "PSI of the velocity features (1 h)",
+            "timeseries",
+            "short",
+            (
+                _q(
+                    f'model_version_feature:fraudwatch_psi:1h{{feature=~"{"|".join(VELOCITY_FEATURES)}"}}',
+                    "{{model_version}} {{feature}}",
+                ),
+            ),
+            "The online store's features against the training reference: a bot-farm burst or a stalled store "
+            "(every velocity feature at its default) shows here first.",
+        ),
+        Panel(
+            "online-freshness",
+            "Online store freshness (p95 feature age, p95 update lag)",
+            "timeseries",
+            "s",
+            (
+                _q(
+                    "histogram_quantile(0.95, sum by (model_version, le) "
+                    "(rate(fraudwatch_online_store_feature_age_seconds_bucket[5m])))",
+                    "age p95 {{model_version}}",
+                ),
+                _q(
+                    "histogram_quantile(0.95, sum by (model_version, le) "
+                    "(rate(fraudwatch_online_store_update_lag_seconds_bucket[5m])))",
+                    "lag p95 {{model_version}}",
+                ),
+            ),
+            "Age: how far the store's newest event is behind a request reading it. Lag: from a scored request to "
+            "its event written. FraudwatchOnlineFeaturesStale fires on either.",
+        ),
+        Panel(
+            "online-fallbacks",
+            "Online store: velocity defaults served, events dropped",
+            "timeseries",
+            "reqps",
+            (
+                _q(
+                    "sum by (model_version, reason) (rate(fraudwatch_online_store_fallback_total[5m]))",
+                    "defaults {{model_version}} {{reason}}",
+                ),
+                _q(
+                    "sum by (model_version, reason) (rate(fraudwatch_online_store_dropped_total[5m]))",
+                    "dropped {{model_version}} {{reason}}",
                 ),
             ),
         ),

@@ -68,6 +68,8 @@ class ModelSide(BaseModel):
     registry_versions: dict[str, str]
     live_traffic: Path
     regression_set: Path
+    #: The model servers' online store (the embedded SQLite file of the model home): the router writes labels there.
+    online_store: str = "none"
     stream: dict[str, Any] = Field(default_factory=dict)
     regression_metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
     timings_s: dict[str, float] = Field(default_factory=dict)
@@ -246,7 +248,13 @@ def controller_env(run: Run, side: ModelSide, policy_path: Path, router: RouterP
         f"{prefix}LOCAL__SCRAPE_TARGETS": json.dumps([router.control_url.removeprefix("http://"), f"{s.host}:{port}"]),
         f"{prefix}LOCAL__START_TIMEOUT_S": str(s.server_start_timeout_s),
         f"{prefix}LOCAL__SERVER_ENV": json.dumps(
-            {"FW_SERVE__WORKERS": str(s.server_workers), "FW_LOG_LEVEL": "WARNING"}
+            {
+                "FW_SERVE__WORKERS": str(s.server_workers),
+                "FW_LOG_LEVEL": "WARNING",
+                # the load replays months of a recorded stream in minutes: each event takes its request's own time,
+                # or every account would look like a bot-farm burst to the velocity features
+                "FW_SERVE__ONLINE_STORE__EVENT_TIME": "request",
+            }
         ),
     }
 
@@ -295,6 +303,8 @@ def start_stack(run: Run, side: ModelSide) -> None:
             "FW_ROLLOUT_ROUTER__CANDIDATE_TIMEOUT_S": str(s.candidate_timeout_s),
             "FW_ROLLOUT_ROUTER__STABLE_TIMEOUT_S": str(s.stable_timeout_s),
             "FW_ROLLOUT_ROUTER__SHADOW_TIMEOUT_S": str(s.shadow_timeout_s),
+            # each recorded fraud label counts for its account's velocity features in the models' store
+            "FW_ROLLOUT_ROUTER__ONLINE_STORE__URL": side.online_store,
         },
     )
     run.stack.callback(router.stop)

@@ -68,6 +68,7 @@ from rollout.router.contract import BENTOML_SCHEMA_PATH, OPENAPI_PATH, bentoml_s
 from rollout.router.metrics import RouterMetrics
 from rollout.router.otel import tracer_of
 from rollout.router.outcomes.feedback import OutcomeTracker
+from rollout.router.outcomes.online_labels import OnlineLabelSink, open_label_sink
 from rollout.router.outcomes.prediction_log import (
     PREDICTION_ID_HEADER,
     PredictionLog,
@@ -602,6 +603,8 @@ class RouterApps:
     public: Starlette
     control: Starlette
     prediction_log: PredictionLog
+    #: Where recorded fraud labels also go (the online feature store), if configured; closed by :func:`main`.
+    label_sink: OnlineLabelSink | None = None
 
 
 def create_apps(settings: RolloutSettings | None = None) -> RouterApps:
@@ -625,8 +628,13 @@ def create_apps(settings: RolloutSettings | None = None) -> RouterApps:
         log_event(logger, "feedback listener without a token: labels are accepted unauthenticated", logging.WARNING)
     registry = CollectorRegistry()
     log = PredictionLog(get_outcome_settings(), registry=registry)
+    label_sink = open_label_sink(router_settings.online_store, registry)
     tracker = OutcomeTracker(
-        log, registry=registry, tokens=credentials, insecure_dev=router_settings.feedback_insecure_dev
+        log,
+        registry=registry,
+        tokens=credentials,
+        insecure_dev=router_settings.feedback_insecure_dev,
+        label_sink=label_sink,
     )
     sources: list[TableSource] = []
     if router_settings.routing_file is not None:
@@ -635,7 +643,9 @@ def create_apps(settings: RolloutSettings | None = None) -> RouterApps:
         sources.append(KubeRolloutTableSource(router_settings.kube))
     router = Router(router_settings, registry=registry, prediction_log=log, sources=sources)
     router.store.add_observer(tracker)  # outcome and paired series of each table's versions start at zero
-    return RouterApps(public=router.app(), control=router.control_app(tracker.routes()), prediction_log=log)
+    return RouterApps(
+        public=router.app(), control=router.control_app(tracker.routes()), prediction_log=log, label_sink=label_sink
+    )
 
 
 def control_port_of(settings: RouterSettings) -> int:
@@ -725,7 +735,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         timeout_graceful_shutdown=int(router_settings.graceful_shutdown_s),
         lifespan="on",
     )
-    asyncio.run(serve(_PublicServer(public_config, control), control))
+    try:
+        asyncio.run(serve(_PublicServer(public_config, control), control))
+    finally:
+        if apps.label_sink is not None:  # the labels still queued are written (within close_timeout_s)
+            apps.label_sink.close()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ The seed's contract works unchanged: ``{"yearsActive": 1.5, "amount": 45.00, "ip
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
@@ -40,6 +41,24 @@ class RefundRequest(BaseModel):
     )
     itemDescription: str | None = Field(
         None, max_length=MAX_DESCRIPTION_CHARS, description="Free-text description of the refunded item."
+    )
+    ipAddress: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_ENTITY_CHARS,
+        description="The IP address the refund was requested from (or a stable pseudonym of it): distinct accounts "
+        "per IP come from the online store's events, whatever ipAccounts says.",
+    )
+    deviceId: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_ENTITY_CHARS,
+        description="The device (or payment instrument) fingerprint: distinct accounts per device in 24 h.",
+    )
+    eventTime: datetime | None = Field(
+        None,
+        description="When the refund was requested (ISO 8601; no zone = UTC). Used as the event's time only when "
+        "the service is configured to trust it (serve.online_store.event_time=request: replays); else ignored.",
     )
     explain: bool = Field(
         False, description="Answer with the top contributing features (`reasons`) whatever the decision."

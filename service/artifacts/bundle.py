@@ -171,9 +171,20 @@ class ScoringModel:
     def threshold(self) -> float:
         return self.manifest.threshold.threshold
 
+    def model_input(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """The model's columns of a feature matrix: a full one (``service.data.features.FEATURE_NAMES``) is reduced to
+        the manifest's features; one already that wide is taken as it is."""
+        names = self.manifest.feature_names
+        if features.shape[1] == len(names):
+            return features
+        from service.data.features import select
+
+        return select(features, names)
+
     def raw_scores(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """Uncalibrated booster probabilities; ``inplace_predict`` on float32, no DMatrix per call."""
-        out = self.booster.inplace_predict(features, validate_features=False)
+        """Uncalibrated booster probabilities; ``inplace_predict`` on float32, no DMatrix per call. ``features``
+        may be the full feature matrix (see :meth:`model_input`)."""
+        out = self.booster.inplace_predict(self.model_input(features), validate_features=False)
         return np.asarray(out, dtype=np.float32)
 
     def scores(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:

@@ -62,7 +62,7 @@ EPILOG: Final[str] = """\
 exit codes:
   0    success
   1    failure (the message is printed; JSON logs on stderr have the details)
-  2    usage error (bad or missing arguments)
+  2    usage error (bad or missing arguments or settings: no regression set, no label source)
   3    quality gate failed (the run is logged in MLflow, the version is not registered)
   4    not found (data file, registered model, version or alias)
   5    integrity check failed (a bundle does not match its checksums)
@@ -146,7 +146,8 @@ def _datetime(text: str) -> datetime:
 
 def _retrain_options(parser: argparse.ArgumentParser, window_setting: str) -> None:
     parser.add_argument("--data", type=Path, help="labelled refund stream: CSV(.gz) or a directory of them "
-                        "(default: FW_RETRAIN__DATA_PATH)")  # fmt: skip
+                        "(default: FW_RETRAIN__DATA_PATH; retrain reads it with FW_RETRAIN__SOURCE=stream, the "
+                        "default; =feature_log trains on the feature log and the prediction log's labels)")  # fmt: skip
     parser.add_argument("--window-days", type=float, help=f"days of labelled data (default: {window_setting})")
     parser.add_argument("--window-end", type=_datetime, help="end of the window (default: the newest labelled row)")
     parser.add_argument("--trigger", choices=("scheduled", "alert", "manual"), default="manual",
@@ -569,9 +570,12 @@ def retrain_table(report: RetrainReport) -> Table:
     table.add_column("")
     table.add_column("value", overflow="fold")
     rows: list[tuple[str, str]] = [("trigger", f"{report.kind}: {report.reason}")]
+    if report.source:
+        rows.append(("data", f"{report.source}, engine {report.engine or '-'}"))
     if report.window is not None:
         w = report.window
-        rows.append(("window", f"{w.start} … {w.end}: {w.rows:,} rows, {w.positives:,} frauds"))
+        labels = f", labels as of {w.as_of}" if w.as_of else ""
+        rows.append(("window", f"{w.start} … {w.end}: {w.rows:,} rows, {w.positives:,} frauds{labels}"))
     rows.append(("version", f"{report.version or '-'} (registry {report.registry_version or '-'})"))
     if report.gate is not None:
         for metric, value in sorted(report.gate.values.items()):
@@ -704,13 +708,14 @@ def exit_code_for(error: BaseException) -> ExitCode:
     from service.artifacts.bundle import ModelIntegrityError
     from service.artifacts.registry import RegistryNotFoundError
     from service.retraining.job import RegressionSetMissingError
+    from service.retraining.sources import LabelSourceMissingError
     from service.training.pipeline import QualityGateFailedError
 
     if isinstance(error, KeyboardInterrupt):
         return ExitCode.INTERRUPTED
     if isinstance(error, TerminatedError):
         return ExitCode.TERMINATED
-    if isinstance(error, UsageError | RegressionSetMissingError):
+    if isinstance(error, UsageError | RegressionSetMissingError | LabelSourceMissingError):
         return ExitCode.USAGE
     if isinstance(error, QualityGateFailedError):
         return ExitCode.QUALITY_GATE

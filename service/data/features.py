@@ -1,8 +1,12 @@
 """Preprocessing and feature engineering: the one code path used by training and by serving.
 
-Training calls :func:`feature_matrix` on the historical rows with point-in-time entity aggregates; the scoring
-service calls the same :func:`feature_matrix` on the request rows with aggregates from the feature store.
+Training calls :func:`feature_matrix` on the historical rows with point-in-time entity aggregates and velocity
+features (``service.data.velocity.point_in_time``); the scoring service calls the same :func:`feature_matrix` on the
+request rows with aggregates from the bundle's snapshot and velocity features from the online store.
 A parity test proves both produce identical vectors for the same request.
+
+:data:`FEATURE_NAMES` is the full vector; a model uses one of :data:`FEATURE_SETS` (its manifest lists the names,
+and :func:`column_index` selects them), so a bundle trained before the velocity features keeps working.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
+
+from service.data.velocity import NOTHING_SEEN, VELOCITY_FEATURES, Velocity, cents
 
 #: Free-text buckets, checked in this order; the first bucket with a matching keyword wins.
 CATEGORY_KEYWORDS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
@@ -146,7 +152,7 @@ class EntityAggregates:
 #: The conservative default on a miss or a timeout: no refund history, a typical basket.
 DEFAULT_AGGREGATES: Final[EntityAggregates] = EntityAggregates(prior_refunds=0.0, avg_refund_amount=60.0, known=False)
 
-FEATURE_NAMES: Final[tuple[str, ...]] = (
+BASE_FEATURES: Final[tuple[str, ...]] = (
     "years_active",
     "amount",
     "amount_is_round",
@@ -159,7 +165,12 @@ FEATURE_NAMES: Final[tuple[str, ...]] = (
     "description_missing",
     *(f"category_{name}" for name in CATEGORIES),
 )
+#: The full vector: the base features, then the velocity features (``service.data.velocity``) and whether the online
+#: store answered (``velocity_known``; 0 = the conservative defaults were served).
+FEATURE_NAMES: Final[tuple[str, ...]] = (*BASE_FEATURES, *VELOCITY_FEATURES, "velocity_known")
 N_FEATURES: Final[int] = len(FEATURE_NAMES)
+#: What a model may be trained on (``train.feature_set``): ``base`` is the vector before the velocity features.
+FEATURE_SETS: Final[dict[str, tuple[str, ...]]] = {"base": BASE_FEATURES, "velocity": FEATURE_NAMES}
 #: Continuous features whose reference bins are kept for drift (PSI); indicators are skipped.
 DRIFT_FEATURES: Final[tuple[str, ...]] = (
     "years_active",
@@ -168,13 +179,29 @@ DRIFT_FEATURES: Final[tuple[str, ...]] = (
     "prior_refunds",
     "refund_rate",
     "amount_to_avg",
+    *VELOCITY_FEATURES,
 )
 
 
 def round_amount(amount: float) -> float:
     """Round a dollar amount to whole cents, half away from zero (19.994 → 19.99, 19.995 → 20.0)."""
-    cents = math.floor(abs(amount) * 100.0 + 0.5 + 1e-9)
-    return math.copysign(cents / 100.0, amount)
+    return math.copysign(abs(cents(amount)) / 100.0, amount)
+
+
+def column_index(names: Sequence[str]) -> list[int]:
+    """The columns of :data:`FEATURE_NAMES` a model with these feature names reads (ValueError naming an unknown
+    one)."""
+    unknown = [name for name in names if name not in FEATURE_NAMES]
+    if unknown:
+        raise ValueError(f"unknown features {unknown}")
+    return [FEATURE_NAMES.index(name) for name in names]
+
+
+def select(matrix: npt.NDArray[np.float32], names: Sequence[str]) -> npt.NDArray[np.float32]:
+    """A full feature matrix reduced to a model's features (unchanged when they are the full vector)."""
+    if tuple(names) == FEATURE_NAMES:
+        return matrix
+    return np.ascontiguousarray(matrix[:, column_index(names)])
 
 
 def cents_of(amount: float) -> int:
@@ -212,18 +239,19 @@ def feature_vector(
     ip_accounts: float,
     description: str | None,
     aggregates: EntityAggregates,
+    velocity: Velocity = NOTHING_SEEN,
 ) -> list[float]:
-    """The model's input for one request, in ``FEATURE_NAMES`` order."""
+    """The full feature vector of one request, in ``FEATURE_NAMES`` order."""
     rounded = round_amount(amount)
-    cents = cents_of(rounded)
+    cent_part = cents_of(rounded)
     category = categorize(description)
     prior = aggregates.prior_refunds
     one_hot = [1.0 if category == name else 0.0 for name in CATEGORIES]
     return [
         float(years_active),
         rounded,
-        1.0 if cents == 0 else 0.0,
-        1.0 if cents == 99 else 0.0,
+        1.0 if cent_part == 0 else 0.0,
+        1.0 if cent_part == 99 else 0.0,
         float(ip_accounts),
         float(prior),
         refund_rate(prior, years_active),
@@ -231,14 +259,20 @@ def feature_vector(
         1.0 if aggregates.known else 0.0,
         1.0 if category == "missing" else 0.0,
         *one_hot,
+        *velocity.values(),
+        1.0 if velocity.known else 0.0,
     ]
 
 
 def feature_matrix(
-    rows: Iterable[Mapping[str, Any]], aggregates: Sequence[EntityAggregates]
+    rows: Iterable[Mapping[str, Any]],
+    aggregates: Sequence[EntityAggregates],
+    velocities: Sequence[Velocity] | None = None,
 ) -> npt.NDArray[np.float32]:
-    """Float32 matrix for rows shaped like the public request (``yearsActive``, ``amount``, ``ipAccounts``,
-    optional ``itemDescription``), one aggregate per row. Used by training and serving alike."""
+    """Float32 matrix (the full vector) for rows shaped like the public request (``yearsActive``, ``amount``,
+    ``ipAccounts``, optional ``itemDescription``), one aggregate and one velocity reading per row (None: nothing
+    seen, unknown). Used by training and serving alike."""
+    velocity_rows = [NOTHING_SEEN] * len(aggregates) if velocities is None else velocities
     vectors = [
         feature_vector(
             float(row["yearsActive"]),
@@ -246,8 +280,9 @@ def feature_matrix(
             float(row["ipAccounts"]),
             _text_or_none(row.get("itemDescription")),
             agg,
+            velocity,
         )
-        for row, agg in zip(rows, aggregates, strict=True)
+        for row, agg, velocity in zip(rows, aggregates, velocity_rows, strict=True)
     ]
     if not vectors:
         return np.empty((0, N_FEATURES), dtype=np.float32)

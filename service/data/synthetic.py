@@ -1,10 +1,13 @@
 """A seeded, deterministic generator of refund requests with realistic fraud patterns.
 
 Legitimate traffic
-    Accounts of log-normally distributed age (median ≈ 2 years) ask for refunds at a low rate. Amounts follow
-    category-specific log-normal prices with retail endings: most end in ``.99``, some are whole dollars, the rest
-    arbitrary cents. IP addresses are shared by a household (1–3 accounts), occasionally by a campus or carrier
-    NAT (up to ~25). About 5 % of descriptions are missing.
+    Accounts of log-normally distributed age (median ≈ 2 years; :data:`FRESH_ACCOUNT_SHARE` are new customers,
+    days to weeks old) ask for refunds at a low rate. Amounts follow category-specific log-normal prices with retail
+    endings: most end in ``.99``, some are whole dollars, the rest arbitrary cents. Each request carries the IP
+    address (``ip_address``) and device (``device_id``) it came from: a household's IP (1–3 accounts), now and then
+    a campus or carrier NAT shared by many accounts over a day; each account its own device, some household members
+    one shared device. ``ipAccounts`` is what the client reports for the IP (its own count, not derived from the
+    traffic). About 5 % of descriptions are missing.
 
 Fraud patterns (≈ ``fraud_rate`` of all requests, ~1 % by default)
     ``serial_refunder`` — a small set of established accounts with a long refund history (refund rate several
@@ -13,6 +16,15 @@ Fraud patterns (≈ ``fraud_rate`` of all requests, ~1 % by default)
     gift cards and electronics at round amounts (25.00, 50.00, 100.00), often with no description.
     ``high_value`` — ordinary-looking accounts of moderate age claiming one expensive electronics item far above
     their usual basket.
+    A few fraud rows look like ordinary traffic and a few legitimate rows look odd, so the task is not trivial.
+
+Drift scenario (``drift=True``)
+    ``burst_farm`` — a bot farm working in bursts (:data:`BURST_SHARE` of the fraud): within 15–60 minutes, 15–45
+    refunds from about 7–35 freshly created accounts (days old, no refund history), 1–3 each, all through the farm's 2–3
+    IPs and 3–5 devices; ordinary items at retail prices, and the client reports 1–3 accounts per IP (residential
+    proxies look like homes). Statically they look like the platform's new customers; what gives them away is
+    velocity: dozens of accounts on one IP or device within the hour. Every burst is a new farm (new accounts,
+    IPs and devices), so a model never saw the next one's identities.
     A few fraud rows look like ordinary traffic and a few legitimate rows look odd, so the task is not trivial.
 
 Drift scenario (``drift=True``)
@@ -34,9 +46,23 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-PATTERNS: Final[tuple[str, ...]] = ("legit", "serial_refunder", "bot_farm", "high_value", "new_bot_farm")
-#: Share of each built-in fraud pattern among fraud rows (before drift).
+PATTERNS: Final[tuple[str, ...]] = (
+    "legit",
+    "serial_refunder",
+    "bot_farm",
+    "high_value",
+    "burst_farm",
+    "new_bot_farm",
+)
+#: Share of each built-in fraud pattern among the fraud rows drawn one by one (before drift).
 FRAUD_MIX: Final[dict[str, float]] = {"serial_refunder": 0.40, "bot_farm": 0.35, "high_value": 0.25}
+#: Share of all fraud that comes in bot-farm bursts (``burst_farm``), on top of the rows drawn one by one.
+BURST_SHARE: Final[float] = 0.25
+#: Share of accounts created days to weeks before the window (legitimate new customers).
+FRESH_ACCOUNT_SHARE: Final[float] = 0.05
+#: Share of legitimate requests that come through a campus or carrier NAT, and how many NAT addresses there are.
+NAT_SHARE: Final[float] = 0.03
+NAT_IPS: Final[int] = 6
 #: Share of accounts that are serial refunders (at least two, so tiny data sets still have the pattern).
 SERIAL_ACCOUNT_SHARE: Final[float] = 0.006
 #: During drift, this share of fraud rows comes from the new farm (on top of the usual mix).
@@ -119,17 +145,27 @@ class SyntheticConfig:
     drift: bool = False
     drift_start: float = 0.5
     start: str = "2026-01-01"
+    #: Share of the fraud that comes in bot-farm bursts (0: every fraud row drawn one by one, as before issue 15).
+    burst_share: float = BURST_SHARE
 
 
 def generate(config: SyntheticConfig) -> pd.DataFrame:
     """Generate ``config.n_requests`` refund requests in time order, deterministically for a seed."""
     rng = np.random.default_rng(config.seed)
     accounts = _accounts(rng, config.n_accounts)
-    times = np.sort(rng.uniform(0.0, config.days * 86_400.0, config.n_requests))
+    n_burst = round(config.n_requests * config.fraud_rate * config.burst_share)
+    n_single = config.n_requests - n_burst
+    times = np.sort(rng.uniform(0.0, config.days * 86_400.0, n_single))
     drift_at = config.drift_start * config.days * 86_400.0 if config.drift else np.inf
-    pattern = _assign_patterns(rng, times, config.fraud_rate, drift_at)
-    frame = _fill_rows(rng, accounts, pattern)
-    frame.insert(0, "timestamp", pd.Timestamp(config.start) + pd.to_timedelta(times, unit="s"))
+    single_rate = max(config.fraud_rate * config.n_requests - n_burst, 0.0) / n_single
+    pattern = _assign_patterns(rng, times, single_rate, drift_at)
+    single = _fill_rows(rng, accounts, pattern)
+    single.insert(0, "timestamp", times)
+    bursts = _bursts(rng, n_burst, config.days * 86_400.0)
+    # an empty frame's object columns would turn the numeric ones to object in concat (None, not NaN, downstream)
+    frame = pd.concat([single, bursts], ignore_index=True) if len(bursts) else single
+    frame = frame.sort_values("timestamp", kind="mergesort").reset_index(drop=True)
+    frame["timestamp"] = pd.Timestamp(config.start) + pd.to_timedelta(frame["timestamp"].to_numpy(), unit="s")
     frame.insert(0, "request_id", [f"req-{config.seed}-{i:07d}" for i in range(config.n_requests)])
     frame["is_fraud"] = (frame["pattern"] != "legit").astype(np.int8)
     _add_noise(rng, frame)
@@ -139,12 +175,19 @@ def generate(config: SyntheticConfig) -> pd.DataFrame:
 
 def _accounts(rng: np.random.Generator, n: int) -> pd.DataFrame:
     years = np.clip(rng.lognormal(mean=np.log(2.0), sigma=0.9, size=n), 0.02, 20.0)
+    fresh = rng.random(n) < FRESH_ACCOUNT_SHARE
+    years = np.where(fresh, rng.uniform(0.003, 0.1, n), years)
     prior = rng.poisson(0.35 * years)
     avg_amount = np.clip(rng.lognormal(np.log(45.0), 0.5, n), 5.0, 800.0)
     serial = np.zeros(n, dtype=bool)
     serial[rng.choice(n, size=max(2, round(SERIAL_ACCOUNT_SHARE * n)), replace=False)] = True
     prior = np.where(serial, rng.integers(8, 40, n), prior)
     activity = rng.pareto(1.5, n) + 1.0
+    household = _households(rng, n)
+    # Some members of a household share its first member's device.
+    first_member = np.searchsorted(household, household, side="left")
+    shares_device = rng.random(n) < 0.15
+    device = np.where(shares_device, first_member, np.arange(n))
     return pd.DataFrame(
         {
             "account_id": [f"acct-{i:06d}" for i in range(n)],
@@ -153,8 +196,16 @@ def _accounts(rng: np.random.Generator, n: int) -> pd.DataFrame:
             "avg_amount": avg_amount,
             "serial": serial,
             "weight": activity / activity.sum(),
+            "ip": [f"ip-h{h:06d}" for h in household],
+            "device": [f"dev-{d:06d}" for d in device],
         }
     )
+
+
+def _households(rng: np.random.Generator, n: int) -> npt.NDArray[np.int64]:
+    """Household number of each account (consecutive accounts, 1 + Poisson(0.6) per household)."""
+    sizes = 1 + rng.poisson(0.6, n)
+    return np.repeat(np.arange(n), sizes)[:n].astype(np.int64)
 
 
 def _assign_patterns(
@@ -178,11 +229,14 @@ def _fill_rows(rng: np.random.Generator, accounts: pd.DataFrame, pattern: npt.ND
     serial_ids = np.flatnonzero(accounts["serial"].to_numpy())
     idx = np.where(pattern == "serial_refunder", rng.choice(serial_ids, size=n), legit_idx)
     acc = accounts.iloc[idx].reset_index(drop=True)
+    nat = rng.random(n) < NAT_SHARE
     columns: dict[str, object] = {
         "account_id": acc["account_id"].to_numpy(dtype=object),
         "yearsActive": acc["years"].to_numpy().copy(),
         "prior_refunds_base": acc["prior"].to_numpy().copy(),
         "avg_amount_base": acc["avg_amount"].to_numpy().copy(),
+        "ip_address": np.where(nat, [f"ip-nat-{k}" for k in rng.integers(0, NAT_IPS, n)], acc["ip"].to_numpy()),
+        "device_id": acc["device"].to_numpy(dtype=object),
     }
     frame = pd.DataFrame(columns)
     category = rng.choice(list(_LEGIT_CATEGORIES), size=n, p=[v[0] for v in _LEGIT_CATEGORIES.values()])
@@ -209,6 +263,8 @@ def _apply_pattern(rng: np.random.Generator, frame: pd.DataFrame, mask: npt.NDAr
     elif name == "bot_farm":
         farm = rng.integers(0, 40, k)
         frame.loc[mask, "account_id"] = [f"bot-{f:02d}-{rng.integers(0, 10**6):06d}" for f in farm]
+        frame.loc[mask, "ip_address"] = [f"ip-bot-{f:02d}" for f in farm]
+        frame.loc[mask, "device_id"] = [f"dev-bot-{f:02d}-{rng.integers(0, 5)}" for f in farm]
         frame.loc[mask, "yearsActive"] = rng.uniform(0.0, 0.12, k)
         frame.loc[mask, "prior_refunds_base"] = rng.integers(0, 2, k).astype(float)
         frame.loc[mask, "avg_amount_base"] = np.nan
@@ -221,12 +277,59 @@ def _apply_pattern(rng: np.random.Generator, frame: pd.DataFrame, mask: npt.NDAr
         frame.loc[mask, "ipAccounts"] = rng.integers(1, 3, k)
     elif name == "new_bot_farm":
         frame.loc[mask, "account_id"] = [f"aged-{rng.integers(0, 10**6):06d}" for _ in range(k)]
+        frame.loc[mask, "ip_address"] = [f"ip-proxy-{rng.integers(0, 200):03d}" for _ in range(k)]
+        frame.loc[mask, "device_id"] = [f"dev-aged-{rng.integers(0, 10**6):06d}" for _ in range(k)]
         frame.loc[mask, "yearsActive"] = rng.uniform(1.0, 3.0, k)
         frame.loc[mask, "prior_refunds_base"] = rng.integers(4, 10, k).astype(float)
         frame.loc[mask, "avg_amount_base"] = rng.uniform(60.0, 120.0, k)
         frame.loc[mask, "amount"] = _retail_price(rng, rng.uniform(60.0, 250.0, k), charm=1.0, whole=0.0)
         frame.loc[mask, "ipAccounts"] = rng.integers(4, 8, k)
     frame.loc[mask, "itemDescription"] = pd.Series(texts, index=frame.index[mask], dtype=object)
+
+
+def _bursts(rng: np.random.Generator, n_rows: int, window_s: float) -> pd.DataFrame:
+    """``n_rows`` refunds of ``burst_farm`` bursts (see the module docstring), with their times in seconds."""
+    parts: list[pd.DataFrame] = []
+    farm = 0
+    left = n_rows
+    while left > 0:
+        size = min(left, int(rng.integers(15, 46)))
+        parts.append(_burst(rng, farm, size, window_s))
+        left -= size
+        farm += 1
+    columns = ["timestamp", "account_id", "yearsActive", "prior_refunds_base", "avg_amount_base", "ip_address"]
+    if not parts:
+        return pd.DataFrame(columns=[*columns, "device_id", "amount", "ipAccounts", "itemDescription", "pattern"])
+    return pd.concat(parts, ignore_index=True)
+
+
+def _burst(rng: np.random.Generator, farm: int, size: int, window_s: float) -> pd.DataFrame:
+    duration = rng.uniform(15.0, 60.0) * 60.0
+    start = rng.uniform(0.0, max(window_s - duration, 0.0))
+    n_accounts = max(1, min(size, round(size / rng.uniform(1.3, 2.2))))
+    tag = f"{farm:03d}-{rng.integers(0, 10**6):06d}"
+    owner = np.concatenate([np.arange(n_accounts), rng.integers(0, n_accounts, size - n_accounts)])
+    ages = rng.uniform(0.003, 0.08, n_accounts)
+    ips = [f"ip-farm-{tag}-{j}" for j in range(int(rng.integers(2, 4)))]
+    devices = [f"dev-farm-{tag}-{j}" for j in range(int(rng.integers(3, 6)))]
+    category = rng.choice(["apparel", "electronics", "home"], size=size)
+    medians = np.array([_LEGIT_CATEGORIES[c][1] for c in category])
+    sigmas = np.array([_LEGIT_CATEGORIES[c][2] for c in category])
+    return pd.DataFrame(
+        {
+            "timestamp": start + np.sort(rng.uniform(0.0, duration, size)),
+            "account_id": [f"fresh-{tag}-{a:02d}" for a in owner],
+            "yearsActive": ages[owner],
+            "prior_refunds_base": 0.0,
+            "avg_amount_base": np.nan,
+            "ip_address": [ips[int(j)] for j in rng.integers(0, len(ips), size)],
+            "device_id": [devices[int(j)] for j in rng.integers(0, len(devices), size)],
+            "amount": _retail_price(rng, rng.lognormal(np.log(medians), sigmas), charm=0.6, whole=0.15),
+            "ipAccounts": 1 + np.minimum(rng.poisson(0.5, size), 2),
+            "itemDescription": [_pick(rng, _DESCRIPTIONS[str(c)]) for c in category],
+            "pattern": "burst_farm",
+        }
+    )
 
 
 def _add_noise(rng: np.random.Generator, frame: pd.DataFrame) -> None:

@@ -29,7 +29,9 @@ from service.artifacts.registry import (
 )
 from service.common.logging import get_logger
 from service.data.feature_store import STORE_FILE
+from service.data.online_store import backfill, describe, history_events, open_online_store, store_url
 from service.data.synthetic import SyntheticConfig, generate
+from service.data.velocity import LabelEvent
 from service.settings import Settings
 from service.training.evaluate import file_sha256, frame_features, quality_gate, time_ordered
 from service.training.pipeline import (
@@ -177,6 +179,26 @@ def degraded_copy(source: Path, dest: Path, version: str, threshold: float, note
     return degraded
 
 
+def backfill_online_store(settings: Settings, history: pd.DataFrame, live: pd.DataFrame) -> dict[str, Any]:
+    """Fill the model servers' online store (``serve.online_store``: the embedded file under this home unless set)
+    with ``history``'s refunds and the labels that arrived before ``live`` starts — what a store written since the
+    start of the stream would hold. An empty store would serve the first day of live traffic as accounts without a
+    past (no previous refund, no fraud label) although training's point-in-time features saw it."""
+    config = settings.serve.online_store
+    url = store_url(settings)
+    store = open_online_store(url, config)
+    if store is None:
+        return {"url": describe(url), "refunds": 0, "labels": 0}
+    until_ms = int(pd.Timestamp(live["timestamp"].min()).value // 1_000_000)
+    events = history_events(time_ordered(history), until_ms)
+    try:
+        written = backfill(store, events, config.write_batch_max)
+    finally:
+        store.close()
+    labels = sum(isinstance(event, LabelEvent) for event in events)
+    return {"url": describe(url), "refunds": len(events) - labels, "labels": labels, "applied": written.applied}
+
+
 @dataclass
 class DemoVersions:
     """What the rollout demo's delivery half needs from the model side (written as JSON)."""
@@ -189,6 +211,9 @@ class DemoVersions:
     registry_versions: dict[str, str] = field(default_factory=dict)
     live_traffic: str = ""
     regression_set: str = ""
+    #: The online store the model servers of this home read and write (credentials never in it): where the router
+    #: writes the labels too.
+    online_store: str = ""
     stream: dict[str, Any] = field(default_factory=dict)
     #: version name → metrics on the regression set at the version's own threshold.
     regression_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -245,6 +270,10 @@ def prepare_rollout_versions(
             "live_starts_at": _iso(live["timestamp"].iloc[0]),
         }
     lap("generate")
+    with observer.step("Backfilling the online store with the history before the live traffic"):
+        result.stream["online_store_backfill"] = backfill_online_store(settings, history, live)
+        result.online_store = describe(store_url(settings))
+    lap("backfill")
     roles: dict[str, str] = {}
     for role, frame, alias, why in (
         ("champion", early, CHAMPION, "trained before the new bot farm appeared"),

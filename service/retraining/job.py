@@ -3,17 +3,23 @@
 One path for every trigger — the weekly schedule (the chart's CronJob, or cron locally), an Alertmanager alert
 (:mod:`service.retraining.webhook`) or an operator — ``fraudwatch retrain``:
 
-1. **window** — the labelled refund stream (``FW_RETRAIN__DATA_PATH``: a CSV(.gz) in the synthetic schema, or a
-   directory of them) cut to its last ``window_days`` days, up to its newest labelled row; rows without a label yet
-   are left out (a refund is only known to be legitimate once its chargeback window has passed); too few rows or
-   frauds → ``insufficient_data``, nothing trained;
-2. **train** — the training pipeline (:func:`service.training.pipeline.train_version`: time-ordered split, imbalance
-   strategies, calibration, threshold, bundle + feature store) and its test-window floors;
+1. **window** — from the configured source (``FW_RETRAIN__SOURCE``): ``stream`` (default), the labelled refund
+   stream (``FW_RETRAIN__DATA_PATH``: a CSV(.gz) in the synthetic schema, or a directory of them) cut to its last
+   ``window_days`` days, up to its newest labelled row; rows without a label yet are left out (a refund is only known
+   to be legitimate once its chargeback window has passed); or ``feature_log``, what serving saw: the decisions of
+   the last ``window_days`` days as the model servers logged their vectors, joined with the labels that had arrived
+   in the prediction log by the run (:mod:`service.retraining.log_source`). Too few rows or frauds →
+   ``insufficient_data``, nothing trained;
+2. **train** — ``stream``: the training pipeline (:func:`service.training.pipeline.train_version`: time-ordered
+   split, imbalance strategies, calibration, threshold, bundle + feature store); ``feature_log``: the configured
+   engine (``FW_TRAIN__ENGINE``) on the training set, the same calibration, threshold and bundle, plus the serving
+   version's aggregate snapshot — either way the test-window floors;
 3. **regression set** — the bundle scored on the frozen labelled set (``FW_RETRAIN__REGRESSION_SET``, e.g.
    tests/quality/data/frozen_synthetic.json) with :func:`service.training.evaluate.quality_gate` and the
    ``FW_QUALITY__*``
    floors: both gates must pass (``quality_gate_failed``: the run is logged in MLflow, no version registered);
-4. **register** — an MLflow run (metrics include ``regression_*``; tags the retrain id, trigger and window) and a
+4. **register** — an MLflow run (metrics include ``regression_*``; tags the retrain id, trigger, source, engine,
+   window and row counts) and a
    registered version whose ``challenger`` alias is moved to it (audited);
 5. **hand-off** — :mod:`service.retraining.handoff` asks delivery to start a rollout of it (``rollout_started``), or
    reports that it did not (``rollout_not_started``: the challenger stays registered for a manual start).
@@ -29,12 +35,12 @@ import math
 import re
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import pandas as pd
 
@@ -43,6 +49,15 @@ from service.artifacts.registry import ModelRef, ModelRegistry, RunInfo, RunPayl
 from service.common.logging import get_logger, log_event
 from service.retraining.handoff import Candidate, HandoffResult, RolloutHandoff
 from service.retraining.outcomes import MAX_REASON_CHARS, RetrainOutcome
+from service.retraining.sources import (
+    Fitted,
+    InsufficientDataError,
+    Observer,
+    QuietObserver,
+    TrainingData,
+    WindowInfo,
+    window_tags,
+)
 from service.settings import Settings
 from service.training.evaluate import GateReport, load_frozen_set, quality_gate, time_ordered
 
@@ -63,49 +78,11 @@ class RetrainKind(StrEnum):
     MANUAL = "manual"
 
 
-class InsufficientDataError(RuntimeError):
-    """The window holds too few labelled rows or frauds to train (or recalibrate) on."""
-
-
 class RegressionSetMissingError(RuntimeError):
     """No frozen regression set is configured: a version that cannot be gated is not made."""
 
 
-class Observer(Protocol):
-    """Progress reporting (the CLI's rich observer; :class:`QuietObserver` elsewhere)."""
-
-    def step(self, title: str) -> AbstractContextManager[None]: ...
-
-
-class QuietObserver:
-    """Logs each step as a JSON line instead of drawing it."""
-
-    @contextmanager
-    def _step(self, title: str) -> Iterator[None]:
-        started = time.perf_counter()
-        yield
-        log_event(logger, "retrain step", step=title, seconds=round(time.perf_counter() - started, 3))
-
-    def step(self, title: str) -> AbstractContextManager[None]:
-        return self._step(title)
-
-
 # ------------------------------------------------------------------------------------------------ the window
-
-
-@dataclass(frozen=True)
-class WindowInfo:
-    """The rows a retrain used: ``start`` < timestamp ≤ ``end``."""
-
-    days: float
-    start: str
-    end: str
-    rows: int
-    positives: int
-    unlabelled_dropped: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 def stream_files(path: Path) -> list[Path]:
@@ -261,6 +238,9 @@ class RetrainReport:
     handoff: HandoffResult | None = None
     evidence: dict[str, Any] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
+    #: Where the window came from (``FW_RETRAIN__SOURCE``) and the engine that fitted it (``FW_TRAIN__ENGINE``).
+    source: str = ""
+    engine: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -270,6 +250,8 @@ class RetrainReport:
             "outcome": self.outcome.value,
             "reason": self.reason,
             "detail": self.detail,
+            "source": self.source,
+            "engine": self.engine,
             "window": self.window.to_dict() if self.window else None,
             "version": self.version,
             "registry_version": self.registry_version,
@@ -368,6 +350,37 @@ def apply_shipped(report: RetrainReport, shipped: Shipped) -> RetrainReport:
 # ------------------------------------------------------------------------------------------------ retrain
 
 
+@dataclass(frozen=True)
+class StreamData:
+    """The window of the labelled refund stream (``FW_RETRAIN__SOURCE=stream``): features recomputed by the
+    training pipeline (one process), the bundle's aggregate snapshot built from the history."""
+
+    frame: pd.DataFrame
+    window: WindowInfo
+    engine: str = "local"
+
+    def train(
+        self, settings: Settings, name: str, out_dir: Path, registry: ModelRegistry, observer: Observer
+    ) -> Fitted:
+        from service.training.pipeline import payload_from_result, train_version
+
+        trained = train_version(self.frame, settings, name, out_dir)
+        payload = payload_from_result(trained.result, run_name=f"retrain-{name}")
+        tags = {**payload.tags, **window_tags(self.window), "engine": self.engine}
+        return Fitted(replace(payload, tags=tags), trained.gate, self.engine)
+
+
+def load_data(settings: Settings, request: RetrainRequest, days: float) -> TrainingData:
+    """The configured source's window (:class:`InsufficientDataError` when it is too small to train on)."""
+    if settings.retrain.source == "feature_log":
+        from service.retraining.log_source import load_log_data
+
+        set_dir = settings.artifacts_dir / f"{request.retrain_id}-training-set"
+        return load_log_data(settings, days, request.window_end, set_dir)
+    frame, window = load_window(settings, days, request.data_path, request.window_end)
+    return StreamData(frame, window)
+
+
 def retrain(
     settings: Settings,
     request: RetrainRequest,
@@ -376,41 +389,38 @@ def retrain(
     observer: Observer | None = None,
     registry: ModelRegistry | None = None,
 ) -> RetrainReport:
-    """Train on the latest window and ship the result (see the module docstring). Expected endings (too little
-    data, a failed gate, a hand-off that did not start) are the report's outcome; anything else raises."""
-    from service.training.pipeline import payload_from_result, train_version
-
+    """Train on the latest window of the configured source (``FW_RETRAIN__SOURCE``) and ship the result (see the
+    module docstring). Expected endings (too little data, a failed gate, a hand-off that did not start) are the
+    report's outcome; anything else raises."""
     regression_set(settings)
     observer = observer or QuietObserver()
     timings: dict[str, float] = {}
     report = RetrainReport(request.retrain_id, request.kind.value, "retrain", RetrainOutcome.FAILED, request.reason)
     report.timings_s = timings
+    report.source = settings.retrain.source
     days = request.window_days or settings.retrain.window_days
-    log_event(logger, "retrain started", retrain_id=request.retrain_id, kind=request.kind.value, days=days)
-    with timed(timings, "window"), observer.step(f"Selecting the last {days:g} days of labelled refunds"):
+    log_event(logger, "retrain started", retrain_id=request.retrain_id, kind=request.kind.value, days=days,
+              source=report.source)  # fmt: skip
+    what = "served decisions with labels" if report.source == "feature_log" else "labelled refunds"
+    with timed(timings, "window"), observer.step(f"Selecting the last {days:g} days of {what}"):
         try:
-            frame, report.window = load_window(settings, days, request.data_path, request.window_end)
+            data = load_data(settings, request, days)
         except InsufficientDataError as exc:
             report.outcome, report.detail = RetrainOutcome.INSUFFICIENT_DATA, str(exc)
             return finish_report(report)
+    report.window, report.engine = data.window, data.engine
     registry = registry or ModelRegistry(settings)
     name = request.version_name or unused_version_name(registry, settings.registered_model_name)
     report.version = name
     out_dir = settings.artifacts_dir / name
-    with timed(timings, "train"), observer.step(f"Training {name} on {report.window.rows:,} rows"):
-        trained = train_version(frame, settings, name, out_dir)
+    with timed(timings, "train"), observer.step(f"Training {name} on {data.window.rows:,} rows ({data.engine})"):
+        fitted = data.train(settings, name, out_dir, registry, observer)
     with timed(timings, "regression_set"), observer.step("Scoring the frozen regression set"):
         regression = regression_gate(out_dir, settings)
-    report.gate = combined_gate({"test_window": trained.gate, "regression": regression})
-    payload = payload_from_result(trained.result, run_name=f"retrain-{name}")
-    payload = replace(payload, tags={**payload.tags, **window_tags(report.window)})
+    report.gate = combined_gate({"test_window": fitted.test_gate, "regression": regression})
     with timed(timings, "ship"):
-        shipped = ship(payload, report.gate, request, settings, registry, handoff, observer)
+        shipped = ship(fitted.payload, report.gate, request, settings, registry, handoff, observer)
     return finish_report(apply_shipped(report, shipped))
-
-
-def window_tags(window: WindowInfo) -> dict[str, str]:
-    return {"window_start": window.start, "window_end": window.end, "window_rows": str(window.rows)}
 
 
 @contextmanager

@@ -41,14 +41,12 @@ import pandas as pd
 from service.artifacts.bundle import Calibration, Manifest, ScoringModel, load_bundle, save_bundle
 from service.artifacts.registry import FEATURE_STORE_FILE, ModelRegistry, RunPayload
 from service.common.logging import get_logger, log_event
+from service.data import velocity
 from service.data.feature_store import SQLiteFeatureStore
 from service.data.features import EntityAggregates
 from service.retraining.handoff import RolloutHandoff
 from service.retraining.job import (
     LABEL_COLUMN,
-    InsufficientDataError,
-    Observer,
-    QuietObserver,
     RetrainReport,
     RetrainRequest,
     apply_shipped,
@@ -60,9 +58,9 @@ from service.retraining.job import (
     ship,
     timed,
     unused_version_name,
-    window_tags,
 )
 from service.retraining.outcomes import RetrainOutcome
+from service.retraining.sources import InsufficientDataError, Observer, QuietObserver, window_tags
 from service.settings import Settings
 from service.training.calibration import fit_interpolated_isotonic
 from service.training.evaluate import (
@@ -222,7 +220,8 @@ def recalibrate(
     with timed(timings, "window"), observer.step(f"Selecting the last {days:g} days of labelled refunds"):
         try:
             frame, report.window = load_window(settings, days, request.data_path, request.window_end)
-            raw = base.raw_scores(frame_features(frame)).astype(np.float64)
+            live = velocity.point_in_time(frame)  # the velocity features as the online store served them
+            raw = base.raw_scores(frame_features(frame, live)).astype(np.float64)
             y = frame[LABEL_COLUMN].to_numpy().astype(np.int64)
             evidence = calibration_evidence(
                 raw, y, base.manifest.calibration, rs.recalibration_holdout_fraction, settings.train.calibration_bins
@@ -243,7 +242,7 @@ def recalibrate(
     report.version = name
     out_dir = settings.artifacts_dir / name
     with timed(timings, "bundle"), observer.step(f"Writing {name}: {base.version}'s booster, new calibration"):
-        served_raw = base.raw_scores(serving_features(frame, base_store(base_dir, frame))).astype(np.float64)
+        served_raw = base.raw_scores(serving_features(frame, base_store(base_dir, frame), live)).astype(np.float64)
         manifest = recalibrated_manifest(base.manifest, name, raw, y, settings, report.evidence, served_raw)
         manifest = write_recalibrated_bundle(base_dir, base, manifest, out_dir)
     report.evidence["threshold_before"] = base.threshold

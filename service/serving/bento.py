@@ -13,8 +13,11 @@
   bad request; validating first keeps bad input cheap and the error body ours. With ``serve.dispatch = direct``
   (the default) the guard then answers the validated request itself through the same :func:`answer_single` /
   :func:`answer_batch` the API methods call; ``bentoml`` hands the body on to BentoML's API method instead.
-* Entity aggregates come from the bundle's feature store within ``serve.feature_store_timeout_ms``;
-  adaptive batching (BentoML's CorkDispatcher over float32 feature rows) is optional (``serve.adaptive_batching``).
+* Entity aggregates come from the bundle's feature store within ``serve.feature_store_timeout_ms``; the velocity
+  features from the online store shared by every version (``service/data/online_store.py``) within
+  ``serve.online_store.timeout_ms`` (one round trip; else the defaults, the reason counted), and every scored request
+  is handed to its background writer after scoring (never waited for); adaptive batching (BentoML's CorkDispatcher
+  over float32 feature rows) is optional (``serve.adaptive_batching``).
 
 Why these defaults (adaptive batching off, the direct C call, one worker, ``dispatch = direct``): the figures of
 ``benchmarks/serving_benchmark.py`` in docs/architecture.md, "Serving: what was measured".
@@ -77,6 +80,8 @@ from service.data.feature_log import (
 )
 from service.data.feature_store import FALLBACK_REASONS, BudgetedLookup, SQLiteFeatureStore, budget_seconds, open_store
 from service.data.features import DEFAULT_AGGREGATES, FEATURE_NAMES, EntityAggregates, feature_matrix
+from service.data.online_store import OnlineFeatures, open_online_features, request_events
+from service.data.velocity import VELOCITY_FEATURES
 from service.serving.metrics import NO_MODEL, BoundMetrics, Metrics, default_metrics
 from service.serving.reasons import rows_to_explain, top_reasons
 from service.settings import Settings, get_settings
@@ -145,10 +150,16 @@ class Runtime:
     batcher: Batcher | None = None
     #: The served feature vectors under the router's prediction ID (``FW_FEATURE_LOG__ENABLED``).
     feature_log: FeatureLogWriter | None = None
+    #: The online store (velocity features; written with every scored request whatever the model reads).
+    online: OnlineFeatures | None = None
 
     @property
     def version(self) -> str:
         return self.model.version
+
+    @property
+    def reads_velocity(self) -> bool:
+        return self.online is not None and any(name in VELOCITY_FEATURES for name in self.model.manifest.feature_names)
 
     async def aggregates(self, requests: Sequence[RefundRequest]) -> list[EntityAggregates]:
         keys = [request.accountId for request in requests]
@@ -166,7 +177,13 @@ class Runtime:
         """Score ``requests`` (one feature path, shared with training), count them, log one line each; the i-th
         answer carries ``correlation_ids[i]``."""
         aggregates = await self.aggregates(requests)
-        features = feature_matrix([request_row(request) for request in requests], aggregates)
+        events = None
+        velocities = None
+        if self.online is not None:
+            events = request_events(requests, correlation_ids, self.online.settings, int(time.time() * 1000))
+            velocities = self.online.read(events) if self.reads_velocity else None
+        rows = [request_row(request) for request in requests]
+        features = self.model.model_input(feature_matrix(rows, aggregates, velocities))
         scores = await self.scores(features)
         predictions = self.model.predictions(scores)
         self.metrics.observe(features, scores, predictions)
@@ -189,11 +206,15 @@ class Runtime:
             for row, index in zip(contributions, explain, strict=True):
                 responses[index].reasons = top_reasons(row, FEATURE_NAMES, self.reasons.top_k)
         log_decisions(requests, responses)
+        if self.online is not None and events is not None:
+            self.online.record(events)
         return responses
 
     def close(self) -> None:
         if self.feature_log is not None:
             self.feature_log.close()
+        if self.online is not None:
+            self.online.close()
         if self.lookup is not None:
             self.lookup.close()
         if self.store is not None:
@@ -353,7 +374,7 @@ def probe_rows(model: ScoringModel) -> FloatArray:
         DEFAULT_AGGREGATES,
         EntityAggregates(prior_refunds=4.0, avg_refund_amount=80.0, known=True),
     ]
-    return feature_matrix([request_row(request) for request in requests], aggregates)
+    return model.model_input(feature_matrix([request_row(request) for request in requests], aggregates))
 
 
 def make_batcher(predict: Callable[[FloatArray], ScoreArray], settings: Settings) -> Batcher:
@@ -431,6 +452,7 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         settings.feature_log, settings.feature_log_dir, model.version, model.manifest.feature_names
     )
     reasons = ReasonsPolicy(on_review=settings.serve.reasons_on_review, top_k=settings.serve.reasons_top_k)
+    online = open_online_features(settings, metrics.online(model.version))
     return Runtime(
         model=model,
         metrics=bound,
@@ -441,6 +463,7 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         batcher=batcher,
         feature_log=features_log,
         reasons=reasons,
+        online=online,
     )
 
 

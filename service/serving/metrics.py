@@ -20,6 +20,16 @@ Series (PSI is computed from the ``feature_bin`` counters against the ``referenc
 ``fraudwatch_model_info``                      gauge {model_version} = 1 while the model is loaded
 ``fraudwatch_model_trained_timestamp_seconds``  gauge {model_version}: when the bundle was made (its manifest's
                                                ``created_at``); ``FraudwatchModelStale`` reads it
+``fraudwatch_online_store_reads_total``        counter {model_version}: requests whose velocity features were read
+``fraudwatch_online_store_fallback_total``     counter {model_version, reason}: requests served the velocity
+                                               defaults (timeout/error/unavailable)
+``fraudwatch_online_store_feature_age_seconds``  histogram {model_version}: at each read, how far the store's
+                                               newest applied event is behind the request (its freshness)
+``fraudwatch_online_store_update_lag_seconds``  histogram {model_version}: from a scored request to its event
+                                               being written (applied or found a replay)
+``fraudwatch_online_store_writes_total``       counter {model_version, outcome}: events written (applied/duplicate)
+``fraudwatch_online_store_dropped_total``      counter {model_version, reason}: events never written
+                                               (overflow/error)
 =============================================  =====================================================
 """
 
@@ -74,6 +84,26 @@ SCORE_BUCKETS: Final[tuple[float, ...]] = (
     0.95,
     0.99,
     1.0,
+)
+#: Freshness buckets in seconds: milliseconds of writer lag up to a day-old store.
+FRESHNESS_BUCKETS: Final[tuple[float, ...]] = (
+    0.001,
+    0.005,
+    0.01,
+    0.05,
+    0.1,
+    0.5,
+    1.0,
+    5.0,
+    15.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    900.0,
+    3600.0,
+    21600.0,
+    86400.0,
 )
 #: The ``feature`` label value under which the score's own bins are counted.
 SCORE_FEATURE: Final[str] = "score"
@@ -143,6 +173,44 @@ class Metrics:
             registry=reg,
             multiprocess_mode="max",
         )
+        self.online_reads = prom.Counter(
+            f"{PREFIX}_online_store_reads",
+            "Requests whose velocity features were read from the online store.",
+            ["model_version"],
+            registry=reg,
+        )
+        self.online_fallbacks = prom.Counter(
+            f"{PREFIX}_online_store_fallback",
+            "Requests served the default velocity features instead, by reason (timeout/error/unavailable).",
+            ["model_version", "reason"],
+            registry=reg,
+        )
+        self.online_age = prom.Histogram(
+            f"{PREFIX}_online_store_feature_age_seconds",
+            "At each read: how far the online store's newest applied event is behind the request.",
+            ["model_version"],
+            buckets=FRESHNESS_BUCKETS,
+            registry=reg,
+        )
+        self.online_lag = prom.Histogram(
+            f"{PREFIX}_online_store_update_lag_seconds",
+            "From a scored request to its event being written to the online store.",
+            ["model_version"],
+            buckets=FRESHNESS_BUCKETS,
+            registry=reg,
+        )
+        self.online_writes = prom.Counter(
+            f"{PREFIX}_online_store_writes",
+            "Events written to the online store, by outcome (applied, or duplicate: a replay changed nothing).",
+            ["model_version", "outcome"],
+            registry=reg,
+        )
+        self.online_dropped = prom.Counter(
+            f"{PREFIX}_online_store_dropped",
+            "Events never written to the online store, by reason (overflow of the writer's queue, error).",
+            ["model_version", "reason"],
+            registry=reg,
+        )
         self.model_trained = prom.Gauge(
             f"{PREFIX}_model_trained_timestamp_seconds",
             "When the served model version was trained (Unix time, from its manifest's created_at).",
@@ -153,6 +221,9 @@ class Metrics:
 
     def bind(self, manifest: Manifest, endpoints: Sequence[str], fallback_reasons: Sequence[str]) -> BoundMetrics:
         return BoundMetrics.create(self, manifest, endpoints, fallback_reasons)
+
+    def online(self, version: str) -> OnlineStoreMetrics:
+        return OnlineStoreMetrics(self, version)
 
 
 _DEFAULT: list[Metrics] = []
@@ -268,6 +339,43 @@ class BoundMetrics:
     def count_fallbacks(self, reason: str, n: int) -> None:
         if n:
             self._fallbacks[reason].inc(n)
+
+
+class OnlineStoreMetrics:
+    """The online store's series of one model version, children resolved up front (callbacks of
+    ``service.data.online_store.ReadCallbacks`` and ``WriterCallbacks``); every reason and outcome starts at zero."""
+
+    def __init__(self, metrics: Metrics, version: str) -> None:
+        from service.data.online_store import DROP_REASONS, ONLINE_FALLBACK_REASONS, WRITE_OUTCOMES
+
+        self._reads = metrics.online_reads.labels(version)
+        self._fallbacks = {
+            reason: metrics.online_fallbacks.labels(version, reason) for reason in ONLINE_FALLBACK_REASONS
+        }
+        self._age = metrics.online_age.labels(version)
+        self._lag = metrics.online_lag.labels(version)
+        self._writes = {outcome: metrics.online_writes.labels(version, outcome) for outcome in WRITE_OUTCOMES}
+        self._dropped = {reason: metrics.online_dropped.labels(version, reason) for reason in DROP_REASONS}
+
+    def reads(self, n: int) -> None:
+        self._reads.inc(n)
+
+    def fallback(self, reason: str, n: int) -> None:
+        self._fallbacks[reason].inc(n)
+
+    def age(self, seconds: float) -> None:
+        self._age.observe(seconds)
+
+    def lag(self, seconds: float) -> None:
+        self._lag.observe(seconds)
+
+    def written(self, outcome: str, n: int) -> None:
+        if n:
+            self._writes[outcome].inc(n)
+
+    def dropped(self, reason: str, n: int) -> None:
+        if n:
+            self._dropped[reason].inc(n)
 
 
 def trained_timestamp(created_at: str) -> float | None:

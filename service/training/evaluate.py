@@ -28,7 +28,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, brier_score_loss, log_loss, roc_auc_score
 
 from service.artifacts.bundle import Calibration, ReferenceBins, ScoringModel, ThresholdPolicy, logit
-from service.data import aggregates
+from service.data import aggregates, velocity
 from service.data.features import DEFAULT_AGGREGATES, EntityAggregates, feature_matrix
 from service.settings import QualitySettings, TrainSettings
 from service.training.calibration import fit_interpolated_isotonic
@@ -364,19 +364,28 @@ def psi(expected_fractions: Sequence[float], actual_fractions: Sequence[float], 
 # ----------------------------------------------------------------------------------- features of a history
 
 
-def frame_features(frame: pd.DataFrame) -> npt.NDArray[np.float32]:
-    """Feature matrix of a time-ordered history frame: point-in-time aggregates + the shared feature path."""
-    return feature_matrix(_request_rows(frame), aggregates.point_in_time(frame))
+def frame_features(
+    frame: pd.DataFrame, velocities: Sequence[velocity.Velocity] | None = None
+) -> npt.NDArray[np.float32]:
+    """Feature matrix of a time-ordered history frame: point-in-time aggregates and velocity features (computed
+    here unless given: ``velocity.point_in_time``) + the shared feature path."""
+    pit = velocity.point_in_time(frame) if velocities is None else velocities
+    return feature_matrix(_request_rows(frame), aggregates.point_in_time(frame), pit)
 
 
-def serving_features(frame: pd.DataFrame, store: Mapping[str, EntityAggregates]) -> npt.NDArray[np.float32]:
+def serving_features(
+    frame: pd.DataFrame,
+    store: Mapping[str, EntityAggregates],
+    velocities: Sequence[velocity.Velocity] | None = None,
+) -> npt.NDArray[np.float32]:
     """Feature matrix of history rows as serving computes it after training: each row's account looked up in the
-    feature store built from the history (``aggregates.latest``), the default for a missing or unknown account."""
+    feature store built from the history (``aggregates.latest``), the default for a missing or unknown account;
+    the velocity features as the online store serves them (``velocities``; None: nothing seen)."""
     looked_up = [
         store.get(str(account), DEFAULT_AGGREGATES) if pd.notna(account) else DEFAULT_AGGREGATES
         for account in frame["account_id"].tolist()
     ]
-    return feature_matrix(_request_rows(frame), looked_up)
+    return feature_matrix(_request_rows(frame), looked_up, velocities)
 
 
 def _request_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from service.artifacts.bundle import Manifest
 from service.artifacts.registry import RunPayload
 from service.settings import Settings
 from service.training.engines import EngineFit, bundle_fit, fit_training_set
+from service.training.engines import Progress as EngineProgress
 from service.training.training_set import TrainingSet, build_training_set, read_labels
 
 
@@ -129,6 +130,47 @@ def run_payload(
     )
 
 
+@dataclass(frozen=True)
+class LogFit:
+    """A version fitted on a training set from the log: its MLflow run, the engine's fit and its test metrics."""
+
+    payload: RunPayload
+    result: EngineFit
+    manifest: Manifest
+    test_metrics: dict[str, float]
+
+
+def build_from_log(
+    settings: Settings, dsn: str, window: LogWindow, set_dir: Path, progress: EngineProgress | None = None
+) -> TrainingSet:
+    """The training set of ``window`` (``train.feature_set``'s features, as served) in ``set_dir``: the feature log
+    joined with the labels that had arrived in the prediction log at ``dsn`` by ``window.as_of``."""
+    names = list(log_feature_names(settings))
+    stage = progress.stage if progress is not None else _quiet
+    with stage("Reading the labels that arrived by the cut-off"):
+        labels = read_labels(dsn, window.as_of, window.start)
+    with stage(f"Joining {labels.num_rows:,} labels with the feature log"):
+        build_training_set(settings.feature_log_dir, labels, names, window.start, window.end, window.as_of, set_dir)
+    return TrainingSet.open(set_dir)
+
+
+def fit_and_bundle(
+    settings: Settings,
+    training_set: TrainingSet,
+    version: str,
+    bundle_dir: Path,
+    engine: str | None = None,
+    progress: EngineProgress | None = None,
+) -> LogFit:
+    """Fit ``training_set`` with the engine and write the verified bundle to ``bundle_dir``."""
+    result = fit_training_set(training_set, settings, engine, progress)
+    stage = progress.stage if progress is not None else _quiet
+    with stage("Writing the verified bundle"):
+        manifest, test_metrics = bundle_fit(result, settings, version, bundle_dir)
+    payload = run_payload(result, manifest, test_metrics, training_set, bundle_dir)
+    return LogFit(payload, result, manifest, test_metrics)
+
+
 def train_from_log(
     settings: Settings,
     dsn: str,
@@ -140,19 +182,9 @@ def train_from_log(
 ) -> tuple[RunPayload, EngineFit]:
     """Build the training set of ``window`` from the feature log and the prediction log at ``dsn``, fit it with the
     engine, write the verified bundle under ``work_dir / version`` and return the MLflow run to log."""
-    names = list(_feature_names())
-    stage = progress.stage if progress is not None else _quiet
-    with stage("Reading the labels that arrived by the cut-off"):
-        labels = read_labels(dsn, window.as_of, window.start)
-    set_dir = work_dir / f"{version}-training-set"
-    with stage(f"Joining {labels.num_rows:,} labels with the feature log"):
-        build_training_set(settings.feature_log_dir, labels, names, window.start, window.end, window.as_of, set_dir)
-    training_set = TrainingSet.open(set_dir)
-    result = fit_training_set(training_set, settings, engine, progress)
-    bundle_dir = work_dir / version
-    with stage("Writing the verified bundle"):
-        manifest, test_metrics = bundle_fit(result, settings, version, bundle_dir)
-    return run_payload(result, manifest, test_metrics, training_set, bundle_dir), result
+    training_set = build_from_log(settings, dsn, window, work_dir / f"{version}-training-set", progress)
+    fitted = fit_and_bundle(settings, training_set, version, work_dir / version, engine, progress)
+    return fitted.payload, fitted.result
 
 
 @contextlib.contextmanager
@@ -160,7 +192,9 @@ def _quiet(title: str) -> Iterator[None]:
     yield
 
 
-def _feature_names() -> tuple[str, ...]:
-    from service.data.features import FEATURE_NAMES
+def log_feature_names(settings: Settings) -> tuple[str, ...]:
+    """The features a version trained from the log reads: ``train.feature_set``'s, in the served vector's order (the
+    feature log holds each model's own input columns; files of another feature set are skipped and counted)."""
+    from service.data.features import FEATURE_SETS
 
-    return tuple(FEATURE_NAMES)
+    return FEATURE_SETS[settings.train.feature_set]

@@ -93,14 +93,19 @@ class TrainedVersion:
 
 def gate_on_test_window(result: TrainingResult, floors: QualitySettings) -> GateReport:
     """Compare the test-window metrics with the quality floors (NaN fails: no evidence is not a pass)."""
+    return gate_on_metrics(result.manifest.version, result.split.test, result.test_metrics, floors)
+
+
+def gate_on_metrics(version: str, rows: int, metrics: Mapping[str, float], floors: QualitySettings) -> GateReport:
+    """The test-window gate of any trained version (the pipeline's, an engine's fit) from its test metrics."""
     wanted = {metric: float(getattr(floors, field_name)) for metric, field_name in GATED_METRICS.items()}
-    values = dict(result.test_metrics)
+    values = dict(metrics)
     failures = [
         f"{name} {values.get(name, math.nan):.4f} < floor {floor:.4f}"
         for name, floor in wanted.items()
         if not values.get(name, math.nan) >= floor
     ]
-    return GateReport(not failures, result.manifest.version, result.split.test, values, wanted, failures)
+    return GateReport(not failures, version, rows, values, wanted, failures)
 
 
 def train_version(

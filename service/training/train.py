@@ -30,8 +30,8 @@ from imblearn.over_sampling import SMOTE
 from sklearn.metrics import average_precision_score
 
 from service.artifacts.bundle import Manifest, ThresholdPolicy, save_bundle
-from service.data import aggregates
-from service.data.features import DRIFT_FEATURES, FEATURE_NAMES, EntityAggregates
+from service.data import aggregates, velocity
+from service.data.features import DRIFT_FEATURES, FEATURE_SETS, EntityAggregates, select
 from service.settings import Settings, TrainSettings
 from service.training.evaluate import (
     CalibrationChoice,
@@ -388,13 +388,14 @@ def train_pipeline(
         raise ValueError(f"training frame lacks columns {missing}")
     ts = settings.train
     history = time_ordered(frame)
-    features = frame_features(history)
+    names = list(FEATURE_SETS[ts.feature_set])
+    live = velocity.point_in_time(history)
+    features = select(frame_features(history, live), names)
     labels = history["is_fraud"].to_numpy().astype(np.int64)
     split = time_split(len(history), ts)
     train_end, valid_end = split.train, split.train + split.valid
     x_train, x_valid, x_test = features[:train_end], features[train_end:valid_end], features[valid_end:]
     y_train, y_valid, y_test = labels[:train_end], labels[train_end:valid_end], labels[valid_end:]
-    names = list(FEATURE_NAMES)
     fit = train_model(x_train, y_train, x_valid, y_valid, ts, feature_names=names)
     raw_test = fit.raw_scores(x_test)
     scores_test = fit.calibration.calibration.apply(raw_test.astype(np.float32))
@@ -407,15 +408,17 @@ def train_pipeline(
     # Drift is measured on what serving computes, so the references come from a simulated serving period: the test
     # window featurized with a feature store built — as the bundle's is — from everything before it (accounts new
     # since then get what serving gives them). Not the training rows' point-in-time aggregates: cumulative counts
-    # grow over a window, and a reference taken on its early rows made ordinary traffic look drifted.
+    # grow over a window, and a reference taken on its early rows made ordinary traffic look drifted. The velocity
+    # features are what the live online store serves: each row's point-in-time values.
     before, recent = history.iloc[:valid_end], history.iloc[valid_end:]
-    served_recent = serving_features(recent, store_builder(before, recent))
+    served_recent = select(serving_features(recent, store_builder(before, recent), live[valid_end:]), names)
     served_scores = fit.calibration.calibration.apply(fit.raw_scores(served_recent).astype(np.float32))
     fingerprint = data_fingerprint(history)
     params = flat_params(ts, fit, split)
     strategy_table = [r.row() for r in fit.strategies]
     extra: dict[str, Any] = {
         "imbalance_strategy": fit.strategy,
+        "feature_set": ts.feature_set,
         "strategy_valid_pr_auc": fit.strategy_pr_auc,
         "strategies": strategy_table,
         "calibration_choice": fit.calibration.summary(),

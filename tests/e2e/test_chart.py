@@ -375,7 +375,8 @@ def test_install_wait_upgrade_and_ownership_of_fields(
 
     assert f"kubectl -n {namespace} get modelrollouts" in installed
     ready = deployments_ready(k8s_client, namespace)
-    assert set(ready) == {"fw-fraudwatch-controller", "fw-fraudwatch-router"}
+    # the online feature store's Redis too (onlineStore.mode: deploy, the default)
+    assert set(ready) == {"fw-fraudwatch-controller", "fw-fraudwatch-router", "fw-fraudwatch-online-store"}
     # --wait returned: every Deployment has ready pods (the router's HPA may be scaling it to minReplicas now).
     assert all(r >= 1 for r, _ in ready.values()), ready
     rollout = get_rollout(k8s_client, namespace)

@@ -19,6 +19,7 @@ import yaml
 from kubernetes import client as k8s
 
 from tests.kits.cluster import ControlPlane
+from tests.kits.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -143,7 +144,9 @@ def test_rbac_grants_exactly_what_a_role_binding_says(k8s_client: Any, namespace
     def allowed(verb: str, resource: str, where: str = namespace) -> bool:
         return access_review(k8s_client, user, groups, where, verb, resource)
 
-    assert allowed("list", "pods")
+    # the authorizer reads RBAC from an informer cache: a binding created a moment ago may not be in it yet (a
+    # whole-suite run's first review said no); once it grants, the cache holds the binding and every answer counts
+    assert wait_for(lambda: allowed("list", "pods"), "the new RoleBinding in the authorizer's cache", 30.0)
     assert allowed("watch", "pods")
     assert not allowed("delete", "pods")
     assert not allowed("list", "secrets")

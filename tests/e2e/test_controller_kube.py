@@ -205,8 +205,8 @@ def test_kubectl_modelrollout_steers_the_rollout_with_the_documented_exit_codes(
         assert plugin(release, "status", ROLLOUT, *ns).returncode == ExitCode.NOT_FOUND  # no rollout yet
         assert plugin(release, "promote", ROLLOUT, *ns).returncode == ExitCode.NOT_FOUND
         assert plugin(release, "status", "someone-else", *ns).returncode == ExitCode.NOT_FOUND
-        started = plugin(release, "start", ROLLOUT, "--candidate", "v9", *ns)
-        assert started.returncode == ExitCode.USAGE and "spec.candidate" in started.stderr
+        started = plugin(release, "start", ROLLOUT, "--candidate", "v9", *ns)  # a version it never ran
+        assert started.returncode == ExitCode.REFUSED and "helm upgrade" in started.stderr, started.stderr
 
         serving = release.status()["stableVersion"]
         helm_upgrade(release.cluster, release.ns, "model.version=v3")
@@ -258,6 +258,35 @@ def test_kubectl_modelrollout_steers_the_rollout_with_the_documented_exit_codes(
         )
         same = plugin(release, "undo", ROLLOUT, "--to-revision", "1", *ns)
         assert same.returncode == ExitCode.REFUSED and f"revision 1 ({serving}) is the serving version" in same.stderr
+
+        # v3 and then v4 promoted: revision 1 is older than the warm previous one (v3) — undo rolls it out again
+        # through spec.candidate, as Argo Rollouts' undo sets the pod template back
+        first_spec = dict(release.rollout()["status"]["stable"])
+        assert plugin(release, "retry", ROLLOUT, *ns).returncode == ExitCode.OK
+        for version in ("v3", "v4"):
+            if version == "v4":
+                helm_upgrade(release.cluster, release.ns, "model.version=v4")
+                wait_until("the rollout of v4", lambda: rolling_out(release, "v4"), CONVERGE_S)
+            for to in (("--to", "full"), ()):
+                done = plugin(release, "promote", ROLLOUT, *to, *ns)
+                assert done.returncode == ExitCode.OK, done.stdout + done.stderr
+            assert release.status()["phase"] == "Promoted"
+        shown = json.loads(plugin(release, "status", ROLLOUT, "-o", "json", *ns).stdout)["revisions"]
+        assert [(r["number"], r["version"]) for r in shown] == [(1, serving), (2, "v3"), (3, "v4")]
+        recorded = {v["version"]: v for v in release.status()["revisionVersions"]}
+        assert set(recorded) == {serving, "v3", "v4"} and recorded[serving] == first_spec
+        assert plugin(release, "undo", ROLLOUT, "--to-revision", "3", *ns).returncode == ExitCode.REFUSED  # serving
+        undone = plugin(release, "--json", "undo", ROLLOUT, "--to-revision", "1", "--reason", "v4 and v3 bad", *ns)
+        assert undone.returncode == ExitCode.OK, undone.stdout + undone.stderr
+        result = json.loads(undone.stdout)
+        assert (result["kind"], result["outcome"]) == ("start", "applied") and serving in result["detail"]
+        obj = release.rollout()
+        assert obj["spec"]["candidate"] == first_spec  # the spec it ran with: image, model URI, replicas
+        assert "v4 and v3 bad" in obj["metadata"]["annotations"]["kubernetes.io/change-cause"]
+        back = release.status()
+        assert (back["phase"], back["stableVersion"], back["candidateVersion"]) == ("Progressing", "v4", serving)
+        assert f"{ROLLOUT}-{serving}" in owned(release.api, release.ns, "deployments")
+        assert plugin(release, "abort", ROLLOUT, *ns).returncode == ExitCode.OK  # the next tests start settled
     finally:
         assert controller.stop(signal.SIGTERM) == 0, controller.log_tail()
 

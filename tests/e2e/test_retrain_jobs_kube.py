@@ -212,3 +212,67 @@ def test_the_webhook_account_may_create_jobs_from_its_cronjob_and_nothing_else(
             call()
         statuses[what] = refused.value.status
     assert statuses == dict.fromkeys(denied, 403)
+
+
+#: A retrain from the feature log: the model servers' volume and the prediction log's Secret (a DSN to nowhere: the
+#: Job's pod runs on kwok, which runs no container).
+FROM_LOG = {
+    "featureLog": {"enabled": True, "persistence": {"size": "1Gi"}},
+    "predictionLog": {"dsn": "postgresql+psycopg://fw:e2e@postgres:5432/fraudwatch"},
+    "retraining": {"source": "feature_log", "webhook": {"enabled": True}},
+}
+FEATURE_LOG_CLAIM = "fw-fraudwatch-feature-log"
+PREDICTION_LOG_SECRET = "fw-fraudwatch-prediction-log"
+
+
+def test_a_retrain_job_from_the_feature_log_mounts_the_model_servers_volume_and_the_label_secret(
+    k8s_cluster: ControlPlane, k8s_client: Any, dynamic: DynamicClient, crd: Any, namespace: str, tmp_path: Path
+) -> None:
+    """The webhook's Job, copied from the CronJob's template, gets the feature log's ReadWriteMany claim read-only
+    and the prediction log's Secret: the real Job controller makes its pod with both, the PersistentVolume binder
+    binds the claim (to a ReadWriteMany volume made here: this cluster has no provisioner), the scheduler places the
+    pod once it is bound, and the Job completes (kwok)."""
+    objects = render(k8s_cluster, FROM_LOG, tmp_path, namespace)
+    wanted = {("CronJob", CRONJOB), ("ServiceAccount", CRONJOB), ("ServiceAccount", WEBHOOK_ACCOUNT),
+              ("Role", WEBHOOK_ACCOUNT), ("RoleBinding", WEBHOOK_ACCOUNT),
+              ("PersistentVolumeClaim", FEATURE_LOG_CLAIM), ("Secret", PREDICTION_LOG_SECRET)}  # fmt: skip
+    chosen = [o for o in objects if (o["kind"], o["metadata"]["name"]) in wanted]
+    assert {(o["kind"], o["metadata"]["name"]) for o in chosen} == wanted
+    for obj in chosen:
+        dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"]).create(body=obj, namespace=namespace)
+    core = k8s.CoreV1Api(k8s_client)
+    volume_name = f"feature-log-{namespace}"
+    core.create_persistent_volume(k8s.V1PersistentVolume(
+        metadata=k8s.V1ObjectMeta(name=volume_name),
+        spec=k8s.V1PersistentVolumeSpec(
+            capacity={"storage": "1Gi"}, access_modes=["ReadWriteMany"], storage_class_name="",
+            host_path=k8s.V1HostPathVolumeSource(path=str(tmp_path / "feature-log")),
+            claim_ref=k8s.V1ObjectReference(namespace=namespace, name=FEATURE_LOG_CLAIM),
+            persistent_volume_reclaim_policy="Retain"),
+    ))  # fmt: skip
+    api_client = impersonating(k8s_cluster, namespace, WEBHOOK_ACCOUNT)
+    service = receiver(tmp_path, namespace, api_client)
+    try:
+        started, run = service.notify(firing("f1"), "corr-e2e-log")
+        assert started.decision is Decision.STARTED and run is not None
+        k8s_cluster.wait_for("the claim bound", lambda: core.read_namespaced_persistent_volume_claim(
+            FEATURE_LOG_CLAIM, namespace).status.phase == "Bound")  # fmt: skip
+        assert service.wait_idle(FINISH_TIMEOUT_S), "the Job did not finish"
+    finally:
+        service.close()
+        api_client.close()
+        core.delete_persistent_volume(volume_name)
+
+    (job,) = jobs_of(k8s_client, namespace)
+    (pod,) = core.list_namespaced_pod(namespace, label_selector=f"job-name={job.metadata.name}").items
+    mounts = {m.name: m for m in pod.spec.containers[0].volume_mounts}
+    volumes = {v.name: v for v in pod.spec.volumes}
+    assert volumes["feature-log"].persistent_volume_claim.claim_name == FEATURE_LOG_CLAIM
+    assert mounts["feature-log"].read_only and mounts["prediction-log"].read_only
+    assert volumes["prediction-log"].secret.secret_name == PREDICTION_LOG_SECRET
+    env = {e.name: e.value for e in pod.spec.containers[0].env}
+    assert env["FW_RETRAIN__SOURCE"] == "feature_log"
+    assert env["FW_FEATURE_LOG__DIRECTORY"] == mounts["feature-log"].mount_path
+    assert env["FW_RETRAIN__LABELS_DSN_FILE"].startswith(mounts["prediction-log"].mount_path + "/")
+    (record,) = service.state.runs
+    assert (record.outcome, record.job) == (RetrainOutcome.ROLLOUT_STARTED.value, job.metadata.name)

@@ -89,6 +89,7 @@ from tests.kits.rollout import (
     start_locust,
     stop_locust,
 )
+from tests.kits.stack import replay_server_env
 from tests.kits.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -98,7 +99,6 @@ VERSIONS = ("v1", "v2", "v3")
 #: Lease duration, renew deadline and retry period (s): a standby takes over within seconds, not the default 15.
 LEASE = {"leaseDurationSeconds": 6, "renewDeadlineSeconds": 4, "retryPeriodSeconds": 1}
 REVERT_BUDGET_S = 1.0
-SERVER_ENV = {"FW_SERVE__WORKERS": "1", "FW_LOG_LEVEL": "WARNING"}
 
 
 @dataclass
@@ -188,7 +188,7 @@ def model_server(models: Models, workdir: Path, version: str) -> BentoServer:
     """A real ``bentoml serve`` of one version's bundle, with a BentoML home of its own."""
     settings = models.settings.model_copy(update={"home": workdir / "servers" / version})
     return BentoServer(model_dir=models.home / "bundles" / version, settings=settings, name=f"model-{version}",
-                       extra_env=SERVER_ENV)  # fmt: skip
+                       extra_env=replay_server_env(workdir))  # fmt: skip
 
 
 def router_process(workdir: Path, ns: str, kubeconfig: Path) -> RouterProcess:

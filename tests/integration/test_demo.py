@@ -17,6 +17,7 @@ import pytest
 
 from service.artifacts.bundle import load_bundle
 from service.artifacts.registry import CHAMPION, ModelRegistry
+from service.data.synthetic import PATTERNS
 from service.demo.quickstart import SEED_LABEL, SEED_REQUEST
 from service.settings import Settings
 
@@ -24,10 +25,13 @@ pytestmark = pytest.mark.integration
 
 FRAUDWATCH = Path(sys.executable).parent / "fraudwatch"
 ROOT = Path(__file__).resolve().parents[2]
-#: Small, fast, still learnable: 3 % fraud in 4,000 requests leaves ~20 positives per validation/test window.
+#: Small, fast, still learnable: 3 % fraud in 8,000 requests leaves ~35 positives per validation/test window. At
+#: 4,000 a quarter of the fraud (~30 rows) comes in one or two bot-farm bursts, and whether the test window holds a
+#: farm the training window never saw is the seed's luck: the demo's seed then scored PR-AUC 0.67 against the 0.8
+#: floor, seeds 1-5 and 42 scored 0.15-0.94 at 4,000 and 0.91-0.97 at 8,000 (fraudwatch train, 2026-12-06).
 SMALL = {
-    "FW_DATA__N_REQUESTS": "4000",
-    "FW_DATA__N_ACCOUNTS": "1000",
+    "FW_DATA__N_REQUESTS": "8000",
+    "FW_DATA__N_ACCOUNTS": "2000",
     "FW_DATA__FRAUD_RATE": "0.03",
     "FW_TRAIN__N_ESTIMATORS": "40",
     "FW_TRAIN__EARLY_STOPPING_ROUNDS": "10",
@@ -92,7 +96,8 @@ def test_demo_scored_one_request_per_pattern(demo_run: tuple[subprocess.Complete
     _, home = demo_run
     summary = json.loads((home / "summary.json").read_text(encoding="utf-8"))
     labels = [item["label"] for item in summary["responses"]]
-    assert labels == [SEED_LABEL, "legit", "serial_refunder", "bot_farm", "high_value"]
+    # every pattern of the generator once, in its order; the drift scenario's new bot farm is not in this stream
+    assert labels == [SEED_LABEL, *(pattern for pattern in PATTERNS if pattern != "new_bot_farm")]
     for item in summary["responses"]:
         assert item["status"] == 200
         check_response(item["response"], summary["model_version"])

@@ -7,7 +7,6 @@ A request sent to the model server directly (no prediction ID: no label could ev
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,11 +25,11 @@ from rollout.router.outcomes.settings import OutcomeSettings
 from rollout.router.process import RouterProcess
 from rollout.router.table_sources import write_table_file
 from service.artifacts.bundle import load_bundle, read_manifest
-from service.data.feature_log import data_files, partitions
 from service.data.synthetic import generate
 from service.serving.process import BentoServer
 from service.training.training_set import TrainingSet, build_training_set, read_labels
 from tests.kits.bundles import SMALL_DATA
+from tests.kits.feature_log import decided_rows, logged_rows, logging_server_env
 from tests.kits.serving import scoring_server
 from tests.kits.stack import refund_body
 from tests.kits.waiting import wait_for
@@ -57,15 +56,7 @@ class Served:
 def served(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     home = tmp_path_factory.mktemp("feature-log-stack")
     log_dir = home / "feature-log"
-    env = {
-        "FW_SERVE__WORKERS": "1",
-        "FW_SERVE__FEATURE_STORE_TIMEOUT_MS": "5000",  # the vectors compared below use the store's aggregates
-        "FW_LOG_LEVEL": "WARNING",
-        "FW_FEATURE_LOG__ENABLED": "true",
-        "FW_FEATURE_LOG__DIRECTORY": str(log_dir),
-        "FW_FEATURE_LOG__FLUSH_INTERVAL_S": "0.5",
-    }
-    server = scoring_server(home / "v1", bundle_dir, "v1", env)
+    server = scoring_server(home / "v1", bundle_dir, "v1", logging_server_env(log_dir))
     routing_file = home / "routing.json"
     dsn = f"sqlite:///{home / 'predictions.db'}"
     router = RouterProcess(
@@ -85,15 +76,6 @@ def served(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     finally:
         router.stop()
         server.stop()
-
-
-def logged_rows(log_dir: Path) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for _, day in partitions(log_dir) for f in data_files(day))
-
-
-def decided_rows(db: Path) -> int:
-    with sqlite3.connect(db) as connection:
-        return int(connection.execute("SELECT count(*) FROM predictions WHERE role = 'decider'").fetchone()[0])
 
 
 def label(served: Served, feed: httpx.Client, prediction_id: str, fraud: bool) -> None:

@@ -48,7 +48,7 @@ from tests.kits.rollout import (
     build_models,
     prometheus_server,
 )
-from tests.kits.stack import ControllerConfig
+from tests.kits.stack import REPLAY_SERVE_SETTINGS, ControllerConfig
 from tests.kits.stack import controller_env as kit_controller_env
 from tests.kits.waiting import wait_for
 from tests.kits.walk import (
@@ -106,6 +106,7 @@ def chart_objects(workdir: Path, router_port: int, control_port: int, metrics_po
             "settings": ROUTER_SETTINGS,
         },
         "controller": {"metricsPort": metrics_port},
+        "modelServer": {"settings": REPLAY_SERVE_SETTINGS},
         "networkPolicy": {"enabled": False},
     }
     helm = Helm.isolated(locate_helm(), workdir / "helm-home")

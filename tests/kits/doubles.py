@@ -170,6 +170,8 @@ class MemoryRegistry:
     aliases: dict[str, str] = field(default_factory=lambda: {"champion": V1})
     #: The registry is down: every resolve raises (not "version not found": an outage).
     down: bool = False
+    #: Each version's bundle digest (none by default); a version re-registered with another bundle changes it.
+    digests: dict[str, str] = field(default_factory=dict)
 
     def resolve(self, ref: str) -> str:
         if self.down:
@@ -187,7 +189,9 @@ class MemoryRegistry:
         return dest
 
     def bundle_digest(self, version: str) -> str | None:
-        return None
+        if self.down:
+            raise ConnectionError("registry unreachable")
+        return self.digests.get(version)
 
     def ensure_alias(self, alias: str, version: str, reason: str) -> bool:
         if self.aliases.get(alias) == version:

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import httpx
 import numpy as np
@@ -29,6 +29,26 @@ from service.data.feature_store import STORE_FILE, build_store
 from service.data.features import DEFAULT_AGGREGATES, DRIFT_FEATURES, FEATURE_NAMES, EntityAggregates, feature_matrix
 from service.training.evaluate import reference_bins, time_ordered
 from tests.kits.bundles import N_REFERENCE_BINS
+
+#: The stacks replay a recorded stream compressed from months into minutes (the locustfile's laps carry each row's
+#: own ``eventTime``): their model servers' online store takes each event at the request's time, as the demo's do
+#: (rollout/demo/stack.py), or as a stack ages every account looks like a bot-farm burst to the velocity features
+#: and the versions' scores drift under the gates. As chart values (``modelServer.settings``) and as the servers'
+#: environment.
+REPLAY_SERVE_SETTINGS: Final[dict[str, str]] = {"online_store__event_time": "request"}
+
+
+def replay_server_env(workdir: Path) -> dict[str, str]:
+    """The environment of a stack's model servers: one worker, quiet logs, the replay's event time, and one online
+    store for every version of this stack alone (under ``workdir``; the embedded default, ``FW_HOME``'s, is shared
+    by every stack of a run and by the developer's demo)."""
+    return {
+        "FW_SERVE__WORKERS": "1",
+        "FW_LOG_LEVEL": "WARNING",
+        "FW_SERVE__ONLINE_STORE__URL": f"sqlite:///{(workdir / 'online' / 'velocity.sqlite').resolve()}",
+        **{f"FW_SERVE__{key.upper()}": value for key, value in REPLAY_SERVE_SETTINGS.items()},
+    }
+
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -146,7 +166,7 @@ def controller_env(config: ControllerConfig) -> dict[str, str]:
         f"{prefix}LOCAL__ROUTER_URLS": json.dumps([config.router_control_url]),
         f"{prefix}LOCAL__PROMETHEUS_TARGETS_FILE": str(config.targets_file),
         f"{prefix}LOCAL__SCRAPE_TARGETS": json.dumps(targets),
-        f"{prefix}LOCAL__SERVER_ENV": json.dumps({"FW_SERVE__WORKERS": "1", "FW_LOG_LEVEL": "WARNING"}),
+        f"{prefix}LOCAL__SERVER_ENV": json.dumps(replay_server_env(config.workdir)),
     }
     if config.quality_set is not None:
         env[f"{prefix}QUALITY_SET"] = str(config.quality_set)

@@ -70,7 +70,8 @@ FIXED_TOKEN = {
         "adminToken": {"value": "test-admin-token"},
         "feedback": {"token": {"value": "test-feedback-token"}},
         "stickyKey": {"value": "test-sticky-key"},
-    }
+    },
+    "onlineStore": {"auth": {"password": "test-online-store-password"}},
 }
 
 #: The values matrix every rendered-object test runs over.
@@ -88,6 +89,7 @@ MATRIX: dict[str, dict[str, Any]] = {
             "feedback": {"token": {"existingSecret": "label-feed", "existingSecretKey": "bearer"}},
             "stickyKey": {"existingSecret": "router-sticky", "existingSecretKey": "key"},
         },
+        "onlineStore": {"auth": {"existingSecret": "redis-auth", "existingSecretKey": "pw"}},
     },
     "ha-controller": {
         "controller": {
@@ -233,13 +235,23 @@ def test_values_schema_policy_is_the_crd_policy() -> None:
     assert values_policy == openapi_to_draft7(crd_policy)
 
 
-@pytest.mark.parametrize("which", ["default", "demo", "stepped"])
+@pytest.mark.parametrize("which", ["default", "demo", "stepped", "args"])
 def test_a_dumped_policy_meets_the_values_schema(which: str) -> None:
     """``dumps_policy`` is how a policy reaches the chart's values (the e2e walks, a user's ``rollout.policy``):
-    unset optional fields (``template``, ``steps``) must not be written as nulls the schema refuses."""
+    unset optional fields (``template``, ``steps``) must not be written as nulls the schema refuses; a gate's
+    template ``args`` are written as the CRD declares them."""
     policy = load_demo_policy(1.0) if which == "demo" else load_policy()
     if which == "stepped":
         policy = policy.model_copy(update={"stages": policy.stages.model_copy(update={"steps": (1, 5, 25, 50)})})
+    if which == "args":
+        data = yaml.safe_load(dumps_policy(policy))
+        query = 'sum(rate({{args.metric}}{model_version="{{version}}"}[{{window}}]))'
+        args = [{"name": "metric"}, {"name": "max", "value": 5}]
+        template = {"args": args, "layer": "health", "query": query, "condition": "value <= {{args.max}}"}
+        data["metric_templates"] = {"rate": template}
+        gate = {"name": "errors", "template": "rate", "args": [{"name": "metric", "value": "errors_total"}]}
+        data["gates"] = [*data["gates"], {**gate, "stages": ["canary"]}]
+        policy = loads_policy(yaml.safe_dump(data))
     values_policy = values_schema()["properties"]["rollout"]["properties"]["policy"]
     dumped = yaml.safe_load(dumps_policy(policy))
     errors = [f"{list(e.absolute_path)}: {e.message}" for e in Draft7Validator(values_policy).iter_errors(dumped)]
@@ -368,6 +380,10 @@ def test_pods_scrape_annotations_follow_the_value(rendered: dict[str, list[dict[
     wanted = MATRIX[case].get("monitoring", {}).get("podAnnotations", True)
     for deployment in find(rendered[case], "Deployment"):
         annotations = deployment["spec"]["template"]["metadata"].get("annotations") or {}
+        if deployment["metadata"]["labels"]["app.kubernetes.io/component"] == "online-store":
+            # Redis serves no /metrics: the model servers export the store's series (reads, fallbacks, age, lag)
+            assert "prometheus.io/scrape" not in annotations
+            continue
         assert (annotations.get("prometheus.io/scrape") == "true") is wanted
         if wanted:
             ports = {p["containerPort"] for c in containers(deployment["spec"]["template"]["spec"]) for p in c["ports"]}
@@ -562,7 +578,23 @@ def test_created_secrets_are_referenced(rendered: dict[str, list[dict[str, Any]]
     assert feed_key in secrets[feed_name]["data"]
     assert sticky_key in secrets[sticky_name]["data"]
     assert len({dsn_name, token_name, feed_name, sticky_name}) == 4
-    assert len(set(secrets)) == 4
+    store_name, store_key = online_store_secret(objects)
+    assert store_key in secrets[store_name]["data"]
+    assert len(set(secrets)) == 5
+
+
+def online_store_secret(objects: list[dict[str, Any]]) -> tuple[str, str]:
+    """The (Secret, key) the model-server template and Redis both mount the online store's password from."""
+    template, _ = model_server_template(objects)
+    redis_spec = one(objects, "Deployment", "-online-store")["spec"]["template"]["spec"]
+    sources = set()
+    for spec, volume_name in ((template["spec"], "online-store-auth"), (redis_spec, "auth")):
+        (volume,) = [v for v in spec["volumes"] if v["name"] == volume_name]
+        (item,) = volume["secret"]["items"]
+        assert item["path"] == "password"
+        sources.add((volume["secret"]["secretName"], item["key"]))
+    (source,) = sources
+    return source
 
 
 def test_existing_secrets_are_referenced_not_created(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -570,6 +602,7 @@ def test_existing_secrets_are_referenced_not_created(rendered: dict[str, list[di
 
     assert find(objects, "Secret") == []
     assert mounted_secret(objects, DSN_FILE_ENV) == ("pg-dsn", "url")
+    assert online_store_secret(objects) == ("redis-auth", "pw")
     assert mounted_secret(objects) == ("router-admin", "token")
     assert mounted_secret(objects, FEEDBACK_TOKEN_ENV) == ("label-feed", "bearer")
     assert mounted_secret(objects, STICKY_KEY_ENV) == ("router-sticky", "key")
@@ -639,10 +672,10 @@ def test_a_seed_makes_generated_credentials_identical_on_every_render(helm: Helm
     first, second = helm.template(values, workdir), helm.template(values, workdir)
     credentials = generated_credentials(first)
 
-    assert len(credentials) == 4  # admin, feedback, sticky, retraining webhook
+    assert len(credentials) == 5  # admin, feedback, sticky, retraining webhook, online store
     assert find(first, "Secret") == find(second, "Secret")
     assert router_checksum(first) == router_checksum(second)
-    assert len(set(credentials.values())) == 4 and all(len(v) >= 32 for v in credentials.values())
+    assert len(set(credentials.values())) == 5 and all(len(v) >= 32 for v in credentials.values())
     assert not any(SEED in yaml.safe_dump(obj) for obj in first)
     for other in (
         helm.template(merged(values, {"secrets": {"seed": SEED + "x"}}), workdir),
@@ -862,6 +895,61 @@ def test_the_metrics_provider_reads_its_headers_and_a_mounted_secret(
     assert provider.basic_auth_username == (None if auth == "bearer" else "fw")
 
 
+@pytest.mark.parametrize("session", [True, False])
+def test_sigv4_reads_the_aws_key_from_a_mounted_secret(
+    helm: Helm, workdir: Path, monkeypatch: pytest.MonkeyPatch, session: bool
+) -> None:
+    """prometheus.auth.sigv4 (Amazon Managed Prometheus) reaches the controller's provider settings; the key's parts
+    are files of the operator's Secret, never values."""
+    sigv4 = {"region": "eu-west-1", "accessKeyIdKey": "id", "secretAccessKeyKey": "key"}
+    if session:
+        sigv4["sessionTokenKey"] = "token"
+    values = {
+        "prometheus": {
+            "url": "https://aps-workspaces.eu-west-1.amazonaws.com/workspaces/ws-1234",
+            "readyPath": "/api/v1/labels",
+            "auth": {"existingSecret": "amp-reader", "sigv4": sigv4},
+        }
+    }
+    pod = one(helm.template(values, workdir), "Deployment", "-controller")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    for name, entry in env_of(container).items():
+        monkeypatch.setenv(name, entry.get("value", "x"))
+    provider = RolloutSettings().controller.provider
+    assert provider.sigv4 is not None and (provider.sigv4.region, provider.sigv4.service) == ("eu-west-1", "aps")
+    assert (provider.bearer_token_file, provider.basic_auth_username) == (None, None)
+    volume = next(v for v in pod["volumes"] if v["name"] == "metrics-provider-auth")
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "metrics-provider-auth")
+    assert volume["secret"]["secretName"] == "amp-reader" and mount["readOnly"] is True
+    files = {item["key"]: Path(mount["mountPath"]) / item["path"] for item in volume["secret"]["items"]}
+    s = provider.sigv4
+    assert files == {"id": s.access_key_id_file, "key": s.secret_access_key_file} | (
+        {"token": s.session_token_file} if session else {}
+    )
+    assert s.session_token_file is None or session
+
+
+def test_sigv4_without_a_secret_reads_the_aws_variables(helm: Helm, workdir: Path) -> None:
+    env = controller_env(helm, workdir, {"prometheus": {"auth": {"sigv4": {"region": "us-east-1"}}}})
+    assert [name for name in env if "PROVIDER__" in name and not name.endswith("READY_PATH")] == [
+        "FW_ROLLOUT_CONTROLLER__PROVIDER__SIGV4__REGION",
+        "FW_ROLLOUT_CONTROLLER__PROVIDER__SIGV4__SERVICE",
+    ]
+    pod = one(helm.template({"prometheus": {"auth": {"sigv4": {"region": "us-east-1"}}}}, workdir), "Deployment",
+              "-controller")["spec"]["template"]["spec"]  # fmt: skip
+    assert "metrics-provider-auth" not in {v["name"] for v in pod["volumes"]}
+
+
+def test_an_external_metrics_store_is_reached_through_controller_egress(helm: Helm, workdir: Path) -> None:
+    """Amazon Managed Prometheus is outside the cluster: the controller's NetworkPolicy admits it only with
+    controller.egress (by default only the in-cluster Prometheus)."""
+    rule = {"ports": [{"port": 443, "protocol": "TCP"}]}
+    default = one(helm.template({}, workdir), "NetworkPolicy", "-controller")["spec"]["egress"]
+    assert rule not in default
+    egress = one(helm.template({"controller": {"egress": [rule]}}, workdir), "NetworkPolicy", "-controller")
+    assert egress["spec"]["egress"] == [*default, rule]
+
+
 def test_no_provider_credentials_by_default(helm: Helm, workdir: Path) -> None:
     env = controller_env(helm, workdir, {})
     assert not [name for name in env if "PROVIDER__" in name and not name.endswith("READY_PATH")]
@@ -875,6 +963,10 @@ def test_no_provider_credentials_by_default(helm: Helm, workdir: Path) -> None:
         ({"bearerTokenKey": "token"}, "need prometheus.auth.existingSecret"),
         ({"existingSecret": "s"}, "set bearerTokenKey, or basicAuthUsername and basicAuthPasswordKey"),
         ({"existingSecret": "s", "bearerTokenKey": "t", "basicAuthPasswordKey": "p"}, "not both"),
+        ({"existingSecret": "s", "bearerTokenKey": "t", "sigv4": {"region": "eu-west-1"}}, "exclusive"),
+        ({"existingSecret": "s", "sigv4": {"region": "eu-west-1", "accessKeyIdKey": "id"}}, "and secretAccessKeyKey"),
+        ({"sigv4": {"region": "eu-west-1", "accessKeyIdKey": "i"}}, "need prometheus.auth.existingSecret"),
+        ({"existingSecret": "s", "sigv4": {"accessKeyIdKey": "i"}}, "need prometheus.auth.sigv4.region"),
     ],
 )
 def test_provider_credentials_the_wrong_way_are_refused(

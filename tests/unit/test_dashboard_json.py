@@ -24,6 +24,8 @@ from sklearn.metrics import roc_auc_score
 from rollout.dashboard import grafana, page, panels
 from rollout.router.outcomes.prediction_log import LABEL_NAMES
 from rollout.router.outcomes.settings import OutcomeSettings
+from service.data.features import DRIFT_FEATURES
+from service.data.velocity import VELOCITY_FEATURES
 from tests.kits.dashboard import known_series, promtool_check, series_names
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,7 +110,16 @@ def test_one_row_per_layer_plus_the_rollout_each_with_panels(board: dict[str, An
                 "fraudwatch_router_requests:rate5m",
             ],
         ),
-        ("Input drift", ['model_version_feature:fraudwatch_psi:1h{feature!="score"}']),
+        (
+            "Input drift",
+            [
+                'model_version_feature:fraudwatch_psi:1h{feature!~"score|acct_refunds_1h|',
+                'fraudwatch_psi:1h{feature=~"acct_refunds_1h|',
+                "fraudwatch_online_store_feature_age_seconds_bucket",
+                "fraudwatch_online_store_update_lag_seconds_bucket",
+                "fraudwatch_online_store_fallback_total",
+            ],
+        ),
         ("Output drift", ["fraudwatch_score_bucket", "review_decision_ratio", "shadow_agreement"]),
         ("Outcomes", ["outcome_precision", "outcome_recall", "calibration_error"]),
     ],
@@ -117,6 +128,11 @@ def test_each_layer_row_shows_what_the_layer_is_about(board: dict[str, Any], row
     exprs = " ".join(t["expr"] for p in _rows(board)[row] for t in p.get("targets", []))
     missing = [n for n in needles if n not in exprs]
     assert not missing, missing
+
+
+def test_the_velocity_psi_panel_names_every_velocity_feature_and_every_one_has_a_reference() -> None:
+    assert panels.VELOCITY_FEATURES == VELOCITY_FEATURES
+    assert set(VELOCITY_FEATURES) <= set(DRIFT_FEATURES)
 
 
 def test_outcomes_row_explains_roc_auc(board: dict[str, Any]) -> None:

@@ -33,8 +33,11 @@ from rollout.backends.kube.resource import (
     history_rows,
     pod_restarts,
     pod_trouble,
+    revision_versions,
     router_endpoints,
     spec_commands,
+    spec_start_id,
+    undo_patch,
     workload_name,
 )
 from rollout.core.commands import InboxCommand
@@ -42,7 +45,7 @@ from rollout.core.events import reason_code
 from rollout.core.machine import Transition
 from rollout.core.policy import deep_merge, load_policy
 from rollout.core.routing import RoutingTable
-from rollout.core.state import ControllerState
+from rollout.core.state import ControllerState, Revision
 from rollout.core.workloads import Readiness
 from tests.kits.chart import DRY_RENDER_VALUES, Helm, HelmNotFoundError, locate_helm, one
 from tests.kits.doubles import POLICY, Harness, start_rollout
@@ -562,3 +565,24 @@ def test_the_router_replicas_are_every_serving_endpoint_of_the_control_service_o
         ("r-e", "http://[fd00::7]:8081"),
     ]
     assert router_endpoints([], "feedback") == []
+
+
+def test_an_older_revision_s_spec_is_kept_and_written_back_into_spec_candidate() -> None:
+    """undo --to-revision N on Kubernetes: the status keeps the spec of every kept revision's version (the object
+    alone forgets v1 once v2 and v3 have replaced it), and the undo patch writes it back into spec.candidate."""
+    v1 = {"version": "v1", "image": "img:v1", "modelUri": "models:/fraud/1", "replicas": 2}
+    numbered = enumerate(("v1", "v2", "v3", "v1"), start=1)
+    state = ControllerState(name="fw", revisions=tuple(Revision(number=n, version=v) for n, v in numbered))
+    v3 = {"version": "v3", "image": "img:v3"}
+    earlier = obj(
+        spec={"stable": v3, "candidate": v3}, status={"revisionVersions": [v1, {"version": "v2", "image": "i"}]}
+    )
+    kept = revision_versions(earlier.known_versions(), state)
+    assert [v["version"] for v in kept] == ["v1", "v2", "v3"] and kept[0] == v1
+    cause = "ops: roll v1 out again (v3 bad)"
+    assert undo_patch(earlier, "v1", cause) == {
+        "metadata": {"resourceVersion": "42", "annotations": {"kubernetes.io/change-cause": cause}},
+        "spec": {"candidate": v1},
+    }
+    assert undo_patch(earlier, "v0", "x") is None  # never run here: no spec to go back to
+    assert spec_start_id("v1", 7) == "v1-g7"  # the id of the start the controller derives from it

@@ -665,3 +665,27 @@ def test_revisions_record_each_new_serving_version_once_numbered_and_bounded() -
         again = pass_stage(again)
     revisions = record_revision(revisions, again, keep=3)
     assert [(r.number, r.version) for r in revisions] == [(2, CANDIDATE), (3, STABLE), (4, CANDIDATE)]  # 3 kept
+
+
+def test_a_revision_records_the_bundle_digest_it_was_deployed_with() -> None:
+    """Two revisions of one version name told apart: the digest is asked for each added revision (never again for
+    one already recorded), so a version re-registered with another bundle shows a new digest."""
+    digests = {STABLE: "a" * 64, CANDIDATE: "b" * 64}
+    asked: list[str] = []
+
+    def digest_of(version: str) -> str | None:
+        asked.append(version)
+        return digests.get(version)
+
+    promoted = pass_stage(at_stage("full"))
+    revisions = record_revision((), promoted, keep=5, digest_of=digest_of)
+    assert [(r.version, r.digest) for r in revisions] == [(STABLE, "a" * 64), (CANDIDATE, "b" * 64)]
+    assert record_revision(revisions, promoted, keep=5, digest_of=digest_of) == revisions
+    assert asked == [STABLE, CANDIDATE]
+    digests[STABLE] = "c" * 64  # the stable's name registered again with another bundle
+    reverted, _ = go(promoted, None, at(99_000), cmd("revert", "undo"))
+    revisions = record_revision(revisions, reverted, keep=5, digest_of=digest_of)
+    assert [(r.number, r.version, r.digest) for r in revisions] == [
+        (1, STABLE, "a" * 64), (2, CANDIDATE, "b" * 64), (3, STABLE, "c" * 64)
+    ]  # fmt: skip
+    assert record_revision((), promoted, keep=5)[0].digest is None  # a backend without a registry

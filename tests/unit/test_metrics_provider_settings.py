@@ -39,6 +39,11 @@ def test_the_chart_environment_configures_the_provider(monkeypatch: pytest.Monke
         ({"basic_auth_password_file": "/run/secret"}, "basic auth needs"),
         ({"bearer_token_file": "/t", "basic_auth_username": "fw", "basic_auth_password_file": "/p"}, "exclusive"),
         ({"basic_auth_username": "f:w", "basic_auth_password_file": "/p"}, "basic_auth_username"),
+        ({"bearer_token_file": "/t", "sigv4": {"region": "eu-west-1"}}, "exclusive"),
+        ({"sigv4": {"region": "eu-west-1", "access_key_id_file": "/k"}}, "together"),
+        ({"sigv4": {"region": "eu-west-1", "session_token_file": "/s"}}, "session_token_file needs"),
+        ({"sigv4": {"region": "Europe"}}, "region"),
+        ({"sigv4": {"region": "eu-west-1", "service": "APS Workspaces"}}, "service"),
     ],
 )
 def test_credentials_the_wrong_way_are_refused(provider: dict[str, Any], message: str) -> None:
@@ -54,3 +59,14 @@ def test_a_url_with_credentials_is_refused_it_would_be_logged() -> None:
 def test_the_secret_is_never_in_the_settings_repr() -> None:
     provider = MetricsProviderSettings.model_validate({"bearer_token": "s3cret-token"})
     assert "s3cret-token" not in repr(provider) and "s3cret-token" not in str(provider.model_dump())
+
+
+def test_the_chart_environment_configures_sigv4(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("FW_ROLLOUT_CONTROLLER__PROVIDER__SIGV4__REGION", "eu-west-1")
+    monkeypatch.setenv("FW_ROLLOUT_CONTROLLER__PROVIDER__SIGV4__ACCESS_KEY_ID_FILE", str(tmp_path / "id"))
+    monkeypatch.setenv("FW_ROLLOUT_CONTROLLER__PROVIDER__SIGV4__SECRET_ACCESS_KEY_FILE", str(tmp_path / "key"))
+    provider = RolloutSettings().controller.provider
+    assert provider.sigv4 is not None and provider.authenticated
+    assert (provider.sigv4.region, provider.sigv4.service) == ("eu-west-1", "aps")
+    assert provider.sigv4.access_key_id_file == tmp_path / "id"
+    assert describe(provider) == "a SigV4 signature (aps, eu-west-1)"

@@ -17,12 +17,14 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from rollout.core import policy as pol
+from rollout.core.policy_fields import from_api_conventions
 from rollout.core.routing import STAGES, VersionEndpoint
 from rollout.demo.policy import load_demo_policy
 from rollout.router.metrics import RouterMetrics
 from rollout.router.outcomes.feedback import _OutcomeMetrics
 from rollout.router.outcomes.settings import OutcomeSettings
 from rollout.settings import PrometheusSettings
+from service.data.velocity import BURST_FEATURES, VELOCITY_FEATURES
 from service.serving.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -545,8 +547,9 @@ def test_default_queries_compute_what_the_analysis_expects(tmp_path: Path) -> No
     assert isinstance(latency, pol.MetricGate) and isinstance(latency.estimator, pol.RateEstimator)
     checks += [(latency.estimator.events, 7.0 * window_min), (latency.estimator.trials, 150.0 * window_min)]
 
-    # the drift gates read each feature's bins over the stage window and the version's reference fractions
-    for feature, per_bin in (("amount", 2.0), ("score", 5.0)):
+    # the drift gates read each feature's bins over the stage window and the version's reference fractions; the
+    # input gate not the score's, nor the burst features' (velocity.BURST_FEATURES: clustered requests)
+    for feature, per_bin in (("amount", 2.0), ("score", 5.0), *((name, 3.0) for name in BURST_FEATURES)):
         for b in range(10):
             labels = f'model_version="v2",feature="{feature}",bin="{b}"'
             series.append(_counter(f"fraudwatch_feature_bin_total{{{labels}}}", per_bin, minutes))
@@ -555,7 +558,7 @@ def test_default_queries_compute_what_the_analysis_expects(tmp_path: Path) -> No
     assert isinstance(input_psi, pol.MetricGate) and isinstance(input_psi.estimator, pol.PsiEstimator)
     assert isinstance(score_psi, pol.MetricGate) and isinstance(score_psi.estimator, pol.PsiEstimator)
     checks += [
-        (f"sum({input_psi.estimator.counts})", 10 * 2.0 * window_min),  # amount's bins, not the score's
+        (f"sum({input_psi.estimator.counts})", 10 * 2.0 * window_min),  # amount's bins only
         (f"count({input_psi.estimator.reference})", 10.0),
         (f"sum({score_psi.estimator.counts})", 10 * 5.0 * window_min),
         (f"sum({score_psi.estimator.reference})", 1.0),
@@ -778,10 +781,14 @@ def test_the_shipped_outcome_gates_count_only_their_own_stages_predictions() -> 
 
 # --------------------------------------------------------------------------------------------------- metric templates
 
-TEMPLATED = """
+SAMPLES = """
 samples:
   requests: sum(requests_total{model_version="{{version}}"})
   labels: sum(labels_total{model_version="{{version}}"})
+"""
+TEMPLATED = (
+    SAMPLES
+    + """
 metric_templates:
   error-rate:
     layer: health
@@ -802,6 +809,7 @@ gates:
     query: errors{model_version="{{version}}"}
     condition: value <= 0.05
 """
+)
 
 
 def test_gates_built_from_a_metric_template_keep_their_own_fields() -> None:
@@ -836,3 +844,92 @@ def test_a_template_query_is_checked_like_an_inline_one() -> None:
     data["metric_templates"]["error-rate"]["query"] = 'errors{model_version=~"{{version}}"}'
     with pytest.raises(ValueError, match="exact label matcher"):
         pol.policy_from_mapping(data)
+
+
+WITH_ARGS = (
+    SAMPLES
+    + """
+metricTemplates:
+  error-rate:
+    args:
+      - name: job
+      - name: max-rate
+        value: 0.01
+    layer: health
+    stages: [shadow, canary, ab, full]
+    query: >-
+      sum(errors_total{job="{{args.job}}",model_version="{{version}}"}) /
+      sum(requests_total{job="{{ args.job }}",model_version="{{version}}"})
+    condition: value <= {{args.max-rate}}
+gates:
+  - name: router-errors
+    template: error-rate
+    args: [{name: job, value: router}]
+  - name: model-errors
+    template: error-rate
+    args: [{name: job, value: model-server}, {name: max-rate, value: 0.05}]
+"""
+)
+
+
+def test_metric_template_args_are_rendered_with_each_gate_s_values_or_the_defaults() -> None:
+    """Argo AnalysisTemplate args: the template declares them (a value is a default), each gate gives its own, the
+    PromQL and the condition are rendered when the policy is loaded — from the CRD's camelCase form too."""
+    converted = from_api_conventions(yaml.safe_load(WITH_ARGS)).mapping
+    policy = pol.policy_from_mapping(converted)
+    router, model = policy.gates
+    assert isinstance(router, pol.MetricGate) and isinstance(model, pol.MetricGate)
+    assert router.query == (
+        'sum(errors_total{job="router",model_version="{{version}}"}) / '
+        'sum(requests_total{job="router",model_version="{{version}}"})'
+    )
+    assert 'job="model-server"' in model.query and "args" not in model.query
+    assert (router.condition.text(), model.condition.text()) == ("value <= 0.01", "value <= 0.05")
+    assert router.args == (pol.TemplateArg(name="job", value="router"),)
+    assert pol.loads_policy(pol.dumps_policy(policy)) == policy
+
+
+@pytest.mark.parametrize(
+    ("gate_args", "template_args", "message"),
+    [
+        (None, None, "gate 'router-errors': metric template 'error-rate' needs arg 'job'"),
+        ([{"name": "job", "value": "r"}, {"name": "jobs", "value": "x"}], None,
+         "gate 'router-errors': ['jobs'] not among the args of metric template 'error-rate'"),
+        ([{"name": "job"}], None, "gate 'router-errors'.args.job: needs a value"),
+        ([{"name": "job", "value": "r"}, {"name": "job", "value": "s"}], None, "'job' is given twice"),
+        ([{"name": "job", "value": 'r"}} or vector(1) {{x'}], None, "no '{{', '}}'"),
+        (None, [{"name": "max-rate", "value": 0.01}],
+         "{{args.job}} is used but metric template 'error-rate' declares no such arg"),
+        ([{"name": "job", "value": "r"}], [{"name": "1job"}, {"name": "max-rate"}], "'1job' is not an arg name"),
+    ],
+)  # fmt: skip
+def test_metric_template_args_the_wrong_way_are_refused_naming_the_arg(
+    gate_args: list[dict[str, Any]] | None, template_args: list[dict[str, Any]] | None, message: str
+) -> None:
+    data = from_api_conventions(yaml.safe_load(WITH_ARGS)).mapping
+    gate = data["gates"][0]
+    data["gates"] = [{k: v for k, v in gate.items() if k != "args"} | ({"args": gate_args} if gate_args else {})]
+    if template_args is not None:
+        data["metric_templates"]["error-rate"]["args"] = template_args
+    with pytest.raises(ValueError, match=re.escape(message)):
+        pol.policy_from_mapping(data)
+
+
+def test_args_outside_a_metric_template_are_refused() -> None:
+    data = yaml.safe_load(TEMPLATED)
+    data["gates"][2]["query"] = 'errors{job="{{args.job}}",model_version="{{version}}"}'
+    with pytest.raises(ValueError, match=re.escape("gate 'inline': args and {{args.…}} belong to a metric template")):
+        pol.policy_from_mapping(data)
+
+
+@pytest.mark.parametrize("policy_name", ["default", "demo"])
+def test_input_drift_gate_judges_every_drift_feature_but_the_burst_features(policy_name: str) -> None:
+    """The shipped input-drift gate leaves out exactly the score and service.data.velocity.BURST_FEATURES: every
+    other velocity feature is judged (a renamed or new burst feature must be named in both places)."""
+    policy = pol.load_policy(None) if policy_name == "default" else load_demo_policy(1.0)
+    gate = {g.name: g for g in policy.gates}["input-psi-max"]
+    assert isinstance(gate, pol.MetricGate) and isinstance(gate.estimator, pol.PsiEstimator)
+    matcher = 'feature!~"' + "|".join(("score", *BURST_FEATURES)) + '"'
+    for query in (gate.query, gate.estimator.counts, gate.estimator.reference):
+        assert matcher in query, query
+    assert set(BURST_FEATURES) < set(VELOCITY_FEATURES)

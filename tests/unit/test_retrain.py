@@ -31,7 +31,6 @@ from service.retraining.handoff import (
     rolloutctl_outcome,
 )
 from service.retraining.job import (
-    InsufficientDataError,
     RegressionSetMissingError,
     RetrainKind,
     RetrainRequest,
@@ -43,6 +42,7 @@ from service.retraining.job import (
     unused_version_name,
 )
 from service.retraining.outcomes import RetrainOutcome, new_retrain_id
+from service.retraining.sources import InsufficientDataError
 from service.settings import KubeHandoffSettings, RetrainSettings, Settings
 from service.training.evaluate import GateReport
 from tests.kits.retrain import FROZEN_SET as FROZEN

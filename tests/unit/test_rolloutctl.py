@@ -535,6 +535,7 @@ def test_undo_to_revision_reverts_to_the_previous_starts_an_older_one_and_names_
     running: Harness, state_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert ctl(state_dir, "undo", "--to-revision", "1") == ExitCode.NOT_FOUND  # no revision recorded yet
+    running.registry.digests.update({V1: "1a" * 32, V2: "2b" * 32})  # the registry's bundle digests
     assert ctl(state_dir, "start", "--candidate", V2, "--id", "first") == ExitCode.OK
     assert watching(running, state_dir, "status", "--watch") == ExitCode.OK  # promoted
     capsys.readouterr()
@@ -544,18 +545,30 @@ def test_undo_to_revision_reverts_to_the_previous_starts_an_older_one_and_names_
     assert saved.rollout is not None and saved.revisions[1].since == saved.rollout.finished_at
 
     assert ctl(state_dir, "status", "-o", "json") == ExitCode.OK
-    assert [(r["number"], r["version"]) for r in json_out(capsys)["revisions"]] == [(1, V1), (2, V2)]
+    shown = [(r["number"], r["version"], r["digest"]) for r in json_out(capsys)["revisions"]]
+    assert shown == [(1, V1, "1a" * 32), (2, V2, "2b" * 32)]
+    assert ctl(state_dir, "status") == ExitCode.OK
+    assert f"revisions  1 {V1} (sha256:{'1a' * 6}) · 2 {V2} (sha256:{'2b' * 6})" in capsys.readouterr().out
     assert ctl(state_dir, "undo", "--to-revision", "2") == ExitCode.REFUSED  # the serving one
     assert "revision 2 (v2) is the serving version" in capsys.readouterr().err
     assert ctl(state_dir, "undo", "--to-revision", "9") == ExitCode.NOT_FOUND
     assert "revision 9 is no longer in the history (kept: 1-2)" in capsys.readouterr().err
 
-    # the previous revision, warm: a revert
+    # the previous revision, warm: a revert (v1's name re-registered meanwhile: revision 3 shows the new bundle)
+    running.registry.digests[V1] = "3c" * 32
     assert ctl(state_dir, "--json", "undo", "--to-revision", "1", "--reason", "drill") == ExitCode.OK
     assert json_out(capsys)["kind"] == "revert"
     rollout = running.controller.state.rollout
     assert rollout is not None and rollout.phase == "RolledBack"
-    assert [(r.number, r.version) for r in running.controller.state.revisions] == [(1, V1), (2, V2), (3, V1)]
+    revisions = running.controller.state.revisions
+    assert [(r.number, r.version) for r in revisions] == [(1, V1), (2, V2), (3, V1)]
+    assert revisions[0].digest != revisions[2].digest == "3c" * 32  # two revisions of v1 told apart
+    assert ctl(state_dir, "list", "-o", "json") == ExitCode.OK
+    [row] = json.loads(capsys.readouterr().out)
+    assert (row["revision"], row["digest"]) == (3, "3c" * 32)
+    assert ctl(state_dir, "list") == ExitCode.OK
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0].split()[-2:] == ["REVISION", "DIGEST"] and listed[1].split()[-2:] == ["3", f"sha256:{'3c' * 6}"]
 
     # an older revision than the previous one: rolled out again, through the gates
     assert ctl(state_dir, "--json", "undo", "--to-revision", "2", "--id", "back-to-2") == ExitCode.OK

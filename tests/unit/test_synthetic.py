@@ -100,3 +100,13 @@ def test_point_in_time_aggregates_use_only_the_past() -> None:
     latest = aggregates.latest(history)
     assert latest["a"].prior_refunds == 5.0 and latest["a"].avg_refund_amount == pytest.approx(170.0 / 5)
     assert latest["b"].known and latest["b"].avg_refund_amount == pytest.approx(99.0)
+
+
+def test_a_stream_without_bursts_has_no_burst_farm_and_keeps_numeric_columns() -> None:
+    frame = generate(SyntheticConfig(n_requests=2_000, n_accounts=400, fraud_rate=0.1, seed=3, burst_share=0.0))
+    assert "burst_farm" not in set(frame["pattern"])
+    assert len(frame) == 2_000
+    assert frame["is_fraud"].sum() > 0
+    # an empty burst frame once made these object columns (None downstream in the aggregates)
+    for column in ("yearsActive", "amount", "ipAccounts", "is_fraud"):
+        assert pd.api.types.is_numeric_dtype(frame[column]), column

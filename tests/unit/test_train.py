@@ -12,7 +12,7 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from service.artifacts.bundle import MODEL_FILE, ModelIntegrityError, ReferenceBins, load_bundle
-from service.data import aggregates
+from service.data import aggregates, velocity
 from service.data.features import DRIFT_FEATURES, FEATURE_NAMES
 from service.data.synthetic import SyntheticConfig, generate
 from service.settings import QualitySettings, Settings, TrainSettings
@@ -164,14 +164,16 @@ def test_time_split_leaves_a_test_window() -> None:
 
 def test_drift_references_match_what_serving_computes_after_training(tmp_path: Path) -> None:
     """Train on the first 80 % of a stream; serve the rest as serving would (the bundle's feature store, built from
-    the training history): no drift feature and not the score drifts against the bundle's references. A reference
-    on the training rows' point-in-time aggregates would see this ordinary traffic as drifted (counts grow)."""
+    the training history, and the live online store's velocity features): no drift feature and not the score
+    drifts against the bundle's references. A reference on the training rows' point-in-time aggregates would see
+    this ordinary traffic as drifted (counts grow)."""
     stream = time_ordered(generate(SyntheticConfig(n_accounts=1500, n_requests=10_000, fraud_rate=0.03, seed=3)))
     cut = int(len(stream) * 0.8)
     history, future = stream.iloc[:cut], stream.iloc[cut:]
     result = train_pipeline(history, Settings(train=SMALL), "v-future", tmp_path)
     model = load_bundle(tmp_path)
-    served = serving_features(future, result.aggregates)
+    live = velocity.point_in_time(stream)[cut:]  # what the online store, updated by every event, serves
+    served = serving_features(future, result.aggregates, live)
 
     def drift(reference: ReferenceBins, values: np.ndarray) -> float:
         return psi(reference.fractions, bin_fractions(values, reference.edges))

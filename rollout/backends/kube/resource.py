@@ -194,12 +194,14 @@ class RolloutObject:
         """Every version spec the object names. A version recorded in the status (when it was first used) keeps
         that spec: a version name is immutable once it runs (a changed image needs a new version name)."""
         found: dict[str, VersionSpec] = {}
+        recorded = self.status.get("revisionVersions")
         sources = (
             self.status.get("stable"),
             self.status.get("candidate"),
             self.status.get("previous"),
             self.spec.get("stable"),
             self.spec.get("candidate"),
+            *(recorded if isinstance(recorded, list) else ()),
         )
         for raw in sources:
             spec = _version_spec(raw)
@@ -287,7 +289,7 @@ def spec_commands(obj: RolloutObject, state: ControllerState, now: datetime) -> 
     if candidate is not None and serving is not None and candidate.version != serving and not progressing:
         ended_with_it = rollout is not None and rollout.candidate == candidate.version
         if not ended_with_it:
-            command_id = f"{_id_part(candidate.version)}-g{obj.generation}"[:_MAX_ID]
+            command_id = spec_start_id(candidate.version, obj.generation)
             found.append(
                 InboxCommand(
                     id=command_id,
@@ -640,10 +642,38 @@ def compose_status(obj: RolloutObject, inputs: StatusInputs) -> Json:
         status["routingGeneration"] = inputs.routing.generation
     if state is not None:
         status["state"] = state.model_dump(mode="json")
+        status["revisionVersions"] = revision_versions(known, state)
     status["gates"] = gate_rows(rollout)
     status["conditions"] = conditions(obj, inputs)
     status["history"] = history_rows(obj.status.get("history"), rollout, inputs.kept_history)
     return status
+
+
+def revision_versions(known: Mapping[str, VersionSpec], state: ControllerState) -> list[Json]:
+    """The spec of each version of the kept revisions that the object still knows, oldest first, each once: what
+    ``undo --to-revision N`` writes back into ``spec.candidate``."""
+    versions = dict.fromkeys(r.version for r in state.revisions)
+    return [known[v].as_json() for v in versions if v in known]
+
+
+#: kubectl's annotation for why the object last changed (``kubectl rollout history`` shows it).
+CHANGE_CAUSE_ANNOTATION: Final[str] = "kubernetes.io/change-cause"
+
+
+def undo_patch(obj: RolloutObject, version: str, cause: str) -> Json | None:
+    """The merge patch that rolls ``version`` out again: ``spec.candidate`` set to its recorded spec, the change's
+    cause annotated, guarded by the object's resourceVersion (a concurrent change makes it fail, not be
+    overwritten); None when the object no longer knows the version's spec."""
+    spec = obj.known_versions().get(version)
+    if spec is None:
+        return None
+    metadata = {"resourceVersion": obj.metadata.get("resourceVersion"), "annotations": {CHANGE_CAUSE_ANNOTATION: cause}}
+    return {"metadata": metadata, "spec": {"candidate": spec.as_json()}}
+
+
+def spec_start_id(version: str, generation: int) -> str:
+    """The id of the start the controller derives from ``spec.candidate`` = ``version`` at ``generation``."""
+    return f"{_id_part(version)}-g{generation}"[:_MAX_ID]
 
 
 def _time(at: datetime) -> str:

@@ -65,6 +65,7 @@ from starlette.routing import Route
 
 from rollout.core.drift import calibration_bin_of
 from rollout.core.routing import ComparisonPair, Role, RoutePlan, comparison_pair
+from rollout.router.outcomes.online_labels import OnlineLabelSink
 from rollout.router.outcomes.prediction_log import (
     LABEL_NAMES,
     FeedbackStatus,
@@ -311,10 +312,13 @@ class OutcomeTracker:
         registry: CollectorRegistry | None = None,
         tokens: Mapping[str, str] | None = None,
         insecure_dev: bool = False,
+        label_sink: OnlineLabelSink | None = None,
     ) -> None:
         """``tokens``: each label source's bearer token (source → token, e.g.
         :meth:`rollout.settings.RouterSettings.feedback_credentials`); none refuses every label unless
-        ``insecure_dev``, which takes the body's ``source`` (else :data:`INSECURE_SOURCE`) unauthenticated."""
+        ``insecure_dev``, which takes the body's ``source`` (else :data:`INSECURE_SOURCE`) unauthenticated.
+        ``label_sink``: where each newly recorded label also goes (the online feature store), if anywhere."""
+        self._label_sink = label_sink
         self._log = log
         self._tokens = dict(tokens or {})
         self._insecure_dev = insecure_dev
@@ -347,6 +351,8 @@ class OutcomeTracker:
         existing = await asyncio.to_thread(self._store_label, pid, new)
         if existing is None:
             self.observe(found, feedback.label, observed)
+            if self._label_sink is not None:  # enqueued only: the store is written off this call's path
+                self._label_sink.labelled(pid, found, feedback.label, received)
             return self._counted(FeedbackResult("recorded", pid, len(found)))
         status: FeedbackStatus = "duplicate" if existing.label == feedback.label else "conflict"
         return self._counted(FeedbackResult(status, pid, len(found), existing))

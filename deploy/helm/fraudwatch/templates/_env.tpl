@@ -69,12 +69,14 @@ A component's `settings` map adds variables under its prefix; keys the chart set
 {{- $env = append $env (dict "name" (print $p "PROVIDER__HEADERS") "value" (toJson .)) }}
 {{- end }}
 {{- with include "fraudwatch.providerAuth" . | fromYaml }}
-{{- $file := printf "%s/%s" (include "fraudwatch.providerAuthDir" $) .file }}
-{{- if eq .kind "bearer" }}
-{{- $env = append $env (dict "name" (print $p "PROVIDER__BEARER_TOKEN_FILE") "value" $file) }}
-{{- else }}
+{{- range .items }}
+{{- $env = append $env (dict "name" (print $p "PROVIDER__" .env) "value" (printf "%s/%s" (include "fraudwatch.providerAuthDir" $) .path)) }}
+{{- end }}
+{{- if eq .kind "basic" }}
 {{- $env = append $env (dict "name" (print $p "PROVIDER__BASIC_AUTH_USERNAME") "value" $.Values.prometheus.auth.basicAuthUsername) }}
-{{- $env = append $env (dict "name" (print $p "PROVIDER__BASIC_AUTH_PASSWORD_FILE") "value" $file) }}
+{{- else if eq .kind "sigv4" }}
+{{- $env = append $env (dict "name" (print $p "PROVIDER__SIGV4__REGION") "value" $.Values.prometheus.auth.sigv4.region) }}
+{{- $env = append $env (dict "name" (print $p "PROVIDER__SIGV4__SERVICE") "value" (default "aps" $.Values.prometheus.auth.sigv4.service)) }}
 {{- end }}
 {{- end }}
 {{- /* With a model registry: aliases move with the rollout and the quality stage can fetch bundles. */}}
@@ -115,6 +117,13 @@ A component's `settings` map adds variables under its prefix; keys the chart set
 {{- if $r.feedback.sourcesSecret }}
 {{- $env = append $env (dict "name" (print $p "FEEDBACK_TOKENS_DIR") "value" (include "fraudwatch.feedbackSourcesPath" .)) }}
 {{- end }}
+{{- /* Recorded fraud labels go to the model servers' online store (none in embedded mode: each model server pod
+     has its own file there, which the router cannot reach). */}}
+{{- if ne .Values.onlineStore.mode "embedded" }}
+{{- $env = append $env (dict "name" (print $p "ONLINE_STORE__URL") "value" (include "fraudwatch.onlineStoreUrl" .)) }}
+{{- $env = append $env (dict "name" (print $p "ONLINE_STORE__PASSWORD_FILE") "value" (printf "%s/password" (include "fraudwatch.onlineStorePasswordDir" .))) }}
+{{- $env = append $env (dict "name" (print $p "ONLINE_STORE__KEY_PREFIX") "value" .Values.onlineStore.keyPrefix) }}
+{{- end }}
 {{- $routerEnv := include "fraudwatch.env.render" (dict "env" $env "prefix" $p "settings" $r.settings "reserved" (list "feedback_tokens_dir")) | fromYamlArray }}
 {{- /* The DSN (it may carry the database password) is a file of the mounted Secret, never an env variable. The
      prediction log's durable marks on the pod's data emptyDir: it outlives container restarts, so what a killed
@@ -135,6 +144,23 @@ A component's `settings` map adds variables under its prefix; keys the chart set
 }}
 {{- with .Values.mlflow.trackingUri }}
 {{- $env = append $env (dict "name" "FW_MLFLOW_TRACKING_URI" "value" .) }}
+{{- end }}
+{{- /* The online store: every version of a rollout reads and writes the same one. */}}
+{{- $env = append $env (dict "name" (print $p "ONLINE_STORE__KEY_PREFIX") "value" .Values.onlineStore.keyPrefix) }}
+{{- if ne .Values.onlineStore.mode "embedded" }}
+{{- $env = append $env (dict "name" (print $p "ONLINE_STORE__URL") "value" (include "fraudwatch.onlineStoreUrl" .)) }}
+{{- $env = append $env (dict "name" (print $p "ONLINE_STORE__PASSWORD_FILE") "value" (printf "%s/password" (include "fraudwatch.onlineStorePasswordDir" .))) }}
+{{- end }}
+{{- /* The feature log: every version writes the vectors it served to the shared volume (featureLog). */}}
+{{- with .Values.featureLog }}
+{{- if .enabled }}
+{{- $env = concat $env (list
+  (dict "name" "FW_FEATURE_LOG__ENABLED" "value" "true")
+  (dict "name" "FW_FEATURE_LOG__DIRECTORY" "value" .mountPath)
+  (dict "name" "FW_FEATURE_LOG__RETENTION_DAYS" "value" (toString .retentionDays))
+  (dict "name" "FW_FEATURE_LOG__MAX_BYTES" "value" (toString (int64 .maxBytes)))
+) }}
+{{- end }}
 {{- end }}
 {{- /* Set per version by the controller: refused in modelServer.settings. */}}
 {{- $byController := list (print $p "MODEL_URI") (print $p "MODEL_ALIAS") (print $p "MODEL_DIR") (print $p "MODEL_VERSION") }}
@@ -166,6 +192,15 @@ A component's `settings` map adds variables under its prefix; keys the chart set
   (dict "name" (print $p "WINDOW_DAYS") "value" (toString $t.windowDays))
   (dict "name" (print $p "HANDOFF") "value" $t.handoff)
 ) }}
+{{- /* The retrain's source; the feature log's paths where its pod mounts them (the CronJob, or the webhook that
+trains itself: runner subprocess). */}}
+{{- $env = append $env (dict "name" (print $p "SOURCE") "value" $t.source) }}
+{{- if and (include "fraudwatch.retrainFromLog" $root) (or (not .webhook) (eq $t.webhook.runner "subprocess")) }}
+{{- $env = concat $env (list
+  (dict "name" "FW_FEATURE_LOG__DIRECTORY" "value" $root.Values.featureLog.mountPath)
+  (dict "name" (print $p "LABELS_DSN_FILE") "value" (include "fraudwatch.predictionLogPath" $root))
+) }}
+{{- end }}
 {{- if eq $t.handoff "kube" }}
 {{- $env = concat $env (list
   (dict "name" (print $p "KUBE__NAMESPACE") "valueFrom" (include "fraudwatch.env.fieldRef" "metadata.namespace" | fromYaml))

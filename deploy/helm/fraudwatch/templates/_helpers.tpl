@@ -70,17 +70,41 @@ Names
 /etc/fraudwatch/metrics-provider
 {{- end }}
 
+{{- /* The kind of prometheus.auth and the Secret's keys it mounts: {kind, items: [{key, path, env}]}, env being the
+provider setting (FW_ROLLOUT_CONTROLLER__PROVIDER__…) that names the file. SigV4 without existingSecret mounts
+nothing: the controller reads the standard AWS_* variables (controller.extraEnv). */}}
 {{- define "fraudwatch.providerAuth" -}}
 {{- $a := .Values.prometheus.auth }}
-{{- if $a.existingSecret }}
+{{- $s := $a.sigv4 | default dict }}
+{{- $sigv4Keys := or $s.accessKeyIdKey $s.secretAccessKeyKey $s.sessionTokenKey }}
+{{- if $s.region }}
+{{- if or $a.bearerTokenKey $a.basicAuthPasswordKey $a.basicAuthUsername }}
+{{- fail "prometheus.auth: sigv4 and bearer/basic auth are exclusive; set one" }}
+{{- else if $a.existingSecret }}
+{{- if not (and $s.accessKeyIdKey $s.secretAccessKeyKey) }}
+{{- fail "prometheus.auth.sigv4: with existingSecret set accessKeyIdKey and secretAccessKeyKey" }}
+{{- end }}
+{{- $items := list (dict "key" $s.accessKeyIdKey "path" "access-key-id" "env" "SIGV4__ACCESS_KEY_ID_FILE") (dict "key" $s.secretAccessKeyKey "path" "secret-access-key" "env" "SIGV4__SECRET_ACCESS_KEY_FILE") }}
+{{- if $s.sessionTokenKey }}
+{{- $items = append $items (dict "key" $s.sessionTokenKey "path" "session-token" "env" "SIGV4__SESSION_TOKEN_FILE") }}
+{{- end }}
+{{- dict "kind" "sigv4" "items" $items | toYaml }}
+{{- else if $sigv4Keys }}
+{{- fail "prometheus.auth.sigv4: the keys need prometheus.auth.existingSecret (credentials never go in values)" }}
+{{- else }}
+{{- dict "kind" "sigv4" "items" (list) | toYaml }}
+{{- end }}
+{{- else if $sigv4Keys }}
+{{- fail "prometheus.auth.sigv4: the keys need prometheus.auth.sigv4.region" }}
+{{- else if $a.existingSecret }}
 {{- if and $a.bearerTokenKey $a.basicAuthPasswordKey }}
 {{- fail "prometheus.auth: set bearerTokenKey or basicAuthPasswordKey, not both" }}
 {{- else if $a.bearerTokenKey }}
-{{- dict "key" $a.bearerTokenKey "file" "bearer-token" "kind" "bearer" | toYaml }}
+{{- dict "kind" "bearer" "items" (list (dict "key" $a.bearerTokenKey "path" "bearer-token" "env" "BEARER_TOKEN_FILE")) | toYaml }}
 {{- else if and $a.basicAuthPasswordKey $a.basicAuthUsername }}
-{{- dict "key" $a.basicAuthPasswordKey "file" "basic-password" "kind" "basic" | toYaml }}
+{{- dict "kind" "basic" "items" (list (dict "key" $a.basicAuthPasswordKey "path" "basic-password" "env" "BASIC_AUTH_PASSWORD_FILE")) | toYaml }}
 {{- else }}
-{{- fail "prometheus.auth.existingSecret: set bearerTokenKey, or basicAuthUsername and basicAuthPasswordKey" }}
+{{- fail "prometheus.auth.existingSecret: set bearerTokenKey, or basicAuthUsername and basicAuthPasswordKey, or sigv4" }}
 {{- end }}
 {{- else if or $a.bearerTokenKey $a.basicAuthPasswordKey $a.basicAuthUsername }}
 {{- fail "prometheus.auth: the keys need prometheus.auth.existingSecret (credentials never go in values)" }}
@@ -338,4 +362,39 @@ fraudwatch.io/model: {{ .Values.model.name | quote }}
 {{- with .Values.commonLabels }}
 {{ toYaml . }}
 {{- end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------------------------------------------------
+The online store (Redis): names, the password Secret, what the model servers get
+--------------------------------------------------------------------------------------------------------- */}}
+{{- define "fraudwatch.onlineStoreName" -}}
+{{- include "fraudwatch.componentName" (dict "ctx" . "component" "online-store") }}
+{{- end }}
+
+{{- define "fraudwatch.onlineStoreSecret" -}}
+{{- default (printf "%s-auth" (include "fraudwatch.onlineStoreName" .)) .Values.onlineStore.auth.existingSecret }}
+{{- end }}
+
+{{- define "fraudwatch.onlineStoreSecretKey" -}}
+{{- if .Values.onlineStore.auth.existingSecret }}{{ .Values.onlineStore.auth.existingSecretKey }}{{ else }}password{{ end }}
+{{- end }}
+
+{{- define "fraudwatch.onlineStorePasswordDir" -}}
+/var/run/fraudwatch/online-store
+{{- end }}
+
+{{/* The URL the model servers use: "" for embedded (service default: a SQLite file under FW_HOME). */}}
+{{- define "fraudwatch.onlineStoreUrl" -}}
+{{- $o := .Values.onlineStore }}
+{{- if eq $o.mode "deploy" }}
+{{- printf "redis://%s:%d/0" (include "fraudwatch.onlineStoreName" .) (int $o.redis.port) }}
+{{- else if eq $o.mode "existing" }}
+{{- $o.url }}
+{{- end }}
+{{- end }}
+
+{{/* Redis's ACL for the model servers' user (the password added at start as its sha256): the store's keys only, the
+commands the store sends (service/data/online_redis.py), nothing dangerous (no CONFIG, FLUSHALL, KEYS, DEBUG...). */}}
+{{- define "fraudwatch.onlineStoreAcl" -}}
+resetchannels ~{{ .Values.onlineStore.keyPrefix }}* -@all +ping +multi +exec +discard +evalsha +eval +script|load +script|exists +get +set +incr +hmget +hset +hdel +hkeys +hincrby +pexpire +zadd +zcount +zscore +zremrangebyscore
 {{- end }}

@@ -85,3 +85,71 @@ affinity:
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* ---------------------------------------------------------------------------------------------------------
+The feature log (featureLog): the volume every model server writes and the retrain Jobs read.
+--------------------------------------------------------------------------------------------------------- */}}
+
+{{- define "fraudwatch.featureLogClaim" -}}
+{{- default (include "fraudwatch.componentName" (dict "ctx" . "component" "feature-log")) .Values.featureLog.existingClaim }}
+{{- end }}
+
+{{/* The `feature-log` volume (nindent under `volumes:`). */}}
+{{- define "fraudwatch.featureLogVolume" -}}
+- name: feature-log
+  persistentVolumeClaim:
+    claimName: {{ include "fraudwatch.featureLogClaim" . }}
+{{- end }}
+
+{{/* Whether the retrain trains on the feature log; refuses a configuration it could not run with. */}}
+{{- define "fraudwatch.retrainFromLog" -}}
+{{- if eq .Values.retraining.source "feature_log" }}
+{{- if not .Values.featureLog.enabled }}
+{{- fail "retraining.source feature_log needs featureLog.enabled: true (the model servers write the vectors it trains on)" }}
+{{- end }}
+{{- if not (or .Values.predictionLog.existingSecret .Values.predictionLog.dsn) }}
+{{- fail "retraining.source feature_log reads the labels from the prediction log: set predictionLog.dsn or predictionLog.existingSecret (the default SQLite file lives on each router pod, out of the Job's reach)" }}
+{{- end }}
+{{- "true" }}
+{{- end }}
+{{- end }}
+
+{{/* The retrain container's mounts of its data (nindent under `volumeMounts:`); empty for the stream source. */}}
+{{- define "fraudwatch.retrainDataMounts" -}}
+{{- if include "fraudwatch.retrainFromLog" . }}
+- name: feature-log
+  mountPath: {{ .Values.featureLog.mountPath }}
+  readOnly: true
+- name: prediction-log
+  mountPath: {{ dir (include "fraudwatch.predictionLogPath" .) }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* ... and their volumes (nindent under `volumes:`). */}}
+{{- define "fraudwatch.retrainDataVolumes" -}}
+{{- if include "fraudwatch.retrainFromLog" . }}
+{{ include "fraudwatch.featureLogVolume" . }}
+- name: prediction-log
+  secret:
+    secretName: {{ include "fraudwatch.predictionLogSecret" . }}
+    defaultMode: 0440
+    items:
+      - key: {{ include "fraudwatch.predictionLogKey" . }}
+        path: {{ base (include "fraudwatch.predictionLogPath" .) }}
+{{- end }}
+{{- end }}
+
+{{/* Egress to the prediction-log database where a retrain reads its labels (nindent under `egress:`). */}}
+{{- define "fraudwatch.retrainLabelsEgress" -}}
+{{- if include "fraudwatch.retrainFromLog" . }}
+{{- with .Values.predictionLog.ports }}
+# The prediction-log database: the labels a retrain from the feature log joins.
+- ports:
+    {{- range . }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
